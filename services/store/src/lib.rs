@@ -1,1 +1,89 @@
+//! smartfarm-store owns persistence: narrow storage traits for what the services need ([`RegistryStore`],
+//! [`BlobStore`]), their backends picked by URL (`sqlite://` by default, `postgres://`; blobs `file://`), and the
+//! versioned migrations of each backend. It knows SQL and files; it must never know about gRPC, HTTP or the
+//! contracts' messages, and it never decides who may do what (that is the services' job).
 
+#![forbid(unsafe_code)]
+
+pub mod blob;
+pub mod migrate;
+pub mod model;
+pub mod postgres;
+pub mod registry;
+pub mod sqlite;
+pub mod testing;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use smartfarm_core::config::PostgresConfig;
+use smartfarm_core::{Error, Result};
+
+pub use blob::BlobStore;
+pub use migrate::MigrationReport;
+pub use registry::RegistryStore;
+
+use crate::postgres::PostgresStore;
+use crate::sqlite::SqliteStore;
+
+/// The metadata and time-series database, whichever backend the URL picked.
+#[derive(Clone, Debug)]
+pub enum Database {
+    /// The embedded default.
+    Sqlite(SqliteStore),
+    /// PostgreSQL (with TimescaleDB features when the extension is installed).
+    Postgres(PostgresStore),
+}
+
+impl Database {
+    /// Connects to the database a URL names: `sqlite://PATH` (relative or absolute) or `postgres://…` /
+    /// `postgresql://…`. It does not migrate; call [`Database::migrate`].
+    pub async fn connect(url: &str, postgres: &PostgresConfig) -> Result<Database> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(Error::invalid("database_url", "sqlite:// needs a file path, e.g. sqlite://smartfarm.db"));
+            }
+            return Ok(Database::Sqlite(SqliteStore::open(Path::new(path)).await?));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Database::Postgres(PostgresStore::connect(url, postgres).await?));
+        }
+        Err(Error::invalid("database_url", format!("{url:?} is not a database url: expected sqlite://PATH or postgres://…")))
+    }
+
+    /// Applies the migrations the database lacks.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        match self {
+            Database::Sqlite(store) => store.migrate().await,
+            Database::Postgres(store) => store.migrate().await,
+        }
+    }
+
+    /// The schema version the database is at.
+    pub async fn schema_version(&self) -> Result<i64> {
+        match self {
+            Database::Sqlite(store) => store.schema_version().await,
+            Database::Postgres(store) => store.schema_version().await,
+        }
+    }
+
+    /// The device registry.
+    pub fn registry(&self) -> Arc<dyn RegistryStore> {
+        match self {
+            Database::Sqlite(store) => Arc::new(store.clone()),
+            Database::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// A description for logs, without secrets, including whether TimescaleDB features are on.
+    pub async fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(store) => format!("sqlite://{}", store.path().display()),
+            Database::Postgres(store) => match store.timescaledb_version().await {
+                Ok(Some(version)) => format!("{} (timescaledb {version})", store.display_url()),
+                Ok(None) => format!("{} (plain postgresql, no timescaledb)", store.display_url()),
+                Err(_) => store.display_url().to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The server's configuration: a TOML file whose every key is documented in [`EXAMPLE`] (what
+//! `smartfarm config example` prints), overridden by `SMARTFARM_*` environment variables and command-line flags.
+//! Unknown keys are an error, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::role::Target;
+
+/// The documented default configuration. A test checks that it parses to exactly [`ServerConfig::default`].
+pub const EXAMPLE: &str = r#"# smartfarm server configuration. Every key is optional; shown here with its default.
+# Precedence: command-line flag > SMARTFARM_* environment variable > this file > default.
+
+# Address of the one listener that serves gRPC, gRPC-web, health, reflection and /metrics.
+# Flag --listen, variable SMARTFARM_LISTEN. Port 0 picks a free port (see --addr-file).
+listen = "127.0.0.1:50051"
+
+# Directory for the embedded database, local blobs and the first admin key.
+# Flag --data-dir, variable SMARTFARM_DATA_DIR.
+data_dir = "smartfarm-data"
+
+# Where metadata and time series live: "sqlite://PATH" or "postgres://USER@HOST:PORT/DB".
+# Empty means "sqlite://<data_dir>/smartfarm.db". Flag --database-url, variable SMARTFARM_DATABASE_URL.
+database_url = ""
+
+# Where blobs (photos, models) live: "file://DIR" (S3 arrives with the images capability).
+# Empty means "file://<data_dir>/blobs". Flag --blob-url, variable SMARTFARM_BLOB_URL.
+blob_url = ""
+
+# Which roles this process runs: "all", or a comma-separated subset of
+# device, ingestion, image, inference, alert, command. Flag --target, variable SMARTFARM_TARGET.
+target = "all"
+
+# Log format: "text" for people, "json" for log collectors. Flag --log-format, variable SMARTFARM_LOG_FORMAT.
+log_format = "text"
+
+# Log filter in tracing-subscriber syntax, e.g. "info" or "info,smartfarm_store=debug".
+# Variable SMARTFARM_LOG (RUST_LOG also works).
+log_level = "info"
+
+# TLS for the listener: PEM certificate chain and PEM private key (both or neither). Without them the listener
+# speaks plaintext. Flags --tls-cert/--tls-key, variables SMARTFARM_TLS_CERT/SMARTFARM_TLS_KEY.
+# tls_cert = "/etc/smartfarm/tls.crt"
+# tls_key = "/etc/smartfarm/tls.key"
+
+# PostgreSQL connection pool (used when database_url is postgres://).
+[postgres]
+# Most connections the process keeps open.
+max_connections = 16
+# Give up connecting to the server after this long.
+connect_timeout = "10s"
+# Give up waiting for a free pooled connection after this long.
+pool_wait_timeout = "5s"
+# Cancel any single statement that runs longer than this.
+statement_timeout = "30s"
+# Send TCP keepalives after the connection has been idle this long, so a dead server or a dropped NAT entry is
+# noticed instead of hanging.
+keepalive_idle = "60s"
+"#;
+
+/// Configuration of `smartfarm serve` and the other server subcommands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the one listener (gRPC, gRPC-web, health, reflection, /metrics).
+    pub listen: SocketAddr,
+    /// Directory for the embedded database, local blobs and the first admin key.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://…`; empty means SQLite under `data_dir`.
+    pub database_url: String,
+    /// `file://DIR`; empty means `data_dir/blobs`.
+    pub blob_url: String,
+    /// The roles to run.
+    pub target: Target,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// PEM certificate chain for TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    pub tls_key: Option<PathBuf>,
+    /// PostgreSQL pool settings.
+    pub postgres: PostgresConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("smartfarm-data"),
+            database_url: String::new(),
+            blob_url: String::new(),
+            target: Target::all(),
+            log_format: LogFormat::Text,
+            log_level: "info".to_string(),
+            tls_cert: None,
+            tls_key: None,
+            postgres: PostgresConfig::default(),
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(Error::invalid("log_format", format!("{other:?} is not one of text, json"))),
+        }
+    }
+}
+
+/// PostgreSQL connection pool settings. tokio-postgres sets no timeouts or keepalives by default; these do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Connection timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long to wait for a pooled connection.
+    #[serde(with = "humantime_serde")]
+    pub pool_wait_timeout: Duration,
+    /// Per-statement timeout.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// TCP keepalive idle time.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(10),
+            pool_wait_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            keepalive_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a config file. Unknown keys and bad values are errors that name the file and the key.
+    pub fn from_file(path: &Path) -> Result<ServerConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| Error::invalid("config", format!("cannot read {}: {error}", path.display())))?;
+        ServerConfig::from_toml(&text)
+            .map_err(|error| Error::invalid("config", format!("{}: {}", path.display(), error_reason(&error))))
+    }
+
+    /// Parses config text.
+    pub fn from_toml(text: &str) -> Result<ServerConfig> {
+        let config: ServerConfig = toml::from_str(text).map_err(|error| Error::invalid("config", error.message()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that serde cannot express.
+    pub fn validate(&self) -> Result<()> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::invalid("tls_cert", "tls_cert and tls_key must be set together"));
+        }
+        if self.postgres.max_connections == 0 {
+            return Err(Error::invalid("postgres.max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The database URL to use, with the embedded default filled in.
+    pub fn effective_database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("smartfarm.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// The blob URL to use, with the embedded default filled in.
+    pub fn effective_blob_url(&self) -> String {
+        if self.blob_url.is_empty() {
+            format!("file://{}", self.data_dir.join("blobs").display())
+        } else {
+            self.blob_url.clone()
+        }
+    }
+}
+
+fn error_reason(error: &Error) -> String {
+    match error {
+        Error::InvalidArgument { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Serde for durations written the human way ("10s", "5m", "1h 30m").
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*duration).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|error| serde::de::Error::custom(format!("{text:?} is not a duration like \"10s\": {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_documents_exactly_the_defaults() {
+        assert_eq!(ServerConfig::from_toml(EXAMPLE).unwrap(), ServerConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let error = ServerConfig::from_toml("listen = \"127.0.0.1:1\"\nlisten_port = 5").unwrap_err().to_string();
+        assert!(error.contains("listen_port"), "{error}");
+        let error = ServerConfig::from_toml("[postgres]\nmax_conections = 5").unwrap_err().to_string();
+        assert!(error.contains("max_conections"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        let error = ServerConfig::from_toml("[postgres]\nconnect_timeout = \"soon\"").unwrap_err().to_string();
+        assert!(error.contains("\"soon\" is not a duration"), "{error}");
+        let error = ServerConfig::from_toml("target = \"all,weather\"").unwrap_err().to_string();
+        assert!(error.contains("unknown role"), "{error}");
+        let error = ServerConfig::from_toml("tls_cert = \"/x.pem\"").unwrap_err().to_string();
+        assert!(error.contains("tls_key must be set together"), "{error}");
+    }
+
+    #[test]
+    fn embedded_defaults_live_under_the_data_dir() {
+        let config = ServerConfig { data_dir: PathBuf::from("/var/lib/smartfarm"), ..Default::default() };
+        assert_eq!(config.effective_database_url(), "sqlite:///var/lib/smartfarm/smartfarm.db");
+        assert_eq!(config.effective_blob_url(), "file:///var/lib/smartfarm/blobs");
+    }
+}

@@ -1,0 +1,101 @@
+//! Who is calling: the principal the authentication layer attaches to every request, and the typed checks each RPC
+//! makes on the resource it touches. Authentication (turning a bearer token into a principal) lives in the gateway;
+//! this module only decides what a known principal may do.
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// An admin API key: may touch every farm and create farms and admin keys.
+    Admin { api_key_id: Uuid },
+    /// A farm API key: may touch only its own farm's resources.
+    FarmKey { api_key_id: Uuid, farm_id: Uuid },
+    /// A gateway device's credential, used by the farm's edge agent: may use the edge link of its own farm and read
+    /// what the agent needs.
+    Gateway { device_id: Uuid, farm_id: Uuid },
+}
+
+impl Principal {
+    /// The farm the principal is confined to; `None` for admins.
+    pub fn farm_scope(&self) -> Option<Uuid> {
+        match self {
+            Principal::Admin { .. } => None,
+            Principal::FarmKey { farm_id, .. } | Principal::Gateway { farm_id, .. } => Some(*farm_id),
+        }
+    }
+
+    /// Allows the call only if the principal may touch `farm_id`'s resources.
+    pub fn authorize_farm(&self, farm_id: Uuid) -> Result<()> {
+        match self.farm_scope() {
+            None => Ok(()),
+            Some(own) if own == farm_id => Ok(()),
+            Some(_) => Err(Error::PermissionDenied("the credential is scoped to another farm".into())),
+        }
+    }
+
+    /// Allows the call only for admin API keys.
+    pub fn require_admin(&self) -> Result<()> {
+        match self {
+            Principal::Admin { .. } => Ok(()),
+            _ => Err(Error::PermissionDenied("this call needs an admin api key".into())),
+        }
+    }
+
+    /// Allows the call only for API keys (admin or farm), not for device credentials: managing the registry is
+    /// for people and integrations, not for gateways.
+    pub fn require_api_key(&self) -> Result<()> {
+        match self {
+            Principal::Admin { .. } | Principal::FarmKey { .. } => Ok(()),
+            Principal::Gateway { .. } => {
+                Err(Error::PermissionDenied("a gateway credential may not call this; use an api key".into()))
+            }
+        }
+    }
+
+    /// A short description for logs, never containing a secret.
+    pub fn describe(&self) -> String {
+        match self {
+            Principal::Admin { api_key_id } => format!("admin key {api_key_id}"),
+            Principal::FarmKey { api_key_id, farm_id } => format!("farm key {api_key_id} (farm {farm_id})"),
+            Principal::Gateway { device_id, .. } => format!("gateway {device_id}"),
+        }
+    }
+
+    /// The principal the authentication layer attached to a request. Its absence is a wiring bug (a service mounted
+    /// outside the auth layer), answered as unauthenticated rather than trusted.
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Principal> {
+        request
+            .extensions()
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| Error::Unauthenticated("missing credentials".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn farm_keys_are_confined_to_their_farm() {
+        let farm = Uuid::now_v7();
+        let other = Uuid::now_v7();
+        let key = Principal::FarmKey { api_key_id: Uuid::now_v7(), farm_id: farm };
+        assert!(key.authorize_farm(farm).is_ok());
+        assert!(matches!(key.authorize_farm(other), Err(Error::PermissionDenied(_))));
+        assert!(key.require_admin().is_err());
+        assert!(key.require_api_key().is_ok());
+
+        let admin = Principal::Admin { api_key_id: Uuid::now_v7() };
+        assert!(admin.authorize_farm(other).is_ok());
+        assert!(admin.require_admin().is_ok());
+
+        let gateway = Principal::Gateway { device_id: Uuid::now_v7(), farm_id: farm };
+        assert!(gateway.authorize_farm(farm).is_ok());
+        assert!(gateway.authorize_farm(other).is_err());
+        assert!(gateway.require_api_key().is_err());
+    }
+}

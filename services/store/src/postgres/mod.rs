@@ -1,0 +1,190 @@
+//! The PostgreSQL backend: a deadpool pool of tokio-postgres connections with the timeouts and TCP keepalives
+//! tokio-postgres leaves unset by default. Plain PostgreSQL is fully supported; when the `timescaledb` extension
+//! is installed the telemetry tables use its hypertables (see [`PostgresStore::timescaledb_version`]).
+
+mod registry;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use smartfarm_core::config::PostgresConfig;
+use smartfarm_core::{Error, Result};
+
+use crate::migrate::{self, MigrationReport};
+
+/// Advisory lock key held while migrating, so replicas starting together apply each migration once.
+const MIGRATION_LOCK_KEY: i64 = 0x736d_6172_7466_6172; // "smartfar"
+
+/// A PostgreSQL database.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    /// The URL without its password, for logs.
+    display_url: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("url", &self.display_url).finish()
+    }
+}
+
+impl PostgresStore {
+    /// Connects a pool to `url` and checks that one connection works, so a wrong URL fails at start with a clear
+    /// message rather than at the first request.
+    pub async fn connect(url: &str, settings: &PostgresConfig) -> Result<PostgresStore> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|error| Error::invalid("database_url", format!("not a postgres url: {error}")))?;
+        config
+            .connect_timeout(settings.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(settings.keepalive_idle)
+            .options(format!("-c statement_timeout={}", settings.statement_timeout.as_millis()));
+        if config.get_application_name().is_none() {
+            config.application_name("smartfarm");
+        }
+        let display_url = display_url(&config);
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(settings.max_connections)
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(settings.pool_wait_timeout),
+                create: Some(settings.connect_timeout + Duration::from_secs(1)),
+                recycle: Some(settings.connect_timeout),
+            })
+            .build()
+            .map_err(|error| Error::internal("build the postgres pool", error))?;
+        let store = PostgresStore { pool, display_url };
+        let _first_connection = store.client().await?;
+        Ok(store)
+    }
+
+    /// The URL without its password.
+    pub fn display_url(&self) -> &str {
+        &self.display_url
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|error| {
+            tracing::warn!(url = %self.display_url, error = %error, "cannot get a postgres connection");
+            Error::Unavailable(format!("the database at {} cannot be reached", self.display_url))
+        })
+    }
+
+    /// Applies the migrations this database lacks, all in one transaction under an advisory lock.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin migration"))?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await
+            .map_err(pg_error("take the migration lock"))?;
+        transaction
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version      bigint PRIMARY KEY,
+                     name         text NOT NULL,
+                     applied_time timestamptz NOT NULL DEFAULT now()
+                 )",
+            )
+            .await
+            .map_err(pg_error("create schema_migrations"))?;
+        let current: i64 = transaction
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .await
+            .map_err(pg_error("read the schema version"))?
+            .get(0);
+        let known = migrate::POSTGRES.len() as i64;
+        if current > known {
+            return Err(migrate::too_new(current, known));
+        }
+        let mut report = MigrationReport { applied: Vec::new(), current_version: current };
+        for migration in migrate::POSTGRES.iter().filter(|m| m.version > current) {
+            transaction
+                .batch_execute(migration.sql)
+                .await
+                .map_err(pg_error(&format!("apply migration {} ({})", migration.version, migration.name)))?;
+            transaction
+                .execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    &[&migration.version, &migration.name],
+                )
+                .await
+                .map_err(pg_error("record migration"))?;
+            report.applied.push(migration.version);
+            report.current_version = migration.version;
+        }
+        transaction.commit().await.map_err(pg_error("commit migration"))?;
+        Ok(report)
+    }
+
+    /// The schema version the database is at (0 before any migration).
+    pub async fn schema_version(&self) -> Result<i64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN 0
+                             ELSE (SELECT COALESCE(MAX(version), 0) FROM schema_migrations) END",
+                &[],
+            )
+            .await
+            .map_err(pg_error("read the schema version"))?;
+        Ok(row.get::<_, i64>(0))
+    }
+
+    /// The installed version of the `timescaledb` extension, if any. Telemetry storage uses hypertables,
+    /// compression and continuous aggregates when it is present, and plain partitioned tables otherwise.
+    pub async fn timescaledb_version(&self) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'", &[])
+            .await
+            .map_err(pg_error("look for the timescaledb extension"))?;
+        Ok(row.map(|row| row.get(0)))
+    }
+}
+
+fn display_url(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".to_string());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("");
+    let database = config.get_dbname().unwrap_or("");
+    format!("postgres://{user}@{host}:{port}/{database}")
+}
+
+/// Maps a PostgreSQL error to the one error type, with what was being done.
+pub(crate) fn pg_error(context: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
+    move |error| {
+        if error.is_closed() {
+            return Error::Unavailable(format!("the database connection was lost ({context})"));
+        }
+        match error.code() {
+            Some(code) if *code == SqlState::QUERY_CANCELED => {
+                Error::Unavailable(format!("the database took too long ({context})"))
+            }
+            _ => Error::internal(context.to_string(), error),
+        }
+    }
+}
+
+/// Whether the error is a violation of the named unique constraint or index.
+pub(crate) fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// Whether the error is a foreign-key violation.
+pub(crate) fn is_foreign_key_violation(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
+}
