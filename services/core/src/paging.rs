@@ -41,13 +41,28 @@ impl Page {
         Ok(Page { after, size })
     }
 
-    /// The token for the page after one whose items were fetched with `size + 1` as the limit: `Some` only when
-    /// there was one more item than the page holds. `last_key` is the sort key of the page's last item.
-    pub fn next_token(&self, fetched: usize, last_key: Option<&str>, filter_fingerprint: &str) -> String {
-        match last_key {
-            Some(key) if fetched > self.size => encode(key, filter_fingerprint),
-            _ => String::new(),
+    /// The id to continue after, for lists ordered by UUID.
+    pub fn after_id(&self) -> Result<Option<uuid::Uuid>> {
+        self.after
+            .as_deref()
+            .map(|key| uuid::Uuid::try_parse(key).map_err(|_| Error::invalid("page_token", "is not a token this list returned")))
+            .transpose()
+    }
+
+    /// How many items to fetch: one more than the page holds, to learn whether another page follows.
+    pub fn fetch_limit(&self) -> usize {
+        self.size + 1
+    }
+
+    /// Cuts items fetched with [`Page::fetch_limit`] down to the page and makes the next page's token (empty on
+    /// the last page). `key_of` gives an item's sort key.
+    pub fn finish<T>(&self, mut items: Vec<T>, key_of: impl Fn(&T) -> String, filter_fingerprint: &str) -> (Vec<T>, String) {
+        if items.len() <= self.size {
+            return (items, String::new());
         }
+        items.truncate(self.size);
+        let token = items.last().map(|last| encode(&key_of(last), filter_fingerprint)).unwrap_or_default();
+        (items, token)
     }
 }
 
@@ -86,8 +101,12 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_are_bound_to_filters() {
         let page = Page::from_request(2, "", "farm=a").unwrap();
-        assert_eq!(page.next_token(2, Some("k2"), "farm=a"), "", "no extra item: last page");
-        let token = page.next_token(3, Some("k2"), "farm=a");
+        assert_eq!(page.fetch_limit(), 3);
+        let key = |item: &&str| item.to_string();
+        let (items, token) = page.finish(vec!["k1", "k2"], key, "farm=a");
+        assert_eq!((items.len(), token.as_str()), (2, ""), "no extra item: last page");
+        let (items, token) = page.finish(vec!["k1", "k2", "k3"], key, "farm=a");
+        assert_eq!(items, vec!["k1", "k2"]);
         let next = Page::from_request(2, &token, "farm=a").unwrap();
         assert_eq!(next.after.as_deref(), Some("k2"));
         let error = Page::from_request(2, &token, "farm=b").unwrap_err();

@@ -1,1 +1,95 @@
-fn main() {}
+//! The `smartfarm` binary: parses the command line and runs the subcommand. `serve` wires the enabled roles'
+//! services into the gateway; everything with behaviour lives in the library crates.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod serve;
+
+use clap::Parser;
+
+use smartfarm_core::config::{EXAMPLE, ServerConfig};
+use smartfarm_core::observability;
+use smartfarm_store::Database;
+
+use cli::{AdminCommand, Cli, Command, ConfigCommand};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "smartfarm stopped with an error");
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            init_logs(&config)?;
+            serve::run(config, args.addr_file).await
+        }
+        Command::Migrate(args) => {
+            let config = args.resolve()?;
+            init_logs(&config)?;
+            let database = connect(&config).await?;
+            let report = database.migrate().await?;
+            tracing::info!(applied = ?report.applied, schema_version = report.current_version, database = %database.describe().await, "migrations done");
+            println!("schema version {} (applied now: {:?})", report.current_version, report.applied);
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Example } => {
+            print!("{EXAMPLE}");
+            Ok(())
+        }
+        Command::Admin { command: AdminCommand::CreateKey(args) } => {
+            let config = args.storage.resolve()?;
+            init_logs(&config)?;
+            let farm_id = args.farm_id.as_deref().map(|id| smartfarm_core::validate::id("farm-id", id)).transpose()?;
+            let name = smartfarm_core::validate::name("name", &args.name)?;
+            let database = connect(&config).await?;
+            database.migrate().await?;
+            let (key, secret) = smartfarm_device::create_api_key(&*database.registry(), &name, farm_id).await?;
+            let scope = key.farm_id.map(|id| format!("farm {id}")).unwrap_or_else(|| "admin".to_string());
+            println!("created api key {} ({scope}); the secret is shown only once:", key.id);
+            println!("{secret}");
+            Ok(())
+        }
+    }
+}
+
+fn init_logs(config: &ServerConfig) -> anyhow::Result<()> {
+    observability::init_tracing(config.log_format, &config.log_level)?;
+    Ok(())
+}
+
+/// Connects to the configured database.
+pub(crate) async fn connect(config: &ServerConfig) -> anyhow::Result<Database> {
+    Ok(Database::connect(&config.effective_database_url(), &config.postgres).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn json_is_a_log_format() {
+        assert_eq!("json".parse::<smartfarm_core::config::LogFormat>().unwrap(), smartfarm_core::config::LogFormat::Json);
+    }
+}

@@ -1,0 +1,128 @@
+//! `smartfarm serve`: opens storage, makes the first admin key on a fresh installation, wires the enabled roles'
+//! services into the gateway, and serves until SIGTERM or ctrl-c.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tonic_health::ServingStatus;
+
+use smartfarm_core::config::ServerConfig;
+use smartfarm_core::{Role, observability, shutdown};
+use smartfarm_gateway::{Authenticator, Services};
+use smartfarm_store::{RegistryStore, blob};
+
+/// The file a fresh installation's first admin key is written to, inside the data dir.
+const BOOTSTRAP_KEY_FILE: &str = "admin-key";
+
+pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let metrics = observability::init_metrics();
+    let database = crate::connect(&config).await?;
+    let report = database.migrate().await?;
+    if !report.applied.is_empty() {
+        tracing::info!(applied = ?report.applied, schema_version = report.current_version, "database migrated");
+    }
+    // Opened now so that a wrong blob URL fails at start, not at the first upload.
+    let blobs = blob::open(&config.effective_blob_url()).await?;
+    let registry = database.registry();
+    bootstrap_admin_key(&*registry, &config.data_dir).await?;
+
+    let services = services_for(&config, &registry);
+    let service_names = services.names().to_vec();
+    let (app, health) = smartfarm_gateway::app(services, Authenticator::new(registry), metrics).await?;
+
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(smartfarm_gateway::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+    if let Some(path) = &addr_file {
+        write_atomically(path, format!("{local_addr}\n").as_bytes())
+            .with_context(|| format!("cannot write the address file {}", path.display()))?;
+    }
+    tracing::info!(
+        listen = %local_addr,
+        tls = tls.is_some(),
+        target = %config.target,
+        database = %database.describe().await,
+        blobs = %blobs.describe(),
+        "smartfarm serving"
+    );
+
+    let shutdown = async move {
+        shutdown::signal().await;
+        // Tell load balancers first, so they stop sending before the listener closes.
+        health.set_service_status("", ServingStatus::NotServing).await;
+        for name in service_names {
+            health.set_service_status(name, ServingStatus::NotServing).await;
+        }
+    };
+    smartfarm_gateway::server::serve(listener, tls, app, shutdown).await;
+    tracing::info!("smartfarm stopped");
+    Ok(())
+}
+
+/// The services of the roles this process runs.
+fn services_for(config: &ServerConfig, registry: &std::sync::Arc<dyn RegistryStore>) -> Services {
+    let mut services = Services::default();
+    for role in config.target.roles() {
+        services = match role {
+            Role::Device => services.add(smartfarm_device::DeviceApi::new(registry.clone()).into_server()),
+            Role::Ingestion => services
+                .add(smartfarm_ingestion::IngestionApi.ingestion_server())
+                .add(smartfarm_ingestion::IngestionApi.telemetry_server()),
+            Role::Image => services.add(smartfarm_image::ImageApi.into_server()),
+            Role::Inference => services.add(smartfarm_inference::InferenceApi.into_server()),
+            Role::Alert => services.add(smartfarm_alert::AlertApi.into_server()),
+            Role::Command => services.add(smartfarm_command::CommandApi.into_server()),
+        };
+    }
+    services
+}
+
+/// On a fresh installation (no API key at all), creates an admin key and writes it to a 0600 file in the data dir,
+/// so the operator can make the first calls; says where in the log.
+async fn bootstrap_admin_key(registry: &dyn RegistryStore, data_dir: &Path) -> anyhow::Result<()> {
+    if registry.count_api_keys().await? > 0 {
+        return Ok(());
+    }
+    let (key, secret) = smartfarm_device::create_api_key(registry, "bootstrap admin key", None).await?;
+    let path = data_dir.join(BOOTSTRAP_KEY_FILE);
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    write_private(&path, format!("{secret}\n").as_bytes())
+        .with_context(|| format!("cannot write the first admin key to {}", path.display()))?;
+    tracing::warn!(api_key_id = %key.id, path = %path.display(), "fresh installation: wrote the first admin api key; keep it secret");
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        let mut file = options.open(path)?;
+        // `mode` applies only when the file is created; an existing file is narrowed too.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(contents)?;
+        file.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let mut file = options.open(path)?;
+        file.write_all(contents)?;
+        file.sync_all()
+    }
+}
+
+/// Writes a file so that readers never see it half-written.
+fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, contents)?;
+    std::fs::rename(&temp, path)
+}
