@@ -32,8 +32,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         .compile_fds(file_descriptor_set)?;
 
-    pbjson_build::Builder::new()
-        .register_descriptors(&descriptor_bytes)?
-        .build(&[".smartfarm"])?;
+    pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".smartfarm"])?;
     Ok(())
 }

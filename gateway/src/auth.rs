@@ -86,7 +86,11 @@ fn is_public(path: &str) -> bool {
 }
 
 /// The axum middleware: attaches the principal, or answers with the gRPC error.
-pub async fn require_principal(State(authenticator): State<Authenticator>, mut request: Request, next: Next) -> Response {
+pub async fn require_principal(
+    State(authenticator): State<Authenticator>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if is_public(request.uri().path()) {
         return next.run(request).await;
     }

@@ -13,8 +13,8 @@ pub mod tls;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tonic::service::Routes;
-use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use smartfarm_core::Result;
 
@@ -25,20 +25,15 @@ const INFRASTRUCTURE_SERVICES: &[&str] =
     &["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 /// What the gateway serves: the running smartfarm services' tonic routes and their fully qualified names.
+#[derive(Default)]
 pub struct Services {
     routes: Routes,
     names: Vec<&'static str>,
 }
 
-impl Default for Services {
-    fn default() -> Self {
-        Services { routes: Routes::default(), names: Vec::new() }
-    }
-}
-
 impl Services {
     /// Adds a tonic service.
-    pub fn add<S>(mut self, service: S) -> Self
+    pub fn with_service<S>(mut self, service: S) -> Self
     where
         S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
             + tonic::server::NamedService
@@ -63,7 +58,11 @@ impl Services {
 /// Builds the whole HTTP application: the smartfarm services behind authentication, health and reflection open to
 /// all, gRPC-web translation in front, per-RPC metrics around it all, and `/metrics` and `/healthz` beside.
 /// Returns the router and the health reporter (marked serving), so the caller can mark it not-serving on shutdown.
-pub async fn app(services: Services, authenticator: Authenticator, metrics: PrometheusHandle) -> Result<(axum::Router, HealthReporter)> {
+pub async fn app(
+    services: Services,
+    authenticator: Authenticator,
+    metrics: PrometheusHandle,
+) -> Result<(axum::Router, HealthReporter)> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in services.names() {
         health_reporter.set_service_status(name, ServingStatus::Serving).await;

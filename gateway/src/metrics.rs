@@ -20,7 +20,12 @@ use http_body::Frame;
 /// request paths cannot grow the metric's cardinality.
 pub fn known_service(name: &str) -> bool {
     smartfarm_proto::SERVICE_NAMES.contains(&name)
-        || matches!(name, "grpc.health.v1.Health" | "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection")
+        || matches!(
+            name,
+            "grpc.health.v1.Health"
+                | "grpc.reflection.v1.ServerReflection"
+                | "grpc.reflection.v1alpha.ServerReflection"
+        )
 }
 
 /// The axum middleware.

@@ -19,8 +19,9 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor> {
     if certs.is_empty() {
         return Err(Error::invalid("tls_cert", format!("{} holds no certificate", cert_path.display())));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|error| Error::invalid("tls_key", format!("cannot read a private key from {}: {error}", key_path.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| {
+        Error::invalid("tls_key", format!("cannot read a private key from {}: {error}", key_path.display()))
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -1,1 +1,232 @@
+//! smartfarm-e2e: a sandbox that starts real `smartfarm` processes on port 0, against a fresh data dir and (when
+//! asked) a fresh PostgreSQL database, and tears them down; plus gRPC clients that authenticate as a test would.
+//! End-to-end tests live in `tests/`. The sandbox runs the binary cargo built next to the test executable, so run
+//! `cargo build -p smartfarm` (the test command does) before these tests.
 
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use smartfarm_proto::device::v1::device_service_client::DeviceServiceClient;
+
+pub use smartfarm_store::testing::TestPostgres;
+
+/// Which database a cloud process uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default: SQLite in the data dir.
+    Sqlite,
+    /// A fresh database on the test PostgreSQL server.
+    Postgres,
+}
+
+/// The storage one or more cloud processes share: a data dir, and a PostgreSQL database when the backend asks for
+/// one. Keeping it apart from the process lets a test restart the cloud on the same data.
+#[derive(Debug)]
+pub struct CloudData {
+    pub backend: Backend,
+    pub data_dir: tempfile::TempDir,
+    postgres: Option<TestPostgres>,
+}
+
+impl CloudData {
+    /// Fresh, empty storage.
+    pub async fn new(backend: Backend) -> CloudData {
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(TestPostgres::create().await),
+        };
+        CloudData { backend, data_dir: tempfile::tempdir().expect("create a temp dir"), postgres }
+    }
+
+    /// The `--database-url` to pass, if not the embedded default.
+    pub fn database_url(&self) -> Option<&str> {
+        self.postgres.as_ref().map(|postgres| postgres.url.as_str())
+    }
+
+    /// Where the first `serve` writes the bootstrap admin key.
+    pub fn admin_key_file(&self) -> PathBuf {
+        self.data_dir.path().join("admin-key")
+    }
+}
+
+/// The `smartfarm` binary cargo built for this test run.
+pub fn smartfarm_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SMARTFARM_BIN") {
+        return PathBuf::from(path);
+    }
+    // Test executables live in target/<profile>/deps/; binaries in target/<profile>/.
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join("smartfarm");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first with `cargo build -p smartfarm` (scripts/test.sh does), or set SMARTFARM_BIN",
+        binary.display()
+    );
+    binary
+}
+
+/// A running `smartfarm serve`.
+#[derive(Debug)]
+pub struct Cloud {
+    child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub log_path: PathBuf,
+}
+
+/// Options for [`Cloud::start`] beyond the storage.
+#[derive(Clone, Debug, Default)]
+pub struct CloudOptions {
+    /// `--target`; `None` runs every role.
+    pub target: Option<String>,
+    /// `--tls-cert` and `--tls-key`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl Cloud {
+    /// Starts `smartfarm serve` on 127.0.0.1:0 over `data` and waits until it listens.
+    pub async fn start(data: &CloudData, options: CloudOptions) -> Cloud {
+        let dir = data.data_dir.path();
+        let run_id = uuid::Uuid::now_v7().simple().to_string();
+        let addr_file = dir.join(format!("addr-{run_id}"));
+        let log_path = dir.join(format!("serve-{run_id}.log"));
+        let log = std::fs::File::create(&log_path).expect("create the log file");
+        let mut command = tokio::process::Command::new(smartfarm_binary());
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .env_remove("SMARTFARM_CONFIG")
+            .env_remove("SMARTFARM_DATABASE_URL")
+            .env_remove("SMARTFARM_TARGET")
+            .env("SMARTFARM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some(url) = data.database_url() {
+            command.arg("--database-url").arg(url);
+        }
+        if let Some(target) = &options.target {
+            command.arg("--target").arg(target);
+        }
+        if let Some((cert, key)) = &options.tls {
+            command.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let mut child = command.spawn().expect("start smartfarm serve");
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Some(addr) = std::fs::read_to_string(&addr_file).ok().and_then(|text| text.trim().parse().ok()) {
+                break addr;
+            }
+            if let Some(status) = child.try_wait().expect("poll smartfarm serve") {
+                panic!("smartfarm serve exited with {status} before listening:\n{}", read_log(&log_path));
+            }
+            assert!(Instant::now() < deadline, "smartfarm serve did not listen within 30 s:\n{}", read_log(&log_path));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Cloud { child, addr, log_path }
+    }
+
+    /// A plaintext HTTP/2 channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("a valid endpoint")
+            .connect()
+            .await
+            .unwrap_or_else(|error| panic!("connect to {}: {error}\n{}", self.addr, read_log(&self.log_path)))
+    }
+
+    /// A DeviceService client that sends `key` as its bearer token.
+    pub async fn device_client(&self, key: &str) -> DeviceServiceClient<InterceptedService<Channel, Bearer>> {
+        DeviceServiceClient::with_interceptor(self.channel().await, Bearer::new(key))
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; panics if it takes over 15 seconds or fails.
+    pub async fn stop(mut self) {
+        let pid = self.child.id().expect("the process is running");
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
+        let exit = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("smartfarm did not stop within 15 s of SIGTERM:\n{}", read_log(&self.log_path)))
+            .expect("wait for smartfarm");
+        assert!(exit.success(), "smartfarm exited with {exit} after SIGTERM:\n{}", read_log(&self.log_path));
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        read_log(&self.log_path)
+    }
+
+    /// Fetches a plain-HTTP path (such as `/metrics`) with a minimal HTTP/1.1 GET; returns the body.
+    pub async fn http_get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.expect("connect for http");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr);
+        stream.write_all(request.as_bytes()).await.expect("send http request");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read http response");
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an http response");
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+        body.to_string()
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|error| format!("(no log: {error})"))
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Bearer {
+        Bearer(format!("Bearer {token}").parse().expect("an ascii token"))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// Reads the bootstrap admin key a fresh data dir's first `serve` wrote.
+pub fn bootstrap_admin_key(data: &CloudData) -> String {
+    let key = std::fs::read_to_string(data.admin_key_file()).expect("the first serve writes data_dir/admin-key");
+    key.trim().to_string()
+}
+
+/// Runs the smartfarm binary with `args` to completion; returns (success, stdout, stderr).
+pub async fn run_smartfarm(args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(smartfarm_binary())
+        .args(args)
+        .env_remove("SMARTFARM_CONFIG")
+        .env_remove("SMARTFARM_DATABASE_URL")
+        .output()
+        .await
+        .expect("run smartfarm");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -28,19 +28,31 @@ impl AlertApi {
 impl AlertService for AlertApi {
     type SubscribeStream = tokio_stream::Empty<Result<pb::SubscribeResponse, Status>>;
 
-    async fn create_rule(&self, _request: Request<pb::CreateRuleRequest>) -> Result<Response<pb::CreateRuleResponse>, Status> {
+    async fn create_rule(
+        &self,
+        _request: Request<pb::CreateRuleRequest>,
+    ) -> Result<Response<pb::CreateRuleResponse>, Status> {
         Err(Error::unimplemented("AlertService.CreateRule", CAPABILITY).into())
     }
 
-    async fn list_rules(&self, _request: Request<pb::ListRulesRequest>) -> Result<Response<pb::ListRulesResponse>, Status> {
+    async fn list_rules(
+        &self,
+        _request: Request<pb::ListRulesRequest>,
+    ) -> Result<Response<pb::ListRulesResponse>, Status> {
         Err(Error::unimplemented("AlertService.ListRules", CAPABILITY).into())
     }
 
-    async fn delete_rule(&self, _request: Request<pb::DeleteRuleRequest>) -> Result<Response<pb::DeleteRuleResponse>, Status> {
+    async fn delete_rule(
+        &self,
+        _request: Request<pb::DeleteRuleRequest>,
+    ) -> Result<Response<pb::DeleteRuleResponse>, Status> {
         Err(Error::unimplemented("AlertService.DeleteRule", CAPABILITY).into())
     }
 
-    async fn list_alerts(&self, _request: Request<pb::ListAlertsRequest>) -> Result<Response<pb::ListAlertsResponse>, Status> {
+    async fn list_alerts(
+        &self,
+        _request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
         Err(Error::unimplemented("AlertService.ListAlerts", CAPABILITY).into())
     }
 
@@ -58,7 +70,10 @@ impl AlertService for AlertApi {
         Err(Error::unimplemented("AlertService.ResolveAlert", CAPABILITY).into())
     }
 
-    async fn subscribe(&self, _request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        _request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         Err(Error::unimplemented("AlertService.Subscribe", CAPABILITY).into())
     }
 

@@ -28,11 +28,17 @@ impl CommandApi {
 impl CommandService for CommandApi {
     type WatchCommandStream = tokio_stream::Empty<Result<pb::WatchCommandResponse, Status>>;
 
-    async fn send_command(&self, _request: Request<pb::SendCommandRequest>) -> Result<Response<pb::SendCommandResponse>, Status> {
+    async fn send_command(
+        &self,
+        _request: Request<pb::SendCommandRequest>,
+    ) -> Result<Response<pb::SendCommandResponse>, Status> {
         Err(Error::unimplemented("CommandService.SendCommand", CAPABILITY).into())
     }
 
-    async fn get_command(&self, _request: Request<pb::GetCommandRequest>) -> Result<Response<pb::GetCommandResponse>, Status> {
+    async fn get_command(
+        &self,
+        _request: Request<pb::GetCommandRequest>,
+    ) -> Result<Response<pb::GetCommandResponse>, Status> {
         Err(Error::unimplemented("CommandService.GetCommand", CAPABILITY).into())
     }
 

@@ -22,7 +22,8 @@ pub fn init_tracing(format: LogFormat, filter: &str) -> Result<()> {
 }
 
 /// Latency buckets (seconds) for request histograms: from 0.5 ms to 30 s.
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// Installs the global Prometheus recorder and returns the handle that renders `/metrics`. Only the first call in
 /// a process installs; later calls get a fresh handle that renders nothing, which keeps in-process tests working.

@@ -45,7 +45,10 @@ impl Page {
     pub fn after_id(&self) -> Result<Option<uuid::Uuid>> {
         self.after
             .as_deref()
-            .map(|key| uuid::Uuid::try_parse(key).map_err(|_| Error::invalid("page_token", "is not a token this list returned")))
+            .map(|key| {
+                uuid::Uuid::try_parse(key)
+                    .map_err(|_| Error::invalid("page_token", "is not a token this list returned"))
+            })
             .transpose()
     }
 
@@ -56,7 +59,12 @@ impl Page {
 
     /// Cuts items fetched with [`Page::fetch_limit`] down to the page and makes the next page's token (empty on
     /// the last page). `key_of` gives an item's sort key.
-    pub fn finish<T>(&self, mut items: Vec<T>, key_of: impl Fn(&T) -> String, filter_fingerprint: &str) -> (Vec<T>, String) {
+    pub fn finish<T>(
+        &self,
+        mut items: Vec<T>,
+        key_of: impl Fn(&T) -> String,
+        filter_fingerprint: &str,
+    ) -> (Vec<T>, String) {
         if items.len() <= self.size {
             return (items, String::new());
         }

@@ -25,7 +25,8 @@ pub enum Role {
 
 impl Role {
     /// Every role, in the order they start.
-    pub const ALL: [Role; 6] = [Role::Device, Role::Ingestion, Role::Image, Role::Inference, Role::Alert, Role::Command];
+    pub const ALL: [Role; 6] =
+        [Role::Device, Role::Ingestion, Role::Image, Role::Inference, Role::Alert, Role::Command];
 
     /// The role's name on the command line and in config.
     pub fn as_str(self) -> &'static str {

@@ -10,7 +10,11 @@ use smartfarm_store::model::ApiKey;
 
 /// Creates and stores an API key scoped to `farm_id` (`None`: admin). Returns the record and the secret, which
 /// exists nowhere else afterwards.
-pub async fn create_api_key(registry: &dyn RegistryStore, name: &str, farm_id: Option<Uuid>) -> Result<(ApiKey, String)> {
+pub async fn create_api_key(
+    registry: &dyn RegistryStore,
+    name: &str,
+    farm_id: Option<Uuid>,
+) -> Result<(ApiKey, String)> {
     let id = Uuid::now_v7();
     let secret = credential::generate(SecretKind::ApiKey, id)?;
     let key = ApiKey {

@@ -60,7 +60,10 @@ fn filter_fingerprint<'a>(parts: impl IntoIterator<Item = (&'a str, String)>) ->
 
 #[tonic::async_trait]
 impl DeviceService for DeviceApi {
-    async fn create_farm(&self, request: Request<pb::CreateFarmRequest>) -> Result<Response<pb::CreateFarmResponse>, Status> {
+    async fn create_farm(
+        &self,
+        request: Request<pb::CreateFarmRequest>,
+    ) -> Result<Response<pb::CreateFarmResponse>, Status> {
         let principal = Principal::of(&request)?;
         principal.require_admin()?;
         let name = validate::name("name", &request.get_ref().name)?;
@@ -78,7 +81,10 @@ impl DeviceService for DeviceApi {
         Ok(Response::new(pb::GetFarmResponse { farm: Some(convert::farm(&farm)) }))
     }
 
-    async fn list_farms(&self, request: Request<pb::ListFarmsRequest>) -> Result<Response<pb::ListFarmsResponse>, Status> {
+    async fn list_farms(
+        &self,
+        request: Request<pb::ListFarmsRequest>,
+    ) -> Result<Response<pb::ListFarmsResponse>, Status> {
         let principal = Principal::of(&request)?;
         principal.require_api_key()?;
         let message = request.get_ref();
@@ -120,10 +126,16 @@ impl DeviceService for DeviceApi {
             })
             .await?;
         tracing::info!(device_id = %device.id, farm_id = %farm_id, kind = device.kind.as_str(), by = %principal.describe(), "device registered");
-        Ok(Response::new(pb::RegisterDeviceResponse { device: Some(convert::device(&device)), credential: secret.secret }))
+        Ok(Response::new(pb::RegisterDeviceResponse {
+            device: Some(convert::device(&device)),
+            credential: secret.secret,
+        }))
     }
 
-    async fn get_device(&self, request: Request<pb::GetDeviceRequest>) -> Result<Response<pb::GetDeviceResponse>, Status> {
+    async fn get_device(
+        &self,
+        request: Request<pb::GetDeviceRequest>,
+    ) -> Result<Response<pb::GetDeviceResponse>, Status> {
         let principal = Principal::of(&request)?;
         principal.require_api_key()?;
         let device_id = validate::id("device_id", &request.get_ref().device_id)?;
@@ -182,7 +194,10 @@ impl DeviceService for DeviceApi {
                 other => {
                     return Err(Error::invalid(
                         "update_mask",
-                        format!("{other:?} cannot be updated; updatable fields: {}", UPDATABLE_DEVICE_FIELDS.join(", ")),
+                        format!(
+                            "{other:?} cannot be updated; updatable fields: {}",
+                            UPDATABLE_DEVICE_FIELDS.join(", ")
+                        ),
                     )
                     .into());
                 }
@@ -260,7 +275,10 @@ impl DeviceService for DeviceApi {
             .list_api_keys(farm_id, KeysetPage { after: page.after_id()?, limit: page.fetch_limit() })
             .await?;
         let (keys, next_page_token) = page.finish(keys, |key| key.id.to_string(), &fingerprint);
-        Ok(Response::new(pb::ListApiKeysResponse { api_keys: keys.iter().map(convert::api_key).collect(), next_page_token }))
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: keys.iter().map(convert::api_key).collect(),
+            next_page_token,
+        }))
     }
 
     async fn revoke_api_key(

@@ -28,7 +28,10 @@ impl ImageApi {
 impl ImageService for ImageApi {
     type GetImageStream = tokio_stream::Empty<Result<pb::GetImageResponse, Status>>;
 
-    async fn upload(&self, _request: Request<Streaming<pb::UploadRequest>>) -> Result<Response<pb::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        _request: Request<Streaming<pb::UploadRequest>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
         Err(Error::unimplemented("ImageService.Upload", CAPABILITY).into())
     }
 
@@ -46,11 +49,17 @@ impl ImageService for ImageApi {
         Err(Error::unimplemented("ImageService.CheckImages", CAPABILITY).into())
     }
 
-    async fn get_image(&self, _request: Request<pb::GetImageRequest>) -> Result<Response<Self::GetImageStream>, Status> {
+    async fn get_image(
+        &self,
+        _request: Request<pb::GetImageRequest>,
+    ) -> Result<Response<Self::GetImageStream>, Status> {
         Err(Error::unimplemented("ImageService.GetImage", CAPABILITY).into())
     }
 
-    async fn list_images(&self, _request: Request<pb::ListImagesRequest>) -> Result<Response<pb::ListImagesResponse>, Status> {
+    async fn list_images(
+        &self,
+        _request: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
         Err(Error::unimplemented("ImageService.ListImages", CAPABILITY).into())
     }
 

@@ -40,7 +40,10 @@ impl InferenceService for InferenceApi {
         Err(Error::unimplemented("InferenceService.DetectAnomalies", CAPABILITY).into())
     }
 
-    async fn list_models(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         Err(Error::unimplemented("InferenceService.ListModels", CAPABILITY).into())
     }
 

@@ -90,6 +90,9 @@ mod tests {
 
     #[test]
     fn json_is_a_log_format() {
-        assert_eq!("json".parse::<smartfarm_core::config::LogFormat>().unwrap(), smartfarm_core::config::LogFormat::Json);
+        assert_eq!(
+            "json".parse::<smartfarm_core::config::LogFormat>().unwrap(),
+            smartfarm_core::config::LogFormat::Json
+        );
     }
 }

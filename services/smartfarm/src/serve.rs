@@ -70,14 +70,14 @@ fn services_for(config: &ServerConfig, registry: &std::sync::Arc<dyn RegistrySto
     let mut services = Services::default();
     for role in config.target.roles() {
         services = match role {
-            Role::Device => services.add(smartfarm_device::DeviceApi::new(registry.clone()).into_server()),
+            Role::Device => services.with_service(smartfarm_device::DeviceApi::new(registry.clone()).into_server()),
             Role::Ingestion => services
-                .add(smartfarm_ingestion::IngestionApi.ingestion_server())
-                .add(smartfarm_ingestion::IngestionApi.telemetry_server()),
-            Role::Image => services.add(smartfarm_image::ImageApi.into_server()),
-            Role::Inference => services.add(smartfarm_inference::InferenceApi.into_server()),
-            Role::Alert => services.add(smartfarm_alert::AlertApi.into_server()),
-            Role::Command => services.add(smartfarm_command::CommandApi.into_server()),
+                .with_service(smartfarm_ingestion::IngestionApi.ingestion_server())
+                .with_service(smartfarm_ingestion::IngestionApi.telemetry_server()),
+            Role::Image => services.with_service(smartfarm_image::ImageApi.into_server()),
+            Role::Inference => services.with_service(smartfarm_inference::InferenceApi.into_server()),
+            Role::Alert => services.with_service(smartfarm_alert::AlertApi.into_server()),
+            Role::Command => services.with_service(smartfarm_command::CommandApi.into_server()),
         };
     }
     services

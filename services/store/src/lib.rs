@@ -48,7 +48,10 @@ impl Database {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Database::Postgres(PostgresStore::connect(url, postgres).await?));
         }
-        Err(Error::invalid("database_url", format!("{url:?} is not a database url: expected sqlite://PATH or postgres://…")))
+        Err(Error::invalid(
+            "database_url",
+            format!("{url:?} is not a database url: expected sqlite://PATH or postgres://…"),
+        ))
     }
 
     /// Applies the migrations the database lacks.

@@ -78,6 +78,9 @@ mod tests {
     fn database_names_are_replaced() {
         assert_eq!(super::with_database("postgres://u@h:5432/postgres", "t1"), "postgres://u@h:5432/t1");
         assert_eq!(super::with_database("postgres://u@h", "t1"), "postgres://u@h/t1");
-        assert_eq!(super::with_database("postgres://u@h/db?sslmode=disable", "t1"), "postgres://u@h/t1?sslmode=disable");
+        assert_eq!(
+            super::with_database("postgres://u@h/db?sslmode=disable", "t1"),
+            "postgres://u@h/t1?sslmode=disable"
+        );
     }
 }

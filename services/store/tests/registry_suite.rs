@@ -140,10 +140,8 @@ async fn devices_update_decommission_and_rotate(store: &dyn RegistryStore) {
     assert_eq!(renamed.name, "probe 2");
     assert_eq!(renamed.labels, probe.labels, "labels untouched when not in the update");
     assert_eq!(renamed.update_time, later);
-    let relabelled = store
-        .update_device(probe.id, DeviceUpdate { name: None, labels: Some(BTreeMap::new()) }, later)
-        .await
-        .unwrap();
+    let relabelled =
+        store.update_device(probe.id, DeviceUpdate { name: None, labels: Some(BTreeMap::new()) }, later).await.unwrap();
     assert!(relabelled.labels.is_empty());
     assert_eq!(relabelled.name, "probe 2");
 
@@ -220,7 +218,10 @@ async fn api_keys_are_scoped_listed_and_revoked(store: &dyn RegistryStore) {
 
 async fn migrations_are_idempotent_and_data_survives_a_reopen(harness: &Harness) {
     let store = harness.registry();
-    let farm = store.create_farm(Uuid::now_v7(), "india", SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456)).await.unwrap();
+    let farm = store
+        .create_farm(Uuid::now_v7(), "india", SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456))
+        .await
+        .unwrap();
     let device = store.create_device(new_device(farm.id, "probe", DeviceKind::Sensor)).await.unwrap();
     let farm = store.get_farm(farm.id).await.unwrap();
     assert_eq!(farm.registry_version, 1);

@@ -22,9 +22,9 @@ pub struct FileBlobStore {
 impl FileBlobStore {
     /// Opens (creating if needed) the directory.
     pub async fn open(root: &Path) -> Result<FileBlobStore> {
-        tokio::fs::create_dir_all(root.join(TEMP_DIR)).await.map_err(|error| {
-            Error::Unavailable(format!("cannot create blob directory {}: {error}", root.display()))
-        })?;
+        tokio::fs::create_dir_all(root.join(TEMP_DIR))
+            .await
+            .map_err(|error| Error::Unavailable(format!("cannot create blob directory {}: {error}", root.display())))?;
         Ok(FileBlobStore { root: root.to_path_buf() })
     }
 
@@ -101,10 +101,8 @@ impl BlobStore for FileBlobStore {
                     let file_type = entry.file_type().map_err(io_error(format!("stat {}", path.display())))?;
                     if file_type.is_dir() {
                         pending.push(path);
-                    } else if let Some(key) = relative.to_str() {
-                        if key.starts_with(&prefix) {
-                            keys.push(key.to_string());
-                        }
+                    } else if let Some(key) = relative.to_str().filter(|key| key.starts_with(&prefix)) {
+                        keys.push(key.to_string());
                     }
                 }
             }

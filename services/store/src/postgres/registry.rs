@@ -19,12 +19,7 @@ const DEVICE_COLUMNS: &str =
 const API_KEY_COLUMNS: &str = "id, name, farm_id, secret_sha256, create_time, revoke_time";
 
 fn farm_from_row(row: &Row) -> Farm {
-    Farm {
-        id: row.get(0),
-        name: row.get(1),
-        create_time: row.get(2),
-        registry_version: row.get::<_, i64>(3) as u64,
-    }
+    Farm { id: row.get(0), name: row.get(1), create_time: row.get(2), registry_version: row.get::<_, i64>(3) as u64 }
 }
 
 fn device_from_row(row: &Row) -> Result<Device> {
@@ -198,7 +193,11 @@ impl RegistryStore for PostgresStore {
             )
             .await
             .map_err(|error| {
-                if is_unique_violation(&error) { duplicate_device_name(&name) } else { pg_error("update device")(error) }
+                if is_unique_violation(&error) {
+                    duplicate_device_name(&name)
+                } else {
+                    pg_error("update device")(error)
+                }
             })?;
         bump_registry_version(&transaction, current.farm_id).await?;
         let stored = load_device(&transaction, id, false).await?;
@@ -226,12 +225,19 @@ impl RegistryStore for PostgresStore {
         Ok(stored)
     }
 
-    async fn set_device_credential(&self, id: Uuid, credential_sha256: &str, update_time: SystemTime) -> Result<Device> {
+    async fn set_device_credential(
+        &self,
+        id: Uuid,
+        credential_sha256: &str,
+        update_time: SystemTime,
+    ) -> Result<Device> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error("begin credential rotation"))?;
         let current = load_device(&transaction, id, true).await?;
         if current.state == DeviceState::Decommissioned {
-            return Err(Error::FailedPrecondition(format!("device {id} is decommissioned and cannot get a credential")));
+            return Err(Error::FailedPrecondition(format!(
+                "device {id} is decommissioned and cannot get a credential"
+            )));
         }
         transaction
             .execute(

@@ -109,9 +109,11 @@ impl SqliteStore {
     pub async fn schema_version(&self) -> Result<i64> {
         self.run(|connection| {
             let exists: Option<String> = connection
-                .query_row("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'", [], |row| {
-                    row.get(0)
-                })
+                .query_row(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+                    [],
+                    |row| row.get(0),
+                )
                 .optional()
                 .map_err(sql_error("look for schema_migrations"))?;
             if exists.is_none() {
@@ -146,7 +148,8 @@ impl SqliteStore {
 pub(crate) fn sql_error(context: &str) -> impl Fn(rusqlite::Error) -> Error + '_ {
     move |error| match &error {
         rusqlite::Error::SqliteFailure(failure, _)
-            if failure.code == rusqlite::ErrorCode::DatabaseBusy || failure.code == rusqlite::ErrorCode::DatabaseLocked =>
+            if failure.code == rusqlite::ErrorCode::DatabaseBusy
+                || failure.code == rusqlite::ErrorCode::DatabaseLocked =>
         {
             Error::Unavailable(format!("the database is busy ({context})"))
         }

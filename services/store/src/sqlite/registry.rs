@@ -23,7 +23,8 @@ type RowResult<T> = std::result::Result<T, Error>;
 
 fn uuid_column(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
     let text: String = row.get(index)?;
-    Uuid::try_parse(&text).map_err(|error| rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(error)))
+    Uuid::try_parse(&text)
+        .map_err(|error| rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(error)))
 }
 
 fn farm_from_row(row: &Row<'_>) -> rusqlite::Result<Farm> {
@@ -262,7 +263,11 @@ impl RegistryStore for SqliteStore {
                     params![id.to_string(), name, labels_json(&labels)?, to_unix_micros(update_time)],
                 )
                 .map_err(|error| {
-                    if is_unique_violation(&error) { duplicate_device_name(&name) } else { sql_error("update device")(error) }
+                    if is_unique_violation(&error) {
+                        duplicate_device_name(&name)
+                    } else {
+                        sql_error("update device")(error)
+                    }
                 })?;
             bump_registry_version(&transaction, current.farm_id)?;
             let stored = load_device(&transaction, id)?;
@@ -293,13 +298,20 @@ impl RegistryStore for SqliteStore {
         .await
     }
 
-    async fn set_device_credential(&self, id: Uuid, credential_sha256: &str, update_time: SystemTime) -> Result<Device> {
+    async fn set_device_credential(
+        &self,
+        id: Uuid,
+        credential_sha256: &str,
+        update_time: SystemTime,
+    ) -> Result<Device> {
         let credential_sha256 = credential_sha256.to_string();
         self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin credential rotation"))?;
             let current = load_device(&transaction, id)?;
             if current.state == DeviceState::Decommissioned {
-                return Err(Error::FailedPrecondition(format!("device {id} is decommissioned and cannot get a credential")));
+                return Err(Error::FailedPrecondition(format!(
+                    "device {id} is decommissioned and cannot get a credential"
+                )));
             }
             transaction
                 .execute(
@@ -368,7 +380,11 @@ impl RegistryStore for SqliteStore {
     async fn get_api_key(&self, id: Uuid) -> Result<ApiKey> {
         self.run(move |connection| {
             connection
-                .query_row(&format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?1"), [id.to_string()], api_key_from_row)
+                .query_row(
+                    &format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+                    [id.to_string()],
+                    api_key_from_row,
+                )
                 .optional()
                 .map_err(sql_error("read api key"))?
                 .ok_or_else(|| Error::not_found("api key", id))
@@ -405,7 +421,11 @@ impl RegistryStore for SqliteStore {
                 )
                 .map_err(sql_error("revoke api key"))?;
             connection
-                .query_row(&format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?1"), [id.to_string()], api_key_from_row)
+                .query_row(
+                    &format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+                    [id.to_string()],
+                    api_key_from_row,
+                )
                 .optional()
                 .map_err(sql_error("read api key"))?
                 .ok_or_else(|| Error::not_found("api key", id))

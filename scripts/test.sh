@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The test command: what the README tells a fresh machine to run, and what CI (.ci/run) runs.
+# Contract checks (buf lint, buf breaking against main), formatting, clippy with warnings as errors, then every
+# test of the workspace. Tests that need PostgreSQL use SMARTFARM_TEST_DATABASE_URL
+# (default postgres://postgres@127.0.0.1:5432/postgres) and fail with the command to start it when it is down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+
+./scripts/install-tools.sh
+buf=.tools/node_modules/.bin/buf
+
+echo "== buf lint"
+"$buf" lint
+
+echo "== buf breaking (against main)"
+if git rev-parse --verify -q main >/dev/null && git cat-file -e main:proto/smartfarm 2>/dev/null; then
+  "$buf" breaking --against '.git#branch=main'
+else
+  echo "main has no contracts yet: nothing to compare against"
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo build (the binaries the end-to-end tests start)"
+cargo build --workspace --bins --locked
+
+echo "== cargo nextest"
+cargo nextest run --workspace --locked --no-fail-fast
+
+echo "== all checks passed in $(( $(date +%s) - started )) s"
