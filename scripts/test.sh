@@ -32,4 +32,7 @@ cargo build --workspace --bins --locked
 echo "== cargo nextest"
 cargo nextest run --workspace --locked --no-fail-fast
 
+echo "== README tour (grpcurl against a fresh server)"
+./scripts/readme-tour.sh
+
 echo "== all checks passed in $(( $(date +%s) - started )) s"
