@@ -90,6 +90,8 @@ pub struct CloudOptions {
     pub target: Option<String>,
     /// `--tls-cert` and `--tls-key`.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Extra environment variables (`SMARTFARM_*` settings, for instance).
+    pub env: Vec<(String, String)>,
 }
 
 impl Cloud {
@@ -126,6 +128,7 @@ impl Cloud {
         if let Some((cert, key)) = &options.tls {
             command.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
+        command.envs(options.env.iter().map(|(name, value)| (name, value)));
         let mut child = command.spawn().expect("start smartfarm serve");
 
         let deadline = Instant::now() + Duration::from_secs(30);

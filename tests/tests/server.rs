@@ -176,6 +176,28 @@ async fn a_target_runs_only_its_roles() {
 }
 
 #[tokio::test]
+async fn settings_come_from_smartfarm_environment_variables_and_logs_can_be_json() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let env = vec![
+        ("SMARTFARM_TARGET".to_string(), "device".to_string()),
+        ("SMARTFARM_LOG_FORMAT".to_string(), "json".to_string()),
+    ];
+    let cloud = Cloud::start(&data, CloudOptions { env, ..Default::default() }).await;
+    let expected: BTreeSet<String> =
+        ["smartfarm.device.v1.DeviceService"].iter().chain(&INFRASTRUCTURE).map(|s| s.to_string()).collect();
+    assert_eq!(services_by_reflection_v1(cloud.channel().await).await, expected);
+    let log = cloud.log();
+    let serving = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|entry| entry["message"] == "smartfarm serving")
+        .unwrap_or_else(|| panic!("no JSON \"smartfarm serving\" line in:\n{log}"));
+    assert_eq!(serving["roles"], "device");
+    assert_eq!(serving["level"], "INFO");
+    cloud.stop().await;
+}
+
+#[tokio::test]
 async fn metrics_count_each_rpc_by_method_and_code() {
     let data = CloudData::new(Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;

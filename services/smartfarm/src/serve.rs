@@ -46,7 +46,7 @@ pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Re
     tracing::info!(
         listen = %local_addr,
         tls = tls.is_some(),
-        target = %config.target,
+        roles = %config.target,
         database = %database.describe().await,
         blobs = %blobs.describe(),
         "smartfarm serving"
