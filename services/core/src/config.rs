@@ -27,7 +27,9 @@ data_dir = "smartfarm-data"
 # Empty means "sqlite://<data_dir>/smartfarm.db". Flag --database-url, variable SMARTFARM_DATABASE_URL.
 database_url = ""
 
-# Where blobs (photos, models) live: "file://DIR" (S3 arrives with the images capability).
+# Where blobs (photos, models) live: "file://DIR", or
+# "s3://[ACCESS_KEY:SECRET_KEY@]BUCKET[/PREFIX][?endpoint=URL&region=REGION&path_style=true]" for AWS S3, MinIO
+# and other S3-compatible stores (credentials not in the URL come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
 # Empty means "file://<data_dir>/blobs". Flag --blob-url, variable SMARTFARM_BLOB_URL.
 blob_url = ""
 
@@ -72,7 +74,7 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// `sqlite://PATH` or `postgres://…`; empty means SQLite under `data_dir`.
     pub database_url: String,
-    /// `file://DIR`; empty means `data_dir/blobs`.
+    /// `file://DIR` or `s3://…`; empty means `data_dir/blobs`.
     pub blob_url: String,
     /// The roles to run.
     pub target: Target,

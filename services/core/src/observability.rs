@@ -13,7 +13,9 @@ pub fn init_tracing(format: LogFormat, filter: &str) -> Result<()> {
     let filter = std::env::var("SMARTFARM_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or(filter.to_string());
     let filter = EnvFilter::try_new(&filter)
         .map_err(|error| Error::invalid("log_level", format!("{filter:?} is not a log filter: {error}")))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal; files and log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _already_installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -59,7 +59,7 @@ pub struct StorageArgs {
     /// sqlite://PATH or postgres://USER@HOST:PORT/DB (default: SQLite under the data dir).
     #[arg(long, env = "SMARTFARM_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
-    /// file://DIR (default: the data dir's blobs/).
+    /// file://DIR or s3://[KEY:SECRET@]BUCKET[/PREFIX][?endpoint=URL&region=R] (default: the data dir's blobs/).
     #[arg(long, env = "SMARTFARM_BLOB_URL", value_name = "URL")]
     pub blob_url: Option<String>,
     /// Log format: text or json.

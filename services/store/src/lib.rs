@@ -11,6 +11,7 @@ pub mod model;
 pub mod postgres;
 pub mod registry;
 pub mod sqlite;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use std::path::Path;

@@ -1,6 +1,7 @@
-//! Helpers for tests that need a real PostgreSQL: each test gets a database of its own, created from
+//! Helpers for tests that need real servers. PostgreSQL: each test gets a database of its own, created from
 //! `SMARTFARM_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and dropped afterwards.
-//! A missing server fails the test with the command that starts one; it never skips.
+//! S3: each test starts its own s3s-fs server (a real S3 implementation over a directory) on a free port. A missing
+//! server or tool fails the test with the command that provides it; nothing is skipped.
 
 use tokio_postgres::NoTls;
 
@@ -82,5 +83,68 @@ mod tests {
             super::with_database("postgres://u@h/db?sslmode=disable", "t1"),
             "postgres://u@h/t1?sslmode=disable"
         );
+    }
+}
+
+/// The s3s-fs version the test scripts install (`scripts/install-tools.sh`).
+pub const S3S_FS_INSTALL: &str = "cargo install s3s-fs --version 0.14.1 --features binary --locked";
+
+/// A private S3-compatible server (s3s-fs) over a temporary directory, with one empty bucket; stopped when dropped.
+#[derive(Debug)]
+pub struct TestS3 {
+    /// An `s3://` blob URL for the bucket, credentials and endpoint included.
+    pub url: String,
+    /// The server's endpoint, `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The bucket's name.
+    pub bucket: String,
+    /// The directory behind the bucket (one file per object).
+    pub bucket_dir: std::path::PathBuf,
+    _root: tempfile::TempDir,
+    _server: tokio::process::Child,
+}
+
+impl TestS3 {
+    /// Starts s3s-fs (`SMARTFARM_TEST_S3S_FS`, else `s3s-fs` on PATH or in ~/.cargo/bin) and waits until it serves.
+    pub async fn start() -> TestS3 {
+        let binary = std::env::var("SMARTFARM_TEST_S3S_FS").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+            let in_cargo_home = std::env::var("CARGO_HOME")
+                .map(std::path::PathBuf::from)
+                .or_else(|_| std::env::var("HOME").map(|home| std::path::Path::new(&home).join(".cargo")))
+                .map(|home| home.join("bin/s3s-fs"));
+            match in_cargo_home {
+                Ok(path) if path.exists() => path,
+                _ => std::path::PathBuf::from("s3s-fs"),
+            }
+        });
+        let root = tempfile::tempdir().expect("create the s3 root directory");
+        let bucket = "smartfarm-test".to_string();
+        // s3s-fs keeps a bucket as a directory of its root.
+        let bucket_dir = root.path().join(&bucket);
+        std::fs::create_dir(&bucket_dir).expect("create the bucket directory");
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("find a free port");
+            probe.local_addr().expect("the probe's address").port()
+        };
+        let (access_key, secret_key) = ("smartfarm-test-key", "smartfarm-test-secret");
+        let server = tokio::process::Command::new(&binary)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", access_key])
+            .args(["--secret-key", secret_key])
+            .arg(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot start {} ({error}): the S3 tests need s3s-fs; install it with `{S3S_FS_INSTALL}` (scripts/install-tools.sh does)", binary.display())
+            });
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "s3s-fs did not listen on {endpoint} within 10 s");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let url = format!("s3://{access_key}:{secret_key}@{bucket}?endpoint={endpoint}");
+        TestS3 { url, endpoint, bucket, bucket_dir, _root: root, _server: server }
     }
 }

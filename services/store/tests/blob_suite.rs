@@ -1,8 +1,9 @@
-//! The behaviour every [`BlobStore`] backend must have. Only `file://` exists so far; the S3 backend joins this
-//! suite when the images capability builds it.
+//! The behaviour every [`BlobStore`] backend must have, written once and run on `file://` and on a real
+//! S3-compatible server (s3s-fs, started per test).
 
 use smartfarm_core::Error;
 use smartfarm_store::blob::{self, BlobStore};
+use smartfarm_store::testing::TestS3;
 
 async fn objects_round_trip(store: &dyn BlobStore) {
     assert!(!store.exists("images/ab/abcdef").await.unwrap());
@@ -26,24 +27,77 @@ async fn bad_keys_are_refused(store: &dyn BlobStore) {
     }
 }
 
-#[tokio::test]
-async fn file_objects_round_trip() {
+macro_rules! blob_suite {
+    ($backend:ident, $open:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn objects_round_trip() {
+                let (store, _guard) = $open.await;
+                super::objects_round_trip(&*store).await;
+            }
+
+            #[tokio::test]
+            async fn bad_keys_are_refused() {
+                let (store, _guard) = $open.await;
+                super::bad_keys_are_refused(&*store).await;
+            }
+        }
+    };
+}
+
+async fn file_store() -> (std::sync::Arc<dyn BlobStore>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = blob::open(&format!("file://{}", dir.path().display())).await.unwrap();
-    objects_round_trip(&*store).await;
+    (blob::open(&format!("file://{}", dir.path().display())).await.unwrap(), dir)
+}
+
+async fn s3_store() -> (std::sync::Arc<dyn BlobStore>, TestS3) {
+    let server = TestS3::start().await;
+    (blob::open(&server.url).await.unwrap(), server)
+}
+
+async fn s3_store_with_prefix() -> (std::sync::Arc<dyn BlobStore>, TestS3) {
+    let server = TestS3::start().await;
+    let (base, query) = server.url.split_once('?').unwrap();
+    (blob::open(&format!("{base}/farm-a/blobs?{query}")).await.unwrap(), server)
+}
+
+blob_suite!(file, file_store());
+blob_suite!(s3, s3_store());
+blob_suite!(s3_prefixed, s3_store_with_prefix());
+
+#[tokio::test]
+async fn s3_objects_live_under_the_prefix_byte_for_byte() {
+    let server = TestS3::start().await;
+    let (base, query) = server.url.split_once('?').unwrap();
+    let store = blob::open(&format!("{base}/farm-a?{query}")).await.unwrap();
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    store.put("images/ab/cdef", &bytes).await.unwrap();
+    assert_eq!(std::fs::read(server.bucket_dir.join("farm-a/images/ab/cdef")).unwrap(), bytes);
+    assert_eq!(store.get("images/ab/cdef").await.unwrap(), bytes);
 }
 
 #[tokio::test]
-async fn file_bad_keys_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = blob::open(&format!("file://{}", dir.path().display())).await.unwrap();
-    bad_keys_are_refused(&*store).await;
+async fn s3_refuses_a_missing_bucket_a_wrong_secret_and_an_unreachable_endpoint() {
+    let server = TestS3::start().await;
+    let missing = server.url.replace(&format!("@{}", server.bucket), "@no-such-bucket");
+    let error = blob::open(&missing).await.err().unwrap().to_string();
+    assert!(error.contains("bucket \"no-such-bucket\" does not exist"), "{error}");
+
+    let wrong_secret = server.url.replace("smartfarm-test-secret", "wrong");
+    let error = blob::open(&wrong_secret).await.err().unwrap().to_string();
+    assert!(error.contains("refused the credentials"), "{error}");
+
+    let unreachable = "s3://k:s@some-bucket?endpoint=http://127.0.0.1:9";
+    let error = blob::open(unreachable).await.err().unwrap();
+    assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
 }
 
 #[tokio::test]
 async fn unknown_blob_urls_are_refused_with_a_reason() {
     let error = blob::open("ftp://x").await.err().unwrap().to_string();
     assert!(error.contains("not a blob url"), "{error}");
-    let error = blob::open("s3://bucket/prefix").await.err().unwrap().to_string();
-    assert!(error.contains("images capability"), "{error}");
+    let error = blob::open("file://").await.err().unwrap().to_string();
+    assert!(error.contains("needs a directory"), "{error}");
 }

@@ -3,12 +3,14 @@
 //! and never modified in place.
 
 mod file;
+mod s3;
 
 use std::sync::Arc;
 
 use smartfarm_core::{Error, Result};
 
 pub use file::FileBlobStore;
+pub use s3::{S3BlobStore, S3Settings};
 
 /// Storage of immutable objects by key.
 ///
@@ -30,8 +32,7 @@ pub trait BlobStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// Opens the blob store a URL names: `file://DIR`. `s3://` is recognised and refused until the images capability
-/// builds it.
+/// Opens the blob store a URL names: `file://DIR` or `s3://…` (see [`S3Settings`] for its form).
 pub async fn open(url: &str) -> Result<Arc<dyn BlobStore>> {
     if let Some(path) = url.strip_prefix("file://") {
         if path.is_empty() {
@@ -40,12 +41,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn BlobStore>> {
         return Ok(Arc::new(FileBlobStore::open(std::path::Path::new(path)).await?));
     }
     if url.starts_with("s3://") {
-        return Err(Error::invalid(
-            "blob_url",
-            "s3:// storage is not built yet: it arrives with the images capability; use file:// for now",
-        ));
+        return Ok(Arc::new(S3BlobStore::connect(S3Settings::from_url(url)?).await?));
     }
-    Err(Error::invalid("blob_url", format!("{url:?} is not a blob url: expected file://DIR")))
+    Err(Error::invalid("blob_url", format!("{url:?} is not a blob url: expected file://DIR or s3://BUCKET")))
 }
 
 /// Checks a key against the rules of [`BlobStore`].
