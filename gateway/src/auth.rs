@@ -3,7 +3,8 @@
 //! only calls that pass without a credential (load balancers and grpcurl must reach them).
 //!
 //! Secrets are looked up by the id they carry and checked against the stored SHA-256 in constant time; a revoked
-//! key or a decommissioned gateway stops working on its next call, since nothing is cached.
+//! key or a decommissioned gateway stops working on its next call, since nothing is cached. A gateway that
+//! authenticates is recorded as seen.
 
 use std::sync::Arc;
 
@@ -75,6 +76,9 @@ impl Authenticator {
                         "only gateway credentials may call the cloud; sensors talk to their farm's edge agent".into(),
                     ));
                 }
+                // A gateway that authenticates is alive: keep its last_seen_time and state current. Gateways call
+                // rarely (one long-lived edge stream), so this write costs nothing that matters.
+                self.registry.record_devices_seen(&[device.id], smartfarm_core::time::now()).await?;
                 Ok(Principal::Gateway { device_id: device.id, farm_id: device.farm_id })
             }
         }

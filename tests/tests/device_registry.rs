@@ -305,6 +305,17 @@ async fn api_keys_isolate_farms(backend: Backend) {
         Code::PermissionDenied,
         "api key",
     );
+    // ...but the gateway did authenticate, so it counts as seen.
+    let gateway_id = gateway_a.device.as_ref().unwrap().id.clone();
+    let seen = admin
+        .get_device(pb::GetDeviceRequest { device_id: gateway_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .device
+        .unwrap();
+    assert_eq!(seen.state, DeviceState::Active as i32);
+    assert!(seen.last_seen_time.is_some());
     let mut as_sensor = cloud.device_client(&sensor_a.credential).await;
     assert_code(
         as_sensor.get_farm(pb::GetFarmRequest { farm_id: farm_a.id.clone() }).await,
@@ -340,9 +351,7 @@ async fn api_keys_isolate_farms(backend: Backend) {
         "invalid or revoked",
     );
 
-    let decommissioned =
-        admin.decommission_device(pb::DecommissionDeviceRequest { device_id: gateway_a.device.unwrap().id }).await;
-    decommissioned.unwrap();
+    admin.decommission_device(pb::DecommissionDeviceRequest { device_id: gateway_id }).await.unwrap();
     assert_code(
         as_gateway.get_farm(pb::GetFarmRequest { farm_id: farm_a.id.clone() }).await,
         Code::Unauthenticated,
