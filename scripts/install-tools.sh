@@ -32,9 +32,11 @@ if ! command -v jq >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -qq jq >&2; else sudo apt-get install -y -qq jq >&2; fi
 fi
 
+# Pinned: newer releases may need a newer rustc than this toolchain's 1.95.
+nextest_version=0.9.143
 if ! command -v cargo-nextest >/dev/null 2>&1; then
-  echo "install-tools: installing cargo-nextest from crates.io" >&2
-  cargo install --locked cargo-nextest >&2
+  echo "install-tools: installing cargo-nextest $nextest_version from crates.io" >&2
+  cargo install --locked cargo-nextest --version "$nextest_version" >&2
 fi
 
 # A real S3-compatible server for the S3 blob tests (0.14.1: newer releases need a newer rustc than 1.95).

@@ -14,10 +14,19 @@ echo "== buf lint"
 "$buf" lint
 
 echo "== buf breaking (against main)"
-if git rev-parse --verify -q main >/dev/null && git cat-file -e main:proto/smartfarm 2>/dev/null; then
-  "$buf" breaking --against '.git#branch=main'
+# What landed (origin/main in a developer's clone), else the local main branch (CI's fresh clone). A missing base is
+# an error, not a silent pass.
+base=""
+for candidate in origin/main main; do
+  if git rev-parse --verify -q "$candidate^{commit}" >/dev/null; then base=$candidate; break; fi
+done
+if [ -z "$base" ]; then
+  echo "buf breaking: no main or origin/main branch to compare the contracts against" >&2
+  exit 1
+elif git cat-file -e "$base:proto/smartfarm" 2>/dev/null; then
+  "$buf" breaking --against ".git#ref=$(git rev-parse "$base")"
 else
-  echo "main has no contracts yet: nothing to compare against"
+  echo "$base has no contracts yet: nothing to compare against"
 fi
 
 echo "== cargo fmt --check"

@@ -2,9 +2,10 @@
 //! the request, or answers `UNAUTHENTICATED` before any service code runs. Health checks and reflection are the
 //! only calls that pass without a credential (load balancers and grpcurl must reach them).
 //!
-//! Secrets are looked up by the id they carry and checked against the stored SHA-256 in constant time; a revoked
-//! key or a decommissioned gateway stops working on its next call, since nothing is cached. A gateway that
-//! authenticates is recorded as seen.
+//! Secrets are looked up by the id they carry and checked against the stored SHA-256 in constant time; nothing is
+//! cached, so a revoked key or a decommissioned gateway is refused on its next call. A stream is authenticated when
+//! it opens: long-lived streams (the edge link, alert subscriptions) must re-check their credential themselves or be
+//! cancelled on revocation. A gateway that authenticates is recorded as seen.
 
 use std::sync::Arc;
 
@@ -17,10 +18,6 @@ use smartfarm_core::credential::{self, SecretKind};
 use smartfarm_core::{Error, Principal, Result};
 use smartfarm_store::RegistryStore;
 use smartfarm_store::model::{DeviceKind, DeviceState};
-
-/// gRPC paths that need no credential.
-const PUBLIC_PATH_PREFIXES: &[&str] =
-    &["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
 
 /// Resolves bearer tokens against the registry.
 #[derive(Clone)]
@@ -76,17 +73,37 @@ impl Authenticator {
                         "only gateway credentials may call the cloud; sensors talk to their farm's edge agent".into(),
                     ));
                 }
-                // A gateway that authenticates is alive: keep its last_seen_time and state current. Gateways call
-                // rarely (one long-lived edge stream), so this write costs nothing that matters.
-                self.registry.record_devices_seen(&[device.id], smartfarm_core::time::now()).await?;
+                self.record_gateway_seen(&device).await;
                 Ok(Principal::Gateway { device_id: device.id, farm_id: device.farm_id })
             }
         }
     }
 }
 
+/// Whether a gRPC path (`/package.Service/Method`) belongs to a service that needs no credential.
+impl Authenticator {
+    /// A gateway that authenticates is alive: keep its `last_seen_time` and state current. At most one write a
+    /// minute per gateway, and a failed write only logs: it must not fail the call it rides on.
+    async fn record_gateway_seen(&self, device: &smartfarm_store::model::Device) {
+        let now = smartfarm_core::time::now();
+        let recently = device
+            .last_seen_time
+            .is_some_and(|seen| now.duration_since(seen).is_ok_and(|age| age < GATEWAY_SEEN_RESOLUTION));
+        if recently && device.state == DeviceState::Active {
+            return;
+        }
+        if let Err(error) = self.registry.record_devices_seen(&[device.id], now).await {
+            tracing::warn!(device_id = %device.id, %error, "cannot record that the gateway was seen");
+        }
+    }
+}
+
+/// How stale a gateway's `last_seen_time` may get before an authenticated call refreshes it.
+const GATEWAY_SEEN_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn is_public(path: &str) -> bool {
-    PUBLIC_PATH_PREFIXES.iter().any(|prefix| path.starts_with(prefix))
+    let service = path.strip_prefix('/').and_then(|rest| rest.split_once('/')).map(|(service, _)| service);
+    service.is_some_and(|service| crate::INFRASTRUCTURE_SERVICES.contains(&service))
 }
 
 /// The axum middleware: attaches the principal, or answers with the gRPC error.

@@ -20,8 +20,9 @@ use smartfarm_core::Result;
 
 pub use auth::Authenticator;
 
-/// The service names reflection advertises besides the smartfarm services that run.
-const INFRASTRUCTURE_SERVICES: &[&str] =
+/// The services every listener serves besides the smartfarm services that run: health and reflection. They need no
+/// credentials (load balancers and grpcurl must reach them).
+pub(crate) const INFRASTRUCTURE_SERVICES: &[&str] =
     &["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 /// What the gateway serves: the running smartfarm services' tonic routes and their fully qualified names.

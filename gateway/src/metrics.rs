@@ -19,13 +19,7 @@ use http_body::Frame;
 /// The services whose names may appear as label values; anything else is labelled "unknown" so that arbitrary
 /// request paths cannot grow the metric's cardinality.
 pub fn known_service(name: &str) -> bool {
-    smartfarm_proto::SERVICE_NAMES.contains(&name)
-        || matches!(
-            name,
-            "grpc.health.v1.Health"
-                | "grpc.reflection.v1.ServerReflection"
-                | "grpc.reflection.v1alpha.ServerReflection"
-        )
+    smartfarm_proto::SERVICE_NAMES.contains(&name) || crate::INFRASTRUCTURE_SERVICES.contains(&name)
 }
 
 /// The axum middleware.

@@ -19,6 +19,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings on idle connections, so half-open links (a farm's modem that lost power) are noticed.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an HTTP/1.1 client may take to send its request headers (slowloris protection for gRPC-web and
+/// `/metrics`; HTTP/2 connections are covered by the keepalive above).
+const HTTP1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets open requests finish (up to
 /// ten seconds).
@@ -30,6 +33,7 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HTTP1_HEADER_READ_TIMEOUT);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -1,5 +1,5 @@
 //! The Protobuf contracts of smartfarm compiled for Rust: the messages, the tonic clients and servers of the six
-//! services, serde impls that read and write canonical proto JSON, and the file descriptor set that server
+//! capabilities' seven services, serde impls that read and write canonical proto JSON, and the file descriptor set that server
 //! reflection serves. This crate owns no behaviour; it must never depend on another smartfarm crate.
 
 #![forbid(unsafe_code)]
@@ -55,7 +55,8 @@ pub mod command {
     }
 }
 
-/// The fully qualified names of the six smartfarm services, as reflection and health checks name them.
+/// The fully qualified names of the smartfarm services (the ingestion capability has two), as reflection and health
+/// checks name them.
 pub const SERVICE_NAMES: &[&str] = &[
     "smartfarm.device.v1.DeviceService",
     "smartfarm.ingestion.v1.IngestionService",

@@ -223,9 +223,14 @@ async fn api_keys_isolate_farms(backend: Backend) {
     assert_eq!(listed.devices.len(), 3);
     let farms = as_a.list_farms(pb::ListFarmsRequest::default()).await.unwrap().into_inner();
     assert_eq!(farms.farms.iter().map(|f| f.id.clone()).collect::<Vec<_>>(), vec![farm_a.id.clone()]);
-    as_a.create_api_key(pb::CreateApiKeyRequest { name: "second a key".into(), farm_id: farm_a.id.clone() })
-        .await
-        .unwrap();
+    // Only admins mint keys, even for the caller's own farm: a leaked farm key must not outlive its revocation.
+    assert_code(
+        as_a.create_api_key(pb::CreateApiKeyRequest { name: "second a key".into(), farm_id: farm_a.id.clone() }).await,
+        Code::PermissionDenied,
+        "admin",
+    );
+    let own_keys = as_a.list_api_keys(pb::ListApiKeysRequest::default()).await.unwrap().into_inner().api_keys;
+    assert_eq!(own_keys.iter().map(|k| k.farm_id.as_str()).collect::<Vec<_>>(), vec![farm_a.id.as_str()]);
 
     // Everything of farm b, and admin-only calls, are denied.
     let denied = "another farm";
@@ -267,7 +272,7 @@ async fn api_keys_isolate_farms(backend: Backend) {
     assert_code(
         as_a.create_api_key(pb::CreateApiKeyRequest { name: "b key".into(), farm_id: farm_b.id.clone() }).await,
         Code::PermissionDenied,
-        denied,
+        "admin",
     );
     assert_code(
         as_a.revoke_api_key(pb::RevokeApiKeyRequest { api_key_id: key_b.api_key.unwrap().id }).await,

@@ -41,7 +41,7 @@ target = "all"
 log_format = "text"
 
 # Log filter in tracing-subscriber syntax, e.g. "info" or "info,smartfarm_store=debug".
-# Variable SMARTFARM_LOG (RUST_LOG also works).
+# Flag --log-level, variable SMARTFARM_LOG_LEVEL; SMARTFARM_LOG (or RUST_LOG), when set, wins over all of them.
 log_level = "info"
 
 # TLS for the listener: PEM certificate chain and PEM private key (both or neither). Without them the listener

@@ -108,7 +108,8 @@ impl Error {
     pub fn client_message(&self) -> String {
         match self {
             Error::Internal { .. } => "internal error".to_string(),
-            Error::Unavailable(_) => format!("service unavailable: {self}"),
+            // The detail names hosts and databases; it is for the operator's log, not for callers.
+            Error::Unavailable(_) => "service unavailable, retry later".to_string(),
             other => other.to_string(),
         }
     }
@@ -144,6 +145,13 @@ mod tests {
         let status = tonic::Status::from(error);
         assert_eq!(status.code(), tonic::Code::Internal);
         assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn unavailable_errors_hide_which_dependency_is_down() {
+        let status = tonic::Status::from(Error::Unavailable("the database at postgres://u@db:5432/x is down".into()));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), "service unavailable, retry later");
     }
 
     #[test]

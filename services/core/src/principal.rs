@@ -27,12 +27,25 @@ impl Principal {
         }
     }
 
-    /// Allows the call only if the principal may touch `farm_id`'s resources.
+    /// Allows the call only for an API key that may touch `farm_id`'s resources: an admin key, or that farm's key.
+    /// Gateway credentials are refused here, so an RPC that forgets to think about gateways stays closed to them;
+    /// the edge link and the other calls meant for gateways use [`Principal::gateway_of`].
     pub fn authorize_farm(&self, farm_id: Uuid) -> Result<()> {
-        match self.farm_scope() {
-            None => Ok(()),
-            Some(own) if own == farm_id => Ok(()),
-            Some(_) => Err(Error::PermissionDenied("the credential is scoped to another farm".into())),
+        match self {
+            Principal::Admin { .. } => Ok(()),
+            Principal::FarmKey { farm_id: own, .. } if *own == farm_id => Ok(()),
+            Principal::FarmKey { .. } => {
+                Err(Error::PermissionDenied("the credential is scoped to another farm".into()))
+            }
+            Principal::Gateway { .. } => self.require_api_key(),
+        }
+    }
+
+    /// For calls meant for edge agents: the gateway device and its farm, or `PermissionDenied` for API keys.
+    pub fn gateway_of(&self) -> Result<(Uuid, Uuid)> {
+        match self {
+            Principal::Gateway { device_id, farm_id } => Ok((*device_id, *farm_id)),
+            _ => Err(Error::PermissionDenied("this call is for edge agents, with their gateway credential".into())),
         }
     }
 
@@ -93,9 +106,12 @@ mod tests {
         assert!(admin.authorize_farm(other).is_ok());
         assert!(admin.require_admin().is_ok());
 
-        let gateway = Principal::Gateway { device_id: Uuid::now_v7(), farm_id: farm };
-        assert!(gateway.authorize_farm(farm).is_ok());
-        assert!(gateway.authorize_farm(other).is_err());
+        assert!(key.gateway_of().is_err());
+
+        let device_id = Uuid::now_v7();
+        let gateway = Principal::Gateway { device_id, farm_id: farm };
+        assert!(gateway.authorize_farm(farm).is_err(), "gateways are refused unless a call is meant for them");
         assert!(gateway.require_api_key().is_err());
+        assert_eq!(gateway.gateway_of().unwrap(), (device_id, farm));
     }
 }

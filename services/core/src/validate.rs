@@ -14,6 +14,17 @@ pub const MAX_LABELS: usize = 32;
 /// The longest label key, in characters.
 pub const MAX_LABEL_KEY_CHARS: usize = 63;
 
+/// Client input quoted in an error message, cut to 64 characters: enough to recognise, never a huge status header.
+pub fn excerpt(value: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    if value.chars().count() <= MAX_CHARS {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(MAX_CHARS).collect();
+        format!("{head:?}…")
+    }
+}
+
 /// Parses a required id field.
 pub fn id(field: &str, value: &str) -> Result<Uuid> {
     if value.is_empty() {
@@ -57,13 +68,19 @@ pub fn labels(field: &str, labels: &std::collections::HashMap<String, String>) -
         if !key_ok {
             return Err(Error::invalid(
                 field,
-                format!("label key {key:?} must be 1 to {MAX_LABEL_KEY_CHARS} characters of a-z, 0-9, '_' and '-'"),
+                format!(
+                    "label key {} must be 1 to {MAX_LABEL_KEY_CHARS} characters of a-z, 0-9, '_' and '-'",
+                    excerpt(key)
+                ),
             ));
         }
         if value.chars().count() > MAX_NAME_CHARS || value.chars().any(char::is_control) {
             return Err(Error::invalid(
                 field,
-                format!("label {key:?}: value must be at most {MAX_NAME_CHARS} characters without control characters"),
+                format!(
+                    "label {}: value must be at most {MAX_NAME_CHARS} characters without control characters",
+                    excerpt(key)
+                ),
             ));
         }
         checked.insert(key.clone(), value.clone());
@@ -100,5 +117,8 @@ mod tests {
         assert!(labels("labels", &bad_key).is_err());
         let too_many = (0..33).map(|i| (format!("k{i}"), String::new())).collect();
         assert!(labels("labels", &too_many).is_err());
+        let huge_key = [("K".repeat(100_000), String::new())].into();
+        let message = labels("labels", &huge_key).unwrap_err().to_string();
+        assert!(message.len() < 200, "client input is quoted in short: {message}");
     }
 }

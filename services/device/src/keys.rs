@@ -15,6 +15,14 @@ pub async fn create_api_key(
     name: &str,
     farm_id: Option<Uuid>,
 ) -> Result<(ApiKey, String)> {
+    let (key, secret) = new_api_key(name, farm_id)?;
+    let stored = registry.create_api_key(key).await?;
+    Ok((stored, secret))
+}
+
+/// Makes an API key's record and secret without storing them, for callers that must put the secret somewhere safe
+/// before the key exists (the first start's bootstrap key).
+pub fn new_api_key(name: &str, farm_id: Option<Uuid>) -> Result<(ApiKey, String)> {
     let id = Uuid::now_v7();
     let secret = credential::generate(SecretKind::ApiKey, id)?;
     let key = ApiKey {
@@ -25,6 +33,5 @@ pub async fn create_api_key(
         create_time: time::now(),
         revoke_time: None,
     };
-    let stored = registry.create_api_key(key).await?;
-    Ok((stored, secret.secret))
+    Ok((key, secret.secret))
 }

@@ -18,9 +18,9 @@ use smartfarm_core::{Error, Principal, time, validate};
 use smartfarm_proto::device::v1 as pb;
 use smartfarm_proto::device::v1::device_service_server::{DeviceService, DeviceServiceServer};
 use smartfarm_store::RegistryStore;
-use smartfarm_store::model::{DeviceFilter, DeviceUpdate, KeysetPage, NewDevice};
+use smartfarm_store::model::{Device, DeviceFilter, DeviceUpdate, KeysetPage, NewDevice};
 
-pub use keys::create_api_key;
+pub use keys::{create_api_key, new_api_key};
 
 /// The fields `UpdateDevice` can change, as `update_mask` paths.
 const UPDATABLE_DEVICE_FIELDS: &[&str] = &["name", "labels"];
@@ -42,6 +42,13 @@ impl DeviceApi {
         DeviceServiceServer::new(self)
     }
 
+    /// The device `id_field` names, if the caller may touch its farm.
+    async fn authorized_device(&self, principal: &Principal, id_field: &str, id: &str) -> Result<Device, Error> {
+        let device = self.registry.get_device(validate::id(id_field, id)?).await?;
+        principal.authorize_farm(device.farm_id)?;
+        Ok(device)
+    }
+
     /// The farm a list is confined to: a farm key's own farm (asking for another is denied), or for admins the
     /// farm the request names, if any.
     fn list_scope(principal: &Principal, requested_farm_id: &str) -> Result<Option<Uuid>, Error> {
@@ -54,6 +61,14 @@ impl DeviceApi {
     }
 }
 
+/// The caller of a registry RPC: managing the registry is for API keys (people and integrations), not for
+/// gateway credentials.
+fn api_caller<T>(request: &Request<T>) -> Result<Principal, Error> {
+    let principal = Principal::of(request)?;
+    principal.require_api_key()?;
+    Ok(principal)
+}
+
 fn filter_fingerprint<'a>(parts: impl IntoIterator<Item = (&'a str, String)>) -> String {
     parts.into_iter().map(|(name, value)| format!("{name}={value};")).collect()
 }
@@ -64,7 +79,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::CreateFarmRequest>,
     ) -> Result<Response<pb::CreateFarmResponse>, Status> {
-        let principal = Principal::of(&request)?;
+        let principal = api_caller(&request)?;
         principal.require_admin()?;
         let name = validate::name("name", &request.get_ref().name)?;
         let farm = self.registry.create_farm(Uuid::now_v7(), &name, time::now()).await?;
@@ -73,8 +88,7 @@ impl DeviceService for DeviceApi {
     }
 
     async fn get_farm(&self, request: Request<pb::GetFarmRequest>) -> Result<Response<pb::GetFarmResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let farm_id = validate::id("farm_id", &request.get_ref().farm_id)?;
         principal.authorize_farm(farm_id)?;
         let farm = self.registry.get_farm(farm_id).await?;
@@ -85,8 +99,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::ListFarmsRequest>,
     ) -> Result<Response<pb::ListFarmsResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let message = request.get_ref();
         let fingerprint = "farms";
         let page = Page::from_request(message.page_size, &message.page_token, fingerprint)?;
@@ -102,8 +115,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let message = request.get_ref();
         let farm_id = validate::id("farm_id", &message.farm_id)?;
         let name = validate::name("name", &message.name)?;
@@ -136,11 +148,8 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::GetDeviceRequest>,
     ) -> Result<Response<pb::GetDeviceResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
-        let device_id = validate::id("device_id", &request.get_ref().device_id)?;
-        let device = self.registry.get_device(device_id).await?;
-        principal.authorize_farm(device.farm_id)?;
+        let principal = api_caller(&request)?;
+        let device = self.authorized_device(&principal, "device_id", &request.get_ref().device_id).await?;
         Ok(Response::new(pb::GetDeviceResponse { device: Some(convert::device(&device)) }))
     }
 
@@ -148,8 +157,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let message = request.get_ref();
         let filter = DeviceFilter {
             farm_id: Self::list_scope(&principal, &message.farm_id)?,
@@ -177,14 +185,16 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::UpdateDeviceRequest>,
     ) -> Result<Response<pb::UpdateDeviceResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let message = request.get_ref();
         let device = message.device.as_ref().ok_or_else(|| Error::invalid("device", "is required"))?;
-        let device_id = validate::id("device.id", &device.id)?;
         let paths = message.update_mask.as_ref().map(|mask| mask.paths.as_slice()).unwrap_or_default();
         if paths.is_empty() {
-            return Err(Error::invalid("update_mask", "is required: name the fields to change (name, labels)").into());
+            return Err(Error::invalid(
+                "update_mask",
+                format!("is required: name the fields to change ({})", UPDATABLE_DEVICE_FIELDS.join(", ")),
+            )
+            .into());
         }
         let mut update = DeviceUpdate::default();
         for path in paths {
@@ -195,7 +205,8 @@ impl DeviceService for DeviceApi {
                     return Err(Error::invalid(
                         "update_mask",
                         format!(
-                            "{other:?} cannot be updated; updatable fields: {}",
+                            "{} cannot be updated; updatable fields: {}",
+                            validate::excerpt(other),
                             UPDATABLE_DEVICE_FIELDS.join(", ")
                         ),
                     )
@@ -203,8 +214,7 @@ impl DeviceService for DeviceApi {
                 }
             }
         }
-        let current = self.registry.get_device(device_id).await?;
-        principal.authorize_farm(current.farm_id)?;
+        let device_id = self.authorized_device(&principal, "device.id", &device.id).await?.id;
         let updated = self.registry.update_device(device_id, update, time::now()).await?;
         tracing::info!(device_id = %device_id, by = %principal.describe(), "device updated");
         Ok(Response::new(pb::UpdateDeviceResponse { device: Some(convert::device(&updated)) }))
@@ -214,11 +224,8 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::DecommissionDeviceRequest>,
     ) -> Result<Response<pb::DecommissionDeviceResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
-        let device_id = validate::id("device_id", &request.get_ref().device_id)?;
-        let current = self.registry.get_device(device_id).await?;
-        principal.authorize_farm(current.farm_id)?;
+        let principal = api_caller(&request)?;
+        let device_id = self.authorized_device(&principal, "device_id", &request.get_ref().device_id).await?.id;
         let device = self.registry.decommission_device(device_id, time::now()).await?;
         tracing::info!(device_id = %device_id, by = %principal.describe(), "device decommissioned");
         Ok(Response::new(pb::DecommissionDeviceResponse { device: Some(convert::device(&device)) }))
@@ -228,11 +235,8 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::RotateDeviceCredentialRequest>,
     ) -> Result<Response<pb::RotateDeviceCredentialResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
-        let device_id = validate::id("device_id", &request.get_ref().device_id)?;
-        let current = self.registry.get_device(device_id).await?;
-        principal.authorize_farm(current.farm_id)?;
+        let principal = api_caller(&request)?;
+        let device_id = self.authorized_device(&principal, "device_id", &request.get_ref().device_id).await?.id;
         let secret = credential::generate(SecretKind::Device, device_id)?;
         let device = self.registry.set_device_credential(device_id, &secret.hash, time::now()).await?;
         tracing::info!(device_id = %device_id, by = %principal.describe(), "device credential rotated");
@@ -246,15 +250,13 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let message = request.get_ref();
         let name = validate::name("name", &message.name)?;
         let farm_id = validate::optional_id("farm_id", &message.farm_id)?;
-        match farm_id {
-            None => principal.require_admin()?,
-            Some(farm_id) => principal.authorize_farm(farm_id)?,
-        }
+        // Only admins mint keys: a farm key that could mint farm keys would let a leaked key outlive its own
+        // revocation.
+        principal.require_admin()?;
         let (key, secret) = keys::create_api_key(&*self.registry, &name, farm_id).await?;
         tracing::info!(api_key_id = %key.id, farm_id = ?key.farm_id, by = %principal.describe(), "api key created");
         Ok(Response::new(pb::CreateApiKeyResponse { api_key: Some(convert::api_key(&key)), secret }))
@@ -264,8 +266,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let message = request.get_ref();
         let farm_id = Self::list_scope(&principal, &message.farm_id)?;
         let fingerprint = filter_fingerprint([("farm", format!("{farm_id:?}"))]);
@@ -285,8 +286,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
-        let principal = Principal::of(&request)?;
-        principal.require_api_key()?;
+        let principal = api_caller(&request)?;
         let key_id = validate::id("api_key_id", &request.get_ref().api_key_id)?;
         let key = self.registry.get_api_key(key_id).await?;
         match key.farm_id {

@@ -65,6 +65,9 @@ pub struct StorageArgs {
     /// Log format: text or json.
     #[arg(long, env = "SMARTFARM_LOG_FORMAT", value_name = "FORMAT", value_parser = parse_log_format)]
     pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or info,smartfarm_store=debug (SMARTFARM_LOG, when set, wins over it).
+    #[arg(long, env = "SMARTFARM_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
 }
 
 /// Flags of `serve`.
@@ -112,8 +115,14 @@ fn parse_target(value: &str) -> Result<Target, String> {
 }
 
 impl StorageArgs {
-    /// The config file (or defaults) with these flags applied on top.
+    /// The config file (or defaults) with these flags applied on top, validated.
     pub fn resolve(&self) -> Result<ServerConfig> {
+        let config = self.apply()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&self) -> Result<ServerConfig> {
         let mut config = match &self.config {
             Some(path) => ServerConfig::from_file(path)?,
             None => ServerConfig::default(),
@@ -130,15 +139,17 @@ impl StorageArgs {
         if let Some(format) = self.log_format {
             config.log_format = format;
         }
-        config.validate()?;
+        if let Some(filter) = &self.log_level {
+            config.log_level = filter.clone();
+        }
         Ok(config)
     }
 }
 
 impl ServeArgs {
-    /// The config file (or defaults) with every serve flag applied on top.
+    /// The config file (or defaults) with every serve flag applied on top, validated.
     pub fn resolve(&self) -> Result<ServerConfig> {
-        let mut config = self.storage.resolve()?;
+        let mut config = self.storage.apply()?;
         if let Some(listen) = self.listen {
             config.listen = listen;
         }

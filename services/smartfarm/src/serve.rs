@@ -54,7 +54,7 @@ pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Re
 
     let shutdown = async move {
         shutdown::signal().await;
-        // Tell load balancers first, so they stop sending before the listener closes.
+        // Health watchers see NOT_SERVING first; then the listener closes and open calls drain.
         health.set_service_status("", ServingStatus::NotServing).await;
         for name in service_names {
             health.set_service_status(name, ServingStatus::NotServing).await;
@@ -84,16 +84,23 @@ fn services_for(config: &ServerConfig, registry: &std::sync::Arc<dyn RegistrySto
 }
 
 /// On a fresh installation (no API key at all), creates an admin key and writes it to a 0600 file in the data dir,
-/// so the operator can make the first calls; says where in the log.
+/// so the operator can make the first calls; says where in the log. Replicas that start together on one empty
+/// PostgreSQL may each make one; each is a valid admin key, in its own data dir.
 async fn bootstrap_admin_key(registry: &dyn RegistryStore, data_dir: &Path) -> anyhow::Result<()> {
     if registry.count_api_keys().await? > 0 {
         return Ok(());
     }
-    let (key, secret) = smartfarm_device::create_api_key(registry, "bootstrap admin key", None).await?;
+    // The file first, then the key: a key whose secret never reached the disk would lock the operator out, since
+    // no later start makes another one.
+    let (key, secret) = smartfarm_device::new_api_key("bootstrap admin key", None)?;
     let path = data_dir.join(BOOTSTRAP_KEY_FILE);
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     write_private(&path, format!("{secret}\n").as_bytes())
         .with_context(|| format!("cannot write the first admin key to {}", path.display()))?;
+    if let Err(error) = registry.create_api_key(key.clone()).await {
+        let _ = std::fs::remove_file(&path);
+        return Err(error.into());
+    }
     tracing::warn!(api_key_id = %key.id, path = %path.display(), "fresh installation: wrote the first admin api key; keep it secret");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The PostgreSQL backend: a deadpool pool of tokio-postgres connections with the timeouts and TCP keepalives
-//! tokio-postgres leaves unset by default. Plain PostgreSQL is fully supported; when the `timescaledb` extension
-//! is installed the telemetry tables use its hypertables (see [`PostgresStore::timescaledb_version`]).
+//! tokio-postgres leaves unset by default. Plain PostgreSQL is fully supported. Whether the `timescaledb` extension
+//! is installed is detected and reported ([`PostgresStore::timescaledb_version`]); the telemetry tables, which the
+//! telemetry capability adds, are to use its hypertables when it is.
 
 mod registry;
 
@@ -136,7 +137,7 @@ impl PostgresStore {
         Ok(row.get::<_, i64>(0))
     }
 
-    /// The installed version of the `timescaledb` extension, if any. Telemetry storage uses hypertables,
+    /// The installed version of the `timescaledb` extension, if any: telemetry storage is to use hypertables,
     /// compression and continuous aggregates when it is present, and plain partitioned tables otherwise.
     pub async fn timescaledb_version(&self) -> Result<Option<String>> {
         let client = self.client().await?;
