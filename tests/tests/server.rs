@@ -25,41 +25,33 @@ const SMARTFARM_SERVICES: [&str; 7] = [
 const INFRASTRUCTURE: [&str; 3] =
     ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
-async fn services_by_reflection_v1(channel: tonic::transport::Channel) -> BTreeSet<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+/// The services a reflection client of one protocol version lists (v1 and v1alpha have the same shape in distinct
+/// generated modules).
+macro_rules! services_by_reflection {
+    ($name:ident, $version:ident) => {
+        async fn $name(channel: tonic::transport::Channel) -> BTreeSet<String> {
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut client = ServerReflectionClient::new(channel);
+            let mut responses =
+                client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+            let response = responses.next().await.unwrap().unwrap();
+            match response.message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+                other => panic!("unexpected reflection answer {other:?}"),
+            }
+        }
     };
-    let mut client = ServerReflectionClient::new(channel);
-    let mut responses = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let response = responses.next().await.unwrap().unwrap();
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
 }
 
-async fn services_by_reflection_v1alpha(channel: tonic::transport::Channel) -> BTreeSet<String> {
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut client = ServerReflectionClient::new(channel);
-    let mut responses = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let response = responses.next().await.unwrap().unwrap();
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
-}
+services_by_reflection!(services_by_reflection_v1, v1);
+services_by_reflection!(services_by_reflection_v1alpha, v1alpha);
 
 async fn health_of(channel: tonic::transport::Channel, service: &str) -> Result<i32, tonic::Status> {
     let mut health = HealthClient::new(channel);
