@@ -75,6 +75,9 @@ pub fn smartfarm_binary() -> PathBuf {
     binary
 }
 
+/// A DeviceService client that authenticates with a bearer token.
+pub type DeviceClient = DeviceServiceClient<InterceptedService<Channel, Bearer>>;
+
 /// A running `smartfarm serve`.
 #[derive(Debug)]
 pub struct Cloud {
@@ -155,7 +158,7 @@ impl Cloud {
     }
 
     /// A DeviceService client that sends `key` as its bearer token.
-    pub async fn device_client(&self, key: &str) -> DeviceServiceClient<InterceptedService<Channel, Bearer>> {
+    pub async fn device_client(&self, key: &str) -> DeviceClient {
         DeviceServiceClient::with_interceptor(self.channel().await, Bearer::new(key))
     }
 

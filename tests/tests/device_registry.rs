@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use tonic::Code;
 
-use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
+use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, DeviceClient, bootstrap_admin_key};
 use smartfarm_proto::device::v1::{self as pb, DeviceKind, DeviceState};
 use smartfarm_proto::pbjson_types::FieldMask;
 
@@ -15,6 +15,22 @@ fn register(farm_id: &str, name: &str, kind: DeviceKind) -> pb::RegisterDeviceRe
         kind: kind as i32,
         labels: HashMap::new(),
     }
+}
+
+/// Creates a farm, which must succeed.
+async fn create_farm(client: &mut DeviceClient, name: &str) -> pb::Farm {
+    client.create_farm(pb::CreateFarmRequest { name: name.into() }).await.unwrap().into_inner().farm.unwrap()
+}
+
+/// Registers a device, which must succeed; returns it with its credential.
+async fn register_device(
+    client: &mut DeviceClient,
+    farm_id: &str,
+    name: &str,
+    kind: DeviceKind,
+) -> (pb::Device, String) {
+    let response = client.register_device(register(farm_id, name, kind)).await.unwrap().into_inner();
+    (response.device.unwrap(), response.credential)
 }
 
 fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, message_part: &str) {
@@ -36,13 +52,7 @@ async fn registry_round_trip(backend: Backend) {
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let mut admin = cloud.device_client(&bootstrap_admin_key(&data)).await;
 
-    let farm = admin
-        .create_farm(pb::CreateFarmRequest { name: "north farm".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .farm
-        .unwrap();
+    let farm = create_farm(&mut admin, "north farm").await;
     assert_eq!(farm.name, "north farm");
     let fetched =
         admin.get_farm(pb::GetFarmRequest { farm_id: farm.id.clone() }).await.unwrap().into_inner().farm.unwrap();
@@ -182,20 +192,12 @@ async fn api_keys_isolate_farms(backend: Backend) {
     let admin_key = bootstrap_admin_key(&data);
     let mut admin = cloud.device_client(&admin_key).await;
 
-    let farm_a =
-        admin.create_farm(pb::CreateFarmRequest { name: "farm a".into() }).await.unwrap().into_inner().farm.unwrap();
-    let farm_b =
-        admin.create_farm(pb::CreateFarmRequest { name: "farm b".into() }).await.unwrap().into_inner().farm.unwrap();
-    let device_b = admin
-        .register_device(register(&farm_b.id, "probe", DeviceKind::Sensor))
-        .await
-        .unwrap()
-        .into_inner()
-        .device
-        .unwrap();
-    let gateway_a =
-        admin.register_device(register(&farm_a.id, "gateway", DeviceKind::Gateway)).await.unwrap().into_inner();
-    let sensor_a = admin.register_device(register(&farm_a.id, "probe", DeviceKind::Sensor)).await.unwrap().into_inner();
+    let farm_a = create_farm(&mut admin, "farm a").await;
+    let farm_b = create_farm(&mut admin, "farm b").await;
+    let device_b = register_device(&mut admin, &farm_b.id, "probe", DeviceKind::Sensor).await.0;
+    let (gateway_a, gateway_a_credential) =
+        register_device(&mut admin, &farm_a.id, "gateway", DeviceKind::Gateway).await;
+    let (_, sensor_a_credential) = register_device(&mut admin, &farm_a.id, "probe", DeviceKind::Sensor).await;
     let key_a = admin
         .create_api_key(pb::CreateApiKeyRequest { name: "farm a dashboard".into(), farm_id: farm_a.id.clone() })
         .await
@@ -304,14 +306,14 @@ async fn api_keys_isolate_farms(backend: Backend) {
     assert_eq!(b_after, device_b, "nothing of farm b changed");
 
     // Device credentials are not API keys: a gateway's is refused on the registry, a sensor's everywhere.
-    let mut as_gateway = cloud.device_client(&gateway_a.credential).await;
+    let mut as_gateway = cloud.device_client(&gateway_a_credential).await;
     assert_code(
         as_gateway.get_farm(pb::GetFarmRequest { farm_id: farm_a.id.clone() }).await,
         Code::PermissionDenied,
         "api key",
     );
     // ...but the gateway did authenticate, so it counts as seen.
-    let gateway_id = gateway_a.device.as_ref().unwrap().id.clone();
+    let gateway_id = gateway_a.id.clone();
     let seen = admin
         .get_device(pb::GetDeviceRequest { device_id: gateway_id.clone() })
         .await
@@ -321,7 +323,7 @@ async fn api_keys_isolate_farms(backend: Backend) {
         .unwrap();
     assert_eq!(seen.state, DeviceState::Active as i32);
     assert!(seen.last_seen_time.is_some());
-    let mut as_sensor = cloud.device_client(&sensor_a.credential).await;
+    let mut as_sensor = cloud.device_client(&sensor_a_credential).await;
     assert_code(
         as_sensor.get_farm(pb::GetFarmRequest { farm_id: farm_a.id.clone() }).await,
         Code::PermissionDenied,
@@ -369,15 +371,8 @@ async fn bad_input_names_the_field(backend: Backend) {
     let data = CloudData::new(backend).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let mut admin = cloud.device_client(&bootstrap_admin_key(&data)).await;
-    let farm =
-        admin.create_farm(pb::CreateFarmRequest { name: "kilo".into() }).await.unwrap().into_inner().farm.unwrap();
-    let device = admin
-        .register_device(register(&farm.id, "probe", DeviceKind::Sensor))
-        .await
-        .unwrap()
-        .into_inner()
-        .device
-        .unwrap();
+    let farm = create_farm(&mut admin, "kilo").await;
+    let device = register_device(&mut admin, &farm.id, "probe", DeviceKind::Sensor).await.0;
 
     let invalid = Code::InvalidArgument;
     assert_code(admin.create_farm(pb::CreateFarmRequest { name: "".into() }).await, invalid, "name: must not be empty");
@@ -508,15 +503,8 @@ async fn registry_survives_a_restart(backend: Backend) {
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let admin_key = bootstrap_admin_key(&data);
     let mut admin = cloud.device_client(&admin_key).await;
-    let farm =
-        admin.create_farm(pb::CreateFarmRequest { name: "lima".into() }).await.unwrap().into_inner().farm.unwrap();
-    let device = admin
-        .register_device(register(&farm.id, "probe", DeviceKind::Sensor))
-        .await
-        .unwrap()
-        .into_inner()
-        .device
-        .unwrap();
+    let farm = create_farm(&mut admin, "lima").await;
+    let device = register_device(&mut admin, &farm.id, "probe", DeviceKind::Sensor).await.0;
     let farm_key = admin
         .create_api_key(pb::CreateApiKeyRequest { name: "lima key".into(), farm_id: farm.id.clone() })
         .await
