@@ -17,7 +17,7 @@ use http::HeaderMap;
 use smartfarm_core::credential::{self, SecretKind};
 use smartfarm_core::{Error, Principal, Result};
 use smartfarm_store::RegistryStore;
-use smartfarm_store::model::{DeviceKind, DeviceState};
+use smartfarm_store::model::{Device, DeviceKind, DeviceState};
 
 /// Resolves bearer tokens against the registry.
 #[derive(Clone)]
@@ -39,6 +39,7 @@ impl Authenticator {
         let token = header
             .to_str()
             .ok()
+            // The scheme is case-insensitive (RFC 9110); people type "bearer" too.
             .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(|| Error::Unauthenticated("authorization metadata must be `Bearer <token>`".into()))?;
@@ -78,13 +79,10 @@ impl Authenticator {
             }
         }
     }
-}
 
-/// Whether a gRPC path (`/package.Service/Method`) belongs to a service that needs no credential.
-impl Authenticator {
     /// A gateway that authenticates is alive: keep its `last_seen_time` and state current. At most one write a
     /// minute per gateway, and a failed write only logs: it must not fail the call it rides on.
-    async fn record_gateway_seen(&self, device: &smartfarm_store::model::Device) {
+    async fn record_gateway_seen(&self, device: &Device) {
         let now = smartfarm_core::time::now();
         let recently = device
             .last_seen_time
@@ -101,6 +99,7 @@ impl Authenticator {
 /// How stale a gateway's `last_seen_time` may get before an authenticated call refreshes it.
 const GATEWAY_SEEN_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Whether a gRPC path (`/package.Service/Method`) belongs to a service that needs no credential.
 fn is_public(path: &str) -> bool {
     let service = path.strip_prefix('/').and_then(|rest| rest.split_once('/')).map(|(service, _)| service);
     service.is_some_and(|service| crate::INFRASTRUCTURE_SERVICES.contains(&service))
@@ -129,5 +128,20 @@ pub async fn require_principal(
             metrics::counter!("smartfarm_auth_rejections_total", "reason" => reason).increment(1);
             tonic::Status::from(error).into_http()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_public;
+
+    #[test]
+    fn only_health_and_reflection_are_public() {
+        assert!(is_public("/grpc.health.v1.Health/Check"));
+        assert!(is_public("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+        assert!(!is_public("/grpc.health.v1.HealthX/Check"), "a prefix of a public name is not public");
+        assert!(!is_public("/smartfarm.device.v1.DeviceService/ListFarms"));
+        assert!(!is_public("/grpc.health.v1.Health"));
+        assert!(!is_public("/metrics"));
     }
 }
