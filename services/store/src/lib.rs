@@ -11,6 +11,7 @@ pub mod model;
 pub mod postgres;
 pub mod registry;
 pub mod sqlite;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -23,6 +24,7 @@ use smartfarm_core::{Error, Result};
 pub use blob::BlobStore;
 pub use migrate::MigrationReport;
 pub use registry::RegistryStore;
+pub use telemetry::TelemetryStore;
 
 use crate::postgres::PostgresStore;
 use crate::sqlite::SqliteStore;
@@ -73,6 +75,14 @@ impl Database {
 
     /// The device registry.
     pub fn registry(&self) -> Arc<dyn RegistryStore> {
+        match self {
+            Database::Sqlite(store) => Arc::new(store.clone()),
+            Database::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// The telemetry store.
+    pub fn telemetry(&self) -> Arc<dyn TelemetryStore> {
         match self {
             Database::Sqlite(store) => Arc::new(store.clone()),
             Database::Postgres(store) => Arc::new(store.clone()),

@@ -14,12 +14,16 @@ pub struct Migration {
 }
 
 /// SQLite's migrations.
-pub const SQLITE: &[Migration] =
-    &[Migration { version: 1, name: "registry", sql: include_str!("../migrations/sqlite/0001_registry.sql") }];
+pub const SQLITE: &[Migration] = &[
+    Migration { version: 1, name: "registry", sql: include_str!("../migrations/sqlite/0001_registry.sql") },
+    Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/sqlite/0002_telemetry.sql") },
+];
 
 /// PostgreSQL's migrations.
-pub const POSTGRES: &[Migration] =
-    &[Migration { version: 1, name: "registry", sql: include_str!("../migrations/postgres/0001_registry.sql") }];
+pub const POSTGRES: &[Migration] = &[
+    Migration { version: 1, name: "registry", sql: include_str!("../migrations/postgres/0001_registry.sql") },
+    Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/postgres/0002_telemetry.sql") },
+];
 
 /// What a migration run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

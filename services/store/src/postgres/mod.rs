@@ -4,6 +4,7 @@
 //! telemetry capability adds, are to use its hypertables when it is.
 
 mod registry;
+mod telemetry;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x736d_6172_7466_6172; // "smartfar"
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    telemetry: std::sync::Arc<TelemetryCaches>,
     /// The URL without its password, for logs.
     display_url: String,
 }
@@ -59,7 +61,7 @@ impl PostgresStore {
             })
             .build()
             .map_err(|error| Error::internal("build the postgres pool", error))?;
-        let store = PostgresStore { pool, display_url };
+        let store = PostgresStore { pool, display_url, telemetry: Default::default() };
         let _first_connection = store.client().await?;
         Ok(store)
     }
@@ -147,6 +149,17 @@ impl PostgresStore {
             .map_err(pg_error("look for the timescaledb extension"))?;
         Ok(row.map(|row| row.get(0)))
     }
+}
+
+/// What telemetry writes remember between batches: facts that never change once learnt.
+#[derive(Default)]
+struct TelemetryCaches {
+    /// Interned metric names (never deleted).
+    metric_ids: std::sync::Mutex<std::collections::HashMap<String, i32>>,
+    /// Monthly readings partitions known to exist (removed again when retention drops one).
+    partitions: std::sync::Mutex<std::collections::BTreeSet<(i32, u32)>>,
+    /// Whether readings is partitioned or a hypertable, read once after migration.
+    layout: std::sync::Mutex<Option<telemetry::ReadingsLayout>>,
 }
 
 fn display_url(config: &tokio_postgres::Config) -> String {

@@ -4,6 +4,7 @@
 //! before it is acknowledged.
 
 mod registry;
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,592 @@
+//! [`TelemetryStore`] on PostgreSQL: binary COPY into the readings table (monthly partitions on plain PostgreSQL,
+//! a hypertable with TimescaleDB), the gateway's mark, rollups and latest values, all in one transaction.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::pin;
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use uuid::Uuid;
+
+use smartfarm_core::time::{from_unix_micros, to_unix_micros};
+use smartfarm_core::{Error, Result};
+
+use super::{PostgresStore, pg_error};
+use crate::telemetry::{
+    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, Retention, StoredReading, TelemetryStore,
+    bucket_bounds, merge_edge_buckets, rollup_increments, usable_rollup,
+};
+
+/// How the readings table is laid out, read from the catalog once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadingsLayout {
+    /// Plain PostgreSQL: range partitions by month, made on demand.
+    Partitioned,
+    /// TimescaleDB: a hypertable, chunks managed by the extension.
+    Hypertable,
+}
+
+impl PostgresStore {
+    async fn readings_layout(&self) -> Result<ReadingsLayout> {
+        if let Some(layout) = *self.telemetry.layout.lock().expect("layout lock") {
+            return Ok(layout);
+        }
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT relkind::text FROM pg_class WHERE relname = 'readings' AND relnamespace = current_schema()::regnamespace", &[])
+            .await
+            .map_err(pg_error("inspect the readings table"))?;
+        let layout =
+            if row.get::<_, String>(0) == "p" { ReadingsLayout::Partitioned } else { ReadingsLayout::Hypertable };
+        *self.telemetry.layout.lock().expect("layout lock") = Some(layout);
+        Ok(layout)
+    }
+
+    /// The ids of these metric names, interning the new ones. Names are never deleted, so the cache stays valid.
+    async fn metric_ids(&self, names: &BTreeSet<&str>) -> Result<HashMap<String, i32>> {
+        let mut ids = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let cache = self.telemetry.metric_ids.lock().expect("metric cache lock");
+            for name in names {
+                match cache.get(*name) {
+                    Some(id) => {
+                        ids.insert(name.to_string(), *id);
+                    }
+                    None => missing.push(name.to_string()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(ids);
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO metric_names (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
+                &[&missing],
+            )
+            .await
+            .map_err(pg_error("intern metric names"))?;
+        let rows = client
+            .query("SELECT id, name FROM metric_names WHERE name = ANY($1)", &[&missing])
+            .await
+            .map_err(pg_error("read metric ids"))?;
+        let mut cache = self.telemetry.metric_ids.lock().expect("metric cache lock");
+        for row in rows {
+            let (id, name): (i32, String) = (row.get(0), row.get(1));
+            cache.insert(name.clone(), id);
+            ids.insert(name, id);
+        }
+        Ok(ids)
+    }
+
+    /// Makes sure a monthly partition exists for every month the times fall in (plain PostgreSQL only).
+    async fn ensure_partitions(&self, times: impl Iterator<Item = SystemTime>) -> Result<()> {
+        if self.readings_layout().await? != ReadingsLayout::Partitioned {
+            return Ok(());
+        }
+        let months: BTreeSet<(i32, u32)> = times.map(month_of).collect();
+        let missing: Vec<(i32, u32)> = {
+            let known = self.telemetry.partitions.lock().expect("partition cache lock");
+            months.into_iter().filter(|month| !known.contains(month)).collect()
+        };
+        for (year, month) in missing {
+            let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS readings_p{year:04}{month:02} PARTITION OF readings \
+                 FOR VALUES FROM ('{year:04}-{month:02}-01 00:00:00+00') TO ('{next_year:04}-{next_month:02}-01 00:00:00+00')"
+            );
+            let client = self.client().await?;
+            match client.batch_execute(&sql).await {
+                Ok(()) => {}
+                // Another replica made it between our IF NOT EXISTS check and the create.
+                Err(error) if error.code() == Some(&SqlState::DUPLICATE_TABLE) => {}
+                Err(error) => return Err(pg_error("create a readings partition")(error)),
+            }
+            self.telemetry.partitions.lock().expect("partition cache lock").insert((year, month));
+        }
+        Ok(())
+    }
+}
+
+/// (year, month) of a time, in UTC; times before year 1 or after 9999 are clamped into that range.
+fn month_of(time: SystemTime) -> (i32, u32) {
+    let days = to_unix_micros(time).div_euclid(86_400_000_000);
+    let (year, month, _) = civil_from_days(days);
+    (year.clamp(1, 9999), month)
+}
+
+/// Howard Hinnant's days-to-civil algorithm: (year, month, day) of a count of days since 1970-01-01.
+fn civil_from_days(days: i64) -> (i32, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+/// The first instant of a (year, month), as a time.
+fn month_start(year: i32, month: u32) -> SystemTime {
+    // Days from civil, the inverse of civil_from_days.
+    let (y, m) = if month <= 2 { (year as i64 - 1, month as i64 + 9) } else { (year as i64, month as i64 - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = (153 * m + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    from_unix_micros(days * 86_400_000_000)
+}
+
+const READING_COLUMNS: &str = "r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence";
+
+fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {
+    StoredReading {
+        measure_time: row.get(0),
+        device_id: row.get(1),
+        metric: row.get(2),
+        value: row.get(3),
+        receive_time: row.get(4),
+        sequence: row.get::<_, i64>(5) as u64,
+    }
+}
+
+#[async_trait::async_trait]
+impl TelemetryStore for PostgresStore {
+    async fn committed_sequence(&self, gateway_id: Uuid) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1", &[&gateway_id])
+            .await
+            .map_err(pg_error("read the edge mark"))?;
+        Ok(row.map(|row| row.get::<_, i64>(0) as u64).unwrap_or(0))
+    }
+
+    async fn commit_batch(&self, batch: &EdgeBatch, rollup_widths: &[Duration]) -> Result<BatchOutcome> {
+        let names: BTreeSet<&str> = batch
+            .readings
+            .iter()
+            .map(|r| r.metric.as_str())
+            .chain(batch.aggregates.iter().map(|a| a.metric.as_str()))
+            .collect();
+        let metric_ids = self.metric_ids(&names).await?;
+        self.ensure_partitions(batch.readings.iter().map(|r| r.measure_time)).await?;
+
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin batch"))?;
+        transaction
+            .execute(
+                "INSERT INTO edge_streams (gateway_id, farm_id, committed_sequence, update_time) VALUES ($1, $2, 0, $3)
+                 ON CONFLICT (gateway_id) DO NOTHING",
+                &[&batch.gateway_id, &batch.farm_id, &batch.receive_time],
+            )
+            .await
+            .map_err(pg_error("register the edge stream"))?;
+        // The row lock serialises batches of one gateway (a reconnect racing the old stream), so the mark check
+        // and the write cannot interleave.
+        let committed: i64 = transaction
+            .query_one(
+                "SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1 FOR UPDATE",
+                &[&batch.gateway_id],
+            )
+            .await
+            .map_err(pg_error("lock the edge mark"))?
+            .get(0);
+        let committed = committed as u64;
+        if batch.last_sequence <= committed {
+            return Ok(BatchOutcome::Duplicate);
+        }
+        let readings: Vec<_> = batch.readings.iter().filter(|r| r.sequence > committed).collect();
+        let aggregates: Vec<_> = batch.aggregates.iter().filter(|a| a.sequence > committed).collect();
+        let metric_id = |name: &str| {
+            metric_ids
+                .get(name)
+                .copied()
+                .ok_or_else(|| Error::Internal { context: format!("metric {name:?} was not interned"), source: None })
+        };
+
+        if !readings.is_empty() {
+            let sink = transaction
+                .copy_in(
+                    "COPY readings (time, farm_id, device_id, metric_id, value, sequence, receive_time) FROM STDIN (FORMAT binary)",
+                )
+                .await
+                .map_err(pg_error("start copying readings"))?;
+            let types =
+                [Type::TIMESTAMPTZ, Type::UUID, Type::UUID, Type::INT4, Type::FLOAT8, Type::INT8, Type::TIMESTAMPTZ];
+            let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
+            for reading in &readings {
+                let metric = metric_id(&reading.metric)?;
+                let sequence = reading.sequence as i64;
+                writer
+                    .as_mut()
+                    .write(&[
+                        &reading.measure_time,
+                        &batch.farm_id,
+                        &reading.device_id,
+                        &metric,
+                        &reading.value,
+                        &sequence,
+                        &batch.receive_time,
+                    ])
+                    .await
+                    .map_err(pg_error("copy a reading"))?;
+            }
+            writer.finish().await.map_err(pg_error("finish copying readings"))?;
+        }
+
+        if !aggregates.is_empty() {
+            let sink = transaction
+                .copy_in(
+                    "COPY edge_aggregates (window_start, window_end, farm_id, device_id, metric_id, count, min, max, avg, last, sequence, receive_time) FROM STDIN (FORMAT binary)",
+                )
+                .await
+                .map_err(pg_error("start copying aggregates"))?;
+            let types = [
+                Type::TIMESTAMPTZ,
+                Type::TIMESTAMPTZ,
+                Type::UUID,
+                Type::UUID,
+                Type::INT4,
+                Type::INT8,
+                Type::FLOAT8,
+                Type::FLOAT8,
+                Type::FLOAT8,
+                Type::FLOAT8,
+                Type::INT8,
+                Type::TIMESTAMPTZ,
+            ];
+            let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
+            for aggregate in &aggregates {
+                let metric = metric_id(&aggregate.metric)?;
+                let (count, sequence) = (aggregate.count as i64, aggregate.sequence as i64);
+                writer
+                    .as_mut()
+                    .write(&[
+                        &aggregate.window_start,
+                        &aggregate.window_end,
+                        &batch.farm_id,
+                        &aggregate.device_id,
+                        &metric,
+                        &count,
+                        &aggregate.min,
+                        &aggregate.max,
+                        &aggregate.avg,
+                        &aggregate.last,
+                        &sequence,
+                        &batch.receive_time,
+                    ])
+                    .await
+                    .map_err(pg_error("copy an aggregate"))?;
+            }
+            writer.finish().await.map_err(pg_error("finish copying aggregates"))?;
+        }
+
+        // Rollups: one upsert with arrays, whatever the batch size.
+        let increments = rollup_increments(&readings, rollup_widths);
+        if !increments.is_empty() {
+            let mut widths = Vec::new();
+            let mut buckets = Vec::new();
+            let mut devices = Vec::new();
+            let mut metrics = Vec::new();
+            let mut counts = Vec::new();
+            let mut sums = Vec::new();
+            let mut mins = Vec::new();
+            let mut maxes = Vec::new();
+            for ((width, device, metric, bucket), increment) in &increments {
+                widths.push(*width as i32);
+                buckets.push(from_unix_micros(bucket * 1_000_000));
+                devices.push(*device);
+                metrics.push(metric_id(metric)?);
+                counts.push(increment.count as i64);
+                sums.push(increment.sum);
+                mins.push(increment.min);
+                maxes.push(increment.max);
+            }
+            let params: [&(dyn ToSql + Sync); 9] =
+                [&widths, &buckets, &batch.farm_id, &devices, &metrics, &counts, &sums, &mins, &maxes];
+            transaction
+                .execute(
+                    "INSERT INTO reading_rollups (width, bucket, farm_id, device_id, metric_id, count, sum, min, max)
+                     SELECT w, b, $3, d, m, c, s, mn, mx
+                     FROM unnest($1::int[], $2::timestamptz[], $4::uuid[], $5::int[], $6::bigint[], $7::float8[], $8::float8[], $9::float8[])
+                          AS t(w, b, d, m, c, s, mn, mx)
+                     ON CONFLICT (width, device_id, metric_id, bucket) DO UPDATE SET
+                         count = reading_rollups.count + excluded.count,
+                         sum = reading_rollups.sum + excluded.sum,
+                         min = LEAST(reading_rollups.min, excluded.min),
+                         max = GREATEST(reading_rollups.max, excluded.max)",
+                    &params,
+                )
+                .await
+                .map_err(pg_error("update rollups"))?;
+        }
+
+        // Latest value per device and metric: the newest measurement of the batch, if newer than what is kept.
+        let mut latest: BTreeMap<(Uuid, &str), &crate::telemetry::ReadingRow> = BTreeMap::new();
+        for reading in &readings {
+            let entry = latest.entry((reading.device_id, reading.metric.as_str())).or_insert(reading);
+            if (reading.measure_time, reading.sequence) > (entry.measure_time, entry.sequence) {
+                *entry = reading;
+            }
+        }
+        if !latest.is_empty() {
+            let mut devices = Vec::new();
+            let mut metrics = Vec::new();
+            let mut times = Vec::new();
+            let mut values = Vec::new();
+            let mut sequences = Vec::new();
+            for ((device, metric), reading) in &latest {
+                devices.push(*device);
+                metrics.push(metric_id(metric)?);
+                times.push(reading.measure_time);
+                values.push(reading.value);
+                sequences.push(reading.sequence as i64);
+            }
+            let params: [&(dyn ToSql + Sync); 7] =
+                [&devices, &metrics, &batch.farm_id, &times, &values, &sequences, &batch.receive_time];
+            transaction
+                .execute(
+                    "INSERT INTO latest_readings (device_id, metric_id, farm_id, time, value, sequence, receive_time)
+                     SELECT d, m, $3, t, v, s, $7
+                     FROM unnest($1::uuid[], $2::int[], $4::timestamptz[], $5::float8[], $6::bigint[]) AS u(d, m, t, v, s)
+                     ON CONFLICT (device_id, metric_id) DO UPDATE SET
+                         time = excluded.time, value = excluded.value, sequence = excluded.sequence,
+                         receive_time = excluded.receive_time, farm_id = excluded.farm_id
+                     WHERE (excluded.time, excluded.sequence) > (latest_readings.time, latest_readings.sequence)",
+                    &params,
+                )
+                .await
+                .map_err(pg_error("update latest readings"))?;
+        }
+
+        transaction
+            .execute(
+                "UPDATE edge_streams SET committed_sequence = $2, update_time = $3 WHERE gateway_id = $1",
+                &[&batch.gateway_id, &(batch.last_sequence as i64), &batch.receive_time],
+            )
+            .await
+            .map_err(pg_error("move the edge mark"))?;
+        transaction.commit().await.map_err(pg_error("commit batch"))?;
+        Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len() })
+    }
+
+    async fn query_readings(
+        &self,
+        filter: &ReadingFilter,
+        cursor: Option<&ReadingCursor>,
+        limit: usize,
+    ) -> Result<Vec<StoredReading>> {
+        let client = self.client().await?;
+        let cursor_time = cursor.map(|c| c.measure_time);
+        let cursor_device = cursor.map(|c| c.device_id);
+        let cursor_metric = cursor.map(|c| c.metric.clone());
+        let cursor_sequence = cursor.map(|c| c.sequence as i64);
+        let limit = limit as i64;
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &filter.farm_id,
+            &filter.start,
+            &filter.end,
+            &filter.device_ids,
+            &filter.metrics,
+            &cursor_time,
+            &cursor_device,
+            &cursor_metric,
+            &cursor_sequence,
+            &limit,
+        ];
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {READING_COLUMNS} FROM readings r JOIN metric_names m ON m.id = r.metric_id
+                     WHERE r.farm_id = $1 AND r.time >= $2 AND r.time < $3
+                       AND (cardinality($4::uuid[]) = 0 OR r.device_id = ANY($4))
+                       AND (cardinality($5::text[]) = 0 OR m.name = ANY($5))
+                       AND ($6::timestamptz IS NULL
+                            OR (r.time, r.device_id, m.name COLLATE \"C\", r.sequence) > ($6, $7::uuid, $8::text COLLATE \"C\", $9::bigint))
+                     ORDER BY r.time, r.device_id, m.name COLLATE \"C\", r.sequence
+                     LIMIT $10"
+                ),
+                &params,
+            )
+            .await
+            .map_err(pg_error("query readings"))?;
+        Ok(rows.iter().map(stored_reading).collect())
+    }
+
+    async fn query_buckets(
+        &self,
+        filter: &ReadingFilter,
+        width: Option<Duration>,
+        rollup_widths: &[Duration],
+    ) -> Result<Vec<Bucket>> {
+        let client = self.client().await?;
+        let width_secs = width.map(|w| w.as_secs().max(1));
+        // NULL width groups the whole range into one bucket (index 0).
+        let width_param = width_secs.map(|w| w as f64);
+        let bucket_expr = |column: &str| {
+            format!("CASE WHEN $6::float8 IS NULL THEN 0 ELSE floor(extract(epoch FROM {column}) / $6)::bigint END")
+        };
+        let filters = "farm_id = $1 AND (cardinality($4::uuid[]) = 0 OR device_id = ANY($4))
+                       AND (cardinality($5::text[]) = 0 OR m.name = ANY($5))";
+        let main_sql = match usable_rollup(filter, width, rollup_widths) {
+            Some(rollup) => format!(
+                "SELECT device_id, m.name, {bucket} AS b, sum(count)::bigint, min(min), max(max), sum(sum) / sum(count)
+                 FROM reading_rollups JOIN metric_names m ON m.id = metric_id
+                 WHERE width = {rollup} AND {filters} AND bucket >= $2 AND bucket < $3
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                bucket = bucket_expr("bucket")
+            ),
+            None => format!(
+                "SELECT device_id, m.name, {bucket} AS b, count(*), min(value), max(value), avg(value)
+                 FROM readings JOIN metric_names m ON m.id = metric_id
+                 WHERE {filters} AND time >= $2 AND time < $3
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                bucket = bucket_expr("time")
+            ),
+        };
+        let edge_sql = format!(
+            "SELECT device_id, m.name, {bucket} AS b, sum(count)::bigint, min(min), max(max), sum(avg * count) / sum(count)
+             FROM edge_aggregates JOIN metric_names m ON m.id = metric_id
+             WHERE {filters} AND window_start >= $2 AND window_start < $3
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            bucket = bucket_expr("window_start")
+        );
+        let params: [&(dyn ToSql + Sync); 6] =
+            [&filter.farm_id, &filter.start, &filter.end, &filter.device_ids, &filter.metrics, &width_param];
+        let to_buckets = |rows: Vec<tokio_postgres::Row>| -> Vec<Bucket> {
+            rows.iter()
+                .map(|row| {
+                    let (start, end) = bucket_bounds(filter, width_secs, row.get::<_, i64>(2));
+                    Bucket {
+                        device_id: row.get(0),
+                        metric: row.get(1),
+                        start,
+                        end,
+                        count: row.get::<_, i64>(3) as u64,
+                        min: row.get(4),
+                        max: row.get(5),
+                        avg: row.get(6),
+                    }
+                })
+                .collect()
+        };
+        let raw = client.query(&main_sql, &params).await.map_err(pg_error("aggregate readings"))?;
+        let edge = client.query(&edge_sql, &params).await.map_err(pg_error("aggregate edge aggregates"))?;
+        Ok(merge_edge_buckets(to_buckets(raw), to_buckets(edge)))
+    }
+
+    async fn latest_readings(&self, farm_id: Uuid, device_ids: &[Uuid]) -> Result<Vec<StoredReading>> {
+        let client = self.client().await?;
+        let device_ids = device_ids.to_vec();
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {READING_COLUMNS} FROM latest_readings r JOIN metric_names m ON m.id = r.metric_id
+                     WHERE r.farm_id = $1 AND (cardinality($2::uuid[]) = 0 OR r.device_id = ANY($2))
+                     ORDER BY r.device_id, m.name COLLATE \"C\""
+                ),
+                &[&farm_id, &device_ids],
+            )
+            .await
+            .map_err(pg_error("read latest readings"))?;
+        Ok(rows.iter().map(stored_reading).collect())
+    }
+
+    async fn apply_retention(&self, retention: Retention, now: SystemTime) -> Result<u64> {
+        let raw_cutoff = now.checked_sub(retention.raw).unwrap_or(SystemTime::UNIX_EPOCH);
+        let rollup_cutoff = now.checked_sub(retention.rollups).unwrap_or(SystemTime::UNIX_EPOCH);
+        let client = self.client().await?;
+        let mut deleted = 0u64;
+        match self.readings_layout().await? {
+            ReadingsLayout::Partitioned => {
+                // Whole months only: a partition goes once its last instant is past the cutoff.
+                let partitions = client
+                    .query(
+                        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                         WHERE i.inhparent = 'readings'::regclass",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error("list readings partitions"))?;
+                for row in partitions {
+                    let name: String = row.get(0);
+                    let Some((year, month)) = parse_partition_name(&name) else { continue };
+                    let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+                    if month_start(next_year, next_month) > raw_cutoff {
+                        continue;
+                    }
+                    let count: i64 = client
+                        .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+                        .await
+                        .map_err(pg_error("count an expired partition"))?
+                        .get(0);
+                    client
+                        .batch_execute(&format!("DROP TABLE {name}"))
+                        .await
+                        .map_err(pg_error("drop an expired partition"))?;
+                    self.telemetry.partitions.lock().expect("partition cache lock").remove(&(year, month));
+                    deleted += count as u64;
+                }
+            }
+            ReadingsLayout::Hypertable => {
+                let before = client
+                    .query_one("SELECT count(*) FROM readings WHERE time < $1", &[&raw_cutoff])
+                    .await
+                    .map_err(pg_error("count expired readings"))?
+                    .get::<_, i64>(0);
+                client
+                    .execute("SELECT drop_chunks('readings', older_than => $1)", &[&raw_cutoff])
+                    .await
+                    .map_err(pg_error("drop expired chunks"))?;
+                deleted += before as u64;
+            }
+        }
+        client
+            .execute("DELETE FROM edge_aggregates WHERE window_end <= $1", &[&raw_cutoff])
+            .await
+            .map_err(pg_error("delete expired edge aggregates"))?;
+        client
+            .execute("DELETE FROM reading_rollups WHERE bucket + make_interval(secs => width) <= $1", &[&rollup_cutoff])
+            .await
+            .map_err(pg_error("delete expired rollups"))?;
+        Ok(deleted)
+    }
+}
+
+fn parse_partition_name(name: &str) -> Option<(i32, u32)> {
+    let digits = name.strip_prefix("readings_p")?;
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((digits[..4].parse().ok()?, digits[4..].parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_and_their_starts_agree() {
+        for (micros, expected) in [
+            (0i64, (1970, 1)),
+            (1_733_000_000_000_000, (2024, 11)),
+            (-1, (1969, 12)),
+            (951_782_400_000_000, (2000, 2)), // 2000-02-29
+        ] {
+            let month = month_of(from_unix_micros(micros));
+            assert_eq!(month, expected, "{micros}");
+            assert!(month_start(month.0, month.1) <= from_unix_micros(micros));
+        }
+        assert_eq!(to_unix_micros(month_start(2026, 12)), 1_796_083_200_000_000); // 2026-12-01T00:00:00Z
+        assert_eq!(parse_partition_name("readings_p202612"), Some((2026, 12)));
+        assert_eq!(parse_partition_name("readings_default"), None);
+    }
+}

@@ -1,0 +1,396 @@
+//! [`TelemetryStore`] on SQLite: the batch's rows, the gateway's mark, rollups and latest values in one
+//! transaction; times as microseconds since the epoch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{OptionalExtension, Row, Transaction, params, params_from_iter, types::Value};
+use uuid::Uuid;
+
+use smartfarm_core::Result;
+use smartfarm_core::time::{from_unix_micros, to_unix_micros};
+
+use super::{SqliteStore, sql_error};
+use crate::telemetry::{
+    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading,
+    TelemetryStore, bucket_bounds, merge_edge_buckets, rollup_increments, usable_rollup,
+};
+
+/// The id of a metric name, interning it if new.
+fn metric_id(transaction: &Transaction<'_>, cache: &mut HashMap<String, i64>, name: &str) -> Result<i64> {
+    if let Some(id) = cache.get(name) {
+        return Ok(*id);
+    }
+    transaction
+        .execute("INSERT OR IGNORE INTO metric_names (name) VALUES (?1)", [name])
+        .map_err(sql_error("intern a metric name"))?;
+    let id: i64 = transaction
+        .query_row("SELECT id FROM metric_names WHERE name = ?1", [name], |row| row.get(0))
+        .map_err(sql_error("read a metric id"))?;
+    cache.insert(name.to_string(), id);
+    Ok(id)
+}
+
+fn uuid_text(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
+    let text: String = row.get(index)?;
+    Uuid::try_parse(&text)
+        .map_err(|error| rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(error)))
+}
+
+fn stored_reading(row: &Row<'_>) -> rusqlite::Result<StoredReading> {
+    Ok(StoredReading {
+        measure_time: from_unix_micros(row.get(0)?),
+        device_id: uuid_text(row, 1)?,
+        metric: row.get(2)?,
+        value: row.get(3)?,
+        receive_time: from_unix_micros(row.get(4)?),
+        sequence: row.get::<_, i64>(5)? as u64,
+    })
+}
+
+/// `AND device_id IN (…) AND m.name IN (…)` for the filter, with its values appended to `values`.
+fn filter_clause(filter: &ReadingFilter, values: &mut Vec<Value>) -> String {
+    let mut clause = String::new();
+    if !filter.device_ids.is_empty() {
+        let placeholders: Vec<String> = filter
+            .device_ids
+            .iter()
+            .map(|id| {
+                values.push(Value::Text(id.to_string()));
+                format!("?{}", values.len())
+            })
+            .collect();
+        clause.push_str(&format!(" AND device_id IN ({})", placeholders.join(", ")));
+    }
+    if !filter.metrics.is_empty() {
+        let placeholders: Vec<String> = filter
+            .metrics
+            .iter()
+            .map(|name| {
+                values.push(Value::Text(name.clone()));
+                format!("?{}", values.len())
+            })
+            .collect();
+        clause.push_str(&format!(" AND m.name IN ({})", placeholders.join(", ")));
+    }
+    clause
+}
+
+#[async_trait::async_trait]
+impl TelemetryStore for SqliteStore {
+    async fn committed_sequence(&self, gateway_id: Uuid) -> Result<u64> {
+        self.run(move |connection| {
+            let committed: Option<i64> = connection
+                .query_row(
+                    "SELECT committed_sequence FROM edge_streams WHERE gateway_id = ?1",
+                    [gateway_id.to_string()],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(sql_error("read the edge mark"))?;
+            Ok(committed.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    async fn commit_batch(&self, batch: &EdgeBatch, rollup_widths: &[Duration]) -> Result<BatchOutcome> {
+        let batch = batch.clone();
+        let rollup_widths = rollup_widths.to_vec();
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin batch"))?;
+            let gateway = batch.gateway_id.to_string();
+            let farm = batch.farm_id.to_string();
+            let receive = to_unix_micros(batch.receive_time);
+            let committed: Option<i64> = transaction
+                .query_row("SELECT committed_sequence FROM edge_streams WHERE gateway_id = ?1", [&gateway], |row| row.get(0))
+                .optional()
+                .map_err(sql_error("read the edge mark"))?;
+            let committed = committed.unwrap_or(0) as u64;
+            if batch.last_sequence <= committed {
+                return Ok(BatchOutcome::Duplicate);
+            }
+            let readings: Vec<&ReadingRow> = batch.readings.iter().filter(|r| r.sequence > committed).collect();
+            let aggregates: Vec<_> = batch.aggregates.iter().filter(|a| a.sequence > committed).collect();
+            let mut metric_ids = HashMap::new();
+            {
+                let mut insert = transaction
+                    .prepare_cached(
+                        "INSERT INTO readings (time, farm_id, device_id, metric_id, value, sequence, receive_time)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .map_err(sql_error("prepare the reading insert"))?;
+                for reading in &readings {
+                    let metric = metric_id(&transaction, &mut metric_ids, &reading.metric)?;
+                    insert
+                        .execute(params![
+                            to_unix_micros(reading.measure_time),
+                            farm,
+                            reading.device_id.to_string(),
+                            metric,
+                            reading.value,
+                            reading.sequence as i64,
+                            receive
+                        ])
+                        .map_err(sql_error("insert a reading"))?;
+                }
+                let mut insert = transaction
+                    .prepare_cached(
+                        "INSERT INTO edge_aggregates (window_start, window_end, farm_id, device_id, metric_id, count, min, max, avg, last, sequence, receive_time)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    )
+                    .map_err(sql_error("prepare the aggregate insert"))?;
+                for aggregate in &aggregates {
+                    let metric = metric_id(&transaction, &mut metric_ids, &aggregate.metric)?;
+                    insert
+                        .execute(params![
+                            to_unix_micros(aggregate.window_start),
+                            to_unix_micros(aggregate.window_end),
+                            farm,
+                            aggregate.device_id.to_string(),
+                            metric,
+                            aggregate.count as i64,
+                            aggregate.min,
+                            aggregate.max,
+                            aggregate.avg,
+                            aggregate.last,
+                            aggregate.sequence as i64,
+                            receive
+                        ])
+                        .map_err(sql_error("insert an aggregate"))?;
+                }
+                let mut upsert = transaction
+                    .prepare_cached(
+                        "INSERT INTO reading_rollups (width, bucket, farm_id, device_id, metric_id, count, sum, min, max)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                         ON CONFLICT (width, device_id, metric_id, bucket) DO UPDATE SET
+                             count = count + excluded.count, sum = sum + excluded.sum,
+                             min = MIN(min, excluded.min), max = MAX(max, excluded.max)",
+                    )
+                    .map_err(sql_error("prepare the rollup upsert"))?;
+                for ((width, device, metric, bucket), increment) in rollup_increments(&readings, &rollup_widths) {
+                    let metric = metric_id(&transaction, &mut metric_ids, &metric)?;
+                    upsert
+                        .execute(params![
+                            width as i64,
+                            bucket * 1_000_000,
+                            farm,
+                            device.to_string(),
+                            metric,
+                            increment.count as i64,
+                            increment.sum,
+                            increment.min,
+                            increment.max
+                        ])
+                        .map_err(sql_error("update a rollup"))?;
+                }
+                let mut latest: BTreeMap<(Uuid, &str), &ReadingRow> = BTreeMap::new();
+                for reading in &readings {
+                    let entry = latest.entry((reading.device_id, reading.metric.as_str())).or_insert(reading);
+                    if (reading.measure_time, reading.sequence) > (entry.measure_time, entry.sequence) {
+                        *entry = reading;
+                    }
+                }
+                let mut upsert = transaction
+                    .prepare_cached(
+                        "INSERT INTO latest_readings (device_id, metric_id, farm_id, time, value, sequence, receive_time)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT (device_id, metric_id) DO UPDATE SET
+                             time = excluded.time, value = excluded.value, sequence = excluded.sequence,
+                             receive_time = excluded.receive_time, farm_id = excluded.farm_id
+                         WHERE (excluded.time, excluded.sequence) > (latest_readings.time, latest_readings.sequence)",
+                    )
+                    .map_err(sql_error("prepare the latest upsert"))?;
+                for ((device, metric), reading) in latest {
+                    let metric = metric_id(&transaction, &mut metric_ids, metric)?;
+                    upsert
+                        .execute(params![
+                            device.to_string(),
+                            metric,
+                            farm,
+                            to_unix_micros(reading.measure_time),
+                            reading.value,
+                            reading.sequence as i64,
+                            receive
+                        ])
+                        .map_err(sql_error("update a latest reading"))?;
+                }
+            }
+            transaction
+                .execute(
+                    "INSERT INTO edge_streams (gateway_id, farm_id, committed_sequence, update_time) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (gateway_id) DO UPDATE SET committed_sequence = excluded.committed_sequence,
+                         update_time = excluded.update_time",
+                    params![gateway, farm, batch.last_sequence as i64, receive],
+                )
+                .map_err(sql_error("move the edge mark"))?;
+            transaction.commit().map_err(sql_error("commit batch"))?;
+            Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len() })
+        })
+        .await
+    }
+
+    async fn query_readings(
+        &self,
+        filter: &ReadingFilter,
+        cursor: Option<&ReadingCursor>,
+        limit: usize,
+    ) -> Result<Vec<StoredReading>> {
+        let filter = filter.clone();
+        let cursor = cursor.cloned();
+        self.run(move |connection| {
+            let mut values = vec![
+                Value::Text(filter.farm_id.to_string()),
+                Value::Integer(to_unix_micros(filter.start)),
+                Value::Integer(to_unix_micros(filter.end)),
+            ];
+            let mut sql = String::from(
+                "SELECT r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence
+                 FROM readings r JOIN metric_names m ON m.id = r.metric_id
+                 WHERE r.farm_id = ?1 AND r.time >= ?2 AND r.time < ?3",
+            );
+            sql.push_str(&filter_clause(&filter, &mut values).replace("device_id", "r.device_id"));
+            if let Some(cursor) = &cursor {
+                let base = values.len();
+                values.push(Value::Integer(to_unix_micros(cursor.measure_time)));
+                values.push(Value::Text(cursor.device_id.to_string()));
+                values.push(Value::Text(cursor.metric.clone()));
+                values.push(Value::Integer(cursor.sequence as i64));
+                sql.push_str(&format!(
+                    " AND (r.time, r.device_id, m.name, r.sequence) > (?{}, ?{}, ?{}, ?{})",
+                    base + 1,
+                    base + 2,
+                    base + 3,
+                    base + 4
+                ));
+            }
+            values.push(Value::Integer(limit as i64));
+            sql.push_str(&format!(" ORDER BY r.time, r.device_id, m.name, r.sequence LIMIT ?{}", values.len()));
+            let mut statement = connection.prepare(&sql).map_err(sql_error("prepare the reading query"))?;
+            let rows =
+                statement.query_map(params_from_iter(values), stored_reading).map_err(sql_error("query readings"))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql_error("read a reading"))
+        })
+        .await
+    }
+
+    async fn query_buckets(
+        &self,
+        filter: &ReadingFilter,
+        width: Option<Duration>,
+        rollup_widths: &[Duration],
+    ) -> Result<Vec<Bucket>> {
+        let filter = filter.clone();
+        let rollup = usable_rollup(&filter, width, rollup_widths);
+        let width_secs = width.map(|w| w.as_secs().max(1));
+        self.run(move |connection| {
+            // Integer bucket index: floor division that also floors before the epoch.
+            let bucket = |column: &str| match width_secs {
+                None => "0".to_string(),
+                Some(w) => {
+                    let w = w as i64 * 1_000_000;
+                    format!("(CASE WHEN {column} >= 0 THEN {column} / {w} ELSE -((-{column} - 1) / {w}) - 1 END)")
+                }
+            };
+            let run = |sql: String| -> Result<Vec<Bucket>> {
+                let mut values = vec![
+                    Value::Text(filter.farm_id.to_string()),
+                    Value::Integer(to_unix_micros(filter.start)),
+                    Value::Integer(to_unix_micros(filter.end)),
+                ];
+                let sql = sql.replace("{filters}", &filter_clause(&filter, &mut values));
+                let mut statement = connection.prepare(&sql).map_err(sql_error("prepare the bucket query"))?;
+                let rows = statement
+                    .query_map(params_from_iter(values), |row| {
+                        Ok((
+                            uuid_text(row, 0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, i64>(2)?,
+                            row.get::<_, i64>(3)?,
+                            row.get::<_, f64>(4)?,
+                            row.get::<_, f64>(5)?,
+                            row.get::<_, f64>(6)?,
+                        ))
+                    })
+                    .map_err(sql_error("aggregate readings"))?;
+                let rows = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql_error("read a bucket"))?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(device_id, metric, index, count, min, max, avg)| {
+                        let (start, end) = bucket_bounds(&filter, width_secs, index);
+                        Bucket { device_id, metric, start, end, count: count as u64, min, max, avg }
+                    })
+                    .collect())
+            };
+            let main = match rollup {
+                Some(rollup) => format!(
+                    "SELECT device_id, m.name, {b} AS b, SUM(count), MIN(min), MAX(max), SUM(sum) / SUM(count)
+                     FROM reading_rollups JOIN metric_names m ON m.id = metric_id
+                     WHERE width = {rollup} AND farm_id = ?1 AND bucket >= ?2 AND bucket < ?3 {{filters}}
+                     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                    b = bucket("bucket")
+                ),
+                None => format!(
+                    "SELECT device_id, m.name, {b} AS b, COUNT(*), MIN(value), MAX(value), AVG(value)
+                     FROM readings JOIN metric_names m ON m.id = metric_id
+                     WHERE farm_id = ?1 AND time >= ?2 AND time < ?3 {{filters}}
+                     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                    b = bucket("time")
+                ),
+            };
+            let edge = format!(
+                "SELECT device_id, m.name, {b} AS b, SUM(count), MIN(min), MAX(max), SUM(avg * count) / SUM(count)
+                 FROM edge_aggregates JOIN metric_names m ON m.id = metric_id
+                 WHERE farm_id = ?1 AND window_start >= ?2 AND window_start < ?3 {{filters}}
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                b = bucket("window_start")
+            );
+            Ok(merge_edge_buckets(run(main)?, run(edge)?))
+        })
+        .await
+    }
+
+    async fn latest_readings(&self, farm_id: Uuid, device_ids: &[Uuid]) -> Result<Vec<StoredReading>> {
+        let filter = ReadingFilter {
+            farm_id,
+            device_ids: device_ids.to_vec(),
+            metrics: Vec::new(),
+            start: SystemTime::UNIX_EPOCH,
+            end: SystemTime::UNIX_EPOCH,
+        };
+        self.run(move |connection| {
+            let mut values = vec![Value::Text(farm_id.to_string())];
+            let sql = format!(
+                "SELECT r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence
+                 FROM latest_readings r JOIN metric_names m ON m.id = r.metric_id
+                 WHERE r.farm_id = ?1 {} ORDER BY r.device_id, m.name",
+                filter_clause(&filter, &mut values).replace("device_id", "r.device_id")
+            );
+            let mut statement = connection.prepare(&sql).map_err(sql_error("prepare the latest query"))?;
+            let rows = statement
+                .query_map(params_from_iter(values), stored_reading)
+                .map_err(sql_error("read latest readings"))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql_error("read a latest reading"))
+        })
+        .await
+    }
+
+    async fn apply_retention(&self, retention: Retention, now: SystemTime) -> Result<u64> {
+        let raw_cutoff = to_unix_micros(now.checked_sub(retention.raw).unwrap_or(SystemTime::UNIX_EPOCH));
+        let rollup_cutoff = to_unix_micros(now.checked_sub(retention.rollups).unwrap_or(SystemTime::UNIX_EPOCH));
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin retention"))?;
+            let deleted = transaction
+                .execute("DELETE FROM readings WHERE time < ?1", [raw_cutoff])
+                .map_err(sql_error("delete expired readings"))?;
+            transaction
+                .execute("DELETE FROM edge_aggregates WHERE window_end <= ?1", [raw_cutoff])
+                .map_err(sql_error("delete expired edge aggregates"))?;
+            transaction
+                .execute("DELETE FROM reading_rollups WHERE bucket + width * 1000000 <= ?1", [rollup_cutoff])
+                .map_err(sql_error("delete expired rollups"))?;
+            transaction.commit().map_err(sql_error("commit retention"))?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+}

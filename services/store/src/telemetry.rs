@@ -1,0 +1,294 @@
+//! Telemetry storage: the readings edge agents send, committed exactly once per edge sequence number, and the
+//! queries over them. Every backend implements [`TelemetryStore`] and passes the same suite
+//! (`tests/telemetry_suite.rs`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
+use smartfarm_core::Result;
+
+/// One reading of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadingRow {
+    /// The edge sequence number of the record that carried it.
+    pub sequence: u64,
+    pub device_id: Uuid,
+    pub metric: String,
+    pub value: f64,
+    pub measure_time: SystemTime,
+}
+
+/// One edge-computed aggregate of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AggregateRow {
+    pub sequence: u64,
+    pub device_id: Uuid,
+    pub metric: String,
+    pub window_start: SystemTime,
+    pub window_end: SystemTime,
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub avg: f64,
+    pub last: f64,
+}
+
+/// A batch from one gateway: records `first_sequence..=last_sequence` (some of which may have been dropped on the
+/// edge; the range still moves the mark).
+#[derive(Clone, Debug)]
+pub struct EdgeBatch {
+    pub gateway_id: Uuid,
+    pub farm_id: Uuid,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub readings: Vec<ReadingRow>,
+    pub aggregates: Vec<AggregateRow>,
+    /// When the cloud received the batch; stored with every row.
+    pub receive_time: SystemTime,
+}
+
+/// What committing a batch did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// The rows above the old mark were written and the mark moved to the batch's last sequence.
+    Committed { readings: usize, aggregates: usize },
+    /// The whole batch was at or below the mark: nothing was written.
+    Duplicate,
+}
+
+/// Which readings a query reads.
+#[derive(Clone, Debug)]
+pub struct ReadingFilter {
+    pub farm_id: Uuid,
+    /// Empty: every device of the farm.
+    pub device_ids: Vec<Uuid>,
+    /// Empty: every metric.
+    pub metrics: Vec<String>,
+    /// Inclusive.
+    pub start: SystemTime,
+    /// Exclusive.
+    pub end: SystemTime,
+}
+
+/// A stored reading.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredReading {
+    pub device_id: Uuid,
+    pub metric: String,
+    pub value: f64,
+    pub measure_time: SystemTime,
+    pub receive_time: SystemTime,
+    pub sequence: u64,
+}
+
+/// Where a page of readings starts: after this (time, device, metric, sequence), the order pages are sorted in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadingCursor {
+    pub measure_time: SystemTime,
+    pub device_id: Uuid,
+    pub metric: String,
+    pub sequence: u64,
+}
+
+impl ReadingCursor {
+    /// The cursor that continues after `reading`.
+    pub fn after(reading: &StoredReading) -> ReadingCursor {
+        ReadingCursor {
+            measure_time: reading.measure_time,
+            device_id: reading.device_id,
+            metric: reading.metric.clone(),
+            sequence: reading.sequence,
+        }
+    }
+}
+
+/// Statistics of one device's metric in one bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bucket {
+    pub device_id: Uuid,
+    pub metric: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub avg: f64,
+}
+
+/// How old data may get before the retention task deletes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Raw readings and edge aggregates.
+    pub raw: Duration,
+    /// Rollups.
+    pub rollups: Duration,
+}
+
+/// Storage of telemetry.
+#[async_trait::async_trait]
+pub trait TelemetryStore: Send + Sync + 'static {
+    /// The highest sequence number committed for this gateway (0 if none).
+    async fn committed_sequence(&self, gateway_id: Uuid) -> Result<u64>;
+
+    /// Writes the batch's rows above the gateway's mark and moves the mark to `last_sequence`, in one
+    /// transaction, updating the configured rollups in it too. A batch at or below the mark writes nothing.
+    async fn commit_batch(&self, batch: &EdgeBatch, rollup_widths: &[Duration]) -> Result<BatchOutcome>;
+
+    /// Readings matching `filter`, ordered by (measure time, device, metric, sequence), after `cursor`, at most
+    /// `limit`.
+    async fn query_readings(
+        &self,
+        filter: &ReadingFilter,
+        cursor: Option<&ReadingCursor>,
+        limit: usize,
+    ) -> Result<Vec<StoredReading>>;
+
+    /// Count, min, max and average per device, metric and bucket of `width` aligned to the Unix epoch (`None`: one
+    /// bucket spanning the filter's range), ordered by device, metric, bucket. Reads the rollup of that width when
+    /// one is kept and the range is aligned to it. Devices whose range holds no raw readings are summarised from the
+    /// edge's own aggregates (farms that upload only aggregates).
+    async fn query_buckets(
+        &self,
+        filter: &ReadingFilter,
+        width: Option<Duration>,
+        rollup_widths: &[Duration],
+    ) -> Result<Vec<Bucket>>;
+
+    /// The newest reading per device and metric of a farm (kept current by `commit_batch`, so this reads one row
+    /// per device and metric).
+    async fn latest_readings(&self, farm_id: Uuid, device_ids: &[Uuid]) -> Result<Vec<StoredReading>>;
+
+    /// Deletes what is older than the retention allows; returns how many raw rows went.
+    async fn apply_retention(&self, retention: Retention, now: SystemTime) -> Result<u64>;
+}
+
+/// Sums a batch's readings per (width, device, metric, bucket start in seconds), for the rollup upserts.
+pub(crate) fn rollup_increments(
+    readings: &[&ReadingRow],
+    rollup_widths: &[Duration],
+) -> BTreeMap<(u64, Uuid, String, i64), RollupIncrement> {
+    let mut increments: BTreeMap<(u64, Uuid, String, i64), RollupIncrement> = BTreeMap::new();
+    for width in rollup_widths {
+        let width_secs = width.as_secs().max(1);
+        for reading in readings {
+            let bucket = bucket_start_secs(reading.measure_time, width_secs);
+            increments
+                .entry((width_secs, reading.device_id, reading.metric.clone(), bucket))
+                .and_modify(|inc| inc.add(reading.value))
+                .or_insert_with(|| RollupIncrement::first(reading.value));
+        }
+    }
+    increments
+}
+
+/// Adds to `raw` the edge-aggregate buckets of every (device, metric) that has no raw bucket, keeping the order by
+/// device, metric and bucket start.
+pub(crate) fn merge_edge_buckets(mut raw: Vec<Bucket>, edge: Vec<Bucket>) -> Vec<Bucket> {
+    let covered: std::collections::BTreeSet<(Uuid, String)> =
+        raw.iter().map(|bucket| (bucket.device_id, bucket.metric.clone())).collect();
+    raw.extend(edge.into_iter().filter(|bucket| !covered.contains(&(bucket.device_id, bucket.metric.clone()))));
+    raw.sort_by(|a, b| (a.device_id, &a.metric, a.start).cmp(&(b.device_id, &b.metric, b.start)));
+    raw
+}
+
+/// The bounds of bucket `index` of `width` (seconds), or the filter's range when there is no width.
+pub(crate) fn bucket_bounds(filter: &ReadingFilter, width_secs: Option<u64>, index: i64) -> (SystemTime, SystemTime) {
+    match width_secs {
+        None => (filter.start, filter.end),
+        Some(width) => {
+            let start = index * width as i64 * 1_000_000;
+            (
+                smartfarm_core::time::from_unix_micros(start),
+                smartfarm_core::time::from_unix_micros(start + width as i64 * 1_000_000),
+            )
+        }
+    }
+}
+
+/// Count, sum, min and max of some values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct RollupIncrement {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl RollupIncrement {
+    fn first(value: f64) -> RollupIncrement {
+        RollupIncrement { count: 1, sum: value, min: value, max: value }
+    }
+
+    fn add(&mut self, value: f64) {
+        self.count += 1;
+        self.sum += value;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+}
+
+/// The start (Unix seconds) of the bucket of `width_secs` that holds `time`; floors before the epoch too.
+pub(crate) fn bucket_start_secs(time: SystemTime, width_secs: u64) -> i64 {
+    let micros = smartfarm_core::time::to_unix_micros(time);
+    let seconds = micros.div_euclid(1_000_000);
+    seconds.div_euclid(width_secs as i64) * width_secs as i64
+}
+
+/// The rollup width to answer a bucket query from, if a kept rollup fits: the bucket width is a multiple of it and
+/// the range starts and ends on its boundaries.
+pub(crate) fn usable_rollup(
+    filter: &ReadingFilter,
+    width: Option<Duration>,
+    rollup_widths: &[Duration],
+) -> Option<u64> {
+    let start = smartfarm_core::time::to_unix_micros(filter.start);
+    let end = smartfarm_core::time::to_unix_micros(filter.end);
+    rollup_widths
+        .iter()
+        .map(|w| w.as_secs())
+        .filter(|w| *w > 0)
+        .filter(|w| {
+            let w_micros = *w as i64 * 1_000_000;
+            let bucket_ok = match width {
+                Some(width) => width.as_secs() > 0 && width.subsec_nanos() == 0 && width.as_secs() % w == 0,
+                None => true,
+            };
+            bucket_ok && start.rem_euclid(w_micros) == 0 && end.rem_euclid(w_micros) == 0
+        })
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> SystemTime {
+        smartfarm_core::time::from_unix_micros(seconds * 1_000_000)
+    }
+
+    #[test]
+    fn buckets_floor_on_both_sides_of_the_epoch() {
+        assert_eq!(bucket_start_secs(at(7_205), 3600), 7_200);
+        assert_eq!(bucket_start_secs(at(-1), 3600), -3600);
+        assert_eq!(bucket_start_secs(at(3600), 3600), 3600);
+    }
+
+    #[test]
+    fn a_rollup_is_used_only_when_it_fits() {
+        let filter = |start, end| ReadingFilter {
+            farm_id: Uuid::nil(),
+            device_ids: vec![],
+            metrics: vec![],
+            start: at(start),
+            end: at(end),
+        };
+        let kept = [Duration::from_secs(3600), Duration::from_secs(86_400)];
+        assert_eq!(usable_rollup(&filter(0, 86_400), Some(Duration::from_secs(86_400)), &kept), Some(86_400));
+        assert_eq!(usable_rollup(&filter(3600, 7200), Some(Duration::from_secs(3600)), &kept), Some(3600));
+        assert_eq!(usable_rollup(&filter(3600, 7200), None, &kept), Some(3600));
+        assert_eq!(usable_rollup(&filter(3600, 7201), Some(Duration::from_secs(3600)), &kept), None);
+        assert_eq!(usable_rollup(&filter(0, 7200), Some(Duration::from_secs(1800)), &kept), None);
+    }
+}

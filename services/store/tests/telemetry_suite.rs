@@ -1,0 +1,353 @@
+//! The behaviour every [`TelemetryStore`] backend must have, written once and run on SQLite and PostgreSQL.
+
+use std::time::{Duration, SystemTime};
+
+use smartfarm_core::config::PostgresConfig;
+use smartfarm_core::time::from_unix_micros;
+use smartfarm_store::model::{DeviceKind, NewDevice};
+use smartfarm_store::telemetry::{
+    AggregateRow, BatchOutcome, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention,
+};
+use smartfarm_store::testing::TestPostgres;
+use smartfarm_store::{Database, RegistryStore};
+use uuid::Uuid;
+
+const HOUR: u64 = 3600;
+/// 2026-05-29 00:00:00 UTC: a midnight, so day-aligned ranges can be answered from the daily rollup.
+const BASE_SECONDS: i64 = 1_780_012_800;
+
+struct Harness {
+    database: Database,
+    _sqlite_dir: Option<tempfile::TempDir>,
+    _postgres: Option<TestPostgres>,
+}
+
+impl Harness {
+    async fn sqlite() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
+        let database = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
+        database.migrate().await.unwrap();
+        Harness { database, _sqlite_dir: Some(dir), _postgres: None }
+    }
+
+    async fn postgres() -> Harness {
+        let postgres = TestPostgres::create().await;
+        let database = Database::connect(&postgres.url, &PostgresConfig::default()).await.unwrap();
+        database.migrate().await.unwrap();
+        Harness { database, _sqlite_dir: None, _postgres: Some(postgres) }
+    }
+}
+
+/// A farm with a gateway and two sensors.
+struct Farm {
+    id: Uuid,
+    gateway: Uuid,
+    sensors: [Uuid; 2],
+}
+
+async fn farm(registry: &dyn RegistryStore, name: &str) -> Farm {
+    let farm = registry.create_farm(Uuid::now_v7(), name, SystemTime::now()).await.unwrap();
+    let mut ids = Vec::new();
+    for (device, kind) in
+        [("gateway", DeviceKind::Gateway), ("probe a", DeviceKind::Sensor), ("probe b", DeviceKind::Sensor)]
+    {
+        let device = registry
+            .create_device(NewDevice {
+                id: Uuid::now_v7(),
+                farm_id: farm.id,
+                name: device.to_string(),
+                kind,
+                labels: Default::default(),
+                credential_sha256: "00".repeat(32),
+                create_time: SystemTime::now(),
+            })
+            .await
+            .unwrap();
+        ids.push(device.id);
+    }
+    Farm { id: farm.id, gateway: ids[0], sensors: [ids[1], ids[2]] }
+}
+
+/// Seconds since the epoch as a time; tests use times around 2026 so several months and partitions are crossed.
+fn at(seconds: u64) -> SystemTime {
+    from_unix_micros((BASE_SECONDS + seconds as i64) * 1_000_000)
+}
+
+fn reading(sequence: u64, device_id: Uuid, metric: &str, value: f64, seconds: u64) -> ReadingRow {
+    ReadingRow { sequence, device_id, metric: metric.to_string(), value, measure_time: at(seconds) }
+}
+
+fn batch(farm: &Farm, first: u64, last: u64, readings: Vec<ReadingRow>) -> EdgeBatch {
+    EdgeBatch {
+        gateway_id: farm.gateway,
+        farm_id: farm.id,
+        first_sequence: first,
+        last_sequence: last,
+        readings,
+        aggregates: Vec::new(),
+        receive_time: SystemTime::now(),
+    }
+}
+
+fn everything(farm: &Farm) -> ReadingFilter {
+    ReadingFilter { farm_id: farm.id, device_ids: vec![], metrics: vec![], start: at(0), end: at(400 * 24 * HOUR) }
+}
+
+const ROLLUPS: [Duration; 2] = [Duration::from_secs(HOUR), Duration::from_secs(24 * HOUR)];
+
+async fn batches_commit_once(database: &Database) {
+    let (registry, telemetry) = (database.registry(), database.telemetry());
+    let farm = farm(&*registry, "exactly once").await;
+    let [a, b] = farm.sensors;
+    assert_eq!(telemetry.committed_sequence(farm.gateway).await.unwrap(), 0);
+
+    let first = batch(
+        &farm,
+        1,
+        3,
+        vec![
+            reading(1, a, "temperature", 20.0, 10),
+            reading(2, a, "humidity", 60.0, 10),
+            reading(3, b, "temperature", 18.0, 20),
+        ],
+    );
+    assert_eq!(
+        telemetry.commit_batch(&first, &ROLLUPS).await.unwrap(),
+        BatchOutcome::Committed { readings: 3, aggregates: 0 }
+    );
+    assert_eq!(telemetry.committed_sequence(farm.gateway).await.unwrap(), 3);
+    assert_eq!(
+        telemetry.commit_batch(&first, &ROLLUPS).await.unwrap(),
+        BatchOutcome::Duplicate,
+        "a resent batch writes nothing"
+    );
+
+    // A batch that overlaps the mark writes only what is above it.
+    let overlapping = batch(
+        &farm,
+        3,
+        5,
+        vec![
+            reading(3, b, "temperature", 18.0, 20),
+            reading(4, b, "temperature", 19.0, 30),
+            reading(5, a, "temperature", 21.0, 40),
+        ],
+    );
+    assert_eq!(
+        telemetry.commit_batch(&overlapping, &ROLLUPS).await.unwrap(),
+        BatchOutcome::Committed { readings: 2, aggregates: 0 }
+    );
+
+    // Records dropped on the edge leave a gap; the range still moves the mark.
+    let after_gap = batch(&farm, 9, 10, vec![reading(10, a, "temperature", 22.0, 50)]);
+    telemetry.commit_batch(&after_gap, &ROLLUPS).await.unwrap();
+    assert_eq!(telemetry.committed_sequence(farm.gateway).await.unwrap(), 10);
+
+    let all = telemetry.query_readings(&everything(&farm), None, 100).await.unwrap();
+    let sequences: Vec<u64> = all.iter().map(|r| r.sequence).collect();
+    assert_eq!(sequences, vec![2, 1, 3, 4, 5, 10], "every reading exactly once, by time, then device and metric");
+    assert_eq!(all[0].metric, "humidity", "same time: ordered by device, then metric");
+}
+
+async fn readings_page_and_filter(database: &Database) {
+    let (registry, telemetry) = (database.registry(), database.telemetry());
+    let farm = farm(&*registry, "paging").await;
+    let other = self::farm(&*registry, "paging elsewhere").await;
+    let [a, b] = farm.sensors;
+    let mut rows = Vec::new();
+    for i in 0..50u64 {
+        rows.push(reading(2 * i + 1, a, "temperature", i as f64, i * 60));
+        rows.push(reading(2 * i + 2, b, if i % 2 == 0 { "humidity" } else { "temperature" }, i as f64, i * 60));
+    }
+    telemetry.commit_batch(&batch(&farm, 1, 100, rows), &ROLLUPS).await.unwrap();
+    let [x, _] = other.sensors;
+    telemetry.commit_batch(&batch(&other, 1, 1, vec![reading(1, x, "temperature", 99.0, 0)]), &ROLLUPS).await.unwrap();
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<ReadingCursor> = None;
+    loop {
+        let page = telemetry.query_readings(&everything(&farm), cursor.as_ref(), 7).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        cursor = Some(ReadingCursor::after(page.last().unwrap()));
+        seen.extend(page.into_iter().map(|r| r.sequence));
+    }
+    assert_eq!(seen.len(), 100, "pages cover every reading of the farm once, none of the other farm's");
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 100);
+
+    let only_b_humidity = ReadingFilter { device_ids: vec![b], metrics: vec!["humidity".into()], ..everything(&farm) };
+    let filtered = telemetry.query_readings(&only_b_humidity, None, 1000).await.unwrap();
+    assert_eq!(filtered.len(), 25);
+    assert!(filtered.iter().all(|r| r.device_id == b && r.metric == "humidity"));
+
+    let window = ReadingFilter { start: at(600), end: at(1200), ..everything(&farm) };
+    let in_window = telemetry.query_readings(&window, None, 1000).await.unwrap();
+    assert_eq!(in_window.len(), 20, "start inclusive, end exclusive");
+    assert!(in_window.iter().all(|r| r.measure_time >= at(600) && r.measure_time < at(1200)));
+}
+
+async fn buckets_agree_between_raw_rows_and_rollups(database: &Database) {
+    let (registry, telemetry) = (database.registry(), database.telemetry());
+    let farm = farm(&*registry, "buckets").await;
+    let [a, b] = farm.sensors;
+    // Three days of 10-minute readings for a, split over several batches.
+    let mut sequence = 0;
+    for day in 0..3u64 {
+        let mut rows = Vec::new();
+        let first = sequence + 1;
+        for step in 0..144u64 {
+            sequence += 1;
+            let seconds = day * 24 * HOUR + step * 600;
+            rows.push(reading(sequence, a, "temperature", (step % 37) as f64 - 5.0, seconds));
+        }
+        telemetry.commit_batch(&batch(&farm, first, sequence, rows), &ROLLUPS).await.unwrap();
+    }
+    // b uploads only edge aggregates.
+    let aggregate = AggregateRow {
+        sequence: sequence + 1,
+        device_id: b,
+        metric: "temperature".into(),
+        window_start: at(0),
+        window_end: at(HOUR),
+        count: 12,
+        min: 1.0,
+        max: 3.0,
+        avg: 2.0,
+        last: 2.5,
+    };
+    let mut only_aggregates = batch(&farm, sequence + 1, sequence + 1, vec![]);
+    only_aggregates.aggregates.push(aggregate);
+    assert_eq!(
+        telemetry.commit_batch(&only_aggregates, &ROLLUPS).await.unwrap(),
+        BatchOutcome::Committed { readings: 0, aggregates: 1 }
+    );
+
+    // The range starts on a day boundary (the base time is midnight UTC), so the daily rollup answers.
+    let range = ReadingFilter { device_ids: vec![a], start: at(0), end: at(3 * 24 * HOUR), ..everything(&farm) };
+    let daily = telemetry.query_buckets(&range, Some(Duration::from_secs(24 * HOUR)), &ROLLUPS).await.unwrap();
+    let daily_raw = telemetry.query_buckets(&range, Some(Duration::from_secs(24 * HOUR)), &[]).await.unwrap();
+    assert_eq!(daily.len(), daily_raw.len());
+    for (rollup, raw) in daily.iter().zip(&daily_raw) {
+        assert_eq!((rollup.start, rollup.end, rollup.count), (raw.start, raw.end, raw.count));
+        assert_eq!((rollup.min, rollup.max), (raw.min, raw.max));
+        assert!((rollup.avg - raw.avg).abs() < 1e-9, "{} vs {}", rollup.avg, raw.avg);
+    }
+    assert_eq!(daily_raw.iter().map(|b| b.count).sum::<u64>(), 432);
+
+    let whole = telemetry.query_buckets(&range, None, &ROLLUPS).await.unwrap();
+    assert_eq!(whole.len(), 1, "no width: one bucket spanning the range");
+    assert_eq!((whole[0].start, whole[0].end, whole[0].count), (at(0), at(3 * 24 * HOUR), 432));
+    assert_eq!((whole[0].min, whole[0].max), (-5.0, 31.0));
+
+    let hourly = telemetry
+        .query_buckets(
+            &ReadingFilter { start: at(0), end: at(2 * HOUR), ..everything(&farm) },
+            Some(Duration::from_secs(HOUR)),
+            &ROLLUPS,
+        )
+        .await
+        .unwrap();
+    let b_buckets: Vec<_> = hourly.iter().filter(|bucket| bucket.device_id == b).collect();
+    assert_eq!(b_buckets.len(), 1, "a device with only edge aggregates is answered from them");
+    assert_eq!((b_buckets[0].count, b_buckets[0].min, b_buckets[0].max, b_buckets[0].avg), (12, 1.0, 3.0, 2.0));
+    assert_eq!(hourly.iter().filter(|bucket| bucket.device_id == a).map(|b| b.count).sum::<u64>(), 12);
+}
+
+async fn latest_readings_keep_the_newest(database: &Database) {
+    let (registry, telemetry) = (database.registry(), database.telemetry());
+    let farm = farm(&*registry, "latest").await;
+    let [a, b] = farm.sensors;
+    telemetry
+        .commit_batch(
+            &batch(
+                &farm,
+                1,
+                3,
+                vec![
+                    reading(1, a, "temperature", 20.0, 100),
+                    reading(2, a, "temperature", 21.0, 200),
+                    reading(3, b, "humidity", 50.0, 100),
+                ],
+            ),
+            &ROLLUPS,
+        )
+        .await
+        .unwrap();
+    // A late batch with an older measurement must not replace the newer value.
+    telemetry.commit_batch(&batch(&farm, 4, 4, vec![reading(4, a, "temperature", 5.0, 150)]), &ROLLUPS).await.unwrap();
+    let latest = telemetry.latest_readings(farm.id, &[]).await.unwrap();
+    let summary: Vec<(Uuid, String, f64)> = latest.iter().map(|r| (r.device_id, r.metric.clone(), r.value)).collect();
+    assert_eq!(summary, vec![(a, "temperature".to_string(), 21.0), (b, "humidity".to_string(), 50.0)]);
+    assert_eq!(telemetry.latest_readings(farm.id, &[b]).await.unwrap().len(), 1);
+}
+
+async fn retention_deletes_what_is_old(database: &Database) {
+    let (registry, telemetry) = (database.registry(), database.telemetry());
+    let farm = farm(&*registry, "retention").await;
+    let [a, _] = farm.sensors;
+    // Two readings a year apart (different partitions on PostgreSQL).
+    telemetry
+        .commit_batch(
+            &batch(
+                &farm,
+                1,
+                2,
+                vec![reading(1, a, "temperature", 1.0, 0), reading(2, a, "temperature", 2.0, 365 * 24 * HOUR)],
+            ),
+            &ROLLUPS,
+        )
+        .await
+        .unwrap();
+    let now = at(365 * 24 * HOUR + HOUR);
+    let retention =
+        Retention { raw: Duration::from_secs(90 * 24 * HOUR), rollups: Duration::from_secs(3 * 365 * 24 * HOUR) };
+    assert_eq!(telemetry.apply_retention(retention, now).await.unwrap(), 1);
+    let left = telemetry.query_readings(&everything(&farm), None, 10).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.value).collect::<Vec<_>>(), vec![2.0]);
+    let rollups_kept = telemetry
+        .query_buckets(&ReadingFilter { start: at(0), end: at(24 * HOUR), ..everything(&farm) }, None, &ROLLUPS)
+        .await
+        .unwrap();
+    assert_eq!(rollups_kept.iter().map(|b| b.count).sum::<u64>(), 1, "rollups outlive raw rows");
+}
+
+macro_rules! telemetry_suite {
+    ($backend:ident) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn batches_commit_once() {
+                super::batches_commit_once(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn readings_page_and_filter() {
+                super::readings_page_and_filter(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn buckets_agree_between_raw_rows_and_rollups() {
+                super::buckets_agree_between_raw_rows_and_rollups(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn latest_readings_keep_the_newest() {
+                super::latest_readings_keep_the_newest(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn retention_deletes_what_is_old() {
+                super::retention_deletes_what_is_old(&Harness::$backend().await.database).await;
+            }
+        }
+    };
+}
+
+telemetry_suite!(sqlite);
+telemetry_suite!(postgres);
