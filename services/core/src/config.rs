@@ -49,6 +49,23 @@ log_level = "info"
 # tls_cert = "/etc/smartfarm/tls.crt"
 # tls_key = "/etc/smartfarm/tls.key"
 
+# Telemetry from edge agents (the ingestion role).
+[telemetry]
+# Rollups kept beside the raw readings, one per width; aggregate queries aligned to a width read them.
+rollup_widths = ["1h", "1d"]
+# Delete raw readings (and edge aggregates) older than this.
+raw_retention = "365days"
+# Delete rollups older than this.
+rollup_retention = "5years"
+# How often the retention task runs.
+retention_interval = "1h"
+# Batches an edge agent may have unacknowledged at once (told to it when it connects): backpressure, not drops.
+max_in_flight_batches = 4
+# The largest batch accepted, compressed, in bytes; agents keep theirs below it.
+max_batch_bytes = 16777216
+# How often an open edge link checks for registry changes to push down, and that its gateway is still valid.
+registry_refresh_interval = "30s"
+
 # PostgreSQL connection pool (used when database_url is postgres://).
 [postgres]
 # Most connections the process keeps open.
@@ -86,6 +103,8 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for TLS.
     pub tls_key: Option<PathBuf>,
+    /// Telemetry ingestion and storage settings.
+    pub telemetry: TelemetryConfig,
     /// PostgreSQL pool settings.
     pub postgres: PostgresConfig,
 }
@@ -102,6 +121,7 @@ impl Default for ServerConfig {
             log_level: "info".to_string(),
             tls_cert: None,
             tls_key: None,
+            telemetry: TelemetryConfig::default(),
             postgres: PostgresConfig::default(),
         }
     }
@@ -125,6 +145,47 @@ impl std::str::FromStr for LogFormat {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             other => Err(Error::invalid("log_format", format!("{other:?} is not one of text, json"))),
+        }
+    }
+}
+
+/// Telemetry ingestion and storage settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Widths of the rollups kept beside raw readings.
+    #[serde(with = "humantime_serde_list")]
+    pub rollup_widths: Vec<Duration>,
+    /// Age at which raw readings are deleted.
+    #[serde(with = "humantime_serde")]
+    pub raw_retention: Duration,
+    /// Age at which rollups are deleted.
+    #[serde(with = "humantime_serde")]
+    pub rollup_retention: Duration,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+    /// Unacknowledged batches an agent may have in flight.
+    pub max_in_flight_batches: u32,
+    /// Largest compressed batch accepted, in bytes.
+    pub max_batch_bytes: usize,
+    /// How often an open edge link refreshes the registry it pushes down.
+    #[serde(with = "humantime_serde")]
+    pub registry_refresh_interval: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        const DAY: u64 = 86_400;
+        TelemetryConfig {
+            rollup_widths: vec![Duration::from_secs(3600), Duration::from_secs(DAY)],
+            raw_retention: Duration::from_secs(365 * DAY),
+            // humantime counts a year as 365.25 days.
+            rollup_retention: Duration::from_secs(5 * 31_557_600),
+            retention_interval: Duration::from_secs(3600),
+            max_in_flight_batches: 4,
+            max_batch_bytes: 16 * 1024 * 1024,
+            registry_refresh_interval: Duration::from_secs(30),
         }
     }
 }
@@ -182,6 +243,22 @@ impl ServerConfig {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(Error::invalid("tls_cert", "tls_cert and tls_key must be set together"));
         }
+        let telemetry = &self.telemetry;
+        if telemetry.rollup_widths.iter().any(|w| w.as_secs() == 0 || w.subsec_nanos() != 0) {
+            return Err(Error::invalid(
+                "telemetry.rollup_widths",
+                "each width must be a whole number of seconds, at least 1s",
+            ));
+        }
+        if telemetry.max_in_flight_batches == 0 {
+            return Err(Error::invalid("telemetry.max_in_flight_batches", "must be at least 1"));
+        }
+        if telemetry.max_batch_bytes < 64 * 1024 {
+            return Err(Error::invalid("telemetry.max_batch_bytes", "must be at least 65536"));
+        }
+        if telemetry.retention_interval.is_zero() || telemetry.registry_refresh_interval.is_zero() {
+            return Err(Error::invalid("telemetry", "intervals must be longer than zero"));
+        }
         if self.postgres.max_connections == 0 {
             return Err(Error::invalid("postgres.max_connections", "must be at least 1"));
         }
@@ -211,6 +288,28 @@ fn error_reason(error: &Error) -> String {
     match error {
         Error::InvalidArgument { reason, .. } => reason.clone(),
         other => other.to_string(),
+    }
+}
+
+/// Serde for lists of human-written durations.
+mod humantime_serde_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(durations: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(durations.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<String>::deserialize(deserializer)?
+            .into_iter()
+            .map(|text| {
+                humantime::parse_duration(&text).map_err(|error| {
+                    serde::de::Error::custom(format!("{text:?} is not a duration like \"1h\": {error}"))
+                })
+            })
+            .collect()
     }
 }
 

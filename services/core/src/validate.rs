@@ -14,6 +14,25 @@ pub const MAX_LABELS: usize = 32;
 /// The longest label key, in characters.
 pub const MAX_LABEL_KEY_CHARS: usize = 63;
 
+/// The longest metric name.
+pub const MAX_METRIC_CHARS: usize = 64;
+
+/// Whether `name` is a metric name: 1 to 64 of `[a-z0-9_]` (what MQTT payloads, batches and queries accept).
+pub fn is_metric_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_METRIC_CHARS
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Checks a metric name field.
+pub fn metric_name(field: &str, name: &str) -> Result<String> {
+    if is_metric_name(name) {
+        Ok(name.to_string())
+    } else {
+        Err(Error::invalid(field, format!("{} is not a metric name (1 to 64 of a-z, 0-9, '_')", excerpt(name))))
+    }
+}
+
 /// Client input quoted in an error message, cut to 64 characters: enough to recognise, never a huge status header.
 pub fn excerpt(value: &str) -> String {
     const MAX_CHARS: usize = 64;
@@ -98,6 +117,15 @@ mod tests {
         assert_eq!(id("farm_id", "").unwrap_err().to_string(), "farm_id: is required");
         assert_eq!(id("farm_id", "farm-1").unwrap_err().to_string(), "farm_id: must be a UUID");
         assert_eq!(optional_id("farm_id", "").unwrap(), None);
+    }
+
+    #[test]
+    fn metric_names_are_lowercase_words() {
+        assert!(is_metric_name("soil_moisture_2"));
+        for bad in ["", "Temperature", "temp-c", "t\u{e9}mp", &"x".repeat(65)] {
+            assert!(!is_metric_name(bad), "{bad:?}");
+        }
+        assert!(metric_name("metrics", "Temp").unwrap_err().to_string().contains("is not a metric name"));
     }
 
     #[test]

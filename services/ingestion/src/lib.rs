@@ -1,67 +1,109 @@
-//! smartfarm-ingestion will own the edge link (`IngestionService.Connect`: batches up, acks, registry, rules and
-//! commands down, exactly-once writes) and the telemetry queries (`TelemetryService`). Until the telemetry
-//! capability is built, every RPC answers `UNIMPLEMENTED` and names that capability; nothing is faked.
+//! smartfarm-ingestion owns telemetry in the cloud: the edge link (`IngestionService.Connect`: hello and the
+//! committed mark, registry pushes, exactly-once batch commits acknowledged after the database commit), the
+//! telemetry queries (`TelemetryService`), and the retention task. It holds no SQL: storage is
+//! [`smartfarm_store::TelemetryStore`].
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
+mod link;
+mod query;
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use smartfarm_core::Error;
+use smartfarm_core::config::TelemetryConfig;
+use smartfarm_core::{Principal, time};
 use smartfarm_proto::ingestion::v1 as pb;
 use smartfarm_proto::ingestion::v1::ingestion_service_server::{IngestionService, IngestionServiceServer};
-use smartfarm_proto::ingestion::v1::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
+use smartfarm_proto::ingestion::v1::telemetry_service_server::TelemetryServiceServer;
+use smartfarm_store::telemetry::Retention;
+use smartfarm_store::{RegistryStore, TelemetryStore};
 
-/// How the README and the issue tracker name the capability these RPCs belong to.
-const CAPABILITY: &str = "the telemetry capability (edge agent, spool, exactly-once upload)";
+/// Batch commits running at once across every edge link of this process: beyond it, links wait (backpressure on
+/// the agents through HTTP/2 flow control) instead of piling work onto the database.
+const MAX_CONCURRENT_COMMITS: usize = 8;
 
 /// The `IngestionService` and `TelemetryService` implementation.
-#[derive(Clone, Debug, Default)]
-pub struct IngestionApi;
+#[derive(Clone)]
+pub struct IngestionApi {
+    registry: Arc<dyn RegistryStore>,
+    telemetry: Arc<dyn TelemetryStore>,
+    settings: Arc<TelemetryConfig>,
+    commit_permits: Arc<Semaphore>,
+    /// Turns true when the process begins to shut down: open links end so their agents reconnect elsewhere.
+    shutting_down: watch::Receiver<bool>,
+    shutdown_sender: Arc<watch::Sender<bool>>,
+}
 
 impl IngestionApi {
-    /// The tonic server of the edge link.
+    /// The service over the given stores.
+    pub fn new(
+        registry: Arc<dyn RegistryStore>,
+        telemetry: Arc<dyn TelemetryStore>,
+        settings: TelemetryConfig,
+    ) -> Self {
+        let (shutdown_sender, shutting_down) = watch::channel(false);
+        IngestionApi {
+            registry,
+            telemetry,
+            settings: Arc::new(settings),
+            commit_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_COMMITS)),
+            shutting_down,
+            shutdown_sender: Arc::new(shutdown_sender),
+        }
+    }
+
+    /// Ends every open edge link (after the batch in hand is acknowledged), so that graceful shutdown is not held
+    /// up by streams that would otherwise last for days. Agents reconnect, to another replica if there is one.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown_sender.send(true);
+    }
+
+    /// The tonic server of the edge link, accepting batches up to the configured size.
     pub fn ingestion_server(self) -> IngestionServiceServer<IngestionApi> {
-        IngestionServiceServer::new(self)
+        // Room for the batch plus the message around it.
+        let limit = self.settings.max_batch_bytes + 64 * 1024;
+        IngestionServiceServer::new(self).max_decoding_message_size(limit)
     }
 
     /// The tonic server of the telemetry queries.
     pub fn telemetry_server(self) -> TelemetryServiceServer<IngestionApi> {
         TelemetryServiceServer::new(self)
     }
+
+    /// Deletes expired telemetry every `retention_interval`, forever; run it in a task of its own.
+    pub async fn run_retention(self) {
+        let retention = Retention { raw: self.settings.raw_retention, rollups: self.settings.rollup_retention };
+        let mut ticks = tokio::time::interval(self.settings.retention_interval);
+        loop {
+            ticks.tick().await;
+            match self.telemetry.apply_retention(retention, time::now()).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "expired readings deleted"),
+                Err(error) => tracing::warn!(%error, "retention failed; retrying at the next interval"),
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl IngestionService for IngestionApi {
-    type ConnectStream = tokio_stream::Empty<Result<pb::ConnectResponse, Status>>;
+    type ConnectStream = ReceiverStream<Result<pb::ConnectResponse, Status>>;
 
     async fn connect(
         &self,
-        _request: Request<Streaming<pb::ConnectRequest>>,
+        request: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        Err(Error::unimplemented("IngestionService.Connect", CAPABILITY).into())
-    }
-}
-
-#[tonic::async_trait]
-impl TelemetryService for IngestionApi {
-    async fn query_readings(
-        &self,
-        _request: Request<pb::QueryReadingsRequest>,
-    ) -> Result<Response<pb::QueryReadingsResponse>, Status> {
-        Err(Error::unimplemented("TelemetryService.QueryReadings", CAPABILITY).into())
-    }
-
-    async fn query_aggregates(
-        &self,
-        _request: Request<pb::QueryAggregatesRequest>,
-    ) -> Result<Response<pb::QueryAggregatesResponse>, Status> {
-        Err(Error::unimplemented("TelemetryService.QueryAggregates", CAPABILITY).into())
-    }
-
-    async fn get_latest_readings(
-        &self,
-        _request: Request<pb::GetLatestReadingsRequest>,
-    ) -> Result<Response<pb::GetLatestReadingsResponse>, Status> {
-        Err(Error::unimplemented("TelemetryService.GetLatestReadings", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        let (gateway_id, farm_id) = principal.gateway_of()?;
+        let inbound = request.into_inner();
+        // Enough room for a registry snapshot and the acks of the agent's in-flight window.
+        let (outbound, receiver) = mpsc::channel(self.settings.max_in_flight_batches as usize + 8);
+        tokio::spawn(link::run(self.clone(), gateway_id, farm_id, inbound, outbound));
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }

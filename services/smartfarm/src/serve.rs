@@ -11,7 +11,7 @@ use tonic_health::ServingStatus;
 use smartfarm_core::config::ServerConfig;
 use smartfarm_core::{Role, observability, shutdown};
 use smartfarm_gateway::{Authenticator, Services};
-use smartfarm_store::{RegistryStore, blob};
+use smartfarm_store::{Database, RegistryStore, blob};
 
 /// The file a fresh installation's first admin key is written to, inside the data dir.
 const BOOTSTRAP_KEY_FILE: &str = "admin-key";
@@ -28,7 +28,7 @@ pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Re
     let registry = database.registry();
     bootstrap_admin_key(&*registry, &config.data_dir).await?;
 
-    let services = services_for(&config, &registry);
+    let (services, ingestion) = services_for(&config, &database);
     let service_names = services.names().to_vec();
     let (app, health) = smartfarm_gateway::app(services, Authenticator::new(registry), metrics).await?;
 
@@ -54,6 +54,9 @@ pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Re
 
     let shutdown = async move {
         shutdown::signal().await;
+        if let Some(ingestion) = &ingestion {
+            ingestion.begin_shutdown();
+        }
         // Health watchers see NOT_SERVING first; then the listener closes and open calls drain.
         health.set_service_status("", ServingStatus::NotServing).await;
         for name in service_names {
@@ -65,22 +68,32 @@ pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Re
     Ok(())
 }
 
-/// The services of the roles this process runs.
-fn services_for(config: &ServerConfig, registry: &std::sync::Arc<dyn RegistryStore>) -> Services {
+/// The services of the roles this process runs (their background tasks started), and the ingestion service when
+/// it runs, so shutdown can close its edge links.
+fn services_for(config: &ServerConfig, database: &Database) -> (Services, Option<smartfarm_ingestion::IngestionApi>) {
+    let registry = database.registry();
     let mut services = Services::default();
+    let mut ingestion_running = None;
     for role in config.target.roles() {
         services = match role {
             Role::Device => services.with_service(smartfarm_device::DeviceApi::new(registry.clone()).into_server()),
-            Role::Ingestion => services
-                .with_service(smartfarm_ingestion::IngestionApi.ingestion_server())
-                .with_service(smartfarm_ingestion::IngestionApi.telemetry_server()),
+            Role::Ingestion => {
+                let ingestion = smartfarm_ingestion::IngestionApi::new(
+                    registry.clone(),
+                    database.telemetry(),
+                    config.telemetry.clone(),
+                );
+                tokio::spawn(ingestion.clone().run_retention());
+                ingestion_running = Some(ingestion.clone());
+                services.with_service(ingestion.clone().ingestion_server()).with_service(ingestion.telemetry_server())
+            }
             Role::Image => services.with_service(smartfarm_image::ImageApi.into_server()),
             Role::Inference => services.with_service(smartfarm_inference::InferenceApi.into_server()),
             Role::Alert => services.with_service(smartfarm_alert::AlertApi.into_server()),
             Role::Command => services.with_service(smartfarm_command::CommandApi.into_server()),
         };
     }
-    services
+    (services, ingestion_running)
 }
 
 /// On a fresh installation (no API key at all), creates an admin key and writes it to a 0600 file in the data dir,

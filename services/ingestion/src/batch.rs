@@ -1,0 +1,261 @@
+//! Turning a `ReadingBatch` from the wire into rows to commit: decompression with a size cap, decoding, and the
+//! checks that keep one bad record from blocking a farm's link. A batch that cannot be decoded at all is refused
+//! for good (`BatchReject`); a record that can never be stored (a device of another farm, a bad metric name, a
+//! non-finite value) is dropped from its batch and counted, and the rest of the batch is committed.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::time::SystemTime;
+
+use prost::Message;
+use uuid::Uuid;
+
+use smartfarm_core::time::from_timestamp;
+use smartfarm_core::validate::is_metric_name;
+use smartfarm_proto::ingestion::v1 as pb;
+use smartfarm_store::telemetry::{AggregateRow, EdgeBatch, ReadingRow};
+
+/// Why a batch was refused as a whole. The text goes to the agent in `BatchReject.reason`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+/// Records dropped from a committed batch, by reason.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub foreign_device: u64,
+    pub bad_metric: u64,
+    pub bad_value: u64,
+    pub bad_time: u64,
+    pub out_of_range: u64,
+}
+
+impl Dropped {
+    pub fn total(&self) -> u64 {
+        self.foreign_device + self.bad_metric + self.bad_value + self.bad_time + self.out_of_range
+    }
+
+    /// (reason, count) pairs for metrics and logs.
+    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
+        [
+            ("foreign_device", self.foreign_device),
+            ("bad_metric", self.bad_metric),
+            ("bad_value", self.bad_value),
+            ("bad_time", self.bad_time),
+            ("sequence_out_of_range", self.out_of_range),
+        ]
+    }
+}
+
+/// Decodes and checks a batch. `farm_devices` are the ids of the farm's devices (in service or not: data measured
+/// before a decommission is still the farm's).
+pub fn decode(
+    batch: &pb::ReadingBatch,
+    gateway_id: Uuid,
+    farm_id: Uuid,
+    farm_devices: &HashSet<Uuid>,
+    max_decompressed_bytes: usize,
+    receive_time: SystemTime,
+) -> Result<(EdgeBatch, Dropped), Refusal> {
+    if batch.first_sequence == 0 || batch.first_sequence > batch.last_sequence {
+        return Err(Refusal(format!(
+            "sequence range {}..={} is empty or starts at 0",
+            batch.first_sequence, batch.last_sequence
+        )));
+    }
+    let payload = match pb::Compression::try_from(batch.compression) {
+        Ok(pb::Compression::None) => batch.payload.clone(),
+        Ok(pb::Compression::Zstd) => {
+            let mut decoded = Vec::new();
+            let decoder = zstd::stream::read::Decoder::new(batch.payload.as_slice())
+                .map_err(|error| Refusal(format!("payload is not valid zstd: {error}")))?;
+            // One byte over the cap tells an oversized payload from one that fits exactly.
+            decoder
+                .take(max_decompressed_bytes as u64 + 1)
+                .read_to_end(&mut decoded)
+                .map_err(|error| Refusal(format!("payload is not valid zstd: {error}")))?;
+            if decoded.len() > max_decompressed_bytes {
+                return Err(Refusal(format!("payload decompresses to more than {max_decompressed_bytes} bytes")));
+            }
+            decoded
+        }
+        _ => return Err(Refusal(format!("unknown compression {}", batch.compression))),
+    };
+    let decoded = pb::BatchPayload::decode(payload.as_slice())
+        .map_err(|error| Refusal(format!("payload is not a BatchPayload: {error}")))?;
+    if decoded.records.len() != batch.record_count as usize {
+        return Err(Refusal(format!(
+            "record_count says {} but the payload holds {}",
+            batch.record_count,
+            decoded.records.len()
+        )));
+    }
+
+    let mut dropped = Dropped::default();
+    let mut readings = Vec::new();
+    let mut aggregates = Vec::new();
+    for record in decoded.records {
+        if record.sequence < batch.first_sequence || record.sequence > batch.last_sequence {
+            dropped.out_of_range += 1;
+            continue;
+        }
+        match record.body {
+            Some(pb::spool_record::Body::Reading(reading)) => {
+                let Ok(device_id) = Uuid::try_parse(&reading.device_id) else {
+                    dropped.foreign_device += 1;
+                    continue;
+                };
+                if !farm_devices.contains(&device_id) {
+                    dropped.foreign_device += 1;
+                    continue;
+                }
+                if !is_metric_name(&reading.metric) {
+                    dropped.bad_metric += 1;
+                    continue;
+                }
+                if !reading.value.is_finite() {
+                    dropped.bad_value += 1;
+                    continue;
+                }
+                let Some(measure_time) = reading.measure_time.as_ref().and_then(|t| from_timestamp("time", t).ok())
+                else {
+                    dropped.bad_time += 1;
+                    continue;
+                };
+                readings.push(ReadingRow {
+                    sequence: record.sequence,
+                    device_id,
+                    metric: reading.metric,
+                    value: reading.value,
+                    measure_time,
+                });
+            }
+            Some(pb::spool_record::Body::Aggregate(aggregate)) => {
+                let Ok(device_id) = Uuid::try_parse(&aggregate.device_id) else {
+                    dropped.foreign_device += 1;
+                    continue;
+                };
+                if !farm_devices.contains(&device_id) {
+                    dropped.foreign_device += 1;
+                    continue;
+                }
+                if !is_metric_name(&aggregate.metric) {
+                    dropped.bad_metric += 1;
+                    continue;
+                }
+                let values = [aggregate.min, aggregate.max, aggregate.avg, aggregate.last];
+                if aggregate.count == 0 || values.iter().any(|v| !v.is_finite()) {
+                    dropped.bad_value += 1;
+                    continue;
+                }
+                let window =
+                    aggregate.window_start_time.as_ref().and_then(|t| from_timestamp("window_start_time", t).ok()).zip(
+                        aggregate.window_end_time.as_ref().and_then(|t| from_timestamp("window_end_time", t).ok()),
+                    );
+                let Some((window_start, window_end)) = window.filter(|(start, end)| start < end) else {
+                    dropped.bad_time += 1;
+                    continue;
+                };
+                aggregates.push(AggregateRow {
+                    sequence: record.sequence,
+                    device_id,
+                    metric: aggregate.metric,
+                    window_start,
+                    window_end,
+                    count: aggregate.count,
+                    min: aggregate.min,
+                    max: aggregate.max,
+                    avg: aggregate.avg,
+                    last: aggregate.last,
+                });
+            }
+            // A record of a kind this cloud does not know (a newer agent): keep the link moving.
+            None => dropped.out_of_range += 1,
+        }
+    }
+    let batch = EdgeBatch {
+        gateway_id,
+        farm_id,
+        first_sequence: batch.first_sequence,
+        last_sequence: batch.last_sequence,
+        readings,
+        aggregates,
+        receive_time,
+    };
+    Ok((batch, dropped))
+}
+
+/// Encodes records the way edge agents do (used by tests and benchmarks on the cloud side).
+pub fn encode(records: Vec<pb::SpoolRecord>, first_sequence: u64, last_sequence: u64) -> pb::ReadingBatch {
+    let record_count = records.len() as u32;
+    let payload = pb::BatchPayload { records }.encode_to_vec();
+    pb::ReadingBatch {
+        first_sequence,
+        last_sequence,
+        compression: pb::Compression::Zstd as i32,
+        payload: zstd::bulk::compress(&payload, 3).expect("compressing into a vec cannot fail"),
+        record_count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smartfarm_proto::common::v1::Reading;
+
+    fn record(sequence: u64, device: Uuid, metric: &str, value: f64) -> pb::SpoolRecord {
+        pb::SpoolRecord {
+            sequence,
+            body: Some(pb::spool_record::Body::Reading(Reading {
+                device_id: device.to_string(),
+                metric: metric.to_string(),
+                value,
+                measure_time: Some(smartfarm_core::time::to_timestamp(SystemTime::now())),
+                receive_time: None,
+            })),
+        }
+    }
+
+    #[test]
+    fn good_records_pass_and_bad_ones_are_dropped_by_reason() {
+        let (gateway, farm, mine, foreign) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let devices = HashSet::from([mine]);
+        let wire = encode(
+            vec![
+                record(1, mine, "temperature", 20.0),
+                record(2, foreign, "temperature", 20.0),
+                record(3, mine, "Temperature", 20.0),
+                record(4, mine, "humidity", f64::NAN),
+                record(9, mine, "humidity", 1.0),
+            ],
+            1,
+            5,
+        );
+        let (batch, dropped) = decode(&wire, gateway, farm, &devices, 1 << 20, SystemTime::now()).unwrap();
+        assert_eq!(batch.readings.len(), 1);
+        assert_eq!(batch.readings[0].sequence, 1);
+        assert_eq!(dropped, Dropped { foreign_device: 1, bad_metric: 1, bad_value: 1, bad_time: 0, out_of_range: 1 });
+    }
+
+    #[test]
+    fn undecodable_batches_are_refused_with_a_reason() {
+        let devices = HashSet::new();
+        let decode =
+            |batch: &pb::ReadingBatch| decode(batch, Uuid::nil(), Uuid::nil(), &devices, 1 << 20, SystemTime::now());
+        let mut wire = encode(vec![], 1, 1);
+        wire.payload = b"not zstd".to_vec();
+        assert!(decode(&wire).unwrap_err().0.contains("not valid zstd"));
+        let mut wire = encode(vec![], 1, 1);
+        wire.record_count = 3;
+        assert!(decode(&wire).unwrap_err().0.contains("record_count"));
+        let wire = encode(vec![], 5, 4);
+        assert!(decode(&wire).unwrap_err().0.contains("empty"));
+        let mut wire = encode(vec![], 1, 1);
+        wire.compression = 0;
+        assert!(decode(&wire).unwrap_err().0.contains("unknown compression"));
+        // A zip bomb: a small payload that decompresses past the cap.
+        let bomb = zstd::bulk::compress(&vec![0u8; 4 << 20], 19).unwrap();
+        let wire =
+            pb::ReadingBatch { first_sequence: 1, last_sequence: 1, compression: 2, payload: bomb, record_count: 0 };
+        assert!(decode(&wire).unwrap_err().0.contains("more than"));
+    }
+}

@@ -1,0 +1,267 @@
+//! One edge link: the `Connect` stream of one farm's gateway. The session answers `hello` with the committed mark,
+//! pushes the farm's registry down (again whenever it changes), and commits each batch before acknowledging it.
+//! Batches are handled one at a time in arrival order, so a link never has more work in the cloud than one batch
+//! plus what HTTP/2 flow control lets the agent buffer; a global semaphore bounds concurrent commits across links.
+//!
+//! The stream outlives the request's authentication, so the session re-checks its gateway on every registry
+//! refresh and ends the link when the gateway is decommissioned or its credential rotated.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+use uuid::Uuid;
+
+use smartfarm_core::{Error, Result, time};
+use smartfarm_proto::device::v1::DeviceKind as ProtoKind;
+use smartfarm_proto::ingestion::v1 as pb;
+use smartfarm_store::model::{DeviceFilter, DeviceKind, DeviceState, KeysetPage};
+use smartfarm_store::telemetry::BatchOutcome;
+
+use crate::{IngestionApi, batch};
+
+/// What a session sends down.
+pub(crate) type Outbound = mpsc::Sender<Result<pb::ConnectResponse, Status>>;
+
+/// How long an agent has to say hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn down(body: pb::connect_response::Body) -> pb::ConnectResponse {
+    pb::ConnectResponse { body: Some(body) }
+}
+
+/// Runs a session until the agent hangs up, the cloud shuts the link, or something fails. Failures end the stream
+/// with a status; the agent reconnects and resends whatever was not acknowledged.
+pub(crate) async fn run(
+    api: IngestionApi,
+    gateway_id: Uuid,
+    farm_id: Uuid,
+    mut inbound: Streaming<pb::ConnectRequest>,
+    outbound: Outbound,
+) {
+    metrics::gauge!("smartfarm_edge_links").increment(1.0);
+    let result = serve(&api, gateway_id, farm_id, &mut inbound, &outbound).await;
+    metrics::gauge!("smartfarm_edge_links").decrement(1.0);
+    match result {
+        Ok(()) => tracing::info!(%gateway_id, %farm_id, "edge link closed by the agent"),
+        Err(error) => {
+            tracing::warn!(%gateway_id, %farm_id, %error, "edge link ended");
+            let _ = outbound.send(Err(Status::from(error))).await;
+        }
+    }
+}
+
+async fn serve(
+    api: &IngestionApi,
+    gateway_id: Uuid,
+    farm_id: Uuid,
+    inbound: &mut Streaming<pb::ConnectRequest>,
+    outbound: &Outbound,
+) -> Result<()> {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        Err(_) => return Err(Error::invalid("hello", "the agent said nothing for 30 s after connecting")),
+        Ok(Err(status)) => return Err(Error::Unavailable(format!("the agent's stream failed: {status}"))),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(pb::ConnectRequest { body: Some(pb::connect_request::Body::Hello(hello)) }))) => hello,
+        Ok(Ok(Some(_))) => return Err(Error::invalid("hello", "the first message on the edge link must be hello")),
+    };
+    let gateway = api.registry.get_device(gateway_id).await?;
+    let credential_at_connect = gateway.credential_sha256.clone();
+    let committed = api.telemetry.committed_sequence(gateway_id).await?;
+    tracing::info!(
+        %gateway_id, %farm_id, agent_version = %hello.agent_version, committed,
+        spool_first = hello.spool_first_sequence, spool_last = hello.spool_last_sequence,
+        "edge link open"
+    );
+    send(
+        outbound,
+        pb::connect_response::Body::Welcome(pb::CloudWelcome {
+            committed_sequence: committed,
+            server_time: Some(time::to_timestamp(time::now())),
+            max_in_flight_batches: api.settings.max_in_flight_batches,
+        }),
+    )
+    .await?;
+
+    let mut registry = RegistryView { version: hello.registry_version, devices: HashSet::new() };
+    registry.refresh(api, farm_id, outbound, true).await?;
+    api.registry.record_devices_seen(&[gateway_id], time::now()).await?;
+
+    let mut refresh = tokio::time::interval(api.settings.registry_refresh_interval);
+    refresh.tick().await;
+    let mut shutting_down = api.shutting_down.clone();
+    loop {
+        if *shutting_down.borrow_and_update() {
+            return Err(Error::Unavailable("the cloud is shutting down; reconnect".into()));
+        }
+        tokio::select! {
+            _ = shutting_down.changed() => continue,
+            message = inbound.message() => {
+                let message = match message {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(Error::Unavailable(format!("the agent's stream failed: {status}"))),
+                };
+                match message.body {
+                    Some(pb::connect_request::Body::Batch(wire)) => {
+                        handle_batch(api, gateway_id, farm_id, &mut registry, wire, outbound).await?;
+                    }
+                    Some(pb::connect_request::Body::Hello(_)) => {
+                        return Err(Error::invalid("hello", "hello may only be the first message"));
+                    }
+                    Some(pb::connect_request::Body::Alert(_) | pb::connect_request::Body::CommandReceipt(_)) => {
+                        // Urgent messages belong to the alerts and commands capability, which is not built yet;
+                        // the agents of this version do not send them.
+                        metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "urgent").increment(1);
+                        tracing::debug!(%gateway_id, "urgent message ignored: alerts and commands are not built yet");
+                    }
+                    None => return Err(Error::invalid("body", "an edge message carries nothing")),
+                }
+            }
+            _ = refresh.tick() => {
+                let gateway = api.registry.get_device(gateway_id).await?;
+                if gateway.state == DeviceState::Decommissioned || gateway.credential_sha256 != credential_at_connect {
+                    return Err(Error::Unauthenticated("the gateway was decommissioned or its credential replaced".into()));
+                }
+                registry.refresh(api, farm_id, outbound, false).await?;
+            }
+        }
+    }
+}
+
+async fn send(outbound: &Outbound, body: pb::connect_response::Body) -> Result<()> {
+    outbound.send(Ok(down(body))).await.map_err(|_| Error::Unavailable("the agent went away".into()))
+}
+
+/// The farm's registry as this link last pushed it.
+struct RegistryView {
+    version: u64,
+    /// Every device of the farm (for checking batch records).
+    devices: HashSet<Uuid>,
+}
+
+impl RegistryView {
+    /// Reloads the farm's devices and pushes a snapshot down when the version moved (or when `force_check` and the
+    /// agent's cached version differs).
+    async fn refresh(
+        &mut self,
+        api: &IngestionApi,
+        farm_id: Uuid,
+        outbound: &Outbound,
+        force_check: bool,
+    ) -> Result<()> {
+        let farm = api.registry.get_farm(farm_id).await?;
+        if !force_check && farm.registry_version == self.version && !self.devices.is_empty() {
+            return Ok(());
+        }
+        let mut devices = Vec::new();
+        let mut after = None;
+        loop {
+            let filter = DeviceFilter { farm_id: Some(farm_id), kind: None, state: None };
+            let page = api.registry.list_devices(&filter, KeysetPage { after, limit: 1000 }).await?;
+            after = page.last().map(|device| device.id);
+            let done = page.len() < 1000;
+            devices.extend(page);
+            if done {
+                break;
+            }
+        }
+        self.devices = devices.iter().map(|device| device.id).collect();
+        if farm.registry_version != self.version {
+            let snapshot = pb::RegistrySnapshot {
+                version: farm.registry_version,
+                devices: devices
+                    .iter()
+                    .filter(|device| device.state != DeviceState::Decommissioned)
+                    .filter_map(|device| {
+                        Some(pb::EdgeDevice {
+                            device_id: device.id.to_string(),
+                            name: device.name.clone(),
+                            kind: proto_kind(device.kind) as i32,
+                            credential_sha256: device.credential_sha256.clone()?,
+                        })
+                    })
+                    .collect(),
+            };
+            tracing::debug!(%farm_id, version = farm.registry_version, devices = snapshot.devices.len(), "registry pushed to the edge");
+            send(outbound, pb::connect_response::Body::Registry(snapshot)).await?;
+            self.version = farm.registry_version;
+        }
+        Ok(())
+    }
+}
+
+fn proto_kind(kind: DeviceKind) -> ProtoKind {
+    match kind {
+        DeviceKind::Sensor => ProtoKind::Sensor,
+        DeviceKind::Camera => ProtoKind::Camera,
+        DeviceKind::Actuator => ProtoKind::Actuator,
+        DeviceKind::Gateway => ProtoKind::Gateway,
+    }
+}
+
+async fn handle_batch(
+    api: &IngestionApi,
+    gateway_id: Uuid,
+    farm_id: Uuid,
+    registry: &mut RegistryView,
+    wire: pb::ReadingBatch,
+    outbound: &Outbound,
+) -> Result<()> {
+    let started = Instant::now();
+    let receive_time = time::now();
+    let max_decompressed = api.settings.max_batch_bytes.saturating_mul(16);
+    let mut decoded = batch::decode(&wire, gateway_id, farm_id, &registry.devices, max_decompressed, receive_time);
+    if matches!(&decoded, Ok((_, dropped)) if dropped.foreign_device > 0) {
+        // A device registered since the last refresh: look again before dropping anything.
+        registry.refresh(api, farm_id, outbound, true).await?;
+        decoded = batch::decode(&wire, gateway_id, farm_id, &registry.devices, max_decompressed, receive_time);
+    }
+    let (batch, dropped) = match decoded {
+        Ok(decoded) => decoded,
+        Err(batch::Refusal(reason)) => {
+            metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "rejected").increment(1);
+            tracing::warn!(%gateway_id, first = wire.first_sequence, last = wire.last_sequence, %reason, "batch refused");
+            return send(
+                outbound,
+                pb::connect_response::Body::BatchReject(pb::BatchReject {
+                    first_sequence: wire.first_sequence,
+                    last_sequence: wire.last_sequence,
+                    reason,
+                }),
+            )
+            .await;
+        }
+    };
+    for (reason, count) in dropped.by_reason() {
+        if count > 0 {
+            metrics::counter!("smartfarm_ingest_records_dropped_total", "reason" => reason).increment(count);
+            tracing::warn!(%gateway_id, reason, count, "records dropped from a batch");
+        }
+    }
+
+    let outcome = {
+        let _permit = api.commit_permits.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+        api.telemetry.commit_batch(&batch, &api.settings.rollup_widths).await?
+    };
+    let duplicate = outcome == BatchOutcome::Duplicate;
+    if let BatchOutcome::Committed { readings, aggregates } = outcome {
+        metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "committed").increment(1);
+        metrics::counter!("smartfarm_ingest_readings_total").increment(readings as u64);
+        metrics::counter!("smartfarm_ingest_aggregates_total").increment(aggregates as u64);
+        let mut seen: Vec<Uuid> = batch.readings.iter().map(|r| r.device_id).collect();
+        seen.extend(batch.aggregates.iter().map(|a| a.device_id));
+        seen.sort();
+        seen.dedup();
+        if !seen.is_empty() {
+            api.registry.record_devices_seen(&seen, receive_time).await?;
+        }
+    } else {
+        metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "duplicate").increment(1);
+    }
+    metrics::histogram!("smartfarm_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+    tracing::debug!(%gateway_id, first = batch.first_sequence, last = batch.last_sequence, duplicate, "batch acknowledged");
+    send(outbound, pb::connect_response::Body::BatchAck(pb::BatchAck { last_sequence: batch.last_sequence, duplicate }))
+        .await
+}

@@ -1,0 +1,279 @@
+//! The cloud side of the edge link, spoken by a test client over real gRPC: hello and the committed mark, registry
+//! pushes, exactly-once batch commits, refusals, and the telemetry queries over what was committed.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use smartfarm_core::time::to_timestamp;
+use smartfarm_e2e::{Backend, Bearer, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
+use smartfarm_proto::common::v1::{Reading, TimeRange};
+use smartfarm_proto::device::v1::{self as device_pb, DeviceKind};
+use smartfarm_proto::ingestion::v1::{self as pb, connect_request, connect_response};
+
+/// A farm with a gateway and a sensor, registered through the API.
+struct Farm {
+    id: String,
+    gateway_credential: String,
+    sensor: String,
+    admin_key: String,
+}
+
+async fn farm(cloud: &Cloud, data: &CloudData) -> Farm {
+    let admin_key = bootstrap_admin_key(data);
+    let mut admin = cloud.device_client(&admin_key).await;
+    let farm = admin
+        .create_farm(device_pb::CreateFarmRequest { name: "link farm".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .farm
+        .unwrap();
+    let register = |name: &str, kind: DeviceKind| device_pb::RegisterDeviceRequest {
+        farm_id: farm.id.clone(),
+        name: name.into(),
+        kind: kind as i32,
+        labels: HashMap::new(),
+    };
+    let gateway = admin.register_device(register("gateway", DeviceKind::Gateway)).await.unwrap().into_inner();
+    let sensor = admin.register_device(register("probe", DeviceKind::Sensor)).await.unwrap().into_inner();
+    Farm { id: farm.id, gateway_credential: gateway.credential, sensor: sensor.device.unwrap().id, admin_key }
+}
+
+/// An open edge link: what the test sends up, and what comes down.
+struct Link {
+    up: mpsc::Sender<pb::ConnectRequest>,
+    down: tonic::Streaming<pb::ConnectResponse>,
+}
+
+impl Link {
+    async fn open(cloud: &Cloud, credential: &str) -> Result<Link, tonic::Status> {
+        let mut client = pb::ingestion_service_client::IngestionServiceClient::with_interceptor(
+            cloud.channel().await,
+            Bearer::new(credential),
+        );
+        let (up, receiver) = mpsc::channel(16);
+        up.send(pb::ConnectRequest {
+            body: Some(connect_request::Body::Hello(pb::EdgeHello {
+                agent_version: "test".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let down = client.connect(ReceiverStream::new(receiver)).await?.into_inner();
+        Ok(Link { up, down })
+    }
+
+    async fn next(&mut self) -> connect_response::Body {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), self.down.message()).await.expect("a message within 10 s");
+        message.expect("the link stays up").expect("the link is open").body.expect("a body")
+    }
+
+    async fn send_batch(&self, batch: pb::ReadingBatch) {
+        self.up.send(pb::ConnectRequest { body: Some(connect_request::Body::Batch(batch)) }).await.unwrap();
+    }
+}
+
+fn readings(device: &str, sequences: std::ops::RangeInclusive<u64>, base: SystemTime) -> Vec<pb::SpoolRecord> {
+    sequences
+        .map(|sequence| pb::SpoolRecord {
+            sequence,
+            body: Some(pb::spool_record::Body::Reading(Reading {
+                device_id: device.to_string(),
+                metric: "soil_moisture".into(),
+                value: sequence as f64 / 10.0,
+                measure_time: Some(to_timestamp(base + Duration::from_secs(sequence))),
+                receive_time: None,
+            })),
+        })
+        .collect()
+}
+
+async fn exactly_once_over_the_link(backend: Backend) {
+    let data = CloudData::new(backend).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let farm = farm(&cloud, &data).await;
+    let base = SystemTime::now() - Duration::from_secs(3600);
+
+    let mut link = Link::open(&cloud, &farm.gateway_credential).await.unwrap();
+    let connect_response::Body::Welcome(welcome) = link.next().await else { panic!("welcome first") };
+    assert_eq!(welcome.committed_sequence, 0);
+    assert!(welcome.max_in_flight_batches >= 1);
+    let connect_response::Body::Registry(registry) = link.next().await else { panic!("then the registry") };
+    assert_eq!(registry.devices.len(), 2, "gateway and sensor, with credential hashes");
+    assert!(registry.devices.iter().all(|d| d.credential_sha256.len() == 64));
+
+    let first = smartfarm_ingestion::batch::encode(readings(&farm.sensor, 1..=100, base), 1, 100);
+    link.send_batch(first.clone()).await;
+    let connect_response::Body::BatchAck(ack) = link.next().await else { panic!("an ack") };
+    assert_eq!((ack.last_sequence, ack.duplicate), (100, false));
+    link.send_batch(first).await;
+    let connect_response::Body::BatchAck(ack) = link.next().await else { panic!("an ack") };
+    assert_eq!((ack.last_sequence, ack.duplicate), (100, true), "a resent batch is acknowledged, not written");
+
+    let mut garbage = smartfarm_ingestion::batch::encode(vec![], 101, 101);
+    garbage.payload = b"definitely not zstd".to_vec();
+    link.send_batch(garbage).await;
+    let connect_response::Body::BatchReject(reject) = link.next().await else { panic!("a refusal") };
+    assert_eq!((reject.first_sequence, reject.last_sequence), (101, 101));
+    assert!(reject.reason.contains("zstd"), "{}", reject.reason);
+    drop(link);
+
+    // A reconnect learns the mark and resends only what is above it; overlapping records are not duplicated.
+    let mut link = Link::open(&cloud, &farm.gateway_credential).await.unwrap();
+    let connect_response::Body::Welcome(welcome) = link.next().await else { panic!("welcome first") };
+    assert_eq!(welcome.committed_sequence, 100);
+    let _registry = link.next().await;
+    link.send_batch(smartfarm_ingestion::batch::encode(readings(&farm.sensor, 90..=150, base), 90, 150)).await;
+    let connect_response::Body::BatchAck(ack) = link.next().await else { panic!("an ack") };
+    assert_eq!((ack.last_sequence, ack.duplicate), (150, false));
+
+    // Every reading exactly once, through the query API.
+    let mut telemetry = pb::telemetry_service_client::TelemetryServiceClient::with_interceptor(
+        cloud.channel().await,
+        Bearer::new(&farm.admin_key),
+    );
+    let range = TimeRange { start_time: Some(to_timestamp(base)), end_time: Some(to_timestamp(SystemTime::now())) };
+    let mut sequences = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = telemetry
+            .query_readings(pb::QueryReadingsRequest {
+                farm_id: farm.id.clone(),
+                time_range: Some(range),
+                page_size: 40,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        sequences.extend(page.readings.iter().map(|r| (r.value * 10.0).round() as u64));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(sequences, (1..=150).collect::<Vec<_>>());
+    let buckets = telemetry
+        .query_aggregates(pb::QueryAggregatesRequest {
+            farm_id: farm.id.clone(),
+            time_range: Some(range),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    assert_eq!(buckets.len(), 1);
+    assert_eq!((buckets[0].count, buckets[0].min, buckets[0].max), (150, 0.1, 15.0));
+    let latest = telemetry
+        .get_latest_readings(pb::GetLatestReadingsRequest { farm_id: farm.id.clone(), device_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .readings;
+    assert_eq!(latest.len(), 1);
+    assert_eq!(latest[0].value, 15.0);
+
+    // The sensor counts as seen now.
+    let mut admin = cloud.device_client(&farm.admin_key).await;
+    let sensor = admin
+        .get_device(device_pb::GetDeviceRequest { device_id: farm.sensor.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .device
+        .unwrap();
+    assert_eq!(sensor.state, device_pb::DeviceState::Active as i32);
+    cloud.stop().await;
+}
+
+async fn only_gateways_open_links_and_queries_stay_in_the_farm(backend: Backend) {
+    let data = CloudData::new(backend).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let farm = farm(&cloud, &data).await;
+
+    let mut link = match Link::open(&cloud, &farm.admin_key).await {
+        Err(status) => {
+            assert_eq!(status.code(), Code::PermissionDenied);
+            None
+        }
+        Ok(link) => Some(link),
+    };
+    if let Some(link) = link.as_mut() {
+        let status = link.down.message().await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "an api key cannot open an edge link");
+    }
+
+    let mut admin = cloud.device_client(&farm.admin_key).await;
+    let other = admin
+        .create_farm(device_pb::CreateFarmRequest { name: "other".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .farm
+        .unwrap();
+    let other_key = admin
+        .create_api_key(device_pb::CreateApiKeyRequest { name: "other".into(), farm_id: other.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut telemetry = pb::telemetry_service_client::TelemetryServiceClient::with_interceptor(
+        cloud.channel().await,
+        Bearer::new(&other_key),
+    );
+    let range = TimeRange {
+        start_time: Some(to_timestamp(SystemTime::UNIX_EPOCH)),
+        end_time: Some(to_timestamp(SystemTime::now())),
+    };
+    let status = telemetry
+        .query_readings(pb::QueryReadingsRequest {
+            farm_id: farm.id.clone(),
+            time_range: Some(range),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let mut admin_telemetry = pb::telemetry_service_client::TelemetryServiceClient::with_interceptor(
+        cloud.channel().await,
+        Bearer::new(&farm.admin_key),
+    );
+    let status = admin_telemetry
+        .query_readings(pb::QueryReadingsRequest { farm_id: farm.id.clone(), time_range: None, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("time_range: is required"), "{status:?}");
+    let status = admin_telemetry
+        .query_aggregates(pb::QueryAggregatesRequest {
+            farm_id: farm.id.clone(),
+            time_range: Some(range),
+            bucket_width: Some(smartfarm_proto::pbjson_types::Duration { seconds: 1, nanos: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("bucket_width: is too small"), "{status:?}");
+    cloud.stop().await;
+}
+
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $test() { super::$test(smartfarm_e2e::Backend::Sqlite).await; } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $test() { super::$test(smartfarm_e2e::Backend::Postgres).await; } )*
+        }
+    };
+}
+
+on_every_backend!(exactly_once_over_the_link, only_gateways_open_links_and_queries_stay_in_the_farm);
