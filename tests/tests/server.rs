@@ -82,7 +82,6 @@ async fn capabilities_not_built_yet_answer_unimplemented_and_name_them() {
     use smartfarm_proto::command::v1 as command;
     use smartfarm_proto::image::v1 as image;
     use smartfarm_proto::inference::v1 as inference;
-    use smartfarm_proto::ingestion::v1 as ingestion;
 
     let data = CloudData::new(Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
@@ -100,20 +99,6 @@ async fn capabilities_not_built_yet_answer_unimplemented_and_name_them() {
         );
     };
 
-    let mut telemetry =
-        ingestion::telemetry_service_client::TelemetryServiceClient::with_interceptor(channel.clone(), bearer.clone());
-    check(
-        telemetry.query_readings(ingestion::QueryReadingsRequest::default()).await.map(drop),
-        "TelemetryService.QueryReadings",
-        "telemetry",
-    );
-    let mut edge =
-        ingestion::ingestion_service_client::IngestionServiceClient::with_interceptor(channel.clone(), bearer.clone());
-    check(
-        edge.connect(tokio_stream::iter(Vec::<ingestion::ConnectRequest>::new())).await.map(drop),
-        "IngestionService.Connect",
-        "telemetry",
-    );
     let mut images = image::image_service_client::ImageServiceClient::with_interceptor(channel.clone(), bearer.clone());
     check(images.list_images(image::ListImagesRequest::default()).await.map(drop), "ImageService.ListImages", "images");
     let mut models =
