@@ -1,0 +1,11 @@
+//! smartfarm-edge owns the farm side of smartfarm: the agent that runs on each farm's Raspberry Pi (an MQTT broker
+//! for the farm's sensors with per-device authentication and topic ACL, a registry cache for working offline,
+//! aggregation, a durable spool, and the exactly-once uplink to the cloud) and the sensor simulator. It depends on
+//! smartfarm-proto and smartfarm-core only, so it builds small for a Pi; it must never reach into cloud crates.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod payload;
+pub mod registry;
+pub mod spool;

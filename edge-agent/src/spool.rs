@@ -1,0 +1,632 @@
+//! The durable spool: every record the agent accepts is appended here, with the next per-edge sequence number,
+//! before the sensor gets its acknowledgement; it leaves only when the cloud has acknowledged it (or, past the size
+//! cap, when the oldest segment is dropped, which is counted and alerted, never silent).
+//!
+//! Layout of the spool directory:
+//! - `segments/<first sequence, 20 digits>.seg`: append-only files of records `[len: u32 LE][crc32: u32 LE][a
+//!   SpoolRecord protobuf of len bytes]`. Sequence numbers inside one segment are contiguous.
+//! - `state`: the highest sequence the cloud acknowledged, written atomically (temp file, fsync, rename, fsync of
+//!   the directory) before any acknowledged segment is deleted.
+//!
+//! Recovery on open reads every segment, cuts a torn tail (a record cut short or failing its CRC, what a power cut
+//! during a write leaves) and resumes numbering after the highest sequence found or acknowledged, so numbers are
+//! never reused.
+//!
+//! What a power cut can lose depends on the fsync policy: `always` (the default) loses nothing that was
+//! acknowledged to a sensor, since the acknowledgement follows the fsync; `interval` can lose what arrived within
+//! the last interval; `never` leaves it to the operating system (Linux writes dirty pages back within about 30 s).
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use prost::Message;
+
+use smartfarm_proto::ingestion::v1::{SpoolRecord, spool_record};
+
+/// Bytes before each record: its length and its CRC-32.
+const RECORD_HEADER_BYTES: usize = 8;
+/// A length field above this is corruption, not a record.
+const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// When appended records are forced to disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After every append, before anyone is told the records are stored.
+    Always,
+    /// At most this long after an append, by a background task.
+    Interval(Duration),
+    /// Never explicitly; the operating system decides.
+    Never,
+}
+
+/// How the spool behaves.
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it holds this many bytes.
+    pub segment_bytes: u64,
+    /// Past this many bytes on disk the oldest segment is dropped, acknowledged or not.
+    pub max_bytes: u64,
+    pub fsync: FsyncPolicy,
+}
+
+/// What opening the spool found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segments read.
+    pub segments: usize,
+    /// Records found after the acknowledged mark (they will be sent).
+    pub pending_records: u64,
+    /// Bytes cut from segment tails because a record there was torn or corrupt.
+    pub truncated_bytes: u64,
+}
+
+/// What one append did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The sequence numbers given to the records, first to last.
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    /// Records not yet acknowledged by the cloud that the size cap pushed out to make room.
+    pub dropped_records: u64,
+}
+
+/// The spool's figures, for metrics and health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub bytes: u64,
+    /// Records waiting for the cloud's acknowledgement.
+    pub pending_records: u64,
+    pub acked_sequence: u64,
+    pub last_sequence: u64,
+    /// When the oldest segment holding unacknowledged records was started.
+    pub oldest_pending_since: Option<SystemTime>,
+    /// Unacknowledged records dropped by the size cap since the spool was opened.
+    pub dropped_records: u64,
+}
+
+/// Spool errors are I/O errors with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool: cannot {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
+    let context = context.into();
+    move |source| SpoolError::Io { context, source }
+}
+
+/// One segment file.
+#[derive(Debug)]
+struct Segment {
+    first: u64,
+    /// Records in it (their sequences are `first..first + records`).
+    records: u64,
+    bytes: u64,
+    path: PathBuf,
+    created: SystemTime,
+}
+
+impl Segment {
+    fn last(&self) -> u64 {
+        self.first + self.records.saturating_sub(1)
+    }
+}
+
+struct Inner {
+    segments: VecDeque<Segment>,
+    /// The last segment's file, open for appending.
+    active: Option<File>,
+    next_sequence: u64,
+    acked: u64,
+    dropped_records: u64,
+    /// Appends not yet fsynced (interval and never policies).
+    dirty: bool,
+    /// Where the last read stopped: (next sequence, byte offset in the segment starting at that sequence's
+    /// segment), so draining a backlog reads each segment once instead of from its start every batch.
+    read_position: Option<(u64, u64)>,
+}
+
+/// The spool.
+pub struct Spool {
+    config: SpoolConfig,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("dir", &self.config.dir).finish_non_exhaustive()
+    }
+}
+
+fn segment_dir(dir: &Path) -> PathBuf {
+    dir.join("segments")
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    segment_dir(dir).join(format!("{first:020}.seg"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("sync directory {}", dir.display())))
+}
+
+/// Encodes one record with its header.
+fn encode_record(record: &SpoolRecord, out: &mut Vec<u8>) {
+    let body = record.encode_to_vec();
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+}
+
+/// Decodes the record at the start of `bytes`: the record and its size with header, or `None` if what is there is
+/// torn or corrupt.
+fn decode_record(bytes: &[u8]) -> Option<(SpoolRecord, usize)> {
+    if bytes.len() < RECORD_HEADER_BYTES {
+        return None;
+    }
+    let len = u32::from_le_bytes(bytes[0..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
+    if len > MAX_RECORD_BYTES || bytes.len() < RECORD_HEADER_BYTES + len {
+        return None;
+    }
+    let body = &bytes[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len];
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let record = SpoolRecord::decode(body).ok()?;
+    Some((record, RECORD_HEADER_BYTES + len))
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool and recovers what a crash left.
+    pub fn open(config: SpoolConfig) -> Result<(Spool, Recovery), SpoolError> {
+        let segments_dir = segment_dir(&config.dir);
+        fs::create_dir_all(&segments_dir).map_err(io(format!("create {}", segments_dir.display())))?;
+        let acked = read_state(&config.dir)?;
+
+        let mut firsts: Vec<u64> = fs::read_dir(&segments_dir)
+            .map_err(io(format!("list {}", segments_dir.display())))?
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                name.strip_suffix(".seg")?.parse::<u64>().ok()
+            })
+            .collect();
+        firsts.sort_unstable();
+
+        let mut recovery = Recovery::default();
+        let mut segments = VecDeque::new();
+        for first in firsts {
+            let path = segment_path(&config.dir, first);
+            let (segment, truncated) = recover_segment(&path, first)?;
+            recovery.segments += 1;
+            recovery.truncated_bytes += truncated;
+            if truncated > 0 {
+                tracing::warn!(segment = %path.display(), truncated_bytes = truncated, "cut a torn spool tail");
+            }
+            if segment.records == 0 || segment.last() <= acked {
+                fs::remove_file(&path).map_err(io(format!("remove {}", path.display())))?;
+                continue;
+            }
+            segments.push_back(segment);
+        }
+        let last_found = segments.back().map(Segment::last).unwrap_or(0);
+        let next_sequence = last_found.max(acked) + 1;
+        let mut inner = Inner {
+            segments,
+            active: None,
+            next_sequence,
+            acked,
+            dropped_records: 0,
+            dirty: false,
+            read_position: None,
+        };
+        recovery.pending_records = pending(&inner);
+        if let Some(last) = inner.segments.back() {
+            let file = OpenOptions::new()
+                .append(true)
+                .open(&last.path)
+                .map_err(io(format!("open {}", last.path.display())))?;
+            inner.active = Some(file);
+        }
+        Ok((Spool { config, inner: Mutex::new(inner) }, recovery))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves files consistent (writes are whole appends), so keep going.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends records, numbering them; durable when it returns under the `always` policy.
+    pub fn append(&self, bodies: Vec<spool_record::Body>) -> Result<Appended, SpoolError> {
+        let mut inner = self.lock();
+        let first_sequence = inner.next_sequence;
+        if bodies.is_empty() {
+            return Ok(Appended {
+                first_sequence,
+                last_sequence: first_sequence.saturating_sub(1),
+                dropped_records: 0,
+            });
+        }
+        let needs_new_segment = inner.segments.back().is_none_or(|segment| segment.bytes >= self.config.segment_bytes)
+            || inner.active.is_none();
+        if needs_new_segment {
+            self.start_segment(&mut inner, first_sequence)?;
+        }
+        let mut buffer = Vec::with_capacity(bodies.len() * 64);
+        let count = bodies.len() as u64;
+        for (offset, body) in bodies.into_iter().enumerate() {
+            encode_record(&SpoolRecord { sequence: first_sequence + offset as u64, body: Some(body) }, &mut buffer);
+        }
+        let file = inner.active.as_mut().expect("a segment is active after start_segment");
+        file.write_all(&buffer).map_err(io("append to the active segment"))?;
+        if self.config.fsync == FsyncPolicy::Always {
+            file.sync_data().map_err(io("fsync the active segment"))?;
+        } else {
+            inner.dirty = true;
+        }
+        let segment = inner.segments.back_mut().expect("the active segment is the last one");
+        segment.records += count;
+        segment.bytes += buffer.len() as u64;
+        inner.next_sequence += count;
+        let dropped_records = self.enforce_cap(&mut inner)?;
+        Ok(Appended { first_sequence, last_sequence: first_sequence + count - 1, dropped_records })
+    }
+
+    fn start_segment(&self, inner: &mut Inner, first: u64) -> Result<(), SpoolError> {
+        if let Some(previous) = inner.active.take() {
+            // What the old segment holds is settled now; make it durable under every policy but `never`.
+            if self.config.fsync != FsyncPolicy::Never {
+                previous.sync_data().map_err(io("fsync a finished segment"))?;
+            }
+        }
+        let path = segment_path(&self.config.dir, first);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(format!("create {}", path.display())))?;
+        sync_dir(&segment_dir(&self.config.dir))?;
+        inner.segments.push_back(Segment { first, records: 0, bytes: 0, path, created: SystemTime::now() });
+        inner.active = Some(file);
+        Ok(())
+    }
+
+    /// Drops the oldest segments while the spool is over its cap (never the active one). Returns how many
+    /// unacknowledged records went.
+    fn enforce_cap(&self, inner: &mut Inner) -> Result<u64, SpoolError> {
+        let mut dropped = 0;
+        while total_bytes(inner) > self.config.max_bytes && inner.segments.len() > 1 {
+            let oldest = inner.segments.pop_front().expect("more than one segment");
+            let unacked = if oldest.last() > inner.acked {
+                oldest.records - inner.acked.saturating_sub(oldest.first - 1).min(oldest.records)
+            } else {
+                0
+            };
+            fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
+            dropped += unacked;
+            inner.read_position = None;
+            tracing::error!(
+                first = oldest.first,
+                last = oldest.last(),
+                unacked,
+                "spool over its size cap: dropped the oldest segment"
+            );
+        }
+        inner.dropped_records += dropped;
+        Ok(dropped)
+    }
+
+    /// Forces appended records to disk (the `interval` policy's background task calls this).
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        if inner.dirty {
+            if let Some(file) = inner.active.as_ref() {
+                file.sync_data().map_err(io("fsync the active segment"))?;
+            }
+            inner.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Up to `max_records` records (and about `max_bytes` of them) with sequence numbers above `after`, in order.
+    pub fn read_after(&self, after: u64, max_records: usize, max_bytes: usize) -> Result<Vec<SpoolRecord>, SpoolError> {
+        let mut inner = self.lock();
+        let mut records = Vec::new();
+        let mut bytes_read = 0usize;
+        let mut next_position = None;
+        let start_hint = inner.read_position.filter(|(sequence, _)| *sequence == after + 1);
+        for segment in inner.segments.iter().filter(|segment| segment.records > 0 && segment.last() > after) {
+            let offset = match start_hint {
+                Some((sequence, offset)) if sequence >= segment.first && sequence <= segment.last() => offset,
+                _ => 0,
+            };
+            let mut file = File::open(&segment.path).map_err(io(format!("open {}", segment.path.display())))?;
+            let mut contents = Vec::new();
+            file.read_to_end(&mut contents).map_err(io(format!("read {}", segment.path.display())))?;
+            let mut position = offset as usize;
+            while position < contents.len() {
+                let Some((record, size)) = decode_record(&contents[position..]) else { break };
+                position += size;
+                if record.sequence <= after {
+                    continue;
+                }
+                bytes_read += size;
+                records.push(record);
+                if records.len() >= max_records || bytes_read >= max_bytes {
+                    let next = records.last().map(|r| r.sequence + 1).unwrap_or(after + 1);
+                    next_position = Some((next, position as u64));
+                    break;
+                }
+            }
+            if next_position.is_some() {
+                break;
+            }
+        }
+        inner.read_position = next_position;
+        Ok(records)
+    }
+
+    /// Records that the cloud has everything up to `sequence`: persists the mark, then deletes segments it covers.
+    pub fn ack(&self, sequence: u64) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        if sequence <= inner.acked {
+            return Ok(());
+        }
+        // Never beyond what was ever numbered: a cloud that claims more is wrong, not a reason to skip data.
+        let sequence = sequence.min(inner.next_sequence - 1);
+        write_state(&self.config.dir, sequence)?;
+        inner.acked = sequence;
+        while let Some(oldest) = inner.segments.front() {
+            let is_active = inner.segments.len() == 1;
+            if oldest.last() > sequence || oldest.records == 0 {
+                break;
+            }
+            if is_active {
+                // The active segment is fully acknowledged: close it, the next append starts a new one.
+                inner.active = None;
+            }
+            let oldest = inner.segments.pop_front().expect("checked above");
+            fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// The spool's figures.
+    pub fn stats(&self) -> SpoolStats {
+        let inner = self.lock();
+        SpoolStats {
+            bytes: total_bytes(&inner),
+            pending_records: pending(&inner),
+            acked_sequence: inner.acked,
+            last_sequence: inner.next_sequence - 1,
+            oldest_pending_since: inner
+                .segments
+                .iter()
+                .find(|s| s.records > 0 && s.last() > inner.acked)
+                .map(|s| s.created),
+            dropped_records: inner.dropped_records,
+        }
+    }
+
+    /// The lowest sequence still held that the cloud has not acknowledged (or the next to be numbered).
+    pub fn first_pending_sequence(&self) -> u64 {
+        let inner = self.lock();
+        inner
+            .segments
+            .iter()
+            .find(|s| s.records > 0 && s.last() > inner.acked)
+            .map(|s| s.first.max(inner.acked + 1))
+            .unwrap_or(inner.next_sequence)
+    }
+}
+
+fn total_bytes(inner: &Inner) -> u64 {
+    inner.segments.iter().map(|segment| segment.bytes).sum()
+}
+
+/// Records above the acknowledged mark. Exact because sequences within a segment are contiguous.
+fn pending(inner: &Inner) -> u64 {
+    inner
+        .segments
+        .iter()
+        .map(|segment| {
+            if segment.records == 0 || segment.last() <= inner.acked {
+                0
+            } else if segment.first > inner.acked {
+                segment.records
+            } else {
+                segment.last() - inner.acked
+            }
+        })
+        .sum()
+}
+
+/// Reads a segment, cutting it at the first record that is torn, corrupt or out of sequence.
+fn recover_segment(path: &Path, first: u64) -> Result<(Segment, u64), SpoolError> {
+    let mut contents = Vec::new();
+    File::open(path)
+        .and_then(|mut file| file.read_to_end(&mut contents))
+        .map_err(io(format!("read {}", path.display())))?;
+    let mut position = 0usize;
+    let mut records = 0u64;
+    while position < contents.len() {
+        match decode_record(&contents[position..]) {
+            Some((record, size)) if record.sequence == first + records => {
+                position += size;
+                records += 1;
+            }
+            _ => break,
+        }
+    }
+    let truncated = (contents.len() - position) as u64;
+    if truncated > 0 {
+        let file = OpenOptions::new().write(true).open(path).map_err(io(format!("open {}", path.display())))?;
+        file.set_len(position as u64).map_err(io(format!("truncate {}", path.display())))?;
+        file.sync_all().map_err(io(format!("fsync {}", path.display())))?;
+    }
+    let created =
+        fs::metadata(path).and_then(|m| m.created().or_else(|_| m.modified())).unwrap_or_else(|_| SystemTime::now());
+    Ok((Segment { first, records, bytes: position as u64, path: path.to_path_buf(), created }, truncated))
+}
+
+fn read_state(dir: &Path) -> Result<u64, SpoolError> {
+    let path = dir.join("state");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let value = text.trim().strip_prefix("acked=").and_then(|n| n.parse().ok());
+            value.ok_or_else(|| SpoolError::Io {
+                context: format!("parse {}", path.display()),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected contents {text:?}")),
+            })
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(error) => Err(SpoolError::Io { context: format!("read {}", path.display()), source: error }),
+    }
+}
+
+fn write_state(dir: &Path, acked: u64) -> Result<(), SpoolError> {
+    let temp = dir.join("state.tmp");
+    let mut file = File::create(&temp).map_err(io(format!("create {}", temp.display())))?;
+    file.write_all(format!("acked={acked}\n").as_bytes()).map_err(io("write the spool state"))?;
+    file.sync_all().map_err(io("fsync the spool state"))?;
+    fs::rename(&temp, dir.join("state")).map_err(io("replace the spool state"))?;
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smartfarm_proto::common::v1::Reading;
+
+    fn config(dir: &Path) -> SpoolConfig {
+        SpoolConfig { dir: dir.to_path_buf(), segment_bytes: 4096, max_bytes: 1 << 30, fsync: FsyncPolicy::Always }
+    }
+
+    fn body(value: f64) -> spool_record::Body {
+        spool_record::Body::Reading(Reading {
+            device_id: "0193a4b2-0000-7000-8000-000000000001".into(),
+            metric: "temperature".into(),
+            value,
+            measure_time: None,
+            receive_time: None,
+        })
+    }
+
+    fn values(records: &[SpoolRecord]) -> Vec<f64> {
+        records
+            .iter()
+            .map(|r| match &r.body {
+                Some(spool_record::Body::Reading(reading)) => reading.value,
+                _ => f64::NAN,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_are_numbered_read_back_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, recovery) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(recovery, Recovery::default());
+        let appended = spool.append((0..100).map(|i| body(i as f64)).collect()).unwrap();
+        assert_eq!((appended.first_sequence, appended.last_sequence), (1, 100));
+        let more = spool.append(vec![body(100.0)]).unwrap();
+        assert_eq!(more.first_sequence, 101);
+        drop(spool);
+
+        let (spool, recovery) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(recovery.pending_records, 101);
+        assert!(recovery.segments > 1, "4 KiB segments roll");
+        let records = spool.read_after(0, 1000, usize::MAX).unwrap();
+        assert_eq!(records.iter().map(|r| r.sequence).collect::<Vec<_>>(), (1..=101).collect::<Vec<_>>());
+        assert_eq!(values(&records)[..3], [0.0, 1.0, 2.0]);
+        assert_eq!(spool.append(vec![body(0.0)]).unwrap().first_sequence, 102, "numbers continue after a reopen");
+    }
+
+    #[test]
+    fn reads_come_in_batches_and_acks_delete_what_they_cover() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        for i in 0..300 {
+            spool.append(vec![body(i as f64)]).unwrap();
+        }
+        let first = spool.read_after(0, 120, usize::MAX).unwrap();
+        assert_eq!((first[0].sequence, first.last().unwrap().sequence), (1, 120));
+        let second = spool.read_after(120, 120, usize::MAX).unwrap();
+        assert_eq!((second[0].sequence, second.last().unwrap().sequence), (121, 240));
+        let bytes_before = spool.stats().bytes;
+        spool.ack(240).unwrap();
+        let stats = spool.stats();
+        assert_eq!((stats.acked_sequence, stats.pending_records), (240, 60));
+        assert!(stats.bytes < bytes_before, "acknowledged segments are deleted");
+        assert_eq!(spool.read_after(240, 1000, usize::MAX).unwrap().len(), 60);
+        drop(spool);
+
+        let (spool, recovery) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(recovery.pending_records, 60, "the mark survives a restart");
+        assert_eq!(spool.first_pending_sequence(), 241);
+        spool.ack(300).unwrap();
+        assert_eq!(spool.stats().pending_records, 0);
+        assert_eq!(spool.append(vec![body(1.0)]).unwrap().first_sequence, 301, "numbers never go back");
+        drop(spool);
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(spool.append(vec![body(1.0)]).unwrap().first_sequence, 302);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_everything_before_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        spool.append((0..10).map(|i| body(i as f64)).collect()).unwrap();
+        drop(spool);
+        // A power cut in the middle of the last record: drop its last 5 bytes.
+        let segment = segment_path(dir.path(), 1);
+        let length = fs::metadata(&segment).unwrap().len();
+        OpenOptions::new().write(true).open(&segment).unwrap().set_len(length - 5).unwrap();
+
+        let (spool, recovery) = Spool::open(config(dir.path())).unwrap();
+        assert!(recovery.truncated_bytes > 0);
+        assert_eq!(recovery.pending_records, 9);
+        let records = spool.read_after(0, 100, usize::MAX).unwrap();
+        assert_eq!(values(&records), (0..9).map(|i| i as f64).collect::<Vec<_>>());
+        assert_eq!(spool.append(vec![body(42.0)]).unwrap().first_sequence, 10, "the torn record's number is reused");
+
+        // Garbage after valid records (a CRC mismatch) is cut the same way.
+        drop(spool);
+        let mut file = OpenOptions::new().append(true).open(segment_path(dir.path(), 1)).unwrap();
+        file.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9]).unwrap();
+        drop(file);
+        let (spool, recovery) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(recovery.truncated_bytes, 11);
+        assert_eq!(spool.read_after(0, 100, usize::MAX).unwrap().len(), 10);
+    }
+
+    #[test]
+    fn the_cap_drops_the_oldest_segment_and_counts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig { max_bytes: 16 * 1024, ..config(dir.path()) };
+        let (spool, _) = Spool::open(config).unwrap();
+        let mut dropped = 0;
+        for i in 0..2000 {
+            dropped += spool.append(vec![body(i as f64)]).unwrap().dropped_records;
+        }
+        let stats = spool.stats();
+        assert!(stats.bytes <= 16 * 1024 + 4096, "stays near its cap: {}", stats.bytes);
+        assert!(dropped > 0);
+        assert_eq!(stats.dropped_records, dropped, "every drop is counted");
+        assert_eq!(stats.pending_records + dropped, 2000, "what is left plus what was dropped is everything");
+        let records = spool.read_after(0, 10_000, usize::MAX).unwrap();
+        assert_eq!(records.last().unwrap().sequence, 2000, "the newest records are kept");
+        assert_eq!(records.first().unwrap().sequence, dropped + 1, "oldest first out");
+    }
+}
