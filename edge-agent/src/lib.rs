@@ -5,7 +5,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod config;
+pub mod ingest;
+pub mod mqtt;
 pub mod payload;
 pub mod registry;
 pub mod spool;
+pub mod uplink;

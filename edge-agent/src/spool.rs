@@ -5,8 +5,9 @@
 //! Layout of the spool directory:
 //! - `segments/<first sequence, 20 digits>.seg`: append-only files of records `[len: u32 LE][crc32: u32 LE][a
 //!   SpoolRecord protobuf of len bytes]`. Sequence numbers inside one segment are contiguous.
-//! - `state`: the highest sequence the cloud acknowledged, written atomically (temp file, fsync, rename, fsync of
-//!   the directory) before any acknowledged segment is deleted.
+//! - `state`: the spool's id (a UUID made when the spool is created: the cloud keeps one mark per spool, so a wiped
+//!   disk that numbers from 1 again is not taken for duplicates) and the highest sequence the cloud acknowledged,
+//!   written atomically (temp file, fsync, rename, fsync of the directory) before any acknowledged segment is deleted.
 //!
 //! Recovery on open reads every segment, cuts a torn tail (a record cut short or failing its CRC, what a power cut
 //! during a write leaves) and resumes numbering after the highest sequence found or acknowledged, so numbers are
@@ -123,6 +124,7 @@ impl Segment {
 }
 
 struct Inner {
+    id: uuid::Uuid,
     segments: VecDeque<Segment>,
     /// The last segment's file, open for appending.
     active: Option<File>,
@@ -192,7 +194,14 @@ impl Spool {
     pub fn open(config: SpoolConfig) -> Result<(Spool, Recovery), SpoolError> {
         let segments_dir = segment_dir(&config.dir);
         fs::create_dir_all(&segments_dir).map_err(io(format!("create {}", segments_dir.display())))?;
-        let acked = read_state(&config.dir)?;
+        let (id, acked) = match read_state(&config.dir)? {
+            Some(state) => state,
+            None => {
+                let id = uuid::Uuid::now_v7();
+                write_state(&config.dir, id, 0)?;
+                (id, 0)
+            }
+        };
 
         let mut firsts: Vec<u64> = fs::read_dir(&segments_dir)
             .map_err(io(format!("list {}", segments_dir.display())))?
@@ -223,6 +232,7 @@ impl Spool {
         let last_found = segments.back().map(Segment::last).unwrap_or(0);
         let next_sequence = last_found.max(acked) + 1;
         let mut inner = Inner {
+            id,
             segments,
             active: None,
             next_sequence,
@@ -385,7 +395,7 @@ impl Spool {
         }
         // Never beyond what was ever numbered: a cloud that claims more is wrong, not a reason to skip data.
         let sequence = sequence.min(inner.next_sequence - 1);
-        write_state(&self.config.dir, sequence)?;
+        write_state(&self.config.dir, inner.id, sequence)?;
         inner.acked = sequence;
         while let Some(oldest) = inner.segments.front() {
             let is_active = inner.segments.len() == 1;
@@ -417,6 +427,11 @@ impl Spool {
                 .map(|s| s.created),
             dropped_records: inner.dropped_records,
         }
+    }
+
+    /// The spool's id: sequence numbers count within it.
+    pub fn id(&self) -> uuid::Uuid {
+        self.lock().id
     }
 
     /// The lowest sequence still held that the cloud has not acknowledged (or the next to be numbered).
@@ -480,25 +495,35 @@ fn recover_segment(path: &Path, first: u64) -> Result<(Segment, u64), SpoolError
     Ok((Segment { first, records, bytes: position as u64, path: path.to_path_buf(), created }, truncated))
 }
 
-fn read_state(dir: &Path) -> Result<u64, SpoolError> {
+fn read_state(dir: &Path) -> Result<Option<(uuid::Uuid, u64)>, SpoolError> {
     let path = dir.join("state");
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let value = text.trim().strip_prefix("acked=").and_then(|n| n.parse().ok());
-            value.ok_or_else(|| SpoolError::Io {
-                context: format!("parse {}", path.display()),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected contents {text:?}")),
-            })
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(SpoolError::Io { context: format!("read {}", path.display()), source: error }),
+    };
+    let mut id = None;
+    let mut acked = None;
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("spool_id", value)) => id = uuid::Uuid::try_parse(value).ok(),
+            Some(("acked", value)) => acked = value.parse().ok(),
+            _ => {}
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(error) => Err(SpoolError::Io { context: format!("read {}", path.display()), source: error }),
+    }
+    match (id, acked) {
+        (Some(id), Some(acked)) => Ok(Some((id, acked))),
+        _ => Err(SpoolError::Io {
+            context: format!("parse {}", path.display()),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected contents {text:?}")),
+        }),
     }
 }
 
-fn write_state(dir: &Path, acked: u64) -> Result<(), SpoolError> {
+fn write_state(dir: &Path, id: uuid::Uuid, acked: u64) -> Result<(), SpoolError> {
     let temp = dir.join("state.tmp");
     let mut file = File::create(&temp).map_err(io(format!("create {}", temp.display())))?;
-    file.write_all(format!("acked={acked}\n").as_bytes()).map_err(io("write the spool state"))?;
+    file.write_all(format!("spool_id={id}\nacked={acked}\n").as_bytes()).map_err(io("write the spool state"))?;
     file.sync_all().map_err(io("fsync the spool state"))?;
     fs::rename(&temp, dir.join("state")).map_err(io("replace the spool state"))?;
     sync_dir(dir)
@@ -570,10 +595,12 @@ mod tests {
         assert_eq!((stats.acked_sequence, stats.pending_records), (240, 60));
         assert!(stats.bytes < bytes_before, "acknowledged segments are deleted");
         assert_eq!(spool.read_after(240, 1000, usize::MAX).unwrap().len(), 60);
-        drop(spool);
 
+        let id = spool.id();
+        drop(spool);
         let (spool, recovery) = Spool::open(config(dir.path())).unwrap();
         assert_eq!(recovery.pending_records, 60, "the mark survives a restart");
+        assert_eq!(spool.id(), id, "and so does the spool's id");
         assert_eq!(spool.first_pending_sequence(), 241);
         spool.ack(300).unwrap();
         assert_eq!(spool.stats().pending_records, 0);

@@ -50,7 +50,7 @@ struct Link {
 }
 
 impl Link {
-    async fn open(cloud: &Cloud, credential: &str) -> Result<Link, tonic::Status> {
+    async fn open(cloud: &Cloud, credential: &str, spool_id: uuid::Uuid) -> Result<Link, tonic::Status> {
         let mut client = pb::ingestion_service_client::IngestionServiceClient::with_interceptor(
             cloud.channel().await,
             Bearer::new(credential),
@@ -59,6 +59,7 @@ impl Link {
         up.send(pb::ConnectRequest {
             body: Some(connect_request::Body::Hello(pb::EdgeHello {
                 agent_version: "test".into(),
+                spool_id: spool_id.to_string(),
                 ..Default::default()
             })),
         })
@@ -99,8 +100,9 @@ async fn exactly_once_over_the_link(backend: Backend) {
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let farm = farm(&cloud, &data).await;
     let base = SystemTime::now() - Duration::from_secs(3600);
+    let spool = uuid::Uuid::now_v7();
 
-    let mut link = Link::open(&cloud, &farm.gateway_credential).await.unwrap();
+    let mut link = Link::open(&cloud, &farm.gateway_credential, spool).await.unwrap();
     let connect_response::Body::Welcome(welcome) = link.next().await else { panic!("welcome first") };
     assert_eq!(welcome.committed_sequence, 0);
     assert!(welcome.max_in_flight_batches >= 1);
@@ -125,7 +127,7 @@ async fn exactly_once_over_the_link(backend: Backend) {
     drop(link);
 
     // A reconnect learns the mark and resends only what is above it; overlapping records are not duplicated.
-    let mut link = Link::open(&cloud, &farm.gateway_credential).await.unwrap();
+    let mut link = Link::open(&cloud, &farm.gateway_credential, spool).await.unwrap();
     let connect_response::Body::Welcome(welcome) = link.next().await else { panic!("welcome first") };
     assert_eq!(welcome.committed_sequence, 100);
     let _registry = link.next().await;
@@ -199,7 +201,7 @@ async fn only_gateways_open_links_and_queries_stay_in_the_farm(backend: Backend)
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let farm = farm(&cloud, &data).await;
 
-    let mut link = match Link::open(&cloud, &farm.admin_key).await {
+    let mut link = match Link::open(&cloud, &farm.admin_key, uuid::Uuid::now_v7()).await {
         Err(status) => {
             assert_eq!(status.code(), Code::PermissionDenied);
             None

@@ -51,6 +51,7 @@ impl Dropped {
 pub fn decode(
     batch: &pb::ReadingBatch,
     gateway_id: Uuid,
+    spool_id: Uuid,
     farm_id: Uuid,
     farm_devices: &HashSet<Uuid>,
     max_decompressed_bytes: usize,
@@ -174,6 +175,7 @@ pub fn decode(
     }
     let batch = EdgeBatch {
         gateway_id,
+        spool_id,
         farm_id,
         first_sequence: batch.first_sequence,
         last_sequence: batch.last_sequence,
@@ -230,7 +232,8 @@ mod tests {
             1,
             5,
         );
-        let (batch, dropped) = decode(&wire, gateway, farm, &devices, 1 << 20, SystemTime::now()).unwrap();
+        let (batch, dropped) =
+            decode(&wire, gateway, Uuid::now_v7(), farm, &devices, 1 << 20, SystemTime::now()).unwrap();
         assert_eq!(batch.readings.len(), 1);
         assert_eq!(batch.readings[0].sequence, 1);
         assert_eq!(dropped, Dropped { foreign_device: 1, bad_metric: 1, bad_value: 1, bad_time: 0, out_of_range: 1 });
@@ -239,8 +242,9 @@ mod tests {
     #[test]
     fn undecodable_batches_are_refused_with_a_reason() {
         let devices = HashSet::new();
-        let decode =
-            |batch: &pb::ReadingBatch| decode(batch, Uuid::nil(), Uuid::nil(), &devices, 1 << 20, SystemTime::now());
+        let decode = |batch: &pb::ReadingBatch| {
+            decode(batch, Uuid::nil(), Uuid::nil(), Uuid::nil(), &devices, 1 << 20, SystemTime::now())
+        };
         let mut wire = encode(vec![], 1, 1);
         wire.payload = b"not zstd".to_vec();
         assert!(decode(&wire).unwrap_err().0.contains("not valid zstd"));

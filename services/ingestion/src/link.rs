@@ -66,11 +66,12 @@ async fn serve(
         Ok(Ok(Some(pb::ConnectRequest { body: Some(pb::connect_request::Body::Hello(hello)) }))) => hello,
         Ok(Ok(Some(_))) => return Err(Error::invalid("hello", "the first message on the edge link must be hello")),
     };
+    let spool_id = smartfarm_core::validate::id("hello.spool_id", &hello.spool_id)?;
     let gateway = api.registry.get_device(gateway_id).await?;
     let credential_at_connect = gateway.credential_sha256.clone();
-    let committed = api.telemetry.committed_sequence(gateway_id).await?;
+    let committed = api.telemetry.committed_sequence(gateway_id, spool_id).await?;
     tracing::info!(
-        %gateway_id, %farm_id, agent_version = %hello.agent_version, committed,
+        %gateway_id, %farm_id, %spool_id, agent_version = %hello.agent_version, committed,
         spool_first = hello.spool_first_sequence, spool_last = hello.spool_last_sequence,
         "edge link open"
     );
@@ -105,7 +106,7 @@ async fn serve(
                 };
                 match message.body {
                     Some(pb::connect_request::Body::Batch(wire)) => {
-                        handle_batch(api, gateway_id, farm_id, &mut registry, wire, outbound).await?;
+                        handle_batch(api, gateway_id, spool_id, farm_id, &mut registry, wire, outbound).await?;
                     }
                     Some(pb::connect_request::Body::Hello(_)) => {
                         return Err(Error::invalid("hello", "hello may only be the first message"));
@@ -204,6 +205,7 @@ fn proto_kind(kind: DeviceKind) -> ProtoKind {
 async fn handle_batch(
     api: &IngestionApi,
     gateway_id: Uuid,
+    spool_id: Uuid,
     farm_id: Uuid,
     registry: &mut RegistryView,
     wire: pb::ReadingBatch,
@@ -212,11 +214,13 @@ async fn handle_batch(
     let started = Instant::now();
     let receive_time = time::now();
     let max_decompressed = api.settings.max_batch_bytes.saturating_mul(16);
-    let mut decoded = batch::decode(&wire, gateway_id, farm_id, &registry.devices, max_decompressed, receive_time);
+    let mut decoded =
+        batch::decode(&wire, gateway_id, spool_id, farm_id, &registry.devices, max_decompressed, receive_time);
     if matches!(&decoded, Ok((_, dropped)) if dropped.foreign_device > 0) {
         // A device registered since the last refresh: look again before dropping anything.
         registry.refresh(api, farm_id, outbound, true).await?;
-        decoded = batch::decode(&wire, gateway_id, farm_id, &registry.devices, max_decompressed, receive_time);
+        decoded =
+            batch::decode(&wire, gateway_id, spool_id, farm_id, &registry.devices, max_decompressed, receive_time);
     }
     let (batch, dropped) = match decoded {
         Ok(decoded) => decoded,

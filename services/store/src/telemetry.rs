@@ -35,11 +35,13 @@ pub struct AggregateRow {
     pub last: f64,
 }
 
-/// A batch from one gateway: records `first_sequence..=last_sequence` (some of which may have been dropped on the
-/// edge; the range still moves the mark).
+/// A batch from one gateway's spool: records `first_sequence..=last_sequence` (some of which may have been dropped
+/// on the edge; the range still moves the mark).
 #[derive(Clone, Debug)]
 pub struct EdgeBatch {
     pub gateway_id: Uuid,
+    /// The spool's lifetime: sequence numbers, and the mark, count within one spool.
+    pub spool_id: Uuid,
     pub farm_id: Uuid,
     pub first_sequence: u64,
     pub last_sequence: u64,
@@ -129,8 +131,8 @@ pub struct Retention {
 /// Storage of telemetry.
 #[async_trait::async_trait]
 pub trait TelemetryStore: Send + Sync + 'static {
-    /// The highest sequence number committed for this gateway (0 if none).
-    async fn committed_sequence(&self, gateway_id: Uuid) -> Result<u64>;
+    /// The highest sequence number committed for this gateway's spool (0 if none).
+    async fn committed_sequence(&self, gateway_id: Uuid, spool_id: Uuid) -> Result<u64>;
 
     /// Writes the batch's rows above the gateway's mark and moves the mark to `last_sequence`, in one
     /// transaction, updating the configured rollups in it too. A batch at or below the mark writes nothing.

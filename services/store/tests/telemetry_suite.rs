@@ -43,6 +43,7 @@ impl Harness {
 struct Farm {
     id: Uuid,
     gateway: Uuid,
+    spool: Uuid,
     sensors: [Uuid; 2],
 }
 
@@ -66,7 +67,7 @@ async fn farm(registry: &dyn RegistryStore, name: &str) -> Farm {
             .unwrap();
         ids.push(device.id);
     }
-    Farm { id: farm.id, gateway: ids[0], sensors: [ids[1], ids[2]] }
+    Farm { id: farm.id, gateway: ids[0], spool: Uuid::now_v7(), sensors: [ids[1], ids[2]] }
 }
 
 /// Seconds since the epoch as a time; tests use times around 2026 so several months and partitions are crossed.
@@ -81,6 +82,7 @@ fn reading(sequence: u64, device_id: Uuid, metric: &str, value: f64, seconds: u6
 fn batch(farm: &Farm, first: u64, last: u64, readings: Vec<ReadingRow>) -> EdgeBatch {
     EdgeBatch {
         gateway_id: farm.gateway,
+        spool_id: farm.spool,
         farm_id: farm.id,
         first_sequence: first,
         last_sequence: last,
@@ -100,7 +102,7 @@ async fn batches_commit_once(database: &Database) {
     let (registry, telemetry) = (database.registry(), database.telemetry());
     let farm = farm(&*registry, "exactly once").await;
     let [a, b] = farm.sensors;
-    assert_eq!(telemetry.committed_sequence(farm.gateway).await.unwrap(), 0);
+    assert_eq!(telemetry.committed_sequence(farm.gateway, farm.spool).await.unwrap(), 0);
 
     let first = batch(
         &farm,
@@ -116,7 +118,7 @@ async fn batches_commit_once(database: &Database) {
         telemetry.commit_batch(&first, &ROLLUPS).await.unwrap(),
         BatchOutcome::Committed { readings: 3, aggregates: 0 }
     );
-    assert_eq!(telemetry.committed_sequence(farm.gateway).await.unwrap(), 3);
+    assert_eq!(telemetry.committed_sequence(farm.gateway, farm.spool).await.unwrap(), 3);
     assert_eq!(
         telemetry.commit_batch(&first, &ROLLUPS).await.unwrap(),
         BatchOutcome::Duplicate,
@@ -142,11 +144,26 @@ async fn batches_commit_once(database: &Database) {
     // Records dropped on the edge leave a gap; the range still moves the mark.
     let after_gap = batch(&farm, 9, 10, vec![reading(10, a, "temperature", 22.0, 50)]);
     telemetry.commit_batch(&after_gap, &ROLLUPS).await.unwrap();
-    assert_eq!(telemetry.committed_sequence(farm.gateway).await.unwrap(), 10);
+    assert_eq!(telemetry.committed_sequence(farm.gateway, farm.spool).await.unwrap(), 10);
+
+    // A new spool on the same gateway (a wiped disk) numbers from 1 again and has a mark of its own.
+    let new_spool = Farm { spool: Uuid::now_v7(), ..farm };
+    assert_eq!(telemetry.committed_sequence(new_spool.gateway, new_spool.spool).await.unwrap(), 0);
+    let fresh = batch(&new_spool, 1, 1, vec![reading(1, a, "temperature", 23.0, 60)]);
+    assert_eq!(
+        telemetry.commit_batch(&fresh, &ROLLUPS).await.unwrap(),
+        BatchOutcome::Committed { readings: 1, aggregates: 0 }
+    );
+    assert_eq!(
+        telemetry.committed_sequence(new_spool.gateway, farm.spool).await.unwrap(),
+        10,
+        "the old spool's mark stays"
+    );
+    let farm = new_spool;
 
     let all = telemetry.query_readings(&everything(&farm), None, 100).await.unwrap();
     let sequences: Vec<u64> = all.iter().map(|r| r.sequence).collect();
-    assert_eq!(sequences, vec![2, 1, 3, 4, 5, 10], "every reading exactly once, by time, then device and metric");
+    assert_eq!(sequences, vec![2, 1, 3, 4, 5, 10, 1], "every reading exactly once, by time, then device and metric");
     assert_eq!(all[0].metric, "humidity", "same time: ordered by device, then metric");
 }
 

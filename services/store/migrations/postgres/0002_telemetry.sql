@@ -6,12 +6,14 @@ CREATE TABLE metric_names (
     name text NOT NULL UNIQUE
 );
 
--- Per gateway, the highest edge sequence number committed: the whole deduplication state of the edge link.
+-- Per gateway spool, the highest edge sequence number committed: the whole deduplication state of the edge link.
 CREATE TABLE edge_streams (
-    gateway_id         uuid PRIMARY KEY REFERENCES devices (id),
+    gateway_id         uuid NOT NULL REFERENCES devices (id),
+    spool_id           uuid NOT NULL,
     farm_id            uuid NOT NULL REFERENCES farms (id),
     committed_sequence bigint NOT NULL,
-    update_time        timestamptz NOT NULL
+    update_time        timestamptz NOT NULL,
+    PRIMARY KEY (gateway_id, spool_id)
 );
 
 -- The narrow readings table. With TimescaleDB installed it becomes a hypertable with native compression segmented

@@ -6,12 +6,14 @@ CREATE TABLE metric_names (
     name TEXT NOT NULL UNIQUE
 ) STRICT;
 
--- Per gateway, the highest edge sequence number committed: the whole deduplication state of the edge link.
+-- Per gateway spool, the highest edge sequence number committed: the whole deduplication state of the edge link.
 CREATE TABLE edge_streams (
-    gateway_id         TEXT PRIMARY KEY REFERENCES devices (id),
+    gateway_id         TEXT NOT NULL REFERENCES devices (id),
+    spool_id           TEXT NOT NULL,
     farm_id            TEXT NOT NULL REFERENCES farms (id),
     committed_sequence INTEGER NOT NULL,
-    update_time        INTEGER NOT NULL
+    update_time        INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, spool_id)
 ) STRICT;
 
 CREATE TABLE readings (

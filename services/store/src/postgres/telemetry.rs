@@ -160,10 +160,13 @@ fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {
 
 #[async_trait::async_trait]
 impl TelemetryStore for PostgresStore {
-    async fn committed_sequence(&self, gateway_id: Uuid) -> Result<u64> {
+    async fn committed_sequence(&self, gateway_id: Uuid, spool_id: Uuid) -> Result<u64> {
         let client = self.client().await?;
         let row = client
-            .query_opt("SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1", &[&gateway_id])
+            .query_opt(
+                "SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1 AND spool_id = $2",
+                &[&gateway_id, &spool_id],
+            )
             .await
             .map_err(pg_error("read the edge mark"))?;
         Ok(row.map(|row| row.get::<_, i64>(0) as u64).unwrap_or(0))
@@ -183,9 +186,9 @@ impl TelemetryStore for PostgresStore {
         let transaction = client.transaction().await.map_err(pg_error("begin batch"))?;
         transaction
             .execute(
-                "INSERT INTO edge_streams (gateway_id, farm_id, committed_sequence, update_time) VALUES ($1, $2, 0, $3)
-                 ON CONFLICT (gateway_id) DO NOTHING",
-                &[&batch.gateway_id, &batch.farm_id, &batch.receive_time],
+                "INSERT INTO edge_streams (gateway_id, spool_id, farm_id, committed_sequence, update_time) VALUES ($1, $2, $3, 0, $4)
+                 ON CONFLICT (gateway_id, spool_id) DO NOTHING",
+                &[&batch.gateway_id, &batch.spool_id, &batch.farm_id, &batch.receive_time],
             )
             .await
             .map_err(pg_error("register the edge stream"))?;
@@ -193,8 +196,8 @@ impl TelemetryStore for PostgresStore {
         // and the write cannot interleave.
         let committed: i64 = transaction
             .query_one(
-                "SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1 FOR UPDATE",
-                &[&batch.gateway_id],
+                "SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1 AND spool_id = $2 FOR UPDATE",
+                &[&batch.gateway_id, &batch.spool_id],
             )
             .await
             .map_err(pg_error("lock the edge mark"))?
@@ -369,8 +372,8 @@ impl TelemetryStore for PostgresStore {
 
         transaction
             .execute(
-                "UPDATE edge_streams SET committed_sequence = $2, update_time = $3 WHERE gateway_id = $1",
-                &[&batch.gateway_id, &(batch.last_sequence as i64), &batch.receive_time],
+                "UPDATE edge_streams SET committed_sequence = $3, update_time = $4 WHERE gateway_id = $1 AND spool_id = $2",
+                &[&batch.gateway_id, &batch.spool_id, &(batch.last_sequence as i64), &batch.receive_time],
             )
             .await
             .map_err(pg_error("move the edge mark"))?;

@@ -78,12 +78,12 @@ fn filter_clause(filter: &ReadingFilter, values: &mut Vec<Value>) -> String {
 
 #[async_trait::async_trait]
 impl TelemetryStore for SqliteStore {
-    async fn committed_sequence(&self, gateway_id: Uuid) -> Result<u64> {
+    async fn committed_sequence(&self, gateway_id: Uuid, spool_id: Uuid) -> Result<u64> {
         self.run(move |connection| {
             let committed: Option<i64> = connection
                 .query_row(
-                    "SELECT committed_sequence FROM edge_streams WHERE gateway_id = ?1",
-                    [gateway_id.to_string()],
+                    "SELECT committed_sequence FROM edge_streams WHERE gateway_id = ?1 AND spool_id = ?2",
+                    [gateway_id.to_string(), spool_id.to_string()],
                     |row| row.get(0),
                 )
                 .optional()
@@ -99,10 +99,15 @@ impl TelemetryStore for SqliteStore {
         self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin batch"))?;
             let gateway = batch.gateway_id.to_string();
+            let spool = batch.spool_id.to_string();
             let farm = batch.farm_id.to_string();
             let receive = to_unix_micros(batch.receive_time);
             let committed: Option<i64> = transaction
-                .query_row("SELECT committed_sequence FROM edge_streams WHERE gateway_id = ?1", [&gateway], |row| row.get(0))
+                .query_row(
+                    "SELECT committed_sequence FROM edge_streams WHERE gateway_id = ?1 AND spool_id = ?2",
+                    [&gateway, &spool],
+                    |row| row.get(0),
+                )
                 .optional()
                 .map_err(sql_error("read the edge mark"))?;
             let committed = committed.unwrap_or(0) as u64;
@@ -217,10 +222,10 @@ impl TelemetryStore for SqliteStore {
             }
             transaction
                 .execute(
-                    "INSERT INTO edge_streams (gateway_id, farm_id, committed_sequence, update_time) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (gateway_id) DO UPDATE SET committed_sequence = excluded.committed_sequence,
+                    "INSERT INTO edge_streams (gateway_id, spool_id, farm_id, committed_sequence, update_time) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (gateway_id, spool_id) DO UPDATE SET committed_sequence = excluded.committed_sequence,
                          update_time = excluded.update_time",
-                    params![gateway, farm, batch.last_sequence as i64, receive],
+                    params![gateway, spool, farm, batch.last_sequence as i64, receive],
                 )
                 .map_err(sql_error("move the edge mark"))?;
             transaction.commit().map_err(sql_error("commit batch"))?;

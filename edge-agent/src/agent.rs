@@ -1,0 +1,155 @@
+//! Wires the agent together: spool, registry cache, ingest pipeline, MQTT broker, uplink, metrics, and the tasks
+//! that keep them going, until the shutdown signal; then it stops accepting, spools open aggregation windows and
+//! syncs the spool.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::EdgeConfig;
+use crate::ingest::{Ingestor, LocalAlert, SpoolWriter};
+use crate::mqtt::broker::{self, ALERTS_TOPIC, Broker};
+use crate::registry::Registry;
+use crate::spool::{FsyncPolicy, Spool};
+use crate::uplink::Uplink;
+
+/// Where the agent listens, once it does.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Bound {
+    pub mqtt: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Runs the agent until `shutdown` resolves. `addr_file`, when given, receives the bound addresses as JSON once
+/// the agent listens (how tests and scripts find ports chosen with port 0).
+pub async fn run(
+    config: EdgeConfig,
+    addr_file: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let (spool, recovery) = Spool::open(config.spool()).context("cannot open the spool")?;
+    let spool = Arc::new(spool);
+    tracing::info!(
+        dir = %config.spool_dir.display(), spool_id = %spool.id(), segments = recovery.segments,
+        pending = recovery.pending_records, truncated_bytes = recovery.truncated_bytes, "spool open"
+    );
+    let registry = Arc::new(Registry::load(&config.spool_dir));
+    if registry.is_empty() {
+        tracing::warn!("no registry cached yet: sensors are refused until the cloud sends the farm's devices");
+    }
+
+    let (alerts, mut alert_events) = mpsc::unbounded_channel::<LocalAlert>();
+    let writer = SpoolWriter::start(spool.clone(), alerts.clone());
+    let ingestor = Ingestor::new(writer, config.upload, config.aggregation_window, config.max_future_skew);
+    let broker = Broker::new(registry.clone(), ingestor.clone(), config.allow_anonymous);
+
+    let mqtt_listener = TcpListener::bind(config.mqtt_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.mqtt_listen))?;
+    let metrics_listener = match config.metrics_listen.as_str() {
+        "" => None,
+        address => Some(TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))?),
+    };
+    let bound = Bound {
+        mqtt: mqtt_listener.local_addr()?,
+        metrics: metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?,
+    };
+    if let Some(path) = &addr_file {
+        let temp = path.with_extension("tmp");
+        std::fs::write(&temp, serde_json::to_vec(&bound)?)?;
+        std::fs::rename(&temp, path)?;
+    }
+    tracing::info!(mqtt = %bound.mqtt, metrics = ?bound.metrics, cloud = %config.cloud, "smartfarm-edge running");
+
+    let (stop, stopping) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let mut broker_stop = stopping.clone();
+    tasks.spawn(broker::serve(broker.clone(), mqtt_listener, async move {
+        let _ = broker_stop.wait_for(|stop| *stop).await;
+    }));
+    if let Some(listener) = metrics_listener {
+        let mut metrics_stop = stopping.clone();
+        let handle = smartfarm_core::observability::init_metrics();
+        let app =
+            axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
+        tasks.spawn(async move {
+            let shutdown = async move {
+                let _ = metrics_stop.wait_for(|stop| *stop).await;
+            };
+            if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(%error, "metrics endpoint failed");
+            }
+        });
+    }
+    tasks.spawn(Uplink::new(config.clone(), spool.clone(), registry.clone(), alerts.clone()).run(stopping.clone()));
+
+    // Local alerts go to the farm's alert topic at once, link or no link.
+    let alert_broker = broker.clone();
+    tasks.spawn(async move {
+        while let Some(alert) = alert_events.recv().await {
+            let message = match &alert {
+                LocalAlert::SpoolOverflow { dropped_records } => serde_json::json!({
+                    "kind": "spool_overflow", "severity": "SEVERITY_CRITICAL", "dropped_records": dropped_records,
+                    "message": format!("the spool reached its size cap and dropped {dropped_records} unsent records"),
+                }),
+                LocalAlert::BatchRefused { first_sequence, last_sequence, reason } => serde_json::json!({
+                    "kind": "batch_refused", "severity": "SEVERITY_CRITICAL", "first_sequence": first_sequence,
+                    "last_sequence": last_sequence, "message": format!("the cloud refused a batch: {reason}"),
+                }),
+            };
+            alert_broker.publish(ALERTS_TOPIC, Bytes::from(message.to_string()));
+        }
+    });
+
+    // Housekeeping every second: close aggregation windows, fsync under the interval policy, publish spool figures.
+    let housekeeping_spool = spool.clone();
+    let housekeeping_ingestor = ingestor.clone();
+    let fsync = config.spool().fsync;
+    let mut housekeeping_stop = stopping.clone();
+    tasks.spawn(async move {
+        let period = match fsync {
+            FsyncPolicy::Interval(interval) => interval.min(Duration::from_secs(1)),
+            _ => Duration::from_secs(1),
+        };
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = housekeeping_stop.wait_for(|stop| *stop) => return,
+            }
+            if let Err(error) = housekeeping_ingestor.flush_windows(Some(SystemTime::now())).await {
+                tracing::error!(%error, "cannot spool closed aggregation windows");
+            }
+            if matches!(fsync, FsyncPolicy::Interval(_))
+                && let Err(error) = housekeeping_spool.sync()
+            {
+                tracing::error!(%error, "spool fsync failed");
+            }
+            let stats = housekeeping_spool.stats();
+            metrics::gauge!("smartfarm_edge_spool_bytes").set(stats.bytes as f64);
+            metrics::gauge!("smartfarm_edge_spool_pending_records").set(stats.pending_records as f64);
+            let age = stats.oldest_pending_since.and_then(|since| SystemTime::now().duration_since(since).ok());
+            metrics::gauge!("smartfarm_edge_spool_oldest_pending_seconds")
+                .set(age.map(|a| a.as_secs_f64()).unwrap_or(0.0));
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
+    if let Err(error) = ingestor.flush_windows(None).await {
+        tracing::error!(%error, "cannot spool open aggregation windows at shutdown");
+    }
+    spool.sync().context("cannot fsync the spool at shutdown")?;
+    tracing::info!(pending = spool.stats().pending_records, "smartfarm-edge stopped");
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! From an accepted MQTT payload to durable spool records: parsing, aggregation windows, and the spool writer that
+//! commits concurrent appends in groups (one fsync for everything that arrived meanwhile), so every sensor waits
+//! only for its own durability and thousands of sensors share the cost of each fsync.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use smartfarm_core::time::{from_unix_micros, to_timestamp, to_unix_micros};
+use smartfarm_proto::common::v1::Reading;
+use smartfarm_proto::ingestion::v1::{Aggregate, spool_record::Body};
+
+use crate::config::UploadMode;
+use crate::payload::{self, Measurement, Rejection};
+use crate::spool::{Appended, Spool};
+
+/// Something the agent announces on the farm's local alert topic.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LocalAlert {
+    /// The spool passed its cap and dropped the oldest unacknowledged records.
+    SpoolOverflow { dropped_records: u64 },
+    /// The cloud refused a batch for good; its records stay in the spool.
+    BatchRefused { first_sequence: u64, last_sequence: u64, reason: String },
+}
+
+/// Why a payload did not make it into the spool.
+#[derive(Debug)]
+pub enum IngestError {
+    /// The payload is bad; the sensor is told why.
+    Rejected(Rejection),
+    /// The spool cannot be written (disk full, I/O error): nothing was stored, the sensor should retry.
+    Unavailable(String),
+}
+
+struct WriteRequest {
+    bodies: Vec<Body>,
+    done: oneshot::Sender<Result<Appended, String>>,
+}
+
+/// Appends to the spool from any task; a dedicated thread does the file work and groups concurrent requests.
+#[derive(Clone)]
+pub struct SpoolWriter {
+    requests: mpsc::Sender<WriteRequest>,
+}
+
+/// Most requests committed by one fsync.
+const MAX_GROUP: usize = 512;
+
+impl SpoolWriter {
+    /// Starts the writer thread; it stops when every `SpoolWriter` clone is dropped.
+    pub fn start(spool: Arc<Spool>, alerts: mpsc::UnboundedSender<LocalAlert>) -> SpoolWriter {
+        let (requests, mut receiver) = mpsc::channel::<WriteRequest>(4096);
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || {
+                while let Some(first) = receiver.blocking_recv() {
+                    let mut group = vec![first];
+                    while group.len() < MAX_GROUP {
+                        match receiver.try_recv() {
+                            Ok(request) => group.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    let sizes: Vec<usize> = group.iter().map(|request| request.bodies.len()).collect();
+                    let bodies: Vec<Body> =
+                        group.iter_mut().flat_map(|request| std::mem::take(&mut request.bodies)).collect();
+                    match spool.append(bodies) {
+                        Ok(appended) => {
+                            if appended.dropped_records > 0 {
+                                metrics::counter!("smartfarm_edge_spool_dropped_records_total")
+                                    .increment(appended.dropped_records);
+                                let _ = alerts
+                                    .send(LocalAlert::SpoolOverflow { dropped_records: appended.dropped_records });
+                            }
+                            let mut next = appended.first_sequence;
+                            for (request, size) in group.into_iter().zip(sizes) {
+                                let mine = Appended {
+                                    first_sequence: next,
+                                    last_sequence: next + size as u64 - 1,
+                                    dropped_records: appended.dropped_records,
+                                };
+                                next += size as u64;
+                                let _ = request.done.send(Ok(mine));
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "spool append failed");
+                            for request in group {
+                                let _ = request.done.send(Err(error.to_string()));
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("the spool writer thread starts");
+        SpoolWriter { requests }
+    }
+
+    /// Appends `bodies`; returns once they are in the spool (durable under the `always` fsync policy).
+    pub async fn append(&self, bodies: Vec<Body>) -> Result<Appended, String> {
+        let (done, result) = oneshot::channel();
+        self.requests.send(WriteRequest { bodies, done }).await.map_err(|_| "the spool writer stopped".to_string())?;
+        result.await.map_err(|_| "the spool writer stopped".to_string())?
+    }
+}
+
+/// Per-device, per-metric windows aligned to the clock.
+#[derive(Debug)]
+pub struct Aggregator {
+    width_micros: i64,
+    open: HashMap<(Uuid, String), Window>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    start_micros: i64,
+    count: u64,
+    min: f64,
+    max: f64,
+    sum: f64,
+    last: f64,
+    last_time: i64,
+}
+
+impl Window {
+    fn new(start_micros: i64, value: f64, time: i64) -> Window {
+        Window { start_micros, count: 1, min: value, max: value, sum: value, last: value, last_time: time }
+    }
+
+    fn add(&mut self, value: f64, time: i64) {
+        self.count += 1;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        self.sum += value;
+        if time >= self.last_time {
+            self.last = value;
+            self.last_time = time;
+        }
+    }
+}
+
+impl Aggregator {
+    pub fn new(width: Duration) -> Aggregator {
+        Aggregator { width_micros: width.as_micros() as i64, open: HashMap::new() }
+    }
+
+    fn body(&self, device: Uuid, metric: &str, window: &Window) -> Body {
+        Body::Aggregate(Aggregate {
+            device_id: device.to_string(),
+            metric: metric.to_string(),
+            window_start_time: Some(to_timestamp(from_unix_micros(window.start_micros))),
+            window_end_time: Some(to_timestamp(from_unix_micros(window.start_micros + self.width_micros))),
+            count: window.count,
+            min: window.min,
+            max: window.max,
+            avg: window.sum / window.count as f64,
+            last: window.last,
+        })
+    }
+
+    /// Adds readings; returns the aggregates this closes (a reading of a later window closes the open one; a late
+    /// reading of an earlier window goes up as an aggregate of its own).
+    pub fn add(&mut self, device: Uuid, measurements: &[Measurement]) -> Vec<Body> {
+        let mut closed = Vec::new();
+        for measurement in measurements {
+            let time = to_unix_micros(measurement.time);
+            let start = time.div_euclid(self.width_micros) * self.width_micros;
+            let key = (device, measurement.metric.clone());
+            match self.open.get_mut(&key) {
+                Some(window) if window.start_micros == start => window.add(measurement.value, time),
+                Some(window) if window.start_micros < start => {
+                    let finished = *window;
+                    *window = Window::new(start, measurement.value, time);
+                    closed.push(self.body(device, &measurement.metric, &finished));
+                }
+                Some(_) => {
+                    closed.push(self.body(device, &measurement.metric, &Window::new(start, measurement.value, time)))
+                }
+                None => {
+                    self.open.insert(key, Window::new(start, measurement.value, time));
+                }
+            }
+        }
+        closed
+    }
+
+    /// Closes the windows that ended by `now` (all of them when `now` is `None`, at shutdown).
+    pub fn flush(&mut self, now: Option<SystemTime>) -> Vec<Body> {
+        let now = now.map(to_unix_micros);
+        let width = self.width_micros;
+        let ended: Vec<(Uuid, String)> = self
+            .open
+            .iter()
+            .filter(|(_, window)| now.is_none_or(|now| window.start_micros + width <= now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut closed = Vec::new();
+        for key in ended {
+            if let Some(window) = self.open.remove(&key) {
+                closed.push(self.body(key.0, &key.1, &window));
+            }
+        }
+        closed
+    }
+}
+
+/// Turns accepted payloads into spool records.
+#[derive(Clone)]
+pub struct Ingestor {
+    writer: SpoolWriter,
+    aggregator: Option<Arc<Mutex<Aggregator>>>,
+    upload: UploadMode,
+    max_future_skew: Duration,
+}
+
+impl Ingestor {
+    pub fn new(writer: SpoolWriter, upload: UploadMode, window: Duration, max_future_skew: Duration) -> Ingestor {
+        let aggregator = upload.aggregates().then(|| Arc::new(Mutex::new(Aggregator::new(window))));
+        Ingestor { writer, aggregator, upload, max_future_skew }
+    }
+
+    /// Parses a payload from `device` and stores what it carries. Returns how many readings were accepted.
+    pub async fn accept(&self, device: Uuid, payload: &[u8]) -> Result<usize, IngestError> {
+        let measurements =
+            payload::parse(payload, SystemTime::now(), self.max_future_skew).map_err(IngestError::Rejected)?;
+        let mut bodies = Vec::new();
+        if let Some(aggregator) = &self.aggregator {
+            bodies.extend(aggregator.lock().expect("aggregator lock").add(device, &measurements));
+        }
+        if self.upload.raw() {
+            let device_id = device.to_string();
+            bodies.extend(measurements.iter().map(|m| {
+                Body::Reading(Reading {
+                    device_id: device_id.clone(),
+                    metric: m.metric.clone(),
+                    value: m.value,
+                    measure_time: Some(to_timestamp(m.time)),
+                    receive_time: None,
+                })
+            }));
+        }
+        if !bodies.is_empty() {
+            self.writer.append(bodies).await.map_err(IngestError::Unavailable)?;
+        }
+        metrics::counter!("smartfarm_edge_readings_accepted_total").increment(measurements.len() as u64);
+        Ok(measurements.len())
+    }
+
+    /// Spools the aggregates of windows that ended (every open one when `now` is `None`).
+    pub async fn flush_windows(&self, now: Option<SystemTime>) -> Result<(), String> {
+        let Some(aggregator) = &self.aggregator else { return Ok(()) };
+        let closed = aggregator.lock().expect("aggregator lock").flush(now);
+        if !closed.is_empty() {
+            self.writer.append(closed).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
+    }
+
+    fn measurement(value: f64, seconds: u64) -> Measurement {
+        Measurement { metric: "temperature".into(), value, time: at(seconds) }
+    }
+
+    fn aggregate(body: &Body) -> &Aggregate {
+        match body {
+            Body::Aggregate(aggregate) => aggregate,
+            other => panic!("not an aggregate: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn windows_are_aligned_and_closed_by_later_readings_or_time() {
+        let device = Uuid::now_v7();
+        let mut aggregator = Aggregator::new(Duration::from_secs(300));
+        assert!(aggregator.add(device, &[measurement(1.0, 0), measurement(5.0, 60), measurement(3.0, 120)]).is_empty());
+        let closed = aggregator.add(device, &[measurement(10.0, 300)]);
+        assert_eq!(closed.len(), 1);
+        let first = aggregate(&closed[0]);
+        assert_eq!((first.count, first.min, first.max, first.avg, first.last), (3, 1.0, 5.0, 3.0, 3.0));
+        assert_eq!(first.window_start_time, Some(to_timestamp(at(0))));
+        assert_eq!(first.window_end_time, Some(to_timestamp(at(300))));
+
+        // A late reading of a closed window becomes an aggregate of its own.
+        let late = aggregator.add(device, &[measurement(7.0, 100)]);
+        assert_eq!(aggregate(&late[0]).count, 1);
+
+        assert!(aggregator.flush(Some(at(599))).is_empty(), "the 300-600 window is still open");
+        let closed = aggregator.flush(Some(at(600)));
+        assert_eq!(aggregate(&closed[0]).count, 1);
+        assert!(aggregator.flush(None).is_empty());
+    }
+}

@@ -1,0 +1,432 @@
+//! The broker: one task per sensor connection. A sensor authenticates with its device id and credential (checked
+//! against the registry cache), may publish only under `smartfarm/<its id>/` and subscribe only to its own
+//! `commands` and `errors` topics and to `smartfarm/alerts` (rumqttd has no such ACL, which is why the agent speaks
+//! MQTT itself). A telemetry publish is acknowledged only after its readings are in the spool. Refusals are logged,
+//! counted per reason, and told to the device on `smartfarm/<id>/errors`; the connection stays up.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use super::codec::{self, ConnectRefusal, Inbound, Outbound, PublishOutcome, Qos, Version};
+use crate::ingest::{IngestError, Ingestor};
+use crate::registry::{AuthFailure, Registry};
+
+/// The topic every device may read for the farm's alerts.
+pub const ALERTS_TOPIC: &str = "smartfarm/alerts";
+
+/// How long a new connection has to send CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages waiting for one subscriber before new ones are dropped (and counted).
+const SUBSCRIBER_QUEUE: usize = 256;
+
+/// A message for a subscriber.
+#[derive(Clone, Debug)]
+struct Delivery {
+    topic: String,
+    payload: Bytes,
+}
+
+/// A topic's subscribers: (connection id, its delivery queue).
+type Subscribers = Vec<(u64, mpsc::Sender<Delivery>)>;
+
+/// The broker's shared state.
+pub struct Broker {
+    registry: Arc<Registry>,
+    ingestor: Ingestor,
+    allow_anonymous: bool,
+    /// Exact topic → subscribers (the ACL allows no wildcards, so exact matching is complete).
+    routes: Mutex<HashMap<String, Subscribers>>,
+    /// Client id → the switch that disconnects its current connection (a new connection takes the id over).
+    sessions: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+    next_connection: AtomicU64,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("allow_anonymous", &self.allow_anonymous).finish_non_exhaustive()
+    }
+}
+
+/// Who is on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Identity {
+    Device(Uuid),
+    Anonymous,
+}
+
+impl Broker {
+    pub fn new(registry: Arc<Registry>, ingestor: Ingestor, allow_anonymous: bool) -> Arc<Broker> {
+        Arc::new(Broker {
+            registry,
+            ingestor,
+            allow_anonymous,
+            routes: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+        })
+    }
+
+    /// Delivers a message from the agent to the topic's subscribers; returns how many got it.
+    pub fn publish(&self, topic: &str, payload: Bytes) -> usize {
+        let routes = self.routes.lock().expect("routes lock");
+        let Some(subscribers) = routes.get(topic) else { return 0 };
+        let mut delivered = 0;
+        for (_, sender) in subscribers {
+            match sender.try_send(Delivery { topic: topic.to_string(), payload: payload.clone() }) {
+                Ok(()) => delivered += 1,
+                Err(_) => metrics::counter!("smartfarm_edge_mqtt_deliveries_dropped_total").increment(1),
+            }
+        }
+        delivered
+    }
+
+    /// Tells a device why its publish was refused, on `smartfarm/<id>/errors`.
+    fn report_error(&self, device: Uuid, topic: &str, reason: &str, detail: &str) {
+        let message = serde_json::json!({ "error": reason, "detail": detail, "topic": topic });
+        self.publish(&format!("smartfarm/{device}/errors"), Bytes::from(message.to_string()));
+    }
+
+    fn subscribe(&self, topic: &str, connection: u64, sender: &mpsc::Sender<Delivery>) {
+        let mut routes = self.routes.lock().expect("routes lock");
+        let subscribers = routes.entry(topic.to_string()).or_default();
+        if !subscribers.iter().any(|(id, _)| *id == connection) {
+            subscribers.push((connection, sender.clone()));
+        }
+    }
+
+    fn unsubscribe(&self, topic: &str, connection: u64) {
+        let mut routes = self.routes.lock().expect("routes lock");
+        if let Some(subscribers) = routes.get_mut(topic) {
+            subscribers.retain(|(id, _)| *id != connection);
+            if subscribers.is_empty() {
+                routes.remove(topic);
+            }
+        }
+    }
+
+    fn forget_connection(&self, connection: u64, client_id: &str) {
+        let mut routes = self.routes.lock().expect("routes lock");
+        routes.retain(|_, subscribers| {
+            subscribers.retain(|(id, _)| *id != connection);
+            !subscribers.is_empty()
+        });
+        drop(routes);
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if sessions.get(client_id).is_some_and(|(id, _)| *id == connection) {
+            sessions.remove(client_id);
+        }
+    }
+
+    /// Which filters a connection may subscribe to.
+    fn may_subscribe(identity: Identity, filter: &str) -> bool {
+        if filter == ALERTS_TOPIC {
+            return true;
+        }
+        match identity {
+            Identity::Device(id) => {
+                filter == format!("smartfarm/{id}/commands") || filter == format!("smartfarm/{id}/errors")
+            }
+            Identity::Anonymous => false,
+        }
+    }
+}
+
+/// Accepts sensor connections until `shutdown` resolves.
+pub async fn serve(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(broker.clone(), stream, peer));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "mqtt accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = &mut shutdown => return,
+        }
+    }
+}
+
+/// Why a connection ended, for the log.
+#[derive(Debug)]
+enum Ended {
+    ClientLeft,
+    Refused(&'static str),
+    TakenOver,
+    Timeout,
+    Protocol(String),
+    Io(std::io::Error),
+    SpoolUnavailable(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::ClientLeft => f.write_str("the client left"),
+            Ended::Refused(reason) => write!(f, "refused: {reason}"),
+            Ended::TakenOver => f.write_str("a new connection took over the client id"),
+            Ended::Timeout => f.write_str("keep-alive or connect timeout"),
+            Ended::Protocol(detail) => write!(f, "protocol error: {detail}"),
+            Ended::Io(error) => write!(f, "socket error: {error}"),
+            Ended::SpoolUnavailable(error) => write!(f, "the spool cannot be written: {error}"),
+        }
+    }
+}
+
+async fn connection(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    metrics::gauge!("smartfarm_edge_mqtt_connections").increment(1.0);
+    let connection_id = broker.next_connection.fetch_add(1, Ordering::Relaxed);
+    let mut session = Session {
+        broker: broker.clone(),
+        stream,
+        connection_id,
+        buffer: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(4096),
+        version: Version::V311,
+        identity: Identity::Anonymous,
+        client_id: String::new(),
+        awaiting_release: HashSet::new(),
+        next_pkid: 0,
+    };
+    let ended = session.run().await;
+    broker.forget_connection(connection_id, &session.client_id);
+    metrics::gauge!("smartfarm_edge_mqtt_connections").decrement(1.0);
+    match ended {
+        Ended::ClientLeft | Ended::TakenOver => {
+            tracing::debug!(%peer, client_id = %session.client_id, %ended, "mqtt client left")
+        }
+        Ended::Refused(_) => tracing::info!(%peer, %ended, "mqtt connection refused"),
+        other => tracing::info!(%peer, client_id = %session.client_id, reason = %other, "mqtt connection closed"),
+    }
+}
+
+struct Session {
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    connection_id: u64,
+    buffer: BytesMut,
+    out: BytesMut,
+    version: Version,
+    identity: Identity,
+    client_id: String,
+    /// QoS 2 publishes stored and acknowledged with PUBREC, waiting for PUBREL: a resend of one of these is not
+    /// stored again.
+    awaiting_release: HashSet<u16>,
+    next_pkid: u16,
+}
+
+impl Session {
+    async fn send(&mut self, packet: Outbound) -> Result<(), Ended> {
+        codec::write(self.version, packet, &mut self.out).map_err(|error| Ended::Protocol(error.to_string()))?;
+        self.stream.write_all(&self.out).await.map_err(Ended::Io)?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Reads more bytes, or times out.
+    async fn fill(&mut self, deadline: Option<Duration>) -> Result<(), Ended> {
+        let read = self.stream.read_buf(&mut self.buffer);
+        let count = match deadline {
+            Some(deadline) => tokio::time::timeout(deadline, read).await.map_err(|_| Ended::Timeout)?,
+            None => read.await,
+        }
+        .map_err(Ended::Io)?;
+        if count == 0 {
+            return Err(Ended::ClientLeft);
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Ended {
+        match self.handshake().await {
+            Ok((keep_alive, takeover)) => self.serve(keep_alive, takeover).await.err().unwrap_or(Ended::ClientLeft),
+            Err(ended) => ended,
+        }
+    }
+
+    async fn handshake(&mut self) -> Result<(Option<Duration>, watch::Receiver<bool>), Ended> {
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let (version, connect) = loop {
+            match codec::read_connect(&mut self.buffer) {
+                Ok(Some(found)) => break found,
+                Ok(None) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    self.fill(Some(left)).await?;
+                }
+                Err(error) => return Err(Ended::Protocol(error.to_string())),
+            }
+        };
+        self.version = version;
+        let Inbound::Connect { client_id, keep_alive_secs, login } = connect else {
+            return Err(Ended::Protocol("expected CONNECT".into()));
+        };
+        let identity = match login {
+            Some((username, password)) => match self.broker.registry.authenticate(&username, &password) {
+                Ok(device) => Identity::Device(device),
+                Err(failure) => {
+                    let reason = match failure {
+                        AuthFailure::UnknownDevice => "unknown_device",
+                        AuthFailure::BadCredential => "bad_credential",
+                    };
+                    metrics::counter!("smartfarm_edge_mqtt_auth_failures_total", "reason" => reason).increment(1);
+                    tracing::warn!(%username, reason, "mqtt login refused");
+                    self.send(Outbound::ConnAck(Err(ConnectRefusal::BadCredentials))).await?;
+                    return Err(Ended::Refused(reason));
+                }
+            },
+            None if self.broker.allow_anonymous => Identity::Anonymous,
+            None => {
+                metrics::counter!("smartfarm_edge_mqtt_auth_failures_total", "reason" => "anonymous").increment(1);
+                self.send(Outbound::ConnAck(Err(ConnectRefusal::NotAuthorized))).await?;
+                return Err(Ended::Refused("anonymous connections are not allowed"));
+            }
+        };
+        self.identity = identity;
+        self.client_id = if client_id.is_empty() { format!("anonymous-{}", self.connection_id) } else { client_id };
+        let (switch, takeover) = watch::channel(false);
+        let previous = self
+            .broker
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(self.client_id.clone(), (self.connection_id, switch));
+        if let Some((_, previous)) = previous {
+            let _ = previous.send(true);
+        }
+        self.send(Outbound::ConnAck(Ok(()))).await?;
+        // MQTT: the server allows one and a half keep-alive periods of silence.
+        let keep_alive = (keep_alive_secs > 0).then(|| Duration::from_millis(keep_alive_secs as u64 * 1500));
+        Ok((keep_alive, takeover))
+    }
+
+    async fn serve(&mut self, keep_alive: Option<Duration>, mut takeover: watch::Receiver<bool>) -> Result<(), Ended> {
+        let (deliveries_sender, mut deliveries) = mpsc::channel::<Delivery>(SUBSCRIBER_QUEUE);
+        loop {
+            while let Some(packet) =
+                codec::read(self.version, &mut self.buffer).map_err(|error| Ended::Protocol(error.to_string()))?
+            {
+                if self.handle(packet, &deliveries_sender).await? {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                filled = self.fill(keep_alive) => filled?,
+                Some(delivery) = deliveries.recv() => {
+                    self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+                    let pkid = self.next_pkid;
+                    self.send(Outbound::Publish { topic: delivery.topic, qos: Qos::AtLeastOnce, pkid, payload: delivery.payload }).await?;
+                }
+                _ = takeover.changed() => return Err(Ended::TakenOver),
+            }
+        }
+    }
+
+    /// Handles one packet; `true` when the client said goodbye.
+    async fn handle(&mut self, packet: Inbound, deliveries: &mpsc::Sender<Delivery>) -> Result<bool, Ended> {
+        match packet {
+            Inbound::Publish { topic, qos, pkid, payload } => {
+                if qos == Qos::ExactlyOnce && self.awaiting_release.contains(&pkid) {
+                    // A resend of a QoS 2 message already stored: acknowledge again, store nothing.
+                    self.send(Outbound::PubRec { pkid, outcome: PublishOutcome::Accepted }).await?;
+                    return Ok(false);
+                }
+                let outcome = self.publish(&topic, payload).await?;
+                match qos {
+                    Qos::AtMostOnce => {}
+                    Qos::AtLeastOnce => self.send(Outbound::PubAck { pkid, outcome }).await?,
+                    Qos::ExactlyOnce => {
+                        self.awaiting_release.insert(pkid);
+                        self.send(Outbound::PubRec { pkid, outcome }).await?;
+                    }
+                }
+            }
+            Inbound::PubRel { pkid } => {
+                self.awaiting_release.remove(&pkid);
+                self.send(Outbound::PubComp { pkid }).await?;
+            }
+            Inbound::PubRec { pkid } => self.send(Outbound::PubRel { pkid }).await?,
+            Inbound::PubAck | Inbound::PubComp => {}
+            Inbound::Subscribe { pkid, filters } => {
+                let mut granted = Vec::with_capacity(filters.len());
+                for (filter, qos) in filters {
+                    if Broker::may_subscribe(self.identity, &filter) {
+                        self.broker.subscribe(&filter, self.connection_id, deliveries);
+                        granted.push(Some(qos.min(Qos::AtLeastOnce)));
+                    } else {
+                        metrics::counter!("smartfarm_edge_acl_denied_total", "action" => "subscribe").increment(1);
+                        tracing::warn!(client_id = %self.client_id, %filter, "subscription refused by the topic acl");
+                        granted.push(None);
+                    }
+                }
+                self.send(Outbound::SubAck { pkid, granted }).await?;
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                for filter in &filters {
+                    self.broker.unsubscribe(filter, self.connection_id);
+                }
+                self.send(Outbound::UnsubAck { pkid, count: filters.len() }).await?;
+            }
+            Inbound::PingReq => self.send(Outbound::PingResp).await?,
+            Inbound::Disconnect => return Ok(true),
+            Inbound::Connect { .. } => return Err(Ended::Protocol("a second CONNECT".into())),
+        }
+        Ok(false)
+    }
+
+    /// Applies the ACL and stores telemetry; the outcome goes into the acknowledgement.
+    async fn publish(&mut self, topic: &str, payload: Bytes) -> Result<PublishOutcome, Ended> {
+        let mut parts = topic.splitn(3, '/');
+        let (prefix, device, rest) = (parts.next(), parts.next(), parts.next());
+        let device = device.and_then(|d| Uuid::try_parse(d).ok());
+        let allowed = match (prefix, device, self.identity) {
+            (Some("smartfarm"), Some(device), Identity::Device(own)) => device == own,
+            (Some("smartfarm"), Some(device), Identity::Anonymous) => self.broker.registry.contains(&device),
+            _ => false,
+        };
+        let Some(device) = device.filter(|_| allowed) else {
+            metrics::counter!("smartfarm_edge_acl_denied_total", "action" => "publish").increment(1);
+            tracing::warn!(client_id = %self.client_id, %topic, "publish refused by the topic acl");
+            if let Identity::Device(own) = self.identity {
+                self.broker.report_error(
+                    own,
+                    topic,
+                    "not_authorized",
+                    "a device may publish only under smartfarm/<its device id>/",
+                );
+            }
+            return Ok(PublishOutcome::NotAuthorized);
+        };
+        if rest != Some("telemetry") {
+            // Other topics under the device's own prefix (command acknowledgements, with the commands capability)
+            // are its to use; nothing here consumes them yet.
+            tracing::debug!(%topic, "publish on an unhandled topic");
+            return Ok(PublishOutcome::Accepted);
+        }
+        match self.broker.ingestor.accept(device, &payload).await {
+            Ok(_) => Ok(PublishOutcome::Accepted),
+            Err(IngestError::Rejected(rejection)) => {
+                metrics::counter!("smartfarm_edge_readings_rejected_total", "reason" => rejection.reason())
+                    .increment(1);
+                tracing::warn!(%device, reason = rejection.reason(), detail = %rejection, "telemetry refused");
+                self.broker.report_error(device, topic, rejection.reason(), &rejection.to_string());
+                Ok(PublishOutcome::PayloadInvalid)
+            }
+            // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting.
+            Err(IngestError::Unavailable(error)) => Err(Ended::SpoolUnavailable(error)),
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! The farm's MQTT broker.
+
+pub mod broker;
+pub mod codec;

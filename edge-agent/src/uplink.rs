@@ -1,0 +1,261 @@
+//! The uplink: one `IngestionService.Connect` stream to the cloud, kept open. On every connection the agent says
+//! hello, learns the cloud's committed mark (and drops what it covers), then drains its backlog oldest first; after
+//! that it sends every `upload_interval`, or sooner when `upload_threshold_bytes` are waiting. A batch leaves the
+//! spool only when the cloud acknowledges it, so a cut link, a cloud restart or a kill of either side loses nothing
+//! and, thanks to the cloud's mark, duplicates nothing. HTTP/2 keepalive notices a half-open link; reconnects back
+//! off exponentially with jitter.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use smartfarm_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
+use smartfarm_proto::ingestion::v1::{self as pb, connect_request, connect_response};
+
+use crate::config::EdgeConfig;
+use crate::ingest::LocalAlert;
+use crate::registry::Registry;
+use crate::spool::Spool;
+
+/// The version the agent reports in its hello.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to the cloud: {0}")]
+    Connect(String),
+    #[error("the cloud refused the link: {0}")]
+    Refused(tonic::Status),
+    #[error("the link failed: {0}")]
+    Stream(tonic::Status),
+    #[error("the cloud closed the link")]
+    Closed,
+    #[error("the cloud broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the cloud refused batch {first}..={last} for good: {reason}")]
+    BatchRefused { first: u64, last: u64, reason: String },
+    #[error("{0}")]
+    Spool(String),
+}
+
+/// Keeps the link to the cloud.
+pub struct Uplink {
+    config: EdgeConfig,
+    spool: Arc<Spool>,
+    registry: Arc<Registry>,
+    alerts: mpsc::UnboundedSender<LocalAlert>,
+}
+
+impl Uplink {
+    pub fn new(
+        config: EdgeConfig,
+        spool: Arc<Spool>,
+        registry: Arc<Registry>,
+        alerts: mpsc::UnboundedSender<LocalAlert>,
+    ) -> Self {
+        Uplink { config, spool, registry, alerts }
+    }
+
+    /// Connects, and reconnects, until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = self.config.reconnect_min;
+        loop {
+            let started = Instant::now();
+            let result = self.session(&mut shutdown).await;
+            metrics::gauge!("smartfarm_edge_link_up").set(0.0);
+            if *shutdown.borrow() {
+                return;
+            }
+            match result {
+                Ok(()) => return,
+                Err(error) => {
+                    // A link that worked for a while starts the backoff over.
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = self.config.reconnect_min;
+                    }
+                    metrics::counter!("smartfarm_edge_link_reconnects_total").increment(1);
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    let wait = backoff.mul_f64(jitter).min(self.config.reconnect_max);
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "cloud link down");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(self.config.reconnect_max);
+                }
+            }
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, LinkError> {
+        let connect_error = |error: tonic::transport::Error| {
+            LinkError::Connect(format!("{error}: {:?}", std::error::Error::source(&error)))
+        };
+        let mut endpoint = Endpoint::from_shared(self.config.cloud.clone())
+            .map_err(connect_error)?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(self.config.keepalive_interval)
+            .keep_alive_timeout(self.config.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        if self.config.cloud.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(path) = &self.config.ca_cert {
+                let pem = tokio::fs::read(path)
+                    .await
+                    .map_err(|error| LinkError::Connect(format!("cannot read ca_cert {}: {error}", path.display())))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(connect_error)?;
+        }
+        endpoint.connect().await.map_err(connect_error)
+    }
+
+    /// One connection: hello, welcome, then batches and acknowledgements until something ends it.
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), LinkError> {
+        let channel = self.channel().await?;
+        let token: MetadataValue<_> = format!("Bearer {}", self.config.credential)
+            .parse()
+            .map_err(|_| LinkError::Connect("the credential is not valid header text".into()))?;
+        let mut client = IngestionServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", token.clone());
+            Ok(request)
+        })
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(64 << 20);
+
+        let (up, up_receiver) = mpsc::channel::<pb::ConnectRequest>(64);
+        let stats = self.spool.stats();
+        let hello = pb::EdgeHello {
+            agent_version: AGENT_VERSION.into(),
+            spool_first_sequence: self.spool.first_pending_sequence(),
+            spool_last_sequence: stats.last_sequence,
+            registry_version: self.registry.version(),
+            rules_version: 0,
+            spool_id: self.spool.id().to_string(),
+        };
+        up.send(pb::ConnectRequest { body: Some(connect_request::Body::Hello(hello)) })
+            .await
+            .map_err(|_| LinkError::Closed)?;
+        let mut down = client.connect(ReceiverStream::new(up_receiver)).await.map_err(LinkError::Refused)?.into_inner();
+
+        let welcome = match down.message().await.map_err(LinkError::Stream)? {
+            Some(pb::ConnectResponse { body: Some(connect_response::Body::Welcome(welcome)) }) => welcome,
+            Some(other) => return Err(LinkError::Protocol(format!("expected welcome, got {other:?}"))),
+            None => return Err(LinkError::Closed),
+        };
+        self.spool.ack(welcome.committed_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
+        metrics::gauge!("smartfarm_edge_link_up").set(1.0);
+        tracing::info!(
+            committed = welcome.committed_sequence,
+            pending = self.spool.stats().pending_records,
+            "cloud link up"
+        );
+
+        let window = welcome.max_in_flight_batches.max(1) as usize;
+        let mut last_sent = welcome.committed_sequence.max(self.spool.stats().acked_sequence);
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        // The backlog drains at once after a (re)connect; afterwards uploads wait for the interval or the threshold.
+        let mut draining = true;
+        let mut upload_timer = tokio::time::interval(self.config.upload_interval);
+        upload_timer.tick().await;
+        let mut threshold_check = tokio::time::interval(Duration::from_secs(1));
+
+        loop {
+            while draining && in_flight.len() < window {
+                match self.next_batch(last_sent)? {
+                    None => {
+                        draining = false;
+                    }
+                    Some(batch) => {
+                        let last = batch.last_sequence;
+                        metrics::counter!("smartfarm_edge_batches_sent_total").increment(1);
+                        tracing::debug!(first = batch.first_sequence, last, records = batch.record_count, "batch sent");
+                        up.send(pb::ConnectRequest { body: Some(connect_request::Body::Batch(batch)) })
+                            .await
+                            .map_err(|_| LinkError::Closed)?;
+                        in_flight.push_back(last);
+                        last_sent = last;
+                    }
+                }
+            }
+            tokio::select! {
+                message = down.message() => {
+                    let body = match message.map_err(LinkError::Stream)? {
+                        Some(pb::ConnectResponse { body: Some(body) }) => body,
+                        Some(_) => return Err(LinkError::Protocol("an empty message".into())),
+                        None => return Err(LinkError::Closed),
+                    };
+                    match body {
+                        connect_response::Body::BatchAck(ack) => {
+                            if in_flight.front() != Some(&ack.last_sequence) {
+                                return Err(LinkError::Protocol(format!(
+                                    "ack for {} while {:?} were in flight", ack.last_sequence, in_flight
+                                )));
+                            }
+                            in_flight.pop_front();
+                            self.spool.ack(ack.last_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
+                            metrics::counter!("smartfarm_edge_batches_acked_total").increment(1);
+                        }
+                        connect_response::Body::BatchReject(reject) => {
+                            let _ = self.alerts.send(LocalAlert::BatchRefused {
+                                first_sequence: reject.first_sequence,
+                                last_sequence: reject.last_sequence,
+                                reason: reject.reason.clone(),
+                            });
+                            return Err(LinkError::BatchRefused {
+                                first: reject.first_sequence,
+                                last: reject.last_sequence,
+                                reason: reject.reason,
+                            });
+                        }
+                        connect_response::Body::Registry(snapshot) => {
+                            match self.registry.apply(&snapshot) {
+                                Ok(()) => tracing::info!(version = snapshot.version, devices = snapshot.devices.len(), "registry updated"),
+                                Err(error) => tracing::error!(%error, "cannot cache the registry; keeping the old one"),
+                            }
+                        }
+                        connect_response::Body::Welcome(_) => return Err(LinkError::Protocol("a second welcome".into())),
+                        // Rules, commands and model updates belong to capabilities not built yet.
+                        other => tracing::debug!(message = ?other, "message for a capability not built yet ignored"),
+                    }
+                }
+                _ = upload_timer.tick() => draining = true,
+                _ = threshold_check.tick() => {
+                    if self.spool.stats().bytes >= self.config.upload_threshold_bytes {
+                        draining = true;
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    /// The next batch after `last_sent`, compressed, or `None` when nothing is waiting.
+    fn next_batch(&self, last_sent: u64) -> Result<Option<pb::ReadingBatch>, LinkError> {
+        let records = self
+            .spool
+            .read_after(last_sent, self.config.batch_max_records, self.config.batch_max_bytes)
+            .map_err(|error| LinkError::Spool(error.to_string()))?;
+        let Some(last) = records.last().map(|record| record.sequence) else { return Ok(None) };
+        let record_count = records.len() as u32;
+        let payload = pb::BatchPayload { records }.encode_to_vec();
+        let compressed =
+            zstd::bulk::compress(&payload, 3).map_err(|error| LinkError::Spool(format!("zstd: {error}")))?;
+        Ok(Some(pb::ReadingBatch {
+            // From just after the last batch: records the cap dropped leave a gap the cloud's mark steps over.
+            first_sequence: last_sent + 1,
+            last_sequence: last,
+            compression: pb::Compression::Zstd as i32,
+            payload: compressed,
+            record_count,
+        }))
+    }
+}
