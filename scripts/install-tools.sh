@@ -27,9 +27,14 @@ if [ ! -x "$grpcurl_bin" ]; then
   chmod +x "$grpcurl_bin"
 fi
 
-if ! command -v jq >/dev/null 2>&1; then
-  echo "install-tools: installing jq from Debian" >&2
-  if [ "$(id -u)" = 0 ]; then apt-get install -y -qq jq >&2; else sudo apt-get install -y -qq jq >&2; fi
+# jq for the README tour; mosquitto_pub and mosquitto_sub as an independent MQTT peer in the edge tests.
+debian_packages=""
+command -v jq >/dev/null 2>&1 || debian_packages="$debian_packages jq"
+command -v mosquitto_pub >/dev/null 2>&1 || debian_packages="$debian_packages mosquitto-clients"
+if [ -n "$debian_packages" ]; then
+  echo "install-tools: installing$debian_packages from Debian" >&2
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get install -y -qq $debian_packages >&2 || { $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq $debian_packages >&2; }
 fi
 
 # Pinned: newer releases may need a newer rustc than this toolchain's 1.95.

@@ -93,8 +93,16 @@ pub async fn run(
 
     // Local alerts go to the farm's alert topic at once, link or no link.
     let alert_broker = broker.clone();
+    let mut alerts_stop = stopping.clone();
     tasks.spawn(async move {
-        while let Some(alert) = alert_events.recv().await {
+        loop {
+            let alert = tokio::select! {
+                alert = alert_events.recv() => match alert {
+                    Some(alert) => alert,
+                    None => return,
+                },
+                _ = alerts_stop.wait_for(|stop| *stop) => return,
+            };
             let message = match &alert {
                 LocalAlert::SpoolOverflow { dropped_records } => serde_json::json!({
                     "kind": "spool_overflow", "severity": "SEVERITY_CRITICAL", "dropped_records": dropped_records,

@@ -11,5 +11,6 @@ pub mod ingest;
 pub mod mqtt;
 pub mod payload;
 pub mod registry;
+pub mod sim;
 pub mod spool;
 pub mod uplink;

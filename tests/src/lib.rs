@@ -17,7 +17,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use smartfarm_proto::device::v1::device_service_client::DeviceServiceClient;
 
-pub use smartfarm_store::testing::{TestPostgres, TestS3};
+pub mod edge;
+
+pub use smartfarm_store::testing::{PostgresCluster, TestPostgres, TestS3};
 
 /// Which database a cloud process uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub struct CloudData {
     pub backend: Backend,
     pub data_dir: tempfile::TempDir,
     postgres: Option<TestPostgres>,
+    /// A database URL of the test's own (a private cluster), instead of `postgres`.
+    database_url: Option<String>,
 }
 
 impl CloudData {
@@ -44,12 +48,22 @@ impl CloudData {
             Backend::Sqlite => None,
             Backend::Postgres => Some(TestPostgres::create().await),
         };
-        CloudData { backend, data_dir: tempfile::tempdir().expect("create a temp dir"), postgres }
+        CloudData { backend, data_dir: tempfile::tempdir().expect("create a temp dir"), postgres, database_url: None }
+    }
+
+    /// Fresh storage on a database the test provides (a private cluster it may crash).
+    pub fn on_database(url: &str) -> CloudData {
+        CloudData {
+            backend: Backend::Postgres,
+            data_dir: tempfile::tempdir().expect("create a temp dir"),
+            postgres: None,
+            database_url: Some(url.to_string()),
+        }
     }
 
     /// The `--database-url` to pass, if not the embedded default.
     pub fn database_url(&self) -> Option<&str> {
-        self.postgres.as_ref().map(|postgres| postgres.url.as_str())
+        self.database_url.as_deref().or(self.postgres.as_ref().map(|postgres| postgres.url.as_str()))
     }
 
     /// Where the first `serve` writes the bootstrap admin key.
@@ -95,6 +109,10 @@ pub struct CloudOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Extra environment variables (`SMARTFARM_*` settings, for instance).
     pub env: Vec<(String, String)>,
+    /// A fixed address instead of port 0 (a cloud restarted where its agents expect it).
+    pub listen: Option<SocketAddr>,
+    /// A config file's contents, passed with `--config`.
+    pub config: Option<String>,
 }
 
 impl Cloud {
@@ -109,7 +127,7 @@ impl Cloud {
         command
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(options.listen.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into()))
             .arg("--data-dir")
             .arg(dir)
             .arg("--addr-file")
@@ -124,6 +142,11 @@ impl Cloud {
             .kill_on_drop(true);
         if let Some(url) = data.database_url() {
             command.arg("--database-url").arg(url);
+        }
+        if let Some(config) = &options.config {
+            let path = dir.join(format!("config-{run_id}.toml"));
+            std::fs::write(&path, config).expect("write the config file");
+            command.arg("--config").arg(path);
         }
         if let Some(target) = &options.target {
             command.arg("--target").arg(target);
@@ -162,6 +185,12 @@ impl Cloud {
         DeviceServiceClient::with_interceptor(self.channel().await, Bearer::new(key))
     }
 
+    /// Kills the process with SIGKILL (no chance to clean up) and waits for it to be gone.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().expect("send SIGKILL");
+        let _ = self.child.wait().await;
+    }
+
     /// Sends SIGTERM and waits for a clean exit; panics if it takes over 15 seconds or fails.
     pub async fn stop(mut self) {
         let pid = self.child.id().expect("the process is running");
@@ -179,22 +208,41 @@ impl Cloud {
         read_log(&self.log_path)
     }
 
-    /// Fetches a plain-HTTP path (such as `/metrics`) with a minimal HTTP/1.1 GET; returns the body.
+    /// Fetches a plain-HTTP path (such as `/metrics`); returns the body.
     pub async fn http_get(&self, path: &str) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.addr).await.expect("connect for http");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr);
-        stream.write_all(request.as_bytes()).await.expect("send http request");
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.expect("read http response");
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = response.split_once("\r\n\r\n").expect("an http response");
-        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-        body.to_string()
+        http_get(self.addr, path).await
     }
 }
 
-fn read_log(path: &Path) -> String {
+/// A minimal HTTP/1.1 GET; returns the body (the status must be 200).
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect for http");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send http request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read http response");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    // axum answers small bodies with content-length; chunked bodies are de-chunked crudely (metrics are text).
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut text = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 || after.len() < size {
+                break;
+            }
+            text.push_str(&after[..size]);
+            rest = after[size..].trim_start_matches("\r\n");
+        }
+        return text;
+    }
+    body.to_string()
+}
+
+pub(crate) fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|error| format!("(no log: {error})"))
 }
 
@@ -235,4 +283,9 @@ pub async fn run_smartfarm(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// A free TCP port on 127.0.0.1 (for a process that must come back on the same address after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local address").port()
 }

@@ -148,3 +148,116 @@ impl TestS3 {
         TestS3 { url, endpoint, bucket, bucket_dir, _root: root, _server: server }
     }
 }
+
+/// A private PostgreSQL server (initdb into a temporary directory) that a test may stop hard and start again,
+/// which the shared server must never be. Run as the `postgres` user when the test runs as root, since PostgreSQL
+/// refuses to run as root. Stopped and deleted when dropped.
+#[derive(Debug)]
+pub struct PostgresCluster {
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`
+    pub url: String,
+    pub port: u16,
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    _root: tempfile::TempDir,
+}
+
+impl PostgresCluster {
+    /// Creates and starts a cluster on a free port.
+    pub fn start() -> PostgresCluster {
+        let bin = std::env::var("SMARTFARM_TEST_PG_BIN").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+            let mut candidates: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                .map(|dirs| dirs.filter_map(|d| d.ok()).map(|d| d.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+                .unwrap_or_default();
+            candidates.sort();
+            candidates.pop().unwrap_or_else(|| {
+                panic!("this test needs PostgreSQL's server binaries (initdb, pg_ctl): install postgresql (Debian) or set SMARTFARM_TEST_PG_BIN")
+            })
+        });
+        let root = tempfile::tempdir().expect("create the cluster directory");
+        let data = root.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("find a free port").local_addr().unwrap().port();
+        if is_root() {
+            // The postgres user must own the directory and be able to reach it.
+            run(
+                std::process::Command::new("chown").arg("-R").arg("postgres").arg(root.path()),
+                "chown the cluster directory",
+            );
+            run(std::process::Command::new("chmod").arg("755").arg(root.path()), "open the cluster directory");
+        }
+        run(
+            as_postgres(&bin.join("initdb")).args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"]).arg(&data),
+            "initdb",
+        );
+        let cluster = PostgresCluster {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            port,
+            bin,
+            data,
+            _root: root,
+        };
+        cluster.start_again();
+        cluster
+    }
+
+    /// Starts the server (after [`PostgresCluster::stop_immediately`]) and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on", self.port, self.data.display());
+        run(
+            as_postgres(&self.bin.join("pg_ctl"))
+                .args(["-w", "-t", "30", "-l"])
+                .arg(self.data.join("server.log"))
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-o")
+                .arg(options)
+                .arg("start"),
+            "pg_ctl start",
+        );
+    }
+
+    /// Stops the server the way a crash would (`pg_ctl stop -m immediate`: no checkpoint, recovery on next start).
+    pub fn stop_immediately(&self) {
+        run(
+            as_postgres(&self.bin.join("pg_ctl")).arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]),
+            "pg_ctl stop",
+        );
+    }
+}
+
+impl Drop for PostgresCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+}
+
+fn as_postgres(program: &std::path::Path) -> std::process::Command {
+    if is_root() {
+        let mut command = std::process::Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+fn run(command: &mut std::process::Command, what: &str) {
+    let output = command.output().unwrap_or_else(|error| panic!("{what}: cannot run {command:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
