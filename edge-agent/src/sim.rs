@@ -91,18 +91,25 @@ pub struct Report {
 /// Metrics each simulated message carries.
 pub const METRICS_PER_MESSAGE: u64 = 2;
 
-/// Reads the `soil_moisture` series to replay: every numeric cell of a SIMPaCT pivot CSV after the `day,hour`
-/// columns, row by row.
+/// The SIMPaCT soil-moisture fixture (14 days, 13 sensors, hourly; CC BY 4.0, see `fixtures/SOURCE.md`), built in
+/// so the demo replays real data wherever the binary runs.
+pub const SOIL_MOISTURE_FIXTURE: &str = include_str!("../fixtures/soil_moisture_simpact.csv");
+
+/// Reads the `soil_moisture` series to replay from a SIMPaCT pivot CSV file.
 pub fn read_replay(path: &Path) -> anyhow::Result<Vec<f64>> {
     let text = std::fs::read_to_string(path)?;
-    let values: Vec<f64> = text
-        .lines()
+    let values = parse_replay(&text);
+    anyhow::ensure!(!values.is_empty(), "{} holds no values to replay", path.display());
+    Ok(values)
+}
+
+/// Every numeric cell of a SIMPaCT pivot CSV after the `day,hour` columns, row by row.
+pub fn parse_replay(text: &str) -> Vec<f64> {
+    text.lines()
         .skip(1)
         .flat_map(|line| line.split(',').skip(2).filter_map(|cell| cell.trim().parse::<f64>().ok()).collect::<Vec<_>>())
         .filter(|value| value.is_finite())
-        .collect();
-    anyhow::ensure!(!values.is_empty(), "{} holds no values to replay", path.display());
-    Ok(values)
+        .collect()
 }
 
 /// Publishes from every sensor and reports what happened.

@@ -130,6 +130,11 @@ impl Edge {
         Edge { child, mqtt: address("mqtt"), metrics: address("metrics"), log_path }
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// Kills the agent with SIGKILL.
     pub async fn kill9(mut self) {
         self.child.start_kill().expect("send SIGKILL");

@@ -77,16 +77,19 @@ pub fn smartfarm_binary() -> PathBuf {
     if let Ok(path) = std::env::var("SMARTFARM_BIN") {
         return PathBuf::from(path);
     }
-    // Test executables live in target/<profile>/deps/; binaries in target/<profile>/.
+    // Test executables live in target/<profile>/deps/, binaries (the benchmark too) in target/<profile>/.
     let exe = std::env::current_exe().expect("the test executable's path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let binary = profile_dir.join("smartfarm");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it first with `cargo build -p smartfarm` (scripts/test.sh does), or set SMARTFARM_BIN",
-        binary.display()
-    );
-    binary
+    let dir = exe.parent().expect("the executable's directory");
+    [dir.join("smartfarm"), dir.parent().map(|p| p.join("smartfarm")).unwrap_or_default()]
+        .into_iter()
+        .find(|candidate| candidate.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "the smartfarm binary is missing next to {}: build it first with `cargo build -p smartfarm` \
+                 (scripts/test.sh does), or set SMARTFARM_BIN",
+                exe.display()
+            )
+        })
 }
 
 /// A DeviceService client that authenticates with a bearer token.

@@ -21,6 +21,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the server: every role in one process on one port, or the roles --target names.
     Serve(ServeArgs),
+    /// Run the whole product on this machine: the cloud, a farm's edge agent and simulated sensors.
+    Demo {
+        #[command(flatten)]
+        storage: StorageArgs,
+        #[command(flatten)]
+        demo: crate::demo::DemoArgs,
+    },
     /// Apply the database migrations the database lacks, then exit.
     Migrate(StorageArgs),
     /// Configuration helpers.

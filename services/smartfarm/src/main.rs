@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod demo;
 mod serve;
 
 use clap::Parser;
@@ -38,7 +39,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_logs(&config)?;
-            serve::run(config, args.addr_file).await
+            serve::run(config, args.addr_file, smartfarm_core::shutdown::signal()).await
+        }
+        Command::Demo { storage, demo } => {
+            let config = storage.resolve()?;
+            init_logs(&config)?;
+            demo::run(demo, config).await
         }
         Command::Migrate(args) => {
             let config = args.resolve()?;

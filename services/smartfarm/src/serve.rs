@@ -9,14 +9,19 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use smartfarm_core::config::ServerConfig;
-use smartfarm_core::{Role, observability, shutdown};
+use smartfarm_core::{Role, observability};
 use smartfarm_gateway::{Authenticator, Services};
 use smartfarm_store::{Database, RegistryStore, blob};
 
 /// The file a fresh installation's first admin key is written to, inside the data dir.
 const BOOTSTRAP_KEY_FILE: &str = "admin-key";
 
-pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Result<()> {
+/// Serves until `stop` resolves.
+pub async fn run(
+    config: ServerConfig,
+    addr_file: Option<PathBuf>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let metrics = observability::init_metrics();
     let database = crate::connect(&config).await?;
     let report = database.migrate().await?;
@@ -43,17 +48,19 @@ pub async fn run(config: ServerConfig, addr_file: Option<PathBuf>) -> anyhow::Re
         write_atomically(path, format!("{local_addr}\n").as_bytes())
             .with_context(|| format!("cannot write the address file {}", path.display()))?;
     }
+    // Described before the log line: a future held across the macro's await would not be Send.
+    let database_description = database.describe().await;
     tracing::info!(
         listen = %local_addr,
         tls = tls.is_some(),
         roles = %config.target,
-        database = %database.describe().await,
+        database = %database_description,
         blobs = %blobs.describe(),
         "smartfarm serving"
     );
 
     let shutdown = async move {
-        shutdown::signal().await;
+        stop.await;
         if let Some(ingestion) = &ingestion {
             ingestion.begin_shutdown();
         }

@@ -1,0 +1,451 @@
+//! `smartfarm-bench`: the telemetry benchmarks, as a program that prints what it measured (JSON lines, then a
+//! summary), each against a baseline run in the same process on the same machine:
+//!
+//! - `ingest`: readings/s from a full edge spool to committed rows (real agent, real cloud, PostgreSQL), against
+//!   raw binary COPY of the same rows into the same table.
+//! - `fanin`: messages/s through the agent with N publishers at QoS 1 (each acknowledged only once spooled),
+//!   against Mosquitto routing the same load to one subscriber; then the publish→acknowledgement latency through
+//!   the agent at half the load it sustained.
+//! - `footprint`: the agent's resident memory with 1000 connected sensors publishing 10k messages/s in all.
+//!
+//! It needs what the tests need: PostgreSQL at SMARTFARM_TEST_DATABASE_URL, the smartfarm binaries built, and the
+//! Debian `mosquitto` package for the fan-in baseline.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::{Parser, Subcommand};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::Mutex;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+
+use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
+use smartfarm_e2e::{Cloud, CloudData, CloudOptions, bootstrap_admin_key};
+use smartfarm_edge::sim::SensorCredentials;
+use smartfarm_edge::spool::{FsyncPolicy, Spool, SpoolConfig};
+use smartfarm_proto::common::v1::Reading;
+use smartfarm_proto::ingestion::v1::spool_record::Body;
+
+#[derive(Debug, Parser)]
+#[command(name = "smartfarm-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Spool → committed rows, against raw binary COPY.
+    Ingest {
+        #[arg(long, default_value_t = 500_000)]
+        readings: u64,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+    },
+    /// Messages/s through the agent against Mosquitto, and latency at half load.
+    Fanin {
+        #[arg(long, default_value_t = 50)]
+        publishers: usize,
+        #[arg(long, default_value_t = 2000)]
+        messages_per_publisher: u64,
+    },
+    /// Resident memory with many connected sensors.
+    Footprint {
+        #[arg(long, default_value_t = 1000)]
+        sensors: usize,
+        #[arg(long, default_value_t = 10_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+}
+
+fn emit(value: serde_json::Value) {
+    println!("{value}");
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Ingest { readings, devices } => ingest(readings, devices).await,
+        Command::Fanin { publishers, messages_per_publisher } => fanin(publishers, messages_per_publisher).await,
+        Command::Footprint { sensors, rate, seconds } => footprint(sensors, rate, seconds).await,
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    format!("{cpus} cpus, {model}")
+}
+
+async fn ingest(readings: u64, devices: usize) -> anyhow::Result<()> {
+    let data = CloudData::new(smartfarm_e2e::Backend::Postgres).await;
+    let url = data.database_url().unwrap().to_string();
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "ingest bench", devices).await;
+
+    // A full spool: `readings` raw readings spread over the devices, one every second per device.
+    let spool_dir = data.data_dir.path().join("spool");
+    let base = SystemTime::now() - Duration::from_secs(readings / devices as u64 + 3600);
+    {
+        let (spool, _) = Spool::open(SpoolConfig {
+            dir: spool_dir.clone(),
+            segment_bytes: 8 << 20,
+            max_bytes: 64 << 30,
+            fsync: FsyncPolicy::Never,
+        })?;
+        let mut next = 0u64;
+        while next < readings {
+            let chunk = (readings - next).min(50_000);
+            let bodies = (next..next + chunk)
+                .map(|i| {
+                    let device = &fleet.sensors[(i % devices as u64) as usize].device_id;
+                    Body::Reading(Reading {
+                        device_id: device.clone(),
+                        metric: "soil_moisture".into(),
+                        value: (i % 1000) as f64 / 10.0,
+                        measure_time: Some(smartfarm_core::time::to_timestamp(
+                            base + Duration::from_secs(i / devices as u64),
+                        )),
+                        receive_time: None,
+                    })
+                })
+                .collect();
+            spool.append(bodies)?;
+            next += chunk;
+        }
+        spool.sync()?;
+    }
+
+    // Baseline: raw binary COPY of the same rows into the same table, before and after the pipeline's run.
+    let baseline_before = raw_copy(&url, &fleet, readings, devices, base, 10_000_000_000).await?;
+
+    let started = Instant::now();
+    let edge = Edge::start(&EdgeOptions {
+        cloud: cloud.addr,
+        credential: fleet.gateway_credential.clone(),
+        spool_dir,
+        mqtt_port: None,
+        config: "upload_interval = \"1h\"\nupload = \"raw\"\n".into(),
+    })
+    .await;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let gateway: uuid::Uuid = fleet.gateway_id.parse()?;
+    let done = eventually(Duration::from_secs(600), || async {
+        client
+            .query_opt("SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1", &[&gateway])
+            .await
+            .ok()
+            .flatten()
+            .map(|row| row.get::<_, i64>(0) as u64 >= readings)
+            .unwrap_or(false)
+    })
+    .await;
+    anyhow::ensure!(done, "the spool did not drain within 10 minutes");
+    let pipeline = readings as f64 / started.elapsed().as_secs_f64();
+    edge.stop().await;
+
+    let baseline_after = raw_copy(&url, &fleet, readings, devices, base, 20_000_000_000).await?;
+    let baseline = (baseline_before + baseline_after) / 2.0;
+    emit(serde_json::json!({
+        "benchmark": "ingest", "machine": machine(), "readings": readings, "devices": devices,
+        "pipeline_readings_per_second": pipeline.round(), "raw_copy_rows_per_second": baseline.round(),
+        "raw_copy_before": baseline_before.round(), "raw_copy_after": baseline_after.round(),
+        "ratio": (pipeline / baseline * 100.0).round() / 100.0,
+    }));
+    cloud.stop().await;
+    Ok(())
+}
+
+/// Raw binary COPY of `rows` rows shaped like the pipeline's into `readings`, in 50k-row transactions. Sequence
+/// numbers start at `sequence_base` so they never collide with the pipeline's. Returns rows/s.
+async fn raw_copy(
+    url: &str,
+    fleet: &Fleet,
+    rows: u64,
+    devices: usize,
+    base: SystemTime,
+    sequence_base: i64,
+) -> anyhow::Result<f64> {
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let metric: i32 = client
+        .query_one(
+            "INSERT INTO metric_names (name) VALUES ('soil_moisture') ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    // The monthly partitions the rows fall in, named as the store names them (the store makes them on demand).
+    let last = base + Duration::from_secs(rows / devices as u64);
+    let months = client
+        .query(
+            "SELECT to_char(m, 'YYYYMM'), to_char(m, 'YYYY-MM-DD'), to_char(m + interval '1 month', 'YYYY-MM-DD')
+             FROM generate_series(date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC'),
+                                  date_trunc('month', $2::timestamptz AT TIME ZONE 'UTC'), interval '1 month') AS m",
+            &[&base, &last],
+        )
+        .await?;
+    for month in months {
+        let (name, from, to): (String, String, String) = (month.get(0), month.get(1), month.get(2));
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS readings_p{name} PARTITION OF readings FOR VALUES FROM ('{from} 00:00:00+00') TO ('{to} 00:00:00+00')"
+            ))
+            .await?;
+    }
+    let farm: uuid::Uuid = fleet.farm_id.parse()?;
+    let device_ids: Vec<uuid::Uuid> = fleet.sensors.iter().map(|s| s.device_id.parse().unwrap()).collect();
+    let receive = SystemTime::now();
+    let started = Instant::now();
+    let mut next = 0u64;
+    while next < rows {
+        let chunk = (rows - next).min(50_000);
+        let transaction = client.transaction().await?;
+        let sink = transaction
+            .copy_in("COPY readings (time, farm_id, device_id, metric_id, value, sequence, receive_time) FROM STDIN (FORMAT binary)")
+            .await?;
+        let types =
+            [Type::TIMESTAMPTZ, Type::UUID, Type::UUID, Type::INT4, Type::FLOAT8, Type::INT8, Type::TIMESTAMPTZ];
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
+        for i in next..next + chunk {
+            let time = base + Duration::from_secs(i / devices as u64);
+            let device = device_ids[(i % devices as u64) as usize];
+            let value = (i % 1000) as f64 / 10.0;
+            let sequence = sequence_base + i as i64;
+            writer.as_mut().write(&[&time, &farm, &device, &metric, &value, &sequence, &receive]).await?;
+        }
+        writer.finish().await?;
+        transaction.commit().await?;
+        next += chunk;
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Publishes `messages` messages per client at QoS 1 as fast as the broker acknowledges them (or at `rate` in all
+/// when given); returns (messages acknowledged, seconds, per-message publish→ack latencies in µs).
+async fn load(
+    host_port: (String, u16),
+    clients: &[SensorCredentials],
+    messages: u64,
+    rate: Option<f64>,
+    authenticate: bool,
+) -> (u64, f64, Vec<u64>) {
+    let acked = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        let client = client.clone();
+        let (host, port) = host_port.clone();
+        let acked = acked.clone();
+        let latencies = latencies.clone();
+        let period = rate.map(|r| Duration::from_secs_f64(clients.len() as f64 / r));
+        tasks.spawn(async move {
+            let mut options = MqttOptions::new(client.device_id.clone(), host, port);
+            if authenticate {
+                options.set_credentials(client.device_id.clone(), client.credential.clone());
+            }
+            options.set_keep_alive(Duration::from_secs(30));
+            options.set_inflight(64);
+            let (mqtt, mut eventloop) = AsyncClient::new(options, 256);
+            let topic = format!("smartfarm/{}/telemetry", client.device_id);
+            let publisher = tokio::spawn(async move {
+                let mut ticks = period.map(tokio::time::interval);
+                for i in 0..messages {
+                    if let Some(ticks) = ticks.as_mut() {
+                        ticks.tick().await;
+                    }
+                    let payload = format!(r#"{{"metrics": {{"soil_moisture": {}.5}}}}"#, i % 100);
+                    if mqtt.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut sent_at: HashMap<u16, Instant> = HashMap::new();
+            let mut mine = 0u64;
+            let mut my_latencies = Vec::new();
+            while mine < messages {
+                match tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await {
+                    Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                        sent_at.insert(pkid, Instant::now());
+                    }
+                    Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                        mine += 1;
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        if let Some(sent) = sent_at.remove(&ack.pkid) {
+                            my_latencies.push(sent.elapsed().as_micros() as u64);
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+            publisher.abort();
+            latencies.lock().await.extend(my_latencies);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed().as_secs_f64();
+    let latencies = std::mem::take(&mut *latencies.lock().await);
+    (acked.load(Ordering::Relaxed), elapsed, latencies)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+}
+
+async fn fanin(publishers: usize, messages: u64) -> anyhow::Result<()> {
+    let data = CloudData::new(smartfarm_e2e::Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "fan-in bench", publishers).await;
+    let edge = Edge::start(&EdgeOptions {
+        cloud: cloud.addr,
+        credential: fleet.gateway_credential.clone(),
+        spool_dir: data.data_dir.path().join("spool"),
+        mqtt_port: None,
+        config: "upload_interval = \"1h\"\nupload = \"raw\"\nfsync = \"always\"\n".into(),
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let total = publishers as u64 * messages;
+
+    // Mosquitto, same load generator, one subscriber receiving everything.
+    let port = smartfarm_e2e::free_port();
+    let conf = data.data_dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 64\nmax_queued_messages 1000000\n"
+        ),
+    )?;
+    let mut mosquitto = tokio::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| anyhow::anyhow!("cannot start mosquitto (Debian package mosquitto): {error}"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = Arc::new(AtomicU64::new(0));
+    let last_received = Arc::new(std::sync::Mutex::new(Instant::now()));
+    {
+        let mut options = MqttOptions::new("bench-subscriber", "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (subscriber, mut eventloop) = AsyncClient::new(options, 1024);
+        subscriber.subscribe("smartfarm/+/telemetry", QoS::AtLeastOnce).await?;
+        let (received, last_received) = (received.clone(), last_received.clone());
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let Event::Incoming(Packet::Publish(_)) = event {
+                    received.fetch_add(1, Ordering::Relaxed);
+                    *last_received.lock().unwrap() = Instant::now();
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mosquitto_started = Instant::now();
+    let (mosquitto_acked, _, _) = load(("127.0.0.1".into(), port), &fleet.sensors, messages, None, false).await;
+    eventually(Duration::from_secs(60), || async { received.load(Ordering::Relaxed) >= mosquitto_acked }).await;
+    let mosquitto_seconds = last_received.lock().unwrap().duration_since(mosquitto_started).as_secs_f64();
+    let mosquitto_rate = received.load(Ordering::Relaxed) as f64 / mosquitto_seconds;
+    let _ = mosquitto.kill().await;
+
+    let (agent_acked, agent_seconds, _) =
+        load(("127.0.0.1".into(), edge.mqtt.port()), &fleet.sensors, messages, None, true).await;
+    let agent_rate = agent_acked as f64 / agent_seconds;
+    emit(serde_json::json!({
+        "benchmark": "fanin", "machine": machine(), "publishers": publishers, "messages": total, "qos": 1,
+        "agent_acked": agent_acked, "agent_messages_per_second": agent_rate.round(), "agent_fsync": "always",
+        "mosquitto_received": received.load(Ordering::Relaxed), "mosquitto_messages_per_second": mosquitto_rate.round(),
+        "ratio": (agent_rate / mosquitto_rate * 100.0).round() / 100.0,
+    }));
+
+    // Latency at half the load the agent sustained: publish → PUBACK, which the agent sends once the reading is in
+    // the spool (fsynced).
+    let half = agent_rate / 2.0;
+    let per_publisher = ((half * 10.0) / publishers as f64).max(10.0) as u64;
+    let (_, _, mut latencies) =
+        load(("127.0.0.1".into(), edge.mqtt.port()), &fleet.sensors, per_publisher, Some(half), true).await;
+    latencies.sort_unstable();
+    emit(serde_json::json!({
+        "benchmark": "fanin_latency", "machine": machine(), "rate": half.round(), "messages": latencies.len(),
+        "p50_ms": percentile(&latencies, 0.50), "p99_ms": percentile(&latencies, 0.99), "max_ms": percentile(&latencies, 1.0),
+    }));
+    edge.stop().await;
+    cloud.stop().await;
+    Ok(())
+}
+
+/// The agent's resident memory now and at its peak, in MiB, from /proc.
+fn resident_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn footprint(sensors: usize, rate: f64, seconds: u64) -> anyhow::Result<()> {
+    let data = CloudData::new(smartfarm_e2e::Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "footprint bench", sensors).await;
+    let edge = Edge::start(&EdgeOptions {
+        cloud: cloud.addr,
+        credential: fleet.gateway_credential.clone(),
+        spool_dir: data.data_dir.path().join("spool"),
+        mqtt_port: None,
+        config: "upload_interval = \"10s\"\n".into(),
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = edge.pid();
+    let idle = resident_mib(pid).0;
+    let per_sensor = (rate * seconds as f64 / sensors as f64) as u64;
+    let (sensors_for_load, port) = (fleet.sensors.clone(), edge.mqtt.port());
+    let load =
+        tokio::spawn(
+            async move { load(("127.0.0.1".into(), port), &sensors_for_load, per_sensor, Some(rate), true).await },
+        );
+    let mut samples = Vec::new();
+    while !load.is_finished() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        samples.push(resident_mib(pid).0);
+    }
+    let (acked, elapsed, _) = load.await?;
+    let (_, peak) = resident_mib(pid);
+    emit(serde_json::json!({
+        "benchmark": "footprint", "machine": machine(), "sensors": sensors, "target_rate": rate,
+        "achieved_rate": (acked as f64 / elapsed).round(), "messages": acked,
+        "rss_idle_mib": (idle * 10.0).round() / 10.0,
+        "rss_under_load_max_mib": (samples.iter().cloned().fold(0.0, f64::max) * 10.0).round() / 10.0,
+        "rss_peak_mib": (peak * 10.0).round() / 10.0,
+    }));
+    edge.stop().await;
+    cloud.stop().await;
+    Ok(())
+}
