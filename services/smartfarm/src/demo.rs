@@ -52,18 +52,14 @@ struct DemoState {
 }
 
 /// Resolves when `stop` turns true.
-fn stopped(mut stop: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = stop.wait_for(|stop| *stop).await;
-    }
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 async fn wait_for_file(path: &Path, what: &str) -> anyhow::Result<String> {
     for _ in 0..300 {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.trim().is_empty() {
-                return Ok(text);
-            }
+        if let Some(text) = std::fs::read_to_string(path).ok().filter(|text| !text.trim().is_empty()) {
+            return Ok(text);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
