@@ -54,9 +54,10 @@ fsync_interval = "1s"
 upload_interval = "1h"
 upload_threshold_bytes = 8388608
 
-# Largest batch, in records and in bytes before compression.
-batch_max_records = 50000
-batch_max_bytes = 8388608
+# Largest batch, in records and in bytes before compression (a batch is held in memory while it is built and sent,
+# up to 4 at once).
+batch_max_records = 10000
+batch_max_bytes = 2097152
 
 # What goes up: "raw" readings, "aggregates" (one record per device, metric and window; raw readings are then
 # kept only in memory until their window closes) or "both".
@@ -168,8 +169,8 @@ impl Default for EdgeConfig {
             fsync_interval: Duration::from_secs(1),
             upload_interval: Duration::from_secs(3600),
             upload_threshold_bytes: 8 << 20,
-            batch_max_records: 50_000,
-            batch_max_bytes: 8 << 20,
+            batch_max_records: 10_000,
+            batch_max_bytes: 2 << 20,
             upload: UploadMode::Both,
             aggregation_window: Duration::from_secs(300),
             max_future_skew: Duration::from_secs(300),

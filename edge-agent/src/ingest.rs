@@ -101,11 +101,20 @@ impl SpoolWriter {
 
     /// Appends `bodies`; returns once they are in the spool (durable under the `always` fsync policy).
     pub async fn append(&self, bodies: Vec<Body>) -> Result<Appended, String> {
+        self.submit(bodies).await?.await.map_err(|_| "the spool writer stopped".to_string())?
+    }
+
+    /// Queues `bodies` for the spool without waiting for them to be written: the receiver completes once they are.
+    /// Lets one connection have many publishes in the same group commit.
+    pub async fn submit(&self, bodies: Vec<Body>) -> Result<Durable, String> {
         let (done, result) = oneshot::channel();
         self.requests.send(WriteRequest { bodies, done }).await.map_err(|_| "the spool writer stopped".to_string())?;
-        result.await.map_err(|_| "the spool writer stopped".to_string())?
+        Ok(result)
     }
 }
+
+/// Completes when submitted records are in the spool (durable under the `always` fsync policy).
+pub type Durable = oneshot::Receiver<Result<Appended, String>>;
 
 /// Per-device, per-metric windows aligned to the clock.
 #[derive(Debug)]
@@ -224,6 +233,19 @@ impl Ingestor {
 
     /// Parses a payload from `device` and stores what it carries. Returns how many readings were accepted.
     pub async fn accept(&self, device: Uuid, payload: &[u8]) -> Result<usize, IngestError> {
+        let (readings, durable) = self.submit(device, payload).await?;
+        if let Some(durable) = durable {
+            durable
+                .await
+                .map_err(|_| IngestError::Unavailable("the spool writer stopped".into()))?
+                .map_err(IngestError::Unavailable)?;
+        }
+        Ok(readings)
+    }
+
+    /// Parses a payload from `device` and queues what it carries for the spool. Returns how many readings it
+    /// carries and, when anything is to be written, the completion that says it is durable.
+    pub async fn submit(&self, device: Uuid, payload: &[u8]) -> Result<(usize, Option<Durable>), IngestError> {
         let measurements =
             payload::parse(payload, SystemTime::now(), self.max_future_skew).map_err(IngestError::Rejected)?;
         let mut bodies = Vec::new();
@@ -242,11 +264,12 @@ impl Ingestor {
                 })
             }));
         }
-        if !bodies.is_empty() {
-            self.writer.append(bodies).await.map_err(IngestError::Unavailable)?;
-        }
+        let durable = match bodies.is_empty() {
+            true => None,
+            false => Some(self.writer.submit(bodies).await.map_err(IngestError::Unavailable)?),
+        };
         metrics::counter!("smartfarm_edge_readings_accepted_total").increment(measurements.len() as u64);
-        Ok(measurements.len())
+        Ok((measurements.len(), durable))
     }
 
     /// Spools the aggregates of windows that ended (every open one when `now` is `None`).

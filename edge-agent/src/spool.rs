@@ -133,9 +133,9 @@ struct Inner {
     dropped_records: u64,
     /// Appends not yet fsynced (interval and never policies).
     dirty: bool,
-    /// Where the last read stopped: (next sequence, byte offset in the segment starting at that sequence's
-    /// segment), so draining a backlog reads each segment once instead of from its start every batch.
-    read_position: Option<(u64, u64)>,
+    /// Where the last read stopped: (next sequence, first sequence of the segment it stopped in, byte offset in
+    /// that segment), so draining a backlog reads each segment once instead of from its start every batch.
+    read_position: Option<(u64, u64, u64)>,
 }
 
 /// The spool.
@@ -168,6 +168,22 @@ fn encode_record(record: &SpoolRecord, out: &mut Vec<u8>) {
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     out.extend_from_slice(&body);
+}
+
+/// Reads the next record from a stream: the record and its size with header, or `None` at the end or at a torn or
+/// corrupt record. `frame` is a reusable buffer.
+fn read_record(reader: &mut impl Read, frame: &mut Vec<u8>) -> Option<(SpoolRecord, usize)> {
+    let mut header = [0u8; RECORD_HEADER_BYTES];
+    reader.read_exact(&mut header).ok()?;
+    let len = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
+    if len > MAX_RECORD_BYTES {
+        return None;
+    }
+    frame.clear();
+    frame.extend_from_slice(&header);
+    frame.resize(RECORD_HEADER_BYTES + len, 0);
+    reader.read_exact(&mut frame[RECORD_HEADER_BYTES..]).ok()?;
+    decode_record(frame)
 }
 
 /// Decodes the record at the start of `bytes`: the record and its size with header, or `None` if what is there is
@@ -355,18 +371,21 @@ impl Spool {
         let mut records = Vec::new();
         let mut bytes_read = 0usize;
         let mut next_position = None;
-        let start_hint = inner.read_position.filter(|(sequence, _)| *sequence == after + 1);
+        let start_hint = inner.read_position.filter(|(sequence, _, _)| *sequence == after + 1);
         for segment in inner.segments.iter().filter(|segment| segment.records > 0 && segment.last() > after) {
+            // The offset is only good in the very segment it was measured in.
             let offset = match start_hint {
-                Some((sequence, offset)) if sequence >= segment.first && sequence <= segment.last() => offset,
+                Some((_, segment_first, offset)) if segment_first == segment.first => offset,
                 _ => 0,
             };
-            let mut file = File::open(&segment.path).map_err(io(format!("open {}", segment.path.display())))?;
-            let mut contents = Vec::new();
-            file.read_to_end(&mut contents).map_err(io(format!("read {}", segment.path.display())))?;
+            // Streamed from the offset, a record at a time: a Pi should not hold whole segments in memory to send a
+            // batch.
+            let file = File::open(&segment.path).map_err(io(format!("open {}", segment.path.display())))?;
+            let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+            std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(offset)).map_err(io("seek in a segment"))?;
             let mut position = offset as usize;
-            while position < contents.len() {
-                let Some((record, size)) = decode_record(&contents[position..]) else { break };
+            let mut frame = Vec::new();
+            while let Some((record, size)) = read_record(&mut reader, &mut frame) {
                 position += size;
                 if record.sequence <= after {
                     continue;
@@ -375,7 +394,7 @@ impl Spool {
                 records.push(record);
                 if records.len() >= max_records || bytes_read >= max_bytes {
                     let next = records.last().map(|r| r.sequence + 1).unwrap_or(after + 1);
-                    next_position = Some((next, position as u64));
+                    next_position = Some((next, segment.first, position as u64));
                     break;
                 }
             }
@@ -608,6 +627,27 @@ mod tests {
         drop(spool);
         let (spool, _) = Spool::open(config(dir.path())).unwrap();
         assert_eq!(spool.append(vec![body(1.0)]).unwrap().first_sequence, 302);
+    }
+
+    #[test]
+    fn batches_that_end_on_a_segment_boundary_continue_at_the_next_segments_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(SpoolConfig { segment_bytes: 1, ..config(dir.path()) }).unwrap();
+        // One append per segment: segments of exactly 10 records.
+        for round in 0..5 {
+            spool.append((0..10).map(|i| body((round * 10 + i) as f64)).collect()).unwrap();
+        }
+        let mut after = 0;
+        let mut seen = Vec::new();
+        for batch_size in [10, 10, 7, 13, 10, 5] {
+            let batch = spool.read_after(after, batch_size, usize::MAX).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            after = batch.last().unwrap().sequence;
+            seen.extend(batch.into_iter().map(|r| r.sequence));
+        }
+        assert_eq!(seen, (1..=50).collect::<Vec<_>>(), "every record once, in order, across segment boundaries");
     }
 
     #[test]

@@ -271,3 +271,30 @@ async fn a_torn_last_spool_record_is_cut_on_start_and_the_rest_arrives() {
     edge.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_wait_for_the_interval_unless_the_spool_passes_its_threshold() {
+    let data = CloudData::new(Backend::Postgres).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "threshold", 4).await;
+    let config = "upload_interval = \"1h\"\nupload = \"raw\"\nupload_threshold_bytes = 16384\n";
+    let edge = Edge::start(&edge_options(&cloud, &fleet, &data, config)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let url = data.database_url().unwrap().to_string();
+
+    // A few readings: far below the threshold, so they wait for the hourly upload.
+    let report = sim::run(&fleet.sensors, run_options(&edge, 100.0, 5)).await.unwrap();
+    assert_eq!(report.messages_acked, 20);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(tally(&url, &fleet.farm_id).await.rows, 0, "nothing goes up before the interval");
+    assert_eq!(edge.metric("smartfarm_edge_spool_pending_records").await, 40.0);
+
+    // Past 16 KiB waiting, the agent sends at once.
+    let report = sim::run(&fleet.sensors, run_options(&edge, 1000.0, 150)).await.unwrap();
+    assert_eq!(report.messages_acked, 600);
+    let uploaded =
+        eventually(Duration::from_secs(10), || async { tally(&url, &fleet.farm_id).await.rows >= 1240 }).await;
+    assert!(uploaded, "{:?}\n{}", tally(&url, &fleet.farm_id).await, edge.log());
+    edge.stop().await;
+    cloud.stop().await;
+}

@@ -4,7 +4,7 @@
 //! MQTT itself). A telemetry publish is acknowledged only after its readings are in the spool. Refusals are logged,
 //! counted per reason, and told to the device on `smartfarm/<id>/errors`; the connection stays up.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::codec::{self, ConnectRefusal, Inbound, Outbound, PublishOutcome, Qos, Version};
-use crate::ingest::{IngestError, Ingestor};
+use crate::ingest::{Durable, IngestError, Ingestor};
 use crate::registry::{AuthFailure, Registry};
 
 /// The topic every device may read for the farm's alerts.
@@ -28,6 +28,28 @@ pub const ALERTS_TOPIC: &str = "smartfarm/alerts";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages waiting for one subscriber before new ones are dropped (and counted).
 const SUBSCRIBER_QUEUE: usize = 256;
+/// Publishes of one connection waiting for the spool before the connection stops reading.
+const MAX_OWED_ACKS: usize = 256;
+
+/// An acknowledgement owed to the client.
+struct OwedAck {
+    pkid: u16,
+    qos: Qos,
+    outcome: PublishOutcome,
+    /// Pending while the publish's readings are on their way into the spool.
+    durable: Option<Durable>,
+    received: std::time::Instant,
+}
+
+/// Waits for the front owed acknowledgement's readings to reach the spool.
+async fn front_durable(
+    owed: &mut VecDeque<OwedAck>,
+) -> Result<Result<crate::spool::Appended, String>, tokio::sync::oneshot::error::RecvError> {
+    match owed.front_mut().and_then(|ack| ack.durable.as_mut()) {
+        Some(durable) => durable.await,
+        None => std::future::pending().await,
+    }
+}
 
 /// A message for a subscriber.
 #[derive(Clone, Debug)]
@@ -194,8 +216,9 @@ async fn connection(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         broker: broker.clone(),
         stream,
         connection_id,
-        buffer: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(4096),
+        // Small to start with: a thousand idle sensors should cost little; buffers grow for big packets.
+        buffer: BytesMut::with_capacity(512),
+        out: BytesMut::with_capacity(256),
         version: Version::V311,
         identity: Identity::Anonymous,
         client_id: String::new(),
@@ -315,16 +338,39 @@ impl Session {
 
     async fn serve(&mut self, keep_alive: Option<Duration>, mut takeover: watch::Receiver<bool>) -> Result<(), Ended> {
         let (deliveries_sender, mut deliveries) = mpsc::channel::<Delivery>(SUBSCRIBER_QUEUE);
+        // Acknowledgements owed, in the order the publishes arrived (MQTT requires that order). Publishes are
+        // handed to the spool writer as they arrive, so one connection's burst shares a group commit instead of
+        // waiting for one fsync per message.
+        let mut owed: VecDeque<OwedAck> = VecDeque::new();
         loop {
-            while let Some(packet) =
-                codec::read(self.version, &mut self.buffer).map_err(|error| Ended::Protocol(error.to_string()))?
-            {
-                if self.handle(packet, &deliveries_sender).await? {
+            while owed.len() < MAX_OWED_ACKS {
+                let Some(packet) =
+                    codec::read(self.version, &mut self.buffer).map_err(|error| Ended::Protocol(error.to_string()))?
+                else {
+                    break;
+                };
+                if self.handle(packet, &deliveries_sender, &mut owed).await? {
                     return Ok(());
                 }
             }
+            self.send_ready_acks(&mut owed).await?;
+            let waiting_on_spool = owed.front().is_some_and(|ack| ack.durable.is_some());
             tokio::select! {
-                filled = self.fill(keep_alive) => filled?,
+                // Past MAX_OWED_ACKS nothing more is read: TCP pushes back on the client.
+                filled = self.fill(keep_alive), if owed.len() < MAX_OWED_ACKS => filled?,
+                written = front_durable(&mut owed), if waiting_on_spool => {
+                    let mut ack = owed.pop_front().expect("checked: waiting on the front");
+                    match written {
+                        Ok(Ok(_)) => {
+                            metrics::histogram!("smartfarm_edge_publish_to_spool_seconds").record(ack.received.elapsed().as_secs_f64());
+                        }
+                        // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting.
+                        Ok(Err(error)) => return Err(Ended::SpoolUnavailable(error)),
+                        Err(_) => return Err(Ended::SpoolUnavailable("the spool writer stopped".into())),
+                    }
+                    ack.durable = None;
+                    owed.push_front(ack);
+                }
                 Some(delivery) = deliveries.recv() => {
                     self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
                     let pkid = self.next_pkid;
@@ -335,23 +381,43 @@ impl Session {
         }
     }
 
+    /// Sends the owed acknowledgements at the front of the queue whose publishes are settled.
+    async fn send_ready_acks(&mut self, owed: &mut VecDeque<OwedAck>) -> Result<(), Ended> {
+        while owed.front().is_some_and(|ack| ack.durable.is_none()) {
+            let ack = owed.pop_front().expect("checked: a front");
+            match ack.qos {
+                Qos::AtMostOnce => {}
+                Qos::AtLeastOnce => self.send(Outbound::PubAck { pkid: ack.pkid, outcome: ack.outcome }).await?,
+                Qos::ExactlyOnce => {
+                    self.awaiting_release.insert(ack.pkid);
+                    self.send(Outbound::PubRec { pkid: ack.pkid, outcome: ack.outcome }).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Handles one packet; `true` when the client said goodbye.
-    async fn handle(&mut self, packet: Inbound, deliveries: &mpsc::Sender<Delivery>) -> Result<bool, Ended> {
+    async fn handle(
+        &mut self,
+        packet: Inbound,
+        deliveries: &mpsc::Sender<Delivery>,
+        owed: &mut VecDeque<OwedAck>,
+    ) -> Result<bool, Ended> {
         match packet {
             Inbound::Publish { topic, qos, pkid, payload } => {
-                if qos == Qos::ExactlyOnce && self.awaiting_release.contains(&pkid) {
+                if qos == Qos::ExactlyOnce
+                    && (self.awaiting_release.contains(&pkid) || owed.iter().any(|ack| ack.pkid == pkid))
+                {
                     // A resend of a QoS 2 message already stored: acknowledge again, store nothing.
                     self.send(Outbound::PubRec { pkid, outcome: PublishOutcome::Accepted }).await?;
                     return Ok(false);
                 }
-                let outcome = self.publish(&topic, payload).await?;
-                match qos {
-                    Qos::AtMostOnce => {}
-                    Qos::AtLeastOnce => self.send(Outbound::PubAck { pkid, outcome }).await?,
-                    Qos::ExactlyOnce => {
-                        self.awaiting_release.insert(pkid);
-                        self.send(Outbound::PubRec { pkid, outcome }).await?;
-                    }
+                let received = std::time::Instant::now();
+                let (outcome, durable) = self.publish(&topic, payload).await?;
+                // At QoS 0 nothing is acknowledged; the records are written all the same.
+                if qos != Qos::AtMostOnce {
+                    owed.push_back(OwedAck { pkid, qos, outcome, durable, received });
                 }
             }
             Inbound::PubRel { pkid } => {
@@ -387,8 +453,9 @@ impl Session {
         Ok(false)
     }
 
-    /// Applies the ACL and stores telemetry; the outcome goes into the acknowledgement.
-    async fn publish(&mut self, topic: &str, payload: Bytes) -> Result<PublishOutcome, Ended> {
+    /// Applies the ACL and queues telemetry for the spool; the outcome goes into the acknowledgement, which waits for
+    /// the returned completion when there is one.
+    async fn publish(&mut self, topic: &str, payload: Bytes) -> Result<(PublishOutcome, Option<Durable>), Ended> {
         let mut parts = topic.splitn(3, '/');
         let (prefix, device, rest) = (parts.next(), parts.next(), parts.next());
         let device = device.and_then(|d| Uuid::try_parse(d).ok());
@@ -408,22 +475,22 @@ impl Session {
                     "a device may publish only under smartfarm/<its device id>/",
                 );
             }
-            return Ok(PublishOutcome::NotAuthorized);
+            return Ok((PublishOutcome::NotAuthorized, None));
         };
         if rest != Some("telemetry") {
             // Other topics under the device's own prefix (command acknowledgements, with the commands capability)
             // are its to use; nothing here consumes them yet.
             tracing::debug!(%topic, "publish on an unhandled topic");
-            return Ok(PublishOutcome::Accepted);
+            return Ok((PublishOutcome::Accepted, None));
         }
-        match self.broker.ingestor.accept(device, &payload).await {
-            Ok(_) => Ok(PublishOutcome::Accepted),
+        match self.broker.ingestor.submit(device, &payload).await {
+            Ok((_, durable)) => Ok((PublishOutcome::Accepted, durable)),
             Err(IngestError::Rejected(rejection)) => {
                 metrics::counter!("smartfarm_edge_readings_rejected_total", "reason" => rejection.reason())
                     .increment(1);
                 tracing::warn!(%device, reason = rejection.reason(), detail = %rejection, "telemetry refused");
                 self.broker.report_error(device, topic, rejection.reason(), &rejection.to_string());
-                Ok(PublishOutcome::PayloadInvalid)
+                Ok((PublishOutcome::PayloadInvalid, None))
             }
             // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting.
             Err(IngestError::Unavailable(error)) => Err(Ended::SpoolUnavailable(error)),

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds release binaries and runs the telemetry benchmarks (see tests/src/bin/smartfarm-bench.rs), printing one JSON
+# line per measurement. Needs what the tests need (PostgreSQL, the tools from install-tools.sh) plus the Debian
+# `mosquitto` package for the fan-in baseline. Takes about two minutes once built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-tools.sh
+command -v mosquitto >/dev/null || { echo "bench: the fan-in baseline needs mosquitto (apt-get install mosquitto)" >&2; exit 1; }
+cargo build --release --locked -p smartfarm -p smartfarm-edge -p smartfarm-e2e --bins
+bench="${CARGO_TARGET_DIR:-target}/release/smartfarm-bench"
+"$bench" ingest --readings 500000
+"$bench" fanin --publishers 50 --messages-per-publisher 2000
+"$bench" footprint --sensors 1000 --rate 10000 --seconds 20
