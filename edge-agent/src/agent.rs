@@ -34,6 +34,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    // The recorder first, so that every figure from here on is kept.
+    let metrics_handle = (!config.metrics_listen.is_empty()).then(smartfarm_core::observability::init_metrics);
     let (spool, recovery) = Spool::open(config.spool()).context("cannot open the spool")?;
     let spool = Arc::new(spool);
     tracing::info!(
@@ -41,6 +43,7 @@ pub async fn run(
         pending = recovery.pending_records, truncated_bytes = recovery.truncated_bytes, "spool open"
     );
     let registry = Arc::new(Registry::load(&config.spool_dir));
+    metrics::gauge!("smartfarm_edge_registry_devices").set(registry.len() as f64);
     if registry.is_empty() {
         tracing::warn!("no registry cached yet: sensors are refused until the cloud sends the farm's devices");
     }
@@ -48,7 +51,12 @@ pub async fn run(
     let (alerts, mut alert_events) = mpsc::unbounded_channel::<LocalAlert>();
     let writer = SpoolWriter::start(spool.clone(), alerts.clone());
     let ingestor = Ingestor::new(writer, config.upload, config.aggregation_window, config.max_future_skew);
-    let broker = Broker::new(registry.clone(), ingestor.clone(), config.allow_anonymous);
+    let broker = Broker::new(
+        registry.clone(),
+        ingestor.clone(),
+        config.allow_anonymous,
+        Some(config.spool_dir.join("mqtt-sessions.json")),
+    );
 
     let mqtt_listener = TcpListener::bind(config.mqtt_listen)
         .await
@@ -77,7 +85,7 @@ pub async fn run(
     }));
     if let Some(listener) = metrics_listener {
         let mut metrics_stop = stopping.clone();
-        let handle = smartfarm_core::observability::init_metrics();
+        let handle = metrics_handle.clone().expect("a metrics listener implies a recorder");
         let app =
             axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
         tasks.spawn(async move {
@@ -119,6 +127,7 @@ pub async fn run(
 
     // Housekeeping every second: close aggregation windows, fsync under the interval policy, publish spool figures.
     let housekeeping_spool = spool.clone();
+    let housekeeping_broker = broker.clone();
     let housekeeping_ingestor = ingestor.clone();
     let fsync = config.spool().fsync;
     let mut housekeeping_stop = stopping.clone();
@@ -132,6 +141,9 @@ pub async fn run(
             tokio::select! {
                 _ = ticks.tick() => {}
                 _ = housekeeping_stop.wait_for(|stop| *stop) => return,
+            }
+            if let Err(error) = housekeeping_broker.save_sessions() {
+                tracing::error!(%error, "cannot save the MQTT sessions");
             }
             if let Err(error) = housekeeping_ingestor.flush_windows(Some(SystemTime::now())).await {
                 tracing::error!(%error, "cannot spool closed aggregation windows");
@@ -158,6 +170,7 @@ pub async fn run(
         tracing::error!(%error, "cannot spool open aggregation windows at shutdown");
     }
     spool.sync().context("cannot fsync the spool at shutdown")?;
+    broker.save_sessions().context("cannot save the MQTT sessions at shutdown")?;
     tracing::info!(pending = spool.stats().pending_records, "smartfarm-edge stopped");
     Ok(())
 }

@@ -83,6 +83,8 @@ pub struct Report {
     pub readings_acked: u64,
     /// Connection errors the clients recovered from (or not).
     pub connection_errors: u64,
+    /// The distinct connection errors seen (at most ten), for diagnosis.
+    pub error_samples: Vec<String>,
     pub elapsed_seconds: f64,
     /// Acknowledged messages per device id.
     pub acked_per_device: BTreeMap<String, u64>,
@@ -127,6 +129,7 @@ pub async fn run(sensors: &[SensorCredentials], options: RunOptions) -> anyhow::
     let period = Duration::from_secs_f64(sensors.len() as f64 / options.rate);
     let replay = Arc::new(options.replay.clone());
     let errors = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (index, sensor) in sensors.iter().enumerate() {
@@ -134,11 +137,13 @@ pub async fn run(sensors: &[SensorCredentials], options: RunOptions) -> anyhow::
         let host = host.to_string();
         let replay = replay.clone();
         let errors = errors.clone();
+        let samples = samples.clone();
         let options = options.clone();
         // Spread the sensors over one period so the load is even rather than in bursts.
         let offset = period.mul_f64(index as f64 / sensors.len() as f64);
         tasks.spawn(async move {
-            let outcome = sensor_run(&sensor, &host, port, qos, period, offset, &options, &replay, &errors).await;
+            let outcome =
+                sensor_run(&sensor, &host, port, qos, period, offset, &options, &replay, (&errors, &samples)).await;
             (sensor.device_id, outcome)
         });
     }
@@ -151,6 +156,7 @@ pub async fn run(sensors: &[SensorCredentials], options: RunOptions) -> anyhow::
     }
     report.readings_acked = report.messages_acked * METRICS_PER_MESSAGE;
     report.connection_errors = errors.load(Ordering::Relaxed);
+    report.error_samples = samples.lock().expect("samples lock").clone();
     report.elapsed_seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -167,7 +173,7 @@ async fn sensor_run(
     offset: Duration,
     options: &RunOptions,
     replay: &[f64],
-    errors: &AtomicU64,
+    (errors, samples): (&AtomicU64, &std::sync::Mutex<Vec<String>>),
 ) -> (u64, u64) {
     let mut mqtt = MqttOptions::new(sensor.device_id.clone(), host, port);
     mqtt.set_credentials(sensor.device_id.clone(), sensor.credential.clone());
@@ -233,6 +239,13 @@ async fn sensor_run(
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
                 errors.fetch_add(1, Ordering::Relaxed);
+                let text = error.to_string();
+                {
+                    let mut samples = samples.lock().expect("samples lock");
+                    if samples.len() < 10 && !samples.contains(&text) {
+                        samples.push(text);
+                    }
+                }
                 tracing::debug!(device = %sensor.device_id, %error, "simulated sensor lost its connection");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

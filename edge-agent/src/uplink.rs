@@ -218,7 +218,10 @@ impl Uplink {
                         }
                         connect_response::Body::Registry(snapshot) => {
                             match self.registry.apply(&snapshot) {
-                                Ok(()) => tracing::info!(version = snapshot.version, devices = snapshot.devices.len(), "registry updated"),
+                                Ok(()) => {
+                                    metrics::gauge!("smartfarm_edge_registry_devices").set(snapshot.devices.len() as f64);
+                                    tracing::info!(version = snapshot.version, devices = snapshot.devices.len(), "registry updated");
+                                }
                                 Err(error) => tracing::error!(%error, "cannot cache the registry; keeping the old one"),
                             }
                         }

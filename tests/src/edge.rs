@@ -130,6 +130,16 @@ impl Edge {
         Edge { child, mqtt: address("mqtt"), metrics: address("metrics"), log_path }
     }
 
+    /// Waits until the agent knows `devices` devices (its registry came down the link), so sensors are not refused
+    /// for connecting before it.
+    pub async fn wait_for_registry(&self, devices: usize) {
+        let known = eventually(Duration::from_secs(30), || async {
+            self.metric("smartfarm_edge_registry_devices").await >= devices as f64
+        })
+        .await;
+        assert!(known, "the agent did not receive the registry within 30 s:\n{}", self.log());
+    }
+
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")

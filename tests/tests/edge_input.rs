@@ -55,12 +55,10 @@ async fn bad_payloads_foreign_topics_and_wrong_credentials_are_refused_counted_a
     let edge = Edge::start(&options).await;
     let (me, other) = (&fleet.sensors[0], &fleet.sensors[1]);
     let my_topic = format!("smartfarm/{}/telemetry", me.device_id);
+    edge.wait_for_registry(3).await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            mosquitto_pub(&edge, &me.device_id, &me.credential, &my_topic, "mqttv311", br#"{"metrics": {"warmup": 1}}"#)
-                .await
-        })
-        .await,
+        mosquitto_pub(&edge, &me.device_id, &me.credential, &my_topic, "mqttv311", br#"{"metrics": {"warmup": 1}}"#)
+            .await,
         "the agent accepts a known sensor once it has the registry\n{}",
         edge.log()
     );

@@ -35,9 +35,15 @@ async fn a_thousand_sensors_arrive_exactly_once() {
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "thousand", 1000).await;
     let edge = Edge::start(&edge_options(&cloud, &fleet, &data, "upload_interval = \"1s\"\nupload = \"raw\"\n")).await;
+    edge.wait_for_registry(1001).await;
 
-    let report = sim::run(&fleet.sensors, run_options(&edge, 2000.0, 5)).await.unwrap();
-    assert_eq!(report.messages_acked, 5000, "every message acknowledged: {report:?}");
+    // QoS 2 with persistent sessions: exactly once from the sensor on, even when a client times out and resends.
+    let report = sim::run(&fleet.sensors, RunOptions { qos: 2, ..run_options(&edge, 2000.0, 5) }).await.unwrap();
+    assert_eq!(
+        report.messages_acked, 5000,
+        "every message acknowledged ({} sent, {} connection errors: {:?})",
+        report.messages_sent, report.connection_errors, report.error_samples
+    );
     let url = data.database_url().unwrap().to_string();
     let expected = (report.messages_acked * METRICS_PER_MESSAGE) as i64;
     let arrived =
@@ -71,6 +77,7 @@ async fn killing_the_edge_twenty_times_loses_and_duplicates_nothing_after_the_sp
     let mut options = edge_options(&cloud, &fleet, &data, "upload_interval = \"200ms\"\nupload = \"raw\"\n");
     options.mqtt_port = Some(smartfarm_e2e::free_port());
     let mut edge = Edge::start(&options).await;
+    edge.wait_for_registry(21).await;
 
     // 20 sensors, 150 messages each at 200 messages/s: 15 s of publishing while the agent dies 20 times.
     let (sensors, mut run) = (fleet.sensors.clone(), run_options(&edge, 200.0, 150));
@@ -129,6 +136,7 @@ async fn the_cloud_killed_and_postgres_crashed_mid_ingest_lose_and_duplicate_not
         "upload_interval = \"200ms\"\nupload = \"raw\"\nreconnect_max = \"2s\"\n",
     ))
     .await;
+    edge.wait_for_registry(11).await;
 
     let (sensors, mut run) = (fleet.sensors.clone(), run_options(&edge, 100.0, 150));
     run.drain_timeout = Duration::from_secs(10);
@@ -175,8 +183,8 @@ async fn a_long_outage_drains_oldest_first_and_past_the_cap_drops_exactly_what_t
     let config = "upload_interval = \"200ms\"\nupload = \"raw\"\nreconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n\
                   spool_max_bytes = 65536\nspool_segment_bytes = 8192\n";
     let edge = Edge::start(&edge_options(&cloud, &fleet, &data, config)).await;
+    edge.wait_for_registry(11).await;
     // The agent has the registry now; the cloud goes away for the whole run.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     cloud.stop().await;
 
     let alerts = tokio::process::Command::new("mosquitto_sub")
@@ -239,7 +247,7 @@ async fn a_torn_last_spool_record_is_cut_on_start_and_the_rest_arrives() {
     let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "torn", 5).await;
     let options = edge_options(&cloud, &fleet, &data, "upload_interval = \"200ms\"\nupload = \"raw\"\n");
     let edge = Edge::start(&options).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    edge.wait_for_registry(6).await;
     cloud.stop().await;
     let report = sim::run(&fleet.sensors, run_options(&edge, 500.0, 20)).await.unwrap();
     assert_eq!(report.messages_acked, 100);
@@ -279,7 +287,7 @@ async fn uploads_wait_for_the_interval_unless_the_spool_passes_its_threshold() {
     let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "threshold", 4).await;
     let config = "upload_interval = \"1h\"\nupload = \"raw\"\nupload_threshold_bytes = 16384\n";
     let edge = Edge::start(&edge_options(&cloud, &fleet, &data, config)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    edge.wait_for_registry(5).await;
     let url = data.database_url().unwrap().to_string();
 
     // A few readings: far below the threshold, so they wait for the hourly upload.

@@ -2,7 +2,9 @@
 //! against the registry cache), may publish only under `smartfarm/<its id>/` and subscribe only to its own
 //! `commands` and `errors` topics and to `smartfarm/alerts` (rumqttd has no such ACL, which is why the agent speaks
 //! MQTT itself). A telemetry publish is acknowledged only after its readings are in the spool. Refusals are logged,
-//! counted per reason, and told to the device on `smartfarm/<id>/errors`; the connection stays up.
+//! counted per reason, and told to the device on `smartfarm/<id>/errors`; the connection stays up. Clients that
+//! connect with clean session off keep their subscriptions across reconnects and agent restarts, and a QoS 2 publish
+//! they resend after a lost acknowledgement is stored once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -61,6 +63,31 @@ struct Delivery {
 /// A topic's subscribers: (connection id, its delivery queue).
 type Subscribers = Vec<(u64, mpsc::Sender<Delivery>)>;
 
+/// What the broker keeps of a client that connected with clean session off (MQTT's persistent session): its
+/// subscriptions, written to disk so they survive an agent restart, and the QoS 2 publishes awaiting release.
+/// Telling such a client its session is present on reconnect makes it resend the publishes it never saw
+/// acknowledged (clients discard them when told the session is new).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct SavedSession {
+    /// The device the session belongs to (`None`: anonymous); another login does not get it.
+    device: Option<Uuid>,
+    subscriptions: std::collections::BTreeSet<String>,
+    /// Shared with the connection that holds the session, so a client that reconnects while its old connection is
+    /// still winding down sees what that connection stored.
+    #[serde(skip)]
+    awaiting_release: ReleaseSet,
+}
+
+/// QoS 2 packet ids whose publishes are stored and not yet released (PUBREL) by the client.
+type ReleaseSet = Arc<Mutex<HashSet<u16>>>;
+
+/// Persistent sessions by client id, and whether the file is behind.
+#[derive(Debug, Default)]
+struct Sessions {
+    saved: HashMap<String, SavedSession>,
+    dirty: bool,
+}
+
 /// The broker's shared state.
 pub struct Broker {
     registry: Arc<Registry>,
@@ -71,6 +98,9 @@ pub struct Broker {
     /// Client id → the switch that disconnects its current connection (a new connection takes the id over).
     sessions: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
     next_connection: AtomicU64,
+    persistent: Mutex<Sessions>,
+    /// Where persistent sessions are kept (`<spool dir>/mqtt-sessions.json`).
+    sessions_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -87,7 +117,19 @@ enum Identity {
 }
 
 impl Broker {
-    pub fn new(registry: Arc<Registry>, ingestor: Ingestor, allow_anonymous: bool) -> Arc<Broker> {
+    /// A broker; with `sessions_file`, persistent sessions are loaded from it and saved to it by
+    /// [`Broker::save_sessions`].
+    pub fn new(
+        registry: Arc<Registry>,
+        ingestor: Ingestor,
+        allow_anonymous: bool,
+        sessions_file: Option<std::path::PathBuf>,
+    ) -> Arc<Broker> {
+        let saved = sessions_file
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
         Arc::new(Broker {
             registry,
             ingestor,
@@ -95,7 +137,55 @@ impl Broker {
             routes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
+            persistent: Mutex::new(Sessions { saved, dirty: false }),
+            sessions_file,
         })
+    }
+
+    /// Writes the persistent sessions to disk if they changed (called every second, and at shutdown).
+    pub fn save_sessions(&self) -> std::io::Result<()> {
+        let Some(path) = &self.sessions_file else { return Ok(()) };
+        let bytes = {
+            let mut sessions = self.persistent.lock().expect("sessions lock");
+            if !sessions.dirty {
+                return Ok(());
+            }
+            sessions.dirty = false;
+            serde_json::to_vec(&sessions.saved).map_err(std::io::Error::other)?
+        };
+        let temp = path.with_extension("json.tmp");
+        std::fs::write(&temp, bytes)?;
+        std::fs::rename(&temp, path)
+    }
+
+    /// Starts or resumes a client's session: whether one was present, and the session (a clean one is not kept).
+    fn open_session(&self, client_id: &str, device: Option<Uuid>, clean: bool) -> (bool, SavedSession) {
+        let mut sessions = self.persistent.lock().expect("sessions lock");
+        if clean {
+            if sessions.saved.remove(client_id).is_some() {
+                sessions.dirty = true;
+            }
+            return (false, SavedSession { device, ..Default::default() });
+        }
+        match sessions.saved.get(client_id) {
+            Some(saved) if saved.device == device => (true, saved.clone()),
+            _ => {
+                let session = SavedSession { device, ..Default::default() };
+                sessions.saved.insert(client_id.to_string(), session.clone());
+                sessions.dirty = true;
+                (false, session)
+            }
+        }
+    }
+
+    /// Records a persistent session's subscriptions and QoS 2 state (no-op for clean sessions).
+    fn update_session(&self, client_id: &str, update: impl FnOnce(&mut SavedSession) -> bool) {
+        let mut sessions = self.persistent.lock().expect("sessions lock");
+        if let Some(saved) = sessions.saved.get_mut(client_id)
+            && update(saved)
+        {
+            sessions.dirty = true;
+        }
     }
 
     /// Delivers a message from the agent to the topic's subscribers; returns how many got it.
@@ -222,7 +312,7 @@ async fn connection(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         version: Version::V311,
         identity: Identity::Anonymous,
         client_id: String::new(),
-        awaiting_release: HashSet::new(),
+        awaiting_release: ReleaseSet::default(),
         next_pkid: 0,
     };
     let ended = session.run().await;
@@ -246,9 +336,9 @@ struct Session {
     version: Version,
     identity: Identity,
     client_id: String,
-    /// QoS 2 publishes stored and acknowledged with PUBREC, waiting for PUBREL: a resend of one of these is not
-    /// stored again.
-    awaiting_release: HashSet<u16>,
+    /// QoS 2 publishes handed to the spool, waiting for PUBREL: a resend of one of these is not stored again. A
+    /// persistent session's set is the one kept in the broker.
+    awaiting_release: ReleaseSet,
     next_pkid: u16,
 }
 
@@ -274,14 +364,41 @@ impl Session {
         Ok(())
     }
 
-    async fn run(&mut self) -> Ended {
-        match self.handshake().await {
-            Ok((keep_alive, takeover)) => self.serve(keep_alive, takeover).await.err().unwrap_or(Ended::ClientLeft),
-            Err(ended) => ended,
+    /// Forgets a QoS 2 packet id: released by the client, or its publish never reached the spool.
+    fn release(&self, pkid: u16) {
+        self.awaiting_release.lock().expect("release lock").remove(&pkid);
+    }
+
+    /// Forgets a publish that never reached the spool, so its resend is stored.
+    fn forget_unstored(&self, qos: Qos, pkid: u16) {
+        if qos == Qos::ExactlyOnce {
+            self.release(pkid);
         }
     }
 
-    async fn handshake(&mut self) -> Result<(Option<Duration>, watch::Receiver<bool>), Ended> {
+    async fn run(&mut self) -> Ended {
+        let mut owed = VecDeque::new();
+        let ended = match self.handshake().await {
+            Ok((keep_alive, takeover, resumed)) => {
+                self.serve(keep_alive, takeover, resumed, &mut owed).await.err().unwrap_or(Ended::ClientLeft)
+            }
+            Err(ended) => ended,
+        };
+        // QoS 2 publishes are remembered from the moment they are handed to the spool, so a resend is never stored
+        // twice; one that did not make it into the spool is forgotten again, so its resend is stored.
+        for ack in owed.drain(..) {
+            let stored = match ack.durable {
+                None => ack.outcome == PublishOutcome::Accepted,
+                Some(durable) => matches!(tokio::time::timeout(Duration::from_secs(10), durable).await, Ok(Ok(Ok(_)))),
+            };
+            if !stored {
+                self.forget_unstored(ack.qos, ack.pkid);
+            }
+        }
+        ended
+    }
+
+    async fn handshake(&mut self) -> Result<(Option<Duration>, watch::Receiver<bool>, Option<SavedSession>), Ended> {
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let (version, connect) = loop {
             match codec::read_connect(&mut self.buffer) {
@@ -294,7 +411,7 @@ impl Session {
             }
         };
         self.version = version;
-        let Inbound::Connect { client_id, keep_alive_secs, login } = connect else {
+        let Inbound::Connect { client_id, keep_alive_secs, clean_session, login } = connect else {
             return Err(Ended::Protocol("expected CONNECT".into()));
         };
         let identity = match login {
@@ -319,7 +436,15 @@ impl Session {
             }
         };
         self.identity = identity;
+        // MQTT: an empty client id has no session to resume.
+        let clean_session = clean_session || client_id.is_empty();
         self.client_id = if client_id.is_empty() { format!("anonymous-{}", self.connection_id) } else { client_id };
+        let device = match identity {
+            Identity::Device(device) => Some(device),
+            Identity::Anonymous => None,
+        };
+        let (present, session) = self.broker.open_session(&self.client_id, device, clean_session);
+        self.awaiting_release = session.awaiting_release.clone();
         let (switch, takeover) = watch::channel(false);
         let previous = self
             .broker
@@ -330,18 +455,29 @@ impl Session {
         if let Some((_, previous)) = previous {
             let _ = previous.send(true);
         }
-        self.send(Outbound::ConnAck(Ok(()))).await?;
+        self.send(Outbound::ConnAck(Ok(present))).await?;
         // MQTT: the server allows one and a half keep-alive periods of silence.
         let keep_alive = (keep_alive_secs > 0).then(|| Duration::from_millis(keep_alive_secs as u64 * 1500));
-        Ok((keep_alive, takeover))
+        Ok((keep_alive, takeover, present.then_some(session)))
     }
 
-    async fn serve(&mut self, keep_alive: Option<Duration>, mut takeover: watch::Receiver<bool>) -> Result<(), Ended> {
+    async fn serve(
+        &mut self,
+        keep_alive: Option<Duration>,
+        mut takeover: watch::Receiver<bool>,
+        resumed: Option<SavedSession>,
+        owed: &mut VecDeque<OwedAck>,
+    ) -> Result<(), Ended> {
         let (deliveries_sender, mut deliveries) = mpsc::channel::<Delivery>(SUBSCRIBER_QUEUE);
-        // Acknowledgements owed, in the order the publishes arrived (MQTT requires that order). Publishes are
-        // handed to the spool writer as they arrive, so one connection's burst shares a group commit instead of
+        if let Some(resumed) = resumed {
+            // The ACL is checked again: a session is only as good as what the device may do now.
+            for filter in resumed.subscriptions.iter().filter(|filter| Broker::may_subscribe(self.identity, filter)) {
+                self.broker.subscribe(filter, self.connection_id, &deliveries_sender);
+            }
+        }
+        // `owed`: acknowledgements owed, in the order the publishes arrived (MQTT requires that order). Publishes
+        // are handed to the spool writer as they arrive, so one connection's burst shares a group commit instead of
         // waiting for one fsync per message.
-        let mut owed: VecDeque<OwedAck> = VecDeque::new();
         loop {
             while owed.len() < MAX_OWED_ACKS {
                 let Some(packet) =
@@ -349,24 +485,31 @@ impl Session {
                 else {
                     break;
                 };
-                if self.handle(packet, &deliveries_sender, &mut owed).await? {
+                if self.handle(packet, &deliveries_sender, owed).await? {
                     return Ok(());
                 }
             }
-            self.send_ready_acks(&mut owed).await?;
+            self.send_ready_acks(owed).await?;
             let waiting_on_spool = owed.front().is_some_and(|ack| ack.durable.is_some());
             tokio::select! {
                 // Past MAX_OWED_ACKS nothing more is read: TCP pushes back on the client.
                 filled = self.fill(keep_alive), if owed.len() < MAX_OWED_ACKS => filled?,
-                written = front_durable(&mut owed), if waiting_on_spool => {
+                written = front_durable(owed), if waiting_on_spool => {
                     let mut ack = owed.pop_front().expect("checked: waiting on the front");
                     match written {
                         Ok(Ok(_)) => {
                             metrics::histogram!("smartfarm_edge_publish_to_spool_seconds").record(ack.received.elapsed().as_secs_f64());
                         }
-                        // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting.
-                        Ok(Err(error)) => return Err(Ended::SpoolUnavailable(error)),
-                        Err(_) => return Err(Ended::SpoolUnavailable("the spool writer stopped".into())),
+                        // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting,
+                        // and that resend must be stored.
+                        Ok(Err(error)) => {
+                            self.forget_unstored(ack.qos, ack.pkid);
+                            return Err(Ended::SpoolUnavailable(error));
+                        }
+                        Err(_) => {
+                            self.forget_unstored(ack.qos, ack.pkid);
+                            return Err(Ended::SpoolUnavailable("the spool writer stopped".into()));
+                        }
                     }
                     ack.durable = None;
                     owed.push_front(ack);
@@ -388,10 +531,7 @@ impl Session {
             match ack.qos {
                 Qos::AtMostOnce => {}
                 Qos::AtLeastOnce => self.send(Outbound::PubAck { pkid: ack.pkid, outcome: ack.outcome }).await?,
-                Qos::ExactlyOnce => {
-                    self.awaiting_release.insert(ack.pkid);
-                    self.send(Outbound::PubRec { pkid: ack.pkid, outcome: ack.outcome }).await?;
-                }
+                Qos::ExactlyOnce => self.send(Outbound::PubRec { pkid: ack.pkid, outcome: ack.outcome }).await?,
             }
         }
         Ok(())
@@ -406,22 +546,23 @@ impl Session {
     ) -> Result<bool, Ended> {
         match packet {
             Inbound::Publish { topic, qos, pkid, payload } => {
-                if qos == Qos::ExactlyOnce
-                    && (self.awaiting_release.contains(&pkid) || owed.iter().any(|ack| ack.pkid == pkid))
-                {
+                if qos == Qos::ExactlyOnce && self.awaiting_release.lock().expect("release lock").contains(&pkid) {
                     // A resend of a QoS 2 message already stored: acknowledge again, store nothing.
                     self.send(Outbound::PubRec { pkid, outcome: PublishOutcome::Accepted }).await?;
                     return Ok(false);
                 }
                 let received = std::time::Instant::now();
                 let (outcome, durable) = self.publish(&topic, payload).await?;
+                if qos == Qos::ExactlyOnce {
+                    self.awaiting_release.lock().expect("release lock").insert(pkid);
+                }
                 // At QoS 0 nothing is acknowledged; the records are written all the same.
                 if qos != Qos::AtMostOnce {
                     owed.push_back(OwedAck { pkid, qos, outcome, durable, received });
                 }
             }
             Inbound::PubRel { pkid } => {
-                self.awaiting_release.remove(&pkid);
+                self.release(pkid);
                 self.send(Outbound::PubComp { pkid }).await?;
             }
             Inbound::PubRec { pkid } => self.send(Outbound::PubRel { pkid }).await?,
@@ -431,6 +572,7 @@ impl Session {
                 for (filter, qos) in filters {
                     if Broker::may_subscribe(self.identity, &filter) {
                         self.broker.subscribe(&filter, self.connection_id, deliveries);
+                        self.broker.update_session(&self.client_id, |saved| saved.subscriptions.insert(filter.clone()));
                         granted.push(Some(qos.min(Qos::AtLeastOnce)));
                     } else {
                         metrics::counter!("smartfarm_edge_acl_denied_total", "action" => "subscribe").increment(1);
@@ -443,6 +585,7 @@ impl Session {
             Inbound::Unsubscribe { pkid, filters } => {
                 for filter in &filters {
                     self.broker.unsubscribe(filter, self.connection_id);
+                    self.broker.update_session(&self.client_id, |saved| saved.subscriptions.remove(filter));
                 }
                 self.send(Outbound::UnsubAck { pkid, count: filters.len() }).await?;
             }
@@ -495,5 +638,155 @@ impl Session {
             // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting.
             Err(IngestError::Unavailable(error)) => Err(Ended::SpoolUnavailable(error)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UploadMode;
+    use crate::spool::{FsyncPolicy, Spool, SpoolConfig};
+    use rumqttc::mqttbytes::{QoS, v4};
+    use smartfarm_proto::ingestion::v1::{EdgeDevice, RegistrySnapshot};
+
+    /// A farm directory with one registered sensor, and a broker over it.
+    struct Farm {
+        dir: tempfile::TempDir,
+        device: Uuid,
+        secret: String,
+    }
+
+    impl Farm {
+        fn new() -> Farm {
+            let dir = tempfile::tempdir().unwrap();
+            let device = Uuid::now_v7();
+            let secret =
+                smartfarm_core::credential::generate(smartfarm_core::credential::SecretKind::Device, device).unwrap();
+            let devices = vec![EdgeDevice {
+                device_id: device.to_string(),
+                name: "probe".into(),
+                kind: 1,
+                credential_sha256: secret.hash.clone(),
+            }];
+            Registry::load(dir.path()).apply(&RegistrySnapshot { version: 1, devices }).unwrap();
+            Farm { dir, device, secret: secret.secret }
+        }
+
+        /// Starts a broker (as the agent does after a restart: registry and sessions from disk); returns its
+        /// address, the spool, and the switch that stops it.
+        async fn start(&self) -> (Arc<Broker>, SocketAddr, Arc<Spool>, watch::Sender<bool>) {
+            let config = SpoolConfig {
+                dir: self.dir.path().join("spool"),
+                segment_bytes: 1 << 20,
+                max_bytes: 1 << 24,
+                fsync: FsyncPolicy::Never,
+            };
+            let spool = Arc::new(Spool::open(config).unwrap().0);
+            let (alerts, _) = mpsc::unbounded_channel();
+            let writer = crate::ingest::SpoolWriter::start(spool.clone(), alerts);
+            let ingestor = Ingestor::new(writer, UploadMode::Raw, Duration::from_secs(60), Duration::from_secs(300));
+            let registry = Arc::new(Registry::load(self.dir.path()));
+            let broker = Broker::new(registry, ingestor, false, Some(self.dir.path().join("mqtt-sessions.json")));
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (stop, mut stopped) = watch::channel(false);
+            tokio::spawn(serve(broker.clone(), listener, async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }));
+            (broker, address, spool, stop)
+        }
+    }
+
+    /// A bare MQTT 3.1.1 client: packets in and out, nothing done behind the test's back.
+    struct Client {
+        stream: TcpStream,
+        buffer: BytesMut,
+    }
+
+    impl Client {
+        async fn connect(address: SocketAddr, farm: &Farm, clean_session: bool) -> (Client, v4::ConnAck) {
+            let mut client = Client { stream: TcpStream::connect(address).await.unwrap(), buffer: BytesMut::new() };
+            let mut connect = v4::Connect::new(farm.device.to_string());
+            connect.clean_session = clean_session;
+            connect.set_login(farm.device.to_string(), farm.secret.clone());
+            client.send(v4::Packet::Connect(connect)).await;
+            match client.receive().await {
+                v4::Packet::ConnAck(ack) => (client, ack),
+                other => panic!("expected CONNACK, got {other:?}"),
+            }
+        }
+
+        async fn send(&mut self, packet: v4::Packet) {
+            let mut bytes = BytesMut::new();
+            packet.write(&mut bytes, 1 << 20).unwrap();
+            self.stream.write_all(&bytes).await.unwrap();
+        }
+
+        async fn receive(&mut self) -> v4::Packet {
+            loop {
+                match v4::Packet::read(&mut self.buffer, 1 << 20) {
+                    Ok(packet) => return packet,
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                        let read = tokio::time::timeout(Duration::from_secs(5), self.stream.read_buf(&mut self.buffer));
+                        assert!(read.await.expect("a packet within 5 s").unwrap() > 0, "the broker hung up");
+                    }
+                    Err(error) => panic!("unreadable packet: {error}"),
+                }
+            }
+        }
+
+        async fn publish_qos2(&mut self, farm: &Farm, pkid: u16, value: f64) {
+            let topic = format!("smartfarm/{}/telemetry", farm.device);
+            let mut publish = v4::Publish::new(topic, QoS::ExactlyOnce, format!(r#"{{"metrics": {{"t": {value}}}}}"#));
+            publish.pkid = pkid;
+            self.send(v4::Packet::Publish(publish)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_persistent_session_keeps_subscriptions_across_restarts_and_stores_a_qos2_resend_once() {
+        let farm = Farm::new();
+        let (broker, address, spool, stop) = farm.start().await;
+
+        // A QoS 2 publish whose PUBREC the client never sees (the connection drops), resent on a new connection.
+        let (mut client, ack) = Client::connect(address, &farm, false).await;
+        assert!(!ack.session_present, "a first connection has no session");
+        client.send(v4::Packet::Subscribe(v4::Subscribe::new(ALERTS_TOPIC, QoS::AtLeastOnce))).await;
+        assert!(matches!(client.receive().await, v4::Packet::SubAck(_)));
+        client.publish_qos2(&farm, 7, 1.0).await;
+        assert!(matches!(client.receive().await, v4::Packet::PubRec(rec) if rec.pkid == 7));
+        drop(client);
+
+        let (mut client, ack) = Client::connect(address, &farm, false).await;
+        assert!(ack.session_present, "the session is resumed, so the client resends what was unacknowledged");
+        client.publish_qos2(&farm, 7, 1.0).await;
+        assert!(matches!(client.receive().await, v4::Packet::PubRec(rec) if rec.pkid == 7));
+        client.send(v4::Packet::PubRel(v4::PubRel::new(7))).await;
+        assert!(matches!(client.receive().await, v4::Packet::PubComp(comp) if comp.pkid == 7));
+        assert_eq!(spool.stats().last_sequence, 1, "the resend was not stored again");
+
+        // Released: the same packet id is a new message now.
+        client.publish_qos2(&farm, 7, 2.0).await;
+        assert!(matches!(client.receive().await, v4::Packet::PubRec(rec) if rec.pkid == 7));
+        assert_eq!(spool.stats().last_sequence, 2, "a new message under a released id is stored");
+        drop(client);
+
+        // The agent restarts: the subscription comes back with the session, without a new SUBSCRIBE.
+        broker.save_sessions().unwrap();
+        stop.send(true).unwrap();
+        let (broker, address, _spool, _stop) = farm.start().await;
+        let (mut client, ack) = Client::connect(address, &farm, false).await;
+        assert!(ack.session_present, "the session survived the restart");
+        assert_eq!(broker.publish(ALERTS_TOPIC, Bytes::from_static(b"frost")), 1);
+        match client.receive().await {
+            v4::Packet::Publish(publish) => assert_eq!(&publish.payload[..], b"frost"),
+            other => panic!("expected the alert, got {other:?}"),
+        }
+        drop(client);
+
+        // Clean session on: the saved session is discarded, and nothing is delivered to it any more.
+        let (_client, ack) = Client::connect(address, &farm, true).await;
+        assert!(!ack.session_present);
+        assert_eq!(broker.publish(ALERTS_TOPIC, Bytes::from_static(b"frost")), 0);
     }
 }

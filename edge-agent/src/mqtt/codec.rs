@@ -26,14 +26,35 @@ pub enum Qos {
 /// What a client sends.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Inbound {
-    Connect { client_id: String, keep_alive_secs: u16, login: Option<(String, String)> },
-    Publish { topic: String, qos: Qos, pkid: u16, payload: Bytes },
+    /// `clean_session` is MQTT 5's clean start: false asks the broker to resume the client's session.
+    Connect {
+        client_id: String,
+        keep_alive_secs: u16,
+        clean_session: bool,
+        login: Option<(String, String)>,
+    },
+    Publish {
+        topic: String,
+        qos: Qos,
+        pkid: u16,
+        payload: Bytes,
+    },
     PubAck,
-    PubRec { pkid: u16 },
-    PubRel { pkid: u16 },
+    PubRec {
+        pkid: u16,
+    },
+    PubRel {
+        pkid: u16,
+    },
     PubComp,
-    Subscribe { pkid: u16, filters: Vec<(String, Qos)> },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, Qos)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
     Disconnect,
 }
@@ -56,7 +77,8 @@ pub enum PublishOutcome {
 /// What the broker sends.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outbound {
-    ConnAck(Result<(), ConnectRefusal>),
+    /// `Ok(session_present)` or the refusal.
+    ConnAck(Result<bool, ConnectRefusal>),
     PubAck {
         pkid: u16,
         outcome: PublishOutcome,
@@ -160,7 +182,12 @@ pub fn read_connect(buffer: &mut BytesMut) -> Result<Option<(Version, Inbound)>,
                 let login = connect.login.map(|login| (login.username, login.password));
                 Ok(Some((
                     Version::V311,
-                    Inbound::Connect { client_id: connect.client_id, keep_alive_secs: connect.keep_alive, login },
+                    Inbound::Connect {
+                        client_id: connect.client_id,
+                        keep_alive_secs: connect.keep_alive,
+                        clean_session: connect.clean_session,
+                        login,
+                    },
                 )))
             }
             Ok(other) => Err(Malformed(format!("the first packet must be CONNECT, got {other:?}"))),
@@ -172,7 +199,12 @@ pub fn read_connect(buffer: &mut BytesMut) -> Result<Option<(Version, Inbound)>,
                 let login = login.map(|login| (login.username, login.password));
                 Ok(Some((
                     Version::V5,
-                    Inbound::Connect { client_id: connect.client_id, keep_alive_secs: connect.keep_alive, login },
+                    Inbound::Connect {
+                        client_id: connect.client_id,
+                        keep_alive_secs: connect.keep_alive,
+                        clean_session: connect.clean_start,
+                        login,
+                    },
                 )))
             }
             Ok(other) => Err(Malformed(format!("the first packet must be CONNECT, got {other:?}"))),
@@ -256,11 +288,11 @@ pub fn write(version: Version, packet: Outbound, buffer: &mut BytesMut) -> Resul
             let packet = match packet {
                 Outbound::ConnAck(result) => v4::Packet::ConnAck(v4::ConnAck::new(
                     match result {
-                        Ok(()) => v4::ConnectReturnCode::Success,
+                        Ok(_) => v4::ConnectReturnCode::Success,
                         Err(ConnectRefusal::BadCredentials) => v4::ConnectReturnCode::BadUserNamePassword,
                         Err(ConnectRefusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
                     },
-                    false,
+                    result.unwrap_or(false),
                 )),
                 // 3.1.1 has no way to say a publish was refused: it is acknowledged and the refusal told elsewhere.
                 Outbound::PubAck { pkid, .. } => v4::Packet::PubAck(v4::PubAck::new(pkid)),
@@ -295,9 +327,9 @@ pub fn write(version: Version, packet: Outbound, buffer: &mut BytesMut) -> Resul
             };
             let packet = match packet {
                 Outbound::ConnAck(result) => v5::Packet::ConnAck(v5::ConnAck {
-                    session_present: false,
+                    session_present: result.unwrap_or(false),
                     code: match result {
-                        Ok(()) => v5::ConnectReturnCode::Success,
+                        Ok(_) => v5::ConnectReturnCode::Success,
                         Err(ConnectRefusal::BadCredentials) => v5::ConnectReturnCode::BadUserNamePassword,
                         Err(ConnectRefusal::NotAuthorized) => v5::ConnectReturnCode::NotAuthorized,
                     },
@@ -371,6 +403,7 @@ mod tests {
             Inbound::Connect {
                 client_id: String::new(),
                 keep_alive_secs: 60,
+                clean_session: true,
                 login: Some(("user".into(), "pass".into()))
             }
         );
@@ -384,6 +417,7 @@ mod tests {
             Inbound::Connect {
                 client_id: String::new(),
                 keep_alive_secs: 60,
+                clean_session: true,
                 login: Some(("user".into(), "pass".into()))
             }
         );

@@ -371,7 +371,7 @@ async fn fanin(publishers: usize, messages: u64) -> anyhow::Result<()> {
         config: "upload_interval = \"1h\"\nupload = \"raw\"\nfsync = \"always\"\n".into(),
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    edge.wait_for_registry(publishers + 1).await;
     let total = publishers as u64 * messages;
 
     // Mosquitto, same load generator, one subscriber receiving everything.
@@ -478,7 +478,7 @@ async fn footprint(sensors: usize, rate: f64, seconds: u64) -> anyhow::Result<()
         config: "upload_interval = \"10s\"\n".into(),
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    edge.wait_for_registry(sensors + 1).await;
     let pid = edge.pid();
     let idle = resident_mib(pid).0;
     let per_sensor = (rate * seconds as f64 / sensors as f64) as u64;
