@@ -233,11 +233,20 @@ impl EdgeConfig {
         if self.batch_max_records == 0 || self.batch_max_bytes < 4096 {
             return Err(bad("batch_max_records", "batches need room for at least one record and 4096 bytes"));
         }
+        if self.batch_max_records > smartfarm_core::validate::MAX_RECORDS_PER_BATCH {
+            return Err(bad(
+                "batch_max_records",
+                format!("the cloud takes at most {} records a batch", smartfarm_core::validate::MAX_RECORDS_PER_BATCH),
+            ));
+        }
         if self.aggregation_window.as_secs() == 0 || self.aggregation_window.subsec_nanos() != 0 {
             return Err(bad("aggregation_window", "must be a whole number of seconds, at least 1s"));
         }
         if self.upload_interval.is_zero() || self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return Err(bad("upload_interval", "intervals must be positive and reconnect_min at most reconnect_max"));
+        }
+        if self.fsync_interval.is_zero() {
+            return Err(bad("fsync_interval", "must be positive"));
         }
         if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<SocketAddr>().is_err() {
             return Err(bad("metrics_listen", format!("{:?} is not host:port", self.metrics_listen)));
@@ -298,5 +307,7 @@ mod tests {
         assert!(plaintext.validate().unwrap_err().to_string().contains("allow_plaintext"));
         assert!(EdgeConfig { allow_plaintext: true, ..plaintext }.validate().is_ok());
         assert!(EdgeConfig::default().validate().unwrap_err().to_string().starts_with("credential"));
+        let no_interval = EdgeConfig { fsync_interval: Duration::ZERO, ..valid.clone() };
+        assert!(no_interval.validate().unwrap_err().to_string().starts_with("fsync_interval"));
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use serde_json::Value;
 
-use smartfarm_core::time::from_timestamp;
+use smartfarm_core::time::{earliest_measurement_time, from_timestamp};
 use smartfarm_core::validate::is_metric_name;
 use smartfarm_proto::common::v1::DeviceTelemetry;
 
@@ -102,6 +102,12 @@ pub fn parse(payload: &[u8], now: SystemTime, max_future: Duration) -> Result<Ve
         }
         if !measurement.value.is_finite() {
             return Err(Rejection::BadValue(measurement.metric.clone()));
+        }
+        if measurement.time < earliest_measurement_time() {
+            return Err(Rejection::BadTimestamp(format!(
+                "Unix time {} ms is before 2000-01-01T00:00:00Z (is the device's clock set?)",
+                smartfarm_core::time::to_unix_micros(measurement.time) / 1000
+            )));
         }
         if measurement.time > latest_allowed {
             let ahead = measurement.time.duration_since(now).unwrap_or_default();
@@ -328,6 +334,8 @@ mod tests {
             (br#"{"ts": "yesterday", "metrics": {"t": 1}}"#, "bad_timestamp"),
             (br#"{"ts": "2027-01-01T00:00:00Z", "metrics": {"t": 1}}"#, "future_timestamp"),
             (br#"{"ts": -5, "metrics": {"t": 1}}"#, "bad_timestamp"),
+            (br#"{"ts": 5000, "metrics": {"t": 1}}"#, "bad_timestamp"),
+            (br#"{"ts": "1999-12-31T23:59:59Z", "metrics": {"t": 1}}"#, "bad_timestamp"),
             (br#"[{"n": "t", "v": 1e999}]"#, "unreadable_payload"),
             (br#"[{"n": "t", "v": "x"}]"#, "bad_value"),
             (b"", "unreadable_payload"),

@@ -91,10 +91,7 @@ impl Registry {
             .collect();
         let snapshot = Snapshot { version: pushed.version, devices };
         let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
-        let temp = self.path.with_extension("json.tmp");
-        std::fs::write(&temp, &bytes)?;
-        std::fs::File::open(&temp)?.sync_all()?;
-        std::fs::rename(&temp, &self.path)?;
+        crate::spool::write_file_durably(&self.path, &bytes)?;
         *self.snapshot.write().expect("registry lock") = snapshot;
         Ok(())
     }

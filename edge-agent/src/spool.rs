@@ -10,12 +10,14 @@
 //!   written atomically (temp file, fsync, rename, fsync of the directory) before any acknowledged segment is deleted.
 //!
 //! Recovery on open reads every segment, cuts a torn tail (a record cut short or failing its CRC, what a power cut
-//! during a write leaves) and resumes numbering after the highest sequence found or acknowledged, so numbers are
-//! never reused.
+//! during a write leaves), fsyncs what it keeps, and resumes numbering after the highest sequence found or
+//! acknowledged. Only records known to be on disk are handed to the uplink, so the cloud never holds a mark beyond
+//! what survives a power cut, and a number the cloud has seen is never given to another record.
 //!
 //! What a power cut can lose depends on the fsync policy: `always` (the default) loses nothing that was
 //! acknowledged to a sensor, since the acknowledgement follows the fsync; `interval` can lose what arrived within
 //! the last interval; `never` leaves it to the operating system (Linux writes dirty pages back within about 30 s).
+//! Under every policy a segment is fsynced when it is closed and before its records are uploaded.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -80,6 +82,9 @@ pub struct Appended {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpoolStats {
     pub bytes: u64,
+    /// About how many of those bytes hold records the cloud has not acknowledged (a segment partly acknowledged
+    /// counts in proportion).
+    pub pending_bytes: u64,
     /// Records waiting for the cloud's acknowledgement.
     pub pending_records: u64,
     pub acked_sequence: u64,
@@ -133,6 +138,8 @@ struct Inner {
     dropped_records: u64,
     /// Appends not yet fsynced (interval and never policies).
     dirty: bool,
+    /// The highest sequence known to be on disk: what may be uploaded.
+    synced: u64,
     /// Where the last read stopped: (next sequence, first sequence of the segment it stopped in, byte offset in
     /// that segment), so draining a backlog reads each segment once instead of from its start every batch.
     read_position: Option<(u64, u64, u64)>,
@@ -255,6 +262,8 @@ impl Spool {
             acked,
             dropped_records: 0,
             dirty: false,
+            // Recovery fsynced every segment it kept.
+            synced: next_sequence - 1,
             read_position: None,
         };
         recovery.pending_records = pending(&inner);
@@ -294,27 +303,45 @@ impl Spool {
         for (offset, body) in bodies.into_iter().enumerate() {
             encode_record(&SpoolRecord { sequence: first_sequence + offset as u64, body: Some(body) }, &mut buffer);
         }
+        let good_length = inner.segments.back().expect("the active segment is the last one").bytes;
         let file = inner.active.as_mut().expect("a segment is active after start_segment");
-        file.write_all(&buffer).map_err(io("append to the active segment"))?;
-        if self.config.fsync == FsyncPolicy::Always {
-            file.sync_data().map_err(io("fsync the active segment"))?;
-        } else {
+        let mut written = file.write_all(&buffer).map_err(io("append to the active segment"));
+        if written.is_ok() && self.config.fsync == FsyncPolicy::Always {
+            written = file.sync_data().map_err(io("fsync the active segment"));
+        }
+        if let Err(error) = written {
+            // Nobody was told these records are stored, and their numbers are given again: cut whatever part of
+            // them reached the file, so the segment stays an unbroken run of records.
+            if let Err(cut) = file.set_len(good_length) {
+                tracing::error!(error = %cut, "cannot cut a failed append from the spool; closing the segment");
+                inner.active = None;
+            }
+            return Err(error);
+        }
+        if self.config.fsync != FsyncPolicy::Always {
             inner.dirty = true;
         }
         let segment = inner.segments.back_mut().expect("the active segment is the last one");
         segment.records += count;
         segment.bytes += buffer.len() as u64;
         inner.next_sequence += count;
+        if self.config.fsync == FsyncPolicy::Always {
+            inner.synced = inner.next_sequence - 1;
+        }
         let dropped_records = self.enforce_cap(&mut inner)?;
         Ok(Appended { first_sequence, last_sequence: first_sequence + count - 1, dropped_records })
     }
 
     fn start_segment(&self, inner: &mut Inner, first: u64) -> Result<(), SpoolError> {
         if let Some(previous) = inner.active.take() {
-            // What the old segment holds is settled now; make it durable under every policy but `never`.
-            if self.config.fsync != FsyncPolicy::Never {
-                previous.sync_data().map_err(io("fsync a finished segment"))?;
-            }
+            // What the old segment holds is settled now; make it durable under every policy (once per segment is
+            // cheap, and the synced mark then only has the active segment to account for).
+            previous.sync_data().map_err(io("fsync a finished segment"))?;
+        }
+        // A segment left empty (its only append failed) would share the new one's name: drop it first.
+        if inner.segments.back().is_some_and(|segment| segment.records == 0) {
+            let empty = inner.segments.pop_back().expect("checked: a last segment");
+            fs::remove_file(&empty.path).map_err(io(format!("remove {}", empty.path.display())))?;
         }
         let path = segment_path(&self.config.dir, first);
         let file = OpenOptions::new()
@@ -353,7 +380,7 @@ impl Spool {
         Ok(dropped)
     }
 
-    /// Forces appended records to disk (the `interval` policy's background task calls this).
+    /// Forces appended records to disk (the `interval` policy's background task and the uplink call this).
     pub fn sync(&self) -> Result<(), SpoolError> {
         let mut inner = self.lock();
         if inner.dirty {
@@ -362,12 +389,15 @@ impl Spool {
             }
             inner.dirty = false;
         }
+        inner.synced = inner.next_sequence - 1;
         Ok(())
     }
 
-    /// Up to `max_records` records (and about `max_bytes` of them) with sequence numbers above `after`, in order.
+    /// Up to `max_records` records (and about `max_bytes` of them) with sequence numbers above `after`, in order,
+    /// among those known to be on disk (see [`Spool::sync`]).
     pub fn read_after(&self, after: u64, max_records: usize, max_bytes: usize) -> Result<Vec<SpoolRecord>, SpoolError> {
         let mut inner = self.lock();
+        let synced = inner.synced;
         let mut records = Vec::new();
         let mut bytes_read = 0usize;
         let mut next_position = None;
@@ -390,6 +420,9 @@ impl Spool {
                 if record.sequence <= after {
                     continue;
                 }
+                if record.sequence > synced {
+                    break;
+                }
                 bytes_read += size;
                 records.push(record);
                 if records.len() >= max_records || bytes_read >= max_bytes {
@@ -398,7 +431,7 @@ impl Spool {
                     break;
                 }
             }
-            if next_position.is_some() {
+            if next_position.is_some() || segment.last() > synced {
                 break;
             }
         }
@@ -412,8 +445,26 @@ impl Spool {
         if sequence <= inner.acked {
             return Ok(());
         }
-        // Never beyond what was ever numbered: a cloud that claims more is wrong, not a reason to skip data.
-        let sequence = sequence.min(inner.next_sequence - 1);
+        if sequence >= inner.next_sequence {
+            // The cloud holds numbers this disk no longer has (only possible if synced data was lost, or the spool
+            // restored from an old copy). Numbering on below its mark would make the cloud take new records for
+            // duplicates, so it continues after the mark; what the disk holds is all covered by it.
+            tracing::error!(
+                cloud_mark = sequence,
+                local_last = inner.next_sequence - 1,
+                "the cloud has committed more of this spool than the disk holds; numbering continues after its mark"
+            );
+            write_state(&self.config.dir, inner.id, sequence)?;
+            for segment in inner.segments.drain(..) {
+                fs::remove_file(&segment.path).map_err(io(format!("remove {}", segment.path.display())))?;
+            }
+            inner.active = None;
+            inner.read_position = None;
+            inner.acked = sequence;
+            inner.next_sequence = sequence + 1;
+            inner.synced = sequence;
+            return Ok(());
+        }
         write_state(&self.config.dir, inner.id, sequence)?;
         inner.acked = sequence;
         while let Some(oldest) = inner.segments.front() {
@@ -436,6 +487,7 @@ impl Spool {
         let inner = self.lock();
         SpoolStats {
             bytes: total_bytes(&inner),
+            pending_bytes: pending_bytes(&inner),
             pending_records: pending(&inner),
             acked_sequence: inner.acked,
             last_sequence: inner.next_sequence - 1,
@@ -470,6 +522,23 @@ fn total_bytes(inner: &Inner) -> u64 {
 }
 
 /// Records above the acknowledged mark. Exact because sequences within a segment are contiguous.
+fn pending_bytes(inner: &Inner) -> u64 {
+    inner
+        .segments
+        .iter()
+        .map(|segment| {
+            if segment.records == 0 || segment.last() <= inner.acked {
+                0
+            } else if segment.first > inner.acked {
+                segment.bytes
+            } else {
+                let unacked = segment.last() - inner.acked;
+                (segment.bytes as u128 * unacked as u128 / segment.records as u128) as u64
+            }
+        })
+        .sum()
+}
+
 fn pending(inner: &Inner) -> u64 {
     inner
         .segments
@@ -504,11 +573,12 @@ fn recover_segment(path: &Path, first: u64) -> Result<(Segment, u64), SpoolError
         }
     }
     let truncated = (contents.len() - position) as u64;
+    let file = OpenOptions::new().write(true).open(path).map_err(io(format!("open {}", path.display())))?;
     if truncated > 0 {
-        let file = OpenOptions::new().write(true).open(path).map_err(io(format!("open {}", path.display())))?;
         file.set_len(position as u64).map_err(io(format!("truncate {}", path.display())))?;
-        file.sync_all().map_err(io(format!("fsync {}", path.display())))?;
     }
+    // What a killed process wrote may still be only in the page cache: make it durable before it can be uploaded.
+    file.sync_all().map_err(io(format!("fsync {}", path.display())))?;
     let created =
         fs::metadata(path).and_then(|m| m.created().or_else(|_| m.modified())).unwrap_or_else(|_| SystemTime::now());
     Ok((Segment { first, records, bytes: position as u64, path: path.to_path_buf(), created }, truncated))
@@ -540,12 +610,23 @@ fn read_state(dir: &Path) -> Result<Option<(uuid::Uuid, u64)>, SpoolError> {
 }
 
 fn write_state(dir: &Path, id: uuid::Uuid, acked: u64) -> Result<(), SpoolError> {
-    let temp = dir.join("state.tmp");
-    let mut file = File::create(&temp).map_err(io(format!("create {}", temp.display())))?;
-    file.write_all(format!("spool_id={id}\nacked={acked}\n").as_bytes()).map_err(io("write the spool state"))?;
-    file.sync_all().map_err(io("fsync the spool state"))?;
-    fs::rename(&temp, dir.join("state")).map_err(io("replace the spool state"))?;
-    sync_dir(dir)
+    let path = dir.join("state");
+    write_file_durably(&path, format!("spool_id={id}\nacked={acked}\n").as_bytes())
+        .map_err(io(format!("replace {}", path.display())))
+}
+
+/// Replaces a file's contents so that a crash leaves either the old or the new version on disk: a temporary file,
+/// fsync, rename over the old one, fsync of the directory (without which the rename itself may not survive).
+pub(crate) fn write_file_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temp = path.with_extension("tmp");
+    let mut file = File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&temp, path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
 }
 
 #[cfg(test)]
@@ -695,5 +776,46 @@ mod tests {
         let records = spool.read_after(0, 10_000, usize::MAX).unwrap();
         assert_eq!(records.last().unwrap().sequence, 2000, "the newest records are kept");
         assert_eq!(records.first().unwrap().sequence, dropped + 1, "oldest first out");
+    }
+
+    #[test]
+    fn only_records_on_disk_are_read_for_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig { fsync: FsyncPolicy::Interval(Duration::from_secs(3600)), ..config(dir.path()) };
+        let (spool, _) = Spool::open(config.clone()).unwrap();
+        spool.append((0..5).map(|i| body(i as f64)).collect()).unwrap();
+        assert!(spool.read_after(0, 100, usize::MAX).unwrap().is_empty(), "not fsynced yet: not for the cloud");
+        spool.sync().unwrap();
+        spool.append(vec![body(5.0)]).unwrap();
+        let records = spool.read_after(0, 100, usize::MAX).unwrap();
+        assert_eq!(records.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(spool.stats().pending_bytes, spool.stats().bytes, "nothing acknowledged: every byte pending");
+        spool.ack(5).unwrap();
+        assert!(spool.stats().pending_bytes < spool.stats().bytes / 2, "one record of six pending");
+
+        // A restart fsyncs what it recovers, so the rest may go up.
+        drop(spool);
+        let (spool, _) = Spool::open(config).unwrap();
+        assert_eq!(spool.read_after(5, 100, usize::MAX).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_cloud_mark_beyond_the_disk_moves_numbering_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        spool.append((0..3).map(|i| body(i as f64)).collect()).unwrap();
+        // The cloud committed up to 10: records 4 to 10 were lost here (say, a disk restored from an old copy).
+        spool.ack(10).unwrap();
+        assert_eq!(spool.stats().pending_records, 0);
+        assert_eq!(
+            spool.append(vec![body(1.0)]).unwrap().first_sequence,
+            11,
+            "new records are not taken for duplicates"
+        );
+        assert_eq!(spool.read_after(10, 100, usize::MAX).unwrap().len(), 1);
+        drop(spool);
+        let (spool, recovery) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(recovery.pending_records, 1);
+        assert_eq!(spool.append(vec![body(2.0)]).unwrap().first_sequence, 12);
     }
 }

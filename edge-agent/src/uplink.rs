@@ -170,7 +170,7 @@ impl Uplink {
 
         loop {
             while draining && in_flight.len() < window {
-                match self.next_batch(last_sent)? {
+                match self.next_batch(last_sent).await? {
                     None => {
                         draining = false;
                     }
@@ -232,7 +232,7 @@ impl Uplink {
                 }
                 _ = upload_timer.tick() => draining = true,
                 _ = threshold_check.tick() => {
-                    if self.spool.stats().bytes >= self.config.upload_threshold_bytes {
+                    if self.spool.stats().pending_bytes >= self.config.upload_threshold_bytes {
                         draining = true;
                     }
                 }
@@ -241,24 +241,33 @@ impl Uplink {
         }
     }
 
-    /// The next batch after `last_sent`, compressed, or `None` when nothing is waiting.
-    fn next_batch(&self, last_sent: u64) -> Result<Option<pb::ReadingBatch>, LinkError> {
-        let records = self
-            .spool
-            .read_after(last_sent, self.config.batch_max_records, self.config.batch_max_bytes)
-            .map_err(|error| LinkError::Spool(error.to_string()))?;
-        let Some(last) = records.last().map(|record| record.sequence) else { return Ok(None) };
-        let record_count = records.len() as u32;
-        let payload = pb::BatchPayload { records }.encode_to_vec();
-        let compressed =
-            zstd::bulk::compress(&payload, 3).map_err(|error| LinkError::Spool(format!("zstd: {error}")))?;
-        Ok(Some(pb::ReadingBatch {
-            // From just after the last batch: records the cap dropped leave a gap the cloud's mark steps over.
-            first_sequence: last_sent + 1,
-            last_sequence: last,
-            compression: pb::Compression::Zstd as i32,
-            payload: compressed,
-            record_count,
-        }))
+    /// The next batch after `last_sent`, compressed, or `None` when nothing is waiting. Reading and compressing
+    /// run off the async workers, which serve the sensors.
+    async fn next_batch(&self, last_sent: u64) -> Result<Option<pb::ReadingBatch>, LinkError> {
+        let spool = self.spool.clone();
+        let (max_records, max_bytes) = (self.config.batch_max_records, self.config.batch_max_bytes);
+        tokio::task::spawn_blocking(move || {
+            // Only what is on disk goes up (under the interval and never policies this makes it so): a cloud mark
+            // must never run ahead of what survives a power cut here.
+            spool.sync().map_err(|error| LinkError::Spool(error.to_string()))?;
+            let records = spool
+                .read_after(last_sent, max_records, max_bytes)
+                .map_err(|error| LinkError::Spool(error.to_string()))?;
+            let Some(last) = records.last().map(|record| record.sequence) else { return Ok(None) };
+            let record_count = records.len() as u32;
+            let payload = pb::BatchPayload { records }.encode_to_vec();
+            let compressed =
+                zstd::bulk::compress(&payload, 3).map_err(|error| LinkError::Spool(format!("zstd: {error}")))?;
+            Ok(Some(pb::ReadingBatch {
+                // From just after the last batch: records the cap dropped leave a gap the cloud's mark steps over.
+                first_sequence: last_sent + 1,
+                last_sequence: last,
+                compression: pb::Compression::Zstd as i32,
+                payload: compressed,
+                record_count,
+            }))
+        })
+        .await
+        .map_err(|error| LinkError::Spool(format!("the batch reader failed: {error}")))?
     }
 }

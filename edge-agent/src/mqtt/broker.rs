@@ -1,10 +1,11 @@
 //! The broker: one task per sensor connection. A sensor authenticates with its device id and credential (checked
 //! against the registry cache), may publish only under `smartfarm/<its id>/` and subscribe only to its own
 //! `commands` and `errors` topics and to `smartfarm/alerts` (rumqttd has no such ACL, which is why the agent speaks
-//! MQTT itself). A telemetry publish is acknowledged only after its readings are in the spool. Refusals are logged,
+//! MQTT itself). A telemetry publish is acknowledged only after its readings are in the spool (with `upload =
+//! "aggregates"`, once they are counted in an open aggregation window, which a crash loses). Refusals are logged,
 //! counted per reason, and told to the device on `smartfarm/<id>/errors`; the connection stays up. Clients that
 //! connect with clean session off keep their subscriptions across reconnects and agent restarts, and a QoS 2 publish
-//! they resend after a lost acknowledgement is stored once.
+//! they resend after a lost acknowledgement is stored once (while the agent runs: that state is not on disk).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -28,6 +29,11 @@ pub const ALERTS_TOPIC: &str = "smartfarm/alerts";
 
 /// How long a new connection has to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a packet may take to go out before the client is considered gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Persistent sessions kept at most; past it new clients get clean sessions (a bound on what clients can make us
+/// keep on disk).
+const MAX_SAVED_SESSIONS: usize = 100_000;
 /// Messages waiting for one subscriber before new ones are dropped (and counted).
 const SUBSCRIBER_QUEUE: usize = 256;
 /// Publishes of one connection waiting for the spool before the connection stops reading.
@@ -58,10 +64,12 @@ async fn front_durable(
 struct Delivery {
     topic: String,
     payload: Bytes,
+    /// The QoS the subscription was granted (the agent's own messages are sent at most at QoS 1).
+    qos: Qos,
 }
 
-/// A topic's subscribers: (connection id, its delivery queue).
-type Subscribers = Vec<(u64, mpsc::Sender<Delivery>)>;
+/// A topic's subscribers: (connection id, granted QoS, its delivery queue).
+type Subscribers = Vec<(u64, Qos, mpsc::Sender<Delivery>)>;
 
 /// What the broker keeps of a client that connected with clean session off (MQTT's persistent session): its
 /// subscriptions, written to disk so they survive an agent restart, and the QoS 2 publishes awaiting release.
@@ -71,7 +79,8 @@ type Subscribers = Vec<(u64, mpsc::Sender<Delivery>)>;
 struct SavedSession {
     /// The device the session belongs to (`None`: anonymous); another login does not get it.
     device: Option<Uuid>,
-    subscriptions: std::collections::BTreeSet<String>,
+    /// Topic filter → the QoS granted.
+    subscriptions: std::collections::BTreeMap<String, Qos>,
     /// Shared with the connection that holds the session, so a client that reconnects while its old connection is
     /// still winding down sees what that connection stored.
     #[serde(skip)]
@@ -86,6 +95,22 @@ type ReleaseSet = Arc<Mutex<HashSet<u16>>>;
 struct Sessions {
     saved: HashMap<String, SavedSession>,
     dirty: bool,
+}
+
+/// Reads saved sessions; a missing file is no sessions, an unreadable one is reported and set aside.
+fn load_sessions(path: &std::path::Path) -> HashMap<String, SavedSession> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(error) => {
+            tracing::error!(path = %path.display(), %error, "cannot read the saved MQTT sessions; starting without");
+            return HashMap::new();
+        }
+    };
+    serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+        tracing::error!(path = %path.display(), %error, "the saved MQTT sessions are unreadable; starting without");
+        HashMap::new()
+    })
 }
 
 /// The broker's shared state.
@@ -125,11 +150,7 @@ impl Broker {
         allow_anonymous: bool,
         sessions_file: Option<std::path::PathBuf>,
     ) -> Arc<Broker> {
-        let saved = sessions_file
-            .as_ref()
-            .and_then(|path| std::fs::read(path).ok())
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
+        let saved = sessions_file.as_deref().map(load_sessions).unwrap_or_default();
         Arc::new(Broker {
             registry,
             ingestor,
@@ -153,25 +174,32 @@ impl Broker {
             sessions.dirty = false;
             serde_json::to_vec(&sessions.saved).map_err(std::io::Error::other)?
         };
-        let temp = path.with_extension("json.tmp");
-        std::fs::write(&temp, bytes)?;
-        std::fs::rename(&temp, path)
+        let written = crate::spool::write_file_durably(path, &bytes);
+        if written.is_err() {
+            // Try again on the next call.
+            self.persistent.lock().expect("sessions lock").dirty = true;
+        }
+        written
     }
 
     /// Starts or resumes a client's session: whether one was present, and the session (a clean one is not kept).
-    fn open_session(&self, client_id: &str, device: Option<Uuid>, clean: bool) -> (bool, SavedSession) {
+    fn open_session(&self, key: &str, device: Option<Uuid>, clean: bool) -> (bool, SavedSession) {
         let mut sessions = self.persistent.lock().expect("sessions lock");
         if clean {
-            if sessions.saved.remove(client_id).is_some() {
+            if sessions.saved.remove(key).is_some() {
                 sessions.dirty = true;
             }
             return (false, SavedSession { device, ..Default::default() });
         }
-        match sessions.saved.get(client_id) {
+        match sessions.saved.get(key) {
             Some(saved) if saved.device == device => (true, saved.clone()),
+            _ if sessions.saved.len() >= MAX_SAVED_SESSIONS => {
+                tracing::warn!(key, "too many persistent MQTT sessions: this one is not kept");
+                (false, SavedSession { device, ..Default::default() })
+            }
             _ => {
                 let session = SavedSession { device, ..Default::default() };
-                sessions.saved.insert(client_id.to_string(), session.clone());
+                sessions.saved.insert(key.to_string(), session.clone());
                 sessions.dirty = true;
                 (false, session)
             }
@@ -179,9 +207,9 @@ impl Broker {
     }
 
     /// Records a persistent session's subscriptions and QoS 2 state (no-op for clean sessions).
-    fn update_session(&self, client_id: &str, update: impl FnOnce(&mut SavedSession) -> bool) {
+    fn update_session(&self, key: &str, update: impl FnOnce(&mut SavedSession) -> bool) {
         let mut sessions = self.persistent.lock().expect("sessions lock");
-        if let Some(saved) = sessions.saved.get_mut(client_id)
+        if let Some(saved) = sessions.saved.get_mut(key)
             && update(saved)
         {
             sessions.dirty = true;
@@ -193,8 +221,8 @@ impl Broker {
         let routes = self.routes.lock().expect("routes lock");
         let Some(subscribers) = routes.get(topic) else { return 0 };
         let mut delivered = 0;
-        for (_, sender) in subscribers {
-            match sender.try_send(Delivery { topic: topic.to_string(), payload: payload.clone() }) {
+        for (_, qos, sender) in subscribers {
+            match sender.try_send(Delivery { topic: topic.to_string(), payload: payload.clone(), qos: *qos }) {
                 Ok(()) => delivered += 1,
                 Err(_) => metrics::counter!("smartfarm_edge_mqtt_deliveries_dropped_total").increment(1),
             }
@@ -208,34 +236,34 @@ impl Broker {
         self.publish(&format!("smartfarm/{device}/errors"), Bytes::from(message.to_string()));
     }
 
-    fn subscribe(&self, topic: &str, connection: u64, sender: &mpsc::Sender<Delivery>) {
+    fn subscribe(&self, topic: &str, connection: u64, qos: Qos, sender: &mpsc::Sender<Delivery>) {
         let mut routes = self.routes.lock().expect("routes lock");
         let subscribers = routes.entry(topic.to_string()).or_default();
-        if !subscribers.iter().any(|(id, _)| *id == connection) {
-            subscribers.push((connection, sender.clone()));
-        }
+        // Subscribing again replaces the subscription (and its QoS), as MQTT says.
+        subscribers.retain(|(id, _, _)| *id != connection);
+        subscribers.push((connection, qos, sender.clone()));
     }
 
     fn unsubscribe(&self, topic: &str, connection: u64) {
         let mut routes = self.routes.lock().expect("routes lock");
         if let Some(subscribers) = routes.get_mut(topic) {
-            subscribers.retain(|(id, _)| *id != connection);
+            subscribers.retain(|(id, _, _)| *id != connection);
             if subscribers.is_empty() {
                 routes.remove(topic);
             }
         }
     }
 
-    fn forget_connection(&self, connection: u64, client_id: &str) {
+    fn forget_connection(&self, connection: u64, session_key: &str) {
         let mut routes = self.routes.lock().expect("routes lock");
         routes.retain(|_, subscribers| {
-            subscribers.retain(|(id, _)| *id != connection);
+            subscribers.retain(|(id, _, _)| *id != connection);
             !subscribers.is_empty()
         });
         drop(routes);
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if sessions.get(client_id).is_some_and(|(id, _)| *id == connection) {
-            sessions.remove(client_id);
+        if sessions.get(session_key).is_some_and(|(id, _)| *id == connection) {
+            sessions.remove(session_key);
         }
     }
 
@@ -312,11 +340,12 @@ async fn connection(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         version: Version::V311,
         identity: Identity::Anonymous,
         client_id: String::new(),
+        session_key: String::new(),
         awaiting_release: ReleaseSet::default(),
         next_pkid: 0,
     };
     let ended = session.run().await;
-    broker.forget_connection(connection_id, &session.client_id);
+    broker.forget_connection(connection_id, &session.session_key);
     metrics::gauge!("smartfarm_edge_mqtt_connections").decrement(1.0);
     match ended {
         Ended::ClientLeft | Ended::TakenOver => {
@@ -336,6 +365,9 @@ struct Session {
     version: Version,
     identity: Identity,
     client_id: String,
+    /// The client id within its device (`<device id or "anonymous">/<client id>`): one device cannot take over or
+    /// resume another's session by picking the same client id.
+    session_key: String,
     /// QoS 2 publishes handed to the spool, waiting for PUBREL: a resend of one of these is not stored again. A
     /// persistent session's set is the one kept in the broker.
     awaiting_release: ReleaseSet,
@@ -345,7 +377,11 @@ struct Session {
 impl Session {
     async fn send(&mut self, packet: Outbound) -> Result<(), Ended> {
         codec::write(self.version, packet, &mut self.out).map_err(|error| Ended::Protocol(error.to_string()))?;
-        self.stream.write_all(&self.out).await.map_err(Ended::Io)?;
+        // A client that stops reading would otherwise hold its task, and its session, for ever.
+        tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out))
+            .await
+            .map_err(|_| Ended::Timeout)?
+            .map_err(Ended::Io)?;
         self.out.clear();
         Ok(())
     }
@@ -407,7 +443,12 @@ impl Session {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     self.fill(Some(left)).await?;
                 }
-                Err(error) => return Err(Ended::Protocol(error.to_string())),
+                Err(codec::ConnectError::UnsupportedLevel(level)) => {
+                    tracing::info!(level, "mqtt client speaks an unsupported protocol level");
+                    self.send(Outbound::ConnAck(Err(ConnectRefusal::UnsupportedProtocol))).await?;
+                    return Err(Ended::Refused("unsupported protocol level"));
+                }
+                Err(codec::ConnectError::Malformed(error)) => return Err(Ended::Protocol(error.to_string())),
             }
         };
         self.version = version;
@@ -443,7 +484,11 @@ impl Session {
             Identity::Device(device) => Some(device),
             Identity::Anonymous => None,
         };
-        let (present, session) = self.broker.open_session(&self.client_id, device, clean_session);
+        self.session_key = match device {
+            Some(device) => format!("{device}/{}", self.client_id),
+            None => format!("anonymous/{}", self.client_id),
+        };
+        let (present, session) = self.broker.open_session(&self.session_key, device, clean_session);
         self.awaiting_release = session.awaiting_release.clone();
         let (switch, takeover) = watch::channel(false);
         let previous = self
@@ -451,7 +496,7 @@ impl Session {
             .sessions
             .lock()
             .expect("sessions lock")
-            .insert(self.client_id.clone(), (self.connection_id, switch));
+            .insert(self.session_key.clone(), (self.connection_id, switch));
         if let Some((_, previous)) = previous {
             let _ = previous.send(true);
         }
@@ -471,8 +516,10 @@ impl Session {
         let (deliveries_sender, mut deliveries) = mpsc::channel::<Delivery>(SUBSCRIBER_QUEUE);
         if let Some(resumed) = resumed {
             // The ACL is checked again: a session is only as good as what the device may do now.
-            for filter in resumed.subscriptions.iter().filter(|filter| Broker::may_subscribe(self.identity, filter)) {
-                self.broker.subscribe(filter, self.connection_id, &deliveries_sender);
+            for (filter, qos) in
+                resumed.subscriptions.iter().filter(|(filter, _)| Broker::may_subscribe(self.identity, filter))
+            {
+                self.broker.subscribe(filter, self.connection_id, *qos, &deliveries_sender);
             }
         }
         // `owed`: acknowledgements owed, in the order the publishes arrived (MQTT requires that order). Publishes
@@ -515,9 +562,14 @@ impl Session {
                     owed.push_front(ack);
                 }
                 Some(delivery) = deliveries.recv() => {
-                    self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
-                    let pkid = self.next_pkid;
-                    self.send(Outbound::Publish { topic: delivery.topic, qos: Qos::AtLeastOnce, pkid, payload: delivery.payload }).await?;
+                    // Delivered at the QoS the subscription was granted; a QoS 0 publish carries no packet id.
+                    let pkid = if delivery.qos == Qos::AtMostOnce {
+                        0
+                    } else {
+                        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+                        self.next_pkid
+                    };
+                    self.send(Outbound::Publish { topic: delivery.topic, qos: delivery.qos, pkid, payload: delivery.payload }).await?;
                 }
                 _ = takeover.changed() => return Err(Ended::TakenOver),
             }
@@ -553,7 +605,8 @@ impl Session {
                 }
                 let received = std::time::Instant::now();
                 let (outcome, durable) = self.publish(&topic, payload).await?;
-                if qos == Qos::ExactlyOnce {
+                // Only a stored publish is remembered: MQTT 5 clients free the id of a refused one without PUBREL.
+                if qos == Qos::ExactlyOnce && outcome == PublishOutcome::Accepted {
                     self.awaiting_release.lock().expect("release lock").insert(pkid);
                 }
                 // At QoS 0 nothing is acknowledged; the records are written all the same.
@@ -571,9 +624,12 @@ impl Session {
                 let mut granted = Vec::with_capacity(filters.len());
                 for (filter, qos) in filters {
                     if Broker::may_subscribe(self.identity, &filter) {
-                        self.broker.subscribe(&filter, self.connection_id, deliveries);
-                        self.broker.update_session(&self.client_id, |saved| saved.subscriptions.insert(filter.clone()));
-                        granted.push(Some(qos.min(Qos::AtLeastOnce)));
+                        let qos = qos.min(Qos::AtLeastOnce);
+                        self.broker.subscribe(&filter, self.connection_id, qos, deliveries);
+                        self.broker.update_session(&self.session_key, |saved| {
+                            saved.subscriptions.insert(filter.clone(), qos) != Some(qos)
+                        });
+                        granted.push(Some(qos));
                     } else {
                         metrics::counter!("smartfarm_edge_acl_denied_total", "action" => "subscribe").increment(1);
                         tracing::warn!(client_id = %self.client_id, %filter, "subscription refused by the topic acl");
@@ -585,7 +641,7 @@ impl Session {
             Inbound::Unsubscribe { pkid, filters } => {
                 for filter in &filters {
                     self.broker.unsubscribe(filter, self.connection_id);
-                    self.broker.update_session(&self.client_id, |saved| saved.subscriptions.remove(filter));
+                    self.broker.update_session(&self.session_key, |saved| saved.subscriptions.remove(filter).is_some());
                 }
                 self.send(Outbound::UnsubAck { pkid, count: filters.len() }).await?;
             }
@@ -736,8 +792,12 @@ mod tests {
         }
 
         async fn publish_qos2(&mut self, farm: &Farm, pkid: u16, value: f64) {
+            self.publish_raw(farm, pkid, format!(r#"{{"metrics": {{"t": {value}}}}}"#)).await;
+        }
+
+        async fn publish_raw(&mut self, farm: &Farm, pkid: u16, payload: String) {
             let topic = format!("smartfarm/{}/telemetry", farm.device);
-            let mut publish = v4::Publish::new(topic, QoS::ExactlyOnce, format!(r#"{{"metrics": {{"t": {value}}}}}"#));
+            let mut publish = v4::Publish::new(topic, QoS::ExactlyOnce, payload);
             publish.pkid = pkid;
             self.send(v4::Packet::Publish(publish)).await;
         }
@@ -769,6 +829,28 @@ mod tests {
         client.publish_qos2(&farm, 7, 2.0).await;
         assert!(matches!(client.receive().await, v4::Packet::PubRec(rec) if rec.pkid == 7));
         assert_eq!(spool.stats().last_sequence, 2, "a new message under a released id is stored");
+
+        // A refused publish is not remembered (MQTT 5 clients reuse its id at once, without PUBREL), and the
+        // refusal comes on the errors topic at the QoS 0 the client asked for.
+        let errors = format!("smartfarm/{}/errors", farm.device);
+        client.send(v4::Packet::Subscribe(v4::Subscribe::new(&errors, QoS::AtMostOnce))).await;
+        assert!(matches!(client.receive().await, v4::Packet::SubAck(_)));
+        client.publish_raw(&farm, 9, "not json".into()).await;
+        let mut seen = (false, false);
+        for _ in 0..2 {
+            match client.receive().await {
+                v4::Packet::PubRec(rec) if rec.pkid == 9 => seen.0 = true,
+                v4::Packet::Publish(publish) if publish.topic == errors => {
+                    assert_eq!((publish.qos, publish.pkid), (QoS::AtMostOnce, 0), "delivered at the granted QoS");
+                    seen.1 = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, (true, true));
+        client.publish_qos2(&farm, 9, 3.0).await;
+        assert!(matches!(client.receive().await, v4::Packet::PubRec(rec) if rec.pkid == 9));
+        assert_eq!(spool.stats().last_sequence, 3, "the id of a refused publish is free for the next one");
         drop(client);
 
         // The agent restarts: the subscription comes back with the session, without a new SUBSCRIBE.

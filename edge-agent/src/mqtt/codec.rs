@@ -16,7 +16,7 @@ pub enum Version {
 }
 
 /// Delivery guarantee of a publish.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Qos {
     AtMostOnce = 0,
     AtLeastOnce = 1,
@@ -64,6 +64,8 @@ pub enum Inbound {
 pub enum ConnectRefusal {
     BadCredentials,
     NotAuthorized,
+    /// A protocol level other than 4 (3.1.1) or 5.
+    UnsupportedProtocol,
 }
 
 /// The outcome of one publish, as told in its acknowledgement (MQTT 5 carries it; 3.1.1 can only acknowledge).
@@ -171,13 +173,23 @@ fn connect_protocol_level(buffer: &[u8]) -> Result<Option<u8>, Malformed> {
     Ok(buffer.get(position + 2 + name_length).copied())
 }
 
+/// Why the first packet of a connection cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    /// The client speaks a protocol level this broker does not (3.1.1 asks for CONNACK 0x01 before closing).
+    #[error("unsupported MQTT protocol level {0}")]
+    UnsupportedLevel(u8),
+}
+
 /// Reads the first packet of a connection, which must be CONNECT, and tells the protocol from its level byte
 /// (rumqttc's 3.1.1 reader would accept level 5 and misread its properties). `Ok(None)`: more bytes are needed.
-pub fn read_connect(buffer: &mut BytesMut) -> Result<Option<(Version, Inbound)>, Malformed> {
+pub fn read_connect(buffer: &mut BytesMut) -> Result<Option<(Version, Inbound)>, ConnectError> {
     let Some(level) = connect_protocol_level(buffer)? else { return Ok(None) };
     match level {
-        // 3 is MQTT 3.1 ("MQIsdp"), 4 is 3.1.1; rumqttc reads both the same way.
-        3 | 4 => match v4::Packet::read(buffer, MAX_PACKET_BYTES) {
+        // MQTT 3.1 ("MQIsdp", level 3) is not read by rumqttc; its clients fall back to 3.1.1 on CONNACK 0x01.
+        4 => match v4::Packet::read(buffer, MAX_PACKET_BYTES) {
             Ok(v4::Packet::Connect(connect)) => {
                 let login = connect.login.map(|login| (login.username, login.password));
                 Ok(Some((
@@ -190,9 +202,9 @@ pub fn read_connect(buffer: &mut BytesMut) -> Result<Option<(Version, Inbound)>,
                     },
                 )))
             }
-            Ok(other) => Err(Malformed(format!("the first packet must be CONNECT, got {other:?}"))),
+            Ok(other) => Err(Malformed(format!("the first packet must be CONNECT, got {other:?}")).into()),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(error) => Err(Malformed(error.to_string())),
+            Err(error) => Err(Malformed(error.to_string()).into()),
         },
         5 => match v5::Packet::read(buffer, Some(MAX_PACKET_BYTES as u32)) {
             Ok(v5::Packet::Connect(connect, _will, login)) => {
@@ -207,11 +219,11 @@ pub fn read_connect(buffer: &mut BytesMut) -> Result<Option<(Version, Inbound)>,
                     },
                 )))
             }
-            Ok(other) => Err(Malformed(format!("the first packet must be CONNECT, got {other:?}"))),
+            Ok(other) => Err(Malformed(format!("the first packet must be CONNECT, got {other:?}")).into()),
             Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(error) => Err(Malformed(error.to_string())),
+            Err(error) => Err(Malformed(error.to_string()).into()),
         },
-        other => Err(Malformed(format!("unsupported MQTT protocol level {other}"))),
+        other => Err(ConnectError::UnsupportedLevel(other)),
     }
 }
 
@@ -223,6 +235,11 @@ pub fn read(version: Version, buffer: &mut BytesMut) -> Result<Option<Inbound>, 
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
             Err(error) => Err(Malformed(error.to_string())),
         },
+        // A DISCONNECT without a reason code (what most clients send) has no body, which rumqttc's reader refuses.
+        Version::V5 if buffer.starts_with(&[0xE0, 0x00]) => {
+            let _ = buffer.split_to(2);
+            Ok(Some(Inbound::Disconnect))
+        }
         Version::V5 => match v5::Packet::read(buffer, Some(MAX_PACKET_BYTES as u32)) {
             Ok(packet) => from_v5(packet).map(Some),
             Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
@@ -291,6 +308,7 @@ pub fn write(version: Version, packet: Outbound, buffer: &mut BytesMut) -> Resul
                         Ok(_) => v4::ConnectReturnCode::Success,
                         Err(ConnectRefusal::BadCredentials) => v4::ConnectReturnCode::BadUserNamePassword,
                         Err(ConnectRefusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
+                        Err(ConnectRefusal::UnsupportedProtocol) => v4::ConnectReturnCode::RefusedProtocolVersion,
                     },
                     result.unwrap_or(false),
                 )),
@@ -332,6 +350,7 @@ pub fn write(version: Version, packet: Outbound, buffer: &mut BytesMut) -> Resul
                         Ok(_) => v5::ConnectReturnCode::Success,
                         Err(ConnectRefusal::BadCredentials) => v5::ConnectReturnCode::BadUserNamePassword,
                         Err(ConnectRefusal::NotAuthorized) => v5::ConnectReturnCode::NotAuthorized,
+                        Err(ConnectRefusal::UnsupportedProtocol) => v5::ConnectReturnCode::UnsupportedProtocolVersion,
                     },
                     properties: None,
                 }),
@@ -422,9 +441,19 @@ mod tests {
             }
         );
 
+        let mut level3 = hex("101a00064d514973647003c2003c0000000475736572000470617373");
+        assert!(matches!(read_connect(&mut level3), Err(ConnectError::UnsupportedLevel(3))));
+
         let mut partial = hex("101c00044d5154");
         assert_eq!(read_connect(&mut partial).unwrap(), None, "half a packet: wait for more");
         let mut not_connect = hex("c000");
         assert!(read_connect(&mut not_connect).is_err());
+    }
+
+    #[test]
+    fn a_bare_mqtt5_disconnect_is_a_goodbye() {
+        let mut buffer = BytesMut::from(&[0xE0u8, 0x00, 0xC0, 0x00][..]);
+        assert_eq!(read(Version::V5, &mut buffer).unwrap(), Some(Inbound::Disconnect));
+        assert_eq!(read(Version::V5, &mut buffer).unwrap(), Some(Inbound::PingReq), "the next packet is intact");
     }
 }

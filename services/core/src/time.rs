@@ -7,6 +7,12 @@ use smartfarm_proto::pbjson_types;
 
 use crate::error::{Error, Result};
 
+/// The earliest time a measurement may carry: 2000-01-01T00:00:00Z. Earlier times come from devices whose clock was
+/// never set (they count from 1970 after every power-up); storing them would file readings decades in the past.
+pub fn earliest_measurement_time() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(946_684_800)
+}
+
 /// A `SystemTime` as a contract timestamp.
 pub fn to_timestamp(time: SystemTime) -> pbjson_types::Timestamp {
     let (seconds, nanos) = match time.duration_since(UNIX_EPOCH) {
