@@ -118,7 +118,7 @@ async fn exactly_once_over_the_link(backend: Backend) {
     let connect_response::Body::BatchAck(ack) = link.next().await else { panic!("an ack") };
     assert_eq!((ack.last_sequence, ack.duplicate), (100, true), "a resent batch is acknowledged, not written");
 
-    let mut garbage = smartfarm_ingestion::batch::encode(vec![], 101, 101);
+    let mut garbage = smartfarm_ingestion::batch::encode(readings(&farm.sensor, 101..=101, base), 101, 101);
     garbage.payload = b"definitely not zstd".to_vec();
     link.send_batch(garbage).await;
     let connect_response::Body::BatchReject(reject) = link.next().await else { panic!("a refusal") };
@@ -193,6 +193,30 @@ async fn exactly_once_over_the_link(backend: Backend) {
         .device
         .unwrap();
     assert_eq!(sensor.state, device_pb::DeviceState::Active as i32);
+
+    // A second series: one-second buckets over a day are fine for one series, too many for two in one response.
+    let mut humidity = readings(&farm.sensor, 151..=151, base);
+    if let Some(pb::spool_record::Body::Reading(reading)) = &mut humidity[0].body {
+        reading.metric = "humidity".into();
+    }
+    link.send_batch(smartfarm_ingestion::batch::encode(humidity, 151, 151)).await;
+    let connect_response::Body::BatchAck(_) = link.next().await else { panic!("an ack") };
+    let day = TimeRange {
+        start_time: Some(to_timestamp(base - Duration::from_secs(12 * 3600))),
+        end_time: Some(to_timestamp(base + Duration::from_secs(12 * 3600))),
+    };
+    let by_second = |metrics: Vec<String>| pb::QueryAggregatesRequest {
+        farm_id: farm.id.clone(),
+        time_range: Some(day),
+        bucket_width: Some(smartfarm_proto::pbjson_types::Duration { seconds: 1, nanos: 0 }),
+        metrics,
+        ..Default::default()
+    };
+    let buckets = telemetry.query_aggregates(by_second(vec!["humidity".into()])).await.unwrap().into_inner().buckets;
+    assert_eq!(buckets.len(), 1, "one non-empty bucket");
+    let status = telemetry.query_aggregates(by_second(vec![])).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("more than the 100000 a response holds"), "{status:?}");
     cloud.stop().await;
 }
 
@@ -264,6 +288,16 @@ async fn only_gateways_open_links_and_queries_stay_in_the_farm(backend: Backend)
         .await
         .unwrap_err();
     assert!(status.message().contains("bucket_width: is too small"), "{status:?}");
+    let status = admin_telemetry
+        .query_aggregates(pb::QueryAggregatesRequest {
+            farm_id: farm.id.clone(),
+            time_range: Some(range),
+            bucket_width: Some(smartfarm_proto::pbjson_types::Duration { seconds: 200 * 366 * 86_400, nanos: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("at most 100 years"), "{status:?}");
     cloud.stop().await;
 }
 

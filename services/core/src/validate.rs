@@ -16,6 +16,9 @@ pub const MAX_LABEL_KEY_CHARS: usize = 63;
 
 /// The longest metric name.
 pub const MAX_METRIC_CHARS: usize = 64;
+/// Most records one edge batch may carry: the cloud refuses more before decompressing, which bounds what one batch
+/// can make it allocate; edge agents keep their batches below it.
+pub const MAX_RECORDS_PER_BATCH: usize = 100_000;
 
 /// Whether `name` is a metric name: 1 to 64 of `[a-z0-9_]` (what MQTT payloads, batches and queries accept).
 pub fn is_metric_name(name: &str) -> bool {

@@ -10,10 +10,18 @@ use std::time::SystemTime;
 use prost::Message;
 use uuid::Uuid;
 
-use smartfarm_core::time::from_timestamp;
-use smartfarm_core::validate::is_metric_name;
+use smartfarm_core::time::{earliest_measurement_time, from_timestamp};
+use smartfarm_core::validate::{MAX_RECORDS_PER_BATCH, is_metric_name};
 use smartfarm_proto::ingestion::v1 as pb;
 use smartfarm_store::telemetry::{AggregateRow, EdgeBatch, ReadingRow};
+
+/// The most a record may take decompressed, on average over a batch: today's records take about 150 bytes, so
+/// this leaves room for newer record kinds while bounding what a small compressed batch can expand to.
+const MAX_BYTES_PER_RECORD: usize = 4096;
+/// How far ahead of the cloud's clock a gateway's times may be (a gateway whose clock runs ahead).
+const MAX_FUTURE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Most readings one aggregate may summarise.
+const MAX_AGGREGATE_COUNT: u64 = u32::MAX as u64;
 
 /// Why a batch was refused as a whole. The text goes to the agent in `BatchReject.reason`.
 #[derive(Debug, PartialEq, Eq)]
@@ -63,6 +71,20 @@ pub fn decode(
             batch.first_sequence, batch.last_sequence
         )));
     }
+    if batch.last_sequence > i64::MAX as u64 {
+        return Err(Refusal(format!(
+            "last_sequence {} is past the largest sequence, {}",
+            batch.last_sequence,
+            i64::MAX
+        )));
+    }
+    let record_count = batch.record_count as usize;
+    if record_count == 0 || record_count > MAX_RECORDS_PER_BATCH {
+        return Err(Refusal(format!(
+            "record_count {record_count} is outside 1..={MAX_RECORDS_PER_BATCH} (a batch carries records)"
+        )));
+    }
+    let max_decompressed_bytes = max_decompressed_bytes.min(record_count * MAX_BYTES_PER_RECORD);
     let payload = match pb::Compression::try_from(batch.compression) {
         Ok(pb::Compression::None) => batch.payload.clone(),
         Ok(pb::Compression::Zstd) => {
@@ -81,15 +103,26 @@ pub fn decode(
         }
         _ => return Err(Refusal(format!("unknown compression {}", batch.compression))),
     };
+    // Counted on the wire before decoding: a payload of many tiny records would decode to far more memory than
+    // its bytes.
+    let on_wire =
+        count_records(&payload).map_err(|error| Refusal(format!("payload is not a BatchPayload: {error}")))?;
+    if on_wire != record_count {
+        return Err(Refusal(format!("record_count says {record_count} but the payload holds {on_wire}")));
+    }
     let decoded = pb::BatchPayload::decode(payload.as_slice())
         .map_err(|error| Refusal(format!("payload is not a BatchPayload: {error}")))?;
-    if decoded.records.len() != batch.record_count as usize {
+    // The mark moves to last_sequence: it must be a record's, or a bad batch could move it past records to come.
+    let highest = decoded.records.iter().map(|record| record.sequence).filter(|s| *s <= batch.last_sequence).max();
+    if highest != Some(batch.last_sequence) {
         return Err(Refusal(format!(
-            "record_count says {} but the payload holds {}",
-            batch.record_count,
-            decoded.records.len()
+            "last_sequence {} is not the sequence of the batch's last record",
+            batch.last_sequence
         )));
     }
+    let earliest = earliest_measurement_time();
+    let latest = receive_time + MAX_FUTURE;
+    let plausible = |time: SystemTime| time >= earliest && time <= latest;
 
     let mut dropped = Dropped::default();
     let mut readings = Vec::new();
@@ -117,7 +150,11 @@ pub fn decode(
                     dropped.bad_value += 1;
                     continue;
                 }
-                let Some(measure_time) = reading.measure_time.as_ref().and_then(|t| from_timestamp("time", t).ok())
+                let Some(measure_time) = reading
+                    .measure_time
+                    .as_ref()
+                    .and_then(|t| from_timestamp("time", t).ok())
+                    .filter(|time| plausible(*time))
                 else {
                     dropped.bad_time += 1;
                     continue;
@@ -144,7 +181,11 @@ pub fn decode(
                     continue;
                 }
                 let values = [aggregate.min, aggregate.max, aggregate.avg, aggregate.last];
-                if aggregate.count == 0 || values.iter().any(|v| !v.is_finite()) {
+                if aggregate.count == 0
+                    || aggregate.count > MAX_AGGREGATE_COUNT
+                    || values.iter().any(|v| !v.is_finite())
+                    || aggregate.min > aggregate.max
+                {
                     dropped.bad_value += 1;
                     continue;
                 }
@@ -152,7 +193,9 @@ pub fn decode(
                     aggregate.window_start_time.as_ref().and_then(|t| from_timestamp("window_start_time", t).ok()).zip(
                         aggregate.window_end_time.as_ref().and_then(|t| from_timestamp("window_end_time", t).ok()),
                     );
-                let Some((window_start, window_end)) = window.filter(|(start, end)| start < end) else {
+                let Some((window_start, window_end)) =
+                    window.filter(|(start, end)| start < end && plausible(*start) && plausible(*end))
+                else {
                     dropped.bad_time += 1;
                     continue;
                 };
@@ -186,6 +229,44 @@ pub fn decode(
     Ok((batch, dropped))
 }
 
+/// Counts the top-level `records` fields (field 1) of an encoded `BatchPayload` without decoding them.
+fn count_records(mut bytes: &[u8]) -> Result<usize, &'static str> {
+    fn varint(bytes: &mut &[u8]) -> Result<u64, &'static str> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = bytes.split_first().ok_or("truncated varint")?;
+            *bytes = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("varint longer than 10 bytes")
+    }
+    let mut count = 0;
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes)?;
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut bytes)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(varint(&mut bytes)?).map_err(|_| "length too large")?,
+            5 => 4,
+            _ => return Err("unsupported wire type"),
+        };
+        if skip > bytes.len() {
+            return Err("field runs past the end");
+        }
+        bytes = &bytes[skip..];
+        if key == (1 << 3) | 2 {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
 /// Encodes records the way edge agents do (used by tests and benchmarks on the cloud side).
 pub fn encode(records: Vec<pb::SpoolRecord>, first_sequence: u64, last_sequence: u64) -> pb::ReadingBatch {
     let record_count = records.len() as u32;
@@ -203,6 +284,7 @@ pub fn encode(records: Vec<pb::SpoolRecord>, first_sequence: u64, last_sequence:
 mod tests {
     use super::*;
     use smartfarm_proto::common::v1::Reading;
+    use std::time::Duration;
 
     fn record(sequence: u64, device: Uuid, metric: &str, value: f64) -> pb::SpoolRecord {
         pb::SpoolRecord {
@@ -227,6 +309,7 @@ mod tests {
                 record(2, foreign, "temperature", 20.0),
                 record(3, mine, "Temperature", 20.0),
                 record(4, mine, "humidity", f64::NAN),
+                record(5, mine, "humidity", 1.0),
                 record(9, mine, "humidity", 1.0),
             ],
             1,
@@ -234,9 +317,51 @@ mod tests {
         );
         let (batch, dropped) =
             decode(&wire, gateway, Uuid::now_v7(), farm, &devices, 1 << 20, SystemTime::now()).unwrap();
-        assert_eq!(batch.readings.len(), 1);
-        assert_eq!(batch.readings[0].sequence, 1);
+        assert_eq!(batch.readings.len(), 2);
+        assert_eq!((batch.readings[0].sequence, batch.readings[1].sequence), (1, 5));
         assert_eq!(dropped, Dropped { foreign_device: 1, bad_metric: 1, bad_value: 1, bad_time: 0, out_of_range: 1 });
+    }
+
+    #[test]
+    fn implausible_times_and_aggregates_are_dropped() {
+        let (mine, now) = (Uuid::now_v7(), SystemTime::now());
+        let at = |time: SystemTime, sequence: u64| {
+            let mut record = record(sequence, mine, "temperature", 20.0);
+            if let Some(pb::spool_record::Body::Reading(reading)) = &mut record.body {
+                reading.measure_time = Some(smartfarm_core::time::to_timestamp(time));
+            }
+            record
+        };
+        let aggregate = |sequence: u64, count: u64, min: f64, max: f64| pb::SpoolRecord {
+            sequence,
+            body: Some(pb::spool_record::Body::Aggregate(pb::Aggregate {
+                device_id: mine.to_string(),
+                metric: "temperature".into(),
+                window_start_time: Some(smartfarm_core::time::to_timestamp(now - Duration::from_secs(60))),
+                window_end_time: Some(smartfarm_core::time::to_timestamp(now)),
+                count,
+                min,
+                max,
+                avg: min,
+                last: min,
+            })),
+        };
+        let wire = encode(
+            vec![
+                at(SystemTime::UNIX_EPOCH + Duration::from_secs(5), 1),
+                at(now + Duration::from_secs(3 * 24 * 3600), 2),
+                at(now, 3),
+                aggregate(4, u64::MAX, 1.0, 2.0),
+                aggregate(5, 10, 3.0, 2.0),
+                aggregate(6, 10, 1.0, 2.0),
+            ],
+            1,
+            6,
+        );
+        let devices = HashSet::from([mine]);
+        let (batch, dropped) = decode(&wire, Uuid::nil(), Uuid::nil(), Uuid::nil(), &devices, 1 << 20, now).unwrap();
+        assert_eq!((batch.readings.len(), batch.aggregates.len()), (1, 1));
+        assert_eq!((dropped.bad_time, dropped.bad_value), (2, 2));
     }
 
     #[test]
@@ -245,21 +370,42 @@ mod tests {
         let decode = |batch: &pb::ReadingBatch| {
             decode(batch, Uuid::nil(), Uuid::nil(), Uuid::nil(), &devices, 1 << 20, SystemTime::now())
         };
-        let mut wire = encode(vec![], 1, 1);
+        let one = || encode(vec![record(1, Uuid::nil(), "t", 1.0)], 1, 1);
+        let mut wire = one();
         wire.payload = b"not zstd".to_vec();
         assert!(decode(&wire).unwrap_err().0.contains("not valid zstd"));
-        let mut wire = encode(vec![], 1, 1);
+        let mut wire = one();
         wire.record_count = 3;
         assert!(decode(&wire).unwrap_err().0.contains("record_count"));
-        let wire = encode(vec![], 5, 4);
+        let wire = encode(vec![], 1, 1);
+        assert!(decode(&wire).unwrap_err().0.contains("record_count 0"));
+        let mut wire = one();
+        wire.record_count = MAX_RECORDS_PER_BATCH as u32 + 1;
+        assert!(decode(&wire).unwrap_err().0.contains("outside"));
+        let wire = encode(vec![record(1, Uuid::nil(), "t", 1.0)], 5, 4);
         assert!(decode(&wire).unwrap_err().0.contains("empty"));
-        let mut wire = encode(vec![], 1, 1);
+        let mut wire = one();
         wire.compression = 0;
         assert!(decode(&wire).unwrap_err().0.contains("unknown compression"));
+        // The mark may only move to a record's sequence.
+        let wire = encode(vec![record(1, Uuid::nil(), "t", 1.0)], 1, 1_000_000);
+        assert!(decode(&wire).unwrap_err().0.contains("last record"));
+        let wire = encode(vec![record(u64::MAX, Uuid::nil(), "t", 1.0)], 1, u64::MAX);
+        assert!(decode(&wire).unwrap_err().0.contains("largest sequence"));
         // A zip bomb: a small payload that decompresses past the cap.
         let bomb = zstd::bulk::compress(&vec![0u8; 4 << 20], 19).unwrap();
         let wire =
-            pb::ReadingBatch { first_sequence: 1, last_sequence: 1, compression: 2, payload: bomb, record_count: 0 };
+            pb::ReadingBatch { first_sequence: 1, last_sequence: 1, compression: 2, payload: bomb, record_count: 1 };
         assert!(decode(&wire).unwrap_err().0.contains("more than"));
+        // Many empty records in few bytes: counted on the wire, refused before decoding.
+        let tiny = [0x0au8, 0x00].repeat(200_000);
+        let wire = pb::ReadingBatch {
+            first_sequence: 1,
+            last_sequence: 1,
+            compression: 2,
+            payload: zstd::bulk::compress(&tiny, 3).unwrap(),
+            record_count: 1000,
+        };
+        assert!(decode(&wire).unwrap_err().0.contains("holds 200000"));
     }
 }

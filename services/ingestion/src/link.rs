@@ -7,7 +7,8 @@
 //! refresh and ends the link when the gateway is decommissioned or its credential rotated.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
@@ -85,7 +86,7 @@ async fn serve(
     )
     .await?;
 
-    let mut registry = RegistryView { version: hello.registry_version, devices: HashSet::new() };
+    let mut registry = RegistryView { version: hello.registry_version, devices: Arc::default() };
     registry.refresh(api, farm_id, outbound, true).await?;
     api.registry.record_devices_seen(&[gateway_id], time::now()).await?;
 
@@ -139,7 +140,7 @@ async fn send(outbound: &Outbound, body: pb::connect_response::Body) -> Result<(
 struct RegistryView {
     version: u64,
     /// Every device of the farm (for checking batch records).
-    devices: HashSet<Uuid>,
+    devices: Arc<HashSet<Uuid>>,
 }
 
 impl RegistryView {
@@ -168,7 +169,7 @@ impl RegistryView {
                 break;
             }
         }
-        self.devices = devices.iter().map(|device| device.id).collect();
+        self.devices = Arc::new(devices.iter().map(|device| device.id).collect());
         if farm.registry_version != self.version {
             let snapshot = pb::RegistrySnapshot {
                 version: farm.registry_version,
@@ -202,6 +203,22 @@ fn proto_kind(kind: DeviceKind) -> ProtoKind {
     }
 }
 
+/// Decodes a batch off the async workers (decompressing and decoding megabytes is CPU work).
+async fn decode(
+    wire: &Arc<pb::ReadingBatch>,
+    (gateway_id, spool_id, farm_id): (Uuid, Uuid, Uuid),
+    devices: &Arc<HashSet<Uuid>>,
+    max_decompressed: usize,
+    receive_time: SystemTime,
+) -> Result<std::result::Result<(smartfarm_store::telemetry::EdgeBatch, batch::Dropped), batch::Refusal>> {
+    let (wire, devices) = (wire.clone(), devices.clone());
+    tokio::task::spawn_blocking(move || {
+        batch::decode(&wire, gateway_id, spool_id, farm_id, &devices, max_decompressed, receive_time)
+    })
+    .await
+    .map_err(|error| Error::internal("decode a batch", error))
+}
+
 async fn handle_batch(
     api: &IngestionApi,
     gateway_id: Uuid,
@@ -213,14 +230,20 @@ async fn handle_batch(
 ) -> Result<()> {
     let started = Instant::now();
     let receive_time = time::now();
+    // One permit from decoding to commit: it bounds both the database work and the memory of decoded batches.
+    let _permit = api.commit_permits.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+    let wire = Arc::new(wire);
+    let ids = (gateway_id, spool_id, farm_id);
     let max_decompressed = api.settings.max_batch_bytes.saturating_mul(16);
-    let mut decoded =
-        batch::decode(&wire, gateway_id, spool_id, farm_id, &registry.devices, max_decompressed, receive_time);
+    let mut decoded = decode(&wire, ids, &registry.devices, max_decompressed, receive_time).await?;
     if matches!(&decoded, Ok((_, dropped)) if dropped.foreign_device > 0) {
-        // A device registered since the last refresh: look again before dropping anything.
-        registry.refresh(api, farm_id, outbound, true).await?;
-        decoded =
-            batch::decode(&wire, gateway_id, spool_id, farm_id, &registry.devices, max_decompressed, receive_time);
+        // Maybe a device registered since the last refresh (registering moves the farm's registry version): look
+        // again before dropping anything.
+        let version = registry.version;
+        registry.refresh(api, farm_id, outbound, false).await?;
+        if registry.version != version {
+            decoded = decode(&wire, ids, &registry.devices, max_decompressed, receive_time).await?;
+        }
     }
     let (batch, dropped) = match decoded {
         Ok(decoded) => decoded,
@@ -245,10 +268,7 @@ async fn handle_batch(
         }
     }
 
-    let outcome = {
-        let _permit = api.commit_permits.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
-        api.telemetry.commit_batch(&batch, &api.settings.rollup_widths).await?
-    };
+    let outcome = api.telemetry.commit_batch(&batch, &api.settings.rollup_widths).await?;
     let duplicate = outcome == BatchOutcome::Duplicate;
     if let BatchOutcome::Committed { readings, aggregates } = outcome {
         metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "committed").increment(1);
@@ -258,8 +278,12 @@ async fn handle_batch(
         seen.extend(batch.aggregates.iter().map(|a| a.device_id));
         seen.sort();
         seen.dedup();
-        if !seen.is_empty() {
-            api.registry.record_devices_seen(&seen, receive_time).await?;
+        // The batch is committed: a failure here must not hold back its acknowledgement (the agent would resend
+        // it, only to be told it is a duplicate).
+        if !seen.is_empty()
+            && let Err(error) = api.registry.record_devices_seen(&seen, receive_time).await
+        {
+            tracing::warn!(%gateway_id, %error, "cannot record when the batch's devices were last seen");
         }
     } else {
         metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "duplicate").increment(1);

@@ -21,6 +21,10 @@ const DEFAULT_READINGS_PAGE: usize = 1000;
 const MAX_READINGS_PAGE: usize = 10_000;
 /// The most buckets one aggregate query may ask for per device and metric.
 const MAX_BUCKETS: u64 = 100_000;
+/// The most buckets one aggregate response may hold (about 12 MB), over all devices and metrics.
+const MAX_RESPONSE_BUCKETS: u64 = 100_000;
+/// The widest bucket: beyond it, leave the width unset for one bucket over the whole range.
+const MAX_BUCKET_WIDTH_SECS: i64 = 100 * 366 * 24 * 3600;
 /// The most devices or metrics one query may name.
 const MAX_FILTER_VALUES: usize = 1000;
 
@@ -140,6 +144,13 @@ impl TelemetryService for IngestionApi {
             Some(width) if width.seconds < 1 || width.nanos != 0 => {
                 return Err(Error::invalid("bucket_width", "must be a whole number of seconds, at least 1s").into());
             }
+            Some(width) if width.seconds > MAX_BUCKET_WIDTH_SECS => {
+                return Err(Error::invalid(
+                    "bucket_width",
+                    "must be at most 100 years; leave it unset for one bucket over the whole range",
+                )
+                .into());
+            }
             Some(width) => Some(Duration::from_secs(width.seconds as u64)),
         };
         if let Some(width) = width {
@@ -152,7 +163,33 @@ impl TelemetryService for IngestionApi {
                 .into());
             }
         }
+        // An estimate before the work: the series the farm has (one latest value per device and metric) times the
+        // buckets of one series.
+        let span = filter.end.duration_since(filter.start).unwrap_or_default();
+        let per_series = width.map(|width| span.as_secs() / width.as_secs() + 1).unwrap_or(1);
+        let series = self
+            .telemetry
+            .latest_readings(filter.farm_id, &filter.device_ids)
+            .await?
+            .iter()
+            .filter(|latest| filter.metrics.is_empty() || filter.metrics.contains(&latest.metric))
+            .count() as u64;
+        let too_many = |buckets: u64| {
+            Error::invalid(
+                "bucket_width",
+                format!(
+                    "the query covers up to {buckets} buckets, more than the {MAX_RESPONSE_BUCKETS} a response holds: \
+                     narrow the time range, name devices or metrics, or widen the buckets"
+                ),
+            )
+        };
+        if series.saturating_mul(per_series) > MAX_RESPONSE_BUCKETS {
+            return Err(too_many(series.saturating_mul(per_series)).into());
+        }
         let buckets = self.telemetry.query_buckets(&filter, width, &self.settings.rollup_widths).await?;
+        if buckets.len() as u64 > MAX_RESPONSE_BUCKETS {
+            return Err(too_many(buckets.len() as u64).into());
+        }
         Ok(Response::new(pb::QueryAggregatesResponse {
             buckets: buckets
                 .into_iter()

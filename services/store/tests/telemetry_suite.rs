@@ -368,3 +368,27 @@ macro_rules! telemetry_suite {
 
 telemetry_suite!(sqlite);
 telemetry_suite!(postgres);
+
+/// Two replicas share a database: one's retention drops a month's partition that the other still has cached, and
+/// a late reading of that month arrives through the other.
+#[tokio::test]
+async fn a_partition_dropped_by_another_replica_is_made_again() {
+    let harness = Harness::postgres().await;
+    let url = harness._postgres.as_ref().expect("a postgres harness").url.clone();
+    let other_replica = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
+    let farm = farm(&*harness.database.registry(), "replicas").await;
+    let [a, _] = farm.sensors;
+    let telemetry = harness.database.telemetry();
+    let first = batch(&farm, 1, 1, vec![reading(1, a, "temperature", 1.0, 0)]);
+    telemetry.commit_batch(&first, &ROLLUPS).await.unwrap();
+
+    let retention =
+        Retention { raw: Duration::from_secs(90 * 24 * HOUR), rollups: Duration::from_secs(3 * 365 * 24 * HOUR) };
+    assert_eq!(other_replica.telemetry().apply_retention(retention, at(365 * 24 * HOUR)).await.unwrap(), 1);
+
+    let late = batch(&farm, 2, 2, vec![reading(2, a, "temperature", 2.0, HOUR)]);
+    let outcome = telemetry.commit_batch(&late, &ROLLUPS).await.unwrap();
+    assert!(matches!(outcome, BatchOutcome::Committed { readings: 1, .. }), "{outcome:?}");
+    let left = telemetry.query_readings(&everything(&farm), None, 10).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.value).collect::<Vec<_>>(), vec![2.0]);
+}

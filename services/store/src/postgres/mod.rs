@@ -158,6 +158,8 @@ struct TelemetryCaches {
     metric_ids: std::sync::Mutex<std::collections::HashMap<String, i32>>,
     /// Monthly readings partitions known to exist (removed again when retention drops one).
     partitions: std::sync::Mutex<std::collections::BTreeSet<(i32, u32)>>,
+    /// How often the partition cache was found wrong and cleared (a commit that saw it happen tries again).
+    partition_resets: std::sync::atomic::AtomicU64,
     /// Whether readings is partitioned or a hypertable, read once after migration.
     layout: std::sync::Mutex<Option<telemetry::ReadingsLayout>>,
 }

@@ -83,96 +83,8 @@ impl PostgresStore {
         Ok(ids)
     }
 
-    /// Makes sure a monthly partition exists for every month the times fall in (plain PostgreSQL only).
-    async fn ensure_partitions(&self, times: impl Iterator<Item = SystemTime>) -> Result<()> {
-        if self.readings_layout().await? != ReadingsLayout::Partitioned {
-            return Ok(());
-        }
-        let months: BTreeSet<(i32, u32)> = times.map(month_of).collect();
-        let missing: Vec<(i32, u32)> = {
-            let known = self.telemetry.partitions.lock().expect("partition cache lock");
-            months.into_iter().filter(|month| !known.contains(month)).collect()
-        };
-        for (year, month) in missing {
-            let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-            let sql = format!(
-                "CREATE TABLE IF NOT EXISTS readings_p{year:04}{month:02} PARTITION OF readings \
-                 FOR VALUES FROM ('{year:04}-{month:02}-01 00:00:00+00') TO ('{next_year:04}-{next_month:02}-01 00:00:00+00')"
-            );
-            let client = self.client().await?;
-            match client.batch_execute(&sql).await {
-                Ok(()) => {}
-                // Another replica made it between our IF NOT EXISTS check and the create.
-                Err(error) if error.code() == Some(&SqlState::DUPLICATE_TABLE) => {}
-                Err(error) => return Err(pg_error("create a readings partition")(error)),
-            }
-            self.telemetry.partitions.lock().expect("partition cache lock").insert((year, month));
-        }
-        Ok(())
-    }
-}
-
-/// (year, month) of a time, in UTC; times before year 1 or after 9999 are clamped into that range.
-fn month_of(time: SystemTime) -> (i32, u32) {
-    let days = to_unix_micros(time).div_euclid(86_400_000_000);
-    let (year, month, _) = civil_from_days(days);
-    (year.clamp(1, 9999), month)
-}
-
-/// Howard Hinnant's days-to-civil algorithm: (year, month, day) of a count of days since 1970-01-01.
-fn civil_from_days(days: i64) -> (i32, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-    (year, month, day)
-}
-
-/// The first instant of a (year, month), as a time.
-fn month_start(year: i32, month: u32) -> SystemTime {
-    // Days from civil, the inverse of civil_from_days.
-    let (y, m) = if month <= 2 { (year as i64 - 1, month as i64 + 9) } else { (year as i64, month as i64 - 3) };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let doy = (153 * m + 2) / 5;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    from_unix_micros(days * 86_400_000_000)
-}
-
-const READING_COLUMNS: &str = "r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence";
-
-fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {
-    StoredReading {
-        measure_time: row.get(0),
-        device_id: row.get(1),
-        metric: row.get(2),
-        value: row.get(3),
-        receive_time: row.get(4),
-        sequence: row.get::<_, i64>(5) as u64,
-    }
-}
-
-#[async_trait::async_trait]
-impl TelemetryStore for PostgresStore {
-    async fn committed_sequence(&self, gateway_id: Uuid, spool_id: Uuid) -> Result<u64> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1 AND spool_id = $2",
-                &[&gateway_id, &spool_id],
-            )
-            .await
-            .map_err(pg_error("read the edge mark"))?;
-        Ok(row.map(|row| row.get::<_, i64>(0) as u64).unwrap_or(0))
-    }
-
-    async fn commit_batch(&self, batch: &EdgeBatch, rollup_widths: &[Duration]) -> Result<BatchOutcome> {
+    /// One try at [`TelemetryStore::commit_batch`].
+    async fn commit_batch_attempt(&self, batch: &EdgeBatch, rollup_widths: &[Duration]) -> Result<BatchOutcome> {
         let names: BTreeSet<&str> = batch
             .readings
             .iter()
@@ -240,9 +152,9 @@ impl TelemetryStore for PostgresStore {
                         &batch.receive_time,
                     ])
                     .await
-                    .map_err(pg_error("copy a reading"))?;
+                    .map_err(|error| self.copy_failed("copy a reading", error))?;
             }
-            writer.finish().await.map_err(pg_error("finish copying readings"))?;
+            writer.finish().await.map_err(|error| self.copy_failed("finish copying readings", error))?;
         }
 
         if !aggregates.is_empty() {
@@ -379,6 +291,119 @@ impl TelemetryStore for PostgresStore {
             .map_err(pg_error("move the edge mark"))?;
         transaction.commit().await.map_err(pg_error("commit batch"))?;
         Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len() })
+    }
+
+    /// The error of a failed readings COPY. A row with no partition means another replica's retention dropped a
+    /// partition this process still had cached: forget the cache, so the batch's retry makes the partition again.
+    fn copy_failed(&self, context: &'static str, error: tokio_postgres::Error) -> Error {
+        if error.code() == Some(&SqlState::CHECK_VIOLATION) {
+            self.telemetry.partitions.lock().expect("partition cache lock").clear();
+            self.telemetry.partition_resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        pg_error(context)(error)
+    }
+
+    /// Makes sure a monthly partition exists for every month the times fall in (plain PostgreSQL only).
+    async fn ensure_partitions(&self, times: impl Iterator<Item = SystemTime>) -> Result<()> {
+        if self.readings_layout().await? != ReadingsLayout::Partitioned {
+            return Ok(());
+        }
+        let months: BTreeSet<(i32, u32)> = times.map(month_of).collect();
+        let missing: Vec<(i32, u32)> = {
+            let known = self.telemetry.partitions.lock().expect("partition cache lock");
+            months.into_iter().filter(|month| !known.contains(month)).collect()
+        };
+        for (year, month) in missing {
+            let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS readings_p{year:04}{month:02} PARTITION OF readings \
+                 FOR VALUES FROM ('{year:04}-{month:02}-01 00:00:00+00') TO ('{next_year:04}-{next_month:02}-01 00:00:00+00')"
+            );
+            let client = self.client().await?;
+            match client.batch_execute(&sql).await {
+                Ok(()) => {}
+                // Another replica or link made it between our IF NOT EXISTS check and the create (concurrent creates
+                // can also collide on the catalog's unique indexes).
+                Err(error)
+                    if error.code() == Some(&SqlState::DUPLICATE_TABLE)
+                        || error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+                Err(error) => return Err(pg_error("create a readings partition")(error)),
+            }
+            self.telemetry.partitions.lock().expect("partition cache lock").insert((year, month));
+        }
+        Ok(())
+    }
+}
+
+/// (year, month) of a time, in UTC; times before year 1 or after 9999 are clamped into that range.
+fn month_of(time: SystemTime) -> (i32, u32) {
+    let days = to_unix_micros(time).div_euclid(86_400_000_000);
+    let (year, month, _) = civil_from_days(days);
+    (year.clamp(1, 9999), month)
+}
+
+/// Howard Hinnant's days-to-civil algorithm: (year, month, day) of a count of days since 1970-01-01.
+fn civil_from_days(days: i64) -> (i32, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+/// The first instant of a (year, month), as a time.
+fn month_start(year: i32, month: u32) -> SystemTime {
+    // Days from civil, the inverse of civil_from_days.
+    let (y, m) = if month <= 2 { (year as i64 - 1, month as i64 + 9) } else { (year as i64, month as i64 - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = (153 * m + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    from_unix_micros(days * 86_400_000_000)
+}
+
+const READING_COLUMNS: &str = "r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence";
+
+fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {
+    StoredReading {
+        measure_time: row.get(0),
+        device_id: row.get(1),
+        metric: row.get(2),
+        value: row.get(3),
+        receive_time: row.get(4),
+        sequence: row.get::<_, i64>(5) as u64,
+    }
+}
+
+#[async_trait::async_trait]
+impl TelemetryStore for PostgresStore {
+    async fn committed_sequence(&self, gateway_id: Uuid, spool_id: Uuid) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT committed_sequence FROM edge_streams WHERE gateway_id = $1 AND spool_id = $2",
+                &[&gateway_id, &spool_id],
+            )
+            .await
+            .map_err(pg_error("read the edge mark"))?;
+        Ok(row.map(|row| row.get::<_, i64>(0) as u64).unwrap_or(0))
+    }
+
+    async fn commit_batch(&self, batch: &EdgeBatch, rollup_widths: &[Duration]) -> Result<BatchOutcome> {
+        let resets = self.telemetry.partition_resets.load(std::sync::atomic::Ordering::Relaxed);
+        match self.commit_batch_attempt(batch, rollup_widths).await {
+            // A partition this process believed in was gone (another replica's retention): once more, making it.
+            Err(_) if self.telemetry.partition_resets.load(std::sync::atomic::Ordering::Relaxed) != resets => {
+                self.commit_batch_attempt(batch, rollup_widths).await
+            }
+            outcome => outcome,
+        }
     }
 
     async fn query_readings(
@@ -526,13 +551,14 @@ impl TelemetryStore for PostgresStore {
                     if month_start(next_year, next_month) > raw_cutoff {
                         continue;
                     }
-                    let count: i64 = client
-                        .query_one(&format!("SELECT count(*) FROM {name}"), &[])
-                        .await
-                        .map_err(pg_error("count an expired partition"))?
-                        .get(0);
+                    let count = match client.query_one(&format!("SELECT count(*) FROM {name}"), &[]).await {
+                        Ok(row) => row.get::<_, i64>(0),
+                        // Another replica's retention dropped it first.
+                        Err(error) if error.code() == Some(&SqlState::UNDEFINED_TABLE) => continue,
+                        Err(error) => return Err(pg_error("count an expired partition")(error)),
+                    };
                     client
-                        .batch_execute(&format!("DROP TABLE {name}"))
+                        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
                         .await
                         .map_err(pg_error("drop an expired partition"))?;
                     self.telemetry.partitions.lock().expect("partition cache lock").remove(&(year, month));
@@ -545,8 +571,9 @@ impl TelemetryStore for PostgresStore {
                     .await
                     .map_err(pg_error("count expired readings"))?
                     .get::<_, i64>(0);
+                // drop_chunks takes `older_than` as "any": the parameter needs its type spelled out.
                 client
-                    .execute("SELECT drop_chunks('readings', older_than => $1)", &[&raw_cutoff])
+                    .execute("SELECT drop_chunks('readings', older_than => $1::timestamptz)", &[&raw_cutoff])
                     .await
                     .map_err(pg_error("drop expired chunks"))?;
                 deleted += before as u64;
