@@ -81,6 +81,10 @@ impl Uplink {
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = self.config.reconnect_min;
                     }
+                    // The same batch would be refused again at once: wait as long as the backoff ever does.
+                    if matches!(error, LinkError::BatchRefused { .. }) {
+                        backoff = self.config.reconnect_max;
+                    }
                     metrics::counter!("smartfarm_edge_link_reconnects_total").increment(1);
                     let jitter = rand::rng().random_range(0.5..1.5);
                     let wait = backoff.mul_f64(jitter).min(self.config.reconnect_max);
