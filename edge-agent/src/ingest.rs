@@ -67,7 +67,11 @@ impl SpoolWriter {
                     let sizes: Vec<usize> = group.iter().map(|request| request.bodies.len()).collect();
                     let bodies: Vec<Body> =
                         group.iter_mut().flat_map(|request| std::mem::take(&mut request.bodies)).collect();
-                    match spool.append(bodies) {
+                    let started = std::time::Instant::now();
+                    let appended = spool.append(bodies);
+                    // The file work alone (write and, under `always`, fsync), to tell disk time from waiting.
+                    metrics::histogram!("smartfarm_edge_spool_append_seconds").record(started.elapsed().as_secs_f64());
+                    match appended {
                         Ok(appended) => {
                             if appended.dropped_records > 0 {
                                 metrics::counter!("smartfarm_edge_spool_dropped_records_total")

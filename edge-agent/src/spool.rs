@@ -381,15 +381,29 @@ impl Spool {
     }
 
     /// Forces appended records to disk (the `interval` policy's background task and the uplink call this).
+    /// The fsync runs outside the lock, on a second handle of the active segment, so that appends arriving
+    /// meanwhile do not wait for the disk; the synced mark moves only to what was written before it began.
     pub fn sync(&self) -> Result<(), SpoolError> {
-        let mut inner = self.lock();
-        if inner.dirty {
-            if let Some(file) = inner.active.as_ref() {
-                file.sync_data().map_err(io("fsync the active segment"))?;
+        let (file, written) = {
+            let mut inner = self.lock();
+            let written = inner.next_sequence - 1;
+            if !inner.dirty {
+                inner.synced = inner.synced.max(written);
+                return Ok(());
             }
+            let file =
+                inner.active.as_ref().map(File::try_clone).transpose().map_err(io("reopen the active segment"))?;
             inner.dirty = false;
+            (file, written)
+        };
+        if let Some(file) = file
+            && let Err(error) = file.sync_data()
+        {
+            self.lock().dirty = true;
+            return Err(io("fsync the active segment")(error));
         }
-        inner.synced = inner.next_sequence - 1;
+        let mut inner = self.lock();
+        inner.synced = inner.synced.max(written);
         Ok(())
     }
 
