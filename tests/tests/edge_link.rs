@@ -217,6 +217,39 @@ async fn exactly_once_over_the_link(backend: Backend) {
     let status = telemetry.query_aggregates(by_second(vec![])).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("more than the 100000 a response holds"), "{status:?}");
+
+    // A window of batches sent without waiting, as the agent sends them: acknowledged and refused in order, each
+    // reading stored once, however the cloud groups the batches into transactions; a resend inside the window
+    // is a duplicate.
+    let encode = |range: std::ops::RangeInclusive<u64>| {
+        smartfarm_ingestion::batch::encode(readings(&farm.sensor, range.clone(), base), *range.start(), *range.end())
+    };
+    let mut garbage = encode(252..=252);
+    garbage.payload = b"not zstd either".to_vec();
+    for batch in [encode(152..=200), encode(201..=251), garbage, encode(253..=300), encode(253..=300)] {
+        link.send_batch(batch).await;
+    }
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(match link.next().await {
+            connect_response::Body::BatchAck(ack) => (ack.last_sequence, Some(ack.duplicate)),
+            connect_response::Body::BatchReject(reject) => (reject.last_sequence, None),
+            other => panic!("an ack or a refusal, not {other:?}"),
+        });
+    }
+    assert_eq!(answers, [(200, Some(false)), (251, Some(false)), (252, None), (300, Some(false)), (300, Some(true))]);
+    let soil = telemetry
+        .query_aggregates(pb::QueryAggregatesRequest {
+            farm_id: farm.id.clone(),
+            time_range: Some(range),
+            metrics: vec!["soil_moisture".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    assert_eq!(soil[0].count, 150 + 100 + 48, "every reading of the window once");
     cloud.stop().await;
 }
 

@@ -1,7 +1,9 @@
 //! One edge link: the `Connect` stream of one farm's gateway. The session answers `hello` with the committed mark,
 //! pushes the farm's registry down (again whenever it changes), and commits each batch before acknowledging it.
-//! Batches are handled one at a time in arrival order, so a link never has more work in the cloud than one batch
-//! plus what HTTP/2 flow control lets the agent buffer; a global semaphore bounds concurrent commits across links.
+//! A link is a two-stage pipeline: the session decodes the next batch while a commit task writes the previous one,
+//! and the commit task commits, acknowledges and refuses strictly in arrival order. So a link never has more work
+//! in the cloud than a few batches plus what HTTP/2 flow control lets the agent buffer; a global semaphore bounds
+//! the batches decoded or committing across links.
 //!
 //! The stream outlives the request's authentication, so the session re-checks its gateway on every registry
 //! refresh and ends the link when the gateway is decommissioned or its credential rotated.
@@ -10,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
@@ -90,6 +92,30 @@ async fn serve(
     registry.refresh(api, farm_id, outbound, true).await?;
     api.registry.record_devices_seen(&[gateway_id], time::now()).await?;
 
+    // Decoded batches wait while another commits: decoding overlaps the database's work. The agent has at most
+    // `max_in_flight_batches` unacknowledged, so that many may wait.
+    let (ready, in_order) = mpsc::channel::<Ready>(api.settings.max_in_flight_batches as usize);
+    let committer = tokio::spawn(commit_in_order(api.clone(), gateway_id, in_order, outbound.clone()));
+    let received =
+        receive(api, (gateway_id, spool_id, farm_id), credential_at_connect, &mut registry, inbound, outbound, ready)
+            .await;
+    // The batches already decoded are committed and acknowledged before the link ends (the sender is gone, so the
+    // commit task stops after them); its failure is the one that explains the end.
+    let committed = committer.await.map_err(|error| Error::internal("the commit task of an edge link", error))?;
+    committed.and(received)
+}
+
+/// Receives the agent's messages and decodes batches for the commit task, until the agent hangs up, the cloud
+/// shuts the link, or something fails.
+async fn receive(
+    api: &IngestionApi,
+    (gateway_id, spool_id, farm_id): (Uuid, Uuid, Uuid),
+    credential_at_connect: Option<String>,
+    registry: &mut RegistryView,
+    inbound: &mut Streaming<pb::ConnectRequest>,
+    outbound: &Outbound,
+    ready: mpsc::Sender<Ready>,
+) -> Result<()> {
     let mut refresh = tokio::time::interval(api.settings.registry_refresh_interval);
     refresh.tick().await;
     let mut shutting_down = api.shutting_down.clone();
@@ -99,6 +125,8 @@ async fn serve(
         }
         tokio::select! {
             _ = shutting_down.changed() => continue,
+            // The commit task failed: its error ends the link.
+            _ = ready.closed() => return Ok(()),
             message = inbound.message() => {
                 let message = match message {
                     Ok(Some(message)) => message,
@@ -107,7 +135,10 @@ async fn serve(
                 };
                 match message.body {
                     Some(pb::connect_request::Body::Batch(wire)) => {
-                        handle_batch(api, gateway_id, spool_id, farm_id, &mut registry, wire, outbound).await?;
+                        let decoded = prepare(api, (gateway_id, spool_id, farm_id), registry, wire, outbound).await?;
+                        if ready.send(decoded).await.is_err() {
+                            return Ok(());
+                        }
                     }
                     Some(pb::connect_request::Body::Hello(_)) => {
                         return Err(Error::invalid("hello", "hello may only be the first message"));
@@ -219,21 +250,28 @@ async fn decode(
     .map_err(|error| Error::internal("decode a batch", error))
 }
 
-async fn handle_batch(
+/// A batch ready for the commit task, in arrival order.
+enum Ready {
+    /// Decoded; the permit bounds decoded batches in memory and commits across links until it is committed.
+    Commit { batch: smartfarm_store::telemetry::EdgeBatch, started: Instant, permit: OwnedSemaphorePermit },
+    /// Refused whole: the refusal goes down in its turn, after the acknowledgements of the batches before it.
+    Refuse(pb::BatchReject),
+}
+
+/// Decodes one batch (looking at the registry again when it names devices this link does not know).
+async fn prepare(
     api: &IngestionApi,
-    gateway_id: Uuid,
-    spool_id: Uuid,
-    farm_id: Uuid,
+    ids: (Uuid, Uuid, Uuid),
     registry: &mut RegistryView,
     wire: pb::ReadingBatch,
     outbound: &Outbound,
-) -> Result<()> {
+) -> Result<Ready> {
+    let (gateway_id, _, farm_id) = ids;
     let started = Instant::now();
     let receive_time = time::now();
-    // One permit from decoding to commit: it bounds both the database work and the memory of decoded batches.
-    let _permit = api.commit_permits.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+    let permit =
+        api.commit_permits.clone().acquire_owned().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
     let wire = Arc::new(wire);
-    let ids = (gateway_id, spool_id, farm_id);
     let max_decompressed = api.settings.max_batch_bytes.saturating_mul(16);
     let mut decoded = decode(&wire, ids, &registry.devices, max_decompressed, receive_time).await?;
     if matches!(&decoded, Ok((_, dropped)) if dropped.foreign_device > 0) {
@@ -250,15 +288,11 @@ async fn handle_batch(
         Err(batch::Refusal(reason)) => {
             metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "rejected").increment(1);
             tracing::warn!(%gateway_id, first = wire.first_sequence, last = wire.last_sequence, %reason, "batch refused");
-            return send(
-                outbound,
-                pb::connect_response::Body::BatchReject(pb::BatchReject {
-                    first_sequence: wire.first_sequence,
-                    last_sequence: wire.last_sequence,
-                    reason,
-                }),
-            )
-            .await;
+            return Ok(Ready::Refuse(pb::BatchReject {
+                first_sequence: wire.first_sequence,
+                last_sequence: wire.last_sequence,
+                reason,
+            }));
         }
     };
     for (reason, count) in dropped.by_reason() {
@@ -267,29 +301,89 @@ async fn handle_batch(
             tracing::warn!(%gateway_id, reason, count, "records dropped from a batch");
         }
     }
+    Ok(Ready::Commit { batch, started, permit })
+}
 
-    let outcome = api.telemetry.commit_batch(&batch, &api.settings.rollup_widths).await?;
-    let duplicate = outcome == BatchOutcome::Duplicate;
-    if let BatchOutcome::Committed { readings, aggregates } = outcome {
-        metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "committed").increment(1);
-        metrics::counter!("smartfarm_ingest_readings_total").increment(readings as u64);
-        metrics::counter!("smartfarm_ingest_aggregates_total").increment(aggregates as u64);
-        let mut seen: Vec<Uuid> = batch.readings.iter().map(|r| r.device_id).collect();
-        seen.extend(batch.aggregates.iter().map(|a| a.device_id));
-        seen.sort();
-        seen.dedup();
-        // The batch is committed: a failure here must not hold back its acknowledgement (the agent would resend
-        // it, only to be told it is a duplicate).
-        if !seen.is_empty()
-            && let Err(error) = api.registry.record_devices_seen(&seen, receive_time).await
-        {
-            tracing::warn!(%gateway_id, %error, "cannot record when the batch's devices were last seen");
+/// Most records committed in one transaction when several decoded batches are waiting.
+const MAX_GROUP_RECORDS: usize = 50_000;
+
+/// Commits decoded batches in arrival order, acknowledging each after its commit. Batches that are already waiting
+/// when a commit starts go into the same transaction (the mark moves to the last of them): under a backlog, the
+/// transaction's fixed costs (the mark's lock, rollups, latest values, the WAL flush) are paid once for several
+/// batches. Stops when the session stops sending, or at the first failure (the agent resends what was not
+/// acknowledged).
+async fn commit_in_order(
+    api: IngestionApi,
+    gateway_id: Uuid,
+    mut in_order: mpsc::Receiver<Ready>,
+    outbound: Outbound,
+) -> Result<()> {
+    let mut next = in_order.recv().await;
+    while let Some(ready) = next.take() {
+        let (mut group, started, permit) = match ready {
+            Ready::Commit { batch, started, permit } => (batch, started, permit),
+            Ready::Refuse(refusal) => {
+                send(&outbound, pb::connect_response::Body::BatchReject(refusal)).await?;
+                next = in_order.recv().await;
+                continue;
+            }
+        };
+        let mut ranges = vec![(group.first_sequence, group.last_sequence)];
+        let mut permits = vec![permit];
+        while group.readings.len() + group.aggregates.len() < MAX_GROUP_RECORDS {
+            match in_order.try_recv() {
+                // Same gateway and spool, later numbers: the group commits exactly what the batches one after the
+                // other would. Rows keep the receive time of the group's first batch.
+                Ok(Ready::Commit { batch, permit, .. }) if batch.first_sequence > group.last_sequence => {
+                    ranges.push((batch.first_sequence, batch.last_sequence));
+                    permits.push(permit);
+                    group.last_sequence = batch.last_sequence;
+                    group.readings.extend(batch.readings);
+                    group.aggregates.extend(batch.aggregates);
+                }
+                // A refusal goes down after the acknowledgements of the batches before it; a batch that overlaps
+                // the group (a resend) is committed on its own, after it, where the mark sorts it out.
+                Ok(other) => {
+                    next = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
         }
-    } else {
-        metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "duplicate").increment(1);
+        let outcome = api.telemetry.commit_batch(&group, &api.settings.rollup_widths).await?;
+        drop(permits);
+        // A group is a duplicate as a whole or not at all: a batch resent after a reconnect together with new ones
+        // is acknowledged as new (the flag is informational; the mark is what the agent relies on).
+        let duplicate = outcome == BatchOutcome::Duplicate;
+        if let BatchOutcome::Committed { readings, aggregates } = outcome {
+            metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "committed")
+                .increment(ranges.len() as u64);
+            metrics::counter!("smartfarm_ingest_readings_total").increment(readings as u64);
+            metrics::counter!("smartfarm_ingest_aggregates_total").increment(aggregates as u64);
+            let mut seen: Vec<Uuid> = group.readings.iter().map(|r| r.device_id).collect();
+            seen.extend(group.aggregates.iter().map(|a| a.device_id));
+            seen.sort();
+            seen.dedup();
+            // The batches are committed: a failure here must not hold back their acknowledgements (the agent would
+            // resend them, only to be told they are duplicates).
+            if !seen.is_empty()
+                && let Err(error) = api.registry.record_devices_seen(&seen, group.receive_time).await
+            {
+                tracing::warn!(%gateway_id, %error, "cannot record when the batch's devices were last seen");
+            }
+        } else {
+            metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "duplicate")
+                .increment(ranges.len() as u64);
+        }
+        metrics::histogram!("smartfarm_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+        for (first, last) in ranges {
+            tracing::debug!(%gateway_id, first, last, duplicate, "batch acknowledged");
+            let ack = pb::BatchAck { last_sequence: last, duplicate };
+            send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
+        }
+        if next.is_none() {
+            next = in_order.recv().await;
+        }
     }
-    metrics::histogram!("smartfarm_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
-    tracing::debug!(%gateway_id, first = batch.first_sequence, last = batch.last_sequence, duplicate, "batch acknowledged");
-    send(outbound, pb::connect_response::Body::BatchAck(pb::BatchAck { last_sequence: batch.last_sequence, duplicate }))
-        .await
+    Ok(())
 }
