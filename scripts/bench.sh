@@ -10,4 +10,5 @@ cargo build --release --locked -p smartfarm -p smartfarm-edge -p smartfarm-e2e -
 bench="${CARGO_TARGET_DIR:-target}/release/smartfarm-bench"
 "$bench" ingest --readings 500000
 "$bench" fanin --publishers 50 --messages-per-publisher 2000
+"$bench" fanin --publishers 50 --messages-per-publisher 2000 --fsync interval
 "$bench" footprint --sensors 1000 --rate 10000 --seconds 20
