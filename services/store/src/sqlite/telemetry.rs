@@ -173,7 +173,7 @@ impl TelemetryStore for SqliteStore {
                     )
                     .map_err(sql_error("prepare the rollup upsert"))?;
                 for ((width, device, metric, bucket), increment) in rollup_increments(&readings, &rollup_widths) {
-                    let metric = metric_id(&transaction, &mut metric_ids, &metric)?;
+                    let metric = metric_id(&transaction, &mut metric_ids, metric)?;
                     upsert
                         .execute(params![
                             width as i64,
