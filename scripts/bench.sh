@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds release binaries and runs the telemetry benchmarks (see tests/src/bin/smartfarm-bench.rs), printing one JSON
 # line per measurement. Needs what the tests need (PostgreSQL, the tools from install-tools.sh) plus the Debian
-# `mosquitto` package for the fan-in baseline. Takes about two minutes once built.
+# `mosquitto` package for the fan-in baseline. Takes about four minutes once built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-tools.sh
