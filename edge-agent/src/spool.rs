@@ -266,7 +266,7 @@ impl Spool {
             synced: next_sequence - 1,
             read_position: None,
         };
-        recovery.pending_records = pending(&inner);
+        recovery.pending_records = pending(&inner).0;
         if let Some(last) = inner.segments.back() {
             let file = OpenOptions::new()
                 .append(true)
@@ -499,10 +499,11 @@ impl Spool {
     /// The spool's figures.
     pub fn stats(&self) -> SpoolStats {
         let inner = self.lock();
+        let (pending_records, pending_bytes) = pending(&inner);
         SpoolStats {
             bytes: total_bytes(&inner),
-            pending_bytes: pending_bytes(&inner),
-            pending_records: pending(&inner),
+            pending_bytes,
+            pending_records,
             acked_sequence: inner.acked,
             last_sequence: inner.next_sequence - 1,
             oldest_pending_since: inner
@@ -535,38 +536,24 @@ fn total_bytes(inner: &Inner) -> u64 {
     inner.segments.iter().map(|segment| segment.bytes).sum()
 }
 
-/// Records above the acknowledged mark. Exact because sequences within a segment are contiguous.
-fn pending_bytes(inner: &Inner) -> u64 {
-    inner
-        .segments
-        .iter()
-        .map(|segment| {
-            if segment.records == 0 || segment.last() <= inner.acked {
-                0
-            } else if segment.first > inner.acked {
-                segment.bytes
-            } else {
-                let unacked = segment.last() - inner.acked;
-                (segment.bytes as u128 * unacked as u128 / segment.records as u128) as u64
-            }
-        })
-        .sum()
-}
-
-fn pending(inner: &Inner) -> u64 {
-    inner
-        .segments
-        .iter()
-        .map(|segment| {
-            if segment.records == 0 || segment.last() <= inner.acked {
-                0
-            } else if segment.first > inner.acked {
-                segment.records
-            } else {
-                segment.last() - inner.acked
-            }
-        })
-        .sum()
+/// Records above the acknowledged mark and their bytes. Exact in records because sequences within a segment are
+/// contiguous; bytes are prorated within the segment that holds the mark.
+fn pending(inner: &Inner) -> (u64, u64) {
+    inner.segments.iter().fold((0, 0), |(records, bytes), segment| {
+        let unacked = if segment.records == 0 || segment.last() <= inner.acked {
+            0
+        } else if segment.first > inner.acked {
+            segment.records
+        } else {
+            segment.last() - inner.acked
+        };
+        let unacked_bytes = match unacked {
+            0 => 0,
+            n if n == segment.records => segment.bytes,
+            n => (segment.bytes as u128 * n as u128 / segment.records as u128) as u64,
+        };
+        (records + unacked, bytes + unacked_bytes)
+    })
 }
 
 /// Reads a segment, cutting it at the first record that is torn, corrupt or out of sequence.

@@ -134,18 +134,10 @@ pub fn decode(
         }
         match record.body {
             Some(pb::spool_record::Body::Reading(reading)) => {
-                let Ok(device_id) = Uuid::try_parse(&reading.device_id) else {
-                    dropped.foreign_device += 1;
+                let Some(device_id) = farm_device(&reading.device_id, &reading.metric, farm_devices, &mut dropped)
+                else {
                     continue;
                 };
-                if !farm_devices.contains(&device_id) {
-                    dropped.foreign_device += 1;
-                    continue;
-                }
-                if !is_metric_name(&reading.metric) {
-                    dropped.bad_metric += 1;
-                    continue;
-                }
                 if !reading.value.is_finite() {
                     dropped.bad_value += 1;
                     continue;
@@ -168,18 +160,10 @@ pub fn decode(
                 });
             }
             Some(pb::spool_record::Body::Aggregate(aggregate)) => {
-                let Ok(device_id) = Uuid::try_parse(&aggregate.device_id) else {
-                    dropped.foreign_device += 1;
+                let Some(device_id) = farm_device(&aggregate.device_id, &aggregate.metric, farm_devices, &mut dropped)
+                else {
                     continue;
                 };
-                if !farm_devices.contains(&device_id) {
-                    dropped.foreign_device += 1;
-                    continue;
-                }
-                if !is_metric_name(&aggregate.metric) {
-                    dropped.bad_metric += 1;
-                    continue;
-                }
                 let values = [aggregate.min, aggregate.max, aggregate.avg, aggregate.last];
                 if aggregate.count == 0
                     || aggregate.count > MAX_AGGREGATE_COUNT
@@ -227,6 +211,24 @@ pub fn decode(
         receive_time,
     };
     Ok((batch, dropped))
+}
+
+/// The record's device when it is one of the farm's and its metric name is valid; otherwise counts why not.
+fn farm_device(device_id: &str, metric: &str, farm_devices: &HashSet<Uuid>, dropped: &mut Dropped) -> Option<Uuid> {
+    match Uuid::try_parse(device_id) {
+        Ok(device_id) if farm_devices.contains(&device_id) => {
+            if is_metric_name(metric) {
+                Some(device_id)
+            } else {
+                dropped.bad_metric += 1;
+                None
+            }
+        }
+        _ => {
+            dropped.foreign_device += 1;
+            None
+        }
+    }
 }
 
 /// Counts the top-level `records` fields (field 1) of an encoded `BatchPayload` without decoding them.

@@ -23,8 +23,9 @@ use smartfarm_proto::ingestion::v1::telemetry_service_server::TelemetryServiceSe
 use smartfarm_store::telemetry::Retention;
 use smartfarm_store::{RegistryStore, TelemetryStore};
 
-/// Batch commits running at once across every edge link of this process: beyond it, links wait (backpressure on
-/// the agents through HTTP/2 flow control) instead of piling work onto the database.
+/// Batches decoded or being committed at once across every edge link of this process (a link holds one per batch
+/// from its decoding to its commit): beyond it, links wait (backpressure on the agents through HTTP/2 flow control)
+/// instead of piling decoded batches into memory and work onto the database.
 const MAX_CONCURRENT_COMMITS: usize = 8;
 
 /// The `IngestionService` and `TelemetryService` implementation.

@@ -1,9 +1,9 @@
 //! One edge link: the `Connect` stream of one farm's gateway. The session answers `hello` with the committed mark,
 //! pushes the farm's registry down (again whenever it changes), and commits each batch before acknowledging it.
-//! A link is a two-stage pipeline: the session decodes the next batch while a commit task writes the previous one,
-//! and the commit task commits, acknowledges and refuses strictly in arrival order. So a link never has more work
-//! in the cloud than a few batches plus what HTTP/2 flow control lets the agent buffer; a global semaphore bounds
-//! the batches decoded or committing across links.
+//! A link is a two-stage pipeline: the session decodes the next batches while a commit task writes earlier ones
+//! (those already waiting share one transaction), and the commit task commits, acknowledges and refuses strictly in
+//! arrival order. So a link never has more work in the cloud than the agent's window of batches plus what HTTP/2
+//! flow control lets it buffer; a global semaphore bounds the batches decoded or committing across links.
 //!
 //! The stream outlives the request's authentication, so the session re-checks its gateway on every registry
 //! refresh and ends the link when the gateway is decommissioned or its credential rotated.
