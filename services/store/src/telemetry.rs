@@ -186,6 +186,18 @@ pub(crate) fn rollup_increments<'a>(
     increments
 }
 
+/// The newest reading (by measurement time, then sequence) of each device and metric, for the latest-value upserts.
+pub(crate) fn latest_per_series<'a>(readings: &[&'a ReadingRow]) -> BTreeMap<(Uuid, &'a str), &'a ReadingRow> {
+    let mut latest: BTreeMap<(Uuid, &str), &ReadingRow> = BTreeMap::new();
+    for reading in readings {
+        let entry = latest.entry((reading.device_id, reading.metric.as_str())).or_insert(reading);
+        if (reading.measure_time, reading.sequence) > (entry.measure_time, entry.sequence) {
+            *entry = reading;
+        }
+    }
+    latest
+}
+
 /// Adds to `raw` the edge-aggregate buckets of every (device, metric) that has no raw bucket, keeping the order by
 /// device, metric and bucket start.
 pub(crate) fn merge_edge_buckets(mut raw: Vec<Bucket>, edge: Vec<Bucket>) -> Vec<Bucket> {

@@ -140,6 +140,16 @@ async fn batches_commit_once(database: &Database) {
         telemetry.commit_batch(&overlapping, &ROLLUPS).await.unwrap(),
         BatchOutcome::Committed { readings: 2, aggregates: 0 }
     );
+    // Its rollups count only what it wrote: the hourly rollup answers as the rows do.
+    let first_hour = ReadingFilter { start: at(0), end: at(HOUR), ..everything(&farm) };
+    let hourly = |rollups: &'static [Duration]| {
+        let (telemetry, filter) = (telemetry.clone(), first_hour.clone());
+        async move {
+            let buckets = telemetry.query_buckets(&filter, Some(Duration::from_secs(HOUR)), rollups).await.unwrap();
+            buckets.iter().map(|b| (b.device_id, b.metric.clone(), b.count, b.min, b.max)).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(hourly(&ROLLUPS).await, hourly(&[]).await);
 
     // Records dropped on the edge leave a gap; the range still moves the mark.
     let after_gap = batch(&farm, 9, 10, vec![reading(10, a, "temperature", 22.0, 50)]);

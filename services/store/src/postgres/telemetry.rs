@@ -1,7 +1,7 @@
 //! [`TelemetryStore`] on PostgreSQL: binary COPY into the readings table (monthly partitions on plain PostgreSQL,
 //! a hypertable with TimescaleDB), the gateway's mark, rollups and latest values, all in one transaction.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::pin::pin;
 use std::time::{Duration, SystemTime};
 
@@ -15,8 +15,8 @@ use smartfarm_core::{Error, Result};
 
 use super::{PostgresStore, pg_error};
 use crate::telemetry::{
-    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, Retention, StoredReading, TelemetryStore,
-    bucket_bounds, merge_edge_buckets, rollup_increments, usable_rollup,
+    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading,
+    TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments, usable_rollup,
 };
 
 /// How the readings table is laid out, read from the catalog once.
@@ -93,6 +93,16 @@ impl PostgresStore {
             .collect();
         let metric_ids = self.metric_ids(&names).await?;
         self.ensure_partitions(batch.readings.iter().map(|r| r.measure_time)).await?;
+        let metric_id = |name: &str| {
+            metric_ids
+                .get(name)
+                .copied()
+                .ok_or_else(|| Error::Internal { context: format!("metric {name:?} was not interned"), source: None })
+        };
+        // The rollup and latest-value rows are worked out before the transaction opens, so the database does not
+        // wait on them inside it; only a resend that overlaps the mark needs them again, from the rows it keeps.
+        let all_readings: Vec<&ReadingRow> = batch.readings.iter().collect();
+        let mut derived = DerivedRows::of(&all_readings, rollup_widths, &metric_id)?;
 
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error("begin batch"))?;
@@ -120,12 +130,9 @@ impl PostgresStore {
         }
         let readings: Vec<_> = batch.readings.iter().filter(|r| r.sequence > committed).collect();
         let aggregates: Vec<_> = batch.aggregates.iter().filter(|a| a.sequence > committed).collect();
-        let metric_id = |name: &str| {
-            metric_ids
-                .get(name)
-                .copied()
-                .ok_or_else(|| Error::Internal { context: format!("metric {name:?} was not interned"), source: None })
-        };
+        if readings.len() != all_readings.len() {
+            derived = DerivedRows::of(&readings, rollup_widths, &metric_id)?;
+        }
 
         if !readings.is_empty() {
             let sink = transaction
@@ -204,29 +211,20 @@ impl PostgresStore {
             writer.finish().await.map_err(pg_error("finish copying aggregates"))?;
         }
 
-        // Rollups: one upsert with arrays, whatever the batch size.
-        let increments = rollup_increments(&readings, rollup_widths);
-        if !increments.is_empty() {
-            let mut widths = Vec::new();
-            let mut buckets = Vec::new();
-            let mut devices = Vec::new();
-            let mut metrics = Vec::new();
-            let mut counts = Vec::new();
-            let mut sums = Vec::new();
-            let mut mins = Vec::new();
-            let mut maxes = Vec::new();
-            for ((width, device, metric, bucket), increment) in &increments {
-                widths.push(*width as i32);
-                buckets.push(from_unix_micros(bucket * 1_000_000));
-                devices.push(*device);
-                metrics.push(metric_id(metric)?);
-                counts.push(increment.count as i64);
-                sums.push(increment.sum);
-                mins.push(increment.min);
-                maxes.push(increment.max);
-            }
-            let params: [&(dyn ToSql + Sync); 9] =
-                [&widths, &buckets, &batch.farm_id, &devices, &metrics, &counts, &sums, &mins, &maxes];
+        // Rollups and latest values: one upsert each, with arrays, whatever the batch size.
+        let rollups = &derived.rollups;
+        if !rollups.widths.is_empty() {
+            let params: [&(dyn ToSql + Sync); 9] = [
+                &rollups.widths,
+                &rollups.buckets,
+                &batch.farm_id,
+                &rollups.devices,
+                &rollups.metrics,
+                &rollups.counts,
+                &rollups.sums,
+                &rollups.mins,
+                &rollups.maxes,
+            ];
             transaction
                 .execute(
                     "INSERT INTO reading_rollups (width, bucket, farm_id, device_id, metric_id, count, sum, min, max)
@@ -243,30 +241,17 @@ impl PostgresStore {
                 .await
                 .map_err(pg_error("update rollups"))?;
         }
-
-        // Latest value per device and metric: the newest measurement of the batch, if newer than what is kept.
-        let mut latest: BTreeMap<(Uuid, &str), &crate::telemetry::ReadingRow> = BTreeMap::new();
-        for reading in &readings {
-            let entry = latest.entry((reading.device_id, reading.metric.as_str())).or_insert(reading);
-            if (reading.measure_time, reading.sequence) > (entry.measure_time, entry.sequence) {
-                *entry = reading;
-            }
-        }
-        if !latest.is_empty() {
-            let mut devices = Vec::new();
-            let mut metrics = Vec::new();
-            let mut times = Vec::new();
-            let mut values = Vec::new();
-            let mut sequences = Vec::new();
-            for ((device, metric), reading) in &latest {
-                devices.push(*device);
-                metrics.push(metric_id(metric)?);
-                times.push(reading.measure_time);
-                values.push(reading.value);
-                sequences.push(reading.sequence as i64);
-            }
-            let params: [&(dyn ToSql + Sync); 7] =
-                [&devices, &metrics, &batch.farm_id, &times, &values, &sequences, &batch.receive_time];
+        let latest = &derived.latest;
+        if !latest.devices.is_empty() {
+            let params: [&(dyn ToSql + Sync); 7] = [
+                &latest.devices,
+                &latest.metrics,
+                &batch.farm_id,
+                &latest.times,
+                &latest.values,
+                &latest.sequences,
+                &batch.receive_time,
+            ];
             transaction
                 .execute(
                     "INSERT INTO latest_readings (device_id, metric_id, farm_id, time, value, sequence, receive_time)
@@ -332,6 +317,62 @@ impl PostgresStore {
             self.telemetry.partitions.lock().expect("partition cache lock").insert((year, month));
         }
         Ok(())
+    }
+}
+
+/// The rollup increments and latest values of a batch's readings, as the arrays their upserts take.
+struct DerivedRows {
+    rollups: RollupArrays,
+    latest: LatestArrays,
+}
+
+#[derive(Default)]
+struct RollupArrays {
+    widths: Vec<i32>,
+    buckets: Vec<SystemTime>,
+    devices: Vec<Uuid>,
+    metrics: Vec<i32>,
+    counts: Vec<i64>,
+    sums: Vec<f64>,
+    mins: Vec<f64>,
+    maxes: Vec<f64>,
+}
+
+#[derive(Default)]
+struct LatestArrays {
+    devices: Vec<Uuid>,
+    metrics: Vec<i32>,
+    times: Vec<SystemTime>,
+    values: Vec<f64>,
+    sequences: Vec<i64>,
+}
+
+impl DerivedRows {
+    fn of(
+        readings: &[&ReadingRow],
+        rollup_widths: &[Duration],
+        metric_id: &impl Fn(&str) -> Result<i32>,
+    ) -> Result<DerivedRows> {
+        let mut rollups = RollupArrays::default();
+        for ((width, device, metric, bucket), increment) in rollup_increments(readings, rollup_widths) {
+            rollups.widths.push(width as i32);
+            rollups.buckets.push(from_unix_micros(bucket * 1_000_000));
+            rollups.devices.push(device);
+            rollups.metrics.push(metric_id(metric)?);
+            rollups.counts.push(increment.count as i64);
+            rollups.sums.push(increment.sum);
+            rollups.mins.push(increment.min);
+            rollups.maxes.push(increment.max);
+        }
+        let mut latest = LatestArrays::default();
+        for ((device, metric), reading) in latest_per_series(readings) {
+            latest.devices.push(device);
+            latest.metrics.push(metric_id(metric)?);
+            latest.times.push(reading.measure_time);
+            latest.values.push(reading.value);
+            latest.sequences.push(reading.sequence as i64);
+        }
+        Ok(DerivedRows { rollups, latest })
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`TelemetryStore`] on SQLite: the batch's rows, the gateway's mark, rollups and latest values in one
 //! transaction; times as microseconds since the epoch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{OptionalExtension, Row, Transaction, params, params_from_iter, types::Value};
@@ -13,7 +13,7 @@ use smartfarm_core::time::{from_unix_micros, to_unix_micros};
 use super::{SqliteStore, sql_error};
 use crate::telemetry::{
     BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading,
-    TelemetryStore, bucket_bounds, merge_edge_buckets, rollup_increments, usable_rollup,
+    TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments, usable_rollup,
 };
 
 /// The id of a metric name, interning it if new.
@@ -188,13 +188,7 @@ impl TelemetryStore for SqliteStore {
                         ])
                         .map_err(sql_error("update a rollup"))?;
                 }
-                let mut latest: BTreeMap<(Uuid, &str), &ReadingRow> = BTreeMap::new();
-                for reading in &readings {
-                    let entry = latest.entry((reading.device_id, reading.metric.as_str())).or_insert(reading);
-                    if (reading.measure_time, reading.sequence) > (entry.measure_time, entry.sequence) {
-                        *entry = reading;
-                    }
-                }
+                let latest = latest_per_series(&readings);
                 let mut upsert = transaction
                     .prepare_cached(
                         "INSERT INTO latest_readings (device_id, metric_id, farm_id, time, value, sequence, receive_time)
