@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use smartfarm_edge::sim::SensorCredentials;
 use smartfarm_proto::device::v1::{CreateFarmRequest, DeviceKind, RegisterDeviceRequest};
 
-use crate::{Cloud, read_log, smartfarm_binary};
+use crate::{Cloud, read_log, smartfarm_binary, terminate};
 
 /// A farm registered through the API: its gateway's credential and its sensors' credentials.
 #[derive(Clone, Debug)]
@@ -153,13 +153,7 @@ impl Edge {
 
     /// SIGTERM, and a clean exit within 15 s.
     pub async fn stop(mut self) {
-        let pid = self.child.id().expect("running");
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-        let exit = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("smartfarm-edge did not stop within 15 s:\n{}", read_log(&self.log_path)))
-            .expect("wait for smartfarm-edge");
-        assert!(exit.success(), "smartfarm-edge exited with {exit}:\n{}", read_log(&self.log_path));
+        terminate(&mut self.child, &self.log_path, "smartfarm-edge").await;
     }
 
     /// The agent's log so far.

@@ -196,14 +196,7 @@ impl Cloud {
 
     /// Sends SIGTERM and waits for a clean exit; panics if it takes over 15 seconds or fails.
     pub async fn stop(mut self) {
-        let pid = self.child.id().expect("the process is running");
-        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
-        let exit = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("smartfarm did not stop within 15 s of SIGTERM:\n{}", read_log(&self.log_path)))
-            .expect("wait for smartfarm");
-        assert!(exit.success(), "smartfarm exited with {exit} after SIGTERM:\n{}", read_log(&self.log_path));
+        terminate(&mut self.child, &self.log_path, "smartfarm").await;
     }
 
     /// What the process has logged so far.
@@ -243,6 +236,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
         return text;
     }
     body.to_string()
+}
+
+/// Sends SIGTERM to `child` and waits for a clean exit; panics (with the log) if it takes over 15 seconds or fails.
+pub(crate) async fn terminate(child: &mut tokio::process::Child, log_path: &Path, name: &str) {
+    let pid = child.id().expect("the process is running");
+    let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
+    assert!(status.success(), "kill -TERM {pid} ({name}) failed");
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{name} did not stop within 15 s of SIGTERM:\n{}", read_log(log_path)))
+        .unwrap_or_else(|error| panic!("wait for {name}: {error}"));
+    assert!(exit.success(), "{name} exited with {exit} after SIGTERM:\n{}", read_log(log_path));
 }
 
 pub(crate) fn read_log(path: &Path) -> String {

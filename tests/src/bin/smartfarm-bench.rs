@@ -368,20 +368,28 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
 }
 
-async fn fanin(publishers: usize, messages: u64, fsync: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(matches!(fsync, "always" | "interval"), "--fsync is `always` or `interval`, not {fsync:?}");
+/// A cloud on the embedded default with one farm of `sensors` sensors, and its edge agent (with `config`) holding
+/// the farm's registry.
+async fn farm_with_edge(name: &str, sensors: usize, config: String) -> (CloudData, Cloud, Fleet, Edge) {
     let data = CloudData::new(smartfarm_e2e::Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
-    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "fan-in bench", publishers).await;
+    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), name, sensors).await;
     let edge = Edge::start(&EdgeOptions {
         cloud: cloud.addr,
         credential: fleet.gateway_credential.clone(),
         spool_dir: data.data_dir.path().join("spool"),
         mqtt_port: None,
-        config: format!("upload_interval = \"1h\"\nupload = \"raw\"\nfsync = \"{fsync}\"\n"),
+        config,
     })
     .await;
-    edge.wait_for_registry(publishers + 1).await;
+    edge.wait_for_registry(sensors + 1).await;
+    (data, cloud, fleet, edge)
+}
+
+async fn fanin(publishers: usize, messages: u64, fsync: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(matches!(fsync, "always" | "interval"), "--fsync is `always` or `interval`, not {fsync:?}");
+    let config = format!("upload_interval = \"1h\"\nupload = \"raw\"\nfsync = \"{fsync}\"\n");
+    let (data, cloud, fleet, edge) = farm_with_edge("fan-in bench", publishers, config).await;
     let total = publishers as u64 * messages;
 
     // Mosquitto, same load generator, one subscriber receiving everything.
@@ -480,18 +488,8 @@ fn resident_mib(pid: u32) -> (f64, f64) {
 }
 
 async fn footprint(sensors: usize, rate: f64, seconds: u64) -> anyhow::Result<()> {
-    let data = CloudData::new(smartfarm_e2e::Backend::Sqlite).await;
-    let cloud = Cloud::start(&data, CloudOptions::default()).await;
-    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "footprint bench", sensors).await;
-    let edge = Edge::start(&EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
-        config: "upload_interval = \"10s\"\n".into(),
-    })
-    .await;
-    edge.wait_for_registry(sensors + 1).await;
+    let (_data, cloud, fleet, edge) =
+        farm_with_edge("footprint bench", sensors, "upload_interval = \"10s\"\n".into()).await;
     let pid = edge.pid();
     let idle = resident_mib(pid).0;
     let per_sensor = (rate * seconds as f64 / sensors as f64) as u64;
