@@ -1,11 +1,12 @@
 //! smartfarm-store owns persistence: narrow storage traits for what the services need ([`RegistryStore`],
-//! [`BlobStore`]), their backends picked by URL (`sqlite://` by default, `postgres://`; blobs `file://`), and the
+//! [`BlobStore`], [`ImageStore`]), their backends picked by URL (`sqlite://` by default, `postgres://`; blobs `file://`), and the
 //! versioned migrations of each backend. It knows SQL and files; it must never know about gRPC, HTTP or the
 //! contracts' messages, and it never decides who may do what (that is the services' job).
 
 #![forbid(unsafe_code)]
 
 pub mod blob;
+pub mod image;
 pub mod migrate;
 pub mod model;
 pub mod postgres;
@@ -22,6 +23,7 @@ use smartfarm_core::config::PostgresConfig;
 use smartfarm_core::{Error, Result};
 
 pub use blob::BlobStore;
+pub use image::ImageStore;
 pub use migrate::MigrationReport;
 pub use registry::RegistryStore;
 pub use telemetry::TelemetryStore;
@@ -83,6 +85,14 @@ impl Database {
 
     /// The telemetry store.
     pub fn telemetry(&self) -> Arc<dyn TelemetryStore> {
+        match self {
+            Database::Sqlite(store) => Arc::new(store.clone()),
+            Database::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// The image metadata store.
+    pub fn images(&self) -> Arc<dyn ImageStore> {
         match self {
             Database::Sqlite(store) => Arc::new(store.clone()),
             Database::Postgres(store) => Arc::new(store.clone()),

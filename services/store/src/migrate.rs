@@ -17,12 +17,14 @@ pub struct Migration {
 pub const SQLITE: &[Migration] = &[
     Migration { version: 1, name: "registry", sql: include_str!("../migrations/sqlite/0001_registry.sql") },
     Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/sqlite/0002_telemetry.sql") },
+    Migration { version: 3, name: "images", sql: include_str!("../migrations/sqlite/0003_images.sql") },
 ];
 
 /// PostgreSQL's migrations.
 pub const POSTGRES: &[Migration] = &[
     Migration { version: 1, name: "registry", sql: include_str!("../migrations/postgres/0001_registry.sql") },
     Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/postgres/0002_telemetry.sql") },
+    Migration { version: 3, name: "images", sql: include_str!("../migrations/postgres/0003_images.sql") },
 ];
 
 /// What a migration run did.

@@ -113,6 +113,17 @@ impl BlobStore for FileBlobStore {
         .map_err(|error| Error::internal("list blobs", error))?
     }
 
+    async fn presigned_url(&self, key: &str, _expires_in: std::time::Duration) -> Result<Option<String>> {
+        check_key(key)?;
+        Ok(None)
+    }
+
+    async fn set_storage_class(&self, _key: &str, storage_class: &str) -> Result<()> {
+        Err(Error::FailedPrecondition(format!(
+            "local blob storage has no storage classes (asked for {storage_class:?}); use an s3:// blob url"
+        )))
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }

@@ -28,6 +28,12 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<()>;
     /// The keys that start with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// A URL that lets anyone holding it read the object for `expires_in`, if the backend can make one (S3
+    /// presigns); `None` where it cannot (`file://`: the gateway serves the object instead).
+    async fn presigned_url(&self, key: &str, expires_in: std::time::Duration) -> Result<Option<String>>;
+    /// Moves the object to a cheaper storage class (S3's `STANDARD_IA`, `GLACIER_IR`, …). `FailedPrecondition`
+    /// where the backend has no storage classes.
+    async fn set_storage_class(&self, key: &str, storage_class: &str) -> Result<()>;
     /// A description for logs, without secrets.
     fn describe(&self) -> String;
 }

@@ -13,7 +13,9 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::SdkError;
+use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{MetadataDirective, StorageClass};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 
 use smartfarm_core::{Error, Result};
@@ -276,6 +278,37 @@ impl BlobStore for S3BlobStore {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    async fn presigned_url(&self, key: &str, expires_in: Duration) -> Result<Option<String>> {
+        let object_key = self.object_key(key)?;
+        let presigning = PresigningConfig::expires_in(expires_in)
+            .map_err(|error| Error::invalid("expires_in", format!("cannot presign for {expires_in:?}: {error}")))?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(&object_key)
+            .presigned(presigning)
+            .await
+            .map_err(|error| self.sdk_error("presign a get", error))?;
+        Ok(Some(request.uri().to_string()))
+    }
+
+    async fn set_storage_class(&self, key: &str, storage_class: &str) -> Result<()> {
+        let object_key = self.object_key(key)?;
+        // S3 changes an object's class by copying it onto itself with the new class.
+        self.client
+            .copy_object()
+            .bucket(&self.settings.bucket)
+            .key(&object_key)
+            .copy_source(format!("{}/{object_key}", self.settings.bucket))
+            .storage_class(StorageClass::from(storage_class))
+            .metadata_directive(MetadataDirective::Copy)
+            .send()
+            .await
+            .map_err(|error| self.sdk_error("change storage class", error))?;
+        Ok(())
     }
 
     fn describe(&self) -> String {

@@ -3,6 +3,7 @@
 //! is installed is detected and reported ([`PostgresStore::timescaledb_version`]); the telemetry tables, which the
 //! telemetry capability adds, are to use its hypertables when it is.
 
+mod image;
 mod registry;
 mod telemetry;
 

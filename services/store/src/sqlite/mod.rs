@@ -3,6 +3,7 @@
 //! processes (backups, `sqlite3`) read while the server writes; `synchronous = FULL` makes every commit durable
 //! before it is acknowledged.
 
+mod image;
 mod registry;
 mod telemetry;
 

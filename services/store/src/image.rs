@@ -1,0 +1,204 @@
+//! Image metadata storage: one row per stored photo (farm, camera, times, content address, size, type, dimensions,
+//! labels, thumbnail, diagnosis), the state of uploads cut short, and the blob intents that keep the blob store and
+//! the rows in step through crashes. Every backend implements [`ImageStore`] and passes the same suite
+//! (`tests/image_suite.rs`).
+//!
+//! The no-orphan rule: before a blob is written (or deleted), its key is recorded as an intent; the row that
+//! references the blob commits together with the removal of the intent. An intent older than any upload can take
+//! therefore names a blob that may exist without a row, and the sweeper deletes that blob unless a row references
+//! it ([`ImageStore::blob_referenced`]). A row is committed only after its blob is durable, so a row never points
+//! at a missing blob (retention marks the row before the blob is deleted, through an intent as well).
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+use smartfarm_core::Result;
+
+/// Where a photo's thumbnail stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThumbnailState {
+    /// Not made yet.
+    Pending,
+    /// Made; `thumbnail_key` names it.
+    Done,
+    /// The photo could not be decoded into one; not retried.
+    Failed,
+}
+
+impl ThumbnailState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThumbnailState::Pending => "pending",
+            ThumbnailState::Done => "done",
+            ThumbnailState::Failed => "failed",
+        }
+    }
+
+    pub fn parse_stored(value: &str) -> Result<ThumbnailState> {
+        match value {
+            "pending" => Ok(ThumbnailState::Pending),
+            "done" => Ok(ThumbnailState::Done),
+            "failed" => Ok(ThumbnailState::Failed),
+            other => Err(smartfarm_core::Error::internal(
+                "images.thumbnail_state",
+                anyhow::anyhow!("unknown stored thumbnail state {other:?}"),
+            )),
+        }
+    }
+}
+
+/// What a plant-disease model said about a photo.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredDiagnosis {
+    pub label: String,
+    pub confidence: f64,
+    pub model_name: String,
+    pub model_version: String,
+    pub diagnose_time: SystemTime,
+}
+
+/// A stored photo's metadata row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageRecord {
+    pub id: Uuid,
+    pub farm_id: Uuid,
+    pub device_id: Uuid,
+    pub capture_time: SystemTime,
+    pub receive_time: SystemTime,
+    /// Hex SHA-256 of the original's bytes.
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub labels: BTreeMap<String, String>,
+    /// The blob key of the original.
+    pub original_key: String,
+    /// False once retention deleted the original.
+    pub original_available: bool,
+    pub thumbnail_state: ThumbnailState,
+    pub thumbnail_key: Option<String>,
+    /// The S3 storage class the original was moved to, if any.
+    pub storage_class: Option<String>,
+    pub diagnosis: Option<StoredDiagnosis>,
+}
+
+/// The result of [`ImageStore::insert_image`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inserted {
+    /// The row was stored.
+    New(ImageRecord),
+    /// The farm already had a photo with this sha256: nothing was stored, here is the existing row.
+    Existing(ImageRecord),
+}
+
+/// An upload cut short: how far it got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadState {
+    pub device_id: Uuid,
+    pub upload_id: String,
+    pub farm_id: Uuid,
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// The bytes held durably, as blobs under [`UploadState::part_prefix`].
+    pub received_bytes: u64,
+    pub start_time: SystemTime,
+    pub update_time: SystemTime,
+}
+
+impl UploadState {
+    /// The blob key prefix of this upload's parts.
+    pub fn part_prefix(&self) -> String {
+        upload_part_prefix(self.device_id, &self.upload_id)
+    }
+}
+
+/// The blob key prefix of an upload's parts: each part is named by its offset, zero-padded so keys sort in order.
+pub fn upload_part_prefix(device_id: Uuid, upload_id: &str) -> String {
+    format!("uploads/{}/{upload_id}/", device_id.simple())
+}
+
+/// Which photos [`ImageStore::list_images`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageFilter {
+    pub farm_id: Uuid,
+    pub device_id: Option<Uuid>,
+    /// Inclusive.
+    pub captured_from: Option<SystemTime>,
+    /// Exclusive.
+    pub captured_to: Option<SystemTime>,
+    pub diagnosis_label: Option<String>,
+}
+
+/// A position in the newest-first order of photos: (capture time, id), both descending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageCursor {
+    pub capture_time: SystemTime,
+    pub id: Uuid,
+}
+
+/// Storage of photos' metadata, uploads in progress and blob intents.
+///
+/// Errors: `NotFound` for a missing image, `FailedPrecondition` when an upload moved on under the caller,
+/// `Unavailable` when the database cannot be reached, `Internal` otherwise.
+#[async_trait::async_trait]
+pub trait ImageStore: Send + Sync + 'static {
+    /// Reads one photo's row.
+    async fn get_image(&self, id: Uuid) -> Result<ImageRecord>;
+    /// The farm's photo with this content, if it has one.
+    async fn find_image(&self, farm_id: Uuid, sha256: &str) -> Result<Option<ImageRecord>>;
+    /// Which of `sha256s` the farm has.
+    async fn known_sha256s(&self, farm_id: Uuid, sha256s: &[String]) -> Result<Vec<String>>;
+    /// Photos matching `filter`, newest capture first, strictly after `after`.
+    async fn list_images(&self, filter: &ImageFilter, after: Option<ImageCursor>, limit: usize)
+    -> Result<Vec<ImageRecord>>;
+    /// Stores a photo's row, removes the intent of its original's key, and forgets the upload it came from, in
+    /// one transaction. If the farm already has this sha256, nothing changes but the intent's and the upload's
+    /// removal (the existing row references the same content-addressed key), and the existing row is returned.
+    async fn insert_image(&self, image: ImageRecord, upload: Option<(Uuid, String)>) -> Result<Inserted>;
+
+    /// The state of an upload cut short, if any.
+    async fn get_upload(&self, device_id: Uuid, upload_id: &str) -> Result<Option<UploadState>>;
+    /// Records an upload's progress. `expected_received` is what the caller started from: if the stored state has
+    /// moved on (another connection resumed the same upload), `FailedPrecondition`, and nothing changes.
+    async fn save_upload(&self, state: &UploadState, expected_received: Option<u64>) -> Result<()>;
+    /// Forgets an upload.
+    async fn delete_upload(&self, device_id: Uuid, upload_id: &str) -> Result<()>;
+    /// Uploads last touched before `before` (abandoned).
+    async fn stale_uploads(&self, before: SystemTime, limit: usize) -> Result<Vec<UploadState>>;
+
+    /// Records that `key` is about to be written or deleted.
+    async fn add_blob_intent(&self, key: &str, create_time: SystemTime) -> Result<()>;
+    /// Intents recorded before `before`, oldest first.
+    async fn stale_blob_intents(&self, before: SystemTime, limit: usize) -> Result<Vec<String>>;
+    /// Whether a row references `key` as an available original or as a thumbnail.
+    async fn blob_referenced(&self, key: &str) -> Result<bool>;
+    /// Removes an intent.
+    async fn delete_blob_intent(&self, key: &str) -> Result<()>;
+
+    /// Photos whose thumbnail is not made yet, oldest first.
+    async fn pending_thumbnails(&self, limit: usize) -> Result<Vec<ImageRecord>>;
+    /// Records a photo's thumbnail (`Some(key)`, also removing that key's intent) or that none can be made.
+    async fn set_thumbnail(&self, id: Uuid, thumbnail_key: Option<&str>) -> Result<()>;
+
+    /// Marks up to `limit` of the farm's originals captured before `captured_before` as deleted and records an
+    /// intent for each of their keys, in one transaction; returns the keys, which the caller then deletes.
+    async fn expire_originals(
+        &self,
+        farm_id: Uuid,
+        captured_before: SystemTime,
+        limit: usize,
+        now: SystemTime,
+    ) -> Result<Vec<String>>;
+    /// Available originals captured before `captured_before` not yet in `storage_class`.
+    async fn originals_to_move(
+        &self,
+        captured_before: SystemTime,
+        storage_class: &str,
+        limit: usize,
+    ) -> Result<Vec<ImageRecord>>;
+    /// Records that a photo's original was moved to `storage_class`.
+    async fn set_storage_class(&self, id: Uuid, storage_class: &str) -> Result<()>;
+}

@@ -1,0 +1,412 @@
+//! [`ImageStore`] on PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use smartfarm_core::{Error, Result};
+
+use super::{PostgresStore, pg_error};
+use crate::image::{
+    ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, StoredDiagnosis, ThumbnailState, UploadState,
+};
+
+const IMAGE_COLUMNS: &str = "id, farm_id, device_id, capture_time, receive_time, sha256, size_bytes, content_type, \
+     width, height, labels, original_key, original_available, thumbnail_state, thumbnail_key, storage_class, \
+     diagnosis_label, diagnosis_confidence, diagnosis_model, diagnosis_version, diagnosis_time";
+const UPLOAD_COLUMNS: &str =
+    "device_id, upload_id, farm_id, sha256, size_bytes, received_bytes, start_time, update_time";
+
+fn image_from_row(row: &Row) -> Result<ImageRecord> {
+    let labels: serde_json::Value = row.get(10);
+    let labels: BTreeMap<String, String> = serde_json::from_value(labels)
+        .map_err(|error| Error::internal("images.labels is not a JSON object of strings", error))?;
+    let diagnosis = row.get::<_, Option<String>>(16).map(|label| StoredDiagnosis {
+        label,
+        confidence: row.get::<_, Option<f64>>(17).unwrap_or(0.0),
+        model_name: row.get::<_, Option<String>>(18).unwrap_or_default(),
+        model_version: row.get::<_, Option<String>>(19).unwrap_or_default(),
+        diagnose_time: row.get::<_, Option<SystemTime>>(20).unwrap_or(SystemTime::UNIX_EPOCH),
+    });
+    Ok(ImageRecord {
+        id: row.get(0),
+        farm_id: row.get(1),
+        device_id: row.get(2),
+        capture_time: row.get(3),
+        receive_time: row.get(4),
+        sha256: row.get(5),
+        size_bytes: row.get::<_, i64>(6) as u64,
+        content_type: row.get(7),
+        width: row.get::<_, i32>(8) as u32,
+        height: row.get::<_, i32>(9) as u32,
+        labels,
+        original_key: row.get(11),
+        original_available: row.get(12),
+        thumbnail_state: ThumbnailState::parse_stored(row.get(13))?,
+        thumbnail_key: row.get(14),
+        storage_class: row.get(15),
+        diagnosis,
+    })
+}
+
+fn upload_from_row(row: &Row) -> UploadState {
+    UploadState {
+        device_id: row.get(0),
+        upload_id: row.get(1),
+        farm_id: row.get(2),
+        sha256: row.get(3),
+        size_bytes: row.get::<_, i64>(4) as u64,
+        received_bytes: row.get::<_, i64>(5) as u64,
+        start_time: row.get(6),
+        update_time: row.get(7),
+    }
+}
+
+async fn find_image(
+    client: &impl deadpool_postgres::GenericClient,
+    farm_id: Uuid,
+    sha256: &str,
+) -> Result<Option<ImageRecord>> {
+    let row = client
+        .query_opt(&format!("SELECT {IMAGE_COLUMNS} FROM images WHERE farm_id = $1 AND sha256 = $2"), &[&farm_id, &sha256])
+        .await
+        .map_err(pg_error("find image"))?;
+    row.as_ref().map(image_from_row).transpose()
+}
+
+#[async_trait::async_trait]
+impl ImageStore for PostgresStore {
+    async fn get_image(&self, id: Uuid) -> Result<ImageRecord> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(&format!("SELECT {IMAGE_COLUMNS} FROM images WHERE id = $1"), &[&id])
+            .await
+            .map_err(pg_error("read image"))?;
+        image_from_row(&row.ok_or_else(|| Error::not_found("image", id))?)
+    }
+
+    async fn find_image(&self, farm_id: Uuid, sha256: &str) -> Result<Option<ImageRecord>> {
+        find_image(&self.client().await?, farm_id, sha256).await
+    }
+
+    async fn known_sha256s(&self, farm_id: Uuid, sha256s: &[String]) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT sha256 FROM images WHERE farm_id = $1 AND sha256 = ANY($2)", &[&farm_id, &sha256s])
+            .await
+            .map_err(pg_error("look up sha256s"))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    async fn list_images(
+        &self,
+        filter: &ImageFilter,
+        after: Option<ImageCursor>,
+        limit: usize,
+    ) -> Result<Vec<ImageRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {IMAGE_COLUMNS} FROM images
+                     WHERE farm_id = $1
+                       AND ($2::uuid IS NULL OR device_id = $2)
+                       AND ($3::timestamptz IS NULL OR capture_time >= $3)
+                       AND ($4::timestamptz IS NULL OR capture_time < $4)
+                       AND ($5::text IS NULL OR diagnosis_label = $5)
+                       AND ($6::timestamptz IS NULL OR (capture_time, id) < ($6, $7::uuid))
+                     ORDER BY capture_time DESC, id DESC
+                     LIMIT $8"
+                ),
+                &[
+                    &filter.farm_id,
+                    &filter.device_id,
+                    &filter.captured_from,
+                    &filter.captured_to,
+                    &filter.diagnosis_label,
+                    &after.map(|cursor| cursor.capture_time),
+                    &after.map(|cursor| cursor.id),
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(pg_error("list images"))?;
+        rows.iter().map(image_from_row).collect()
+    }
+
+    async fn insert_image(&self, image: ImageRecord, upload: Option<(Uuid, String)>) -> Result<Inserted> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin image insert"))?;
+        let labels = serde_json::to_value(&image.labels).map_err(|error| Error::internal("encode labels", error))?;
+        let inserted = transaction
+            .execute(
+                "INSERT INTO images (id, farm_id, device_id, capture_time, receive_time, sha256, size_bytes,
+                                     content_type, width, height, labels, original_key, original_available,
+                                     thumbnail_state, thumbnail_key, storage_class)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                 ON CONFLICT (farm_id, sha256) DO NOTHING",
+                &[
+                    &image.id,
+                    &image.farm_id,
+                    &image.device_id,
+                    &image.capture_time,
+                    &image.receive_time,
+                    &image.sha256,
+                    &(image.size_bytes as i64),
+                    &image.content_type,
+                    &(image.width as i32),
+                    &(image.height as i32),
+                    &labels,
+                    &image.original_key,
+                    &image.original_available,
+                    &image.thumbnail_state.as_str(),
+                    &image.thumbnail_key,
+                    &image.storage_class,
+                ],
+            )
+            .await
+            .map_err(pg_error("insert image"))?;
+        let outcome = if inserted == 1 {
+            Inserted::New(image.clone())
+        } else {
+            Inserted::Existing(
+                find_image(&transaction, image.farm_id, &image.sha256)
+                    .await?
+                    .ok_or_else(|| Error::internal("image insert", anyhow::anyhow!("duplicate row vanished")))?,
+            )
+        };
+        transaction
+            .execute("DELETE FROM blob_intents WHERE key = $1", &[&image.original_key])
+            .await
+            .map_err(pg_error("delete blob intent"))?;
+        if let Some((device_id, upload_id)) = upload {
+            transaction
+                .execute("DELETE FROM image_uploads WHERE device_id = $1 AND upload_id = $2", &[&device_id, &upload_id])
+                .await
+                .map_err(pg_error("delete upload"))?;
+        }
+        transaction.commit().await.map_err(pg_error("commit image insert"))?;
+        Ok(outcome)
+    }
+
+    async fn get_upload(&self, device_id: Uuid, upload_id: &str) -> Result<Option<UploadState>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {UPLOAD_COLUMNS} FROM image_uploads WHERE device_id = $1 AND upload_id = $2"),
+                &[&device_id, &upload_id],
+            )
+            .await
+            .map_err(pg_error("read upload"))?;
+        Ok(row.as_ref().map(upload_from_row))
+    }
+
+    async fn save_upload(&self, state: &UploadState, expected_received: Option<u64>) -> Result<()> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin upload save"))?;
+        let current: Option<i64> = transaction
+            .query_opt(
+                "SELECT received_bytes FROM image_uploads WHERE device_id = $1 AND upload_id = $2 FOR UPDATE",
+                &[&state.device_id, &state.upload_id],
+            )
+            .await
+            .map_err(pg_error("read upload"))?
+            .map(|row| row.get(0));
+        if current.map(|bytes| bytes as u64) != expected_received {
+            return Err(Error::FailedPrecondition(format!(
+                "upload {:?} moved on under this connection (now at {:?} bytes); resume from GetUploadStatus",
+                state.upload_id, current
+            )));
+        }
+        // A first save racing another connection's first save: the primary key lets only one in.
+        transaction
+            .execute(
+                "INSERT INTO image_uploads (device_id, upload_id, farm_id, sha256, size_bytes, received_bytes,
+                                            start_time, update_time)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (device_id, upload_id) DO UPDATE
+                 SET received_bytes = excluded.received_bytes, update_time = excluded.update_time",
+                &[
+                    &state.device_id,
+                    &state.upload_id,
+                    &state.farm_id,
+                    &state.sha256,
+                    &(state.size_bytes as i64),
+                    &(state.received_bytes as i64),
+                    &state.start_time,
+                    &state.update_time,
+                ],
+            )
+            .await
+            .map_err(pg_error("save upload"))?;
+        transaction.commit().await.map_err(pg_error("commit upload save"))
+    }
+
+    async fn delete_upload(&self, device_id: Uuid, upload_id: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM image_uploads WHERE device_id = $1 AND upload_id = $2", &[&device_id, &upload_id])
+            .await
+            .map_err(pg_error("delete upload"))?;
+        Ok(())
+    }
+
+    async fn stale_uploads(&self, before: SystemTime, limit: usize) -> Result<Vec<UploadState>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {UPLOAD_COLUMNS} FROM image_uploads WHERE update_time < $1 ORDER BY update_time LIMIT $2"
+                ),
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error("list stale uploads"))?;
+        Ok(rows.iter().map(upload_from_row).collect())
+    }
+
+    async fn add_blob_intent(&self, key: &str, create_time: SystemTime) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO blob_intents (key, create_time) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET create_time = excluded.create_time",
+                &[&key, &create_time],
+            )
+            .await
+            .map_err(pg_error("add blob intent"))?;
+        Ok(())
+    }
+
+    async fn stale_blob_intents(&self, before: SystemTime, limit: usize) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT key FROM blob_intents WHERE create_time < $1 ORDER BY create_time LIMIT $2",
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error("list stale intents"))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    async fn blob_referenced(&self, key: &str) -> Result<bool> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM images WHERE original_key = $1 AND original_available)
+                     OR EXISTS (SELECT 1 FROM images WHERE thumbnail_key = $1)",
+                &[&key],
+            )
+            .await
+            .map_err(pg_error("look for blob references"))?;
+        Ok(row.get(0))
+    }
+
+    async fn delete_blob_intent(&self, key: &str) -> Result<()> {
+        let client = self.client().await?;
+        client.execute("DELETE FROM blob_intents WHERE key = $1", &[&key]).await.map_err(pg_error("delete intent"))?;
+        Ok(())
+    }
+
+    async fn pending_thumbnails(&self, limit: usize) -> Result<Vec<ImageRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {IMAGE_COLUMNS} FROM images WHERE thumbnail_state = 'pending' AND original_available
+                     ORDER BY receive_time LIMIT $1"
+                ),
+                &[&(limit as i64)],
+            )
+            .await
+            .map_err(pg_error("list pending thumbnails"))?;
+        rows.iter().map(image_from_row).collect()
+    }
+
+    async fn set_thumbnail(&self, id: Uuid, thumbnail_key: Option<&str>) -> Result<()> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin thumbnail update"))?;
+        let state = if thumbnail_key.is_some() { ThumbnailState::Done } else { ThumbnailState::Failed };
+        transaction
+            .execute(
+                "UPDATE images SET thumbnail_state = $2, thumbnail_key = $3 WHERE id = $1",
+                &[&id, &state.as_str(), &thumbnail_key],
+            )
+            .await
+            .map_err(pg_error("update thumbnail"))?;
+        if let Some(key) = thumbnail_key {
+            transaction
+                .execute("DELETE FROM blob_intents WHERE key = $1", &[&key])
+                .await
+                .map_err(pg_error("delete blob intent"))?;
+        }
+        transaction.commit().await.map_err(pg_error("commit thumbnail update"))
+    }
+
+    async fn expire_originals(
+        &self,
+        farm_id: Uuid,
+        captured_before: SystemTime,
+        limit: usize,
+        now: SystemTime,
+    ) -> Result<Vec<String>> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin retention"))?;
+        let rows = transaction
+            .query(
+                "UPDATE images SET original_available = false
+                 WHERE id IN (SELECT id FROM images
+                              WHERE farm_id = $1 AND original_available AND capture_time < $2
+                              ORDER BY capture_time LIMIT $3
+                              FOR UPDATE SKIP LOCKED)
+                 RETURNING original_key",
+                &[&farm_id, &captured_before, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error("mark originals deleted"))?;
+        let keys: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        transaction
+            .execute(
+                "INSERT INTO blob_intents (key, create_time) SELECT unnest($1::text[]), $2
+                 ON CONFLICT (key) DO UPDATE SET create_time = excluded.create_time",
+                &[&keys, &now],
+            )
+            .await
+            .map_err(pg_error("add blob intents"))?;
+        transaction.commit().await.map_err(pg_error("commit retention"))?;
+        Ok(keys)
+    }
+
+    async fn originals_to_move(
+        &self,
+        captured_before: SystemTime,
+        storage_class: &str,
+        limit: usize,
+    ) -> Result<Vec<ImageRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {IMAGE_COLUMNS} FROM images
+                     WHERE original_available AND capture_time < $1 AND storage_class IS DISTINCT FROM $2
+                     ORDER BY capture_time LIMIT $3"
+                ),
+                &[&captured_before, &storage_class, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error("list originals to move"))?;
+        rows.iter().map(image_from_row).collect()
+    }
+
+    async fn set_storage_class(&self, id: Uuid, storage_class: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE images SET storage_class = $2 WHERE id = $1", &[&id, &storage_class])
+            .await
+            .map_err(pg_error("set storage class"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! The behaviour every [`ImageStore`] backend must have, written once and run on SQLite and PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use smartfarm_core::config::PostgresConfig;
+use smartfarm_core::time::from_unix_micros;
+use smartfarm_store::Database;
+use smartfarm_store::image::{ImageCursor, ImageFilter, ImageRecord, Inserted, ThumbnailState, UploadState};
+use smartfarm_store::model::{DeviceKind, NewDevice};
+use smartfarm_store::testing::TestPostgres;
+use uuid::Uuid;
+
+/// 2026-05-29 00:00:00 UTC.
+const BASE_SECONDS: i64 = 1_780_012_800;
+
+struct Harness {
+    database: Database,
+    _sqlite_dir: Option<tempfile::TempDir>,
+    _postgres: Option<TestPostgres>,
+}
+
+impl Harness {
+    async fn sqlite() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("images.db").display());
+        let database = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
+        database.migrate().await.unwrap();
+        Harness { database, _sqlite_dir: Some(dir), _postgres: None }
+    }
+
+    async fn postgres() -> Harness {
+        let postgres = TestPostgres::create().await;
+        let database = Database::connect(&postgres.url, &PostgresConfig::default()).await.unwrap();
+        database.migrate().await.unwrap();
+        Harness { database, _sqlite_dir: None, _postgres: Some(postgres) }
+    }
+}
+
+fn at(hours: i64) -> SystemTime {
+    from_unix_micros((BASE_SECONDS + hours * 3600) * 1_000_000)
+}
+
+/// A farm with two cameras.
+async fn farm(database: &Database, name: &str) -> (Uuid, [Uuid; 2]) {
+    let registry = database.registry();
+    let farm = registry.create_farm(Uuid::now_v7(), name, SystemTime::now()).await.unwrap();
+    let mut cameras = [Uuid::nil(); 2];
+    for (index, camera) in cameras.iter_mut().enumerate() {
+        *camera = registry
+            .create_device(NewDevice {
+                id: Uuid::now_v7(),
+                farm_id: farm.id,
+                name: format!("camera {index}"),
+                kind: DeviceKind::Camera,
+                labels: BTreeMap::new(),
+                credential_sha256: "00".repeat(32),
+                create_time: SystemTime::now(),
+            })
+            .await
+            .unwrap()
+            .id;
+    }
+    (farm.id, cameras)
+}
+
+fn photo(farm_id: Uuid, device_id: Uuid, hour: i64, sha_byte: u8) -> ImageRecord {
+    let sha256 = format!("{sha_byte:02x}").repeat(32);
+    ImageRecord {
+        id: Uuid::now_v7(),
+        farm_id,
+        device_id,
+        capture_time: at(hour),
+        receive_time: at(hour + 1),
+        original_key: format!("images/{}/{sha256}", farm_id.simple()),
+        sha256,
+        size_bytes: 1000 + hour as u64,
+        content_type: "image/jpeg".into(),
+        width: 640,
+        height: 480,
+        labels: BTreeMap::from([("row".to_string(), hour.to_string())]),
+        original_available: true,
+        thumbnail_state: ThumbnailState::Pending,
+        thumbnail_key: None,
+        storage_class: None,
+        diagnosis: None,
+    }
+}
+
+async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
+    let images = database.images();
+    let (farm_a, cameras_a) = farm(database, "a").await;
+    let (farm_b, cameras_b) = farm(database, "b").await;
+    let first = photo(farm_a, cameras_a[0], 1, 0xaa);
+    images.add_blob_intent(&first.original_key, at(1)).await.unwrap();
+    assert_eq!(images.insert_image(first.clone(), None).await.unwrap(), Inserted::New(first.clone()));
+    assert_eq!(images.get_image(first.id).await.unwrap(), first);
+    assert!(images.stale_blob_intents(at(100), 10).await.unwrap().is_empty(), "the insert removed the intent");
+
+    // The same content from the other camera of the farm: the existing row comes back, nothing new is stored.
+    let again = photo(farm_a, cameras_a[1], 2, 0xaa);
+    assert_eq!(images.insert_image(again.clone(), None).await.unwrap(), Inserted::Existing(first.clone()));
+    assert!(matches!(images.get_image(again.id).await, Err(smartfarm_core::Error::NotFound { .. })));
+    // Another farm keeps its own copy.
+    let other_farm = photo(farm_b, cameras_b[0], 1, 0xaa);
+    assert!(matches!(images.insert_image(other_farm, None).await.unwrap(), Inserted::New(_)));
+
+    let asked = vec!["aa".repeat(32), "bb".repeat(32)];
+    assert_eq!(images.known_sha256s(farm_a, &asked).await.unwrap(), vec!["aa".repeat(32)]);
+    assert_eq!(images.find_image(farm_a, &"aa".repeat(32)).await.unwrap(), Some(first));
+    assert_eq!(images.find_image(farm_a, &"bb".repeat(32)).await.unwrap(), None);
+}
+
+async fn listing_filters_and_pages_newest_first(database: &Database) {
+    let images = database.images();
+    let (farm_id, cameras) = farm(database, "a").await;
+    for hour in 0..10 {
+        images.insert_image(photo(farm_id, cameras[(hour % 2) as usize], hour, hour as u8), None).await.unwrap();
+    }
+    let everything = ImageFilter { farm_id, ..Default::default() };
+    let first_page = images.list_images(&everything, None, 4).await.unwrap();
+    let hours: Vec<_> = first_page.iter().map(|image| image.capture_time).collect();
+    assert_eq!(hours, vec![at(9), at(8), at(7), at(6)]);
+    let last = first_page.last().unwrap();
+    let cursor = ImageCursor { capture_time: last.capture_time, id: last.id };
+    let second_page = images.list_images(&everything, Some(cursor), 100).await.unwrap();
+    assert_eq!(second_page.len(), 6);
+    assert_eq!(second_page[0].capture_time, at(5));
+
+    let one_camera_in_range = ImageFilter {
+        farm_id,
+        device_id: Some(cameras[1]),
+        captured_from: Some(at(3)),
+        captured_to: Some(at(8)),
+        diagnosis_label: None,
+    };
+    let found = images.list_images(&one_camera_in_range, None, 100).await.unwrap();
+    assert_eq!(found.iter().map(|image| image.capture_time).collect::<Vec<_>>(), vec![at(7), at(5), at(3)]);
+    let by_label = ImageFilter { diagnosis_label: Some("tomato_late_blight".into()), ..everything };
+    assert!(images.list_images(&by_label, None, 100).await.unwrap().is_empty(), "no photo is diagnosed yet");
+}
+
+async fn uploads_resume_and_refuse_a_stale_writer(database: &Database) {
+    let images = database.images();
+    let (farm_id, cameras) = farm(database, "a").await;
+    let mut state = UploadState {
+        device_id: cameras[0],
+        upload_id: "photo-1".into(),
+        farm_id,
+        sha256: "cd".repeat(32),
+        size_bytes: 5000,
+        received_bytes: 1000,
+        start_time: at(0),
+        update_time: at(0),
+    };
+    assert_eq!(images.get_upload(cameras[0], "photo-1").await.unwrap(), None);
+    images.save_upload(&state, None).await.unwrap();
+    assert_eq!(images.get_upload(cameras[0], "photo-1").await.unwrap(), Some(state.clone()));
+    // A second first save (another connection that also started from zero) is refused.
+    let error = images.save_upload(&state, None).await.unwrap_err();
+    assert!(matches!(error, smartfarm_core::Error::FailedPrecondition(_)), "{error:?}");
+    state.received_bytes = 3000;
+    state.update_time = at(1);
+    images.save_upload(&state, Some(1000)).await.unwrap();
+    let error = images.save_upload(&state, Some(1000)).await.unwrap_err();
+    assert!(matches!(error, smartfarm_core::Error::FailedPrecondition(_)), "{error:?}");
+    assert_eq!(images.get_upload(cameras[0], "photo-1").await.unwrap().unwrap().received_bytes, 3000);
+    assert_eq!(state.part_prefix(), format!("uploads/{}/photo-1/", cameras[0].simple()));
+
+    assert!(images.stale_uploads(at(1), 10).await.unwrap().is_empty());
+    assert_eq!(images.stale_uploads(at(2), 10).await.unwrap(), vec![state.clone()]);
+
+    // Completing the upload forgets it in the same transaction as the row.
+    let mut image = photo(farm_id, cameras[0], 1, 0xcd);
+    image.size_bytes = 5000;
+    images.insert_image(image, Some((cameras[0], "photo-1".into()))).await.unwrap();
+    assert_eq!(images.get_upload(cameras[0], "photo-1").await.unwrap(), None);
+    images.delete_upload(cameras[0], "photo-1").await.unwrap();
+}
+
+async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Database) {
+    let images = database.images();
+    let (farm_id, cameras) = farm(database, "a").await;
+    // An intent whose row never came: old enough, unreferenced, so the sweeper may delete its blob.
+    images.add_blob_intent("images/orphan", at(0)).await.unwrap();
+    assert_eq!(images.stale_blob_intents(at(1), 10).await.unwrap(), vec!["images/orphan".to_string()]);
+    assert!(!images.blob_referenced("images/orphan").await.unwrap());
+    images.delete_blob_intent("images/orphan").await.unwrap();
+    assert!(images.stale_blob_intents(at(1), 10).await.unwrap().is_empty());
+
+    let old = photo(farm_id, cameras[0], 0, 1);
+    let new = photo(farm_id, cameras[0], 48, 2);
+    for image in [&old, &new] {
+        images.insert_image(image.clone(), None).await.unwrap();
+    }
+    assert!(images.blob_referenced(&old.original_key).await.unwrap());
+    let pending = images.pending_thumbnails(10).await.unwrap();
+    assert_eq!(pending.len(), 2);
+    images.add_blob_intent("thumbnails/old", at(1)).await.unwrap();
+    images.set_thumbnail(old.id, Some("thumbnails/old")).await.unwrap();
+    images.set_thumbnail(new.id, None).await.unwrap();
+    assert!(images.pending_thumbnails(10).await.unwrap().is_empty());
+    assert!(images.stale_blob_intents(at(100), 10).await.unwrap().is_empty(), "the thumbnail's intent is gone");
+    let stored = images.get_image(old.id).await.unwrap();
+    assert_eq!((stored.thumbnail_state, stored.thumbnail_key.as_deref()), (ThumbnailState::Done, Some("thumbnails/old")));
+    assert_eq!(images.get_image(new.id).await.unwrap().thumbnail_state, ThumbnailState::Failed);
+
+    // Retention: the old original is marked deleted with an intent for its key; the thumbnail stays referenced.
+    let expired = images.expire_originals(farm_id, at(24), 100, at(50)).await.unwrap();
+    assert_eq!(expired, vec![old.original_key.clone()]);
+    assert!(!images.get_image(old.id).await.unwrap().original_available);
+    assert!(!images.blob_referenced(&old.original_key).await.unwrap());
+    assert!(images.blob_referenced("thumbnails/old").await.unwrap());
+    assert_eq!(images.stale_blob_intents(at(51), 10).await.unwrap(), vec![old.original_key.clone()]);
+    assert!(images.expire_originals(farm_id, at(24), 100, at(50)).await.unwrap().is_empty(), "only once");
+
+    // Storage class: only available originals not yet moved.
+    let to_move = images.originals_to_move(at(100), "GLACIER_IR", 10).await.unwrap();
+    assert_eq!(to_move.iter().map(|image| image.id).collect::<Vec<_>>(), vec![new.id]);
+    images.set_storage_class(new.id, "GLACIER_IR").await.unwrap();
+    assert!(images.originals_to_move(at(100), "GLACIER_IR", 10).await.unwrap().is_empty());
+}
+
+macro_rules! image_suite {
+    ($backend:ident) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn photos_are_stored_once_per_farm_and_content() {
+                super::photos_are_stored_once_per_farm_and_content(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn listing_filters_and_pages_newest_first() {
+                super::listing_filters_and_pages_newest_first(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn uploads_resume_and_refuse_a_stale_writer() {
+                super::uploads_resume_and_refuse_a_stale_writer(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn intents_thumbnails_and_retention_keep_blobs_accounted_for() {
+                super::intents_thumbnails_and_retention_keep_blobs_accounted_for(&Harness::$backend().await.database)
+                    .await;
+            }
+        }
+    };
+}
+
+image_suite!(sqlite);
+image_suite!(postgres);
