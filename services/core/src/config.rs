@@ -66,6 +66,33 @@ max_batch_bytes = 16777216
 # How often an open edge link checks for registry changes to push down, and that its gateway is still valid.
 registry_refresh_interval = "30s"
 
+# Crop photos (the image role).
+[images]
+# The largest photo accepted, in bytes (20 MiB).
+max_image_bytes = 20971520
+# Longest side of the thumbnails made for the dashboard, in pixels.
+thumbnail_size = 320
+# Delete originals captured longer ago than this; thumbnails, metadata and diagnoses stay. "0s" keeps them forever.
+retention = "0s"
+# Move originals captured longer ago than cold_after to this S3 storage class, e.g. "STANDARD_IA" or "GLACIER_IR"
+# ("" leaves them where they are; needs an s3:// blob_url).
+cold_storage_class = ""
+cold_after = "30days"
+# How often the sweeper runs: orphaned blobs, abandoned uploads, retention, storage classes, missing thumbnails.
+sweep_interval = "1m"
+# A blob whose write began this long ago without its row committing was orphaned by a crash and is deleted.
+# Keep it longer than any single blob write can take.
+orphan_grace = "15m"
+# An upload cut short and not resumed for this long is abandoned; its partial bytes are deleted.
+upload_expiry = "24h"
+# The base URL clients reach this server at (e.g. "https://farm.example.com"), for GetImageUrl on file:// storage;
+# empty makes those URLs paths relative to the server.
+public_url = ""
+
+# Retention per farm, overriding images.retention: farm id = age.
+[images.farm_retention]
+# "01939a6e-8f3c-7d2a-9b1e-1f2d3c4b5a69" = "90days"
+
 # PostgreSQL connection pool (used when database_url is postgres://).
 [postgres]
 # Most connections the process keeps open.
@@ -105,6 +132,8 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// Telemetry ingestion and storage settings.
     pub telemetry: TelemetryConfig,
+    /// Photo storage settings.
+    pub images: ImagesConfig,
     /// PostgreSQL pool settings.
     pub postgres: PostgresConfig,
 }
@@ -122,6 +151,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             telemetry: TelemetryConfig::default(),
+            images: ImagesConfig::default(),
             postgres: PostgresConfig::default(),
         }
     }
@@ -187,6 +217,73 @@ impl Default for TelemetryConfig {
             max_batch_bytes: 16 * 1024 * 1024,
             registry_refresh_interval: Duration::from_secs(30),
         }
+    }
+}
+
+/// Photo storage settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// The largest photo accepted, in bytes.
+    pub max_image_bytes: u64,
+    /// Longest side of thumbnails, in pixels.
+    pub thumbnail_size: u32,
+    /// Age at which originals are deleted; zero keeps them.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Per-farm retention overrides: farm id to age (checked by [`ServerConfig::validate`]).
+    pub farm_retention: std::collections::BTreeMap<String, String>,
+    /// The S3 storage class old originals move to; empty: none.
+    pub cold_storage_class: String,
+    /// Age at which originals move to `cold_storage_class`.
+    #[serde(with = "humantime_serde")]
+    pub cold_after: Duration,
+    /// How often the sweeper runs.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Age of a blob intent after which its blob, if unreferenced, is an orphan.
+    #[serde(with = "humantime_serde")]
+    pub orphan_grace: Duration,
+    /// Idle time after which an unfinished upload is abandoned.
+    #[serde(with = "humantime_serde")]
+    pub upload_expiry: Duration,
+    /// The base URL of this server for file:// image URLs; empty: relative URLs.
+    pub public_url: String,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        const DAY: u64 = 86_400;
+        ImagesConfig {
+            max_image_bytes: 20 * 1024 * 1024,
+            thumbnail_size: 320,
+            retention: Duration::ZERO,
+            farm_retention: Default::default(),
+            cold_storage_class: String::new(),
+            cold_after: Duration::from_secs(30 * DAY),
+            sweep_interval: Duration::from_secs(60),
+            orphan_grace: Duration::from_secs(15 * 60),
+            upload_expiry: Duration::from_secs(DAY),
+            public_url: String::new(),
+        }
+    }
+}
+
+impl ImagesConfig {
+    /// The per-farm retention overrides, parsed.
+    pub fn farm_retention(&self) -> Result<std::collections::BTreeMap<uuid::Uuid, Duration>> {
+        self.farm_retention
+            .iter()
+            .map(|(farm, age)| {
+                let farm_id = uuid::Uuid::try_parse(farm).map_err(|_| {
+                    Error::invalid("images.farm_retention", format!("{farm:?} is not a farm id (a UUID)"))
+                })?;
+                let age = humantime::parse_duration(age).map_err(|error| {
+                    Error::invalid("images.farm_retention", format!("{age:?} is not a duration like \"90days\": {error}"))
+                })?;
+                Ok((farm_id, age))
+            })
+            .collect()
     }
 }
 
@@ -258,6 +355,22 @@ impl ServerConfig {
         }
         if telemetry.retention_interval.is_zero() || telemetry.registry_refresh_interval.is_zero() {
             return Err(Error::invalid("telemetry", "intervals must be longer than zero"));
+        }
+        let images = &self.images;
+        if images.max_image_bytes < 1024 || images.max_image_bytes > 1 << 30 {
+            return Err(Error::invalid("images.max_image_bytes", "must be between 1024 bytes and 1 GiB"));
+        }
+        if !(16..=2048).contains(&images.thumbnail_size) {
+            return Err(Error::invalid("images.thumbnail_size", "must be between 16 and 2048 pixels"));
+        }
+        if images.sweep_interval.is_zero() || images.upload_expiry.is_zero() {
+            return Err(Error::invalid("images", "sweep_interval and upload_expiry must be longer than zero"));
+        }
+        images.farm_retention()?;
+        if !images.public_url.is_empty()
+            && !(images.public_url.starts_with("http://") || images.public_url.starts_with("https://"))
+        {
+            return Err(Error::invalid("images.public_url", "must start with http:// or https://"));
         }
         if self.postgres.max_connections == 0 {
             return Err(Error::invalid("postgres.max_connections", "must be at least 1"));

@@ -94,7 +94,7 @@ pub enum Inserted {
     Existing(ImageRecord),
 }
 
-/// An upload cut short: how far it got.
+/// An upload by its client-chosen id: how far it got, or the photo it stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadState {
     pub device_id: Uuid,
@@ -106,6 +106,8 @@ pub struct UploadState {
     pub received_bytes: u64,
     pub start_time: SystemTime,
     pub update_time: SystemTime,
+    /// Set once the upload finished: the photo it stored (or the farm's existing copy of it).
+    pub image_id: Option<Uuid>,
 }
 
 impl UploadState {
@@ -154,10 +156,11 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Photos matching `filter`, newest capture first, strictly after `after`.
     async fn list_images(&self, filter: &ImageFilter, after: Option<ImageCursor>, limit: usize)
     -> Result<Vec<ImageRecord>>;
-    /// Stores a photo's row, removes the intent of its original's key, and forgets the upload it came from, in
-    /// one transaction. If the farm already has this sha256, nothing changes but the intent's and the upload's
-    /// removal (the existing row references the same content-addressed key), and the existing row is returned.
-    async fn insert_image(&self, image: ImageRecord, upload: Option<(Uuid, String)>) -> Result<Inserted>;
+    /// Stores a photo's row, removes the intent of its original's key, and marks the upload it came from as
+    /// finished (its state is upserted with `image_id` set to the stored row), in one transaction. If the farm
+    /// already has this sha256, nothing changes but the intent's removal (the existing row references the same
+    /// content-addressed key) and the upload's state, and the existing row is returned.
+    async fn insert_image(&self, image: ImageRecord, upload: Option<UploadState>) -> Result<Inserted>;
 
     /// The state of an upload cut short, if any.
     async fn get_upload(&self, device_id: Uuid, upload_id: &str) -> Result<Option<UploadState>>;
@@ -166,7 +169,7 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn save_upload(&self, state: &UploadState, expected_received: Option<u64>) -> Result<()>;
     /// Forgets an upload.
     async fn delete_upload(&self, device_id: Uuid, upload_id: &str) -> Result<()>;
-    /// Uploads last touched before `before` (abandoned).
+    /// Uploads last touched before `before`: abandoned, or finished long enough ago to forget.
     async fn stale_uploads(&self, before: SystemTime, limit: usize) -> Result<Vec<UploadState>>;
 
     /// Records that `key` is about to be written or deleted.

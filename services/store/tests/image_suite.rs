@@ -152,6 +152,7 @@ async fn uploads_resume_and_refuse_a_stale_writer(database: &Database) {
         received_bytes: 1000,
         start_time: at(0),
         update_time: at(0),
+        image_id: None,
     };
     assert_eq!(images.get_upload(cameras[0], "photo-1").await.unwrap(), None);
     images.save_upload(&state, None).await.unwrap();
@@ -170,12 +171,15 @@ async fn uploads_resume_and_refuse_a_stale_writer(database: &Database) {
     assert!(images.stale_uploads(at(1), 10).await.unwrap().is_empty());
     assert_eq!(images.stale_uploads(at(2), 10).await.unwrap(), vec![state.clone()]);
 
-    // Completing the upload forgets it in the same transaction as the row.
+    // Completing the upload records its photo in the same transaction as the row.
     let mut image = photo(farm_id, cameras[0], 1, 0xcd);
     image.size_bytes = 5000;
-    images.insert_image(image, Some((cameras[0], "photo-1".into()))).await.unwrap();
-    assert_eq!(images.get_upload(cameras[0], "photo-1").await.unwrap(), None);
+    let finished = UploadState { received_bytes: 5000, ..state.clone() };
+    images.insert_image(image.clone(), Some(finished)).await.unwrap();
+    let stored = images.get_upload(cameras[0], "photo-1").await.unwrap().unwrap();
+    assert_eq!((stored.received_bytes, stored.image_id), (5000, Some(image.id)));
     images.delete_upload(cameras[0], "photo-1").await.unwrap();
+    assert_eq!(images.get_upload(cameras[0], "photo-1").await.unwrap(), None);
 }
 
 async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Database) {

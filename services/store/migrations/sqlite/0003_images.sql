@@ -32,7 +32,9 @@ CREATE INDEX images_pending_thumbnails ON images (id) WHERE thumbnail_state = 'p
 CREATE INDEX images_original_key ON images (original_key);
 CREATE INDEX images_thumbnail_key ON images (thumbnail_key) WHERE thumbnail_key IS NOT NULL;
 
--- An upload cut short: the bytes received so far are blobs under uploads/<device>/<upload_id>/.
+-- An upload by its client-chosen id: while unfinished, the bytes received so far are blobs under
+-- uploads/<device>/<upload_id>/; once finished, the photo it stored (kept until upload_expiry, so a client that
+-- missed the answer learns it from GetUploadStatus).
 CREATE TABLE image_uploads (
     device_id      TEXT NOT NULL REFERENCES devices (id),
     upload_id      TEXT NOT NULL,
@@ -42,6 +44,7 @@ CREATE TABLE image_uploads (
     received_bytes INTEGER NOT NULL,
     start_time     INTEGER NOT NULL,
     update_time    INTEGER NOT NULL,
+    image_id       TEXT,
     PRIMARY KEY (device_id, upload_id)
 ) STRICT;
 

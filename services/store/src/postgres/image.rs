@@ -17,7 +17,7 @@ const IMAGE_COLUMNS: &str = "id, farm_id, device_id, capture_time, receive_time,
      width, height, labels, original_key, original_available, thumbnail_state, thumbnail_key, storage_class, \
      diagnosis_label, diagnosis_confidence, diagnosis_model, diagnosis_version, diagnosis_time";
 const UPLOAD_COLUMNS: &str =
-    "device_id, upload_id, farm_id, sha256, size_bytes, received_bytes, start_time, update_time";
+    "device_id, upload_id, farm_id, sha256, size_bytes, received_bytes, start_time, update_time, image_id";
 
 fn image_from_row(row: &Row) -> Result<ImageRecord> {
     let labels: serde_json::Value = row.get(10);
@@ -61,6 +61,7 @@ fn upload_from_row(row: &Row) -> UploadState {
         received_bytes: row.get::<_, i64>(5) as u64,
         start_time: row.get(6),
         update_time: row.get(7),
+        image_id: row.get(8),
     }
 }
 
@@ -74,6 +75,32 @@ async fn find_image(
         .await
         .map_err(pg_error("find image"))?;
     row.as_ref().map(image_from_row).transpose()
+}
+
+async fn upsert_upload(client: &impl deadpool_postgres::GenericClient, state: &UploadState) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO image_uploads (device_id, upload_id, farm_id, sha256, size_bytes, received_bytes,
+                                        start_time, update_time, image_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (device_id, upload_id) DO UPDATE
+             SET received_bytes = excluded.received_bytes, update_time = excluded.update_time,
+                 image_id = excluded.image_id",
+            &[
+                &state.device_id,
+                &state.upload_id,
+                &state.farm_id,
+                &state.sha256,
+                &(state.size_bytes as i64),
+                &(state.received_bytes as i64),
+                &state.start_time,
+                &state.update_time,
+                &state.image_id,
+            ],
+        )
+        .await
+        .map_err(pg_error("save upload"))?;
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -136,7 +163,7 @@ impl ImageStore for PostgresStore {
         rows.iter().map(image_from_row).collect()
     }
 
-    async fn insert_image(&self, image: ImageRecord, upload: Option<(Uuid, String)>) -> Result<Inserted> {
+    async fn insert_image(&self, image: ImageRecord, upload: Option<UploadState>) -> Result<Inserted> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error("begin image insert"))?;
         let labels = serde_json::to_value(&image.labels).map_err(|error| Error::internal("encode labels", error))?;
@@ -181,11 +208,11 @@ impl ImageStore for PostgresStore {
             .execute("DELETE FROM blob_intents WHERE key = $1", &[&image.original_key])
             .await
             .map_err(pg_error("delete blob intent"))?;
-        if let Some((device_id, upload_id)) = upload {
-            transaction
-                .execute("DELETE FROM image_uploads WHERE device_id = $1 AND upload_id = $2", &[&device_id, &upload_id])
-                .await
-                .map_err(pg_error("delete upload"))?;
+        if let Some(upload) = upload {
+            let image_id = match &outcome {
+                Inserted::New(row) | Inserted::Existing(row) => row.id,
+            };
+            upsert_upload(&transaction, &UploadState { image_id: Some(image_id), ..upload }).await?;
         }
         transaction.commit().await.map_err(pg_error("commit image insert"))?;
         Ok(outcome)
@@ -220,27 +247,7 @@ impl ImageStore for PostgresStore {
                 state.upload_id, current
             )));
         }
-        // A first save racing another connection's first save: the primary key lets only one in.
-        transaction
-            .execute(
-                "INSERT INTO image_uploads (device_id, upload_id, farm_id, sha256, size_bytes, received_bytes,
-                                            start_time, update_time)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (device_id, upload_id) DO UPDATE
-                 SET received_bytes = excluded.received_bytes, update_time = excluded.update_time",
-                &[
-                    &state.device_id,
-                    &state.upload_id,
-                    &state.farm_id,
-                    &state.sha256,
-                    &(state.size_bytes as i64),
-                    &(state.received_bytes as i64),
-                    &state.start_time,
-                    &state.update_time,
-                ],
-            )
-            .await
-            .map_err(pg_error("save upload"))?;
+        upsert_upload(&transaction, state).await?;
         transaction.commit().await.map_err(pg_error("commit upload save"))
     }
 

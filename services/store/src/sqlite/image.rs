@@ -18,7 +18,7 @@ const IMAGE_COLUMNS: &str = "id, farm_id, device_id, capture_time, receive_time,
      width, height, labels, original_key, original_available, thumbnail_state, thumbnail_key, storage_class, \
      diagnosis_label, diagnosis_confidence, diagnosis_model, diagnosis_version, diagnosis_time";
 const UPLOAD_COLUMNS: &str =
-    "device_id, upload_id, farm_id, sha256, size_bytes, received_bytes, start_time, update_time";
+    "device_id, upload_id, farm_id, sha256, size_bytes, received_bytes, start_time, update_time, image_id";
 
 fn uuid_text(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
     let text: String = row.get(index)?;
@@ -88,6 +88,10 @@ fn upload_row(row: &Row<'_>) -> rusqlite::Result<UploadState> {
         received_bytes: row.get::<_, i64>(5)? as u64,
         start_time: from_unix_micros(row.get(6)?),
         update_time: from_unix_micros(row.get(7)?),
+        image_id: match row.get::<_, Option<String>>(8)? {
+            Some(_) => Some(uuid_text(row, 8)?),
+            None => None,
+        },
     })
 }
 
@@ -104,6 +108,31 @@ fn query_images(
 fn find_image(connection: &rusqlite::Connection, farm_id: Uuid, sha256: &str) -> Result<Option<ImageRecord>> {
     let sql = format!("SELECT {IMAGE_COLUMNS} FROM images WHERE farm_id = ?1 AND sha256 = ?2");
     Ok(query_images(connection, &sql, params![farm_id.to_string(), sha256])?.pop())
+}
+
+fn upsert_upload(connection: &rusqlite::Connection, state: &UploadState) -> Result<()> {
+    connection
+        .execute(
+            "INSERT INTO image_uploads (device_id, upload_id, farm_id, sha256, size_bytes, received_bytes,
+                                        start_time, update_time, image_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (device_id, upload_id) DO UPDATE
+             SET received_bytes = excluded.received_bytes, update_time = excluded.update_time,
+                 image_id = excluded.image_id",
+            params![
+                state.device_id.to_string(),
+                state.upload_id,
+                state.farm_id.to_string(),
+                state.sha256,
+                state.size_bytes as i64,
+                state.received_bytes as i64,
+                to_unix_micros(state.start_time),
+                to_unix_micros(state.update_time),
+                state.image_id.map(|id| id.to_string()),
+            ],
+        )
+        .map_err(sql_error("save upload"))?;
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -175,7 +204,7 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn insert_image(&self, image: ImageRecord, upload: Option<(Uuid, String)>) -> Result<Inserted> {
+    async fn insert_image(&self, image: ImageRecord, upload: Option<UploadState>) -> Result<Inserted> {
         self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin image insert"))?;
             let labels = serde_json::to_string(&image.labels).map_err(|error| Error::internal("encode labels", error))?;
@@ -214,13 +243,11 @@ impl ImageStore for SqliteStore {
             transaction
                 .execute("DELETE FROM blob_intents WHERE key = ?1", [&image.original_key])
                 .map_err(sql_error("delete blob intent"))?;
-            if let Some((device_id, upload_id)) = upload {
-                transaction
-                    .execute(
-                        "DELETE FROM image_uploads WHERE device_id = ?1 AND upload_id = ?2",
-                        params![device_id.to_string(), upload_id],
-                    )
-                    .map_err(sql_error("delete upload"))?;
+            if let Some(upload) = upload {
+                let image_id = match &outcome {
+                    Inserted::New(row) | Inserted::Existing(row) => row.id,
+                };
+                upsert_upload(&transaction, &UploadState { image_id: Some(image_id), ..upload })?;
             }
             transaction.commit().map_err(sql_error("commit image insert"))?;
             Ok(outcome)
@@ -261,25 +288,7 @@ impl ImageStore for SqliteStore {
                     state.upload_id, current
                 )));
             }
-            transaction
-                .execute(
-                    "INSERT INTO image_uploads (device_id, upload_id, farm_id, sha256, size_bytes, received_bytes,
-                                                start_time, update_time)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                     ON CONFLICT (device_id, upload_id) DO UPDATE
-                     SET received_bytes = excluded.received_bytes, update_time = excluded.update_time",
-                    params![
-                        state.device_id.to_string(),
-                        state.upload_id,
-                        state.farm_id.to_string(),
-                        state.sha256,
-                        state.size_bytes as i64,
-                        state.received_bytes as i64,
-                        to_unix_micros(state.start_time),
-                        to_unix_micros(state.update_time),
-                    ],
-                )
-                .map_err(sql_error("save upload"))?;
+            upsert_upload(&transaction, &state)?;
             transaction.commit().map_err(sql_error("commit upload save"))
         })
         .await
