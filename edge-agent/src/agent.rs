@@ -12,7 +12,10 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::EdgeConfig;
+use crate::camera::Cameras;
+use crate::config::{EdgeConfig, FsyncMode};
+use crate::image_spool::ImageSpool;
+use crate::image_uplink::ImageUplink;
 use crate::ingest::{Ingestor, LocalAlert, SpoolWriter};
 use crate::mqtt::broker::{self, ALERTS_TOPIC, Broker};
 use crate::registry::Registry;
@@ -99,6 +102,21 @@ pub async fn run(
     }
     tasks.spawn(Uplink::new(config.clone(), spool.clone(), registry.clone(), alerts.clone()).run(stopping.clone()));
 
+    // Cameras: each source spools photos into the image area, and the image uplink sends them.
+    let image_spool = Arc::new(
+        ImageSpool::open(&config.spool_dir, config.image_spool_max_bytes, config.fsync != FsyncMode::Never)
+            .context("cannot open the image spool")?,
+    );
+    let cameras = Cameras::new(&config, image_spool.clone(), alerts.clone());
+    for camera in config.cameras.clone() {
+        tracing::info!(device_id = %camera.device_id, source = %camera.describe(), "camera configured");
+        tasks.spawn(cameras.clone().run(camera, config.camera_poll_interval, stopping.clone()));
+    }
+    tasks.spawn(
+        ImageUplink::new(config.clone(), image_spool, cameras.photo_spooled.clone(), alerts.clone())
+            .run(stopping.clone()),
+    );
+
     // Local alerts go to the farm's alert topic at once, link or no link.
     let alert_broker = broker.clone();
     let mut alerts_stop = stopping.clone();
@@ -119,6 +137,15 @@ pub async fn run(
                 LocalAlert::BatchRefused { first_sequence, last_sequence, reason } => serde_json::json!({
                     "kind": "batch_refused", "severity": "SEVERITY_CRITICAL", "first_sequence": first_sequence,
                     "last_sequence": last_sequence, "message": format!("the cloud refused a batch: {reason}"),
+                }),
+                LocalAlert::ImageSpoolOverflow { dropped_photos, bytes } => serde_json::json!({
+                    "kind": "image_spool_overflow", "severity": "SEVERITY_CRITICAL", "dropped_photos": dropped_photos,
+                    "dropped_bytes": bytes,
+                    "message": format!("the image spool reached its size cap and dropped {dropped_photos} unsent photos"),
+                }),
+                LocalAlert::ImageRefused { file, reason } => serde_json::json!({
+                    "kind": "image_refused", "severity": "SEVERITY_WARNING", "file": file,
+                    "message": format!("the cloud refused a photo ({reason}); it was set aside in {file}"),
                 }),
             };
             alert_broker.publish(ALERTS_TOPIC, Bytes::from(message.to_string()));

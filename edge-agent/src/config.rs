@@ -78,6 +78,34 @@ keepalive_timeout = "20s"
 reconnect_min = "1s"
 reconnect_max = "5m"
 
+# Photos wait in the spool's image area (SPOOL_DIR/images) until the cloud has them. Past this cap the oldest are
+# dropped, counted in smartfarm_edge_images_dropped_total and announced on smartfarm/alerts.
+image_spool_max_bytes = 2147483648
+
+# Raw frames (PNG) are re-encoded to JPEG at reencode_quality ("jpeg"), or kept as they come ("keep"). JPEG and
+# WebP photos are kept as they come unless reencode_jpeg is true (re-encoding a JPEG loses detail and can make it
+# larger).
+reencode = "jpeg"
+reencode_quality = 85
+reencode_jpeg = false
+
+# Photos go up in chunks of this many bytes; a cut link resumes from the last chunk the cloud kept.
+image_chunk_bytes = 1048576
+
+# How often camera directories are scanned. A file is taken once it is complete: renamed in, or unchanged for
+# this long; names starting with "." or ending in .tmp/.part/.partial are left alone.
+camera_poll_interval = "2s"
+
+# Cameras, each a DEVICE_KIND_CAMERA device of the registry with one source:
+#   dir      = a directory another program drops photos into (taken as they appear; also --camera-dir ID=DIR),
+#   http_url = a snapshot URL fetched every interval (http://[user:password@]host[:port]/path),
+#   command  = a program run every interval whose standard output is the photo,
+#              e.g. ["libcamera-still", "-n", "-o", "-"] or ["fswebcam", "--no-banner", "-"].
+# [[cameras]]
+# device_id = "01939a6e-8f3c-7d2a-9b1e-1f2d3c4b5a69"
+# http_url = "http://192.168.1.20/snapshot.jpg"
+# interval = "1h"
+
 # Where /metrics (Prometheus) is served; empty disables it. Flag --metrics-listen.
 metrics_listen = "127.0.0.1:9465"
 
@@ -120,9 +148,81 @@ pub struct EdgeConfig {
     pub reconnect_min: Duration,
     #[serde(with = "duration")]
     pub reconnect_max: Duration,
+    pub image_spool_max_bytes: u64,
+    pub reencode: Reencode,
+    pub reencode_quality: u8,
+    pub reencode_jpeg: bool,
+    pub image_chunk_bytes: usize,
+    #[serde(with = "duration")]
+    pub camera_poll_interval: Duration,
+    pub cameras: Vec<CameraConfig>,
     pub metrics_listen: String,
     pub log_format: smartfarm_core::config::LogFormat,
     pub log_level: String,
+}
+
+/// The `reencode` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reencode {
+    Keep,
+    Jpeg,
+}
+
+/// One camera and its source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    pub device_id: uuid::Uuid,
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default)]
+    pub http_url: Option<String>,
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default = "hourly", with = "duration")]
+    pub interval: Duration,
+}
+
+fn hourly() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl CameraConfig {
+    /// A camera fed by a directory.
+    pub fn dir(device_id: uuid::Uuid, dir: PathBuf) -> CameraConfig {
+        CameraConfig { device_id, dir: Some(dir), http_url: None, command: None, interval: hourly() }
+    }
+
+    /// Parses `--camera-dir DEVICE_ID=DIR`.
+    pub fn parse_dir_flag(value: &str) -> Result<CameraConfig, ConfigError> {
+        let (id, dir) = value
+            .split_once('=')
+            .ok_or_else(|| bad("camera-dir", format!("{value:?} is not CAMERA_DEVICE_ID=DIR")))?;
+        let id = uuid::Uuid::try_parse(id).map_err(|_| bad("camera-dir", format!("{id:?} is not a device id")))?;
+        if dir.is_empty() {
+            return Err(bad("camera-dir", "the directory is empty"));
+        }
+        Ok(CameraConfig::dir(id, PathBuf::from(dir)))
+    }
+
+    /// The source, for logs (without credentials).
+    pub fn describe(&self) -> String {
+        match (&self.dir, &self.http_url, &self.command) {
+            (Some(dir), _, _) => format!("directory {}", dir.display()),
+            (None, Some(url), _) => {
+                let shown = match url.split_once("://").and_then(|(_, rest)| rest.split_once('@')) {
+                    Some((_, host)) => format!("http://…@{host}"),
+                    None => url.clone(),
+                };
+                format!("snapshot {shown} every {}", humantime::format_duration(self.interval))
+            }
+            (None, None, Some(command)) => {
+                format!("command {} every {}", command.join(" "), humantime::format_duration(self.interval))
+            }
+            (None, None, None) => "no source".into(),
+        }
+    }
 }
 
 /// The `fsync` setting.
@@ -178,6 +278,13 @@ impl Default for EdgeConfig {
             keepalive_timeout: Duration::from_secs(20),
             reconnect_min: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(300),
+            image_spool_max_bytes: 2 << 30,
+            reencode: Reencode::Jpeg,
+            reencode_quality: 85,
+            reencode_jpeg: false,
+            image_chunk_bytes: 1 << 20,
+            camera_poll_interval: Duration::from_secs(2),
+            cameras: Vec::new(),
             metrics_listen: "127.0.0.1:9465".into(),
             log_format: smartfarm_core::config::LogFormat::Text,
             log_level: "info".into(),
@@ -248,6 +355,42 @@ impl EdgeConfig {
         if self.fsync_interval.is_zero() {
             return Err(bad("fsync_interval", "must be positive"));
         }
+        if !(4096..=4 << 20).contains(&self.image_chunk_bytes) {
+            return Err(bad("image_chunk_bytes", "must be between 4096 and 4194304 (the cloud's largest chunk)"));
+        }
+        if !(1..=100).contains(&self.reencode_quality) {
+            return Err(bad("reencode_quality", "must be between 1 and 100"));
+        }
+        if self.image_spool_max_bytes < 1 << 20 {
+            return Err(bad("image_spool_max_bytes", "must be at least 1 MiB"));
+        }
+        if self.camera_poll_interval.is_zero() {
+            return Err(bad("camera_poll_interval", "must be positive"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for camera in &self.cameras {
+            let sources = [camera.dir.is_some(), camera.http_url.is_some(), camera.command.is_some()];
+            if sources.iter().filter(|set| **set).count() != 1 {
+                return Err(bad(
+                    "cameras",
+                    format!("camera {} needs exactly one of dir, http_url and command", camera.device_id),
+                ));
+            }
+            if let Some(url) = &camera.http_url
+                && !url.starts_with("http://")
+            {
+                return Err(bad("cameras", format!("camera {}: http_url must start with http://", camera.device_id)));
+            }
+            if camera.command.as_ref().is_some_and(|command| command.is_empty()) {
+                return Err(bad("cameras", format!("camera {}: command is empty", camera.device_id)));
+            }
+            if camera.interval.is_zero() {
+                return Err(bad("cameras", format!("camera {}: interval must be positive", camera.device_id)));
+            }
+            if !seen.insert(camera.device_id) {
+                return Err(bad("cameras", format!("camera {} is configured twice", camera.device_id)));
+            }
+        }
         if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<SocketAddr>().is_err() {
             return Err(bad("metrics_listen", format!("{:?} is not host:port", self.metrics_listen)));
         }
@@ -309,5 +452,31 @@ mod tests {
         assert!(EdgeConfig::default().validate().unwrap_err().to_string().starts_with("credential"));
         let no_interval = EdgeConfig { fsync_interval: Duration::ZERO, ..valid.clone() };
         assert!(no_interval.validate().unwrap_err().to_string().starts_with("fsync_interval"));
+    }
+
+    #[test]
+    fn cameras_need_one_source_each() {
+        let valid = EdgeConfig { credential: "sfd_x".into(), ..Default::default() };
+        let config = EdgeConfig::from_toml(
+            r#"
+            [[cameras]]
+            device_id = "01939a6e-8f3c-7d2a-9b1e-1f2d3c4b5a69"
+            http_url = "http://user:pw@192.168.1.20/snapshot.jpg"
+            interval = "15m"
+            "#,
+        )
+        .unwrap();
+        let camera = &config.cameras[0];
+        assert_eq!(camera.interval, Duration::from_secs(900));
+        assert_eq!(camera.describe(), "snapshot http://…@192.168.1.20/snapshot.jpg every 15m");
+        let both = CameraConfig { dir: Some("/tmp/x".into()), ..camera.clone() };
+        let error = EdgeConfig { cameras: vec![both], ..valid.clone() }.validate().unwrap_err().to_string();
+        assert!(error.contains("exactly one of dir, http_url and command"), "{error}");
+        let twice = EdgeConfig { cameras: vec![camera.clone(), camera.clone()], ..valid.clone() };
+        assert!(twice.validate().unwrap_err().to_string().contains("configured twice"));
+        let flag = CameraConfig::parse_dir_flag("01939a6e-8f3c-7d2a-9b1e-1f2d3c4b5a69=/var/camera").unwrap();
+        assert_eq!(flag.dir.as_deref(), Some(Path::new("/var/camera")));
+        assert!(CameraConfig::parse_dir_flag("camera-1=/x").unwrap_err().to_string().contains("not a device id"));
+        assert!(CameraConfig::parse_dir_flag("/x").unwrap_err().to_string().contains("CAMERA_DEVICE_ID=DIR"));
     }
 }

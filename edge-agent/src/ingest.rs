@@ -24,6 +24,10 @@ pub enum LocalAlert {
     SpoolOverflow { dropped_records: u64 },
     /// The cloud refused a batch for good; its records stay in the spool.
     BatchRefused { first_sequence: u64, last_sequence: u64, reason: String },
+    /// The image area passed its cap and dropped the oldest unsent photos.
+    ImageSpoolOverflow { dropped_photos: u64, bytes: u64 },
+    /// The cloud refused a photo for good; it was set aside in the spool's `images/refused/`.
+    ImageRefused { file: String, reason: String },
 }
 
 /// Why a payload did not make it into the spool.

@@ -99,35 +99,10 @@ impl Uplink {
         }
     }
 
-    async fn channel(&self) -> Result<Channel, LinkError> {
-        let connect_error = |error: tonic::transport::Error| {
-            LinkError::Connect(format!("{error}: {:?}", std::error::Error::source(&error)))
-        };
-        let mut endpoint = Endpoint::from_shared(self.config.cloud.clone())
-            .map_err(connect_error)?
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(self.config.keepalive_interval)
-            .keep_alive_timeout(self.config.keepalive_timeout)
-            .keep_alive_while_idle(true);
-        if self.config.cloud.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_webpki_roots();
-            if let Some(path) = &self.config.ca_cert {
-                let pem = tokio::fs::read(path)
-                    .await
-                    .map_err(|error| LinkError::Connect(format!("cannot read ca_cert {}: {error}", path.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls).map_err(connect_error)?;
-        }
-        endpoint.connect().await.map_err(connect_error)
-    }
-
     /// One connection: hello, welcome, then batches and acknowledgements until something ends it.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), LinkError> {
-        let channel = self.channel().await?;
-        let token: MetadataValue<_> = format!("Bearer {}", self.config.credential)
-            .parse()
-            .map_err(|_| LinkError::Connect("the credential is not valid header text".into()))?;
+        let channel = connect(&self.config).await?;
+        let token = bearer(&self.config)?;
         let mut client = IngestionServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
             request.metadata_mut().insert("authorization", token.clone());
             Ok(request)
@@ -274,4 +249,35 @@ impl Uplink {
         .await
         .map_err(|error| LinkError::Spool(format!("the batch reader failed: {error}")))?
     }
+}
+
+/// A channel to the cloud, with the link's keepalives and TLS settings.
+pub async fn connect(config: &EdgeConfig) -> Result<Channel, LinkError> {
+    let connect_error = |error: tonic::transport::Error| {
+        LinkError::Connect(format!("{error}: {:?}", std::error::Error::source(&error)))
+    };
+    let mut endpoint = Endpoint::from_shared(config.cloud.clone())
+        .map_err(connect_error)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
+        .keep_alive_while_idle(true);
+    if config.cloud.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_webpki_roots();
+        if let Some(path) = &config.ca_cert {
+            let pem = tokio::fs::read(path)
+                .await
+                .map_err(|error| LinkError::Connect(format!("cannot read ca_cert {}: {error}", path.display())))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(connect_error)?;
+    }
+    endpoint.connect().await.map_err(connect_error)
+}
+
+/// The `authorization` header value of the gateway credential.
+pub fn bearer(config: &EdgeConfig) -> Result<MetadataValue<tonic::metadata::Ascii>, LinkError> {
+    format!("Bearer {}", config.credential)
+        .parse()
+        .map_err(|_| LinkError::Connect("the credential is not valid header text".into()))
 }

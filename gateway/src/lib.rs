@@ -30,6 +30,8 @@ pub(crate) const INFRASTRUCTURE_SERVICES: &[&str] =
 pub struct Services {
     routes: Routes,
     names: Vec<&'static str>,
+    /// Plain HTTP routes that carry their own authorization (signed URLs), served beside gRPC.
+    http: axum::Router,
 }
 
 impl Services {
@@ -47,6 +49,13 @@ impl Services {
     {
         self.names.push(S::NAME);
         self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// Adds plain HTTP routes. They are served without the gateway's authentication: each must authorize its
+    /// requests itself (as signed URLs do).
+    pub fn with_http_routes(mut self, routes: axum::Router) -> Self {
+        self.http = self.http.merge(routes);
         self
     }
 
@@ -103,6 +112,7 @@ pub async fn app(
 
     let plain = axum::Router::new()
         .route("/metrics", get(move || std::future::ready(metrics.render())))
-        .route("/healthz", get(|| std::future::ready("ok\n")));
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .merge(services.http);
     Ok((plain.merge(grpc), health_reporter))
 }

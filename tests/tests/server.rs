@@ -80,7 +80,6 @@ async fn reflection_lists_every_service_and_health_is_serving_without_credential
 async fn capabilities_not_built_yet_answer_unimplemented_and_name_them() {
     use smartfarm_proto::alert::v1 as alert;
     use smartfarm_proto::command::v1 as command;
-    use smartfarm_proto::image::v1 as image;
     use smartfarm_proto::inference::v1 as inference;
 
     let data = CloudData::new(Backend::Sqlite).await;
@@ -99,8 +98,6 @@ async fn capabilities_not_built_yet_answer_unimplemented_and_name_them() {
         );
     };
 
-    let mut images = image::image_service_client::ImageServiceClient::with_interceptor(channel.clone(), bearer.clone());
-    check(images.list_images(image::ListImagesRequest::default()).await.map(drop), "ImageService.ListImages", "images");
     let mut models =
         inference::inference_service_client::InferenceServiceClient::with_interceptor(channel.clone(), bearer.clone());
     check(
@@ -119,8 +116,8 @@ async fn capabilities_not_built_yet_answer_unimplemented_and_name_them() {
     );
 
     // Authentication still comes first.
-    let mut anonymous = image::image_service_client::ImageServiceClient::new(channel.clone());
-    let status = anonymous.list_images(image::ListImagesRequest::default()).await.unwrap_err();
+    let mut anonymous = alert::alert_service_client::AlertServiceClient::new(channel.clone());
+    let status = anonymous.subscribe(alert::SubscribeRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     cloud.stop().await;
 }

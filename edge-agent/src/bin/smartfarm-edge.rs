@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use smartfarm_edge::config::{EXAMPLE, EdgeConfig};
+use smartfarm_edge::config::{CameraConfig, EXAMPLE, EdgeConfig};
 
 /// The smartfarm edge agent: an MQTT broker for the farm's sensors, a durable spool, and the link to the cloud.
 #[derive(Debug, Parser)]
@@ -47,6 +47,9 @@ struct Cli {
     /// Where /metrics is served ("" disables it).
     #[arg(long, env = "SMARTFARM_EDGE_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// A camera fed by a directory: CAMERA_DEVICE_ID=DIR (repeatable; adds to the config file's cameras).
+    #[arg(long = "camera-dir", value_name = "CAMERA_DEVICE_ID=DIR")]
+    camera_dirs: Vec<String>,
     /// Once listening, write the bound addresses as JSON to this file (for scripts and tests using port 0).
     #[arg(long, value_name = "FILE")]
     addr_file: Option<PathBuf>,
@@ -94,6 +97,9 @@ fn resolve(cli: &Cli) -> anyhow::Result<EdgeConfig> {
     }
     if let Some(address) = &cli.metrics_listen {
         config.metrics_listen = address.clone();
+    }
+    for flag in &cli.camera_dirs {
+        config.cameras.push(CameraConfig::parse_dir_flag(flag)?);
     }
     config.validate()?;
     Ok(config)

@@ -1,72 +1,182 @@
-//! smartfarm-image will own crop photos: resumable uploads, content-addressed storage on `file://` and S3,
-//! metadata, thumbnails and retention. Until the images capability is built, every RPC answers `UNIMPLEMENTED` and
-//! names that capability; nothing is faked.
+//! smartfarm-image owns crop photos in the cloud: resumable uploads (`ImageService.Upload` and
+//! `GetUploadStatus`), content-addressed storage of each farm's photos in the blob store (`file://` or S3) with
+//! their metadata rows, thumbnails, reading them back (`GetImage`, `ListImages`, `GetImageUrl` and the signed
+//! `/v1/images/{id}/content` route for local storage), and the sweeper that repairs what crashes leave (orphaned
+//! blobs, abandoned uploads) and applies retention and storage classes. It holds no SQL: metadata is
+//! [`smartfarm_store::ImageStore`], bytes are [`smartfarm_store::BlobStore`]. New photos are announced on the bus.
 
 #![forbid(unsafe_code)]
 
-use tonic::{Request, Response, Status, Streaming};
+pub mod media;
+mod read;
+mod sweep;
+mod upload;
+pub mod urls;
 
-use smartfarm_core::Error;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use smartfarm_bus::{Bus, Event, ImageStored};
+use smartfarm_core::config::ImagesConfig;
+use smartfarm_core::{Principal, time};
+use smartfarm_proto::common::v1::ModelRef;
 use smartfarm_proto::image::v1 as pb;
 use smartfarm_proto::image::v1::image_service_server::{ImageService, ImageServiceServer};
+use smartfarm_store::image::ImageRecord;
+use smartfarm_store::{BlobStore, ImageStore, RegistryStore};
 
-/// How the README and the issue tracker name the capability these RPCs belong to.
-const CAPABILITY: &str = "the images capability (camera service, resumable uploads, S3)";
+pub use urls::UrlSigner;
+
+/// The blob key of a farm's original photo: content-addressed within the farm, so the same bytes are stored once
+/// and a key never names two different contents. Farms do not share objects, so no farm can learn from timing or
+/// errors whether another farm holds a photo.
+pub fn original_key(farm_id: Uuid, sha256: &str) -> String {
+    format!("images/{}/{}/{sha256}", farm_id.simple(), &sha256[..2])
+}
+
+/// The blob key of a photo's thumbnail (always a JPEG).
+pub fn thumbnail_key(farm_id: Uuid, sha256: &str) -> String {
+    format!("thumbnails/{}/{}/{sha256}.jpg", farm_id.simple(), &sha256[..2])
+}
 
 /// The `ImageService` implementation.
-#[derive(Clone, Debug, Default)]
-pub struct ImageApi;
+#[derive(Clone)]
+pub struct ImageApi {
+    registry: Arc<dyn RegistryStore>,
+    images: Arc<dyn ImageStore>,
+    blobs: Arc<dyn BlobStore>,
+    bus: Bus,
+    settings: Arc<ImagesConfig>,
+    signer: UrlSigner,
+    /// Wakes the thumbnail task when a photo arrives.
+    thumbnails_wanted: Arc<Notify>,
+    /// A test hook (`SMARTFARM_FAILPOINT`): the name of a point at which the process aborts.
+    failpoint: Option<String>,
+}
 
 impl ImageApi {
-    /// The tonic server for this service.
+    /// The service over the given stores.
+    pub fn new(
+        registry: Arc<dyn RegistryStore>,
+        images: Arc<dyn ImageStore>,
+        blobs: Arc<dyn BlobStore>,
+        bus: Bus,
+        settings: ImagesConfig,
+        signer: UrlSigner,
+    ) -> Self {
+        let failpoint = std::env::var("SMARTFARM_FAILPOINT").ok().filter(|name| !name.is_empty());
+        if let Some(name) = &failpoint {
+            tracing::warn!(failpoint = %name, "a test failpoint is armed: this process will abort on purpose");
+        }
+        ImageApi {
+            registry,
+            images,
+            blobs,
+            bus,
+            settings: Arc::new(settings),
+            signer,
+            thumbnails_wanted: Arc::new(Notify::new()),
+            failpoint,
+        }
+    }
+
+    /// The tonic server, accepting chunks up to the largest chunk size.
     pub fn into_server(self) -> ImageServiceServer<ImageApi> {
-        ImageServiceServer::new(self)
+        ImageServiceServer::new(self).max_decoding_message_size(upload::MAX_CHUNK_BYTES + 64 * 1024)
+    }
+
+    /// Announces a new photo and asks for its thumbnail.
+    fn published(&self, image: &ImageRecord) {
+        self.bus.publish(Event::ImageStored(ImageStored {
+            image_id: image.id,
+            farm_id: image.farm_id,
+            device_id: image.device_id,
+            sha256: image.sha256.clone(),
+            content_type: image.content_type.clone(),
+            capture_time: image.capture_time,
+        }));
+        self.thumbnails_wanted.notify_one();
+    }
+
+    /// The metadata message of a row.
+    fn to_proto(&self, image: &ImageRecord) -> pb::Image {
+        pb::Image {
+            id: image.id.to_string(),
+            farm_id: image.farm_id.to_string(),
+            device_id: image.device_id.to_string(),
+            capture_time: Some(time::to_timestamp(image.capture_time)),
+            receive_time: Some(time::to_timestamp(image.receive_time)),
+            sha256: image.sha256.clone(),
+            size_bytes: image.size_bytes,
+            content_type: image.content_type.clone(),
+            width: image.width,
+            height: image.height,
+            has_thumbnail: image.thumbnail_key.is_some(),
+            labels: image.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            diagnosis: image.diagnosis.as_ref().map(|diagnosis| pb::Diagnosis {
+                label: diagnosis.label.clone(),
+                confidence: diagnosis.confidence,
+                model: Some(ModelRef { name: diagnosis.model_name.clone(), version: diagnosis.model_version.clone() }),
+                diagnose_time: Some(time::to_timestamp(diagnosis.diagnose_time)),
+            }),
+            original_available: image.original_available,
+        }
     }
 }
 
 #[tonic::async_trait]
 impl ImageService for ImageApi {
-    type GetImageStream = tokio_stream::Empty<Result<pb::GetImageResponse, Status>>;
+    type GetImageStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::GetImageResponse, Status>>>;
 
     async fn upload(
         &self,
-        _request: Request<Streaming<pb::UploadRequest>>,
+        request: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
-        Err(Error::unimplemented("ImageService.Upload", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(self.upload(&principal, request.into_inner()).await?))
     }
 
     async fn get_upload_status(
         &self,
-        _request: Request<pb::GetUploadStatusRequest>,
+        request: Request<pb::GetUploadStatusRequest>,
     ) -> Result<Response<pb::GetUploadStatusResponse>, Status> {
-        Err(Error::unimplemented("ImageService.GetUploadStatus", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(self.upload_status(&principal, request.get_ref()).await?))
     }
 
     async fn check_images(
         &self,
-        _request: Request<pb::CheckImagesRequest>,
+        request: Request<pb::CheckImagesRequest>,
     ) -> Result<Response<pb::CheckImagesResponse>, Status> {
-        Err(Error::unimplemented("ImageService.CheckImages", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(self.check_images(&principal, request.get_ref()).await?))
     }
 
     async fn get_image(
         &self,
-        _request: Request<pb::GetImageRequest>,
+        request: Request<pb::GetImageRequest>,
     ) -> Result<Response<Self::GetImageStream>, Status> {
-        Err(Error::unimplemented("ImageService.GetImage", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        let messages = self.image_messages(&principal, request.get_ref()).await?;
+        Ok(Response::new(tokio_stream::iter(messages.into_iter().map(Ok).collect::<Vec<_>>())))
     }
 
     async fn list_images(
         &self,
-        _request: Request<pb::ListImagesRequest>,
+        request: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        Err(Error::unimplemented("ImageService.ListImages", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(self.list_images(&principal, request.get_ref()).await?))
     }
 
     async fn get_image_url(
         &self,
-        _request: Request<pb::GetImageUrlRequest>,
+        request: Request<pb::GetImageUrlRequest>,
     ) -> Result<Response<pb::GetImageUrlResponse>, Status> {
-        Err(Error::unimplemented("ImageService.GetImageUrl", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(self.image_url(&principal, request.get_ref()).await?))
     }
 }

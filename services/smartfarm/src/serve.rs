@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -11,10 +12,13 @@ use tonic_health::ServingStatus;
 use smartfarm_core::config::ServerConfig;
 use smartfarm_core::{Role, observability};
 use smartfarm_gateway::{Authenticator, Services};
-use smartfarm_store::{Database, RegistryStore, blob};
+use smartfarm_bus::Bus;
+use smartfarm_store::{BlobStore, Database, RegistryStore, blob};
 
 /// The file a fresh installation's first admin key is written to, inside the data dir.
 const BOOTSTRAP_KEY_FILE: &str = "admin-key";
+/// The file of the key that signs image URLs served by this process (local blob storage), inside the data dir.
+const URL_SIGNING_KEY_FILE: &str = "url-signing-key";
 
 /// Serves until `stop` resolves.
 pub async fn run(
@@ -33,7 +37,8 @@ pub async fn run(
     let registry = database.registry();
     bootstrap_admin_key(&*registry, &config.data_dir).await?;
 
-    let (services, ingestion) = services_for(&config, &database);
+    let signer = smartfarm_image::UrlSigner::new(&url_signing_key(&config.data_dir)?)?;
+    let (services, ingestion) = services_for(&config, &database, &blobs, signer);
     let service_names = services.names().to_vec();
     let (app, health) = smartfarm_gateway::app(services, Authenticator::new(registry), metrics).await?;
 
@@ -77,8 +82,14 @@ pub async fn run(
 
 /// The services of the roles this process runs (their background tasks started), and the ingestion service when
 /// it runs, so shutdown can close its edge links.
-fn services_for(config: &ServerConfig, database: &Database) -> (Services, Option<smartfarm_ingestion::IngestionApi>) {
+fn services_for(
+    config: &ServerConfig,
+    database: &Database,
+    blobs: &Arc<dyn BlobStore>,
+    signer: smartfarm_image::UrlSigner,
+) -> (Services, Option<smartfarm_ingestion::IngestionApi>) {
     let registry = database.registry();
+    let bus = Bus::in_process();
     let mut services = Services::default();
     let mut ingestion_running = None;
     for role in config.target.roles() {
@@ -94,7 +105,21 @@ fn services_for(config: &ServerConfig, database: &Database) -> (Services, Option
                 ingestion_running = Some(ingestion.clone());
                 services.with_service(ingestion.clone().ingestion_server()).with_service(ingestion.telemetry_server())
             }
-            Role::Image => services.with_service(smartfarm_image::ImageApi.into_server()),
+            Role::Image => {
+                let images = smartfarm_image::ImageApi::new(
+                    registry.clone(),
+                    database.images(),
+                    blobs.clone(),
+                    bus.clone(),
+                    config.images.clone(),
+                    signer.clone(),
+                );
+                tokio::spawn(images.clone().run_sweeper());
+                tokio::spawn(images.clone().run_thumbnails());
+                services
+                    .with_http_routes(smartfarm_image::urls::content_routes(images.clone()))
+                    .with_service(images.into_server())
+            }
             Role::Inference => services.with_service(smartfarm_inference::InferenceApi.into_server()),
             Role::Alert => services.with_service(smartfarm_alert::AlertApi.into_server()),
             Role::Command => services.with_service(smartfarm_command::CommandApi.into_server()),
@@ -123,6 +148,26 @@ async fn bootstrap_admin_key(registry: &dyn RegistryStore, data_dir: &Path) -> a
     }
     tracing::warn!(api_key_id = %key.id, path = %path.display(), "fresh installation: wrote the first admin api key; keep it secret");
     Ok(())
+}
+
+/// The key that signs image URLs on local storage: made once, kept in the data dir (0600) so URLs survive
+/// restarts.
+fn url_signing_key(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = data_dir.join(URL_SIGNING_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            hex::decode(text.trim()).with_context(|| format!("{} is not a hex key; delete it to make a new one", path.display()))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(|error| anyhow::anyhow!("no randomness for the url signing key: {error}"))?;
+            std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+            write_private(&path, format!("{}\n", hex::encode(key)).as_bytes())
+                .with_context(|| format!("cannot write the url signing key to {}", path.display()))?;
+            Ok(key.to_vec())
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 /// Writes a file only its owner can read.

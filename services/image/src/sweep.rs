@@ -1,0 +1,183 @@
+//! The image role's background work. The sweeper repairs what a crash can leave (a blob whose row never committed,
+//! the parts of an abandoned upload) and applies retention and storage classes; the thumbnailer makes the
+//! dashboard's thumbnails. Both are idempotent and safe to run on every replica at once: each step either finds
+//! its work already done or does it again with the same result.
+
+use std::time::Duration;
+
+use smartfarm_core::{Result, time};
+use smartfarm_store::model::KeysetPage;
+
+use crate::{ImageApi, media, thumbnail_key};
+
+/// Rows handled per database call.
+const BATCH: usize = 200;
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Blobs deleted because no row references them (crash leftovers and expired originals).
+    pub orphans_deleted: u64,
+    /// Abandoned or long-finished uploads forgotten.
+    pub uploads_expired: u64,
+    /// Originals deleted by retention.
+    pub originals_expired: u64,
+    /// Originals moved to the cold storage class.
+    pub originals_moved: u64,
+}
+
+impl ImageApi {
+    /// Sweeps every `sweep_interval`, forever, starting at once (what a crash left is repaired on restart); run
+    /// it in a task of its own.
+    pub async fn run_sweeper(self) {
+        let mut ticks = tokio::time::interval(self.settings.sweep_interval);
+        loop {
+            ticks.tick().await;
+            match self.sweep().await {
+                Ok(report) if report == SweepReport::default() => {}
+                Ok(report) => tracing::info!(?report, "image sweep"),
+                Err(error) => tracing::warn!(%error, "image sweep failed; retrying at the next interval"),
+            }
+        }
+    }
+
+    /// One pass of the sweeper.
+    pub async fn sweep(&self) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        let now = time::now();
+
+        // Expiry first, so that the originals it marks are deleted by the orphan pass below once their intents
+        // are old enough (at once with a zero grace).
+        for farm in self.farms().await? {
+            let Some(age) = self.retention_of(farm) else { continue };
+            let Some(cutoff) = now.checked_sub(age) else { continue };
+            loop {
+                let keys = self.images.expire_originals(farm, cutoff, BATCH, now).await?;
+                for key in &keys {
+                    self.blobs.delete(key).await?;
+                    self.images.delete_blob_intent(key).await?;
+                }
+                report.originals_expired += keys.len() as u64;
+                if keys.len() < BATCH {
+                    break;
+                }
+            }
+        }
+
+        if let Some(before) = now.checked_sub(self.settings.orphan_grace) {
+            loop {
+                let keys = self.images.stale_blob_intents(before, BATCH).await?;
+                for key in &keys {
+                    if !self.images.blob_referenced(key).await? {
+                        self.blobs.delete(key).await?;
+                        report.orphans_deleted += 1;
+                        tracing::info!(key, "orphaned blob deleted");
+                    }
+                    self.images.delete_blob_intent(key).await?;
+                }
+                if keys.len() < BATCH {
+                    break;
+                }
+            }
+        }
+
+        if let Some(before) = now.checked_sub(self.settings.upload_expiry) {
+            loop {
+                let uploads = self.images.stale_uploads(before, BATCH).await?;
+                for upload in &uploads {
+                    self.delete_prefix(&upload.part_prefix()).await;
+                    self.images.delete_upload(upload.device_id, &upload.upload_id).await?;
+                }
+                report.uploads_expired += uploads.len() as u64;
+                if uploads.len() < BATCH {
+                    break;
+                }
+            }
+        }
+
+        let class = self.settings.cold_storage_class.as_str();
+        if !class.is_empty()
+            && let Some(before) = now.checked_sub(self.settings.cold_after)
+        {
+            for image in self.images.originals_to_move(before, class, BATCH).await? {
+                self.blobs.set_storage_class(&image.original_key, class).await?;
+                self.images.set_storage_class(image.id, class).await?;
+                report.originals_moved += 1;
+            }
+        }
+        metrics::counter!("smartfarm_image_orphans_deleted_total").increment(report.orphans_deleted);
+        metrics::counter!("smartfarm_image_originals_expired_total").increment(report.originals_expired);
+        Ok(report)
+    }
+
+    async fn farms(&self) -> Result<Vec<uuid::Uuid>> {
+        let mut farms = Vec::new();
+        loop {
+            let page = self
+                .registry
+                .list_farms(None, KeysetPage { after: farms.last().copied(), limit: BATCH })
+                .await?;
+            let done = page.len() < BATCH;
+            farms.extend(page.into_iter().map(|farm| farm.id));
+            if done {
+                return Ok(farms);
+            }
+        }
+    }
+
+    /// The retention age of a farm's originals, if they expire.
+    fn retention_of(&self, farm: uuid::Uuid) -> Option<Duration> {
+        let age = self
+            .settings
+            .farm_retention()
+            .ok()
+            .and_then(|overrides| overrides.get(&farm).copied())
+            .unwrap_or(self.settings.retention);
+        (!age.is_zero()).then_some(age)
+    }
+
+    /// Makes thumbnails as photos arrive (and, at start, for photos that have none yet), forever; run it in a task
+    /// of its own.
+    pub async fn run_thumbnails(self) {
+        loop {
+            let made = match self.make_thumbnails().await {
+                Ok(made) => made,
+                Err(error) => {
+                    tracing::warn!(%error, "thumbnails failed; retrying shortly");
+                    0
+                }
+            };
+            if made == 0 {
+                // Woken by a new photo, or every half minute for photos another replica stored.
+                let _ = tokio::time::timeout(Duration::from_secs(30), self.thumbnails_wanted.notified()).await;
+            }
+        }
+    }
+
+    /// Makes the thumbnails of a batch of photos that lack one; returns how many it handled.
+    pub async fn make_thumbnails(&self) -> Result<usize> {
+        let pending = self.images.pending_thumbnails(16).await?;
+        for image in &pending {
+            let original = self.blobs.get(&image.original_key).await?;
+            let (content_type, size) = (image.content_type.clone(), self.settings.thumbnail_size);
+            let made = tokio::task::spawn_blocking(move || media::thumbnail(&original, &content_type, size))
+                .await
+                .map_err(|error| smartfarm_core::Error::internal("make thumbnail", error))?;
+            match made {
+                Ok(thumbnail) => {
+                    let key = thumbnail_key(image.farm_id, &image.sha256);
+                    self.images.add_blob_intent(&key, time::now()).await?;
+                    self.blobs.put(&key, &thumbnail).await?;
+                    self.images.set_thumbnail(image.id, Some(&key)).await?;
+                    metrics::counter!("smartfarm_image_thumbnails_total", "outcome" => "made").increment(1);
+                }
+                Err(reason) => {
+                    tracing::warn!(image_id = %image.id, reason, "no thumbnail can be made of this photo");
+                    self.images.set_thumbnail(image.id, None).await?;
+                    metrics::counter!("smartfarm_image_thumbnails_total", "outcome" => "failed").increment(1);
+                }
+            }
+        }
+        Ok(pending.len())
+    }
+}
