@@ -70,6 +70,8 @@ pub struct EdgeOptions {
     pub mqtt_port: Option<u16>,
     /// Extra config file lines (TOML), e.g. `upload_interval = "1s"`.
     pub config: String,
+    /// Extra command-line arguments, e.g. `--camera-dir ID=DIR`.
+    pub args: Vec<String>,
 }
 
 /// A running `smartfarm-edge`.
@@ -107,6 +109,7 @@ impl Edge {
             .arg("127.0.0.1:0")
             .arg("--addr-file")
             .arg(&addr_file)
+            .args(&options.args)
             .env("SMARTFARM_EDGE_CREDENTIAL", &options.credential)
             .env("SMARTFARM_LOG", "info")
             .stdin(Stdio::null())

@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use smartfarm_proto::device::v1::device_service_client::DeviceServiceClient;
 
 pub mod edge;
+pub mod proxy;
 
 pub use smartfarm_store::testing::{PostgresCluster, TestPostgres, TestS3};
 
@@ -192,6 +193,14 @@ impl Cloud {
     pub async fn kill9(mut self) {
         self.child.start_kill().expect("send SIGKILL");
         let _ = self.child.wait().await;
+    }
+
+    /// Waits for the process to exit on its own (a crash the test provoked); panics after `limit`.
+    pub async fn wait_for_exit(mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("smartfarm did not exit within {limit:?}:\n{}", read_log(&self.log_path)))
+            .expect("wait for smartfarm")
     }
 
     /// Sends SIGTERM and waits for a clean exit; panics if it takes over 15 seconds or fails.

@@ -51,6 +51,7 @@ async fn bad_payloads_foreign_topics_and_wrong_credentials_are_refused_counted_a
         spool_dir: data.data_dir.path().join("spool"),
         mqtt_port: None,
         config: "upload_interval = \"200ms\"\n".into(),
+        args: Vec::new(),
     };
     let edge = Edge::start(&options).await;
     let (me, other) = (&fleet.sensors[0], &fleet.sensors[1]);

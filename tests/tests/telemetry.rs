@@ -15,6 +15,7 @@ fn edge_options(cloud: &Cloud, fleet: &Fleet, data: &CloudData, config: &str) ->
         spool_dir: data.data_dir.path().join("spool"),
         mqtt_port: None,
         config: config.to_string(),
+        args: Vec::new(),
     }
 }
 

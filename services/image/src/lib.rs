@@ -136,7 +136,12 @@ impl ImageService for ImageApi {
         request: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
         let principal = Principal::of(&request)?;
-        Ok(Response::new(self.upload(&principal, request.into_inner()).await?))
+        // In a task of its own: when the client's connection drops, the server drops this handler's future, and
+        // the upload must live on to notice the broken stream and keep the bytes that arrived for resuming.
+        let api = self.clone();
+        let upload = tokio::spawn(async move { api.upload(&principal, request.into_inner()).await });
+        let response = upload.await.map_err(|error| smartfarm_core::Error::internal("upload task", error))??;
+        Ok(Response::new(response))
     }
 
     async fn get_upload_status(

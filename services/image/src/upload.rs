@@ -41,7 +41,7 @@ pub(crate) fn upload_id(value: &str) -> Result<String> {
     if !valid {
         return Err(Error::invalid(
             "upload_id",
-            format!("{:?} must be 1 to 128 letters, digits, '-' or '_'", validate::excerpt(value)),
+            format!("{} must be 1 to 128 letters, digits, '-' or '_'", validate::excerpt(value)),
         ));
     }
     Ok(value.to_string())
@@ -50,7 +50,7 @@ pub(crate) fn upload_id(value: &str) -> Result<String> {
 /// Checks a hex SHA-256 and lowers its case.
 pub(crate) fn sha256_hex(field: &str, value: &str) -> Result<String> {
     if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid(field, format!("{:?} is not a hex SHA-256 (64 hex digits)", validate::excerpt(value))));
+        return Err(Error::invalid(field, format!("{} is not a hex SHA-256 (64 hex digits)", validate::excerpt(value))));
     }
     Ok(value.to_ascii_lowercase())
 }
@@ -99,7 +99,7 @@ impl ImageApi {
             Error::invalid(
                 "content_type",
                 format!(
-                    "{:?} is not a stored type ({})",
+                    "{} is not a stored type ({})",
                     validate::excerpt(&header.content_type),
                     media::ACCEPTED_TYPES.join(", ")
                 ),

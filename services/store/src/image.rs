@@ -187,7 +187,8 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn set_thumbnail(&self, id: Uuid, thumbnail_key: Option<&str>) -> Result<()>;
 
     /// Marks up to `limit` of the farm's originals captured before `captured_before` as deleted and records an
-    /// intent for each of their keys, in one transaction; returns the keys, which the caller then deletes.
+    /// intent for each of their keys, in one transaction; returns the keys, which the caller then deletes. A photo
+    /// whose thumbnail is still pending keeps its original until the thumbnail is made (or found impossible).
     async fn expire_originals(
         &self,
         farm_id: Uuid,

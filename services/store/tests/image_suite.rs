@@ -198,6 +198,10 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
         images.insert_image(image.clone(), None).await.unwrap();
     }
     assert!(images.blob_referenced(&old.original_key).await.unwrap());
+    assert!(
+        images.expire_originals(farm_id, at(24), 100, at(50)).await.unwrap().is_empty(),
+        "an original waits for its thumbnail before retention takes it"
+    );
     let pending = images.pending_thumbnails(10).await.unwrap();
     assert_eq!(pending.len(), 2);
     images.add_blob_intent("thumbnails/old", at(1)).await.unwrap();

@@ -145,6 +145,7 @@ async fn ingest(readings: u64, devices: usize) -> anyhow::Result<()> {
         spool_dir,
         mqtt_port: None,
         config: "upload_interval = \"1h\"\nupload = \"raw\"\n".into(),
+        args: Vec::new(),
     })
     .await;
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
@@ -380,6 +381,7 @@ async fn farm_with_edge(name: &str, sensors: usize, config: String) -> (CloudDat
         spool_dir: data.data_dir.path().join("spool"),
         mqtt_port: None,
         config,
+        args: Vec::new(),
     })
     .await;
     edge.wait_for_registry(sensors + 1).await;

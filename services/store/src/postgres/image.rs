@@ -366,7 +366,7 @@ impl ImageStore for PostgresStore {
             .query(
                 "UPDATE images SET original_available = false
                  WHERE id IN (SELECT id FROM images
-                              WHERE farm_id = $1 AND original_available AND capture_time < $2
+                              WHERE farm_id = $1 AND original_available AND capture_time < $2 AND thumbnail_state <> 'pending'
                               ORDER BY capture_time LIMIT $3
                               FOR UPDATE SKIP LOCKED)
                  RETURNING original_key",

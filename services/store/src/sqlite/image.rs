@@ -420,7 +420,7 @@ impl ImageStore for SqliteStore {
                 let mut statement = transaction
                     .prepare(
                         "SELECT id, original_key FROM images
-                         WHERE farm_id = ?1 AND original_available AND capture_time < ?2
+                         WHERE farm_id = ?1 AND original_available AND capture_time < ?2 AND thumbnail_state <> 'pending'
                          ORDER BY capture_time LIMIT ?3",
                     )
                     .map_err(sql_error("prepare retention"))?;
