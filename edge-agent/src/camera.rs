@@ -75,7 +75,12 @@ impl Cameras {
     }
 
     /// Checks, maybe re-encodes, and spools one photo. Returns whether it was new.
-    pub async fn accept(&self, device_id: Uuid, capture_time: SystemTime, bytes: Vec<u8>) -> Result<bool, CaptureError> {
+    pub async fn accept(
+        &self,
+        device_id: Uuid,
+        capture_time: SystemTime,
+        bytes: Vec<u8>,
+    ) -> Result<bool, CaptureError> {
         let content_type = sniff(&bytes).ok_or_else(|| CaptureError::NotAnImage(describe(&bytes)))?;
         let this = self.clone();
         let put = tokio::task::spawn_blocking(move || {
@@ -88,7 +93,8 @@ impl Cameras {
             metrics::counter!("smartfarm_edge_images_dropped_total").increment(put.dropped.len() as u64);
             let bytes = put.dropped.iter().map(|photo| photo.size_bytes).sum();
             tracing::error!(dropped = put.dropped.len(), bytes, "image spool over its cap: dropped the oldest photos");
-            let _ = self.alerts.send(LocalAlert::ImageSpoolOverflow { dropped_photos: put.dropped.len() as u64, bytes });
+            let _ =
+                self.alerts.send(LocalAlert::ImageSpoolOverflow { dropped_photos: put.dropped.len() as u64, bytes });
         }
         if put.stored {
             metrics::counter!("smartfarm_edge_images_captured_total").increment(1);
@@ -97,7 +103,11 @@ impl Cameras {
         Ok(put.stored)
     }
 
-    fn maybe_reencode(&self, content_type: &'static str, bytes: Vec<u8>) -> Result<(&'static str, Vec<u8>), CaptureError> {
+    fn maybe_reencode(
+        &self,
+        content_type: &'static str,
+        bytes: Vec<u8>,
+    ) -> Result<(&'static str, Vec<u8>), CaptureError> {
         let wanted = match (self.reencode, content_type) {
             (Reencode::Keep, _) => false,
             (Reencode::Jpeg, "image/png") => true,
@@ -207,7 +217,9 @@ impl Cameras {
             .and_then(|()| std::fs::rename(path, target.join(path.file_name().unwrap_or_default())));
         match moved {
             Ok(()) => tracing::warn!(file = %path.display(), reason, "camera file rejected; moved to rejected/"),
-            Err(error) => tracing::error!(file = %path.display(), reason, %error, "camera file rejected and cannot be moved"),
+            Err(error) => {
+                tracing::error!(file = %path.display(), reason, %error, "camera file rejected and cannot be moved")
+            }
         }
     }
 }

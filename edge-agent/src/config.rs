@@ -196,9 +196,8 @@ impl CameraConfig {
 
     /// Parses `--camera-dir DEVICE_ID=DIR`.
     pub fn parse_dir_flag(value: &str) -> Result<CameraConfig, ConfigError> {
-        let (id, dir) = value
-            .split_once('=')
-            .ok_or_else(|| bad("camera-dir", format!("{value:?} is not CAMERA_DEVICE_ID=DIR")))?;
+        let (id, dir) =
+            value.split_once('=').ok_or_else(|| bad("camera-dir", format!("{value:?} is not CAMERA_DEVICE_ID=DIR")))?;
         let id = uuid::Uuid::try_parse(id).map_err(|_| bad("camera-dir", format!("{id:?} is not a device id")))?;
         if dir.is_empty() {
             return Err(bad("camera-dir", "the directory is empty"));

@@ -131,10 +131,7 @@ impl ImageSpool {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let micros = capture_time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros();
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let duplicate = self
-            .pending()?
-            .into_iter()
-            .any(|photo| photo.device_id == device_id && photo.sha256 == sha256);
+        let duplicate = self.pending()?.into_iter().any(|photo| photo.device_id == device_id && photo.sha256 == sha256);
         if duplicate {
             return Ok(Put { stored: false, dropped: Vec::new() });
         }

@@ -139,10 +139,8 @@ impl ImageUplink {
                         metrics::counter!("smartfarm_edge_images_refused_total").increment(1);
                         let aside = self.spool.set_aside(photo).map_err(|error| LinkError::Spool(error.to_string()))?;
                         tracing::error!(file = %aside.display(), reason, "the cloud refused a photo for good; set aside");
-                        let _ = self.alerts.send(LocalAlert::ImageRefused {
-                            file: aside.display().to_string(),
-                            reason,
-                        });
+                        let _ =
+                            self.alerts.send(LocalAlert::ImageRefused { file: aside.display().to_string(), reason });
                     }
                 }
             }

@@ -31,8 +31,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 async fn images_client(cloud: &Cloud, key: &str) -> Images {
-    ImageServiceClient::with_interceptor(cloud.channel().await, Bearer::new(key))
-        .max_decoding_message_size(64 << 20)
+    ImageServiceClient::with_interceptor(cloud.channel().await, Bearer::new(key)).max_decoding_message_size(64 << 20)
 }
 
 /// Registers a camera on the fleet's farm; returns its id.
@@ -159,8 +158,8 @@ async fn photos_arrive_once_each(data: &CloudData, cloud_options: CloudOptions, 
         assert_eq!(image.device_id, camera);
         assert_eq!((image.size_bytes, image.content_type.as_str()), (bytes.len() as u64, "image/jpeg"));
         assert_eq!((image.width, image.height), (256, 256));
-        let captured = smartfarm_core::time::from_timestamp("capture_time", image.capture_time.as_ref().unwrap())
-            .unwrap();
+        let captured =
+            smartfarm_core::time::from_timestamp("capture_time", image.capture_time.as_ref().unwrap()).unwrap();
         assert!(captured >= started && captured <= SystemTime::now(), "capture time is the file's: {captured:?}");
         assert!(image.original_available);
         let stored_bytes =
@@ -309,7 +308,12 @@ async fn a_link_cut_in_the_middle_of_a_large_upload_resumes_and_a_photo_sent_twi
     assert!(arrived, "the photo did not arrive:\n{}\n{}", edge.log(), cloud.log());
     assert!(proxy.has_cut(), "the link was cut during the upload");
     let resumed = edge.metric("smartfarm_edge_image_resumed_bytes_total").await;
-    assert!(resumed > 0.0, "the upload resumed from the bytes the cloud kept, not from zero:\n{}\n{}", edge.log(), cloud.log());
+    assert!(
+        resumed > 0.0,
+        "the upload resumed from the bytes the cloud kept, not from zero:\n{}\n{}",
+        edge.log(),
+        cloud.log()
+    );
     let stored = list(&mut images, &fleet.farm_id).await;
     let (_, bytes) = fetch(&mut images, &stored[0].id, pb::ImageVariant::Original).await;
     assert_eq!(bytes, photo, "the resumed photo is byte-identical");
@@ -419,9 +423,7 @@ fn header(upload_id: &str, device_id: &str, bytes: &[u8], size_bytes: u64, conte
 }
 
 fn chunk(offset: u64, data: &[u8]) -> pb::UploadRequest {
-    pb::UploadRequest {
-        body: Some(pb::upload_request::Body::Chunk(pb::UploadChunk { offset, data: data.to_vec() })),
-    }
+    pb::UploadRequest { body: Some(pb::upload_request::Body::Chunk(pb::UploadChunk { offset, data: data.to_vec() })) }
 }
 
 async fn upload(images: &mut Images, messages: Vec<pb::UploadRequest>) -> Result<pb::UploadResponse, tonic::Status> {
@@ -525,7 +527,11 @@ async fn bad_uploads_get_clear_errors_store_nothing_and_the_service_stays_up() {
     assert!(list(&mut images, &fleet.farm_id).await.is_empty());
 
     // Still up: a good upload works, and the same photo again is a duplicate.
-    let good = vec![header("good", &camera, &photo, size, "image/jpeg"), chunk(0, &photo[..1000]), chunk(1000, &photo[1000..])];
+    let good = vec![
+        header("good", &camera, &photo, size, "image/jpeg"),
+        chunk(0, &photo[..1000]),
+        chunk(1000, &photo[1000..]),
+    ];
     let stored = upload(&mut images, good.clone()).await.expect("a good upload");
     assert!(!stored.duplicate);
     let mut again = good;
@@ -564,8 +570,9 @@ async fn retention_deletes_old_originals_and_keeps_thumbnails_and_metadata() {
         let mut first = header(name, &camera, &photo, photo.len() as u64, "image/jpeg");
         if let Some(pb::upload_request::Body::Header(header)) = &mut first.body {
             header.upload_id = name.replace('.', "-");
-            header.capture_time =
-                Some(smartfarm_core::time::to_timestamp(SystemTime::now() - Duration::from_secs(age_hours * 3600 + 60)));
+            header.capture_time = Some(smartfarm_core::time::to_timestamp(
+                SystemTime::now() - Duration::from_secs(age_hours * 3600 + 60),
+            ));
         }
         let stored = upload(&mut images, vec![first, chunk(0, &photo)]).await.expect("upload");
         uploaded.push(stored.image.unwrap());

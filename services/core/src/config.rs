@@ -279,7 +279,10 @@ impl ImagesConfig {
                     Error::invalid("images.farm_retention", format!("{farm:?} is not a farm id (a UUID)"))
                 })?;
                 let age = humantime::parse_duration(age).map_err(|error| {
-                    Error::invalid("images.farm_retention", format!("{age:?} is not a duration like \"90days\": {error}"))
+                    Error::invalid(
+                        "images.farm_retention",
+                        format!("{age:?} is not a duration like \"90days\": {error}"),
+                    )
                 })?;
                 Ok((farm_id, age))
             })
@@ -367,9 +370,10 @@ impl ServerConfig {
             return Err(Error::invalid("images", "sweep_interval and upload_expiry must be longer than zero"));
         }
         images.farm_retention()?;
-        if !images.public_url.is_empty()
-            && !(images.public_url.starts_with("http://") || images.public_url.starts_with("https://"))
-        {
+        let public_url_ok = images.public_url.is_empty()
+            || images.public_url.starts_with("http://")
+            || images.public_url.starts_with("https://");
+        if !public_url_ok {
             return Err(Error::invalid("images.public_url", "must start with http:// or https://"));
         }
         if self.postgres.max_connections == 0 {

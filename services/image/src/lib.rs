@@ -160,10 +160,7 @@ impl ImageService for ImageApi {
         Ok(Response::new(self.check_images(&principal, request.get_ref()).await?))
     }
 
-    async fn get_image(
-        &self,
-        request: Request<pb::GetImageRequest>,
-    ) -> Result<Response<Self::GetImageStream>, Status> {
+    async fn get_image(&self, request: Request<pb::GetImageRequest>) -> Result<Response<Self::GetImageStream>, Status> {
         let principal = Principal::of(&request)?;
         let messages = self.image_messages(&principal, request.get_ref()).await?;
         Ok(Response::new(tokio_stream::iter(messages.into_iter().map(Ok).collect::<Vec<_>>())))

@@ -85,9 +85,10 @@ impl ImageApi {
                 "the original of image {} was deleted by the farm's retention; its thumbnail and metadata remain",
                 image.id
             ))),
-            Variant::Thumbnail => image.thumbnail_key.clone().ok_or_else(|| {
-                Error::FailedPrecondition(format!("image {} has no thumbnail (yet)", image.id))
-            }),
+            Variant::Thumbnail => image
+                .thumbnail_key
+                .clone()
+                .ok_or_else(|| Error::FailedPrecondition(format!("image {} has no thumbnail (yet)", image.id))),
         }
     }
 
@@ -128,9 +129,11 @@ impl ImageApi {
             metadata.size_bytes = bytes.len() as u64;
         }
         let mut messages = vec![pb::GetImageResponse { body: Some(pb::get_image_response::Body::Image(metadata)) }];
-        messages.extend(bytes.chunks(STREAM_CHUNK_BYTES).map(|chunk| pb::GetImageResponse {
-            body: Some(pb::get_image_response::Body::Data(chunk.to_vec())),
-        }));
+        messages.extend(
+            bytes
+                .chunks(STREAM_CHUNK_BYTES)
+                .map(|chunk| pb::GetImageResponse { body: Some(pb::get_image_response::Body::Data(chunk.to_vec())) }),
+        );
         Ok(messages)
     }
 
@@ -150,8 +153,11 @@ impl ImageApi {
                     .as_ref()
                     .map(|t| time::from_timestamp("capture_time_range.start_time", t))
                     .transpose()?;
-                let end =
-                    range.end_time.as_ref().map(|t| time::from_timestamp("capture_time_range.end_time", t)).transpose()?;
+                let end = range
+                    .end_time
+                    .as_ref()
+                    .map(|t| time::from_timestamp("capture_time_range.end_time", t))
+                    .transpose()?;
                 if let (Some(start), Some(end)) = (start, end)
                     && start >= end
                 {

@@ -113,10 +113,8 @@ impl ImageApi {
     async fn farms(&self) -> Result<Vec<uuid::Uuid>> {
         let mut farms = Vec::new();
         loop {
-            let page = self
-                .registry
-                .list_farms(None, KeysetPage { after: farms.last().copied(), limit: BATCH })
-                .await?;
+            let page =
+                self.registry.list_farms(None, KeysetPage { after: farms.last().copied(), limit: BATCH }).await?;
             let done = page.len() < BATCH;
             farms.extend(page.into_iter().map(|farm| farm.id));
             if done {

@@ -50,7 +50,10 @@ pub(crate) fn upload_id(value: &str) -> Result<String> {
 /// Checks a hex SHA-256 and lowers its case.
 pub(crate) fn sha256_hex(field: &str, value: &str) -> Result<String> {
     if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid(field, format!("{} is not a hex SHA-256 (64 hex digits)", validate::excerpt(value))));
+        return Err(Error::invalid(
+            field,
+            format!("{} is not a hex SHA-256 (64 hex digits)", validate::excerpt(value)),
+        ));
     }
     Ok(value.to_ascii_lowercase())
 }
@@ -112,7 +115,16 @@ impl ImageApi {
         }
         let labels = validate::labels("labels", &header.labels)?;
         let (device_id, farm_id) = self.camera_for(principal, &header.device_id).await?;
-        Ok(Header { upload_id, device_id, farm_id, capture_time, sha256, size_bytes: header.size_bytes, content_type, labels })
+        Ok(Header {
+            upload_id,
+            device_id,
+            farm_id,
+            capture_time,
+            sha256,
+            size_bytes: header.size_bytes,
+            content_type,
+            labels,
+        })
     }
 
     /// Runs one `Upload` call.
@@ -382,7 +394,11 @@ fn check_type(bytes: &[u8], declared: &str) -> Result<()> {
         Some(actual) => Err(Error::invalid("content_type", format!("declared {declared}, but the bytes are {actual}"))),
         None => Err(Error::invalid(
             "data",
-            format!("the bytes are not an image ({}); accepted: {}", media::describe_unknown(bytes), media::ACCEPTED_TYPES.join(", ")),
+            format!(
+                "the bytes are not an image ({}); accepted: {}",
+                media::describe_unknown(bytes),
+                media::ACCEPTED_TYPES.join(", ")
+            ),
         )),
     }
 }

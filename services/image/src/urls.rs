@@ -87,7 +87,14 @@ impl UrlSigner {
     }
 
     /// Checks a URL's signature and expiry.
-    pub fn verify(&self, image_id: Uuid, variant: Variant, expires: &str, signature: &str, now: SystemTime) -> Result<()> {
+    pub fn verify(
+        &self,
+        image_id: Uuid,
+        variant: Variant,
+        expires: &str,
+        signature: &str,
+        now: SystemTime,
+    ) -> Result<()> {
         let denied = || Error::PermissionDenied("the URL's signature is not valid".into());
         let expires: u64 = expires.parse().map_err(|_| Error::invalid("expires", "is not a Unix time"))?;
         let signature = hex::decode(signature).map_err(|_| denied())?;
@@ -146,20 +153,16 @@ mod tests {
         let now = SystemTime::now();
         let url = signer.url("https://farm.example.com/", id, Variant::Thumbnail, now + Duration::from_secs(60));
         assert!(url.starts_with(&format!("https://farm.example.com/v1/images/{id}/content?variant=thumbnail&")));
-        let query: std::collections::HashMap<_, _> = url
-            .split_once('?')
-            .unwrap()
-            .1
-            .split('&')
-            .map(|pair| pair.split_once('=').unwrap())
-            .collect();
+        let query: std::collections::HashMap<_, _> =
+            url.split_once('?').unwrap().1.split('&').map(|pair| pair.split_once('=').unwrap()).collect();
         let (expires, signature) = (query["expires"], query["signature"]);
         signer.verify(id, Variant::Thumbnail, expires, signature, now).unwrap();
         assert!(signer.verify(id, Variant::Original, expires, signature, now).is_err(), "another variant");
         assert!(signer.verify(Uuid::now_v7(), Variant::Thumbnail, expires, signature, now).is_err(), "another image");
         let later: u64 = expires.parse::<u64>().unwrap() + 1;
         assert!(signer.verify(id, Variant::Thumbnail, &later.to_string(), signature, now).is_err(), "longer expiry");
-        let error = signer.verify(id, Variant::Thumbnail, expires, signature, now + Duration::from_secs(120)).unwrap_err();
+        let error =
+            signer.verify(id, Variant::Thumbnail, expires, signature, now + Duration::from_secs(120)).unwrap_err();
         assert!(error.to_string().contains("expired"), "{error}");
         assert!(UrlSigner::new(b"short").is_err());
     }

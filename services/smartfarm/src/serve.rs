@@ -9,10 +9,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
+use smartfarm_bus::Bus;
 use smartfarm_core::config::ServerConfig;
 use smartfarm_core::{Role, observability};
 use smartfarm_gateway::{Authenticator, Services};
-use smartfarm_bus::Bus;
 use smartfarm_store::{BlobStore, Database, RegistryStore, blob};
 
 /// The file a fresh installation's first admin key is written to, inside the data dir.
@@ -155,12 +155,12 @@ async fn bootstrap_admin_key(registry: &dyn RegistryStore, data_dir: &Path) -> a
 fn url_signing_key(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     let path = data_dir.join(URL_SIGNING_KEY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            hex::decode(text.trim()).with_context(|| format!("{} is not a hex key; delete it to make a new one", path.display()))
-        }
+        Ok(text) => hex::decode(text.trim())
+            .with_context(|| format!("{} is not a hex key; delete it to make a new one", path.display())),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let mut key = [0u8; 32];
-            getrandom::fill(&mut key).map_err(|error| anyhow::anyhow!("no randomness for the url signing key: {error}"))?;
+            getrandom::fill(&mut key)
+                .map_err(|error| anyhow::anyhow!("no randomness for the url signing key: {error}"))?;
             std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
             write_private(&path, format!("{}\n", hex::encode(key)).as_bytes())
                 .with_context(|| format!("cannot write the url signing key to {}", path.display()))?;

@@ -154,8 +154,12 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Which of `sha256s` the farm has.
     async fn known_sha256s(&self, farm_id: Uuid, sha256s: &[String]) -> Result<Vec<String>>;
     /// Photos matching `filter`, newest capture first, strictly after `after`.
-    async fn list_images(&self, filter: &ImageFilter, after: Option<ImageCursor>, limit: usize)
-    -> Result<Vec<ImageRecord>>;
+    async fn list_images(
+        &self,
+        filter: &ImageFilter,
+        after: Option<ImageCursor>,
+        limit: usize,
+    ) -> Result<Vec<ImageRecord>>;
     /// Stores a photo's row, removes the intent of its original's key, and marks the upload it came from as
     /// finished (its state is upserted with `image_id` set to the stored row), in one transaction. If the farm
     /// already has this sha256, nothing changes but the intent's removal (the existing row references the same

@@ -210,7 +210,10 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     assert!(images.pending_thumbnails(10).await.unwrap().is_empty());
     assert!(images.stale_blob_intents(at(100), 10).await.unwrap().is_empty(), "the thumbnail's intent is gone");
     let stored = images.get_image(old.id).await.unwrap();
-    assert_eq!((stored.thumbnail_state, stored.thumbnail_key.as_deref()), (ThumbnailState::Done, Some("thumbnails/old")));
+    assert_eq!(
+        (stored.thumbnail_state, stored.thumbnail_key.as_deref()),
+        (ThumbnailState::Done, Some("thumbnails/old"))
+    );
     assert_eq!(images.get_image(new.id).await.unwrap().thumbnail_state, ThumbnailState::Failed);
 
     // Retention: the old original is marked deleted with an intent for its key; the thumbnail stays referenced.

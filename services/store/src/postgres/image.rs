@@ -71,7 +71,10 @@ async fn find_image(
     sha256: &str,
 ) -> Result<Option<ImageRecord>> {
     let row = client
-        .query_opt(&format!("SELECT {IMAGE_COLUMNS} FROM images WHERE farm_id = $1 AND sha256 = $2"), &[&farm_id, &sha256])
+        .query_opt(
+            &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE farm_id = $1 AND sha256 = $2"),
+            &[&farm_id, &sha256],
+        )
         .await
         .map_err(pg_error("find image"))?;
     row.as_ref().map(image_from_row).transpose()

@@ -207,7 +207,8 @@ impl ImageStore for SqliteStore {
     async fn insert_image(&self, image: ImageRecord, upload: Option<UploadState>) -> Result<Inserted> {
         self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin image insert"))?;
-            let labels = serde_json::to_string(&image.labels).map_err(|error| Error::internal("encode labels", error))?;
+            let labels =
+                serde_json::to_string(&image.labels).map_err(|error| Error::internal("encode labels", error))?;
             let inserted = transaction.execute(
                 "INSERT INTO images (id, farm_id, device_id, capture_time, receive_time, sha256, size_bytes,
                                      content_type, width, height, labels, original_key, original_available,
