@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds release binaries and runs the telemetry benchmarks (see tests/src/bin/smartfarm-bench.rs), printing one JSON
+# Builds release binaries and runs the telemetry and photo benchmarks (see tests/src/bin/smartfarm-bench/), printing one JSON
 # line per measurement. Needs what the tests need (PostgreSQL, the tools from install-tools.sh) plus the Debian
 # `mosquitto` package for the fan-in baseline. Takes about four minutes once built.
 set -euo pipefail
@@ -12,3 +12,4 @@ bench="${CARGO_TARGET_DIR:-target}/release/smartfarm-bench"
 "$bench" fanin --publishers 50 --messages-per-publisher 2000
 "$bench" fanin --publishers 50 --messages-per-publisher 2000 --fsync interval
 "$bench" footprint --sensors 1000 --rate 10000 --seconds 20
+"$bench" images --photos 40 --cameras 100 --hours 24

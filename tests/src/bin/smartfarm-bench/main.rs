@@ -1,4 +1,4 @@
-//! `smartfarm-bench`: the telemetry benchmarks, as a program that prints what it measured (JSON lines, then a
+//! `smartfarm-bench`: the telemetry and photo benchmarks, as a program that prints what it measured (JSON lines, then a
 //! summary), each against a baseline run in the same process on the same machine:
 //!
 //! - `ingest`: readings/s from a full edge spool to committed rows (real agent, real cloud, PostgreSQL), against
@@ -8,9 +8,13 @@
 //!   the agent at half the load it sustained. `--fsync` picks the agent's policy (`always`, the default, fsyncs
 //!   before every acknowledgement; `interval` shows what the path costs without waiting for the disk).
 //! - `footprint`: the agent's resident memory with 1000 connected sensors publishing 10k messages/s in all.
+//! - `images`: photo upload MB/s through agent, cloud and S3 against plain PutObject, and bytes stored per photo
+//!   for a day of hourly photos from many cameras (see `images.rs`).
 //!
 //! It needs what the tests need: PostgreSQL at SMARTFARM_TEST_DATABASE_URL, the smartfarm binaries built, and the
 //! Debian `mosquitto` package for the fan-in baseline.
+
+mod images;
 
 use std::collections::HashMap;
 use std::pin::pin;
@@ -57,6 +61,17 @@ enum Command {
         #[arg(long, default_value = "always")]
         fsync: String,
     },
+    /// Photo upload MB/s against PutObject, and bytes stored per photo for a day of hourly photos.
+    Images {
+        /// Photos of the throughput run (1600x1200 JPEGs of about 1.5 MB).
+        #[arg(long, default_value_t = 40)]
+        photos: usize,
+        /// Cameras of the storage run, each taking one photo an hour.
+        #[arg(long, default_value_t = 100)]
+        cameras: usize,
+        #[arg(long, default_value_t = 24)]
+        hours: usize,
+    },
     /// Resident memory with many connected sensors.
     Footprint {
         #[arg(long, default_value_t = 1000)]
@@ -80,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             fanin(publishers, messages_per_publisher, &fsync).await
         }
         Command::Footprint { sensors, rate, seconds } => footprint(sensors, rate, seconds).await,
+        Command::Images { photos, cameras, hours } => images::images(photos, cameras, hours).await,
     }
 }
 
