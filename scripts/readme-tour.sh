@@ -38,6 +38,14 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 
+# ... and the demo camera's three photos.
+for _ in $(seq 1 150); do
+  count=$("$grpcurl_bin" -plaintext -H "authorization: Bearer $key" -d "{\"farm_id\": \"$farm\"}" "$addr" \
+    smartfarm.image.v1.ImageService/ListImages 2>/dev/null | jq '.images | length' 2>/dev/null || echo 0)
+  [ "${count:-0}" -ge 3 ] && break
+  sleep 0.2
+done
+
 tour=$(sed -n '/<!-- tour:begin -->/,/<!-- tour:end -->/p' README.md | sed '/^```/d; /^<!--/d')
 [ -n "$tour" ] || { echo "readme-tour: no tour block found in README.md" >&2; exit 1; }
 tour=${tour//127.0.0.1:50051/$addr}
@@ -57,7 +65,7 @@ ln -s "$grpcurl_bin" "$work/bin/grpcurl"
 # The tour must have done what it says: a farm with a gateway and a sensor, and a farm-scoped key.
 for expected in '"kind": "DEVICE_KIND_GATEWAY"' '"name": "soil probe 1"' '"secret": "sfk_' \
   'smartfarm.device.v1.DeviceService' 'SERVING' '"metric": "soil_moisture"' '"buckets"' '"nextPageToken"' \
-  '"metric": "temperature"'; do
+  '"metric": "temperature"' '"contentType": "image/jpeg"' '/v1/images/'; do
   grep -q "$expected" "$work/tour.out" || { cat "$work/tour.out" >&2; echo "readme-tour: missing $expected" >&2; exit 1; }
 done
 echo "readme-tour: the README's grpcurl tour works as written"

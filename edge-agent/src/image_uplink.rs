@@ -46,6 +46,8 @@ enum Sent {
     Stored { duplicate: bool },
     /// The cloud will never take it.
     Refused(String),
+    /// The size cap dropped it while it waited (already counted and alerted).
+    Gone,
 }
 
 /// Sends spooled photos.
@@ -135,6 +137,7 @@ impl ImageUplink {
                         tracing::debug!(sha256 = %photo.sha256, duplicate, "photo uploaded");
                         self.spool.remove(photo).map_err(|error| LinkError::Spool(error.to_string()))?;
                     }
+                    Sent::Gone => {}
                     Sent::Refused(reason) => {
                         metrics::counter!("smartfarm_edge_images_refused_total").increment(1);
                         let aside = self.spool.set_aside(photo).map_err(|error| LinkError::Spool(error.to_string()))?;
@@ -169,8 +172,7 @@ impl ImageUplink {
             Err(status) => return refusal_or_failure(status),
         };
         let Some(bytes) = self.spool.read(photo).map_err(|error| LinkError::Spool(error.to_string()))? else {
-            // Dropped by the cap while queued: already counted and alerted.
-            return Ok(Sent::Stored { duplicate: false });
+            return Ok(Sent::Gone);
         };
         if offset > bytes.len() as u64 {
             return Err(LinkError::Protocol(format!("the cloud holds {offset} bytes of a {}-byte photo", bytes.len())));

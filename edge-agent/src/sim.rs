@@ -97,6 +97,26 @@ pub const METRICS_PER_MESSAGE: u64 = 2;
 /// so the demo replays real data wherever the binary runs.
 pub const SOIL_MOISTURE_FIXTURE: &str = include_str!("../fixtures/soil_moisture_simpact.csv");
 
+/// Leaf photos a simulated camera delivers (256x256 JPEGs from PlantVillage, CC BY-SA 3.0; see
+/// `fixtures/photos/LICENSE`).
+pub const PHOTO_FIXTURES: &[(&str, &[u8])] = &[
+    ("apple_scab.jpg", include_bytes!("../fixtures/photos/apple_scab.jpg")),
+    ("potato_late_blight.jpg", include_bytes!("../fixtures/photos/potato_late_blight.jpg")),
+    ("apple_healthy.jpg", include_bytes!("../fixtures/photos/apple_healthy.jpg")),
+];
+
+/// Delivers photos into a camera directory the way a camera program should: each written aside under a hidden
+/// name, then renamed in, so the agent never takes a half-written file.
+pub fn drop_photos(dir: &std::path::Path, photos: &[(&str, &[u8])]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, bytes) in photos {
+        let temp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&temp, bytes)?;
+        std::fs::rename(&temp, dir.join(name))?;
+    }
+    Ok(())
+}
+
 /// Reads the `soil_moisture` series to replay from a SIMPaCT pivot CSV file.
 pub fn read_replay(path: &Path) -> anyhow::Result<Vec<f64>> {
     let text = std::fs::read_to_string(path)?;

@@ -23,7 +23,9 @@ type Images = ImageServiceClient<InterceptedService<Channel, Bearer>>;
 const FIXTURES: &[&str] = &["apple_scab.jpg", "potato_late_blight.jpg", "apple_healthy.jpg"];
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos").join(name)).expect("read a fixture")
+    let (_, bytes) =
+        smartfarm_edge::sim::PHOTO_FIXTURES.iter().find(|(fixture, _)| *fixture == name).expect("a fixture");
+    bytes.to_vec()
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -52,12 +54,8 @@ async fn register_camera(cloud: &Cloud, key: &str, fleet: &Fleet, name: &str) ->
         .id
 }
 
-/// Puts a photo into a camera directory the way a camera program should: written aside, then renamed in.
 fn drop_photo(dir: &Path, name: &str, bytes: &[u8]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let temp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&temp, bytes).unwrap();
-    std::fs::rename(&temp, dir.join(name)).unwrap();
+    smartfarm_edge::sim::drop_photos(dir, &[(name, bytes)]).expect("drop a photo");
 }
 
 async fn list(images: &mut Images, farm_id: &str) -> Vec<pb::Image> {
@@ -114,7 +112,7 @@ fn original_key(farm_id: &str, sha256: &str) -> String {
 }
 
 /// The shared scenario: three photos, one dropped twice and one non-image, through a real agent.
-async fn photos_arrive_once_each(data: &CloudData, cloud_options: CloudOptions, blob_root: &Path) {
+async fn photos_arrive_once_each(data: &CloudData, cloud_options: CloudOptions, blob_root: &Path, cold_storage: bool) {
     let cloud = Cloud::start(data, cloud_options).await;
     let key = bootstrap_admin_key(data);
     let fleet = Fleet::register(&cloud, &key, "orchard", 0).await;
@@ -205,8 +203,33 @@ async fn photos_arrive_once_each(data: &CloudData, cloud_options: CloudOptions, 
     })
     .await;
     assert!(emptied, "the agent keeps only what the cloud lacks");
+
+    if cold_storage {
+        // Configured to move originals to a colder class at once: the sweeper did so for every photo, in place.
+        let moved = eventually(Duration::from_secs(10), || {
+            let log = cloud.log();
+            async move { originals_moved(&log) >= FIXTURES.len() as u64 }
+        })
+        .await;
+        assert!(moved, "the originals were not moved to the cold storage class:\n{}", cloud.log());
+        for name in FIXTURES {
+            let bytes = fixture(name);
+            let stored = std::fs::read(blob_root.join(original_key(&fleet.farm_id, &sha256(&bytes)))).unwrap();
+            assert_eq!(stored, bytes, "{name} is unchanged by its move");
+        }
+    }
     edge.stop().await;
     cloud.stop().await;
+}
+
+/// The originals the sweeper reports having moved to the cold storage class, over its whole log.
+fn originals_moved(log: &str) -> u64 {
+    log.match_indices("originals_moved: ")
+        .filter_map(|(at, label)| {
+            let digits: String = log[at + label.len()..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// GET of a URL the cloud returned: a presigned S3 URL or a path on the cloud itself.
@@ -249,15 +272,21 @@ async fn http_get_bytes(url: &str, cloud: &Cloud) -> Vec<u8> {
 async fn photos_from_a_camera_directory_arrive_once_each_on_local_files() {
     let data = CloudData::new(Backend::Sqlite).await;
     let blobs = data.data_dir.path().join("blobs");
-    photos_arrive_once_each(&data, CloudOptions::default(), &blobs).await;
+    photos_arrive_once_each(&data, CloudOptions::default(), &blobs, false).await;
 }
 
 #[tokio::test]
 async fn photos_from_a_camera_directory_arrive_once_each_on_s3() {
     let s3 = TestS3::start().await;
     let data = CloudData::new(Backend::Postgres).await;
-    let options = CloudOptions { env: vec![("SMARTFARM_BLOB_URL".into(), s3.url.clone())], ..Default::default() };
-    photos_arrive_once_each(&data, options, &s3.bucket_dir).await;
+    let options = CloudOptions {
+        env: vec![("SMARTFARM_BLOB_URL".into(), s3.url.clone())],
+        config: Some(
+            "[images]\ncold_storage_class = \"STANDARD_IA\"\ncold_after = \"0s\"\nsweep_interval = \"500ms\"\n".into(),
+        ),
+        ..Default::default()
+    };
+    photos_arrive_once_each(&data, options, &s3.bucket_dir, true).await;
 }
 
 /// A photo too big to come through a cut link in one go: random pixels, stored losslessly, a few MB.

@@ -475,6 +475,20 @@ mod tests {
     }
 
     #[test]
+    fn per_farm_image_retention_names_farms_by_id() {
+        let farm = "01939a6e-8f3c-7d2a-9b1e-1f2d3c4b5a69";
+        let config = ServerConfig::from_toml(&format!("[images.farm_retention]\n\"{farm}\" = \"90days\"")).unwrap();
+        let retention = config.images.farm_retention().unwrap();
+        assert_eq!(retention[&uuid::Uuid::parse_str(farm).unwrap()], Duration::from_secs(90 * 86_400));
+        let error = ServerConfig::from_toml("[images.farm_retention]\n\"north farm\" = \"90days\"").unwrap_err();
+        assert!(error.to_string().contains("\"north farm\" is not a farm id"), "{error}");
+        let error = ServerConfig::from_toml(&format!("[images.farm_retention]\n\"{farm}\" = \"a while\"")).unwrap_err();
+        assert!(error.to_string().contains("is not a duration"), "{error}");
+        let error = ServerConfig::from_toml("[images]\npublic_url = \"farm.example.com\"").unwrap_err();
+        assert!(error.to_string().contains("images.public_url"), "{error}");
+    }
+
+    #[test]
     fn embedded_defaults_live_under_the_data_dir() {
         let config = ServerConfig { data_dir: PathBuf::from("/var/lib/smartfarm"), ..Default::default() };
         assert_eq!(config.effective_database_url(), "sqlite:///var/lib/smartfarm/smartfarm.db");

@@ -1,6 +1,7 @@
 //! `smartfarm demo`: the whole product on one machine, in one process: the cloud on the embedded default (SQLite
 //! and files), one farm's edge agent with its MQTT broker, and simulated sensors replaying real soil-moisture data
-//! into it, readings flowing up every few seconds. It prints the commands to look at them. State lives in the demo's
+//! into it, readings flowing up every few seconds, and a camera whose photos go up as they are dropped into its
+//! directory. It prints the commands to look at them. State lives in the demo's
 //! data dir, so a second run continues where the first stopped.
 
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use smartfarm_core::config::ServerConfig;
-use smartfarm_edge::config::{EdgeConfig, UploadMode};
+use smartfarm_edge::config::{CameraConfig, EdgeConfig, UploadMode};
 use smartfarm_edge::sim::{self, RunOptions, SensorCredentials};
 use smartfarm_proto::device::v1::device_service_client::DeviceServiceClient;
 use smartfarm_proto::device::v1::{CreateFarmRequest, DeviceKind, ListFarmsRequest, RegisterDeviceRequest};
@@ -49,6 +50,9 @@ struct DemoState {
     farm_id: String,
     gateway_credential: String,
     sensors: Vec<SensorCredentials>,
+    /// The demo camera (empty in the state of a demo from before cameras).
+    #[serde(default)]
+    camera_id: String,
 }
 
 /// Resolves when `stop` turns true.
@@ -91,6 +95,7 @@ pub async fn run(args: DemoArgs, mut config: ServerConfig) -> anyhow::Result<()>
         .trim()
         .to_string();
     let state = demo_state(&data_dir, cloud_addr, &admin_key, args.sensors).await?;
+    let camera_dir = data_dir.join("demo-camera");
 
     let edge_config = EdgeConfig {
         cloud: format!("http://{cloud_addr}"),
@@ -102,8 +107,18 @@ pub async fn run(args: DemoArgs, mut config: ServerConfig) -> anyhow::Result<()>
         upload: UploadMode::Both,
         aggregation_window: Duration::from_secs(60),
         metrics_listen: String::new(),
+        cameras: match state.camera_id.parse() {
+            Ok(camera) => vec![CameraConfig::dir(camera, camera_dir.clone())],
+            Err(_) => Vec::new(),
+        },
+        camera_poll_interval: Duration::from_millis(500),
         ..EdgeConfig::default()
     };
+    // The demo camera "takes" the leaf photos again on every run; the agent sends only those the cloud lacks.
+    if !state.camera_id.is_empty() {
+        sim::drop_photos(&camera_dir, sim::PHOTO_FIXTURES)
+            .with_context(|| format!("cannot write photos into {}", camera_dir.display()))?;
+    }
     let edge_addr_file = data_dir.join(".demo-edge-addr");
     let _ = std::fs::remove_file(&edge_addr_file);
     let edge =
@@ -137,6 +152,8 @@ pub async fn run(args: DemoArgs, mut config: ServerConfig) -> anyhow::Result<()>
          \x20 grpcurl -plaintext -H \"$AUTH\" -d \"{{\\\"farm_id\\\": \\\"{farm}\\\", \\\"metrics\\\": [\\\"soil_moisture\\\"], \\\"bucket_width\\\": \\\"60s\\\", \\\"time_range\\\": {{\\\"start_time\\\": \\\"$(date -u -d '-10 min' +%FT%TZ)\\\", \\\"end_time\\\": \\\"$(date -u -d '+1 min' +%FT%TZ)\\\"}}}}\" {cloud_addr} smartfarm.ingestion.v1.TelemetryService/QueryAggregates\n\
          \nPublish as one of the sensors (mosquitto-clients):\n\
          \x20 mosquitto_pub -h {mqtt_host} -p {mqtt_port} -u {sensor} -P {credential} -t smartfarm/{sensor}/telemetry -m '{{\"metrics\": {{\"temperature\": 21.5}}}}'\n\
+         \nLook at the demo camera's photos (drop your own JPEG or PNG files into {dir}/demo-camera):\n\
+         \x20 grpcurl -plaintext -H \"$AUTH\" -d '{{\"farm_id\": \"{farm}\"}}' {cloud_addr} smartfarm.image.v1.ImageService/ListImages\n\
          \nctrl-c stops everything; readings not yet uploaded stay in {dir}/edge-spool for the next run.\n",
         state.sensors.len(),
         state.farm_id,
@@ -191,7 +208,18 @@ async fn demo_state(data_dir: &Path, cloud: SocketAddr, admin_key: &str, sensors
         .await?
         .into_inner();
     let sensors = sim::provision(&url, admin_key, &farm.id, sensors.max(1), "soil-probe").await?;
-    let state = DemoState { farm_id: farm.id, gateway_credential: gateway.credential, sensors };
+    let camera = client
+        .register_device(RegisterDeviceRequest {
+            farm_id: farm.id.clone(),
+            name: "demo camera".into(),
+            kind: DeviceKind::Camera as i32,
+            labels: Default::default(),
+        })
+        .await?
+        .into_inner()
+        .device
+        .context("no camera")?;
+    let state = DemoState { farm_id: farm.id, gateway_credential: gateway.credential, sensors, camera_id: camera.id };
     std::fs::write(&path, serde_json::to_vec_pretty(&state)?)?;
     Ok(state)
 }

@@ -95,6 +95,46 @@ async fn s3_refuses_a_missing_bucket_a_wrong_secret_and_an_unreachable_endpoint(
 }
 
 #[tokio::test]
+async fn s3_presigns_urls_and_changes_storage_classes_in_place() {
+    let server = TestS3::start().await;
+    let store = blob::open(&server.url).await.unwrap();
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    store.put("images/ab/photo", &bytes).await.unwrap();
+
+    let url = store.presigned_url("images/ab/photo", std::time::Duration::from_secs(60)).await.unwrap().unwrap();
+    assert!(url.starts_with(&server.endpoint) && url.contains("X-Amz-Signature="), "{url}");
+    assert_eq!(plain_get(&url).await, bytes, "anyone holding the URL reads the object");
+
+    store.set_storage_class("images/ab/photo", "STANDARD_IA").await.unwrap();
+    assert_eq!(store.get("images/ab/photo").await.unwrap(), bytes, "the object is unchanged by its new class");
+}
+
+#[tokio::test]
+async fn local_files_have_no_presigned_urls_or_storage_classes() {
+    let (store, _dir) = file_store().await;
+    store.put("images/ab/photo", b"x").await.unwrap();
+    assert_eq!(store.presigned_url("images/ab/photo", std::time::Duration::from_secs(60)).await.unwrap(), None);
+    let error = store.set_storage_class("images/ab/photo", "GLACIER_IR").await.unwrap_err();
+    assert!(matches!(error, Error::FailedPrecondition(_)), "{error:?}");
+}
+
+/// A plain HTTP GET of a URL on 127.0.0.1, as a browser holding a presigned URL would make it.
+async fn plain_get(url: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let end = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{head}");
+    response[end + 4..].to_vec()
+}
+
+#[tokio::test]
 async fn unknown_blob_urls_are_refused_with_a_reason() {
     let error = blob::open("ftp://x").await.err().unwrap().to_string();
     assert!(error.contains("not a blob url"), "{error}");

@@ -211,10 +211,9 @@ fn frame(leaves: &[image::RgbImage], camera: usize, hour: usize) -> image::RgbIm
 async fn storage(cameras: usize, hours: usize) -> anyhow::Result<()> {
     let (s3, data, cloud, fleet, key, mut images) = cloud_on_s3("photo storage bench").await?;
     let camera_ids = register_cameras(&cloud, &key, &fleet.farm_id, cameras).await?;
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos");
-    let leaves: Vec<image::RgbImage> = ["apple_scab.jpg", "potato_late_blight.jpg", "apple_healthy.jpg"]
+    let leaves: Vec<image::RgbImage> = smartfarm_edge::sim::PHOTO_FIXTURES
         .iter()
-        .map(|name| Ok(image::open(fixtures.join(name))?.into_rgb8()))
+        .map(|(_, bytes)| Ok(image::load_from_memory(bytes)?.into_rgb8()))
         .collect::<anyhow::Result<_>>()?;
 
     let mut config = String::from("camera_poll_interval = \"500ms\"\n");
@@ -242,11 +241,8 @@ async fn storage(cameras: usize, hours: usize) -> anyhow::Result<()> {
     for hour in 0..hours {
         for (camera, dir) in camera_dirs.iter().enumerate() {
             let pixels = frame(&leaves, camera, hour);
-            let (format, extension) = if camera % 2 == 0 {
-                (image::ImageFormat::Jpeg, "jpg")
-            } else {
-                (image::ImageFormat::Png, "png")
-            };
+            let (format, extension) =
+                if camera % 2 == 0 { (image::ImageFormat::Jpeg, "jpg") } else { (image::ImageFormat::Png, "png") };
             let mut bytes = Vec::new();
             match format {
                 image::ImageFormat::Jpeg => {
@@ -257,9 +253,7 @@ async fn storage(cameras: usize, hours: usize) -> anyhow::Result<()> {
             let copies = if (camera + hour) % 20 == 0 { 2 } else { 1 };
             for copy in 0..copies {
                 let name = format!("h{hour:02}-{copy}.{extension}");
-                let temp = dir.join(format!(".{name}.tmp"));
-                std::fs::write(&temp, &bytes)?;
-                std::fs::rename(&temp, dir.join(&name))?;
+                smartfarm_edge::sim::drop_photos(dir, &[(&name, &bytes)])?;
                 produced_bytes += bytes.len() as u64;
                 delivered += 1;
                 let entry = by_format.entry(extension).or_default();
