@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 use uuid::Uuid;
 
+use smartfarm_core::media::{describe_non_image, sniff_image};
+
 use crate::config::{CameraConfig, EdgeConfig, Reencode};
 use crate::image_spool::ImageSpool;
 use crate::ingest::LocalAlert;
@@ -49,19 +51,6 @@ pub struct Cameras {
     alerts: mpsc::UnboundedSender<LocalAlert>,
 }
 
-/// The media type the bytes start like, among the types the cloud stores.
-pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
-    if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
-        Some("image/jpeg")
-    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        Some("image/png")
-    } else if bytes.len() >= 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
-        Some("image/webp")
-    } else {
-        None
-    }
-}
-
 impl Cameras {
     pub fn new(config: &EdgeConfig, spool: Arc<ImageSpool>, alerts: mpsc::UnboundedSender<LocalAlert>) -> Cameras {
         Cameras {
@@ -81,7 +70,7 @@ impl Cameras {
         capture_time: SystemTime,
         bytes: Vec<u8>,
     ) -> Result<bool, CaptureError> {
-        let content_type = sniff(&bytes).ok_or_else(|| CaptureError::NotAnImage(describe(&bytes)))?;
+        let content_type = sniff_image(&bytes).ok_or_else(|| CaptureError::NotAnImage(describe_non_image(&bytes)))?;
         let this = self.clone();
         let put = tokio::task::spawn_blocking(move || {
             let (content_type, bytes) = this.maybe_reencode(content_type, bytes)?;
@@ -224,17 +213,6 @@ impl Cameras {
     }
 }
 
-fn describe(bytes: &[u8]) -> String {
-    if bytes.is_empty() {
-        return "empty".into();
-    }
-    if bytes.iter().take(64).all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()) {
-        return "text".into();
-    }
-    let head: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("bytes starting {head}")
-}
-
 /// Runs a capture command; its standard output is the photo.
 async fn run_command(command: &[String]) -> Result<Vec<u8>, CaptureError> {
     let (program, arguments) = command.split_first().ok_or_else(|| CaptureError::Source("empty command".into()))?;
@@ -319,7 +297,7 @@ mod tests {
         let spooled = cameras.spool.pending().unwrap();
         assert_eq!(spooled[0].content_type, "image/jpeg");
         let jpeg = cameras.spool.read(&spooled[0]).unwrap().unwrap();
-        assert_eq!(sniff(&jpeg), Some("image/jpeg"));
+        assert_eq!(sniff_image(&jpeg), Some("image/jpeg"));
         assert!(cameras.accept(camera, SystemTime::now(), jpeg.clone()).await.is_ok());
         let kept = cameras.spool.pending().unwrap();
         assert!(kept.iter().any(|photo| photo.sha256 == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&jpeg))));
@@ -372,7 +350,7 @@ mod tests {
     #[tokio::test]
     async fn capture_commands_deliver_their_output() {
         let bytes = run_command(&["printf".into(), "\\377\\330\\377\\340".into()]).await.unwrap();
-        assert_eq!(sniff(&bytes), Some("image/jpeg"));
+        assert_eq!(sniff_image(&bytes), Some("image/jpeg"));
         let error = run_command(&["false".into()]).await.unwrap_err();
         assert!(error.to_string().contains("false failed"), "{error}");
     }

@@ -1,6 +1,6 @@
 //! The image uplink: sends the photos in the spool's image area to the cloud's `ImageService`, oldest first, and
 //! lets go of each one only when the cloud has it. It first asks which photos the farm already has (CheckImages)
-//! and skips sending those; each upload asks how much the cloud kept of an earlier attempt (GetUploadStatus) and
+//! and skips sending those, then uploads two at a time; each upload asks how much the cloud kept of an earlier attempt (GetUploadStatus) and
 //! resumes from there, so a link cut in the middle of a large photo costs only what was in flight. Failures retry
 //! with exponential backoff; a photo the cloud refuses for good (not an image, say) is set aside in
 //! `images/refused/` and alerted, never silently dropped.
@@ -50,7 +50,11 @@ enum Sent {
     Gone,
 }
 
+/// Photos uploading at once: while the cloud stores one (hash, blob write, row), the next one's bytes travel.
+const UPLOADS_IN_FLIGHT: usize = 2;
+
 /// Sends spooled photos.
+#[derive(Clone)]
 pub struct ImageUplink {
     config: EdgeConfig,
     spool: Arc<ImageSpool>,
@@ -123,6 +127,7 @@ impl ImageUplink {
                 sha256s: batch.iter().map(|photo| photo.sha256.clone()).collect(),
             };
             let known = images.check_images(request).await.map_err(LinkError::Stream)?.into_inner().known_sha256s;
+            let mut uploads = tokio::task::JoinSet::new();
             for photo in batch {
                 if known.contains(&photo.sha256) {
                     metrics::counter!("smartfarm_edge_images_known_skipped_total").increment(1);
@@ -130,22 +135,44 @@ impl ImageUplink {
                     self.spool.remove(photo).map_err(|error| LinkError::Spool(error.to_string()))?;
                     continue;
                 }
-                match self.send(&mut images, photo).await? {
-                    Sent::Stored { duplicate } => {
-                        metrics::counter!("smartfarm_edge_images_uploaded_total").increment(1);
-                        metrics::counter!("smartfarm_edge_image_uploaded_bytes_total").increment(photo.size_bytes);
-                        tracing::debug!(sha256 = %photo.sha256, duplicate, "photo uploaded");
-                        self.spool.remove(photo).map_err(|error| LinkError::Spool(error.to_string()))?;
-                    }
-                    Sent::Gone => {}
-                    Sent::Refused(reason) => {
-                        metrics::counter!("smartfarm_edge_images_refused_total").increment(1);
-                        let aside = self.spool.set_aside(photo).map_err(|error| LinkError::Spool(error.to_string()))?;
-                        tracing::error!(file = %aside.display(), reason, "the cloud refused a photo for good; set aside");
-                        let _ =
-                            self.alerts.send(LocalAlert::ImageRefused { file: aside.display().to_string(), reason });
-                    }
+                if uploads.len() >= UPLOADS_IN_FLIGHT
+                    && let Some(done) = uploads.join_next().await
+                {
+                    self.finish(done)?;
                 }
+                let (uplink, mut images, photo) = (self.clone(), images.clone(), photo.clone());
+                uploads.spawn(async move {
+                    let sent = uplink.send(&mut images, &photo).await;
+                    (photo, sent)
+                });
+            }
+            while let Some(done) = uploads.join_next().await {
+                self.finish(done)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets go of a photo the cloud has, or sets aside one it refused. (A failure ends the round: the photos still
+    /// uploading are abandoned, and the cloud keeps what it received of them for the retry.)
+    fn finish(
+        &self,
+        done: Result<(SpooledPhoto, Result<Sent, LinkError>), tokio::task::JoinError>,
+    ) -> Result<(), LinkError> {
+        let (photo, sent) = done.map_err(|error| LinkError::Spool(format!("an upload task failed: {error}")))?;
+        match sent? {
+            Sent::Stored { duplicate } => {
+                metrics::counter!("smartfarm_edge_images_uploaded_total").increment(1);
+                metrics::counter!("smartfarm_edge_image_uploaded_bytes_total").increment(photo.size_bytes);
+                tracing::debug!(sha256 = %photo.sha256, duplicate, "photo uploaded");
+                self.spool.remove(&photo).map_err(|error| LinkError::Spool(error.to_string()))?;
+            }
+            Sent::Gone => {}
+            Sent::Refused(reason) => {
+                metrics::counter!("smartfarm_edge_images_refused_total").increment(1);
+                let aside = self.spool.set_aside(&photo).map_err(|error| LinkError::Spool(error.to_string()))?;
+                tracing::error!(file = %aside.display(), reason, "the cloud refused a photo for good; set aside");
+                let _ = self.alerts.send(LocalAlert::ImageRefused { file: aside.display().to_string(), reason });
             }
         }
         Ok(())

@@ -1,6 +1,6 @@
 //! smartfarm-core owns what every smartfarm process shares and nothing that talks to a database or the network:
 //! the server configuration, the one error type and its mapping to gRPC and HTTP, the caller principal with its
-//! authorisation checks, secrets (API keys, device credentials), field validation, pagination, time conversions,
+//! authorisation checks, secrets (API keys, device credentials), field validation, pagination, time conversions, the stored photo formats,
 //! roles, logging and metrics set-up, and the shutdown signal. The edge agent depends on it, so it must stay small.
 
 #![forbid(unsafe_code)]
@@ -8,6 +8,7 @@
 pub mod config;
 pub mod credential;
 pub mod error;
+pub mod media;
 pub mod observability;
 pub mod paging;
 pub mod principal;

@@ -14,6 +14,7 @@ mod upload;
 pub mod urls;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
@@ -42,6 +43,22 @@ pub fn thumbnail_key(farm_id: Uuid, sha256: &str) -> String {
     format!("thumbnails/{}/{}/{sha256}.jpg", farm_id.simple(), &sha256[..2])
 }
 
+/// Counts one upload in flight for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The `ImageService` implementation.
 #[derive(Clone)]
 pub struct ImageApi {
@@ -53,6 +70,8 @@ pub struct ImageApi {
     signer: UrlSigner,
     /// Wakes the thumbnail task when a photo arrives.
     thumbnails_wanted: Arc<Notify>,
+    /// Uploads being received now: thumbnails wait for them (uploads first; see `sweep.rs`).
+    uploads_in_flight: Arc<AtomicUsize>,
     /// A test hook (`SMARTFARM_FAILPOINT`): the name of a point at which the process aborts.
     failpoint: Option<String>,
 }
@@ -79,6 +98,7 @@ impl ImageApi {
             settings: Arc::new(settings),
             signer,
             thumbnails_wanted: Arc::new(Notify::new()),
+            uploads_in_flight: Arc::new(AtomicUsize::new(0)),
             failpoint,
         }
     }
@@ -139,7 +159,10 @@ impl ImageService for ImageApi {
         // In a task of its own: when the client's connection drops, the server drops this handler's future, and
         // the upload must live on to notice the broken stream and keep the bytes that arrived for resuming.
         let api = self.clone();
-        let upload = tokio::spawn(async move { api.upload(&principal, request.into_inner()).await });
+        let upload = tokio::spawn(async move {
+            let _in_flight = InFlight::enter(&api.uploads_in_flight);
+            api.upload(&principal, request.into_inner()).await
+        });
         let response = upload.await.map_err(|error| smartfarm_core::Error::internal("upload task", error))??;
         Ok(Response::new(response))
     }

@@ -1,38 +1,9 @@
-//! What the service needs to know about image bytes: their type from their first bytes (never from what the client
-//! says), their dimensions from the header alone, and thumbnails.
+//! What the service needs to know about image bytes beyond their type (`smartfarm_core::media`): their dimensions
+//! from the header alone, and thumbnails.
 
 use std::io::Cursor;
 
 use image::{ImageFormat, ImageReader};
-
-/// The media types the service stores.
-pub const ACCEPTED_TYPES: &[&str] = &["image/jpeg", "image/png", "image/webp"];
-
-/// Bytes needed to tell the accepted types apart.
-pub const SNIFF_BYTES: usize = 12;
-
-/// The accepted media type the bytes start like, if any.
-pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
-    if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
-        Some("image/jpeg")
-    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        Some("image/png")
-    } else if bytes.len() >= 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
-        Some("image/webp")
-    } else {
-        None
-    }
-}
-
-/// A short description of what non-image bytes look like, for error messages.
-pub fn describe_unknown(bytes: &[u8]) -> String {
-    let head: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    if bytes.iter().take(64).all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()) {
-        "text".to_string()
-    } else {
-        format!("bytes starting {head}")
-    }
-}
 
 fn format_of(content_type: &str) -> Option<ImageFormat> {
     match content_type {
@@ -83,21 +54,11 @@ mod tests {
     }
 
     #[test]
-    fn types_come_from_the_bytes() {
-        assert_eq!(sniff(&png(4, 4)), Some("image/png"));
-        assert_eq!(sniff(&[0xff, 0xd8, 0xff, 0xe0, 0, 0]), Some("image/jpeg"));
-        assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some("image/webp"));
-        assert_eq!(sniff(b"hello, world"), None);
-        assert_eq!(describe_unknown(b"hello, world"), "text");
-        assert_eq!(describe_unknown(&[0, 1, 2, 3]), "bytes starting 00010203");
-    }
-
-    #[test]
     fn dimensions_and_thumbnails() {
         let bytes = png(640, 480);
         assert_eq!(dimensions(&bytes, "image/png").unwrap(), (640, 480));
         let thumbnail = thumbnail(&bytes, "image/png", 320).unwrap();
-        assert_eq!(sniff(&thumbnail), Some("image/jpeg"));
+        assert_eq!(smartfarm_core::media::sniff_image(&thumbnail), Some("image/jpeg"));
         assert_eq!(dimensions(&thumbnail, "image/jpeg").unwrap(), (320, 240));
         assert!(dimensions(&bytes[..40], "image/png").is_err(), "a truncated header is an error");
         assert!(dimensions(b"\x89PNG\r\n\x1a\n garbage", "image/png").is_err());

@@ -5,14 +5,15 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use smartfarm_core::media::sniff_image;
 use smartfarm_core::paging::Page;
 use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::image::v1 as pb;
 use smartfarm_store::image::{ImageCursor, ImageFilter, ImageRecord};
 
+use crate::ImageApi;
 use crate::upload::{sha256_hex, upload_id};
 use crate::urls::Variant;
-use crate::{ImageApi, media};
 
 /// Most digests one CheckImages call may ask about.
 const MAX_CHECKED_DIGESTS: usize = 1000;
@@ -228,7 +229,7 @@ impl ImageApi {
             Variant::Original => image.content_type.clone(),
             Variant::Thumbnail => "image/jpeg".to_string(),
         };
-        debug_assert!(variant == Variant::Thumbnail || media::sniff(&bytes) == Some(content_type.as_str()));
+        debug_assert!(variant == Variant::Thumbnail || sniff_image(&bytes) == Some(content_type.as_str()));
         Ok((content_type, bytes))
     }
 }

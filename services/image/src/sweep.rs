@@ -12,6 +12,8 @@ use crate::{ImageApi, media, thumbnail_key};
 
 /// Rows handled per database call.
 const BATCH: usize = 200;
+/// The longest a thumbnail waits for uploads in flight to finish.
+const THUMBNAIL_DEFERRAL: Duration = Duration::from_secs(10);
 
 /// What one sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,10 +154,23 @@ impl ImageApi {
         }
     }
 
+    /// Decoding a photo for its thumbnail costs more CPU than receiving and storing it, and a farm's uploads come
+    /// in bursts: thumbnails wait while uploads are being received, up to `THUMBNAIL_DEFERRAL`, so that a burst is
+    /// stored first (and the uplink's photos leave the farm sooner).
+    async fn wait_for_uploads(&self) {
+        let started = std::time::Instant::now();
+        while self.uploads_in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && started.elapsed() < THUMBNAIL_DEFERRAL
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Makes the thumbnails of a batch of photos that lack one; returns how many it handled.
     pub async fn make_thumbnails(&self) -> Result<usize> {
         let pending = self.images.pending_thumbnails(16).await?;
         for image in &pending {
+            self.wait_for_uploads().await;
             let original = self.blobs.get(&image.original_key).await?;
             let (content_type, size) = (image.content_type.clone(), self.settings.thumbnail_size);
             let made = tokio::task::spawn_blocking(move || media::thumbnail(&original, &content_type, size))

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use tonic::Streaming;
 use uuid::Uuid;
 
+use smartfarm_core::media::{IMAGE_TYPES, SNIFF_BYTES, describe_non_image, sniff_image};
 use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::image::v1 as pb;
 use smartfarm_store::image::{ImageRecord, Inserted, ThumbnailState, UploadState};
@@ -98,13 +99,13 @@ impl ImageApi {
                 ),
             ));
         }
-        let content_type = media::ACCEPTED_TYPES.iter().find(|t| **t == header.content_type).ok_or_else(|| {
+        let content_type = IMAGE_TYPES.iter().find(|t| **t == header.content_type).ok_or_else(|| {
             Error::invalid(
                 "content_type",
                 format!(
                     "{} is not a stored type ({})",
                     validate::excerpt(&header.content_type),
-                    media::ACCEPTED_TYPES.join(", ")
+                    IMAGE_TYPES.join(", ")
                 ),
             )
         })?;
@@ -199,7 +200,7 @@ impl ImageApi {
             buffer.extend_from_slice(&chunk.data);
             received += chunk.data.len() as u64;
             // Refuse a non-image as soon as its first bytes are here, before receiving the rest.
-            if resumed_from == 0 && buffer.len() >= media::SNIFF_BYTES.min(header.size_bytes as usize) {
+            if resumed_from == 0 && buffer.len() >= SNIFF_BYTES.min(header.size_bytes as usize) {
                 check_type(&buffer, header.content_type)?;
             }
         }
@@ -389,16 +390,12 @@ impl ImageApi {
 
 /// Refuses bytes that do not start like the declared type.
 fn check_type(bytes: &[u8], declared: &str) -> Result<()> {
-    match media::sniff(bytes) {
+    match sniff_image(bytes) {
         Some(actual) if actual == declared => Ok(()),
         Some(actual) => Err(Error::invalid("content_type", format!("declared {declared}, but the bytes are {actual}"))),
         None => Err(Error::invalid(
             "data",
-            format!(
-                "the bytes are not an image ({}); accepted: {}",
-                media::describe_unknown(bytes),
-                media::ACCEPTED_TYPES.join(", ")
-            ),
+            format!("the bytes are not an image ({}); accepted: {}", describe_non_image(bytes), IMAGE_TYPES.join(", ")),
         )),
     }
 }
