@@ -12,4 +12,4 @@ bench="${CARGO_TARGET_DIR:-target}/release/smartfarm-bench"
 "$bench" fanin --publishers 50 --messages-per-publisher 2000
 "$bench" fanin --publishers 50 --messages-per-publisher 2000 --fsync interval
 "$bench" footprint --sensors 1000 --rate 10000 --seconds 20
-"$bench" images --photos 40 --cameras 100 --hours 24
+"$bench" images --photos 100 --cameras 100 --hours 24

@@ -63,10 +63,10 @@ enum Command {
     },
     /// Photo upload MB/s against PutObject, and bytes stored per photo for a day of hourly photos.
     Images {
-        /// Photos of the throughput run (1600x1200 JPEGs of about 1.5 MB).
-        #[arg(long, default_value_t = 40)]
+        /// Photos of the throughput run (1600x1200 JPEGs of random pixels, about 3.6 MB each; 0 skips the run).
+        #[arg(long, default_value_t = 100)]
         photos: usize,
-        /// Cameras of the storage run, each taking one photo an hour.
+        /// Cameras of the storage run, each taking one photo an hour (0 skips the run).
         #[arg(long, default_value_t = 100)]
         cameras: usize,
         #[arg(long, default_value_t = 24)]
