@@ -267,7 +267,20 @@ async fn http_snapshot(url: &str) -> Result<Vec<u8>, CaptureError> {
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(source(format!("{host} answered {status:?}")));
     }
-    Ok(response[end + 4..].to_vec())
+    let body = &response[end + 4..];
+    if body.len() as u64 > MAX_PHOTO_BYTES {
+        return Err(source(format!("{host} sent a snapshot over the {MAX_PHOTO_BYTES}-byte limit")));
+    }
+    let declared = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok()).flatten()
+    });
+    if let Some(declared) = declared
+        && declared != body.len()
+    {
+        return Err(source(format!("{host} sent {} of the {declared} bytes it announced", body.len())));
+    }
+    Ok(body.to_vec())
 }
 
 #[cfg(test)]
@@ -345,6 +358,19 @@ mod tests {
         assert!(request.contains("Authorization: Basic ZmFybWVyOnNlY3JldA=="), "{request}");
         let error = http_snapshot("https://camera/snapshot").await.unwrap_err();
         assert!(error.to_string().contains("not an http:// URL"), "{error}");
+
+        // A connection that drops mid-photo is not a photo.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 1024];
+            let _ = stream.read(&mut request).await.unwrap();
+            stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5000\r\n\r\n").await.unwrap();
+            stream.write_all(&photo[..100]).await.unwrap();
+        });
+        let error = http_snapshot(&format!("http://{address}/snapshot.png")).await.unwrap_err();
+        assert!(error.to_string().contains("sent 100 of the 5000 bytes it announced"), "{error}");
     }
 
     #[tokio::test]

@@ -48,6 +48,9 @@ enum Sent {
     Refused(String),
     /// The size cap dropped it while it waited (already counted and alerted).
     Gone,
+    /// The cloud will not take it now for a reason of its own (its camera is unknown, decommissioned or of
+    /// another farm; an earlier attempt is in the way): kept, tried again next round, and the others go on.
+    Deferred(tonic::Status),
 }
 
 /// Photos uploading at once: while the cloud stores one (hash, blob write, row), the next one's bytes travel.
@@ -168,6 +171,10 @@ impl ImageUplink {
                 self.spool.remove(&photo).map_err(|error| LinkError::Spool(error.to_string()))?;
             }
             Sent::Gone => {}
+            Sent::Deferred(status) => {
+                metrics::counter!("smartfarm_edge_image_uploads_deferred_total").increment(1);
+                tracing::warn!(sha256 = %photo.sha256, device_id = %photo.device_id, code = ?status.code(), reason = status.message(), "photo kept for a later round");
+            }
             Sent::Refused(reason) => {
                 metrics::counter!("smartfarm_edge_images_refused_total").increment(1);
                 let aside = self.spool.set_aside(&photo).map_err(|error| LinkError::Spool(error.to_string()))?;
@@ -236,10 +243,12 @@ impl ImageUplink {
     }
 }
 
-/// A refusal the same photo would get again (set it aside), or a failure worth retrying.
+/// A refusal the same photo would get again (set it aside), one about this photo or its camera (keep it for a later
+/// round, go on with the others), or a failure of the link (end the round, back off).
 fn refusal_or_failure(status: tonic::Status) -> Result<Sent, LinkError> {
     match status.code() {
         Code::InvalidArgument => Ok(Sent::Refused(status.message().to_string())),
+        Code::NotFound | Code::PermissionDenied | Code::FailedPrecondition => Ok(Sent::Deferred(status)),
         _ => Err(LinkError::Stream(status)),
     }
 }

@@ -587,26 +587,31 @@ async fn bad_uploads_get_clear_errors_store_nothing_and_the_service_stays_up() {
 #[tokio::test]
 async fn retention_deletes_old_originals_and_keeps_thumbnails_and_metadata() {
     let data = CloudData::new(Backend::Sqlite).await;
-    let config = "[images]\nretention = \"1h\"\nsweep_interval = \"500ms\"\n".to_string();
+    // Retention counts from the later of capture and receipt, so the photo captured hours ago goes once it has been
+    // here two seconds, and one captured now stays for those two seconds.
+    let config = "[images]\nretention = \"2s\"\nsweep_interval = \"300ms\"\n".to_string();
     let cloud = Cloud::start(&data, CloudOptions { config: Some(config), ..Default::default() }).await;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&cloud, &key, "retention", 0).await;
     let camera = register_camera(&cloud, &key, &fleet, "camera").await;
     let mut images = images_client(&cloud, &key).await;
-    let mut uploaded = Vec::new();
-    for (age_hours, name) in [(3u64, FIXTURES[0]), (0, FIXTURES[1])] {
-        let photo = fixture(name);
-        let mut first = header(name, &camera, &photo, photo.len() as u64, "image/jpeg");
-        if let Some(pb::upload_request::Body::Header(header)) = &mut first.body {
-            header.upload_id = name.replace('.', "-");
-            header.capture_time = Some(smartfarm_core::time::to_timestamp(
-                SystemTime::now() - Duration::from_secs(age_hours * 3600 + 60),
-            ));
+    let uploader = images.clone();
+    let upload_captured = |name: &'static str, age: Duration| {
+        let mut images = uploader.clone();
+        let camera = camera.clone();
+        async move {
+            let photo = fixture(name);
+            let mut first = header(name, &camera, &photo, photo.len() as u64, "image/jpeg");
+            if let Some(pb::upload_request::Body::Header(header)) = &mut first.body {
+                header.upload_id = name.replace('.', "-");
+                header.capture_time = Some(smartfarm_core::time::to_timestamp(SystemTime::now() - age));
+            }
+            upload(&mut images, vec![first, chunk(0, &photo)]).await.expect("upload").image.unwrap()
         }
-        let stored = upload(&mut images, vec![first, chunk(0, &photo)]).await.expect("upload");
-        uploaded.push(stored.image.unwrap());
-    }
-    let (old, new) = (&uploaded[0], &uploaded[1]);
+    };
+    let old = upload_captured(FIXTURES[0], Duration::from_secs(3 * 3600)).await;
+    let still_there = list(&mut images, &fleet.farm_id).await;
+    assert!(still_there[0].original_available, "a photo captured long ago is kept for the retention after receipt");
     let expired = eventually(Duration::from_secs(20), || {
         let mut images = images.clone();
         let farm = fleet.farm_id.clone();
@@ -620,6 +625,8 @@ async fn retention_deletes_old_originals_and_keeps_thumbnails_and_metadata() {
     })
     .await;
     assert!(expired, "the old original was not expired (with its thumbnail kept):\n{}", cloud.log());
+    let new = upload_captured(FIXTURES[1], Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     let blobs = data.data_dir.path().join("blobs");
     assert_eq!(
         objects_under(&blobs, "images"),

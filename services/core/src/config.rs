@@ -366,8 +366,11 @@ impl ServerConfig {
         if !(16..=2048).contains(&images.thumbnail_size) {
             return Err(Error::invalid("images.thumbnail_size", "must be between 16 and 2048 pixels"));
         }
-        if images.sweep_interval.is_zero() || images.upload_expiry.is_zero() {
-            return Err(Error::invalid("images", "sweep_interval and upload_expiry must be longer than zero"));
+        if images.sweep_interval.is_zero() || images.upload_expiry.is_zero() || images.orphan_grace.is_zero() {
+            return Err(Error::invalid(
+                "images",
+                "sweep_interval, orphan_grace and upload_expiry must be longer than zero",
+            ));
         }
         images.farm_retention()?;
         let public_url_ok = images.public_url.is_empty()

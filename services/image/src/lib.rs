@@ -16,7 +16,7 @@ pub mod urls;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
@@ -42,6 +42,10 @@ pub fn original_key(farm_id: Uuid, sha256: &str) -> String {
 pub fn thumbnail_key(farm_id: Uuid, sha256: &str) -> String {
     format!("thumbnails/{}/{}/{sha256}.jpg", farm_id.simple(), &sha256[..2])
 }
+
+/// Uploads receiving bytes at once, per process: with the largest photo of 20 MiB, at most 320 MiB of photos in
+/// memory.
+pub const MAX_RECEIVING_UPLOADS: usize = 16;
 
 /// Counts one upload in flight for as long as it lives.
 struct InFlight(Arc<AtomicUsize>);
@@ -72,6 +76,8 @@ pub struct ImageApi {
     thumbnails_wanted: Arc<Notify>,
     /// Uploads being received now: thumbnails wait for them (uploads first; see `sweep.rs`).
     uploads_in_flight: Arc<AtomicUsize>,
+    /// Permits to hold a photo's bytes in memory: at most [`MAX_RECEIVING_UPLOADS`] uploads receive at once.
+    receiving: Arc<Semaphore>,
     /// A test hook (`SMARTFARM_FAILPOINT`): the name of a point at which the process aborts.
     failpoint: Option<String>,
 }
@@ -99,6 +105,7 @@ impl ImageApi {
             signer,
             thumbnails_wanted: Arc::new(Notify::new()),
             uploads_in_flight: Arc::new(AtomicUsize::new(0)),
+            receiving: Arc::new(Semaphore::new(MAX_RECEIVING_UPLOADS)),
             failpoint,
         }
     }

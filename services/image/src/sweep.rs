@@ -48,8 +48,8 @@ impl ImageApi {
         let mut report = SweepReport::default();
         let now = time::now();
 
-        // Expiry first, so that the originals it marks are deleted by the orphan pass below once their intents
-        // are old enough (at once with a zero grace).
+        // Retention: originals are marked deleted (with an intent each) and then deleted; a crash in between leaves
+        // intents, which the orphan pass below finishes.
         for farm in self.farms().await? {
             let Some(age) = self.retention_of(farm) else { continue };
             let Some(cutoff) = now.checked_sub(age) else { continue };
@@ -70,6 +70,11 @@ impl ImageApi {
             loop {
                 let keys = self.images.stale_blob_intents(before, BATCH).await?;
                 for key in &keys {
+                    // Claimed first: a writer that renewed the intent meanwhile keeps it (and its blob); once
+                    // claimed, no writer can put a blob under the key until the intent is gone.
+                    if !self.images.claim_blob_intent(key, before).await? {
+                        continue;
+                    }
                     if !self.images.blob_referenced(key).await? {
                         self.blobs.delete(key).await?;
                         report.orphans_deleted += 1;
@@ -171,7 +176,16 @@ impl ImageApi {
         let pending = self.images.pending_thumbnails(16).await?;
         for image in &pending {
             self.wait_for_uploads().await;
-            let original = self.blobs.get(&image.original_key).await?;
+            let original = match self.blobs.get(&image.original_key).await {
+                Ok(original) => original,
+                Err(smartfarm_core::Error::NotFound { .. }) => {
+                    tracing::error!(image_id = %image.id, key = %image.original_key, "the original is missing; no thumbnail");
+                    self.images.set_thumbnail(image.id, None).await?;
+                    continue;
+                }
+                // The blob store is unreachable: the whole batch would fail the same way; try again later.
+                Err(error) => return Err(error),
+            };
             let (content_type, size) = (image.content_type.clone(), self.settings.thumbnail_size);
             let made = tokio::task::spawn_blocking(move || media::thumbnail(&original, &content_type, size))
                 .await

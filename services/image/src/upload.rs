@@ -19,6 +19,8 @@ use crate::{ImageApi, media, original_key};
 
 /// The largest chunk accepted.
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;
+/// An upload that sends nothing for this long is cut (what arrived is kept for resuming).
+const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Capture times further than this in the future are refused (a camera with a wrong clock).
 const MAX_FUTURE_SKEW: Duration = Duration::from_secs(24 * 3600);
 
@@ -160,10 +162,28 @@ impl ImageApi {
         }
         let resumed_from = previous.as_ref().map(|state| state.received_bytes).unwrap_or(0);
         let mut received = resumed_from;
-        let mut buffer = Vec::with_capacity((header.size_bytes - resumed_from) as usize);
+        // Bounds the photos held in memory at once; further uploads wait here (HTTP/2 flow control holds their
+        // senders back). The buffer grows as bytes arrive, never ahead of them.
+        let _receiving = self
+            .receiving
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::internal("upload permits", anyhow::anyhow!("closed")))?;
+        let mut buffer = Vec::new();
 
         while received < header.size_bytes {
-            let message = match stream.message().await {
+            let next = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    self.keep_part(&header, previous.as_ref(), resumed_from, &buffer).await;
+                    return Err(Error::Unavailable(format!(
+                        "no chunk for {} s after byte {received}; resume from GetUploadStatus",
+                        UPLOAD_IDLE_TIMEOUT.as_secs()
+                    )));
+                }
+            };
+            let message = match next {
                 Ok(Some(message)) => message,
                 Ok(None) => {
                     return Err(Error::invalid(
@@ -328,14 +348,20 @@ impl ImageApi {
             update_time: now,
             image_id: None,
         };
+        let part = format!("{}{resumed_from:012}", state.part_prefix());
         let result = async {
             // The row first: it is what lets the sweeper find the part blobs of an abandoned upload.
             if previous.is_none() {
                 self.images.save_upload(&state, None).await?;
             }
-            self.blobs.put(&format!("{}{resumed_from:012}", state.part_prefix()), buffer).await?;
+            self.blobs.put(&part, buffer).await?;
             state.received_bytes = resumed_from + buffer.len() as u64;
-            self.images.save_upload(&state, Some(resumed_from)).await
+            if let Err(error) = self.images.save_upload(&state, Some(resumed_from)).await {
+                // The upload's row moved on or was expired meanwhile: this part is nobody's.
+                let _ = self.blobs.delete(&part).await;
+                return Err(error);
+            }
+            Ok(())
         }
         .await;
         match result {

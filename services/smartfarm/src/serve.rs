@@ -34,6 +34,10 @@ pub async fn run(
     }
     // Opened now so that a wrong blob URL fails at start, not at the first upload.
     let blobs = blob::open(&config.effective_blob_url()).await?;
+    // Checked here, not with the rest of the config: the blob URL may come from a flag or the environment.
+    if !config.images.cold_storage_class.is_empty() && !config.effective_blob_url().starts_with("s3://") {
+        anyhow::bail!("images.cold_storage_class needs an s3:// blob_url: local blob storage has no storage classes");
+    }
     let registry = database.registry();
     bootstrap_admin_key(&*registry, &config.data_dir).await?;
 

@@ -6,8 +6,9 @@
 //! The no-orphan rule: before a blob is written (or deleted), its key is recorded as an intent; the row that
 //! references the blob commits together with the removal of the intent. An intent older than any upload can take
 //! therefore names a blob that may exist without a row, and the sweeper deletes that blob unless a row references
-//! it ([`ImageStore::blob_referenced`]). A row is committed only after its blob is durable, so a row never points
-//! at a missing blob (retention marks the row before the blob is deleted, through an intent as well).
+//! it ([`ImageStore::blob_referenced`]), after claiming the intent ([`ImageStore::claim_blob_intent`]) so that no
+//! writer renews it meanwhile. A row is committed only after its blob is durable, so a row never points at a
+//! missing blob (retention marks the row before the blob is deleted, through an intent as well).
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -176,10 +177,15 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Uploads last touched before `before`: abandoned, or finished long enough ago to forget.
     async fn stale_uploads(&self, before: SystemTime, limit: usize) -> Result<Vec<UploadState>>;
 
-    /// Records that `key` is about to be written or deleted.
+    /// Records that `key` is about to be written or deleted (renewing an existing intent's time). `Unavailable` if
+    /// the sweeper has claimed the key: the blob under it may be deleted at any moment, so nothing may be written
+    /// there until the sweep is done; retry.
     async fn add_blob_intent(&self, key: &str, create_time: SystemTime) -> Result<()>;
-    /// Intents recorded before `before`, oldest first.
+    /// Intents recorded before `before` (or claimed by a sweep that did not finish), oldest first.
     async fn stale_blob_intents(&self, before: SystemTime, limit: usize) -> Result<Vec<String>>;
+    /// Claims an intent for the sweeper if it is still older than `before` (or already claimed); returns whether
+    /// it did. A claimed intent cannot be renewed by a writer, so the sweeper may then delete the blob safely.
+    async fn claim_blob_intent(&self, key: &str, before: SystemTime) -> Result<bool>;
     /// Whether a row references `key` as an available original or as a thumbnail.
     async fn blob_referenced(&self, key: &str) -> Result<bool>;
     /// Removes an intent.
@@ -190,9 +196,11 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Records a photo's thumbnail (`Some(key)`, also removing that key's intent) or that none can be made.
     async fn set_thumbnail(&self, id: Uuid, thumbnail_key: Option<&str>) -> Result<()>;
 
-    /// Marks up to `limit` of the farm's originals captured before `captured_before` as deleted and records an
-    /// intent for each of their keys, in one transaction; returns the keys, which the caller then deletes. A photo
-    /// whose thumbnail is still pending keeps its original until the thumbnail is made (or found impossible).
+    /// Marks up to `limit` of the farm's originals captured and received before `captured_before` as deleted and
+    /// records an intent for each of their keys, in one transaction; returns the keys, which the caller then
+    /// deletes. Both times count, so a camera with a wrong clock (a Pi without a real-time clock says 1970) or a
+    /// backlog uploaded late still keeps its photos for the whole retention. A photo whose thumbnail is still
+    /// pending keeps its original until the thumbnail is made (or found impossible).
     async fn expire_originals(
         &self,
         farm_id: Uuid,

@@ -189,8 +189,18 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     images.add_blob_intent("images/orphan", at(0)).await.unwrap();
     assert_eq!(images.stale_blob_intents(at(1), 10).await.unwrap(), vec!["images/orphan".to_string()]);
     assert!(!images.blob_referenced("images/orphan").await.unwrap());
+    // The sweeper claims it; a writer can then not renew it (and write a blob under it) until the sweep is done.
+    assert!(images.claim_blob_intent("images/orphan", at(1)).await.unwrap());
+    let error = images.add_blob_intent("images/orphan", at(2)).await.unwrap_err();
+    assert!(matches!(error, smartfarm_core::Error::Unavailable(_)), "{error:?}");
+    assert_eq!(images.stale_blob_intents(at(0), 10).await.unwrap(), vec!["images/orphan".to_string()], "claimed");
     images.delete_blob_intent("images/orphan").await.unwrap();
     assert!(images.stale_blob_intents(at(1), 10).await.unwrap().is_empty());
+    // A writer that renewed its intent first keeps it: the claim of the old one fails.
+    images.add_blob_intent("images/renewed", at(0)).await.unwrap();
+    images.add_blob_intent("images/renewed", at(5)).await.unwrap();
+    assert!(!images.claim_blob_intent("images/renewed", at(1)).await.unwrap());
+    images.delete_blob_intent("images/renewed").await.unwrap();
 
     let old = photo(farm_id, cameras[0], 0, 1);
     let new = photo(farm_id, cameras[0], 48, 2);
@@ -224,6 +234,14 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     assert!(images.blob_referenced("thumbnails/old").await.unwrap());
     assert_eq!(images.stale_blob_intents(at(51), 10).await.unwrap(), vec![old.original_key.clone()]);
     assert!(images.expire_originals(farm_id, at(24), 100, at(50)).await.unwrap().is_empty(), "only once");
+    images.delete_blob_intent(&old.original_key).await.unwrap();
+    // The same photo sent again after retention: the existing row answers, and the bytes just written keep their
+    // intent so the sweeper removes them.
+    images.add_blob_intent(&old.original_key, at(60)).await.unwrap();
+    let again = ImageRecord { id: Uuid::now_v7(), ..old.clone() };
+    assert!(matches!(images.insert_image(again, None).await.unwrap(), Inserted::Existing(_)));
+    assert_eq!(images.stale_blob_intents(at(61), 10).await.unwrap(), vec![old.original_key.clone()]);
+    images.delete_blob_intent(&old.original_key).await.unwrap();
 
     // Storage class: only available originals not yet moved.
     let to_move = images.originals_to_move(at(100), "GLACIER_IR", 10).await.unwrap();

@@ -49,8 +49,11 @@ CREATE TABLE image_uploads (
 ) STRICT;
 
 -- A blob about to be written or deleted. The row that references the blob and the removal of its intent commit
--- together, so an intent older than the sweeper's grace period marks a blob a crash may have orphaned.
+-- together, so an intent older than the sweeper's grace period marks a blob a crash may have orphaned. The sweeper
+-- claims such an intent before it deletes the blob; a writer cannot renew a claimed intent, so no blob is written
+-- under a key while the sweeper may be deleting it.
 CREATE TABLE blob_intents (
     key         TEXT PRIMARY KEY,
-    create_time INTEGER NOT NULL
+    create_time INTEGER NOT NULL,
+    claimed     INTEGER NOT NULL DEFAULT 0
 ) STRICT;

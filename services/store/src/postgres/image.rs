@@ -207,10 +207,18 @@ impl ImageStore for PostgresStore {
                     .ok_or_else(|| Error::internal("image insert", anyhow::anyhow!("duplicate row vanished")))?,
             )
         };
-        transaction
-            .execute("DELETE FROM blob_intents WHERE key = $1", &[&image.original_key])
-            .await
-            .map_err(pg_error("delete blob intent"))?;
+        // A photo whose original retention deleted keeps its intent: the bytes just written are not referenced, and
+        // the sweeper removes them.
+        let referenced = match &outcome {
+            Inserted::New(_) => true,
+            Inserted::Existing(row) => row.original_available,
+        };
+        if referenced {
+            transaction
+                .execute("DELETE FROM blob_intents WHERE key = $1", &[&image.original_key])
+                .await
+                .map_err(pg_error("delete blob intent"))?;
+        }
         if let Some(upload) = upload {
             let image_id = match &outcome {
                 Inserted::New(row) | Inserted::Existing(row) => row.id,
@@ -279,14 +287,17 @@ impl ImageStore for PostgresStore {
 
     async fn add_blob_intent(&self, key: &str, create_time: SystemTime) -> Result<()> {
         let client = self.client().await?;
-        client
+        let changed = client
             .execute(
                 "INSERT INTO blob_intents (key, create_time) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET create_time = excluded.create_time",
+                 ON CONFLICT (key) DO UPDATE SET create_time = excluded.create_time WHERE NOT blob_intents.claimed",
                 &[&key, &create_time],
             )
             .await
             .map_err(pg_error("add blob intent"))?;
+        if changed == 0 {
+            return Err(Error::Unavailable(format!("blob {key} is being swept; retry")));
+        }
         Ok(())
     }
 
@@ -294,12 +305,24 @@ impl ImageStore for PostgresStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT key FROM blob_intents WHERE create_time < $1 ORDER BY create_time LIMIT $2",
+                "SELECT key FROM blob_intents WHERE create_time < $1 OR claimed ORDER BY create_time LIMIT $2",
                 &[&before, &(limit as i64)],
             )
             .await
             .map_err(pg_error("list stale intents"))?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    async fn claim_blob_intent(&self, key: &str, before: SystemTime) -> Result<bool> {
+        let client = self.client().await?;
+        let changed = client
+            .execute(
+                "UPDATE blob_intents SET claimed = true WHERE key = $1 AND (claimed OR create_time < $2)",
+                &[&key, &before],
+            )
+            .await
+            .map_err(pg_error("claim blob intent"))?;
+        Ok(changed == 1)
     }
 
     async fn blob_referenced(&self, key: &str) -> Result<bool> {
@@ -369,7 +392,8 @@ impl ImageStore for PostgresStore {
             .query(
                 "UPDATE images SET original_available = false
                  WHERE id IN (SELECT id FROM images
-                              WHERE farm_id = $1 AND original_available AND capture_time < $2 AND thumbnail_state <> 'pending'
+                              WHERE farm_id = $1 AND original_available AND capture_time < $2 AND receive_time < $2
+                                AND thumbnail_state <> 'pending'
                               ORDER BY capture_time LIMIT $3
                               FOR UPDATE SKIP LOCKED)
                  RETURNING original_key",

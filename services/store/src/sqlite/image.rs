@@ -241,9 +241,17 @@ impl ImageStore for SqliteStore {
                 ),
                 Err(error) => return Err(sql_error("insert image")(error)),
             };
-            transaction
-                .execute("DELETE FROM blob_intents WHERE key = ?1", [&image.original_key])
-                .map_err(sql_error("delete blob intent"))?;
+            // A photo whose original retention deleted keeps its intent: the bytes just written are not referenced,
+            // and the sweeper removes them.
+            let referenced = match &outcome {
+                Inserted::New(_) => true,
+                Inserted::Existing(row) => row.original_available,
+            };
+            if referenced {
+                transaction
+                    .execute("DELETE FROM blob_intents WHERE key = ?1", [&image.original_key])
+                    .map_err(sql_error("delete blob intent"))?;
+            }
             if let Some(upload) = upload {
                 let image_id = match &outcome {
                     Inserted::New(row) | Inserted::Existing(row) => row.id,
@@ -327,13 +335,16 @@ impl ImageStore for SqliteStore {
     async fn add_blob_intent(&self, key: &str, create_time: SystemTime) -> Result<()> {
         let key = key.to_string();
         self.run(move |connection| {
-            connection
+            let changed = connection
                 .execute(
                     "INSERT INTO blob_intents (key, create_time) VALUES (?1, ?2)
-                     ON CONFLICT (key) DO UPDATE SET create_time = excluded.create_time",
+                     ON CONFLICT (key) DO UPDATE SET create_time = excluded.create_time WHERE NOT blob_intents.claimed",
                     params![key, to_unix_micros(create_time)],
                 )
                 .map_err(sql_error("add blob intent"))?;
+            if changed == 0 {
+                return Err(Error::Unavailable(format!("blob {key} is being swept; retry")));
+            }
             Ok(())
         })
         .await
@@ -342,12 +353,26 @@ impl ImageStore for SqliteStore {
     async fn stale_blob_intents(&self, before: SystemTime, limit: usize) -> Result<Vec<String>> {
         self.run(move |connection| {
             let mut statement = connection
-                .prepare("SELECT key FROM blob_intents WHERE create_time < ?1 ORDER BY create_time LIMIT ?2")
+                .prepare("SELECT key FROM blob_intents WHERE create_time < ?1 OR claimed ORDER BY create_time LIMIT ?2")
                 .map_err(sql_error("prepare stale intents"))?;
             let rows = statement
                 .query_map(params![to_unix_micros(before), limit as i64], |row| row.get(0))
                 .map_err(sql_error("list stale intents"))?;
             rows.collect::<rusqlite::Result<Vec<String>>>().map_err(sql_error("read intent row"))
+        })
+        .await
+    }
+
+    async fn claim_blob_intent(&self, key: &str, before: SystemTime) -> Result<bool> {
+        let key = key.to_string();
+        self.run(move |connection| {
+            let changed = connection
+                .execute(
+                    "UPDATE blob_intents SET claimed = 1 WHERE key = ?1 AND (claimed OR create_time < ?2)",
+                    params![key, to_unix_micros(before)],
+                )
+                .map_err(sql_error("claim blob intent"))?;
+            Ok(changed == 1)
         })
         .await
     }
@@ -421,7 +446,8 @@ impl ImageStore for SqliteStore {
                 let mut statement = transaction
                     .prepare(
                         "SELECT id, original_key FROM images
-                         WHERE farm_id = ?1 AND original_available AND capture_time < ?2 AND thumbnail_state <> 'pending'
+                         WHERE farm_id = ?1 AND original_available AND capture_time < ?2 AND receive_time < ?2
+                           AND thumbnail_state <> 'pending'
                          ORDER BY capture_time LIMIT ?3",
                     )
                     .map_err(sql_error("prepare retention"))?;
