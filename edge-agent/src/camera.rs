@@ -374,6 +374,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn simulated_camera_shots_are_distinct_photos() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cameras, _alerts) = cameras(dir.path(), Reencode::Jpeg);
+        let camera = Uuid::now_v7();
+        for shot in [0, 41, 123] {
+            assert!(cameras.accept(camera, SystemTime::now(), crate::sim::camera_shot(shot)).await.unwrap());
+        }
+        assert_eq!(cameras.spool.pending().unwrap().len(), 3, "shots alike in light differ in their number");
+    }
+
+    #[tokio::test]
     async fn capture_commands_deliver_their_output() {
         let bytes = run_command(&["printf".into(), "\\377\\330\\377\\340".into()]).await.unwrap();
         assert_eq!(sniff_image(&bytes), Some("image/jpeg"));

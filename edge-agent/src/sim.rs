@@ -105,6 +105,28 @@ pub const PHOTO_FIXTURES: &[(&str, &[u8])] = &[
     ("apple_healthy.jpg", include_bytes!("../fixtures/photos/apple_healthy.jpg")),
 ];
 
+/// A simulated camera's photo number `shot`: one of the leaf photos, lit a little differently each time and with
+/// the shot number drawn into its top row, so that every shot is a distinct JPEG, as a real camera's are.
+pub fn camera_shot(shot: u64) -> Vec<u8> {
+    let (_, fixture) = PHOTO_FIXTURES[(shot % PHOTO_FIXTURES.len() as u64) as usize];
+    let leaf = image::load_from_memory(fixture).expect("the fixtures are valid JPEGs").into_rgb8();
+    let shift = (shot % 41) as i16 - 20;
+    let number = shot.to_be_bytes();
+    let lit = image::RgbImage::from_fn(leaf.width(), leaf.height(), |x, y| {
+        if y < 8 && (x / 8) < 8 {
+            // An 8x8 block per byte of the shot number: survives JPEG compression.
+            let value = number[(x / 8) as usize];
+            return image::Rgb([value, value, value]);
+        }
+        image::Rgb(leaf.get_pixel(x, y).0.map(|channel| (channel as i16 + shift).clamp(0, 255) as u8))
+    });
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+        .encode_image(&lit)
+        .expect("encoding into memory cannot fail");
+    bytes
+}
+
 /// Delivers photos into a camera directory the way a camera program should: each written aside under a hidden
 /// name, then renamed in, so the agent never takes a half-written file.
 pub fn drop_photos(dir: &std::path::Path, photos: &[(&str, &[u8])]) -> std::io::Result<()> {

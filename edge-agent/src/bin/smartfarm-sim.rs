@@ -1,5 +1,7 @@
-//! `smartfarm-sim`: simulated farm sensors. `provision` registers them with the cloud; `run` connects them to an
-//! edge agent and publishes, then prints (and optionally writes) a JSON report of what was sent and acknowledged.
+//! `smartfarm-sim`: simulated farm sensors and cameras. `provision` registers sensors with the cloud; `run` connects
+//! them to an edge agent and publishes, then prints (and optionally writes) a JSON report of what was sent and
+//! acknowledged; `camera` drops photos into a camera directory of an agent (`--camera-dir`), as a camera program
+//! would.
 
 #![forbid(unsafe_code)]
 
@@ -68,6 +70,18 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Drop leaf photos (each one distinct) into a camera directory the agent watches.
+    Camera {
+        /// The directory (the agent's `--camera-dir CAMERA_ID=DIR`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// How many photos.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// Time between photos.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
 }
 
 #[tokio::main]
@@ -102,6 +116,19 @@ async fn main() -> anyhow::Result<()> {
                     "elapsed_seconds": result.elapsed_seconds,
                 }))?
             );
+        }
+        Command::Camera { dir, count, interval } => {
+            let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let mut bytes = 0;
+            for shot in 0..count {
+                if shot > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                let photo = sim::camera_shot(started + shot);
+                bytes += photo.len();
+                sim::drop_photos(&dir, &[(&format!("shot-{}.jpg", started + shot), &photo)])?;
+            }
+            println!("{}", serde_json::json!({ "photos": count, "bytes": bytes, "dir": dir.display().to_string() }));
         }
     }
     Ok(())

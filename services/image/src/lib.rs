@@ -29,6 +29,7 @@ use smartfarm_proto::image::v1::image_service_server::{ImageService, ImageServic
 use smartfarm_store::image::ImageRecord;
 use smartfarm_store::{BlobStore, ImageStore, RegistryStore};
 
+pub use sweep::SweepReport;
 pub use urls::UrlSigner;
 
 /// The blob key of a farm's original photo: content-addressed within the farm, so the same bytes are stored once

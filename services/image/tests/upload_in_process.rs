@@ -1,6 +1,6 @@
 //! The image service in one process, over SQLite and local files, behind a real tonic server: a stored photo is
-//! announced on the bus once, with what the inference role needs; a duplicate is not announced; and a thumbnail
-//! follows.
+//! announced on the bus once, with what the inference role needs; a duplicate is not announced; a thumbnail
+//! follows; and a farm's own retention applies.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -69,14 +69,10 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let bus = Bus::in_process();
     let mut events = bus.subscribe();
-    let api = ImageApi::new(
-        registry,
-        database.images(),
-        blobs,
-        bus,
-        ImagesConfig::default(),
-        UrlSigner::new(&[1; 32]).unwrap(),
-    );
+    // Photos are kept forever, except on this farm, whose originals go a millisecond after they arrive.
+    let settings =
+        ImagesConfig { farm_retention: [(farm.id.to_string(), "1ms".to_string())].into(), ..ImagesConfig::default() };
+    let api = ImageApi::new(registry, database.images(), blobs, bus, settings, UrlSigner::new(&[1; 32]).unwrap());
     tokio::spawn(api.clone().run_thumbnails());
 
     // The gateway's authentication layer is what attaches principals; here an interceptor stands in for it.
@@ -135,6 +131,17 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(has_thumbnail, "the thumbnail was made");
+    // The farm's own retention applies (the default keeps photos forever): the original goes, the thumbnail stays.
+    let report = api.sweep().await.unwrap();
+    assert_eq!(report.originals_expired, 1, "{report:?}");
+    let status = client
+        .get_upload_status(pb::GetUploadStatusRequest { upload_id: "first".into(), device_id: camera.id.to_string() })
+        .await
+        .unwrap()
+        .into_inner();
+    let expired = status.image.unwrap();
+    assert!(!expired.original_available && expired.has_thumbnail);
+
     // Gateways upload; reading the farm's photos is for API keys.
     let listed = client.list_images(pb::ListImagesRequest { farm_id: farm.id.to_string(), ..Default::default() }).await;
     assert_eq!(listed.unwrap_err().code(), tonic::Code::PermissionDenied);
