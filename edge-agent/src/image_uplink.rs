@@ -1,6 +1,6 @@
 //! The image uplink: sends the photos in the spool's image area to the cloud's `ImageService`, oldest first, and
 //! lets go of each one only when the cloud has it. It first asks which photos the farm already has (CheckImages)
-//! and skips sending those, then uploads two at a time; each upload asks how much the cloud kept of an earlier attempt (GetUploadStatus) and
+//! and skips sending those, then uploads three at a time; each upload asks how much the cloud kept of an earlier attempt (GetUploadStatus) and
 //! resumes from there, so a link cut in the middle of a large photo costs only what was in flight. Failures retry
 //! with exponential backoff; a photo the cloud refuses for good (not an image, say) is set aside in
 //! `images/refused/` and alerted, never silently dropped.
@@ -53,8 +53,9 @@ enum Sent {
     Deferred(tonic::Status),
 }
 
-/// Photos uploading at once: while the cloud stores one (hash, blob write, row), the next one's bytes travel.
-const UPLOADS_IN_FLIGHT: usize = 2;
+/// Photos uploading at once: while the cloud stores one (hash, blob write, row), the next ones' bytes travel. Each
+/// is in memory while it uploads (a few MB for a camera photo).
+const UPLOADS_IN_FLIGHT: usize = 3;
 
 /// Sends spooled photos.
 #[derive(Clone)]

@@ -19,6 +19,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings on idle connections, so half-open links (a farm's modem that lost power) are noticed.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2 flow-control windows the server grants: a stream may send this much before the server has read it, and all
+/// the streams of a connection together twice that.
+const HTTP2_STREAM_WINDOW: u32 = 4 << 20;
+const HTTP2_CONNECTION_WINDOW: u32 = 8 << 20;
 /// How long an HTTP/1.1 client may take to send its request headers (slowloris protection for gRPC-web and
 /// `/metrics`; HTTP/2 connections are covered by the keepalive above).
 const HTTP1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,7 +42,11 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        // Photos and telemetry batches arrive in megabytes: with hyper's 1 MiB windows a sender stops every
+        // megabyte until the server has read it.
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
     tokio::pin!(shutdown);
 
     loop {

@@ -182,6 +182,11 @@ async fn throughput(photos: usize) -> anyhow::Result<()> {
     }
     let pipeline = megabytes / started.elapsed().as_secs_f64();
     edge.stop().await;
+    // The cloud makes thumbnails once the burst is stored; the second baseline runs after them, not beside them.
+    while !list_all(&mut images, &fleet.farm_id).await?.iter().all(|image| image.has_thumbnail) {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(900), "thumbnails not made within 15 min");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let baseline_after = put_all(2).await?;
     let baseline = (baseline_before + baseline_after) / 2.0;
     emit(serde_json::json!({
