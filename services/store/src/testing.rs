@@ -62,6 +62,55 @@ impl Drop for TestPostgres {
     }
 }
 
+/// A migrated database for one test: SQLite in a temporary directory, or a fresh database on the test PostgreSQL
+/// server, with what must live as long as it. The storage suites run each case on both.
+#[derive(Debug)]
+pub struct TestDatabase {
+    pub database: crate::Database,
+    /// Its URL, to connect again as after a restart.
+    pub url: String,
+    _sqlite_dir: Option<tempfile::TempDir>,
+    _postgres: Option<TestPostgres>,
+}
+
+impl TestDatabase {
+    /// A fresh SQLite database.
+    pub async fn sqlite() -> TestDatabase {
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let database = TestDatabase::migrated(&url).await;
+        TestDatabase { database, url, _sqlite_dir: Some(dir), _postgres: None }
+    }
+
+    /// A fresh PostgreSQL database (see [`TestPostgres`]).
+    pub async fn postgres() -> TestDatabase {
+        let postgres = TestPostgres::create().await;
+        let url = postgres.url.clone();
+        let database = TestDatabase::migrated(&url).await;
+        TestDatabase { database, url, _sqlite_dir: None, _postgres: Some(postgres) }
+    }
+
+    async fn migrated(url: &str) -> crate::Database {
+        let database = crate::Database::connect(url, &smartfarm_core::config::PostgresConfig::default())
+            .await
+            .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
+        database.migrate().await.unwrap_or_else(|error| panic!("migrate {url}: {error}"));
+        database
+    }
+
+    /// The registry of the database.
+    pub fn registry(&self) -> std::sync::Arc<dyn crate::RegistryStore> {
+        self.database.registry()
+    }
+
+    /// A second connection to the same database, as after a restart.
+    pub async fn reopen(&self) -> crate::Database {
+        crate::Database::connect(&self.url, &smartfarm_core::config::PostgresConfig::default())
+            .await
+            .unwrap_or_else(|error| panic!("reconnect to {}: {error}", self.url))
+    }
+}
+
 /// `url` with its database name replaced by `database`.
 fn with_database(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {

@@ -3,39 +3,15 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use smartfarm_core::config::PostgresConfig;
 use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::Database;
 use smartfarm_store::image::{ImageCursor, ImageFilter, ImageRecord, Inserted, ThumbnailState, UploadState};
 use smartfarm_store::model::{DeviceKind, NewDevice};
-use smartfarm_store::testing::TestPostgres;
+use smartfarm_store::testing::TestDatabase as Harness;
 use uuid::Uuid;
 
 /// 2026-05-29 00:00:00 UTC.
 const BASE_SECONDS: i64 = 1_780_012_800;
-
-struct Harness {
-    database: Database,
-    _sqlite_dir: Option<tempfile::TempDir>,
-    _postgres: Option<TestPostgres>,
-}
-
-impl Harness {
-    async fn sqlite() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("images.db").display());
-        let database = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
-        database.migrate().await.unwrap();
-        Harness { database, _sqlite_dir: Some(dir), _postgres: None }
-    }
-
-    async fn postgres() -> Harness {
-        let postgres = TestPostgres::create().await;
-        let database = Database::connect(&postgres.url, &PostgresConfig::default()).await.unwrap();
-        database.migrate().await.unwrap();
-        Harness { database, _sqlite_dir: None, _postgres: Some(postgres) }
-    }
-}
 
 fn at(hours: i64) -> SystemTime {
     from_unix_micros((BASE_SECONDS + hours * 3600) * 1_000_000)

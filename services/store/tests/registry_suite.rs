@@ -4,47 +4,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use smartfarm_core::Error;
-use smartfarm_core::config::PostgresConfig;
 use smartfarm_core::time::now;
+use smartfarm_store::RegistryStore;
 use smartfarm_store::model::{ApiKey, DeviceFilter, DeviceKind, DeviceState, DeviceUpdate, KeysetPage, NewDevice};
-use smartfarm_store::testing::TestPostgres;
-use smartfarm_store::{Database, RegistryStore};
+use smartfarm_store::testing::TestDatabase as Harness;
 use uuid::Uuid;
-
-/// A database for one test, with whatever must live as long as it.
-struct Harness {
-    database: Database,
-    url: String,
-    _sqlite_dir: Option<tempfile::TempDir>,
-    _postgres: Option<TestPostgres>,
-}
-
-impl Harness {
-    async fn sqlite() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("registry.db").display());
-        let database = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
-        database.migrate().await.unwrap();
-        Harness { database, url, _sqlite_dir: Some(dir), _postgres: None }
-    }
-
-    async fn postgres() -> Harness {
-        let postgres = TestPostgres::create().await;
-        let url = postgres.url.clone();
-        let database = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
-        database.migrate().await.unwrap();
-        Harness { database, url, _sqlite_dir: None, _postgres: Some(postgres) }
-    }
-
-    fn registry(&self) -> std::sync::Arc<dyn RegistryStore> {
-        self.database.registry()
-    }
-
-    /// A second connection to the same database, as after a restart.
-    async fn reopen(&self) -> Database {
-        Database::connect(&self.url, &PostgresConfig::default()).await.unwrap()
-    }
-}
 
 fn page(limit: usize) -> KeysetPage {
     KeysetPage { after: None, limit }

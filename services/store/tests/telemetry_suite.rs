@@ -8,36 +8,13 @@ use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::telemetry::{
     AggregateRow, BatchOutcome, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention,
 };
-use smartfarm_store::testing::TestPostgres;
+use smartfarm_store::testing::TestDatabase as Harness;
 use smartfarm_store::{Database, RegistryStore};
 use uuid::Uuid;
 
 const HOUR: u64 = 3600;
 /// 2026-05-29 00:00:00 UTC: a midnight, so day-aligned ranges can be answered from the daily rollup.
 const BASE_SECONDS: i64 = 1_780_012_800;
-
-struct Harness {
-    database: Database,
-    _sqlite_dir: Option<tempfile::TempDir>,
-    _postgres: Option<TestPostgres>,
-}
-
-impl Harness {
-    async fn sqlite() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
-        let database = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
-        database.migrate().await.unwrap();
-        Harness { database, _sqlite_dir: Some(dir), _postgres: None }
-    }
-
-    async fn postgres() -> Harness {
-        let postgres = TestPostgres::create().await;
-        let database = Database::connect(&postgres.url, &PostgresConfig::default()).await.unwrap();
-        database.migrate().await.unwrap();
-        Harness { database, _sqlite_dir: None, _postgres: Some(postgres) }
-    }
-}
 
 /// A farm with a gateway and two sensors.
 struct Farm {
@@ -384,7 +361,7 @@ telemetry_suite!(postgres);
 #[tokio::test]
 async fn a_partition_dropped_by_another_replica_is_made_again() {
     let harness = Harness::postgres().await;
-    let url = harness._postgres.as_ref().expect("a postgres harness").url.clone();
+    let url = harness.url.clone();
     let other_replica = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
     let farm = farm(&*harness.database.registry(), "replicas").await;
     let [a, _] = farm.sensors;
