@@ -336,6 +336,9 @@ async fn a_link_cut_in_the_middle_of_a_large_upload_resumes_and_a_photo_sent_twi
     .await;
     assert!(arrived, "the photo did not arrive:\n{}\n{}", edge.log(), cloud.log());
     assert!(proxy.has_cut(), "the link was cut during the upload");
+    let log = cloud.log();
+    assert!(log.contains("upload cut short; kept for resuming"), "{log}");
+    assert!(!log.contains("ERROR"), "a cut link is a farm's everyday event, not an error of the service:\n{log}");
     let resumed = edge.metric("smartfarm_edge_image_resumed_bytes_total").await;
     assert!(
         resumed > 0.0,

@@ -169,10 +169,17 @@ impl ImageService for ImageApi {
         let api = self.clone();
         let upload = tokio::spawn(async move {
             let _in_flight = InFlight::enter(&api.uploads_in_flight);
-            api.upload(&principal, request.into_inner()).await
+            let mut broken = None;
+            let result = api.upload(&principal, request.into_inner(), &mut broken).await;
+            (result, broken)
         });
-        let response = upload.await.map_err(|error| smartfarm_core::Error::internal("upload task", error))??;
-        Ok(Response::new(response))
+        match upload.await.map_err(|error| smartfarm_core::Error::internal("upload task", error))? {
+            (Ok(response), _) => Ok(Response::new(response)),
+            // Not an error of the service (the upload logged it as what it is), so not through the error mapper,
+            // which logs UNAVAILABLE as a failure of a dependency. Often nobody is left to read this answer.
+            (Err(_), Some(detail)) => Err(Status::unavailable(format!("{detail}; resume from GetUploadStatus"))),
+            (Err(error), None) => Err(error.into()),
+        }
     }
 
     async fn get_upload_status(

@@ -130,13 +130,15 @@ impl ImageApi {
         })
     }
 
-    /// Runs one `Upload` call.
+    /// Runs one `Upload` call. When the stream breaks or goes silent (on a farm's link, a common event rather than an
+    /// error of the service), `broken` says how, and the error returned is only for the client, if it is still there.
     pub(crate) async fn upload(
         &self,
         principal: &Principal,
         mut stream: Streaming<pb::UploadRequest>,
+        broken: &mut Option<String>,
     ) -> Result<pb::UploadResponse> {
-        let first = stream.message().await.map_err(|status| cut_short("before its header", status))?;
+        let first = stream.message().await.map_err(|status| cut_short("broke before its header", status, broken))?;
         let header = match first.and_then(|message| message.body) {
             Some(pb::upload_request::Body::Header(header)) => self.header(principal, header).await?,
             _ => return Err(Error::invalid("header", "the first message of an upload must be its header")),
@@ -177,10 +179,8 @@ impl ImageApi {
                 Ok(next) => next,
                 Err(_) => {
                     self.keep_part(&header, previous.as_ref(), resumed_from, &buffer).await;
-                    return Err(Error::Unavailable(format!(
-                        "no chunk for {} s after byte {received}; resume from GetUploadStatus",
-                        UPLOAD_IDLE_TIMEOUT.as_secs()
-                    )));
+                    let silence = format!("went silent for {} s after byte {received}", UPLOAD_IDLE_TIMEOUT.as_secs());
+                    return Err(cut_short(&silence, tonic::Status::deadline_exceeded("idle"), broken));
                 }
             };
             let message = match next {
@@ -194,7 +194,7 @@ impl ImageApi {
                 Err(status) => {
                     // The client is gone; keep what arrived so that it can resume.
                     self.keep_part(&header, previous.as_ref(), resumed_from, &buffer).await;
-                    return Err(cut_short(&format!("at byte {received}"), status));
+                    return Err(cut_short(&format!("broke at byte {received}"), status, broken));
                 }
             };
             let chunk = match message.body {
@@ -426,8 +426,10 @@ fn check_type(bytes: &[u8], declared: &str) -> Result<()> {
     }
 }
 
-/// The error of a stream that broke: the client left, so this is mostly for the log.
-fn cut_short(when: &str, status: tonic::Status) -> Error {
+/// The end of a stream that broke or went silent: recorded in `broken`, answered as retryable.
+fn cut_short(how: &str, status: tonic::Status, broken: &mut Option<String>) -> Error {
     metrics::counter!("smartfarm_image_uploads_total", "outcome" => "cut").increment(1);
-    Error::Unavailable(format!("the upload stream broke {when}: {}", status.message()))
+    let detail = format!("the upload stream {how} ({})", status.message());
+    *broken = Some(detail.clone());
+    Error::Unavailable(detail)
 }
