@@ -74,6 +74,20 @@ pub struct EdgeOptions {
     pub args: Vec<String>,
 }
 
+impl EdgeOptions {
+    /// An agent of `fleet`'s farm for `cloud`, spooling into `spool_dir`, with the default settings.
+    pub fn new(cloud: &Cloud, fleet: &Fleet, spool_dir: PathBuf) -> EdgeOptions {
+        EdgeOptions {
+            cloud: cloud.addr,
+            credential: fleet.gateway_credential.clone(),
+            spool_dir,
+            mqtt_port: None,
+            config: String::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
 /// A running `smartfarm-edge`.
 #[derive(Debug)]
 pub struct Edge {

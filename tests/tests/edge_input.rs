@@ -46,12 +46,8 @@ async fn bad_payloads_foreign_topics_and_wrong_credentials_are_refused_counted_a
     let admin_key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&cloud, &admin_key, "input", 2).await;
     let options = EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
         config: "upload_interval = \"200ms\"\n".into(),
-        args: Vec::new(),
+        ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))
     };
     let edge = Edge::start(&options).await;
     let (me, other) = (&fleet.sensors[0], &fleet.sensors[1]);

@@ -119,12 +119,9 @@ async fn photos_arrive_once_each(data: &CloudData, cloud_options: CloudOptions, 
     let camera = register_camera(&cloud, &key, &fleet, "row 7 camera").await;
     let camera_dir = data.data_dir.path().join("camera-7");
     let edge = Edge::start(&EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
         config: "camera_poll_interval = \"200ms\"\n".into(),
         args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
+        ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))
     })
     .await;
     let started = SystemTime::now() - Duration::from_secs(5);
@@ -316,13 +313,11 @@ async fn a_link_cut_in_the_middle_of_a_large_upload_resumes_and_a_photo_sent_twi
     let camera_dir = data.data_dir.path().join("camera");
     let edge = Edge::start(&EdgeOptions {
         cloud: proxy.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
         // Kept as PNG, so the bytes stored are the bytes dropped; small chunks so the cut lands between some.
         config: "camera_poll_interval = \"200ms\"\nreencode = \"keep\"\nimage_chunk_bytes = 131072\nreconnect_min = \"300ms\"\n"
             .into(),
         args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
+        ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))
     })
     .await;
     drop_photo(&camera_dir, "large.png", &photo);
@@ -392,12 +387,9 @@ async fn a_cloud_killed_between_blob_write_and_row_commit_leaves_no_orphan() {
     let camera = register_camera(&crashing, &key, &fleet, "gate camera").await;
     let camera_dir = data.data_dir.path().join("camera");
     let edge_options = EdgeOptions {
-        cloud: listen,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
         config: "camera_poll_interval = \"200ms\"\nreconnect_min = \"300ms\"\nreconnect_max = \"1s\"\n".into(),
         args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
+        ..EdgeOptions::new(&crashing, &fleet, data.data_dir.path().join("spool"))
     };
     let edge = Edge::start(&edge_options).await;
     let photo = fixture(FIXTURES[1]);

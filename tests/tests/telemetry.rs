@@ -9,14 +9,7 @@ use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key
 use smartfarm_edge::sim::{self, METRICS_PER_MESSAGE, RunOptions};
 
 fn edge_options(cloud: &Cloud, fleet: &Fleet, data: &CloudData, config: &str) -> EdgeOptions {
-    EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
-        config: config.to_string(),
-        args: Vec::new(),
-    }
+    EdgeOptions { config: config.to_string(), ..EdgeOptions::new(cloud, fleet, data.data_dir.path().join("spool")) }
 }
 
 fn run_options(edge: &Edge, rate: f64, messages_per_sensor: u64) -> RunOptions {

@@ -50,6 +50,13 @@ impl ThumbnailState {
     }
 }
 
+/// The columns every backend reads an image row and an upload row by, in the order their row decoders expect.
+pub(crate) const IMAGE_COLUMNS: &str = "id, farm_id, device_id, capture_time, receive_time, sha256, size_bytes, \
+     content_type, width, height, labels, original_key, original_available, thumbnail_state, thumbnail_key, \
+     storage_class, diagnosis_label, diagnosis_confidence, diagnosis_model, diagnosis_version, diagnosis_time";
+pub(crate) const UPLOAD_COLUMNS: &str =
+    "device_id, upload_id, farm_id, sha256, size_bytes, received_bytes, start_time, update_time, image_id";
+
 /// What a plant-disease model said about a photo.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredDiagnosis {

@@ -11,14 +11,9 @@ use smartfarm_core::{Error, Result};
 
 use super::{SqliteStore, is_unique_violation, sql_error};
 use crate::image::{
-    ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, StoredDiagnosis, ThumbnailState, UploadState,
+    IMAGE_COLUMNS, ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, StoredDiagnosis, ThumbnailState,
+    UPLOAD_COLUMNS, UploadState,
 };
-
-const IMAGE_COLUMNS: &str = "id, farm_id, device_id, capture_time, receive_time, sha256, size_bytes, content_type, \
-     width, height, labels, original_key, original_available, thumbnail_state, thumbnail_key, storage_class, \
-     diagnosis_label, diagnosis_confidence, diagnosis_model, diagnosis_version, diagnosis_time";
-const UPLOAD_COLUMNS: &str =
-    "device_id, upload_id, farm_id, sha256, size_bytes, received_bytes, start_time, update_time, image_id";
 
 fn uuid_text(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
     let text: String = row.get(index)?;

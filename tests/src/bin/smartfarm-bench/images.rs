@@ -163,15 +163,7 @@ async fn throughput(photos: usize) -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
-    let edge = Edge::start(&EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir,
-        mqtt_port: None,
-        config: String::new(),
-        args: Vec::new(),
-    })
-    .await;
+    let edge = Edge::start(&EdgeOptions::new(&cloud, &fleet, spool_dir)).await;
     loop {
         let stored = list_all(&mut images, &fleet.farm_id).await?.len();
         if stored >= photos {
@@ -232,15 +224,9 @@ async fn storage(cameras: usize, hours: usize) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         config.push_str(&format!("[[cameras]]\ndevice_id = \"{id}\"\ndir = \"{}\"\n", dir.display()));
     }
-    let edge = Edge::start(&EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
-        config,
-        args: Vec::new(),
-    })
-    .await;
+    let edge =
+        Edge::start(&EdgeOptions { config, ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool")) })
+            .await;
 
     // The day: every camera, every hour. Even cameras deliver JPEG (kept), odd ones raw PNG (re-encoded); one
     // photo in twenty is delivered twice.

@@ -156,12 +156,8 @@ async fn ingest(readings: u64, devices: usize) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let edge = Edge::start(&EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir,
-        mqtt_port: None,
         config: "upload_interval = \"1h\"\nupload = \"raw\"\n".into(),
-        args: Vec::new(),
+        ..EdgeOptions::new(&cloud, &fleet, spool_dir)
     })
     .await;
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
@@ -391,15 +387,9 @@ async fn farm_with_edge(name: &str, sensors: usize, config: String) -> (CloudDat
     let data = CloudData::new(smartfarm_e2e::Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), name, sensors).await;
-    let edge = Edge::start(&EdgeOptions {
-        cloud: cloud.addr,
-        credential: fleet.gateway_credential.clone(),
-        spool_dir: data.data_dir.path().join("spool"),
-        mqtt_port: None,
-        config,
-        args: Vec::new(),
-    })
-    .await;
+    let edge =
+        Edge::start(&EdgeOptions { config, ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool")) })
+            .await;
     edge.wait_for_registry(sensors + 1).await;
     (data, cloud, fleet, edge)
 }
