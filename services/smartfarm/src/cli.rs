@@ -35,6 +35,16 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Train a model (plant disease) with Burn on this machine's CPU.
+    Train {
+        #[command(subcommand)]
+        command: crate::ml::TrainCommand,
+    },
+    /// Evaluate a model: plant disease on labelled photos, or the anomaly detector on labelled series.
+    Eval {
+        #[command(subcommand)]
+        command: crate::ml::EvalCommand,
+    },
     /// Administration.
     Admin {
         #[command(subcommand)]

@@ -5,6 +5,7 @@
 
 mod cli;
 mod demo;
+mod ml;
 mod serve;
 
 use clap::Parser;
@@ -55,6 +56,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("schema version {} (applied now: {:?})", report.current_version, report.applied);
             Ok(())
         }
+        // Training and evaluation are CPU-bound: they run on a blocking thread, not on the async workers.
+        Command::Train { command } => tokio::task::spawn_blocking(move || ml::train(command)).await?,
+        Command::Eval { command } => tokio::task::spawn_blocking(move || ml::eval(command)).await?,
         Command::Config { command: ConfigCommand::Example } => {
             print!("{EXAMPLE}");
             Ok(())
