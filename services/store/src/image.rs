@@ -224,4 +224,6 @@ pub trait ImageStore: Send + Sync + 'static {
     ) -> Result<Vec<ImageRecord>>;
     /// Records that a photo's original was moved to `storage_class`.
     async fn set_storage_class(&self, id: Uuid, storage_class: &str) -> Result<()>;
+    /// Records a model's diagnosis of a photo (replacing an earlier one); `NotFound` for an unknown photo.
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis) -> Result<()>;
 }

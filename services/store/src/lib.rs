@@ -1,5 +1,5 @@
 //! smartfarm-store owns persistence: narrow storage traits for what the services need ([`RegistryStore`],
-//! [`BlobStore`], [`ImageStore`]), their backends picked by URL (`sqlite://` by default, `postgres://`; blobs `file://`), and the
+//! [`BlobStore`], [`ImageStore`], [`ModelStore`]), their backends picked by URL (`sqlite://` by default, `postgres://`; blobs `file://`), and the
 //! versioned migrations of each backend. It knows SQL and files; it must never know about gRPC, HTTP or the
 //! contracts' messages, and it never decides who may do what (that is the services' job).
 
@@ -9,6 +9,7 @@ pub mod blob;
 pub mod image;
 pub mod migrate;
 pub mod model;
+pub mod models;
 pub mod postgres;
 pub mod registry;
 pub mod sqlite;
@@ -25,6 +26,7 @@ use smartfarm_core::{Error, Result};
 pub use blob::BlobStore;
 pub use image::ImageStore;
 pub use migrate::MigrationReport;
+pub use models::ModelStore;
 pub use registry::RegistryStore;
 pub use telemetry::TelemetryStore;
 
@@ -93,6 +95,14 @@ impl Database {
 
     /// The image metadata store.
     pub fn images(&self) -> Arc<dyn ImageStore> {
+        match self {
+            Database::Sqlite(store) => Arc::new(store.clone()),
+            Database::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// The model version store.
+    pub fn models(&self) -> Arc<dyn ModelStore> {
         match self {
             Database::Sqlite(store) => Arc::new(store.clone()),
             Database::Postgres(store) => Arc::new(store.clone()),

@@ -18,6 +18,7 @@ pub const SQLITE: &[Migration] = &[
     Migration { version: 1, name: "registry", sql: include_str!("../migrations/sqlite/0001_registry.sql") },
     Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/sqlite/0002_telemetry.sql") },
     Migration { version: 3, name: "images", sql: include_str!("../migrations/sqlite/0003_images.sql") },
+    Migration { version: 4, name: "models", sql: include_str!("../migrations/sqlite/0004_models.sql") },
 ];
 
 /// PostgreSQL's migrations.
@@ -25,6 +26,7 @@ pub const POSTGRES: &[Migration] = &[
     Migration { version: 1, name: "registry", sql: include_str!("../migrations/postgres/0001_registry.sql") },
     Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/postgres/0002_telemetry.sql") },
     Migration { version: 3, name: "images", sql: include_str!("../migrations/postgres/0003_images.sql") },
+    Migration { version: 4, name: "models", sql: include_str!("../migrations/postgres/0004_models.sql") },
 ];
 
 /// What a migration run did.

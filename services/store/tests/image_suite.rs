@@ -5,7 +5,9 @@ use std::time::SystemTime;
 
 use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::Database;
-use smartfarm_store::image::{ImageCursor, ImageFilter, ImageRecord, Inserted, ThumbnailState, UploadState};
+use smartfarm_store::image::{
+    ImageCursor, ImageFilter, ImageRecord, Inserted, StoredDiagnosis, ThumbnailState, UploadState,
+};
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::testing::TestDatabase as Harness;
 use uuid::Uuid;
@@ -83,8 +85,32 @@ async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
 
     let asked = vec!["aa".repeat(32), "bb".repeat(32)];
     assert_eq!(images.known_sha256s(farm_a, &asked).await.unwrap(), vec!["aa".repeat(32)]);
-    assert_eq!(images.find_image(farm_a, &"aa".repeat(32)).await.unwrap(), Some(first));
+    assert_eq!(images.find_image(farm_a, &"aa".repeat(32)).await.unwrap(), Some(first.clone()));
     assert_eq!(images.find_image(farm_a, &"bb".repeat(32)).await.unwrap(), None);
+
+    // A diagnosis is saved on the photo, and a later one replaces it.
+    for (label, confidence) in [("Apple___Apple_scab", 0.75), ("Apple___healthy", 0.99)] {
+        let diagnosis = StoredDiagnosis {
+            label: label.into(),
+            confidence,
+            model_name: "leafnet".into(),
+            model_version: "1".into(),
+            diagnose_time: at(3),
+        };
+        images.set_diagnosis(first.id, &diagnosis).await.unwrap();
+        assert_eq!(images.get_image(first.id).await.unwrap().diagnosis, Some(diagnosis));
+    }
+    let missing = StoredDiagnosis {
+        label: "x".into(),
+        confidence: 0.5,
+        model_name: "m".into(),
+        model_version: "1".into(),
+        diagnose_time: at(3),
+    };
+    assert!(matches!(
+        images.set_diagnosis(Uuid::now_v7(), &missing).await,
+        Err(smartfarm_core::Error::NotFound { .. })
+    ));
 }
 
 async fn listing_filters_and_pages_newest_first(database: &Database) {

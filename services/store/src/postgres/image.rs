@@ -438,4 +438,27 @@ impl ImageStore for PostgresStore {
             .map_err(pg_error("set storage class"))?;
         Ok(())
     }
+
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis) -> Result<()> {
+        let client = self.client().await?;
+        let updated = client
+            .execute(
+                "UPDATE images SET diagnosis_label = $2, diagnosis_confidence = $3, diagnosis_model = $4,
+                     diagnosis_version = $5, diagnosis_time = $6 WHERE id = $1",
+                &[
+                    &id,
+                    &diagnosis.label,
+                    &diagnosis.confidence,
+                    &diagnosis.model_name,
+                    &diagnosis.model_version,
+                    &diagnosis.diagnose_time,
+                ],
+            )
+            .await
+            .map_err(pg_error("set diagnosis"))?;
+        if updated == 0 {
+            return Err(Error::not_found("image", id));
+        }
+        Ok(())
+    }
 }

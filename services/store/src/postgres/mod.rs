@@ -4,6 +4,7 @@
 //! telemetry capability adds, are to use its hypertables when it is.
 
 mod image;
+mod models;
 mod registry;
 mod telemetry;
 

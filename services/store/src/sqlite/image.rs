@@ -502,4 +502,29 @@ impl ImageStore for SqliteStore {
         })
         .await
     }
+
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis) -> Result<()> {
+        let diagnosis = diagnosis.clone();
+        self.run(move |connection| {
+            let updated = connection
+                .execute(
+                    "UPDATE images SET diagnosis_label = ?2, diagnosis_confidence = ?3, diagnosis_model = ?4,
+                         diagnosis_version = ?5, diagnosis_time = ?6 WHERE id = ?1",
+                    params![
+                        id.to_string(),
+                        diagnosis.label,
+                        diagnosis.confidence,
+                        diagnosis.model_name,
+                        diagnosis.model_version,
+                        to_unix_micros(diagnosis.diagnose_time)
+                    ],
+                )
+                .map_err(sql_error("set diagnosis"))?;
+            if updated == 0 {
+                return Err(Error::not_found("image", id));
+            }
+            Ok(())
+        })
+        .await
+    }
 }

@@ -4,6 +4,7 @@
 //! before it is acknowledged.
 
 mod image;
+mod models;
 mod registry;
 mod telemetry;
 
