@@ -98,13 +98,13 @@ async fn capabilities_not_built_yet_answer_unimplemented_and_name_them() {
         );
     };
 
+    // The AI capability is built: through the gateway, the built-in models are listed and active.
     let mut models =
         inference::inference_service_client::InferenceServiceClient::with_interceptor(channel.clone(), bearer.clone());
-    check(
-        models.list_models(inference::ListModelsRequest::default()).await.map(drop),
-        "InferenceService.ListModels",
-        "AI",
-    );
+    let listed = models.list_models(inference::ListModelsRequest::default()).await.unwrap().into_inner().models;
+    let names: BTreeSet<String> = listed.iter().map(|m| m.r#ref.as_ref().unwrap().name.clone()).collect();
+    assert_eq!(names, ["leafnet-plantvillage7", "window-autoencoder"].map(String::from).into());
+    assert!(listed.iter().all(|m| m.active), "{listed:?}");
     let mut alerts = alert::alert_service_client::AlertServiceClient::with_interceptor(channel.clone(), bearer.clone());
     check(alerts.subscribe(alert::SubscribeRequest::default()).await.map(drop), "AlertService.Subscribe", "alerts");
     let mut commands =

@@ -1,5 +1,5 @@
 //! smartfarm-bus owns the events one role tells the others about ("a photo was stored", so the inference role
-//! diagnoses it): their types and their delivery. The in-process bus here is the default and what one process
+//! diagnoses it; "readings were committed", so it scores them; "a disease was diagnosed", for the alert role): their types and their delivery. The in-process bus here is the default and what one process
 //! needs; the NATS JetStream backend for several replicas is the alerts-and-commands issue's. Delivery is best
 //! effort to live subscribers: a subscriber that falls behind by more than [`CAPACITY`] events is told how many it
 //! missed and must catch up from the database, which stays the record of what happened.
@@ -19,6 +19,63 @@ pub const CAPACITY: usize = 4096;
 pub enum Event {
     /// A new photo was stored (not a duplicate).
     ImageStored(ImageStored),
+    /// An edge batch's readings were committed (not a duplicate).
+    ReadingsCommitted(ReadingsCommitted),
+    /// A model diagnosed a disease on a photo with at least the configured confidence.
+    DiseaseDetected(DiseaseDetected),
+    /// The anomaly detector found an anomalous stretch in a device's metric.
+    AnomalyDetected(AnomalyDetected),
+}
+
+/// The series an edge batch added readings to, so the inference role can score them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadingsCommitted {
+    pub farm_id: Uuid,
+    /// Each device's metric the batch touched, with the first and last measurement time it added.
+    pub series: Vec<SeriesSpan>,
+}
+
+/// A device's metric and a time span of new readings in it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeriesSpan {
+    pub device_id: Uuid,
+    pub metric: String,
+    pub first_time: SystemTime,
+    pub last_time: SystemTime,
+}
+
+/// A model's name and version, as results carry them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelVersion {
+    pub name: String,
+    pub version: String,
+}
+
+/// A disease diagnosed on a photo: the evidence is the photo.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiseaseDetected {
+    pub farm_id: Uuid,
+    /// The camera.
+    pub device_id: Uuid,
+    pub image_id: Uuid,
+    pub label: String,
+    pub confidence: f64,
+    pub model: ModelVersion,
+    pub capture_time: SystemTime,
+}
+
+/// An anomalous stretch of a device's metric: the evidence is the series window and its peak.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnomalyDetected {
+    pub farm_id: Uuid,
+    pub device_id: Uuid,
+    pub metric: String,
+    pub start_time: SystemTime,
+    pub end_time: SystemTime,
+    pub peak_time: SystemTime,
+    pub peak_score: f64,
+    pub peak_value: f64,
+    pub model: ModelVersion,
 }
 
 /// A photo newly stored, with what a consumer needs to fetch and diagnose it.

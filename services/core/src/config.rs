@@ -93,6 +93,19 @@ public_url = ""
 [images.farm_retention]
 # "01939a6e-8f3c-7d2a-9b1e-1f2d3c4b5a69" = "90days"
 
+# Models (the inference role): plant disease on photos, anomalies in sensor series.
+[inference]
+# Diagnose every new photo with the active plant-disease model; the diagnosis is saved on the photo.
+diagnose_new_images = true
+# A diagnosis that is not a healthy class and at least this confident is announced for alerts.
+disease_alert_confidence = 0.8
+# Score every committed telemetry batch with the active anomaly model; anomalous stretches are announced.
+score_new_readings = true
+# The detector learns each device's metric from this much of its past (it needs about 700 readings).
+anomaly_history = "14days"
+# A series' learned detector is relearned after this long.
+anomaly_refit = "1day"
+
 # PostgreSQL connection pool (used when database_url is postgres://).
 [postgres]
 # Most connections the process keeps open.
@@ -134,6 +147,8 @@ pub struct ServerConfig {
     pub telemetry: TelemetryConfig,
     /// Photo storage settings.
     pub images: ImagesConfig,
+    /// Model serving settings.
+    pub inference: InferenceConfig,
     /// PostgreSQL pool settings.
     pub postgres: PostgresConfig,
 }
@@ -152,6 +167,7 @@ impl Default for ServerConfig {
             tls_key: None,
             telemetry: TelemetryConfig::default(),
             images: ImagesConfig::default(),
+            inference: InferenceConfig::default(),
             postgres: PostgresConfig::default(),
         }
     }
@@ -290,6 +306,36 @@ impl ImagesConfig {
     }
 }
 
+/// Model serving settings (the inference role).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Diagnose every new photo with the active plant-disease model and save the diagnosis on it.
+    pub diagnose_new_images: bool,
+    /// Announce a disease (for alerts) when a photo's diagnosis is not a healthy class and at least this confident.
+    pub disease_alert_confidence: f64,
+    /// Score every committed telemetry batch with the active anomaly model.
+    pub score_new_readings: bool,
+    /// How much of a series' past the anomaly detector learns normal from.
+    #[serde(with = "humantime_serde")]
+    pub anomaly_history: Duration,
+    /// A series' fitted detector is relearned when older than this.
+    #[serde(with = "humantime_serde")]
+    pub anomaly_refit: Duration,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            diagnose_new_images: true,
+            disease_alert_confidence: 0.8,
+            score_new_readings: true,
+            anomaly_history: Duration::from_secs(14 * 86_400),
+            anomaly_refit: Duration::from_secs(86_400),
+        }
+    }
+}
+
 /// PostgreSQL connection pool settings. tokio-postgres sets no timeouts or keepalives by default; these do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -358,6 +404,13 @@ impl ServerConfig {
         }
         if telemetry.retention_interval.is_zero() || telemetry.registry_refresh_interval.is_zero() {
             return Err(Error::invalid("telemetry", "intervals must be longer than zero"));
+        }
+        let inference = &self.inference;
+        if !(0.0..=1.0).contains(&inference.disease_alert_confidence) {
+            return Err(Error::invalid("inference.disease_alert_confidence", "must be between 0 and 1"));
+        }
+        if inference.anomaly_history.is_zero() || inference.anomaly_refit.is_zero() {
+            return Err(Error::invalid("inference", "anomaly_history and anomaly_refit must be above zero"));
         }
         let images = &self.images;
         if images.max_image_bytes < 1024 || images.max_image_bytes > 1 << 30 {

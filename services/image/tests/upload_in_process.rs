@@ -99,7 +99,10 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     assert!(!stored.duplicate);
     assert_eq!((image.width, image.height, image.labels["row"].as_str()), (400, 300, "7"));
 
-    let Event::ImageStored(event) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+    let Event::ImageStored(event) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap()
+    else {
+        panic!("the first event is the stored photo")
+    };
     assert_eq!(event.image_id.to_string(), image.id);
     assert_eq!((event.farm_id, event.device_id), (farm.id, camera.id));
     assert_eq!((event.sha256.as_str(), event.content_type.as_str()), (image.sha256.as_str(), "image/png"));

@@ -1,56 +1,390 @@
-//! smartfarm-inference will own the Burn models: plant-disease classification of photos, anomaly detection on
-//! sensor series, and versioned models with activation and rollback. Until the AI capability is built, every RPC
-//! answers `UNIMPLEMENTED` and names that capability; nothing is faked.
+//! smartfarm-inference serves the models of `smartfarm-ml`: `InferenceService` (classify a photo, find anomalies in
+//! a series, list model versions, activate one without a restart) and the pipeline behind it: every new photo is
+//! diagnosed and the diagnosis saved on it, every committed telemetry batch is scored, and a confident disease or
+//! an anomalous stretch is announced on the bus for the alert role, with its evidence. Every result names the
+//! model version that produced it.
 
 #![forbid(unsafe_code)]
 
+pub mod pipeline;
+pub mod serving;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
 use tonic::{Request, Response, Status};
 
-use smartfarm_core::Error;
+use smartfarm_bus::Bus;
+use smartfarm_core::config::InferenceConfig;
+use smartfarm_core::time::{from_timestamp, to_timestamp};
+use smartfarm_core::{Error, Principal, Result, validate};
+use smartfarm_ml::anomaly;
+use smartfarm_ml::artifact::ModelKind;
+use smartfarm_ml::preprocess;
+use smartfarm_proto::common::v1 as common;
 use smartfarm_proto::inference::v1 as pb;
 use smartfarm_proto::inference::v1::inference_service_server::{InferenceService, InferenceServiceServer};
+use smartfarm_store::image::StoredDiagnosis;
+use smartfarm_store::models::StoredModel;
+use smartfarm_store::telemetry::{ReadingCursor, ReadingFilter};
+use smartfarm_store::{BlobStore, ImageStore, ModelStore, RegistryStore, TelemetryStore};
 
-/// How the README and the issue tracker name the capability these RPCs belong to.
-const CAPABILITY: &str = "the AI capability (Burn plant-disease and anomaly models)";
+pub use serving::Serving;
 
-/// The `InferenceService` implementation.
-#[derive(Clone, Debug, Default)]
-pub struct InferenceApi;
+/// Most points one DetectAnomalies call scores.
+pub const MAX_SERIES_POINTS: usize = 200_000;
+
+/// The `InferenceService` implementation and the pipeline's state.
+#[derive(Clone)]
+pub struct InferenceApi {
+    registry: Arc<dyn RegistryStore>,
+    images: Arc<dyn ImageStore>,
+    telemetry: Arc<dyn TelemetryStore>,
+    models: Arc<dyn ModelStore>,
+    blobs: Arc<dyn BlobStore>,
+    bus: Bus,
+    settings: Arc<InferenceConfig>,
+    serving: Serving,
+    detectors: pipeline::Detectors,
+}
+
+impl std::fmt::Debug for InferenceApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferenceApi").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// The stores the service reads and writes.
+pub struct Stores {
+    pub registry: Arc<dyn RegistryStore>,
+    pub images: Arc<dyn ImageStore>,
+    pub telemetry: Arc<dyn TelemetryStore>,
+    pub models: Arc<dyn ModelStore>,
+    pub blobs: Arc<dyn BlobStore>,
+}
 
 impl InferenceApi {
-    /// The tonic server for this service.
-    pub fn into_server(self) -> InferenceServiceServer<InferenceApi> {
-        InferenceServiceServer::new(self)
+    /// The service over the given stores; call [`InferenceApi::ensure_builtin_models`] before serving.
+    pub fn new(stores: Stores, bus: Bus, settings: InferenceConfig) -> Self {
+        InferenceApi {
+            serving: Serving::new(stores.models.clone(), stores.blobs.clone()),
+            registry: stores.registry,
+            images: stores.images,
+            telemetry: stores.telemetry,
+            models: stores.models,
+            blobs: stores.blobs,
+            bus,
+            settings: Arc::new(settings),
+            detectors: pipeline::Detectors::default(),
+        }
     }
+
+    /// The tonic server for this service: it takes photos up to the models' limit and 2 MiB more, so a
+    /// photo somewhat over it gets the limit's own error, and anything much larger is refused by the transport.
+    pub fn into_server(self) -> InferenceServiceServer<InferenceApi> {
+        InferenceServiceServer::new(self).max_decoding_message_size(preprocess::MAX_PHOTO_BYTES + 2 * 1024 * 1024)
+    }
+
+    /// Stores the built-in models and activates them where nothing of their kind is active.
+    pub async fn ensure_builtin_models(&self) -> Result<()> {
+        self.serving.ensure_builtin_models().await
+    }
+
+    /// Model versions and their loaded forms.
+    pub fn serving(&self) -> &Serving {
+        &self.serving
+    }
+
+    async fn classify_image(
+        &self,
+        principal: &Principal,
+        request: pb::ClassifyImageRequest,
+    ) -> Result<pb::ClassifyImageResponse> {
+        let (bytes, image) = match request.source {
+            Some(pb::classify_image_request::Source::ImageData(bytes)) => (bytes, None),
+            Some(pb::classify_image_request::Source::ImageId(id)) => {
+                let image_id = validate::id("image_id", &id)?;
+                let image = self.images.get_image(image_id).await?;
+                principal.authorize_farm(image.farm_id)?;
+                if !image.original_available {
+                    return Err(Error::FailedPrecondition(format!(
+                        "image {image_id}'s original was deleted by retention; its last diagnosis is kept on it"
+                    )));
+                }
+                (self.blobs.get(&image.original_key).await?, Some(image))
+            }
+            None => return Err(Error::invalid("source", "give image_data (the photo's bytes) or image_id")),
+        };
+        let model = self.serving.active(ModelKind::PlantDisease, &request.model_name).await?;
+        let (diagnosis, ranked) = self.diagnose(&model, bytes).await?;
+        if let Some(image) = image {
+            self.images.set_diagnosis(image.id, &diagnosis).await?;
+        }
+        let top_k = match request.top_k {
+            0 => 3,
+            k => k as usize,
+        };
+        Ok(pb::ClassifyImageResponse {
+            label: diagnosis.label.clone(),
+            confidence: diagnosis.confidence,
+            top_classes: ranked
+                .into_iter()
+                .take(top_k)
+                .map(|(label, probability)| pb::ClassScore { label, probability: f64::from(probability) })
+                .collect(),
+            model: Some(model_ref(&model)),
+        })
+    }
+
+    /// Decodes, preprocesses and classifies one photo with a stored plant-disease version.
+    pub(crate) async fn diagnose(
+        &self,
+        model: &StoredModel,
+        bytes: Vec<u8>,
+    ) -> Result<(StoredDiagnosis, Vec<(String, f32)>)> {
+        let worker = self.serving.classifier(model).await?;
+        let spec = worker.input.clone();
+        let input = tokio::task::spawn_blocking(move || {
+            preprocess::decode_photo("image_data", &bytes).map(|photo| preprocess::model_input(&photo, &spec))
+        })
+        .await
+        .map_err(|error| Error::internal("preprocess a photo", error))??;
+        let probabilities = worker.probabilities(input).await?;
+        let mut ranked: Vec<(String, f32)> = worker.card.class_labels.iter().cloned().zip(probabilities).collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let diagnosis = StoredDiagnosis {
+            label: ranked[0].0.clone(),
+            confidence: f64::from(ranked[0].1),
+            model_name: model.name.clone(),
+            model_version: model.version.clone(),
+            diagnose_time: smartfarm_core::time::now(),
+        };
+        Ok((diagnosis, ranked))
+    }
+
+    async fn detect_anomalies(
+        &self,
+        principal: &Principal,
+        request: pb::DetectAnomaliesRequest,
+    ) -> Result<pb::DetectAnomaliesResponse> {
+        let (times, values) = match request.source {
+            Some(pb::detect_anomalies_request::Source::Series(series)) => {
+                if series.times.len() != series.values.len() {
+                    return Err(Error::invalid(
+                        "series",
+                        format!("has {} times but {} values", series.times.len(), series.values.len()),
+                    ));
+                }
+                if series.values.len() > MAX_SERIES_POINTS {
+                    return Err(Error::invalid("series", format!("at most {MAX_SERIES_POINTS} points per call")));
+                }
+                let times = series
+                    .times
+                    .iter()
+                    .map(|t| from_timestamp("series.times", t).map(seconds))
+                    .collect::<Result<Vec<f64>>>()?;
+                (times, series.values)
+            }
+            Some(pb::detect_anomalies_request::Source::DeviceSeries(device_series)) => {
+                self.stored_series(principal, &device_series).await?
+            }
+            None => return Err(Error::invalid("source", "give series (times and values) or device_series")),
+        };
+        let model = self.serving.active(ModelKind::SensorAnomaly, &request.model_name).await?;
+        let params = self.serving.detector_params(&model)?;
+        let (times_for_events, values_for_events) = (times.clone(), values.clone());
+        let detection = tokio::task::spawn_blocking(move || {
+            anomaly::detect(&times, &values, &params, &smartfarm_ml::training_device())
+        })
+        .await
+        .map_err(|error| Error::internal("detect anomalies", error))??;
+        let at = |index: usize| Some(to_timestamp(from_seconds(times_for_events[index])));
+        Ok(pb::DetectAnomaliesResponse {
+            events: detection
+                .events
+                .iter()
+                .map(|event| pb::AnomalyEvent {
+                    start_time: at(event.start),
+                    end_time: at(event.end),
+                    peak_score: event.peak_score,
+                    peak_value: values_for_events[event.peak],
+                })
+                .collect(),
+            scores: detection.scores,
+            threshold: detection.threshold,
+            model: Some(model_ref(&model)),
+        })
+    }
+
+    /// A device's stored readings of one metric over a time range, as seconds and values.
+    async fn stored_series(&self, principal: &Principal, request: &pb::DeviceSeries) -> Result<(Vec<f64>, Vec<f64>)> {
+        let device_id = validate::id("device_series.device_id", &request.device_id)?;
+        let device = self.registry.get_device(device_id).await?;
+        principal.authorize_farm(device.farm_id)?;
+        let metric = validate::metric_name("device_series.metric", &request.metric)?;
+        let range =
+            request.time_range.as_ref().ok_or_else(|| Error::invalid("device_series.time_range", "is required"))?;
+        let (start, end) = time_range(range)?;
+        let filter =
+            ReadingFilter { farm_id: device.farm_id, device_ids: vec![device_id], metrics: vec![metric], start, end };
+        let readings = read_series(self.telemetry.as_ref(), &filter, MAX_SERIES_POINTS).await?;
+        if readings.0.len() >= MAX_SERIES_POINTS {
+            return Err(Error::invalid(
+                "device_series.time_range",
+                format!("holds more than {MAX_SERIES_POINTS} readings; narrow it"),
+            ));
+        }
+        Ok(readings)
+    }
+
+    async fn list_models(&self, request: pb::ListModelsRequest) -> Result<pb::ListModelsResponse> {
+        let kind = match pb::ModelKind::try_from(request.kind) {
+            Ok(pb::ModelKind::Unspecified) => None,
+            Ok(pb::ModelKind::PlantDisease) => Some(ModelKind::PlantDisease.as_str()),
+            Ok(pb::ModelKind::SensorAnomaly) => Some(ModelKind::SensorAnomaly.as_str()),
+            Err(_) => return Err(Error::invalid("kind", format!("{} is not a model kind", request.kind))),
+        };
+        let name = (!request.name.is_empty()).then_some(request.name.as_str());
+        let models = self.models.list_models(kind, name).await?;
+        Ok(pb::ListModelsResponse { models: models.iter().map(model_to_proto).collect::<Result<Vec<_>>>()? })
+    }
+
+    async fn activate_model(
+        &self,
+        principal: &Principal,
+        request: pb::ActivateModelRequest,
+    ) -> Result<pb::ActivateModelResponse> {
+        principal.require_admin()?;
+        let reference = request.model.ok_or_else(|| Error::invalid("model", "is required (name and version)"))?;
+        smartfarm_ml::artifact::check_token("model.name", &reference.name)?;
+        smartfarm_ml::artifact::check_token("model.version", &reference.version)?;
+        let stored = self.models.get_model(&reference.name, &reference.version).await?;
+        // Load it before it serves: a version whose file is gone or broken is refused, the old one keeps serving.
+        if stored.kind == ModelKind::PlantDisease.as_str() {
+            self.serving.classifier(&stored).await?;
+        } else {
+            self.serving.detector_params(&stored)?;
+        }
+        let active =
+            self.models.activate_model(&reference.name, &reference.version, smartfarm_core::time::now()).await?;
+        tracing::info!(model = %format!("{}@{}", active.name, active.version), kind = %active.kind, "model activated");
+        Ok(pb::ActivateModelResponse { model: Some(model_to_proto(&active)?) })
+    }
+}
+
+/// Reads a filter's readings (at most `limit`) as seconds and values, in time order.
+pub(crate) async fn read_series(
+    telemetry: &dyn TelemetryStore,
+    filter: &ReadingFilter,
+    limit: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut times = Vec::new();
+    let mut values = Vec::new();
+    let mut cursor: Option<ReadingCursor> = None;
+    loop {
+        let page = telemetry.query_readings(filter, cursor.as_ref(), 10_000.min(limit - times.len())).await?;
+        let full = page.len() == 10_000.min(limit - times.len());
+        for reading in &page {
+            let t = seconds(reading.measure_time);
+            // Two readings at one instant (a resend under another sequence number): the first counts.
+            if times.last().is_some_and(|last| t <= *last) {
+                continue;
+            }
+            times.push(t);
+            values.push(reading.value);
+        }
+        match page.last() {
+            Some(last) if full && times.len() < limit => {
+                cursor = Some(ReadingCursor {
+                    measure_time: last.measure_time,
+                    device_id: last.device_id,
+                    metric: last.metric.clone(),
+                    sequence: last.sequence,
+                });
+            }
+            _ => return Ok((times, values)),
+        }
+    }
+}
+
+fn time_range(range: &common::TimeRange) -> Result<(SystemTime, SystemTime)> {
+    let start = range.start_time.as_ref().ok_or_else(|| Error::invalid("time_range.start_time", "is required"))?;
+    let end = range.end_time.as_ref().ok_or_else(|| Error::invalid("time_range.end_time", "is required"))?;
+    let (start, end) = (from_timestamp("time_range.start_time", start)?, from_timestamp("time_range.end_time", end)?);
+    if start >= end {
+        return Err(Error::invalid("time_range", "start_time must be before end_time"));
+    }
+    Ok((start, end))
+}
+
+/// Seconds since 1970 (negative before).
+pub(crate) fn seconds(time: SystemTime) -> f64 {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => after.as_secs_f64(),
+        Err(before) => -before.duration().as_secs_f64(),
+    }
+}
+
+pub(crate) fn from_seconds(seconds: f64) -> SystemTime {
+    if seconds >= 0.0 {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds)
+    } else {
+        SystemTime::UNIX_EPOCH - std::time::Duration::from_secs_f64(-seconds)
+    }
+}
+
+fn model_ref(model: &StoredModel) -> common::ModelRef {
+    common::ModelRef { name: model.name.clone(), version: model.version.clone() }
+}
+
+fn model_to_proto(model: &StoredModel) -> Result<pb::Model> {
+    let card = serving::card_of(model)?;
+    Ok(pb::Model {
+        r#ref: Some(model_ref(model)),
+        kind: match card.kind {
+            ModelKind::PlantDisease => pb::ModelKind::PlantDisease as i32,
+            ModelKind::SensorAnomaly => pb::ModelKind::SensorAnomaly as i32,
+        },
+        active: model.activate_time.is_some(),
+        create_time: Some(to_timestamp(model.create_time)),
+        size_bytes: model.size_bytes,
+        sha256: model.sha256.clone(),
+        metrics: card.metrics.into_iter().collect(),
+        class_labels: card.class_labels,
+    })
 }
 
 #[tonic::async_trait]
 impl InferenceService for InferenceApi {
     async fn classify_image(
         &self,
-        _request: Request<pb::ClassifyImageRequest>,
+        request: Request<pb::ClassifyImageRequest>,
     ) -> Result<Response<pb::ClassifyImageResponse>, Status> {
-        Err(Error::unimplemented("InferenceService.ClassifyImage", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(InferenceApi::classify_image(self, &principal, request.into_inner()).await?))
     }
 
     async fn detect_anomalies(
         &self,
-        _request: Request<pb::DetectAnomaliesRequest>,
+        request: Request<pb::DetectAnomaliesRequest>,
     ) -> Result<Response<pb::DetectAnomaliesResponse>, Status> {
-        Err(Error::unimplemented("InferenceService.DetectAnomalies", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(InferenceApi::detect_anomalies(self, &principal, request.into_inner()).await?))
     }
 
     async fn list_models(
         &self,
-        _request: Request<pb::ListModelsRequest>,
+        request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        Err(Error::unimplemented("InferenceService.ListModels", CAPABILITY).into())
+        Principal::of(&request)?;
+        Ok(Response::new(InferenceApi::list_models(self, request.into_inner()).await?))
     }
 
     async fn activate_model(
         &self,
-        _request: Request<pb::ActivateModelRequest>,
+        request: Request<pb::ActivateModelRequest>,
     ) -> Result<Response<pb::ActivateModelResponse>, Status> {
-        Err(Error::unimplemented("InferenceService.ActivateModel", CAPABILITY).into())
+        let principal = Principal::of(&request)?;
+        Ok(Response::new(InferenceApi::activate_model(self, &principal, request.into_inner()).await?))
     }
 }

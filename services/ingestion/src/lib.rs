@@ -15,6 +15,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use smartfarm_bus::Bus;
 use smartfarm_core::config::TelemetryConfig;
 use smartfarm_core::{Principal, time};
 use smartfarm_proto::ingestion::v1 as pb;
@@ -34,6 +35,8 @@ pub struct IngestionApi {
     registry: Arc<dyn RegistryStore>,
     telemetry: Arc<dyn TelemetryStore>,
     settings: Arc<TelemetryConfig>,
+    /// Where committed readings are announced (the inference role scores them).
+    bus: Option<Bus>,
     commit_permits: Arc<Semaphore>,
     /// Turns true when the process begins to shut down: open links end so their agents reconnect elsewhere.
     shutting_down: watch::Receiver<bool>,
@@ -52,10 +55,17 @@ impl IngestionApi {
             registry,
             telemetry,
             settings: Arc::new(settings),
+            bus: None,
             commit_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_COMMITS)),
             shutting_down,
             shutdown_sender: Arc::new(shutdown_sender),
         }
+    }
+
+    /// Announces every committed batch's series on `bus`.
+    pub fn with_bus(mut self, bus: Bus) -> Self {
+        self.bus = Some(bus);
+        self
     }
 
     /// Ends every open edge link (after the batch in hand is acknowledged), so that graceful shutdown is not held

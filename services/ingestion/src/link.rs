@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
+use smartfarm_bus::{Event, ReadingsCommitted, SeriesSpan};
 use smartfarm_core::{Error, Result, time};
 use smartfarm_proto::device::v1::DeviceKind as ProtoKind;
 use smartfarm_proto::ingestion::v1 as pb;
@@ -364,6 +365,12 @@ async fn commit_in_order(
             seen.extend(group.aggregates.iter().map(|a| a.device_id));
             seen.sort();
             seen.dedup();
+            if let Some(bus) = &api.bus {
+                bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
+                    farm_id: group.farm_id,
+                    series: series_spans(&group.readings),
+                }));
+            }
             // The batches are committed: a failure here must not hold back their acknowledgements (the agent would
             // resend them, only to be told they are duplicates).
             if !seen.is_empty()
@@ -386,4 +393,26 @@ async fn commit_in_order(
         }
     }
     Ok(())
+}
+
+/// Each device's metric in `readings`, with the first and last measurement time.
+fn series_spans(readings: &[smartfarm_store::telemetry::ReadingRow]) -> Vec<SeriesSpan> {
+    let mut spans: std::collections::BTreeMap<(uuid::Uuid, &str), (std::time::SystemTime, std::time::SystemTime)> =
+        std::collections::BTreeMap::new();
+    for reading in readings {
+        let span = spans
+            .entry((reading.device_id, reading.metric.as_str()))
+            .or_insert((reading.measure_time, reading.measure_time));
+        span.0 = span.0.min(reading.measure_time);
+        span.1 = span.1.max(reading.measure_time);
+    }
+    spans
+        .into_iter()
+        .map(|((device_id, metric), (first_time, last_time))| SeriesSpan {
+            device_id,
+            metric: metric.to_string(),
+            first_time,
+            last_time,
+        })
+        .collect()
 }

@@ -69,25 +69,33 @@ fn training_learns_and_its_model_file_gives_the_same_answers() {
 #[test]
 fn the_pretrained_network_imported_from_pytorch_agrees_with_onnx_runtime() {
     let dir = fixtures().join("mobilenetv3lite");
-    let labels: Vec<String> = std::fs::read_to_string(dir.join("classes.txt")).unwrap().lines().map(str::to_string).collect();
+    let labels: Vec<String> =
+        std::fs::read_to_string(dir.join("classes.txt")).unwrap().lines().map(str::to_string).collect();
     let card = ModelCard {
         name: "plantvillage-mobilenetv3-lite".into(),
         version: "upstream".into(),
         kind: ModelKind::PlantDisease,
         architecture: Architecture::MobileNetV3Lite,
-        input: Some(InputSpec { size: 224, resize: Resize::ShorterSideThenCenterCrop { shorter_side: 256 }, mean: IMAGENET_MEAN, std: IMAGENET_STD }),
+        input: Some(InputSpec {
+            size: 224,
+            resize: Resize::ShorterSideThenCenterCrop { shorter_side: 256 },
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }),
         class_labels: labels,
         metrics: BTreeMap::new(),
         provenance: BTreeMap::new(),
     };
     let weights = std::fs::read(dir.join("ModifiedV3_converted.safetensors")).unwrap();
     let classifier = DiseaseClassifier::import_pytorch(&weights, card, &smartfarm_ml::inference_device()).unwrap();
-    let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("onnxruntime_logits.json")).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("onnxruntime_logits.json")).unwrap()).unwrap();
     let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../edge-agent/fixtures/photos");
     for name in ["apple_scab.jpg", "potato_late_blight.jpg"] {
         let photo = preprocess::decode_photo("photo", &std::fs::read(photos.join(name)).unwrap()).unwrap();
         let ours = &classifier.logits(preprocess::model_input(&photo, classifier.input_spec()))[0];
-        let theirs: Vec<f32> = reference[name]["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let theirs: Vec<f32> =
+            reference[name]["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         // Same weights, same input up to the JPEG decoder (Pillow's libjpeg-turbo vs the image crate): ONNX Runtime
         // moves by up to 0.27 for ±1 grey level of noise, so 0.6 separates a decoder from a wrong port.
         let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -96,7 +104,9 @@ fn the_pretrained_network_imported_from_pytorch_agrees_with_onnx_runtime() {
     let photo = preprocess::decode_photo("photo", &std::fs::read(photos.join("apple_scab.jpg")).unwrap()).unwrap();
     assert_eq!(classifier.classify(&[photo])[0].label, "Apple___Apple_scab");
     // The converted model is a model file like any other.
-    let reloaded = DiseaseClassifier::from_model_file(&classifier.to_model_file().unwrap(), &smartfarm_ml::inference_device()).unwrap();
+    let reloaded =
+        DiseaseClassifier::from_model_file(&classifier.to_model_file().unwrap(), &smartfarm_ml::inference_device())
+            .unwrap();
     assert_eq!(reloaded.card().architecture, Architecture::MobileNetV3Lite);
 }
 
@@ -112,7 +122,9 @@ fn every_labelled_window_of_a_nab_series_is_detected_without_false_alarms() {
     .iter()
     .map(|(start, end)| (nab::parse_time(start).unwrap(), nab::parse_time(end).unwrap()))
     .collect();
-    let detection = anomaly::detect(&series.times, &series.values, &DetectorParams::default(), &smartfarm_ml::training_device()).unwrap();
+    let detection =
+        anomaly::detect(&series.times, &series.values, &DetectorParams::default(), &smartfarm_ml::training_device())
+            .unwrap();
     let report = nab::score_windows(&series.times, &detection, &windows);
     assert_eq!((report.windows_detected, report.windows_total), (3, 3), "{}", report.table("ec2"));
     assert_eq!(report.false_positive_events, 0, "{}", report.table("ec2"));
@@ -123,7 +135,10 @@ fn every_labelled_window_of_a_nab_series_is_detected_without_false_alarms() {
 fn model_files_that_are_not_ours_are_refused() {
     let device = smartfarm_ml::inference_device();
     let error = DiseaseClassifier::from_model_file(b"not a model", &device).unwrap_err().to_string();
-    assert!(error.contains("too short to be a safetensors file") || error.contains("not a safetensors file"), "{error}");
+    assert!(
+        error.contains("too short to be a safetensors file") || error.contains("not a safetensors file"),
+        "{error}"
+    );
     let pytorch = std::fs::read(fixtures().join("mobilenetv3lite/ModifiedV3_converted.safetensors")).unwrap();
     let error = DiseaseClassifier::from_model_file(&pytorch, &device).unwrap_err().to_string();
     assert!(error.contains("without a `smartfarm` model card"), "{error}");

@@ -39,7 +39,7 @@ pub struct TrainDiseaseArgs {
     pub name: String,
     /// The model's version.
     #[arg(long, default_value = "1")]
-    pub version: String,
+    pub model_version: String,
     /// Input side in pixels (photos are scaled to it).
     #[arg(long, default_value_t = 64)]
     pub input_size: u32,
@@ -98,7 +98,7 @@ pub fn train(command: TrainCommand) -> anyhow::Result<()> {
     }
     let options = train::TrainOptions {
         name: args.name,
-        version: args.version,
+        version: args.model_version,
         input_size: args.input_size,
         max_epochs: args.epochs,
         patience: args.patience,

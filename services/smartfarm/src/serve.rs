@@ -42,7 +42,7 @@ pub async fn run(
     bootstrap_admin_key(&*registry, &config.data_dir).await?;
 
     let signer = smartfarm_image::UrlSigner::new(&url_signing_key(&config.data_dir)?)?;
-    let (services, ingestion) = services_for(&config, &database, &blobs, signer);
+    let (services, ingestion) = services_for(&config, &database, &blobs, signer).await?;
     let service_names = services.names().to_vec();
     let (app, health) = smartfarm_gateway::app(services, Authenticator::new(registry), metrics).await?;
 
@@ -85,13 +85,14 @@ pub async fn run(
 }
 
 /// The services of the roles this process runs (their background tasks started), and the ingestion service when
-/// it runs, so shutdown can close its edge links.
-fn services_for(
+/// it runs, so shutdown can close its edge links. The inference role stores and activates the built-in models
+/// first where none are active.
+async fn services_for(
     config: &ServerConfig,
     database: &Database,
     blobs: &Arc<dyn BlobStore>,
     signer: smartfarm_image::UrlSigner,
-) -> (Services, Option<smartfarm_ingestion::IngestionApi>) {
+) -> anyhow::Result<(Services, Option<smartfarm_ingestion::IngestionApi>)> {
     let registry = database.registry();
     let bus = Bus::in_process();
     let mut services = Services::default();
@@ -104,7 +105,8 @@ fn services_for(
                     registry.clone(),
                     database.telemetry(),
                     config.telemetry.clone(),
-                );
+                )
+                .with_bus(bus.clone());
                 tokio::spawn(ingestion.clone().run_retention());
                 ingestion_running = Some(ingestion.clone());
                 services.with_service(ingestion.clone().ingestion_server()).with_service(ingestion.telemetry_server())
@@ -124,12 +126,27 @@ fn services_for(
                     .with_http_routes(smartfarm_image::urls::content_routes(images.clone()))
                     .with_service(images.into_server())
             }
-            Role::Inference => services.with_service(smartfarm_inference::InferenceApi.into_server()),
+            Role::Inference => {
+                let inference = smartfarm_inference::InferenceApi::new(
+                    smartfarm_inference::Stores {
+                        registry: registry.clone(),
+                        images: database.images(),
+                        telemetry: database.telemetry(),
+                        models: database.models(),
+                        blobs: blobs.clone(),
+                    },
+                    bus.clone(),
+                    config.inference.clone(),
+                );
+                inference.ensure_builtin_models().await?;
+                tokio::spawn(inference.clone().run_pipeline());
+                services.with_service(inference.into_server())
+            }
             Role::Alert => services.with_service(smartfarm_alert::AlertApi.into_server()),
             Role::Command => services.with_service(smartfarm_command::CommandApi.into_server()),
         };
     }
-    (services, ingestion_running)
+    Ok((services, ingestion_running))
 }
 
 /// On a fresh installation (no API key at all), creates an admin key and writes it to a 0600 file in the data dir,

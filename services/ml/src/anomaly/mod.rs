@@ -217,94 +217,188 @@ pub fn detect(
 ) -> Result<Detection> {
     params.validate()?;
     check_series(times, values, params)?;
-    let n = values.len();
-    let training = (params.train_fraction * n as f64) as usize;
-    let mut steps: Vec<f64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
-    steps.sort_by(f64::total_cmp);
-    let step = steps[steps.len() / 2];
-    let max_gap = params.max_gap_steps * step;
-
-    // 1. Standardise with the training part's robust location and scale.
-    let (location, scale) = stats::robust_location_scale(&values[..training]);
-    let z: Vec<f64> = values.iter().map(|v| ((v - location) / scale).clamp(-params.z_clip, params.z_clip)).collect();
-
-    // 2. Autoencoder over the windows without gaps: the error of the window ending at a point is its score.
-    let width = params.window;
-    let valid = stats::windows_without_gaps(times, width, max_gap);
-    let ends: Vec<usize> = (0..n).filter(|&i| valid[i]).collect();
-    let mut training_windows = Vec::new();
-    let mut all_windows = Vec::with_capacity(ends.len() * width);
-    for &end in &ends {
-        let window = z[end + 1 - width..=end].iter().map(|&v| v as f32);
-        if end < training {
-            training_windows.extend(window.clone());
-        }
-        all_windows.extend(window);
-    }
-    if training_windows.len() / width < MIN_TRAINING_POINTS / 2 {
-        return Err(Error::invalid("series", "its training part has too few gap-free windows to learn from"));
-    }
-    let inference_device = training_device.clone().inner();
-    let model = WindowAutoencoder::train(&training_windows, params, training_device).to_device(&inference_device);
-    let errors = model.reconstruction_errors(&all_windows, width, &inference_device);
-    let mut autoencoder = vec![0.0; n];
-    for (&end, error) in ends.iter().zip(errors) {
-        autoencoder[end] = error;
-    }
-
-    // 3. Robust baseline: distance from the recent median; nothing right after a gap.
-    let mut baseline = stats::trailing_median_residual(&z, params.baseline_points);
-    for i in 1..n {
-        if times[i] - times[i - 1] > max_gap {
-            baseline[i] = 0.0;
-        }
-    }
-
-    let mut components = vec![
-        normalise(&autoencoder, &valid, training, params.calibration_quantile),
-        normalise(&baseline, &vec![true; n], training, params.calibration_quantile),
-    ];
-
-    // 4. Seasonal baseline where the training part repeats daily or weekly.
-    let mut seasonal_period = None;
-    if params.seasonal
-        && let Some(period) = stats::seasonal_period(
-            &z[..training],
-            step,
-            params.seasonal_min_references,
-            params.seasonal_min_correlation,
-        )
-    {
-        let residual =
-            stats::seasonal_residual(times, &z, period, params.seasonal_periods, params.seasonal_min_references, step);
-        let available: Vec<bool> = residual.iter().map(Option::is_some).collect();
-        let signed: Vec<f64> = residual.iter().map(|r| r.unwrap_or(0.0)).collect();
-        let mut seasonal: Vec<f64> =
-            stats::trailing_mean(&signed, params.seasonal_smooth_points).iter().map(|v| v.abs()).collect();
-        for (score, ok) in seasonal.iter_mut().zip(&available) {
-            if !ok {
-                *score = 0.0;
-            }
-        }
-        if available[..training].iter().filter(|ok| **ok).count() >= MIN_TRAINING_POINTS {
-            components.push(normalise(&seasonal, &available, training, params.calibration_quantile));
-            seasonal_period = Some(period);
-        }
-    }
-
-    // 5. The combined score: the largest component, smoothed.
-    let combined: Vec<f64> = (0..n).map(|i| components.iter().map(|c| c[i]).fold(0.0, f64::max)).collect();
-    let scores = stats::trailing_mean(&combined, params.smooth_points);
+    let training = (params.train_fraction * values.len() as f64) as usize;
+    let detector = FittedDetector::fit(&times[..training], &values[..training], params, training_device)?;
+    let scores = detector.score(times, values);
     let events = events(&scores, training, params);
-    Ok(Detection { scores, threshold: params.threshold, training_points: training, seasonal_period, events })
+    Ok(Detection {
+        scores,
+        threshold: params.threshold,
+        training_points: training,
+        seasonal_period: detector.seasonal_period,
+        events,
+    })
 }
 
-/// A score divided by its calibration quantile over the training part's valid points.
-fn normalise(raw: &[f64], valid: &[bool], training: usize, quantile: f64) -> Vec<f64> {
-    let calibration: Vec<f64> =
-        raw[..training].iter().zip(&valid[..training]).filter(|(_, ok)| **ok).map(|(v, _)| *v).collect();
-    let divisor = stats::quantile(&calibration, quantile).max(1e-9);
-    raw.iter().map(|v| v / divisor).collect()
+/// What the detector learned about one series: its scale, its autoencoder and how large each score normally is.
+/// Scoring later readings with it (given enough earlier ones as context) needs no retraining.
+#[derive(Debug)]
+pub struct FittedDetector {
+    params: DetectorParams,
+    location: f64,
+    scale: f64,
+    step: f64,
+    model: WindowAutoencoder,
+    device: burn::prelude::Device,
+    /// Divisors of the autoencoder, baseline and seasonal scores.
+    divisors: [f64; 3],
+    /// The seasonal period, seconds, when the training data repeats.
+    pub seasonal_period: Option<f64>,
+}
+
+/// The scores of one series before calibration, and where each is defined.
+struct RawScores {
+    autoencoder: Vec<f64>,
+    autoencoder_valid: Vec<bool>,
+    baseline: Vec<f64>,
+    seasonal: Option<(Vec<f64>, Vec<bool>)>,
+}
+
+impl FittedDetector {
+    /// Learns normal from `times`/`values` (all of them are the training part).
+    pub fn fit(
+        times: &[f64],
+        values: &[f64],
+        params: &DetectorParams,
+        training_device: &burn::prelude::Device,
+    ) -> Result<Self> {
+        params.validate()?;
+        if values.len() < MIN_TRAINING_POINTS.max(params.window * 2) {
+            return Err(Error::invalid(
+                "series",
+                format!("{} points are too few to learn normal from (at least {MIN_TRAINING_POINTS})", values.len()),
+            ));
+        }
+        let mut steps: Vec<f64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        steps.sort_by(f64::total_cmp);
+        let step = steps[steps.len() / 2];
+        let (location, scale) = stats::robust_location_scale(values);
+        let z: Vec<f64> =
+            values.iter().map(|v| ((v - location) / scale).clamp(-params.z_clip, params.z_clip)).collect();
+        let width = params.window;
+        let valid = stats::windows_without_gaps(times, width, params.max_gap_steps * step);
+        let mut windows = Vec::new();
+        for end in (0..z.len()).filter(|&i| valid[i]) {
+            windows.extend(z[end + 1 - width..=end].iter().map(|&v| v as f32));
+        }
+        if windows.len() / width < MIN_TRAINING_POINTS / 2 {
+            return Err(Error::invalid("series", "its training part has too few gap-free windows to learn from"));
+        }
+        let device = training_device.clone().inner();
+        let model = WindowAutoencoder::train(&windows, params, training_device).to_device(&device);
+        let seasonal_period = if params.seasonal {
+            stats::seasonal_period(&z, step, params.seasonal_min_references, params.seasonal_min_correlation)
+        } else {
+            None
+        };
+        let mut detector = FittedDetector {
+            params: params.clone(),
+            location,
+            scale,
+            step,
+            model,
+            device,
+            divisors: [1.0; 3],
+            seasonal_period,
+        };
+        // Calibrate: each score's quantile over the training data is its unit.
+        let raw = detector.raw_scores(times, values);
+        let quantile = |scores: &[f64], valid: &[bool]| {
+            let kept: Vec<f64> = scores.iter().zip(valid).filter(|(_, ok)| **ok).map(|(v, _)| *v).collect();
+            (kept.len(), stats::quantile(&kept, params.calibration_quantile).max(1e-9))
+        };
+        detector.divisors[0] = quantile(&raw.autoencoder, &raw.autoencoder_valid).1;
+        detector.divisors[1] = quantile(&raw.baseline, &vec![true; values.len()]).1;
+        if let Some((seasonal, available)) = &raw.seasonal {
+            let (count, divisor) = quantile(seasonal, available);
+            if count >= MIN_TRAINING_POINTS {
+                detector.divisors[2] = divisor;
+            } else {
+                detector.seasonal_period = None;
+            }
+        }
+        Ok(detector)
+    }
+
+    /// The detector's constants.
+    pub fn params(&self) -> &DetectorParams {
+        &self.params
+    }
+
+    /// Points of context a score needs before the first point to be scored: a window, the baseline, the smoothing
+    /// and, for a seasonal series, the periods it looks back (as a duration, in seconds).
+    pub fn context_seconds(&self) -> f64 {
+        let points = (self.params.window + self.params.baseline_points + self.params.smooth_points) as f64 * self.step;
+        let seasonal =
+            self.seasonal_period.map_or(0.0, |period| period * self.params.seasonal_periods as f64 + self.step);
+        points.max(seasonal)
+    }
+
+    /// One combined score per point (causal: each depends on the point and earlier ones only).
+    pub fn score(&self, times: &[f64], values: &[f64]) -> Vec<f64> {
+        let raw = self.raw_scores(times, values);
+        let n = values.len();
+        let combined: Vec<f64> = (0..n)
+            .map(|i| {
+                let mut score = (raw.autoencoder[i] / self.divisors[0]).max(raw.baseline[i] / self.divisors[1]);
+                if let Some((seasonal, _)) = &raw.seasonal {
+                    score = score.max(seasonal[i] / self.divisors[2]);
+                }
+                score
+            })
+            .collect();
+        stats::trailing_mean(&combined, self.params.smooth_points)
+    }
+
+    fn raw_scores(&self, times: &[f64], values: &[f64]) -> RawScores {
+        let params = &self.params;
+        let n = values.len();
+        let max_gap = params.max_gap_steps * self.step;
+        let z: Vec<f64> =
+            values.iter().map(|v| ((v - self.location) / self.scale).clamp(-params.z_clip, params.z_clip)).collect();
+
+        // Autoencoder over the windows without gaps: the error of the window ending at a point is its score.
+        let width = params.window;
+        let autoencoder_valid = stats::windows_without_gaps(times, width, max_gap);
+        let ends: Vec<usize> = (0..n).filter(|&i| autoencoder_valid[i]).collect();
+        let mut windows = Vec::with_capacity(ends.len() * width);
+        for &end in &ends {
+            windows.extend(z[end + 1 - width..=end].iter().map(|&v| v as f32));
+        }
+        let mut autoencoder = vec![0.0; n];
+        for (&end, error) in ends.iter().zip(self.model.reconstruction_errors(&windows, width, &self.device)) {
+            autoencoder[end] = error;
+        }
+
+        // Robust baseline: distance from the recent median; nothing right after a gap.
+        let mut baseline = stats::trailing_median_residual(&z, params.baseline_points);
+        for i in 1..n {
+            if times[i] - times[i - 1] > max_gap {
+                baseline[i] = 0.0;
+            }
+        }
+
+        // Seasonal baseline where the training data repeats daily or weekly.
+        let seasonal = self.seasonal_period.map(|period| {
+            let residual = stats::seasonal_residual(
+                times,
+                &z,
+                period,
+                params.seasonal_periods,
+                params.seasonal_min_references,
+                self.step,
+            );
+            let available: Vec<bool> = residual.iter().map(Option::is_some).collect();
+            let signed: Vec<f64> = residual.iter().map(|r| r.unwrap_or(0.0)).collect();
+            let scores = stats::trailing_mean(&signed, params.seasonal_smooth_points)
+                .iter()
+                .zip(&available)
+                .map(|(v, ok)| if *ok { v.abs() } else { 0.0 })
+                .collect();
+            (scores, available)
+        });
+        RawScores { autoencoder, autoencoder_valid, baseline, seasonal }
+    }
 }
 
 /// Events from scores, from point `from` on: an event starts when the score reaches the threshold and ends at the

@@ -59,7 +59,7 @@ impl Default for TrainOptions {
             max_epochs: 30,
             patience: 8,
             batch_size: 32,
-            learning_rate: 3e-3,
+            learning_rate: 1e-3,
             validation_fraction: 0.15,
             seed: 42,
             augment: true,

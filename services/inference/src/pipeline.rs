@@ -1,0 +1,205 @@
+//! The pipeline: the inference role listens on the bus. A new photo is diagnosed with the active plant-disease
+//! model and the diagnosis saved on it; a diagnosis that names a disease with at least
+//! `inference.disease_alert_confidence` is announced (`DiseaseDetected`, evidence: the photo). Committed readings
+//! are scored with the active anomaly model: each device's metric gets a detector fitted on its own history
+//! (`inference.anomaly_history`, refitted after `inference.anomaly_refit`), the new readings are scored with
+//! enough earlier ones as context, and each anomalous stretch that reaches into them is announced
+//! (`AnomalyDetected`, evidence: the stretch and its peak).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+use smartfarm_bus::{
+    AnomalyDetected, DiseaseDetected, Event, ImageStored, ModelVersion, ReadingsCommitted, SeriesSpan,
+};
+use smartfarm_core::{Error, Result};
+use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
+use smartfarm_ml::artifact::ModelKind;
+use smartfarm_store::telemetry::ReadingFilter;
+
+use crate::{InferenceApi, from_seconds, read_series, seconds};
+
+/// Most readings a series' detector learns from.
+const MAX_HISTORY_POINTS: usize = 50_000;
+
+/// The fitted detector of each device's metric, with the model version and the time it was fitted.
+#[derive(Clone, Default)]
+pub(crate) struct Detectors {
+    fitted: Arc<Mutex<HashMap<(Uuid, String), FittedEntry>>>,
+}
+
+#[derive(Clone)]
+struct FittedEntry {
+    detector: Arc<FittedDetector>,
+    model: ModelVersion,
+    fitted_at: Instant,
+}
+
+/// Whether a class is a healthy one (PlantVillage names them `<crop>___healthy`).
+pub fn is_healthy(label: &str) -> bool {
+    label.to_ascii_lowercase().contains("healthy")
+}
+
+impl InferenceApi {
+    /// Diagnoses new photos and scores committed readings until the bus closes.
+    pub async fn run_pipeline(self) {
+        let mut events = self.bus.subscribe();
+        loop {
+            match events.recv().await {
+                Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images => {
+                    if let Err(error) = self.diagnose_new_image(&stored).await {
+                        tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
+                    }
+                }
+                Ok(Event::ReadingsCommitted(committed)) if self.settings.score_new_readings => {
+                    self.score_new_readings(&committed).await;
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    metrics::counter!("smartfarm_inference_events_missed_total").increment(missed);
+                    tracing::warn!(
+                        missed,
+                        "the inference pipeline fell behind the bus; those events were not processed"
+                    );
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    async fn diagnose_new_image(&self, stored: &ImageStored) -> Result<()> {
+        let model = self.serving.active(ModelKind::PlantDisease, "").await?;
+        let image = self.images.get_image(stored.image_id).await?;
+        let bytes = self.blobs.get(&image.original_key).await?;
+        let (diagnosis, _) = self.diagnose(&model, bytes).await?;
+        self.images.set_diagnosis(image.id, &diagnosis).await?;
+        metrics::counter!("smartfarm_inference_images_diagnosed_total").increment(1);
+        tracing::debug!(image_id = %image.id, label = %diagnosis.label, confidence = diagnosis.confidence, "photo diagnosed");
+        if !is_healthy(&diagnosis.label) && diagnosis.confidence >= self.settings.disease_alert_confidence {
+            metrics::counter!("smartfarm_inference_diseases_detected_total").increment(1);
+            self.bus.publish(Event::DiseaseDetected(DiseaseDetected {
+                farm_id: image.farm_id,
+                device_id: image.device_id,
+                image_id: image.id,
+                label: diagnosis.label,
+                confidence: diagnosis.confidence,
+                model: ModelVersion { name: model.name, version: model.version },
+                capture_time: image.capture_time,
+            }));
+        }
+        Ok(())
+    }
+
+    async fn score_new_readings(&self, committed: &ReadingsCommitted) {
+        let model = match self.serving.active(ModelKind::SensorAnomaly, "").await {
+            Ok(model) => model,
+            Err(error) => {
+                tracing::warn!(%error, "no anomaly model to score new readings with");
+                return;
+            }
+        };
+        for span in &committed.series {
+            match self.score_span(committed.farm_id, span, &model).await {
+                Ok(found) => metrics::counter!("smartfarm_inference_anomalies_detected_total").increment(found as u64),
+                Err(error) => {
+                    tracing::warn!(device_id = %span.device_id, metric = %span.metric, %error, "cannot score new readings")
+                }
+            }
+        }
+    }
+
+    /// Scores one series' new readings; returns how many anomalous stretches reached into them.
+    async fn score_span(
+        &self,
+        farm_id: Uuid,
+        span: &SeriesSpan,
+        model: &smartfarm_store::models::StoredModel,
+    ) -> Result<usize> {
+        let version = ModelVersion { name: model.name.clone(), version: model.version.clone() };
+        let Some(detector) = self.detector_for(farm_id, span, model, &version).await? else {
+            return Ok(0);
+        };
+        let context = Duration::from_secs_f64(detector.context_seconds());
+        let start = span.first_time.checked_sub(context).unwrap_or(SystemTime::UNIX_EPOCH);
+        let end = span.last_time + Duration::from_micros(1);
+        let filter =
+            ReadingFilter { farm_id, device_ids: vec![span.device_id], metrics: vec![span.metric.clone()], start, end };
+        let (times, values) = read_series(self.telemetry.as_ref(), &filter, crate::MAX_SERIES_POINTS).await?;
+        let first_new = times.partition_point(|&t| t < seconds(span.first_time));
+        if first_new >= times.len() {
+            return Ok(0);
+        }
+        let scoring = detector.clone();
+        let (scores_times, scores_values) = (times.clone(), values.clone());
+        let events = tokio::task::spawn_blocking(move || {
+            let scores = scoring.score(&scores_times, &scores_values);
+            anomaly::events(&scores, 0, scoring.params())
+        })
+        .await
+        .map_err(|error| Error::internal("score readings", error))?;
+        let mut announced = 0;
+        for event in events.iter().filter(|event| event.end >= first_new) {
+            announced += 1;
+            self.bus.publish(Event::AnomalyDetected(AnomalyDetected {
+                farm_id,
+                device_id: span.device_id,
+                metric: span.metric.clone(),
+                start_time: from_seconds(times[event.start]),
+                end_time: from_seconds(times[event.end]),
+                peak_time: from_seconds(times[event.peak]),
+                peak_score: event.peak_score,
+                peak_value: values[event.peak],
+                model: version.clone(),
+            }));
+        }
+        Ok(announced)
+    }
+
+    /// The series' fitted detector: cached, or fitted now on the history before its new readings; `None` while the
+    /// history is too short to learn from.
+    async fn detector_for(
+        &self,
+        farm_id: Uuid,
+        span: &SeriesSpan,
+        model: &smartfarm_store::models::StoredModel,
+        version: &ModelVersion,
+    ) -> Result<Option<Arc<FittedDetector>>> {
+        let key = (span.device_id, span.metric.clone());
+        if let Some(entry) = self.detectors.fitted.lock().expect("detector cache").get(&key)
+            && entry.model == *version
+            && entry.fitted_at.elapsed() < self.settings.anomaly_refit
+        {
+            return Ok(Some(entry.detector.clone()));
+        }
+        let params = self.serving.detector_params(model)?;
+        let start = span.first_time.checked_sub(self.settings.anomaly_history).unwrap_or(SystemTime::UNIX_EPOCH);
+        let filter = ReadingFilter {
+            farm_id,
+            device_ids: vec![span.device_id],
+            metrics: vec![span.metric.clone()],
+            start,
+            end: span.first_time,
+        };
+        let (times, values) = read_series(self.telemetry.as_ref(), &filter, MAX_HISTORY_POINTS).await?;
+        if times.len() < MIN_TRAINING_POINTS.max(params.window * 2) || values.iter().all(|v| *v == values[0]) {
+            tracing::debug!(device_id = %span.device_id, metric = %span.metric, points = times.len(), "too little varied history to learn normal from yet");
+            return Ok(None);
+        }
+        let detector = tokio::task::spawn_blocking(move || {
+            FittedDetector::fit(&times, &values, &params, &smartfarm_ml::training_device())
+        })
+        .await
+        .map_err(|error| Error::internal("fit an anomaly detector", error))??;
+        let detector = Arc::new(detector);
+        self.detectors
+            .fitted
+            .lock()
+            .expect("detector cache")
+            .insert(key, FittedEntry { detector: detector.clone(), model: version.clone(), fitted_at: Instant::now() });
+        Ok(Some(detector))
+    }
+}

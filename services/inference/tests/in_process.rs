@@ -1,0 +1,382 @@
+//! The inference service in one process, over SQLite and local files, behind a real tonic server: the built-in
+//! models are listed and serve; photos are classified from bytes and by id (the diagnosis saved on the photo);
+//! bad photos and series get clear errors; a new photo on the bus is diagnosed and a confident disease announced;
+//! series are scored from values and from stored readings, and committed readings are scored by the pipeline;
+//! a version is activated and rolled back without a restart, by an admin only.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tonic::Code;
+use uuid::Uuid;
+
+use smartfarm_bus::{Bus, Event, ImageStored, ReadingsCommitted, SeriesSpan};
+use smartfarm_core::Principal;
+use smartfarm_core::config::{InferenceConfig, PostgresConfig};
+use smartfarm_core::time::to_timestamp;
+use smartfarm_inference::{InferenceApi, Stores};
+use smartfarm_ml::anomaly::nab;
+use smartfarm_ml::disease::{DEFAULT_MODEL, DiseaseClassifier};
+use smartfarm_proto::common::v1 as common;
+use smartfarm_proto::inference::v1 as pb;
+use smartfarm_proto::inference::v1::inference_service_client::InferenceServiceClient;
+use smartfarm_store::image::{ImageRecord, ThumbnailState};
+use smartfarm_store::model::{DeviceKind, NewDevice};
+use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
+use smartfarm_store::{Database, blob};
+
+type Client = InferenceServiceClient<tonic::transport::Channel>;
+
+fn ml_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ml/fixtures")
+}
+
+/// A photo of a class from the ml crate's fixtures.
+fn leaf(class: &str) -> Vec<u8> {
+    let dir = ml_fixtures().join("plants").join(class);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    std::fs::read(&files[0]).unwrap()
+}
+
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    let mut bytes = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    bytes
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    database: Database,
+    api: InferenceApi,
+    bus: Bus,
+    farm_id: Uuid,
+    camera: Uuid,
+    gateway: Uuid,
+    sensor: Uuid,
+    admin: Client,
+    farm_key: Client,
+}
+
+async fn serve(api: InferenceApi, principal: Principal) -> Client {
+    let server = tonic::service::interceptor::InterceptedService::new(
+        api.into_server(),
+        move |mut request: tonic::Request<()>| {
+            request.extensions_mut().insert(principal.clone());
+            Ok(request)
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    InferenceServiceClient::new(channel).max_encoding_message_size(64 << 20)
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let database =
+        Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
+            .await
+            .unwrap();
+    database.migrate().await.unwrap();
+    let registry = database.registry();
+    let farm = registry.create_farm(Uuid::now_v7(), "farm", SystemTime::now()).await.unwrap();
+    let mut ids = Vec::new();
+    for (name, kind) in
+        [("camera", DeviceKind::Camera), ("gateway", DeviceKind::Gateway), ("probe", DeviceKind::Sensor)]
+    {
+        let device = registry
+            .create_device(NewDevice {
+                id: Uuid::now_v7(),
+                farm_id: farm.id,
+                name: name.into(),
+                kind,
+                labels: BTreeMap::new(),
+                credential_sha256: "00".repeat(32),
+                create_time: SystemTime::now(),
+            })
+            .await
+            .unwrap();
+        ids.push(device.id);
+    }
+    let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
+    let bus = Bus::in_process();
+    let stores = Stores {
+        registry,
+        images: database.images(),
+        telemetry: database.telemetry(),
+        models: database.models(),
+        blobs,
+    };
+    let api = InferenceApi::new(stores, bus.clone(), InferenceConfig::default());
+    api.ensure_builtin_models().await.unwrap();
+    tokio::spawn(api.clone().run_pipeline());
+    let admin = serve(api.clone(), Principal::Admin { api_key_id: Uuid::now_v7() }).await;
+    let farm_key = serve(api.clone(), Principal::FarmKey { api_key_id: Uuid::now_v7(), farm_id: farm.id }).await;
+    Setup {
+        _dir: dir,
+        database,
+        api,
+        bus,
+        farm_id: farm.id,
+        camera: ids[0],
+        gateway: ids[1],
+        sensor: ids[2],
+        admin,
+        farm_key,
+    }
+}
+
+/// Stores a photo as the image role would (blob, then row) and returns its row.
+async fn store_photo(setup: &Setup, bytes: &[u8]) -> ImageRecord {
+    let sha256 = hex::encode(Sha256::digest(bytes));
+    let key = format!("images/{}/{sha256}", setup.farm_id.simple());
+    let blobs = blob::open(&format!("file://{}", setup._dir.path().join("blobs").display())).await.unwrap();
+    blobs.put(&key, bytes).await.unwrap();
+    let record = ImageRecord {
+        id: Uuid::now_v7(),
+        farm_id: setup.farm_id,
+        device_id: setup.camera,
+        capture_time: SystemTime::now(),
+        receive_time: SystemTime::now(),
+        original_key: key,
+        sha256,
+        size_bytes: bytes.len() as u64,
+        content_type: "image/jpeg".into(),
+        width: 256,
+        height: 256,
+        labels: BTreeMap::new(),
+        original_available: true,
+        thumbnail_state: ThumbnailState::Pending,
+        thumbnail_key: None,
+        storage_class: None,
+        diagnosis: None,
+    };
+    setup.database.images().insert_image(record.clone(), None).await.unwrap();
+    record
+}
+
+fn classify(source: pb::classify_image_request::Source) -> pb::ClassifyImageRequest {
+    pb::ClassifyImageRequest { source: Some(source), model_name: String::new(), top_k: 0 }
+}
+
+#[tokio::test]
+async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
+    let mut setup = setup().await;
+    let models = setup.admin.list_models(pb::ListModelsRequest::default()).await.unwrap().into_inner().models;
+    assert_eq!(models.len(), 2, "{models:?}");
+    let leafnet = models.iter().find(|m| m.kind == pb::ModelKind::PlantDisease as i32).unwrap();
+    assert!(leafnet.active);
+    assert_eq!(leafnet.r#ref.as_ref().unwrap().name, "leafnet-plantvillage7");
+    assert_eq!(leafnet.class_labels.len(), 7);
+    assert!(leafnet.metrics["validation_accuracy"] >= 0.97);
+
+    // From bytes.
+    let answer = setup
+        .admin
+        .classify_image(classify(pb::classify_image_request::Source::ImageData(leaf("Apple___Cedar_apple_rust"))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.label, "Apple___Cedar_apple_rust");
+    assert_eq!(answer.top_classes.len(), 3);
+    assert_eq!(answer.model.as_ref().unwrap().name, "leafnet-plantvillage7");
+
+    // By id: the diagnosis is saved on the photo.
+    let photo = store_photo(&setup, &leaf("Potato___Early_blight")).await;
+    let answer = setup
+        .farm_key
+        .classify_image(classify(pb::classify_image_request::Source::ImageId(photo.id.to_string())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.label, "Potato___Early_blight");
+    let saved = setup.database.images().get_image(photo.id).await.unwrap().diagnosis.unwrap();
+    assert_eq!((saved.label.as_str(), saved.model_name.as_str()), ("Potato___Early_blight", "leafnet-plantvillage7"));
+
+    // A new photo announced by the image role is diagnosed; a confident disease is announced for alerts.
+    let mut events = setup.bus.subscribe();
+    let photo = store_photo(&setup, &leaf("Apple___Black_rot")).await;
+    setup.bus.publish(Event::ImageStored(ImageStored {
+        image_id: photo.id,
+        farm_id: setup.farm_id,
+        device_id: setup.camera,
+        sha256: photo.sha256.clone(),
+        content_type: "image/jpeg".into(),
+        capture_time: photo.capture_time,
+    }));
+    let disease = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Event::DiseaseDetected(disease) = events.recv().await.unwrap() {
+                return disease;
+            }
+        }
+    })
+    .await
+    .expect("a disease is announced");
+    assert_eq!((disease.image_id, disease.label.as_str()), (photo.id, "Apple___Black_rot"));
+    assert!(disease.confidence >= 0.8);
+    assert_eq!(
+        setup.database.images().get_image(photo.id).await.unwrap().diagnosis.unwrap().label,
+        "Apple___Black_rot"
+    );
+
+    // Bad photos: each gets its reason, and the service stays up.
+    let bad = [
+        (b"just some text".to_vec(), Code::InvalidArgument, "not a JPEG, PNG or WebP photo (text)"),
+        (png(1, 1), Code::InvalidArgument, "1×1 pixels"),
+        (vec![0xff; 21 * 1024 * 1024], Code::InvalidArgument, "at most 20971520 are accepted"),
+        (vec![0xff; 50 * 1024 * 1024], Code::OutOfRange, "too large"),
+    ];
+    for (bytes, code, reason) in bad {
+        let error = setup
+            .admin
+            .classify_image(classify(pb::classify_image_request::Source::ImageData(bytes)))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), code, "{error:?}");
+        assert!(error.message().contains(reason), "{error:?}");
+    }
+    let error = setup.admin.classify_image(pb::ClassifyImageRequest::default()).await.unwrap_err();
+    assert!(error.message().contains("give image_data"), "{error:?}");
+    let mut unknown = classify(pb::classify_image_request::Source::ImageData(leaf("Apple___healthy")));
+    unknown.model_name = "no-such-model".into();
+    assert_eq!(setup.admin.classify_image(unknown).await.unwrap_err().code(), Code::NotFound);
+    let still_up =
+        setup.admin.classify_image(classify(pb::classify_image_request::Source::ImageData(leaf("Apple___healthy"))));
+    assert_eq!(still_up.await.unwrap().into_inner().label, "Apple___healthy");
+
+    // A second version is activated without a restart, then rolled back; only an admin may.
+    let mut next = DiseaseClassifier::from_model_file(DEFAULT_MODEL, &smartfarm_ml::inference_device()).unwrap();
+    let mut card = next.card().clone();
+    card.version = "next".into();
+    next.set_card(card).unwrap();
+    setup.api.serving().store_model_file(&next.to_model_file().unwrap(), SystemTime::now()).await.unwrap();
+    let activate = |version: &str| pb::ActivateModelRequest {
+        model: Some(common::ModelRef { name: "leafnet-plantvillage7".into(), version: version.into() }),
+    };
+    assert_eq!(setup.farm_key.activate_model(activate("next")).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(setup.admin.activate_model(activate("missing")).await.unwrap_err().code(), Code::NotFound);
+    let served_by = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            let request = classify(pb::classify_image_request::Source::ImageData(leaf("Apple___healthy")));
+            client.classify_image(request).await.unwrap().into_inner().model.unwrap().version
+        }
+    };
+    setup.admin.activate_model(activate("next")).await.unwrap();
+    assert_eq!(served_by(&mut setup.admin).await, "next");
+    setup.admin.activate_model(activate("2026-12-05")).await.unwrap();
+    assert_eq!(served_by(&mut setup.admin).await, "2026-12-05");
+}
+
+#[tokio::test]
+async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_committed() {
+    let mut setup = setup().await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let request = |times: &[f64], values: &[f64]| pb::DetectAnomaliesRequest {
+        source: Some(pb::detect_anomalies_request::Source::Series(pb::Series {
+            times: times.iter().map(|&t| to_timestamp(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t))).collect(),
+            values: values.to_vec(),
+        })),
+        model_name: String::new(),
+    };
+    let answer = setup.admin.detect_anomalies(request(&series.times, &series.values)).await.unwrap().into_inner();
+    assert_eq!(answer.scores.len(), series.values.len());
+    assert_eq!(answer.events.len(), 3, "{:?}", answer.events);
+    assert_eq!(answer.model.unwrap().name, "window-autoencoder");
+
+    // Bad series.
+    let mut with_nan = series.values.clone();
+    with_nan[7] = f64::NAN;
+    let constant = vec![3.5; series.values.len()];
+    for (values, reason) in [(with_nan, "value 7 is NaN"), (constant, "is constant")] {
+        let error = setup.admin.detect_anomalies(request(&series.times, &values)).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        assert!(error.message().contains(reason), "{error:?}");
+    }
+    let error = setup.admin.detect_anomalies(request(&[], &[])).await.unwrap_err();
+    assert!(error.message().contains("is empty"), "{error:?}");
+    let error = setup.admin.detect_anomalies(request(&series.times[..5], &series.values[..4])).await.unwrap_err();
+    assert!(error.message().contains("5 times but 4 values"), "{error:?}");
+
+    // The same series stored as a sensor's readings, committed in two batches: the first teaches the pipeline's
+    // detector what normal is, the second (the rest) is scored as it is committed.
+    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
+    let rows: Vec<ReadingRow> = series
+        .times
+        .iter()
+        .zip(&series.values)
+        .enumerate()
+        .map(|(i, (&t, &value))| ReadingRow {
+            sequence: i as u64 + 1,
+            device_id: setup.sensor,
+            metric: "latency".into(),
+            value,
+            measure_time: at(t),
+        })
+        .collect();
+    let split = rows.len() * 3 / 10;
+    let spool_id = Uuid::now_v7();
+    let telemetry = setup.database.telemetry();
+    let mut events = setup.bus.subscribe();
+    for part in [&rows[..split], &rows[split..]] {
+        let batch = EdgeBatch {
+            gateway_id: setup.gateway,
+            spool_id,
+            farm_id: setup.farm_id,
+            first_sequence: part[0].sequence,
+            last_sequence: part[part.len() - 1].sequence,
+            readings: part.to_vec(),
+            aggregates: Vec::new(),
+            receive_time: SystemTime::now(),
+        };
+        telemetry.commit_batch(&batch, &[]).await.unwrap();
+        setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
+            farm_id: setup.farm_id,
+            series: vec![SeriesSpan {
+                device_id: setup.sensor,
+                metric: "latency".into(),
+                first_time: part[0].measure_time,
+                last_time: part[part.len() - 1].measure_time,
+            }],
+        }));
+    }
+    let anomaly = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Event::AnomalyDetected(anomaly) = events.recv().await.unwrap() {
+                return anomaly;
+            }
+        }
+    })
+    .await
+    .expect("an anomaly is announced");
+    assert_eq!((anomaly.device_id, anomaly.metric.as_str()), (setup.sensor, "latency"));
+    assert!(anomaly.start_time >= rows[split].measure_time && anomaly.peak_score >= 3.0, "{anomaly:?}");
+
+    // Stored readings scored on request, with the caller's farm checked.
+    let device_series = |device: Uuid| pb::DetectAnomaliesRequest {
+        source: Some(pb::detect_anomalies_request::Source::DeviceSeries(pb::DeviceSeries {
+            device_id: device.to_string(),
+            metric: "latency".into(),
+            time_range: Some(common::TimeRange {
+                start_time: Some(to_timestamp(at(series.times[0]))),
+                end_time: Some(to_timestamp(at(series.times[series.times.len() - 1] + 1.0))),
+            }),
+        })),
+        model_name: String::new(),
+    };
+    let answer = setup.farm_key.detect_anomalies(device_series(setup.sensor)).await.unwrap().into_inner();
+    assert_eq!(answer.scores.len(), series.values.len());
+    assert_eq!(answer.events.len(), 3);
+    assert_eq!(setup.admin.detect_anomalies(device_series(Uuid::now_v7())).await.unwrap_err().code(), Code::NotFound);
+}
