@@ -10,6 +10,11 @@ mod serve;
 
 use clap::Parser;
 
+/// mimalloc keeps freed memory for reuse: the models' tensors (tens of megabytes each) would otherwise be handed
+/// back to the kernel and page-faulted in again for every layer.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use smartfarm_core::config::{EXAMPLE, ServerConfig};
 use smartfarm_core::observability;
 use smartfarm_store::Database;

@@ -31,6 +31,13 @@ enum DiseaseNet {
 }
 
 impl DiseaseNet {
+    fn folded(&self) -> DiseaseNet {
+        match self {
+            DiseaseNet::Leaf(net) => DiseaseNet::Leaf(net.folded()),
+            DiseaseNet::MobileNet(net) => DiseaseNet::MobileNet(net.folded()),
+        }
+    }
+
     fn forward(&self, input: Tensor<4>) -> Tensor<2> {
         match self {
             DiseaseNet::Leaf(net) => net.forward(input),
@@ -55,7 +62,10 @@ pub struct Prediction {
 pub struct DiseaseClassifier {
     card: ModelCard,
     input: InputSpec,
+    /// The network as trained and stored.
     net: DiseaseNet,
+    /// The same function with batch norms folded, which is what runs.
+    serving: DiseaseNet,
     device: Device,
 }
 
@@ -83,7 +93,7 @@ impl DiseaseClassifier {
         .map_err(|error| Error::invalid("model file", format!("cannot read its weights: {error}")))?;
         check_applied(&result)?;
         let input = card.input.clone().expect("validated classifier cards have an input spec");
-        Ok(Self { card, input, net, device: device.clone() })
+        Ok(Self { card, input, serving: net.folded(), net, device: device.clone() })
     }
 
     /// Imports the pretrained MobileNetV3-style network from its PyTorch state dict in safetensors form, and
@@ -103,13 +113,15 @@ impl DiseaseClassifier {
             .map_err(|error| Error::invalid("weights", format!("cannot read the PyTorch safetensors: {error}")))?;
         check_applied(&result)?;
         let input = card.input.clone().expect("validated classifier cards have an input spec");
-        Ok(Self { card, input, net: DiseaseNet::MobileNet(module), device: device.clone() })
+        let net = DiseaseNet::MobileNet(module);
+        Ok(Self { card, input, serving: net.folded(), net, device: device.clone() })
     }
 
     /// Wraps a freshly trained LeafNet.
     pub(crate) fn from_leafnet(net: LeafNet, card: ModelCard, device: &Device) -> Self {
         let input = card.input.clone().expect("training writes an input spec");
-        Self { card, input, net: DiseaseNet::Leaf(net), device: device.clone() }
+        let net = DiseaseNet::Leaf(net);
+        Self { card, input, serving: net.folded(), net, device: device.clone() }
     }
 
     /// The model file: weights and card in one safetensors file.
@@ -172,7 +184,7 @@ impl DiseaseClassifier {
         }
         let size = self.input.size as usize;
         let tensor = Tensor::<4>::from_data(TensorData::new(inputs, [batch, 3, size, size]), &self.device);
-        let mut output = self.net.forward(tensor);
+        let mut output = self.serving.forward(tensor);
         if as_probabilities {
             output = softmax(output, 1);
         }

@@ -2,17 +2,20 @@
 //! and `MobileNetV3Lite`, the shape of the pretrained 38-class PlantVillage network whose PyTorch weights are
 //! imported from safetensors.
 
+use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{hard_swish, relu, sigmoid};
 
-/// A convolution without bias followed by batch normalisation (the activation is the caller's).
+/// A convolution without bias followed by batch normalisation (the activation is the caller's). For serving, the
+/// normalisation is folded into the convolution's weights and bias ([`ConvBn::folded`]): one pass over the
+/// activations instead of two.
 #[derive(Module, Debug)]
 pub struct ConvBn {
     conv: Conv2d,
-    bn: BatchNorm,
+    bn: Option<BatchNorm>,
 }
 
 impl ConvBn {
@@ -25,12 +28,35 @@ impl ConvBn {
                 .with_groups(groups)
                 .with_bias(false)
                 .init(device),
-            bn: BatchNormConfig::new(channels[1]).with_epsilon(1e-5).init(device),
+            bn: Some(BatchNormConfig::new(channels[1]).with_epsilon(1e-5).init(device)),
         }
     }
 
     fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(input))
+        let x = self.conv.forward(input);
+        match &self.bn {
+            Some(bn) => bn.forward(x),
+            None => x,
+        }
+    }
+
+    /// The same function for inference with the normalisation's running statistics folded into the convolution:
+    /// `w' = w·γ/√(σ²+ε)`, `b' = β + (b − μ)·γ/√(σ²+ε)`.
+    fn folded(&self) -> ConvBn {
+        let Some(bn) = &self.bn else {
+            return self.clone();
+        };
+        let out_channels = self.conv.weight.dims()[0];
+        let scale = bn.gamma.val() / (bn.running_var.value() + bn.epsilon).sqrt();
+        let bias = match &self.conv.bias {
+            Some(bias) => bias.val(),
+            None => bn.running_mean.value().zeros_like(),
+        };
+        let shift = bn.beta.val() + (bias - bn.running_mean.value()) * scale.clone();
+        let mut conv = self.conv.clone();
+        conv.weight = Param::from_tensor(self.conv.weight.val() * scale.reshape([out_channels, 1, 1, 1]));
+        conv.bias = Some(Param::from_tensor(shift));
+        ConvBn { conv, bn: None }
     }
 }
 
@@ -59,6 +85,16 @@ impl LeafNet {
             pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
             dropout: DropoutConfig::new(0.2).init(),
             classifier: LinearConfig::new(input, classes).init(device),
+        }
+    }
+
+    /// The network for serving, batch norms folded into the convolutions (see [`ConvBn::folded`]).
+    pub fn folded(&self) -> LeafNet {
+        LeafNet {
+            blocks: self.blocks.iter().map(ConvBn::folded).collect(),
+            pool: self.pool.clone(),
+            dropout: self.dropout.clone(),
+            classifier: self.classifier.clone(),
         }
     }
 
@@ -126,6 +162,15 @@ impl Bottleneck {
         }
     }
 
+    fn folded(&self) -> Bottleneck {
+        Bottleneck {
+            expand: self.expand.folded(),
+            depthwise: self.depthwise.folded(),
+            se: self.se.clone(),
+            project: self.project.folded(),
+        }
+    }
+
     fn forward(&self, input: Tensor<4>) -> Tensor<4> {
         let x = relu(self.expand.forward(input));
         let mut x = relu(self.depthwise.forward(x));
@@ -163,6 +208,16 @@ impl MobileNetV3Lite {
                 .collect(),
             head: ConvBn::new([40, 96], 1, 1, 1, device),
             classifier: LinearConfig::new(96, classes).init(device),
+        }
+    }
+
+    /// The network for serving, batch norms folded into the convolutions (see [`ConvBn::folded`]).
+    pub fn folded(&self) -> MobileNetV3Lite {
+        MobileNetV3Lite {
+            stem: self.stem.folded(),
+            bottlenecks: self.bottlenecks.iter().map(Bottleneck::folded).collect(),
+            head: self.head.folded(),
+            classifier: self.classifier.clone(),
         }
     }
 
