@@ -100,14 +100,34 @@ pub async fn run(
             }
         });
     }
-    tasks.spawn(Uplink::new(config.clone(), spool.clone(), registry.clone(), alerts.clone()).run(stopping.clone()));
+    // Diagnosis on the farm (agents built with `ai`): photos to the model, the cloud's model updates to its keeper.
+    #[allow(unused_mut, reason = "only agents built with the ai feature diagnose")]
+    let mut uplink = Uplink::new(config.clone(), spool.clone(), registry.clone(), alerts.clone());
+    #[allow(unused_mut, reason = "only agents built with the ai feature diagnose")]
+    let mut diagnosis = None;
+    #[cfg(feature = "ai")]
+    if config.diagnose_photos {
+        let diagnoser = crate::diagnose::Diagnoser::load(&config, alerts.clone())?;
+        let (photos, photo_queue) = mpsc::channel(16);
+        let (updates, update_queue) = mpsc::channel(4);
+        tasks.spawn(diagnoser.clone().run(photo_queue, stopping.clone()));
+        tasks.spawn(diagnoser.follow_updates(update_queue, stopping.clone()));
+        uplink = uplink.with_model_updates(updates);
+        diagnosis = Some(photos);
+    }
+    #[cfg(not(feature = "ai"))]
+    if config.diagnose_photos && !config.cameras.is_empty() {
+        tracing::info!("this agent was built without the ai feature: photos are diagnosed in the cloud only");
+    }
+    tasks.spawn(uplink.run(stopping.clone()));
 
     // Cameras: each source spools photos into the image area, and the image uplink sends them.
     let image_spool = Arc::new(
         ImageSpool::open(&config.spool_dir, config.image_spool_max_bytes, config.fsync != FsyncMode::Never)
             .context("cannot open the image spool")?,
     );
-    let cameras = Cameras::new(&config, image_spool.clone(), alerts.clone());
+    let mut cameras = Cameras::new(&config, image_spool.clone(), alerts.clone());
+    cameras.diagnosis = diagnosis;
     for camera in config.cameras.clone() {
         tracing::info!(device_id = %camera.device_id, source = %camera.describe(), "camera configured");
         tasks.spawn(cameras.clone().run(camera, config.camera_poll_interval, stopping.clone()));
@@ -146,6 +166,11 @@ pub async fn run(
                 LocalAlert::ImageRefused { file, reason } => serde_json::json!({
                     "kind": "image_refused", "severity": "SEVERITY_WARNING", "file": file,
                     "message": format!("the cloud refused a photo ({reason}); it was set aside in {file}"),
+                }),
+                LocalAlert::DiseaseDetected { camera, label, confidence, model } => serde_json::json!({
+                    "kind": "disease_detected", "severity": "SEVERITY_CRITICAL", "device_id": camera.to_string(),
+                    "label": label, "confidence": confidence, "model": model,
+                    "message": format!("{label} on a photo of camera {camera} ({:.0}% sure, model {model})", confidence * 100.0),
                 }),
             };
             alert_broker.publish(ALERTS_TOPIC, Bytes::from(message.to_string()));

@@ -49,6 +49,8 @@ pub struct Cameras {
     /// Wakes the image uplink when a photo arrives.
     pub photo_spooled: Arc<Notify>,
     alerts: mpsc::UnboundedSender<LocalAlert>,
+    /// Where new photos go for diagnosis on the farm, when the agent diagnoses (a full queue skips one).
+    pub diagnosis: Option<mpsc::Sender<(Uuid, Vec<u8>)>>,
 }
 
 impl Cameras {
@@ -60,6 +62,7 @@ impl Cameras {
             reencode_jpeg: config.reencode_jpeg,
             photo_spooled: Arc::new(Notify::new()),
             alerts,
+            diagnosis: None,
         }
     }
 
@@ -72,6 +75,7 @@ impl Cameras {
     ) -> Result<bool, CaptureError> {
         let content_type = sniff_image(&bytes).ok_or_else(|| CaptureError::NotAnImage(describe_non_image(&bytes)))?;
         let this = self.clone();
+        let for_diagnosis = self.diagnosis.as_ref().map(|_| bytes.clone());
         let put = tokio::task::spawn_blocking(move || {
             let (content_type, bytes) = this.maybe_reencode(content_type, bytes)?;
             this.spool.put(device_id, capture_time, content_type, &bytes).map_err(CaptureError::Spool)
@@ -88,6 +92,12 @@ impl Cameras {
         if put.stored {
             metrics::counter!("smartfarm_edge_images_captured_total").increment(1);
             self.photo_spooled.notify_one();
+            if let (Some(diagnosis), Some(bytes)) = (&self.diagnosis, for_diagnosis)
+                && diagnosis.try_send((device_id, bytes)).is_err()
+            {
+                metrics::counter!("smartfarm_edge_photos_not_diagnosed_total").increment(1);
+                tracing::warn!(%device_id, "the diagnosis queue is full: this photo is not diagnosed on the farm");
+            }
         }
         Ok(put.stored)
     }

@@ -96,6 +96,12 @@ image_chunk_bytes = 1048576
 # this long; names starting with "." or ending in .tmp/.part/.partial are left alone.
 camera_poll_interval = "2s"
 
+# Diagnose every photo on the farm with the plant-disease model (agents built with the `ai` feature): a disease at
+# least this confident is announced on smartfarm/alerts at once, with or without the cloud. The model is the one
+# built into the agent until the cloud pushes its active version, which is kept in SPOOL_DIR/models/.
+diagnose_photos = true
+disease_alert_confidence = 0.8
+
 # Cameras, each a DEVICE_KIND_CAMERA device of the registry with one source:
 #   dir      = a directory another program drops photos into (taken as they appear; also --camera-dir ID=DIR),
 #   http_url = a snapshot URL fetched every interval (http://[user:password@]host[:port]/path),
@@ -155,6 +161,8 @@ pub struct EdgeConfig {
     pub image_chunk_bytes: usize,
     #[serde(with = "duration")]
     pub camera_poll_interval: Duration,
+    pub diagnose_photos: bool,
+    pub disease_alert_confidence: f64,
     pub cameras: Vec<CameraConfig>,
     pub metrics_listen: String,
     pub log_format: smartfarm_core::config::LogFormat,
@@ -283,6 +291,8 @@ impl Default for EdgeConfig {
             reencode_jpeg: false,
             image_chunk_bytes: 1 << 20,
             camera_poll_interval: Duration::from_secs(2),
+            diagnose_photos: true,
+            disease_alert_confidence: 0.8,
             cameras: Vec::new(),
             metrics_listen: "127.0.0.1:9465".into(),
             log_format: smartfarm_core::config::LogFormat::Text,
@@ -318,6 +328,9 @@ impl EdgeConfig {
 
     /// Checks what serde cannot, before the agent starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.disease_alert_confidence) {
+            return Err(bad("disease_alert_confidence", "must be between 0 and 1"));
+        }
         if self.credential.is_empty() {
             return Err(bad("credential", "is required: the gateway credential RegisterDevice returned"));
         }

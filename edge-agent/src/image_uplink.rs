@@ -31,7 +31,7 @@ type Client = ImageServiceClient<tonic::service::interceptor::InterceptedService
 
 /// Adds the gateway credential to every call.
 #[derive(Clone)]
-pub struct Authorize(MetadataValue<Ascii>);
+pub struct Authorize(pub MetadataValue<Ascii>);
 
 impl tonic::service::Interceptor for Authorize {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {

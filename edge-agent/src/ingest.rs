@@ -28,6 +28,8 @@ pub enum LocalAlert {
     ImageSpoolOverflow { dropped_photos: u64, bytes: u64 },
     /// The cloud refused a photo for good; it was set aside in the spool's `images/refused/`.
     ImageRefused { file: String, reason: String },
+    /// The plant-disease model found a disease on a camera's photo (on the farm, link or no link).
+    DiseaseDetected { camera: Uuid, label: String, confidence: f64, model: String },
 }
 
 /// Why a payload did not make it into the spool.

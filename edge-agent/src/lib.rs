@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod camera;
 pub mod config;
+#[cfg(feature = "ai")]
+pub mod diagnose;
 pub mod image_spool;
 pub mod image_uplink;
 pub mod ingest;

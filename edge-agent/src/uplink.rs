@@ -52,6 +52,8 @@ pub struct Uplink {
     spool: Arc<Spool>,
     registry: Arc<Registry>,
     alerts: mpsc::UnboundedSender<LocalAlert>,
+    /// Where the cloud's model updates go (to the diagnoser, when the agent diagnoses photos).
+    model_updates: Option<mpsc::Sender<Vec<smartfarm_proto::common::v1::ModelRef>>>,
 }
 
 impl Uplink {
@@ -61,7 +63,13 @@ impl Uplink {
         registry: Arc<Registry>,
         alerts: mpsc::UnboundedSender<LocalAlert>,
     ) -> Self {
-        Uplink { config, spool, registry, alerts }
+        Uplink { config, spool, registry, alerts, model_updates: None }
+    }
+
+    /// Passes the cloud's model updates to `updates`.
+    pub fn with_model_updates(mut self, updates: mpsc::Sender<Vec<smartfarm_proto::common::v1::ModelRef>>) -> Self {
+        self.model_updates = Some(updates);
+        self
     }
 
     /// Connects, and reconnects, until `shutdown` turns true.
@@ -205,7 +213,16 @@ impl Uplink {
                             }
                         }
                         connect_response::Body::Welcome(_) => return Err(LinkError::Protocol("a second welcome".into())),
-                        // Rules, commands and model updates belong to capabilities not built yet.
+                        connect_response::Body::ModelUpdate(update) => {
+                            tracing::info!(models = ?update.models, "the cloud named the models to run");
+                            match &self.model_updates {
+                                Some(updates) => {
+                                    let _ = updates.try_send(update.models);
+                                }
+                                None => tracing::debug!("this agent does not diagnose on the farm; model update ignored"),
+                            }
+                        }
+                        // Rules and commands belong to the alerts-and-commands capability, not built yet.
                         other => tracing::debug!(message = ?other, "message for a capability not built yet ignored"),
                     }
                 }

@@ -272,6 +272,21 @@ impl InferenceApi {
     }
 }
 
+impl InferenceApi {
+    async fn get_model_file(&self, request: pb::GetModelFileRequest) -> Result<pb::GetModelFileResponse> {
+        let reference = request.model.ok_or_else(|| Error::invalid("model", "is required (name and version)"))?;
+        smartfarm_ml::artifact::check_token("model.name", &reference.name)?;
+        smartfarm_ml::artifact::check_token("model.version", &reference.version)?;
+        let stored = self.models.get_model(&reference.name, &reference.version).await?;
+        let model_file = self.serving.model_bytes(&stored).await?;
+        let kind = match stored.kind.as_str() {
+            "plant_disease" => pb::ModelKind::PlantDisease,
+            _ => pb::ModelKind::SensorAnomaly,
+        };
+        Ok(pb::GetModelFileResponse { model_file, sha256: stored.sha256, kind: kind as i32 })
+    }
+}
+
 /// Reads a filter's readings (at most `limit`) as seconds and values, in time order.
 pub(crate) async fn read_series(
     telemetry: &dyn TelemetryStore,
@@ -378,6 +393,15 @@ impl InferenceService for InferenceApi {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         Principal::of(&request)?;
         Ok(Response::new(InferenceApi::list_models(self, request.into_inner()).await?))
+    }
+
+    async fn get_model_file(
+        &self,
+        request: Request<pb::GetModelFileRequest>,
+    ) -> Result<Response<pb::GetModelFileResponse>, Status> {
+        // Model files are not farm data: any authenticated caller (edge agents above all) may fetch them.
+        Principal::of(&request)?;
+        Ok(Response::new(InferenceApi::get_model_file(self, request.into_inner()).await?))
     }
 
     async fn activate_model(

@@ -209,7 +209,7 @@ impl Serving {
     }
 
     /// A stored version's file, checked against its digest.
-    async fn model_bytes(&self, model: &StoredModel) -> Result<Vec<u8>> {
+    pub async fn model_bytes(&self, model: &StoredModel) -> Result<Vec<u8>> {
         let bytes = self.blobs.get(&model.blob_key).await?;
         if hex::encode(Sha256::digest(&bytes)) != model.sha256 {
             return Err(Error::internal(

@@ -22,7 +22,7 @@ use smartfarm_proto::ingestion::v1 as pb;
 use smartfarm_proto::ingestion::v1::ingestion_service_server::{IngestionService, IngestionServiceServer};
 use smartfarm_proto::ingestion::v1::telemetry_service_server::TelemetryServiceServer;
 use smartfarm_store::telemetry::Retention;
-use smartfarm_store::{RegistryStore, TelemetryStore};
+use smartfarm_store::{ModelStore, RegistryStore, TelemetryStore};
 
 /// Batches decoded or being committed at once across every edge link of this process (a link holds one per batch
 /// from its decoding to its commit): beyond it, links wait (backpressure on the agents through HTTP/2 flow control)
@@ -37,6 +37,8 @@ pub struct IngestionApi {
     settings: Arc<TelemetryConfig>,
     /// Where committed readings are announced (the inference role scores them).
     bus: Option<Bus>,
+    /// Which model versions serve: pushed to agents so they run the same plant-disease model.
+    models: Option<Arc<dyn ModelStore>>,
     commit_permits: Arc<Semaphore>,
     /// Turns true when the process begins to shut down: open links end so their agents reconnect elsewhere.
     shutting_down: watch::Receiver<bool>,
@@ -56,6 +58,7 @@ impl IngestionApi {
             telemetry,
             settings: Arc::new(settings),
             bus: None,
+            models: None,
             commit_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_COMMITS)),
             shutting_down,
             shutdown_sender: Arc::new(shutdown_sender),
@@ -65,6 +68,12 @@ impl IngestionApi {
     /// Announces every committed batch's series on `bus`.
     pub fn with_bus(mut self, bus: Bus) -> Self {
         self.bus = Some(bus);
+        self
+    }
+
+    /// Tells every connected agent which plant-disease model version to run (at connect, and when it changes).
+    pub fn with_models(mut self, models: Arc<dyn ModelStore>) -> Self {
+        self.models = Some(models);
         self
     }
 

@@ -120,6 +120,8 @@ async fn receive(
     let mut refresh = tokio::time::interval(api.settings.registry_refresh_interval);
     refresh.tick().await;
     let mut shutting_down = api.shutting_down.clone();
+    let mut models_sent = None;
+    push_models(api, &mut models_sent, outbound).await?;
     loop {
         if *shutting_down.borrow_and_update() {
             return Err(Error::Unavailable("the cloud is shutting down; reconnect".into()));
@@ -159,9 +161,27 @@ async fn receive(
                     return Err(Error::Unauthenticated("the gateway was decommissioned or its credential replaced".into()));
                 }
                 registry.refresh(api, farm_id, outbound, false).await?;
+                push_models(api, &mut models_sent, outbound).await?;
             }
         }
     }
+}
+
+/// Sends the active plant-disease model version down the link when it differs from what the link last sent (the
+/// agent fetches the file with `InferenceService.GetModelFile`).
+async fn push_models(api: &IngestionApi, sent: &mut Option<(String, String)>, outbound: &Outbound) -> Result<()> {
+    let Some(models) = &api.models else { return Ok(()) };
+    let Some(active) = models.active_model("plant_disease").await? else { return Ok(()) };
+    let current = (active.name, active.version);
+    if sent.as_ref() == Some(&current) {
+        return Ok(());
+    }
+    let update = pb::ModelUpdate {
+        models: vec![smartfarm_proto::common::v1::ModelRef { name: current.0.clone(), version: current.1.clone() }],
+    };
+    send(outbound, pb::connect_response::Body::ModelUpdate(update)).await?;
+    *sent = Some(current);
+    Ok(())
 }
 
 async fn send(outbound: &Outbound, body: pb::connect_response::Body) -> Result<()> {

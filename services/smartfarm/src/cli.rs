@@ -45,6 +45,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::ml::EvalCommand,
     },
+    /// Model versions in this installation's store.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Administration.
     Admin {
         #[command(subcommand)]
@@ -56,6 +61,25 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Print the documented default configuration (a valid config file).
     Example,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Store a model file (from `smartfarm train`) as a new version; `--activate` makes it serve.
+    Add(AddModelArgs),
+}
+
+/// Flags of `model add`.
+#[derive(Debug, Args)]
+pub struct AddModelArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// The model file (safetensors with a smartfarm model card).
+    #[arg(long, value_name = "MODEL")]
+    pub file: PathBuf,
+    /// Make this version the serving one of its model (running servers pick it up at their next request).
+    #[arg(long)]
+    pub activate: bool,
 }
 
 #[derive(Debug, Subcommand)]

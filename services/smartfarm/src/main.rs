@@ -19,7 +19,7 @@ use smartfarm_core::config::{EXAMPLE, ServerConfig};
 use smartfarm_core::observability;
 use smartfarm_store::Database;
 
-use cli::{AdminCommand, Cli, Command, ConfigCommand};
+use cli::{AdminCommand, Cli, Command, ConfigCommand, ModelCommand};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -66,6 +66,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval { command } => tokio::task::spawn_blocking(move || ml::eval(command)).await?,
         Command::Config { command: ConfigCommand::Example } => {
             print!("{EXAMPLE}");
+            Ok(())
+        }
+        Command::Model { command: ModelCommand::Add(args) } => {
+            let config = args.storage.resolve()?;
+            init_logs(&config)?;
+            let bytes = std::fs::read(&args.file)
+                .map_err(|error| anyhow::anyhow!("cannot read the model file {}: {error}", args.file.display()))?;
+            let database = connect(&config).await?;
+            database.migrate().await?;
+            let blobs = smartfarm_store::blob::open(&config.effective_blob_url()).await?;
+            let serving = smartfarm_inference::Serving::new(database.models(), blobs);
+            let mut stored = serving.store_model_file(&bytes, smartfarm_core::time::now()).await?;
+            if args.activate {
+                stored = database
+                    .models()
+                    .activate_model(&stored.name, &stored.version, smartfarm_core::time::now())
+                    .await?;
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": format!("{}@{}", stored.name, stored.version),
+                    "kind": stored.kind,
+                    "sha256": stored.sha256,
+                    "active": stored.activate_time.is_some(),
+                })
+            );
             Ok(())
         }
         Command::Admin { command: AdminCommand::CreateKey(args) } => {

@@ -106,7 +106,8 @@ async fn services_for(
                     database.telemetry(),
                     config.telemetry.clone(),
                 )
-                .with_bus(bus.clone());
+                .with_bus(bus.clone())
+                .with_models(database.models());
                 tokio::spawn(ingestion.clone().run_retention());
                 ingestion_running = Some(ingestion.clone());
                 services.with_service(ingestion.clone().ingestion_server()).with_service(ingestion.telemetry_server())
