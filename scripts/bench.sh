@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds release binaries and runs the telemetry and photo benchmarks (see tests/src/bin/smartfarm-bench/), printing one JSON
+# Builds release binaries and runs the telemetry, photo and AI benchmarks (see tests/src/bin/smartfarm-bench/), printing one JSON
 # line per measurement. Needs what the tests need (PostgreSQL, the tools from install-tools.sh) plus the Debian
 # `mosquitto` package for the fan-in baseline. Takes about four minutes once built.
 set -euo pipefail
@@ -13,3 +13,12 @@ bench="${CARGO_TARGET_DIR:-target}/release/smartfarm-bench"
 "$bench" fanin --publishers 50 --messages-per-publisher 2000 --fsync interval
 "$bench" footprint --sensors 1000 --rate 10000 --seconds 20
 "$bench" images --photos 100 --cameras 100 --hours 24
+
+# The AI benchmark: Burn against ONNX Runtime on the same network and photos (ONNX Runtime from PyPI, pinned).
+ort="$PWD/.tools/ort"
+if ! PYTHONPATH="$ort" python3 -c "import onnxruntime" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$ort" \
+    "onnxruntime==1.32.0" "numpy==2.4.6" >&2
+fi
+photos="${SMARTFARM_BENCH_PHOTOS:-services/ml/fixtures/plants}"   # e.g. the PlantVillage folder
+PYTHONPATH="$ort" cargo bench --locked -p smartfarm-ml --bench inference -- --photos "$PWD/$photos" --count 32

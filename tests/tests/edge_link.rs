@@ -109,6 +109,10 @@ async fn exactly_once_over_the_link(backend: Backend) {
     let connect_response::Body::Registry(registry) = link.next().await else { panic!("then the registry") };
     assert_eq!(registry.devices.len(), 2, "gateway and sensor, with credential hashes");
     assert!(registry.devices.iter().all(|d| d.credential_sha256.len() == 64));
+    // Then the plant-disease model version the farm's agent should run.
+    let connect_response::Body::ModelUpdate(models) = link.next().await else { panic!("then the model to run") };
+    let names: Vec<(&str, &str)> = models.models.iter().map(|m| (m.name.as_str(), m.version.as_str())).collect();
+    assert_eq!(names, [("leafnet-plantvillage7", "2026-12-05")]);
 
     let first = smartfarm_ingestion::batch::encode(readings(&farm.sensor, 1..=100, base), 1, 100);
     link.send_batch(first.clone()).await;
@@ -131,6 +135,7 @@ async fn exactly_once_over_the_link(backend: Backend) {
     let connect_response::Body::Welcome(welcome) = link.next().await else { panic!("welcome first") };
     assert_eq!(welcome.committed_sequence, 100);
     let _registry = link.next().await;
+    let _models = link.next().await;
     link.send_batch(smartfarm_ingestion::batch::encode(readings(&farm.sensor, 90..=150, base), 90, 150)).await;
     let connect_response::Body::BatchAck(ack) = link.next().await else { panic!("an ack") };
     assert_eq!((ack.last_sequence, ack.duplicate), (150, false));

@@ -119,7 +119,7 @@ async fn photos_arrive_once_each(data: &CloudData, cloud_options: CloudOptions, 
     let camera = register_camera(&cloud, &key, &fleet, "row 7 camera").await;
     let camera_dir = data.data_dir.path().join("camera-7");
     let edge = Edge::start(&EdgeOptions {
-        config: "camera_poll_interval = \"200ms\"\n".into(),
+        config: "diagnose_photos = false\ncamera_poll_interval = \"200ms\"\n".into(),
         args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
         ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))
     })
@@ -314,7 +314,7 @@ async fn a_link_cut_in_the_middle_of_a_large_upload_resumes_and_a_photo_sent_twi
     let edge = Edge::start(&EdgeOptions {
         cloud: proxy.addr,
         // Kept as PNG, so the bytes stored are the bytes dropped; small chunks so the cut lands between some.
-        config: "camera_poll_interval = \"200ms\"\nreencode = \"keep\"\nimage_chunk_bytes = 131072\nreconnect_min = \"300ms\"\n"
+        config: "diagnose_photos = false\ncamera_poll_interval = \"200ms\"\nreencode = \"keep\"\nimage_chunk_bytes = 131072\nreconnect_min = \"300ms\"\n"
             .into(),
         args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
         ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))
@@ -387,7 +387,7 @@ async fn a_cloud_killed_between_blob_write_and_row_commit_leaves_no_orphan() {
     let camera = register_camera(&crashing, &key, &fleet, "gate camera").await;
     let camera_dir = data.data_dir.path().join("camera");
     let edge_options = EdgeOptions {
-        config: "camera_poll_interval = \"200ms\"\nreconnect_min = \"300ms\"\nreconnect_max = \"1s\"\n".into(),
+        config: "diagnose_photos = false\ncamera_poll_interval = \"200ms\"\nreconnect_min = \"300ms\"\nreconnect_max = \"1s\"\n".into(),
         args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
         ..EdgeOptions::new(&crashing, &fleet, data.data_dir.path().join("spool"))
     };
