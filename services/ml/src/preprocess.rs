@@ -94,23 +94,21 @@ pub fn decode_photo(field: &str, bytes: &[u8]) -> Result<RgbImage> {
     if sniff_image(bytes).is_none() {
         return Err(Error::invalid(field, format!("not a JPEG, PNG or WebP photo ({})", describe_non_image(bytes))));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|error| Error::invalid(field, format!("cannot read the photo: {error}")))?;
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_PHOTO_PIXELS * 4);
-    reader.limits(limits);
-    let (width, height) = reader
+    let reader = || -> Result<ImageReader<Cursor<&[u8]>>> {
+        let mut reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|error| Error::invalid(field, format!("cannot read the photo: {error}")))?;
+        let mut limits = Limits::default();
+        limits.max_alloc = Some(MAX_PHOTO_PIXELS * 4);
+        reader.limits(limits);
+        Ok(reader)
+    };
+    // The size first, from the header: a photo too small or too large is refused before any pixel is decoded.
+    let (width, height) = reader()?
         .into_dimensions()
         .map_err(|error| Error::invalid(field, format!("cannot read the photo's size: {error}")))?;
     check_dimensions(field, width, height)?;
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|error| Error::invalid(field, format!("cannot read the photo: {error}")))?;
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_PHOTO_PIXELS * 4);
-    reader.limits(limits);
-    let image = reader.decode().map_err(|error| Error::invalid(field, format!("cannot decode the photo: {error}")))?;
+    let image = reader()?.decode().map_err(|error| Error::invalid(field, format!("cannot decode the photo: {error}")))?;
     Ok(image.to_rgb8())
 }
 
