@@ -135,7 +135,11 @@ impl Diagnoser {
         let channel = crate::uplink::connect(&self.config).await?;
         let mut client = InferenceServiceClient::with_interceptor(channel, Authorize(bearer(&self.config)?))
             .max_decoding_message_size(smartfarm_ml::artifact::MAX_MODEL_BYTES + 1024);
-        let file = client.get_model_file(GetModelFileRequest { model: Some(wanted.clone()) }).await?.into_inner();
+        let request = client.get_model_file(GetModelFileRequest { model: Some(wanted.clone()) });
+        let file = tokio::time::timeout(std::time::Duration::from_secs(120), request)
+            .await
+            .map_err(|_| anyhow::anyhow!("the model file did not arrive within 120 s"))??
+            .into_inner();
         anyhow::ensure!(
             hex::encode(Sha256::digest(&file.model_file)) == file.sha256,
             "the model file does not match its sha256"
@@ -155,11 +159,14 @@ impl Diagnoser {
         );
         // Kept before it is used: a restart (perhaps offline) comes back with the same model.
         let path = model_path(&self.config);
-        let temporary = path.with_extension("tmp");
-        std::fs::create_dir_all(path.parent().expect("a models dir"))?;
-        std::fs::write(&temporary, &bytes)?;
-        std::fs::File::open(&temporary)?.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let temporary = path.with_extension("tmp");
+            std::fs::create_dir_all(path.parent().expect("a models dir"))?;
+            std::fs::write(&temporary, &bytes)?;
+            std::fs::File::open(&temporary)?.sync_all()?;
+            std::fs::rename(&temporary, &path)
+        })
+        .await??;
         let previous = std::mem::replace(&mut *self.model.write().expect("model lock"), Arc::new(classifier));
         set_model_metric(previous.card(), 0.0);
         set_model_metric(&card, 1.0);

@@ -31,6 +31,9 @@ use smartfarm_store::{BlobStore, ImageStore, ModelStore, RegistryStore, Telemetr
 
 pub use serving::Serving;
 
+/// 2200-01-01 in seconds since 1970: series times past it are refused.
+const LATEST_SERIES_SECONDS: f64 = 7_258_118_400.0;
+
 /// Most points one DetectAnomalies call scores.
 pub const MAX_SERIES_POINTS: usize = 200_000;
 
@@ -46,6 +49,8 @@ pub struct InferenceApi {
     settings: Arc<InferenceConfig>,
     serving: Serving,
     detectors: pipeline::Detectors,
+    /// DetectAnomalies trains an autoencoder per call: at most one call per core at a time.
+    detecting: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for InferenceApi {
@@ -76,6 +81,9 @@ impl InferenceApi {
             bus,
             settings: Arc::new(settings),
             detectors: pipeline::Detectors::default(),
+            detecting: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            )),
         }
     }
 
@@ -181,7 +189,17 @@ impl InferenceApi {
                 let times = series
                     .times
                     .iter()
-                    .map(|t| from_timestamp("series.times", t).map(seconds))
+                    .enumerate()
+                    .map(|(index, t)| {
+                        let seconds = from_timestamp("series.times", t).map(seconds)?;
+                        if !(0.0..LATEST_SERIES_SECONDS).contains(&seconds) {
+                            return Err(Error::invalid(
+                                "series.times",
+                                format!("time {index} is not between 1970 and 2200"),
+                            ));
+                        }
+                        Ok(seconds)
+                    })
                     .collect::<Result<Vec<f64>>>()?;
                 (times, series.values)
             }
@@ -193,6 +211,7 @@ impl InferenceApi {
         let model = self.serving.active(ModelKind::SensorAnomaly, &request.model_name).await?;
         let params = self.serving.detector_params(&model)?;
         let (times_for_events, values_for_events) = (times.clone(), values.clone());
+        let _permit = self.detecting.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         let detection = tokio::task::spawn_blocking(move || {
             anomaly::detect(&times, &values, &params, &smartfarm_ml::training_device())
         })

@@ -26,11 +26,23 @@ use crate::{InferenceApi, from_seconds, read_series, seconds};
 /// Most readings a series' detector learns from.
 const MAX_HISTORY_POINTS: usize = 50_000;
 
-/// The fitted detector of each device's metric, with the model version and the time it was fitted.
+/// Per device's metric: the fitted detector (with the model version and when it was fitted), when a series that
+/// could not be fitted may be tried again, and the end of the last anomaly announced (so that a stretch still
+/// open when the next batch arrives is not announced again).
 #[derive(Clone, Default)]
 pub(crate) struct Detectors {
-    fitted: Arc<Mutex<HashMap<(Uuid, String), FittedEntry>>>,
+    fitted: Arc<Mutex<HashMap<SeriesKey, FittedEntry>>>,
+    unfit_until: Arc<Mutex<HashMap<SeriesKey, Instant>>>,
+    announced_until: Arc<Mutex<HashMap<SeriesKey, f64>>>,
 }
+
+type SeriesKey = (Uuid, String);
+
+/// Events waiting for a pipeline worker; past this, the oldest kind of work is skipped (and counted).
+const QUEUE: usize = 1024;
+
+/// How long a series that is constant or otherwise unfit to learn from waits before it is tried again.
+const UNFIT_RETRY: Duration = Duration::from_secs(3600);
 
 #[derive(Clone)]
 struct FittedEntry {
@@ -45,28 +57,46 @@ pub fn is_healthy(label: &str) -> bool {
 }
 
 impl InferenceApi {
-    /// Diagnoses new photos and scores committed readings until the bus closes.
+    /// Diagnoses new photos and scores committed readings until the bus closes: one worker for each, so a slow
+    /// detector fit never holds photos back and the bus is always drained.
     pub async fn run_pipeline(self) {
+        let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<ImageStored>(QUEUE);
+        let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<ReadingsCommitted>(QUEUE);
+        let diagnosing = self.clone();
+        tokio::spawn(async move {
+            while let Some(stored) = photo_queue.recv().await {
+                if let Err(error) = diagnosing.diagnose_new_image(&stored).await {
+                    tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
+                }
+            }
+        });
+        let scoring = self.clone();
+        tokio::spawn(async move {
+            while let Some(committed) = reading_queue.recv().await {
+                scoring.score_new_readings(&committed).await;
+            }
+        });
         let mut events = self.bus.subscribe();
         loop {
-            match events.recv().await {
-                Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images => {
-                    if let Err(error) = self.diagnose_new_image(&stored).await {
-                        tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
-                    }
-                }
+            let queued = match events.recv().await {
+                Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images => photos.try_send(stored).is_ok(),
                 Ok(Event::ReadingsCommitted(committed)) if self.settings.score_new_readings => {
-                    self.score_new_readings(&committed).await;
+                    readings.try_send(committed).is_ok()
                 }
-                Ok(_) => {}
+                Ok(_) => true,
                 Err(RecvError::Lagged(missed)) => {
                     metrics::counter!("smartfarm_inference_events_missed_total").increment(missed);
                     tracing::warn!(
                         missed,
                         "the inference pipeline fell behind the bus; those events were not processed"
                     );
+                    true
                 }
                 Err(RecvError::Closed) => return,
+            };
+            if !queued {
+                metrics::counter!("smartfarm_inference_events_missed_total").increment(1);
+                tracing::warn!("the inference pipeline's queue is full; an event was not processed");
             }
         }
     }
@@ -141,9 +171,15 @@ impl InferenceApi {
         })
         .await
         .map_err(|error| Error::internal("score readings", error))?;
+        let key = (span.device_id, span.metric.clone());
+        let already = self.detectors.announced_until.lock().expect("announcements").get(&key).copied();
         let mut announced = 0;
-        for event in events.iter().filter(|event| event.end >= first_new) {
+        // Stretches that reach into the new readings and began after the last one announced.
+        for event in
+            events.iter().filter(|event| event.end >= first_new && already.is_none_or(|end| times[event.start] > end))
+        {
             announced += 1;
+            self.detectors.announced_until.lock().expect("announcements").insert(key.clone(), times[event.end]);
             self.bus.publish(Event::AnomalyDetected(AnomalyDetected {
                 farm_id,
                 device_id: span.device_id,
@@ -168,12 +204,22 @@ impl InferenceApi {
         model: &smartfarm_store::models::StoredModel,
         version: &ModelVersion,
     ) -> Result<Option<Arc<FittedDetector>>> {
-        let key = (span.device_id, span.metric.clone());
+        let key: SeriesKey = (span.device_id, span.metric.clone());
         if let Some(entry) = self.detectors.fitted.lock().expect("detector cache").get(&key)
             && entry.model == *version
             && entry.fitted_at.elapsed() < self.settings.anomaly_refit
         {
             return Ok(Some(entry.detector.clone()));
+        }
+        if self
+            .detectors
+            .unfit_until
+            .lock()
+            .expect("unfit series")
+            .get(&key)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return Ok(None);
         }
         let params = self.serving.detector_params(model)?;
         let start = span.first_time.checked_sub(self.settings.anomaly_history).unwrap_or(SystemTime::UNIX_EPOCH);
@@ -184,22 +230,42 @@ impl InferenceApi {
             start,
             end: span.first_time,
         };
-        let (times, values) = read_series(self.telemetry.as_ref(), &filter, MAX_HISTORY_POINTS).await?;
-        if times.len() < MIN_TRAINING_POINTS.max(params.window * 2) || values.iter().all(|v| *v == values[0]) {
-            tracing::debug!(device_id = %span.device_id, metric = %span.metric, points = times.len(), "too little varied history to learn normal from yet");
+        // The newest readings of the history teach it (a fast sensor's two weeks hold more than it learns from).
+        let (mut times, mut values) = read_series(self.telemetry.as_ref(), &filter, 4 * MAX_HISTORY_POINTS).await?;
+        let skip = times.len().saturating_sub(MAX_HISTORY_POINTS);
+        times.drain(..skip);
+        values.drain(..skip);
+        let unfit = |reason: &str| {
+            tracing::debug!(device_id = %span.device_id, metric = %span.metric, reason, "cannot learn this series' normal yet; trying again later");
+            self.detectors.unfit_until.lock().expect("unfit series").insert(key.clone(), Instant::now() + UNFIT_RETRY);
+        };
+        // Too short a history is read again with the next batch (it is short); a constant one, or one the
+        // detector cannot learn from, waits an hour.
+        if times.len() < MIN_TRAINING_POINTS.max(params.window * 2) {
+            tracing::debug!(device_id = %span.device_id, metric = %span.metric, points = times.len(), "too little history to learn normal from yet");
             return Ok(None);
         }
-        let detector = tokio::task::spawn_blocking(move || {
+        if values.iter().all(|v| *v == values[0]) {
+            unfit("a constant history");
+            return Ok(None);
+        }
+        let fitted = tokio::task::spawn_blocking(move || {
             FittedDetector::fit(&times, &values, &params, &smartfarm_ml::training_device())
         })
         .await
-        .map_err(|error| Error::internal("fit an anomaly detector", error))??;
+        .map_err(|error| Error::internal("fit an anomaly detector", error))?;
+        let detector = match fitted {
+            Ok(detector) => detector,
+            Err(error) => {
+                unfit(&error.to_string());
+                return Ok(None);
+            }
+        };
         let detector = Arc::new(detector);
-        self.detectors
-            .fitted
-            .lock()
-            .expect("detector cache")
-            .insert(key, FittedEntry { detector: detector.clone(), model: version.clone(), fitted_at: Instant::now() });
+        self.detectors.fitted.lock().expect("detector cache").insert(
+            key.clone(),
+            FittedEntry { detector: detector.clone(), model: version.clone(), fitted_at: Instant::now() },
+        );
         Ok(Some(detector))
     }
 }

@@ -20,6 +20,9 @@ use smartfarm_store::{BlobStore, ModelStore};
 /// Most photos in one forward pass.
 pub const MAX_BATCH: usize = 32;
 
+/// Versions kept loaded (each with its thread): the serving ones and a few recent others, for rollbacks.
+const MAX_LOADED: usize = 4;
+
 /// Photos waiting for a classifier before callers are told to back off.
 const MAX_QUEUED: usize = 256;
 
@@ -199,8 +202,13 @@ impl Serving {
         .map_err(|error| Error::internal("load a model", error))??;
         tracing::info!(model = %worker.card.reference(), "plant-disease model loaded");
         let worker = Arc::new(worker);
-        self.classifiers.lock().expect("classifier cache").entry(key).or_insert(worker.clone());
-        Ok(worker)
+        let mut loaded = self.classifiers.lock().expect("classifier cache");
+        // Dropping a worker ends its thread once the calls holding it finish.
+        while loaded.len() >= MAX_LOADED {
+            let Some(evicted) = loaded.keys().find(|k| **k != key).cloned() else { break };
+            loaded.remove(&evicted);
+        }
+        Ok(loaded.entry(key).or_insert(worker).clone())
     }
 
     /// The constants of a stored anomaly version.

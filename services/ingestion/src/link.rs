@@ -415,7 +415,8 @@ async fn commit_in_order(
     Ok(())
 }
 
-/// Each device's metric in `readings`, with the first and last measurement time.
+/// Each device's metric in `readings`, with the first and last measurement time as stored (microseconds: agents
+/// stamp nanoseconds, and a span finer than the rows would miss its own first reading).
 fn series_spans(readings: &[smartfarm_store::telemetry::ReadingRow]) -> Vec<SeriesSpan> {
     let mut spans: std::collections::BTreeMap<(uuid::Uuid, &str), (std::time::SystemTime, std::time::SystemTime)> =
         std::collections::BTreeMap::new();
@@ -431,8 +432,12 @@ fn series_spans(readings: &[smartfarm_store::telemetry::ReadingRow]) -> Vec<Seri
         .map(|((device_id, metric), (first_time, last_time))| SeriesSpan {
             device_id,
             metric: metric.to_string(),
-            first_time,
-            last_time,
+            first_time: stored_precision(first_time),
+            last_time: stored_precision(last_time),
         })
         .collect()
+}
+
+fn stored_precision(time: std::time::SystemTime) -> std::time::SystemTime {
+    time::from_unix_micros(time::to_unix_micros(time))
 }

@@ -39,7 +39,8 @@ pub struct InputSpec {
 pub enum Resize {
     /// The whole photo, scaled to the square (leaf photos are square already; others are squeezed).
     Stretch,
-    /// Scale the shorter side to `shorter_side`, then cut the centred square (torchvision's Resize + CenterCrop).
+    /// Scale the shorter side to `shorter_side`, then cut the centred `size` square (torchvision's Resize +
+    /// CenterCrop; done as centred square, scale, crop, which keeps the same pixels).
     ShorterSideThenCenterCrop {
         /// The shorter side's length before cropping.
         shorter_side: u32,
@@ -108,7 +109,8 @@ pub fn decode_photo(field: &str, bytes: &[u8]) -> Result<RgbImage> {
         .into_dimensions()
         .map_err(|error| Error::invalid(field, format!("cannot read the photo's size: {error}")))?;
     check_dimensions(field, width, height)?;
-    let image = reader()?.decode().map_err(|error| Error::invalid(field, format!("cannot decode the photo: {error}")))?;
+    let image =
+        reader()?.decode().map_err(|error| Error::invalid(field, format!("cannot decode the photo: {error}")))?;
     Ok(image.to_rgb8())
 }
 
@@ -137,16 +139,15 @@ pub fn model_input(photo: &RgbImage, spec: &InputSpec) -> Vec<f32> {
     let square = match spec.resize {
         Resize::Stretch => image::imageops::resize(photo, size, size, FilterType::Triangle),
         Resize::ShorterSideThenCenterCrop { shorter_side } => {
+            // The centred square first: what the crop keeps lies inside it, and a long thin photo is never scaled
+            // whole (a 32×1,500,000 one would become gigabytes).
             let (width, height) = photo.dimensions();
-            let (new_width, new_height) = if width <= height {
-                (shorter_side, scaled(height, shorter_side, width))
-            } else {
-                (scaled(width, shorter_side, height), shorter_side)
-            };
-            let resized = image::imageops::resize(photo, new_width, new_height, FilterType::Triangle);
-            let left = (new_width - size) / 2;
-            let top = (new_height - size) / 2;
-            image::imageops::crop_imm(&resized, left, top, size, size).to_image()
+            let side = width.min(height);
+            let square =
+                image::imageops::crop_imm(photo, (width - side) / 2, (height - side) / 2, side, side).to_image();
+            let resized = image::imageops::resize(&square, shorter_side, shorter_side, FilterType::Triangle);
+            let offset = (shorter_side - size) / 2;
+            image::imageops::crop_imm(&resized, offset, offset, size, size).to_image()
         }
     };
     let plane = (size as usize) * (size as usize);
@@ -158,12 +159,6 @@ pub fn model_input(photo: &RgbImage, spec: &InputSpec) -> Vec<f32> {
         }
     }
     input
-}
-
-/// `long` scaled by `target / short`, rounded, at least `target`.
-fn scaled(long: u32, target: u32, short: u32) -> u32 {
-    let value = (f64::from(long) * f64::from(target) / f64::from(short.max(1))).round() as u32;
-    value.max(target)
 }
 
 #[cfg(test)]
