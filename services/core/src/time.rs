@@ -31,6 +31,18 @@ pub fn to_timestamp(time: SystemTime) -> pbjson_types::Timestamp {
     pbjson_types::Timestamp { seconds, nanos }
 }
 
+/// A request's required time range: both bounds set, start before end.
+pub fn required_range(range: Option<&smartfarm_proto::common::v1::TimeRange>) -> Result<(SystemTime, SystemTime)> {
+    let range = range.ok_or_else(|| Error::invalid("time_range", "is required"))?;
+    let start = range.start_time.as_ref().ok_or_else(|| Error::invalid("time_range.start_time", "is required"))?;
+    let end = range.end_time.as_ref().ok_or_else(|| Error::invalid("time_range.end_time", "is required"))?;
+    let (start, end) = (from_timestamp("time_range.start_time", start)?, from_timestamp("time_range.end_time", end)?);
+    if start >= end {
+        return Err(Error::invalid("time_range", "start_time must be before end_time"));
+    }
+    Ok((start, end))
+}
+
 /// A contract timestamp as a `SystemTime`; `field` names it in the error when it is out of range.
 pub fn from_timestamp(field: &str, timestamp: &pbjson_types::Timestamp) -> Result<SystemTime> {
     if !(0..1_000_000_000).contains(&timestamp.nanos) {

@@ -241,9 +241,7 @@ impl InferenceApi {
         let device = self.registry.get_device(device_id).await?;
         principal.authorize_farm(device.farm_id)?;
         let metric = validate::metric_name("device_series.metric", &request.metric)?;
-        let range =
-            request.time_range.as_ref().ok_or_else(|| Error::invalid("device_series.time_range", "is required"))?;
-        let (start, end) = time_range(range)?;
+        let (start, end) = smartfarm_core::time::required_range(request.time_range.as_ref())?;
         let filter =
             ReadingFilter { farm_id: device.farm_id, device_ids: vec![device_id], metrics: vec![metric], start, end };
         let readings = read_series(self.telemetry.as_ref(), &filter, MAX_SERIES_POINTS).await?;
@@ -339,16 +337,6 @@ pub(crate) async fn read_series(
             _ => return Ok((times, values)),
         }
     }
-}
-
-fn time_range(range: &common::TimeRange) -> Result<(SystemTime, SystemTime)> {
-    let start = range.start_time.as_ref().ok_or_else(|| Error::invalid("time_range.start_time", "is required"))?;
-    let end = range.end_time.as_ref().ok_or_else(|| Error::invalid("time_range.end_time", "is required"))?;
-    let (start, end) = (from_timestamp("time_range.start_time", start)?, from_timestamp("time_range.end_time", end)?);
-    if start >= end {
-        return Err(Error::invalid("time_range", "start_time must be before end_time"));
-    }
-    Ok((start, end))
 }
 
 /// Seconds since 1970 (negative before).

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use smartfarm_core::paging::page_size;
-use smartfarm_core::time::{from_timestamp, from_unix_micros, to_timestamp, to_unix_micros};
+use smartfarm_core::time::{from_unix_micros, to_timestamp, to_unix_micros};
 use smartfarm_core::{Error, Principal, Result, validate};
 use smartfarm_proto::common::v1 as common;
 use smartfarm_proto::ingestion::v1 as pb;
@@ -53,13 +53,7 @@ fn filter(
     }
     let device_ids = device_ids.iter().map(|id| validate::id("device_ids", id)).collect::<Result<Vec<Uuid>>>()?;
     let metrics = metrics.iter().map(|name| validate::metric_name("metrics", name)).collect::<Result<Vec<_>>>()?;
-    let range = range.ok_or_else(|| Error::invalid("time_range", "is required"))?;
-    let start = range.start_time.as_ref().ok_or_else(|| Error::invalid("time_range.start_time", "is required"))?;
-    let end = range.end_time.as_ref().ok_or_else(|| Error::invalid("time_range.end_time", "is required"))?;
-    let (start, end) = (from_timestamp("time_range.start_time", start)?, from_timestamp("time_range.end_time", end)?);
-    if start >= end {
-        return Err(Error::invalid("time_range", "start_time must be before end_time"));
-    }
+    let (start, end) = smartfarm_core::time::required_range(range)?;
     Ok(ReadingFilter { farm_id, device_ids, metrics, start, end })
 }
 
