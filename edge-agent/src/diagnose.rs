@@ -88,8 +88,9 @@ impl Diagnoser {
                     metrics::counter!("smartfarm_edge_photos_diagnosed_total").increment(1);
                     let confidence = f64::from(prediction.confidence);
                     tracing::info!(%camera, label = %prediction.label, confidence, %model, "photo diagnosed");
-                    let healthy = prediction.label.to_ascii_lowercase().contains("healthy");
-                    if !healthy && confidence >= self.config.disease_alert_confidence {
+                    if !smartfarm_ml::disease::is_healthy(&prediction.label)
+                        && confidence >= self.config.disease_alert_confidence
+                    {
                         metrics::counter!("smartfarm_edge_diseases_detected_total").increment(1);
                         let _ = self.alerts.send(LocalAlert::DiseaseDetected {
                             camera,

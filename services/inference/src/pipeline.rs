@@ -51,11 +51,6 @@ struct FittedEntry {
     fitted_at: Instant,
 }
 
-/// Whether a class is a healthy one (PlantVillage names them `<crop>___healthy`).
-pub fn is_healthy(label: &str) -> bool {
-    label.to_ascii_lowercase().contains("healthy")
-}
-
 impl InferenceApi {
     /// Diagnoses new photos and scores committed readings until the bus closes: one worker for each, so a slow
     /// detector fit never holds photos back and the bus is always drained.
@@ -109,7 +104,9 @@ impl InferenceApi {
         self.images.set_diagnosis(image.id, &diagnosis).await?;
         metrics::counter!("smartfarm_inference_images_diagnosed_total").increment(1);
         tracing::debug!(image_id = %image.id, label = %diagnosis.label, confidence = diagnosis.confidence, "photo diagnosed");
-        if !is_healthy(&diagnosis.label) && diagnosis.confidence >= self.settings.disease_alert_confidence {
+        if !smartfarm_ml::disease::is_healthy(&diagnosis.label)
+            && diagnosis.confidence >= self.settings.disease_alert_confidence
+        {
             metrics::counter!("smartfarm_inference_diseases_detected_total").increment(1);
             self.bus.publish(Event::DiseaseDetected(DiseaseDetected {
                 farm_id: image.farm_id,

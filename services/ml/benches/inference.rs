@@ -19,6 +19,7 @@ use std::time::Instant;
 use smartfarm_ml::anomaly::{self, DetectorParams, FittedDetector, nab};
 use smartfarm_ml::artifact::{Architecture, ModelCard, ModelKind};
 use smartfarm_ml::disease::dataset::LabelledFolder;
+use smartfarm_ml::disease::evaluate::argmax;
 use smartfarm_ml::disease::{DEFAULT_MODEL, DiseaseClassifier};
 use smartfarm_ml::preprocess::{self, IMAGENET_MEAN, IMAGENET_STD, InputSpec, Resize};
 
@@ -241,10 +242,6 @@ fn round_robin(folder: &LabelledFolder, count: usize) -> Vec<PathBuf> {
         round += 1;
     }
     picked
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
 }
 
 /// The CPU model and core count, for the README's figures.

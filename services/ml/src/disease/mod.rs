@@ -46,6 +46,12 @@ impl DiseaseNet {
     }
 }
 
+/// Whether a class is a healthy one (PlantVillage names them `<crop>___healthy`): the cloud and the edge agent
+/// announce only the other classes as diseases.
+pub fn is_healthy(label: &str) -> bool {
+    label.to_ascii_lowercase().contains("healthy")
+}
+
 /// One photo's result: the most likely class and the ranking.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
