@@ -13,6 +13,7 @@ pub mod observability;
 pub mod paging;
 pub mod principal;
 pub mod role;
+pub mod rules;
 pub mod shutdown;
 pub mod time;
 pub mod validate;

@@ -1,0 +1,1010 @@
+//! Alert rules and the alerts they raise, as both the cloud and the edge agent see them: the rule definition with its
+//! validation, the evaluator that turns readings and model verdicts into alerts, and how two copies of one alert
+//! merge. The same evaluator runs on the Pi (on every accepted reading, link or no link) and in the cloud (on every
+//! committed batch, in sequence order), and an alert's id is derived from the rule, the device, the metric and the
+//! measurement time at which the condition began, so the two copies of one event are one alert.
+//!
+//! Lifecycle: an alert opens when its condition holds (for `for_duration` on threshold rules); it resolves by itself
+//! once the condition has stayed clear for the rule's cooldown (at once without one). A repeat of the condition within
+//! that time is folded into the open alert: its count grows. People acknowledge and resolve alerts by hand in the
+//! cloud; a merge never moves an alert back (open < acknowledged < resolved).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use smartfarm_proto::alert::v1 as pb;
+use smartfarm_proto::pbjson_types;
+
+use crate::error::{Error, Result};
+use crate::time::{from_timestamp, from_unix_micros, to_timestamp, to_unix_micros};
+use crate::validate;
+
+/// The longest cooldown, hold or window a rule may name: longer ones are typos, and evaluators keep state that long.
+pub const MAX_RULE_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most readings a rate-of-change rule keeps per series (a window of a day at one reading a second stays exact up
+/// to here; beyond it the oldest are forgotten).
+const MAX_RATE_WINDOW_READINGS: usize = 4096;
+
+/// How bad an alert is; ordered, so "at least warning" is a comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Severity {
+    Info = 1,
+    Warning = 2,
+    Critical = 3,
+}
+
+impl Severity {
+    /// From the contract's enum; `field` names it in the error.
+    pub fn from_proto(field: &str, value: i32) -> Result<Severity> {
+        match smartfarm_proto::common::v1::Severity::try_from(value) {
+            Ok(smartfarm_proto::common::v1::Severity::Info) => Ok(Severity::Info),
+            Ok(smartfarm_proto::common::v1::Severity::Warning) => Ok(Severity::Warning),
+            Ok(smartfarm_proto::common::v1::Severity::Critical) => Ok(Severity::Critical),
+            _ => Err(Error::invalid(field, "must be SEVERITY_INFO, SEVERITY_WARNING or SEVERITY_CRITICAL")),
+        }
+    }
+
+    /// A filter's minimum severity: unspecified means every severity.
+    pub fn minimum_from_proto(field: &str, value: i32) -> Result<Severity> {
+        if value == 0 { Ok(Severity::Info) } else { Severity::from_proto(field, value) }
+    }
+
+    pub fn to_proto(self) -> i32 {
+        self as i32
+    }
+
+    /// The contract's name, as JSON messages on the farm's alert topic carry it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "SEVERITY_INFO",
+            Severity::Warning => "SEVERITY_WARNING",
+            Severity::Critical => "SEVERITY_CRITICAL",
+        }
+    }
+
+    /// The inverse of `as i32`, for storage.
+    pub fn from_number(value: i64) -> Option<Severity> {
+        match value {
+            1 => Some(Severity::Info),
+            2 => Some(Severity::Warning),
+            3 => Some(Severity::Critical),
+            _ => None,
+        }
+    }
+}
+
+/// What raises a rule's alerts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Condition {
+    /// A value strictly above (or below) `limit` for at least `for_duration`.
+    Threshold { above: bool, limit: f64, for_duration: Duration },
+    /// Values moving by more than `max_change` (largest minus smallest) within `window`.
+    RateOfChange { max_change: f64, window: Duration },
+    /// No reading from a device for `silent_for`.
+    DeviceSilent { silent_for: Duration },
+    /// A plant-disease diagnosis (of one of `disease_labels`, or any unhealthy class when empty) at `min_confidence`
+    /// or more; with `on_sensor_anomaly`, sensor anomaly events too.
+    ModelVerdict { disease_labels: Vec<String>, min_confidence: f64, on_sensor_anomaly: bool },
+}
+
+/// A rule of a farm.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: Uuid,
+    pub farm_id: Uuid,
+    pub name: String,
+    pub severity: Severity,
+    /// Only this device; `None`: every device of the farm.
+    pub device_id: Option<Uuid>,
+    /// Only this metric; `None`: every metric (threshold and rate rules need one).
+    pub metric: Option<String>,
+    pub cooldown: Duration,
+    pub create_time: SystemTime,
+    pub condition: Condition,
+}
+
+fn duration_from_proto(field: &str, value: Option<&pbjson_types::Duration>) -> Result<Duration> {
+    let Some(value) = value else { return Ok(Duration::ZERO) };
+    if value.seconds < 0 || value.nanos < 0 || value.nanos >= 1_000_000_000 {
+        return Err(Error::invalid(field, "must not be negative"));
+    }
+    let duration = Duration::new(value.seconds as u64, value.nanos as u32);
+    if duration > MAX_RULE_DURATION {
+        return Err(Error::invalid(field, "must be at most 30 days"));
+    }
+    Ok(duration)
+}
+
+/// A `Duration` as the contract's.
+pub fn duration_to_proto(duration: Duration) -> pbjson_types::Duration {
+    pbjson_types::Duration { seconds: duration.as_secs() as i64, nanos: duration.subsec_nanos() as i32 }
+}
+
+fn finite(field: &str, value: f64) -> Result<f64> {
+    if value.is_finite() { Ok(value) } else { Err(Error::invalid(field, "must be a finite number")) }
+}
+
+impl Rule {
+    /// Checks a rule as a client sent it (`CreateRule`) and gives it `id` and `create_time`. Every error names the
+    /// field as the contract spells it.
+    pub fn from_request(rule: &pb::Rule, id: Uuid, create_time: SystemTime) -> Result<Rule> {
+        let farm_id = validate::id("rule.farm_id", &rule.farm_id)?;
+        let name = validate::name("rule.name", &rule.name)?;
+        let severity = Severity::from_proto("rule.severity", rule.severity)?;
+        let device_id = validate::optional_id("rule.device_id", &rule.device_id)?;
+        let metric = match rule.metric.as_str() {
+            "" => None,
+            metric => Some(validate::metric_name("rule.metric", metric)?),
+        };
+        let cooldown = duration_from_proto("rule.cooldown", rule.cooldown.as_ref())?;
+        use pb::rule::Condition as Wire;
+        let condition = match &rule.condition {
+            None => {
+                return Err(Error::invalid(
+                    "rule.condition",
+                    "is required: one of threshold, rate_of_change, device_silent, model_verdict",
+                ));
+            }
+            Some(Wire::Threshold(threshold)) => {
+                let above = match pb::ThresholdDirection::try_from(threshold.direction) {
+                    Ok(pb::ThresholdDirection::Above) => true,
+                    Ok(pb::ThresholdDirection::Below) => false,
+                    _ => {
+                        return Err(Error::invalid(
+                            "rule.threshold.direction",
+                            "must be THRESHOLD_DIRECTION_ABOVE or THRESHOLD_DIRECTION_BELOW",
+                        ));
+                    }
+                };
+                Condition::Threshold {
+                    above,
+                    limit: finite("rule.threshold.limit", threshold.limit)?,
+                    for_duration: duration_from_proto("rule.threshold.for_duration", threshold.for_duration.as_ref())?,
+                }
+            }
+            Some(Wire::RateOfChange(rate)) => {
+                let max_change = finite("rule.rate_of_change.max_change", rate.max_change)?;
+                if max_change <= 0.0 {
+                    return Err(Error::invalid("rule.rate_of_change.max_change", "must be above zero"));
+                }
+                let window = duration_from_proto("rule.rate_of_change.window", rate.window.as_ref())?;
+                if window.is_zero() {
+                    return Err(Error::invalid("rule.rate_of_change.window", "must be at least one second"));
+                }
+                Condition::RateOfChange { max_change, window }
+            }
+            Some(Wire::DeviceSilent(silent)) => {
+                let silent_for = duration_from_proto("rule.device_silent.silent_for", silent.silent_for.as_ref())?;
+                if silent_for < Duration::from_secs(1) {
+                    return Err(Error::invalid("rule.device_silent.silent_for", "must be at least one second"));
+                }
+                Condition::DeviceSilent { silent_for }
+            }
+            Some(Wire::ModelVerdict(verdict)) => {
+                let min_confidence = finite("rule.model_verdict.min_confidence", verdict.min_confidence)?;
+                if !(0.0..=1.0).contains(&min_confidence) {
+                    return Err(Error::invalid("rule.model_verdict.min_confidence", "must be between 0 and 1"));
+                }
+                for label in &verdict.disease_labels {
+                    if label.is_empty() || label.len() > 200 {
+                        return Err(Error::invalid(
+                            "rule.model_verdict.disease_labels",
+                            "each label must be 1 to 200 characters",
+                        ));
+                    }
+                }
+                Condition::ModelVerdict {
+                    disease_labels: verdict.disease_labels.clone(),
+                    min_confidence,
+                    on_sensor_anomaly: verdict.on_sensor_anomaly,
+                }
+            }
+        };
+        if matches!(condition, Condition::Threshold { .. } | Condition::RateOfChange { .. }) && metric.is_none() {
+            return Err(Error::invalid("rule.metric", "is required for threshold and rate-of-change rules"));
+        }
+        Ok(Rule { id, farm_id, name, severity, device_id, metric, cooldown, create_time, condition })
+    }
+
+    /// The rule as the contract's message.
+    pub fn to_proto(&self) -> pb::Rule {
+        use pb::rule::Condition as Wire;
+        let condition = match &self.condition {
+            Condition::Threshold { above, limit, for_duration } => Wire::Threshold(pb::ThresholdCondition {
+                direction: if *above { pb::ThresholdDirection::Above } else { pb::ThresholdDirection::Below } as i32,
+                limit: *limit,
+                for_duration: Some(duration_to_proto(*for_duration)),
+            }),
+            Condition::RateOfChange { max_change, window } => Wire::RateOfChange(pb::RateOfChangeCondition {
+                max_change: *max_change,
+                window: Some(duration_to_proto(*window)),
+            }),
+            Condition::DeviceSilent { silent_for } => {
+                Wire::DeviceSilent(pb::DeviceSilentCondition { silent_for: Some(duration_to_proto(*silent_for)) })
+            }
+            Condition::ModelVerdict { disease_labels, min_confidence, on_sensor_anomaly } => {
+                Wire::ModelVerdict(pb::ModelVerdictCondition {
+                    disease_labels: disease_labels.clone(),
+                    min_confidence: *min_confidence,
+                    on_sensor_anomaly: *on_sensor_anomaly,
+                })
+            }
+        };
+        pb::Rule {
+            id: self.id.to_string(),
+            farm_id: self.farm_id.to_string(),
+            name: self.name.clone(),
+            severity: self.severity.to_proto(),
+            device_id: self.device_id.map(|id| id.to_string()).unwrap_or_default(),
+            metric: self.metric.clone().unwrap_or_default(),
+            cooldown: Some(duration_to_proto(self.cooldown)),
+            create_time: Some(to_timestamp(self.create_time)),
+            condition: Some(condition),
+        }
+    }
+
+    /// A rule the cloud pushed (already validated there): the agent takes it as is, with an id and a farm.
+    pub fn from_pushed(rule: &pb::Rule) -> Result<Rule> {
+        let id = validate::id("rule.id", &rule.id)?;
+        let create_time = match &rule.create_time {
+            Some(time) => from_timestamp("rule.create_time", time)?,
+            None => SystemTime::UNIX_EPOCH,
+        };
+        Rule::from_request(rule, id, create_time)
+    }
+
+    fn applies_to(&self, device: Uuid, metric: Option<&str>) -> bool {
+        self.device_id.is_none_or(|only| only == device)
+            && match (&self.metric, metric) {
+                (Some(only), Some(metric)) => only == metric,
+                (Some(_), None) => false,
+                (None, _) => true,
+            }
+    }
+}
+
+/// Where an alert is in its life; ordered: a merge keeps the later state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AlertState {
+    Open = 1,
+    Acknowledged = 2,
+    Resolved = 3,
+}
+
+impl AlertState {
+    pub fn from_number(value: i64) -> Option<AlertState> {
+        match value {
+            1 => Some(AlertState::Open),
+            2 => Some(AlertState::Acknowledged),
+            3 => Some(AlertState::Resolved),
+            _ => None,
+        }
+    }
+
+    /// From the contract's enum, for filters; `field` names it in the error.
+    pub fn from_proto(field: &str, value: i32) -> Result<AlertState> {
+        match pb::AlertState::try_from(value) {
+            Ok(pb::AlertState::Open) => Ok(AlertState::Open),
+            Ok(pb::AlertState::Acknowledged) => Ok(AlertState::Acknowledged),
+            Ok(pb::AlertState::Resolved) => Ok(AlertState::Resolved),
+            _ => {
+                Err(Error::invalid(field, "must be ALERT_STATE_OPEN, ALERT_STATE_ACKNOWLEDGED or ALERT_STATE_RESOLVED"))
+            }
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AlertState::Open => "open",
+            AlertState::Acknowledged => "acknowledged",
+            AlertState::Resolved => "resolved",
+        }
+    }
+}
+
+/// Where an alert was first raised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Origin {
+    Edge = 1,
+    Cloud = 2,
+}
+
+impl Origin {
+    pub fn from_number(value: i64) -> Option<Origin> {
+        match value {
+            1 => Some(Origin::Edge),
+            2 => Some(Origin::Cloud),
+            _ => None,
+        }
+    }
+}
+
+/// An alert: one occurrence of a rule's condition on one device (and metric), with its repeats folded in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub id: Uuid,
+    pub farm_id: Uuid,
+    pub rule_id: Uuid,
+    pub device_id: Option<Uuid>,
+    /// The metric, or for disease verdicts the class; empty when none.
+    pub metric: String,
+    pub severity: Severity,
+    pub state: AlertState,
+    pub message: String,
+    pub value: Option<f64>,
+    pub open_time: SystemTime,
+    pub last_time: SystemTime,
+    pub acknowledge_time: Option<SystemTime>,
+    pub resolve_time: Option<SystemTime>,
+    pub count: u64,
+    pub origin: Origin,
+    pub evidence_image_id: Option<Uuid>,
+    pub evidence_window: Option<(SystemTime, SystemTime)>,
+}
+
+/// The id of the alert a rule raises on a device's metric for a condition that began at `began` (microseconds, the
+/// precision every store keeps): the same on the Pi and in the cloud.
+pub fn alert_id(rule: Uuid, device: Option<Uuid>, metric: &str, began: SystemTime) -> Uuid {
+    let mut hash = Sha256::new();
+    hash.update(b"smartfarm-alert\0");
+    hash.update(rule.as_bytes());
+    hash.update(device.unwrap_or_default().as_bytes());
+    hash.update(metric.as_bytes());
+    hash.update(b"\0");
+    hash.update(to_unix_micros(began).to_be_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+impl Alert {
+    /// Folds another copy of the same alert (the edge's and the cloud's, or a later snapshot) into this one; returns
+    /// whether anything changed. States only move forward, counts and times only grow, and the first origin stays.
+    pub fn merge(&mut self, other: &Alert) -> bool {
+        let before = self.clone();
+        self.state = self.state.max(other.state);
+        self.count = self.count.max(other.count);
+        if other.last_time > self.last_time {
+            self.last_time = other.last_time;
+            if other.value.is_some() {
+                self.value = other.value;
+            }
+        }
+        self.open_time = self.open_time.min(other.open_time);
+        self.acknowledge_time = earliest(self.acknowledge_time, other.acknowledge_time);
+        self.resolve_time = earliest(self.resolve_time, other.resolve_time);
+        if self.evidence_image_id.is_none() {
+            self.evidence_image_id = other.evidence_image_id;
+        }
+        if self.evidence_window.is_none() {
+            self.evidence_window = other.evidence_window;
+        }
+        *self != before
+    }
+
+    /// The alert as the contract's message.
+    pub fn to_proto(&self) -> pb::Alert {
+        pb::Alert {
+            id: self.id.to_string(),
+            farm_id: self.farm_id.to_string(),
+            rule_id: self.rule_id.to_string(),
+            device_id: self.device_id.map(|id| id.to_string()).unwrap_or_default(),
+            metric: self.metric.clone(),
+            severity: self.severity.to_proto(),
+            state: match self.state {
+                AlertState::Open => pb::AlertState::Open,
+                AlertState::Acknowledged => pb::AlertState::Acknowledged,
+                AlertState::Resolved => pb::AlertState::Resolved,
+            } as i32,
+            message: self.message.clone(),
+            value: self.value,
+            open_time: Some(to_timestamp(self.open_time)),
+            last_time: Some(to_timestamp(self.last_time)),
+            acknowledge_time: self.acknowledge_time.map(to_timestamp),
+            resolve_time: self.resolve_time.map(to_timestamp),
+            count: self.count,
+            origin: match self.origin {
+                Origin::Edge => pb::AlertOrigin::Edge,
+                Origin::Cloud => pb::AlertOrigin::Cloud,
+            } as i32,
+            evidence_image_id: self.evidence_image_id.map(|id| id.to_string()).unwrap_or_default(),
+            evidence_window: self.evidence_window.map(|(start, end)| smartfarm_proto::common::v1::TimeRange {
+                start_time: Some(to_timestamp(start)),
+                end_time: Some(to_timestamp(end)),
+            }),
+        }
+    }
+
+    /// An alert an edge agent sent up its link, checked: it must belong to the agent's farm (`farm_id`).
+    pub fn from_edge(alert: &pb::Alert, farm_id: Uuid) -> Result<Alert> {
+        let time = |field: &str, value: &Option<pbjson_types::Timestamp>| -> Result<Option<SystemTime>> {
+            value.as_ref().map(|t| from_timestamp(field, t).map(truncate)).transpose()
+        };
+        let alert_farm = validate::id("alert.farm_id", &alert.farm_id)?;
+        if alert_farm != farm_id {
+            return Err(Error::PermissionDenied("an agent may only raise alerts of its own farm".into()));
+        }
+        let open_time = time("alert.open_time", &alert.open_time)?
+            .ok_or_else(|| Error::invalid("alert.open_time", "is required"))?;
+        let state = AlertState::from_proto("alert.state", alert.state)?;
+        if state == AlertState::Acknowledged {
+            return Err(Error::invalid("alert.state", "agents do not acknowledge alerts"));
+        }
+        if alert.message.len() > 1000 {
+            return Err(Error::invalid("alert.message", "must be at most 1000 bytes"));
+        }
+        if alert.metric.len() > 200 {
+            return Err(Error::invalid("alert.metric", "must be at most 200 bytes"));
+        }
+        let evidence_window = match &alert.evidence_window {
+            None => None,
+            Some(range) => Some(crate::time::required_range(Some(range))?),
+        };
+        Ok(Alert {
+            id: validate::id("alert.id", &alert.id)?,
+            farm_id,
+            rule_id: validate::id("alert.rule_id", &alert.rule_id)?,
+            device_id: validate::optional_id("alert.device_id", &alert.device_id)?,
+            metric: alert.metric.clone(),
+            severity: Severity::from_proto("alert.severity", alert.severity)?,
+            state,
+            message: alert.message.clone(),
+            value: alert.value.filter(|v| v.is_finite()),
+            open_time,
+            last_time: time("alert.last_time", &alert.last_time)?.unwrap_or(open_time),
+            acknowledge_time: None,
+            resolve_time: time("alert.resolve_time", &alert.resolve_time)?,
+            count: alert.count.max(1),
+            origin: Origin::Edge,
+            evidence_image_id: validate::optional_id("alert.evidence_image_id", &alert.evidence_image_id)?,
+            evidence_window,
+        })
+    }
+}
+
+fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Times at the precision every store keeps, so the Pi's and the cloud's copies compare equal.
+fn truncate(time: SystemTime) -> SystemTime {
+    from_unix_micros(to_unix_micros(time))
+}
+
+fn format_duration(duration: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
+}
+
+/// A plant-disease diagnosis, as the evaluator needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiseaseVerdict {
+    pub camera: Uuid,
+    pub image_id: Option<Uuid>,
+    pub label: String,
+    pub confidence: f64,
+    /// Whether the class is a healthy one (which clears open disease alerts of the camera).
+    pub healthy: bool,
+    pub capture_time: SystemTime,
+}
+
+/// A sensor anomaly event, as the evaluator needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnomalyVerdict {
+    pub device: Uuid,
+    pub metric: String,
+    pub start_time: SystemTime,
+    pub end_time: SystemTime,
+    pub peak_value: f64,
+    pub peak_score: f64,
+}
+
+fn new_alert(
+    (farm_id, origin): (Uuid, Origin),
+    rule: &Rule,
+    device: Uuid,
+    metric: &str,
+    began: SystemTime,
+    message: String,
+) -> Alert {
+    Alert {
+        id: alert_id(rule.id, Some(device), metric, began),
+        farm_id,
+        rule_id: rule.id,
+        device_id: Some(device),
+        metric: metric.to_string(),
+        severity: rule.severity,
+        state: AlertState::Open,
+        message,
+        value: None,
+        open_time: began,
+        last_time: began,
+        acknowledge_time: None,
+        resolve_time: None,
+        count: 1,
+        origin,
+        evidence_image_id: None,
+        evidence_window: None,
+    }
+}
+
+/// The evaluation state of one rule on one device's metric.
+#[derive(Debug, Default)]
+struct Track {
+    /// The measurement time since which the condition holds without a break.
+    breach_since: Option<SystemTime>,
+    /// The newest time evaluated: older readings (late arrivals) do not drive the state.
+    newest: Option<SystemTime>,
+    /// The alert raised and not yet resolved, and since when its condition is clear.
+    active: Option<(Alert, Option<SystemTime>)>,
+    /// Recent readings, for rate-of-change rules.
+    window: VecDeque<(SystemTime, f64)>,
+}
+
+/// What the condition looked like at one moment.
+struct Observation<'a> {
+    time: SystemTime,
+    beyond: bool,
+    hold: Duration,
+    value: Option<f64>,
+    /// Describes the alert when it opens.
+    message: &'a dyn Fn(SystemTime) -> String,
+}
+
+/// Evaluates a farm's rules. Feed it every reading in order; it returns the alerts that opened, changed (a repeat
+/// folded in) or resolved. It is deterministic in the readings it is fed, which is what makes the Pi's and the
+/// cloud's alerts one.
+#[derive(Debug)]
+pub struct Evaluator {
+    farm_id: Uuid,
+    origin: Origin,
+    rules: Vec<Rule>,
+    tracks: HashMap<(Uuid, Uuid, String), Track>,
+    /// The newest measurement time of each device (for device-silent rules).
+    last_seen: HashMap<Uuid, SystemTime>,
+}
+
+impl Evaluator {
+    pub fn new(farm_id: Uuid, origin: Origin) -> Evaluator {
+        Evaluator { farm_id, origin, rules: Vec::new(), tracks: HashMap::new(), last_seen: HashMap::new() }
+    }
+
+    /// The rules evaluated.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Replaces the rules; what was learnt about rules that remain (identical) is kept. `now` starts the silence
+    /// clock of devices that device-silent rules name and that have not been heard yet.
+    pub fn set_rules(&mut self, rules: Vec<Rule>, now: SystemTime) {
+        let kept: HashMap<Uuid, &Rule> = rules.iter().map(|rule| (rule.id, rule)).collect();
+        let old: HashMap<Uuid, Rule> = self.rules.drain(..).map(|rule| (rule.id, rule)).collect();
+        self.tracks.retain(|(rule, _, _), _| kept.get(rule).is_some_and(|new| old.get(rule) == Some(*new)));
+        for rule in &rules {
+            if let (Condition::DeviceSilent { .. }, Some(device)) = (&rule.condition, rule.device_id) {
+                self.last_seen.entry(device).or_insert(truncate(now));
+            }
+        }
+        self.rules = rules.into_iter().filter(|rule| rule.farm_id == self.farm_id).collect();
+    }
+
+    fn new_alert(&self, rule: &Rule, device: Uuid, metric: &str, began: SystemTime, message: String) -> Alert {
+        new_alert((self.farm_id, self.origin), rule, device, metric, began, message)
+    }
+
+    /// Moves one track's state machine by one observation; returns the alert when it opened, grew or resolved.
+    fn step(&mut self, rule_index: usize, device: Uuid, metric: &str, seen: Observation<'_>) -> Option<Alert> {
+        let rule = self.rules[rule_index].clone();
+        let identity = (self.farm_id, self.origin);
+        let key = (rule.id, device, metric.to_string());
+        let time = seen.time;
+        let track = self.tracks.entry(key.clone()).or_default();
+        if track.newest.is_some_and(|newest| time < newest) {
+            return None;
+        }
+        track.newest = Some(time);
+        if seen.beyond {
+            let since = *track.breach_since.get_or_insert(time);
+            let held = time.duration_since(since).unwrap_or_default() >= seen.hold;
+            match &mut track.active {
+                Some((alert, clear_since)) => {
+                    alert.last_time = time;
+                    if seen.value.is_some() {
+                        alert.value = seen.value;
+                    }
+                    if clear_since.is_some() && held {
+                        // A repeat within the cooldown: folded into the open alert.
+                        *clear_since = None;
+                        alert.count += 1;
+                        return Some(alert.clone());
+                    }
+                    None
+                }
+                None if held => {
+                    let message = (seen.message)(since);
+                    let mut alert = new_alert(identity, &rule, device, metric, since, message);
+                    alert.last_time = time;
+                    alert.value = seen.value;
+                    let track = self.tracks.get_mut(&key).expect("the track was just used");
+                    track.active = Some((alert.clone(), None));
+                    Some(alert)
+                }
+                None => None,
+            }
+        } else {
+            track.breach_since = None;
+            let (alert, clear_since) = track.active.as_mut()?;
+            let since = *clear_since.get_or_insert(time);
+            if time.duration_since(since).unwrap_or_default() < rule.cooldown {
+                return None;
+            }
+            alert.state = AlertState::Resolved;
+            alert.resolve_time = Some(time);
+            let resolved = alert.clone();
+            track.active = None;
+            Some(resolved)
+        }
+    }
+
+    /// Evaluates one accepted reading.
+    pub fn on_reading(&mut self, device: Uuid, metric: &str, value: f64, time: SystemTime) -> Vec<Alert> {
+        let time = truncate(time);
+        let mut changed = Vec::new();
+        let newest = self.last_seen.entry(device).or_insert(time);
+        *newest = (*newest).max(time);
+        for index in 0..self.rules.len() {
+            let rule = &self.rules[index];
+            match &rule.condition {
+                Condition::Threshold { above, limit, for_duration } if rule.applies_to(device, Some(metric)) => {
+                    let (above, limit, hold) = (*above, *limit, *for_duration);
+                    let beyond = if above { value > limit } else { value < limit };
+                    let side = if above { "above" } else { "below" };
+                    let message = move |_: SystemTime| {
+                        if hold.is_zero() {
+                            format!("{metric} {value} {side} {limit}")
+                        } else {
+                            format!("{metric} {value} {side} {limit} for {}", format_duration(hold))
+                        }
+                    };
+                    let seen = Observation { time, beyond, hold, value: Some(value), message: &message };
+                    changed.extend(self.step(index, device, metric, seen));
+                }
+                Condition::RateOfChange { max_change, window } if rule.applies_to(device, Some(metric)) => {
+                    let (max_change, window) = (*max_change, *window);
+                    let key = (rule.id, device, metric.to_string());
+                    let track = self.tracks.entry(key).or_default();
+                    if track.newest.is_some_and(|newest| time < newest) {
+                        continue;
+                    }
+                    track.window.push_back((time, value));
+                    while track.window.len() > MAX_RATE_WINDOW_READINGS
+                        || track
+                            .window
+                            .front()
+                            .is_some_and(|(t, _)| time.duration_since(*t).unwrap_or_default() > window)
+                    {
+                        track.window.pop_front();
+                    }
+                    let (low, high) = track
+                        .window
+                        .iter()
+                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), (_, v)| (low.min(*v), high.max(*v)));
+                    let change = high - low;
+                    let message = move |_: SystemTime| {
+                        format!("{metric} moved by {change} within {} (limit {max_change})", format_duration(window))
+                    };
+                    let seen = Observation {
+                        time,
+                        beyond: change > max_change,
+                        hold: Duration::ZERO,
+                        value: Some(value),
+                        message: &message,
+                    };
+                    changed.extend(self.step(index, device, metric, seen));
+                }
+                Condition::DeviceSilent { .. } if rule.applies_to(device, None) => {
+                    let message = |_: SystemTime| String::new();
+                    let seen =
+                        Observation { time, beyond: false, hold: Duration::ZERO, value: None, message: &message };
+                    changed.extend(self.step(index, device, "", seen));
+                }
+                _ => {}
+            }
+        }
+        changed
+    }
+
+    /// Raises device-silent alerts for devices unheard for their rule's time by `now`. Call it every few seconds.
+    pub fn on_tick(&mut self, now: SystemTime) -> Vec<Alert> {
+        let mut changed = Vec::new();
+        for index in 0..self.rules.len() {
+            let rule = &self.rules[index];
+            let Condition::DeviceSilent { silent_for } = rule.condition else { continue };
+            let devices: Vec<(Uuid, SystemTime)> = self
+                .last_seen
+                .iter()
+                .filter(|(device, _)| rule.device_id.is_none_or(|only| only == **device))
+                .map(|(device, seen)| (*device, *seen))
+                .collect();
+            for (device, last_seen) in devices {
+                // The silence counts from the last reading: the moment it began is the same wherever it is noticed.
+                let began = last_seen + silent_for;
+                if now < began {
+                    continue;
+                }
+                let message = move |_: SystemTime| format!("no data for {}", format_duration(silent_for));
+                let seen = Observation {
+                    time: truncate(began),
+                    beyond: true,
+                    hold: Duration::ZERO,
+                    value: None,
+                    message: &message,
+                };
+                changed.extend(self.step(index, device, "", seen));
+            }
+        }
+        changed
+    }
+
+    /// Evaluates a plant-disease diagnosis of a camera's photo.
+    pub fn on_disease(&mut self, verdict: &DiseaseVerdict) -> Vec<Alert> {
+        let time = truncate(verdict.capture_time);
+        let mut changed = Vec::new();
+        for index in 0..self.rules.len() {
+            let rule = &self.rules[index];
+            let Condition::ModelVerdict { disease_labels, min_confidence, .. } = &rule.condition else { continue };
+            if !rule.applies_to(verdict.camera, None) {
+                continue;
+            }
+            let matches = !verdict.healthy
+                && verdict.confidence >= *min_confidence
+                && (disease_labels.is_empty() || disease_labels.contains(&verdict.label));
+            let (label, confidence) = (verdict.label.clone(), verdict.confidence);
+            let message = move |_: SystemTime| format!("{label} diagnosed ({:.0}% sure)", confidence * 100.0);
+            let seen =
+                Observation { time, beyond: matches, hold: Duration::ZERO, value: Some(confidence), message: &message };
+            if let Some(mut alert) = self.step(index, verdict.camera, "disease", seen) {
+                if alert.evidence_image_id.is_none() {
+                    alert.evidence_image_id = verdict.image_id;
+                    self.remember(&alert);
+                }
+                changed.push(alert);
+            }
+        }
+        changed
+    }
+
+    /// Evaluates a sensor anomaly event. Anomaly alerts stay open until someone resolves them: an event has no
+    /// clearing reading.
+    pub fn on_anomaly(&mut self, verdict: &AnomalyVerdict) -> Vec<Alert> {
+        let mut changed = Vec::new();
+        for rule in &self.rules {
+            let Condition::ModelVerdict { on_sensor_anomaly: true, .. } = rule.condition else { continue };
+            if !rule.applies_to(verdict.device, Some(&verdict.metric)) {
+                continue;
+            }
+            let start = truncate(verdict.start_time);
+            let mut alert = self.new_alert(
+                rule,
+                verdict.device,
+                &verdict.metric,
+                start,
+                format!(
+                    "{} anomalous (peak {} at score {:.2})",
+                    verdict.metric, verdict.peak_value, verdict.peak_score
+                ),
+            );
+            alert.value = Some(verdict.peak_value);
+            alert.last_time = truncate(verdict.end_time).max(start);
+            alert.evidence_window = Some((start, truncate(verdict.end_time).max(start)));
+            changed.push(alert);
+        }
+        changed
+    }
+
+    fn remember(&mut self, alert: &Alert) {
+        let Some(device) = alert.device_id else { return };
+        if let Some(track) = self.tracks.get_mut(&(alert.rule_id, device, alert.metric.clone()))
+            && let Some((active, _)) = &mut track.active
+            && active.id == alert.id
+        {
+            *active = alert.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
+    }
+
+    fn threshold_rule(farm: Uuid, for_secs: u64, cooldown_secs: u64) -> Rule {
+        Rule {
+            id: Uuid::now_v7(),
+            farm_id: farm,
+            name: "hot".into(),
+            severity: Severity::Critical,
+            device_id: None,
+            metric: Some("temperature".into()),
+            cooldown: Duration::from_secs(cooldown_secs),
+            create_time: at(0),
+            condition: Condition::Threshold { above: true, limit: 40.0, for_duration: Duration::from_secs(for_secs) },
+        }
+    }
+
+    #[test]
+    fn a_threshold_held_for_its_duration_opens_once_and_resolves_when_clear() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = threshold_rule(farm, 60, 0);
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        evaluator.set_rules(vec![rule.clone()], at(0));
+        assert!(evaluator.on_reading(device, "temperature", 41.0, at(10)).is_empty());
+        assert!(evaluator.on_reading(device, "humidity", 99.0, at(20)).is_empty(), "another metric");
+        assert!(evaluator.on_reading(device, "temperature", 42.0, at(40)).is_empty(), "held 30 s of 60");
+        let opened = evaluator.on_reading(device, "temperature", 43.0, at(70));
+        assert_eq!(opened.len(), 1);
+        let alert = &opened[0];
+        assert_eq!(alert.id, alert_id(rule.id, Some(device), "temperature", at(10)));
+        assert_eq!((alert.state, alert.count, alert.value, alert.open_time), (AlertState::Open, 1, Some(43.0), at(10)));
+        assert_eq!(alert.message, "temperature 43 above 40 for 1m");
+        assert!(evaluator.on_reading(device, "temperature", 44.0, at(80)).is_empty(), "still open: nothing new");
+        let resolved = evaluator.on_reading(device, "temperature", 30.0, at(90));
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(
+            (resolved[0].id, resolved[0].state, resolved[0].resolve_time),
+            (alert.id, AlertState::Resolved, Some(at(90)))
+        );
+    }
+
+    #[test]
+    fn repeats_within_the_cooldown_fold_into_one_alert() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let mut evaluator = Evaluator::new(farm, Origin::Cloud);
+        evaluator.set_rules(vec![threshold_rule(farm, 0, 300)], at(0));
+        let opened = evaluator.on_reading(device, "temperature", 45.0, at(0));
+        assert_eq!(opened[0].count, 1);
+        assert!(evaluator.on_reading(device, "temperature", 20.0, at(10)).is_empty(), "clear, within the cooldown");
+        let repeat = evaluator.on_reading(device, "temperature", 46.0, at(20));
+        assert_eq!((repeat[0].id, repeat[0].count, repeat[0].state), (opened[0].id, 2, AlertState::Open));
+        assert!(evaluator.on_reading(device, "temperature", 20.0, at(30)).is_empty());
+        let resolved = evaluator.on_reading(device, "temperature", 20.0, at(330));
+        assert_eq!((resolved[0].state, resolved[0].count), (AlertState::Resolved, 2));
+        let again = evaluator.on_reading(device, "temperature", 47.0, at(400));
+        assert_ne!(again[0].id, opened[0].id, "after it resolved, a new occurrence is a new alert");
+    }
+
+    #[test]
+    fn two_evaluators_fed_the_same_readings_raise_the_same_alert() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = threshold_rule(farm, 5, 0);
+        let mut edge = Evaluator::new(farm, Origin::Edge);
+        let mut cloud = Evaluator::new(farm, Origin::Cloud);
+        edge.set_rules(vec![rule.clone()], at(0));
+        cloud.set_rules(vec![rule], at(999));
+        let readings = [(39.0, 0), (41.5, 3), (41.7, 6), (41.9, 9), (10.0, 12)];
+        let run = |evaluator: &mut Evaluator| -> Vec<Alert> {
+            readings
+                .iter()
+                .flat_map(|(value, second)| {
+                    evaluator.on_reading(device, "temperature", *value, at(*second) + Duration::from_nanos(1234))
+                })
+                .collect()
+        };
+        let (from_edge, from_cloud) = (run(&mut edge), run(&mut cloud));
+        assert_eq!(from_edge.len(), 2);
+        let mut merged = from_cloud[0].clone();
+        assert_eq!(merged.id, from_edge[0].id);
+        assert!(!merged.merge(&from_edge[0]) || merged.origin == Origin::Cloud);
+        assert!(merged.merge(&from_edge[1]), "the edge's resolution moves the cloud's copy on");
+        assert_eq!(merged.state, AlertState::Resolved);
+        let mut back = from_edge[1].clone();
+        assert!(!back.merge(&from_cloud[0]), "an older snapshot never moves an alert back");
+    }
+
+    #[test]
+    fn a_silent_device_raises_one_alert_from_its_last_reading_and_clears_when_heard() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let mut rule = threshold_rule(farm, 0, 0);
+        rule.metric = None;
+        rule.condition = Condition::DeviceSilent { silent_for: Duration::from_secs(60) };
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        evaluator.set_rules(vec![rule.clone()], at(0));
+        evaluator.on_reading(device, "temperature", 20.0, at(5));
+        assert!(evaluator.on_tick(at(60)).is_empty());
+        let silent = evaluator.on_tick(at(66));
+        assert_eq!(silent.len(), 1);
+        assert_eq!(silent[0].id, alert_id(rule.id, Some(device), "", at(65)));
+        assert!(evaluator.on_tick(at(90)).is_empty(), "one alert per silence");
+        let heard = evaluator.on_reading(device, "humidity", 50.0, at(100));
+        assert_eq!(heard[0].state, AlertState::Resolved);
+    }
+
+    #[test]
+    fn rate_of_change_and_verdicts() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let mut rate = threshold_rule(farm, 0, 0);
+        rate.condition = Condition::RateOfChange { max_change: 5.0, window: Duration::from_secs(60) };
+        let mut disease = threshold_rule(farm, 0, 0);
+        disease.metric = None;
+        disease.condition =
+            Condition::ModelVerdict { disease_labels: vec![], min_confidence: 0.8, on_sensor_anomaly: true };
+        let mut evaluator = Evaluator::new(farm, Origin::Cloud);
+        evaluator.set_rules(vec![rate, disease.clone()], at(0));
+        assert!(evaluator.on_reading(device, "temperature", 20.0, at(0)).is_empty());
+        assert!(evaluator.on_reading(device, "temperature", 24.0, at(30)).is_empty());
+        assert_eq!(evaluator.on_reading(device, "temperature", 26.0, at(50)).len(), 1, "6 within 60 s");
+        let verdict = |label: &str, confidence: f64, healthy: bool, second: u64| DiseaseVerdict {
+            camera: device,
+            image_id: Some(Uuid::now_v7()),
+            label: label.into(),
+            confidence,
+            healthy,
+            capture_time: at(second),
+        };
+        assert!(evaluator.on_disease(&verdict("Apple___Black_rot", 0.5, false, 100)).is_empty(), "not sure enough");
+        let sick = evaluator.on_disease(&verdict("Apple___Black_rot", 0.95, false, 110));
+        assert_eq!(sick.len(), 1);
+        assert!(sick[0].evidence_image_id.is_some());
+        let healed = evaluator.on_disease(&verdict("Apple___healthy", 0.99, true, 120));
+        assert_eq!(healed[0].state, AlertState::Resolved);
+        let anomaly = evaluator.on_anomaly(&AnomalyVerdict {
+            device,
+            metric: "temperature".into(),
+            start_time: at(200),
+            end_time: at(260),
+            peak_value: 80.0,
+            peak_score: 9.0,
+        });
+        assert_eq!(anomaly.len(), 1);
+        assert_eq!(anomaly[0].id, alert_id(disease.id, Some(device), "temperature", at(200)));
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_the_field_named() {
+        let farm = Uuid::now_v7();
+        let good = pb::Rule {
+            farm_id: farm.to_string(),
+            name: "hot".into(),
+            severity: 3,
+            metric: "temperature".into(),
+            condition: Some(pb::rule::Condition::Threshold(pb::ThresholdCondition {
+                direction: 1,
+                limit: 40.0,
+                for_duration: None,
+            })),
+            ..Default::default()
+        };
+        let rule = Rule::from_request(&good, Uuid::now_v7(), at(0)).unwrap();
+        assert_eq!(Rule::from_pushed(&rule.to_proto()).unwrap(), rule);
+        let refusal = |change: &dyn Fn(&mut pb::Rule)| {
+            let mut bad = good.clone();
+            change(&mut bad);
+            Rule::from_request(&bad, Uuid::now_v7(), at(0)).unwrap_err().to_string()
+        };
+        assert!(refusal(&|r| r.metric = "Temp-C".into()).starts_with("rule.metric:"));
+        assert!(refusal(&|r| r.metric = String::new()).starts_with("rule.metric:"));
+        assert!(refusal(&|r| r.severity = 0).starts_with("rule.severity:"));
+        assert!(refusal(&|r| r.name = String::new()).starts_with("rule.name:"));
+        assert!(refusal(&|r| r.condition = None).starts_with("rule.condition:"));
+        assert!(refusal(&|r| r.device_id = "nope".into()).starts_with("rule.device_id:"));
+        assert!(
+            refusal(&|r| r.cooldown = Some(pbjson_types::Duration { seconds: 400 * 24 * 3600, nanos: 0 }))
+                .starts_with("rule.cooldown:")
+        );
+    }
+}
