@@ -1,11 +1,13 @@
 //! smartfarm-store owns persistence: narrow storage traits for what the services need ([`RegistryStore`],
-//! [`BlobStore`], [`ImageStore`], [`ModelStore`]), their backends picked by URL (`sqlite://` by default, `postgres://`; blobs `file://`), and the
+//! [`BlobStore`], [`ImageStore`], [`ModelStore`], [`AlertStore`], [`CommandStore`]), their backends picked by URL (`sqlite://` by default, `postgres://`; blobs `file://`), and the
 //! versioned migrations of each backend. It knows SQL and files; it must never know about gRPC, HTTP or the
 //! contracts' messages, and it never decides who may do what (that is the services' job).
 
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod blob;
+pub mod commands;
 pub mod image;
 pub mod migrate;
 pub mod model;
@@ -23,7 +25,9 @@ use std::sync::Arc;
 use smartfarm_core::config::PostgresConfig;
 use smartfarm_core::{Error, Result};
 
+pub use alerts::AlertStore;
 pub use blob::BlobStore;
+pub use commands::CommandStore;
 pub use image::ImageStore;
 pub use migrate::MigrationReport;
 pub use models::ModelStore;
@@ -103,6 +107,22 @@ impl Database {
 
     /// The model version store.
     pub fn models(&self) -> Arc<dyn ModelStore> {
+        match self {
+            Database::Sqlite(store) => Arc::new(store.clone()),
+            Database::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// Alert rules, alerts, their event log and webhooks.
+    pub fn alerts(&self) -> Arc<dyn AlertStore> {
+        match self {
+            Database::Sqlite(store) => Arc::new(store.clone()),
+            Database::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// Commands to devices.
+    pub fn commands(&self) -> Arc<dyn CommandStore> {
         match self {
             Database::Sqlite(store) => Arc::new(store.clone()),
             Database::Postgres(store) => Arc::new(store.clone()),

@@ -19,6 +19,11 @@ pub const SQLITE: &[Migration] = &[
     Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/sqlite/0002_telemetry.sql") },
     Migration { version: 3, name: "images", sql: include_str!("../migrations/sqlite/0003_images.sql") },
     Migration { version: 4, name: "models", sql: include_str!("../migrations/sqlite/0004_models.sql") },
+    Migration {
+        version: 5,
+        name: "alerts_and_commands",
+        sql: include_str!("../migrations/sqlite/0005_alerts_and_commands.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -27,6 +32,11 @@ pub const POSTGRES: &[Migration] = &[
     Migration { version: 2, name: "telemetry", sql: include_str!("../migrations/postgres/0002_telemetry.sql") },
     Migration { version: 3, name: "images", sql: include_str!("../migrations/postgres/0003_images.sql") },
     Migration { version: 4, name: "models", sql: include_str!("../migrations/postgres/0004_models.sql") },
+    Migration {
+        version: 5,
+        name: "alerts_and_commands",
+        sql: include_str!("../migrations/postgres/0005_alerts_and_commands.sql"),
+    },
 ];
 
 /// What a migration run did.

@@ -3,6 +3,8 @@
 //! is installed is detected and reported ([`PostgresStore::timescaledb_version`]); the telemetry tables, which the
 //! telemetry capability adds, are to use its hypertables when it is.
 
+mod alerts;
+mod commands;
 mod image;
 mod models;
 mod registry;
@@ -205,4 +207,15 @@ pub(crate) fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
 /// Whether the error is a foreign-key violation.
 pub(crate) fn is_foreign_key_violation(error: &tokio_postgres::Error) -> bool {
     error.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
+}
+
+/// A count or cursor as PostgreSQL's bigint (a `limit` beyond it means no limit).
+pub(crate) fn sql_count(value: impl TryInto<i64>) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
+}
+
+/// An enum stored as its number; an unknown number is reported as corrupt.
+pub(crate) fn stored_number<T>(what: &str, value: i16, decode: fn(i64) -> Option<T>) -> Result<T> {
+    decode(i64::from(value))
+        .ok_or_else(|| Error::internal(format!("{what} holds an unknown value"), anyhow::anyhow!("{value}")))
 }

@@ -3,6 +3,8 @@
 //! processes (backups, `sqlite3`) read while the server writes; `synchronous = FULL` makes every commit durable
 //! before it is acknowledged.
 
+mod alerts;
+mod commands;
 mod image;
 mod models;
 mod registry;
@@ -165,4 +167,31 @@ pub(crate) fn is_unique_violation(error: &rusqlite::Error) -> bool {
     matches!(error, rusqlite::Error::SqliteFailure(failure, _)
         if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
             || failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+/// Whether the error is a FOREIGN KEY violation.
+pub(crate) fn is_foreign_key_violation(error: &rusqlite::Error) -> bool {
+    matches!(error, rusqlite::Error::SqliteFailure(failure, _)
+        if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
+}
+
+/// A count or cursor as SQLite's signed integer (a `limit` beyond it means no limit).
+pub(crate) fn sql_count(value: impl TryInto<i64>) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
+}
+
+/// An enum stored as its number; an unknown number is reported as a corrupt column.
+pub(crate) fn number_column<T>(
+    row: &rusqlite::Row<'_>,
+    index: usize,
+    decode: fn(i64) -> Option<T>,
+) -> rusqlite::Result<T> {
+    let value: i64 = row.get(index)?;
+    decode(value).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Integer,
+            format!("unknown stored value {value}").into(),
+        )
+    })
 }

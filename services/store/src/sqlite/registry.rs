@@ -21,7 +21,7 @@ const API_KEY_COLUMNS: &str = "id, name, farm_id, secret_sha256, create_time, re
 /// A row read failed to convert; kept apart from SQL errors so a corrupt row is reported as such.
 type RowResult<T> = std::result::Result<T, Error>;
 
-fn uuid_column(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
+pub(super) fn uuid_column(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
     let text: String = row.get(index)?;
     Uuid::try_parse(&text)
         .map_err(|error| rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(error)))
