@@ -2,6 +2,7 @@
 //! that keep them going, until the shutdown signal; then it stops accepting, spools open aggregation windows and
 //! syncs the spool.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,14 +14,18 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::camera::Cameras;
+use crate::commands::{AckOutcome, Arrival, CommandBook};
 use crate::config::{EdgeConfig, FsyncMode};
 use crate::image_spool::ImageSpool;
 use crate::image_uplink::ImageUplink;
 use crate::ingest::{Ingestor, LocalAlert, SpoolWriter};
 use crate::mqtt::broker::{self, ALERTS_TOPIC, Broker};
 use crate::registry::Registry;
+use crate::rules::EdgeRules;
 use crate::spool::{FsyncPolicy, Spool};
-use crate::uplink::Uplink;
+use crate::uplink::{Alerting, Uplink};
+use crate::urgent::UrgentQueue;
+use smartfarm_proto::ingestion::v1::connect_request::Body as UrgentBody;
 
 /// Where the agent listens, once it does.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -51,9 +56,15 @@ pub async fn run(
         tracing::warn!("no registry cached yet: sensors are refused until the cloud sends the farm's devices");
     }
 
+    let rules = Arc::new(EdgeRules::load(&config.spool_dir));
+    metrics::gauge!("smartfarm_edge_rules").set(rules.len() as f64);
+    let urgent = Arc::new(UrgentQueue::default());
+    let book = Arc::new(CommandBook::load(&config.spool_dir));
+
     let (alerts, mut alert_events) = mpsc::unbounded_channel::<LocalAlert>();
     let writer = SpoolWriter::start(spool.clone(), alerts.clone());
-    let ingestor = Ingestor::new(writer, config.upload, config.aggregation_window, config.max_future_skew);
+    let ingestor = Ingestor::new(writer, config.upload, config.aggregation_window, config.max_future_skew)
+        .with_rules(rules.clone(), alerts.clone());
     let broker = Broker::new(
         registry.clone(),
         ingestor.clone(),
@@ -101,8 +112,23 @@ pub async fn run(
         });
     }
     // Diagnosis on the farm (agents built with `ai`): photos to the model, the cloud's model updates to its keeper.
+    let (command_sender, commands) = mpsc::unbounded_channel();
+    let (ack_sender, acks) = mpsc::unbounded_channel();
+    broker.route_command_acks(ack_sender);
+    tasks.spawn(run_commands(
+        CommandParts { book: book.clone(), broker: broker.clone(), registry: registry.clone(), urgent: urgent.clone() },
+        commands,
+        acks,
+        stopping.clone(),
+    ));
     #[allow(unused_mut, reason = "only agents built with the ai feature diagnose")]
-    let mut uplink = Uplink::new(config.clone(), spool.clone(), registry.clone(), alerts.clone());
+    let mut uplink =
+        Uplink::new(config.clone(), spool.clone(), registry.clone(), alerts.clone()).with_alerting(Alerting {
+            rules: rules.clone(),
+            urgent: urgent.clone(),
+            book: book.clone(),
+            commands: command_sender,
+        });
     #[allow(unused_mut, reason = "only agents built with the ai feature diagnose")]
     let mut diagnosis = None;
     #[cfg(feature = "ai")]
@@ -137,10 +163,13 @@ pub async fn run(
             .run(stopping.clone()),
     );
 
-    // Local alerts go to the farm's alert topic at once, link or no link.
+    // Local alerts go to the farm's alert topic at once, link or no link; rule alerts also up the urgent lane.
     let alert_broker = broker.clone();
+    let alert_urgent = urgent.clone();
     let mut alerts_stop = stopping.clone();
     tasks.spawn(async move {
+        // What the topic last said of each alert, so the cloud's copy of an alert raised here is not said twice.
+        let mut announced: HashMap<String, (i32, u64)> = HashMap::new();
         loop {
             let alert = tokio::select! {
                 alert = alert_events.recv() => match alert {
@@ -150,6 +179,20 @@ pub async fn run(
                 _ = alerts_stop.wait_for(|stop| *stop) => return,
             };
             let message = match &alert {
+                LocalAlert::Rule(raised) => {
+                    let wire = raised.to_proto();
+                    alert_urgent.push(UrgentBody::Alert(wire.clone()));
+                    if !newly_announced(&mut announced, &wire) {
+                        continue;
+                    }
+                    rule_alert_message(&wire)
+                }
+                LocalAlert::FromCloud(wire) => {
+                    if !newly_announced(&mut announced, wire) {
+                        continue;
+                    }
+                    rule_alert_message(wire)
+                }
                 LocalAlert::SpoolOverflow { dropped_records } => serde_json::json!({
                     "kind": "spool_overflow", "severity": "SEVERITY_CRITICAL", "dropped_records": dropped_records,
                     "message": format!("the spool reached its size cap and dropped {dropped_records} unsent records"),
@@ -177,7 +220,10 @@ pub async fn run(
         }
     });
 
-    // Housekeeping every second: close aggregation windows, fsync under the interval policy, publish spool figures.
+    // Housekeeping every second: close aggregation windows, fsync under the interval policy, publish spool figures,
+    // raise device-silent alerts.
+    let housekeeping_rules = rules.clone();
+    let housekeeping_alerts = alerts.clone();
     let housekeeping_spool = spool.clone();
     let housekeeping_broker = broker.clone();
     let housekeeping_ingestor = ingestor.clone();
@@ -193,6 +239,9 @@ pub async fn run(
             tokio::select! {
                 _ = ticks.tick() => {}
                 _ = housekeeping_stop.wait_for(|stop| *stop) => return,
+            }
+            for alert in housekeeping_rules.on_tick(SystemTime::now()) {
+                let _ = housekeeping_alerts.send(LocalAlert::Rule(alert));
             }
             if let Err(error) = housekeeping_broker.save_sessions() {
                 tracing::error!(%error, "cannot save the MQTT sessions");
@@ -225,4 +274,104 @@ pub async fn run(
     broker.save_sessions().context("cannot save the MQTT sessions at shutdown")?;
     tracing::info!(pending = spool.stats().pending_records, "smartfarm-edge stopped");
     Ok(())
+}
+
+/// Whether the alert topic has not yet said this of the alert (its state and count); remembers that it now has.
+fn newly_announced(announced: &mut HashMap<String, (i32, u64)>, alert: &smartfarm_proto::alert::v1::Alert) -> bool {
+    let said = (alert.state, alert.count);
+    if announced.get(&alert.id) == Some(&said) {
+        return false;
+    }
+    if announced.len() >= 10_000 {
+        // A bound on memory: forgetting only risks saying an alert's state twice.
+        announced.clear();
+    }
+    announced.insert(alert.id.clone(), said);
+    true
+}
+
+/// A rule's alert on the farm's alert topic: the alert as the contract's JSON, with `"kind": "alert"`.
+fn rule_alert_message(alert: &smartfarm_proto::alert::v1::Alert) -> serde_json::Value {
+    let mut message = serde_json::to_value(alert).unwrap_or_default();
+    message["kind"] = serde_json::Value::from("alert");
+    message
+}
+
+/// What the command task works with.
+struct CommandParts {
+    book: Arc<CommandBook>,
+    broker: Arc<Broker>,
+    registry: Arc<Registry>,
+    urgent: Arc<UrgentQueue>,
+}
+
+/// Commands from the cloud to the devices' topics (through the command book, which makes them run at most once),
+/// the devices' acknowledgements to receipts on the urgent lane, and held commands released once a second.
+async fn run_commands(
+    parts: CommandParts,
+    mut commands: mpsc::UnboundedReceiver<smartfarm_proto::command::v1::Command>,
+    mut acks: mpsc::UnboundedReceiver<(uuid::Uuid, Bytes)>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let CommandParts { book, broker, registry, urgent } = parts;
+    let mut release = tokio::time::interval(Duration::from_secs(1));
+    let receipt = |receipt| urgent.push(UrgentBody::CommandReceipt(receipt));
+    loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(command) = command else { return };
+                let arrival = book.arrive(
+                    &command,
+                    SystemTime::now(),
+                    |device| registry.contains(&device),
+                    |topic| broker.has_subscribers(topic),
+                );
+                match arrival {
+                    Ok(Some(Arrival::Publish { topic, payload, receipt: delivered })) => {
+                        broker.publish(&topic, payload);
+                        metrics::counter!("smartfarm_edge_commands_total", "outcome" => "published").increment(1);
+                        tracing::info!(command_id = %command.id, %topic, "command published to its device");
+                        receipt(delivered);
+                    }
+                    Ok(Some(Arrival::Held { receipt: delivered })) => {
+                        tracing::info!(command_id = %command.id, "command held until its device subscribes");
+                        receipt(delivered);
+                    }
+                    Ok(Some(Arrival::Answer { receipt: answer })) => receipt(answer),
+                    Ok(None) => {}
+                    Err(error) => {
+                        // Without the book on disk the command could run twice after a crash: it does not run.
+                        tracing::error!(command_id = %command.id, %error, "cannot record a command; refusing it");
+                        receipt(smartfarm_proto::command::v1::CommandReceipt {
+                            command_id: command.id.clone(),
+                            status: smartfarm_proto::command::v1::CommandStatus::Failed as i32,
+                            detail: format!("the agent cannot record the command: {error}"),
+                            change_time: Some(smartfarm_core::time::to_timestamp(SystemTime::now())),
+                        });
+                    }
+                }
+            }
+            ack = acks.recv() => {
+                let Some((device, payload)) = ack else { return };
+                match book.acknowledge(device, &payload, SystemTime::now()) {
+                    Ok(AckOutcome::Receipt(answer)) => receipt(answer),
+                    Ok(AckOutcome::Refused(reason)) => {
+                        tracing::warn!(%device, %reason, "command acknowledgement refused");
+                        broker.tell_device(device, &format!("smartfarm/{device}/commands/ack"), "bad_ack", &reason);
+                    }
+                    Err(error) => tracing::error!(%device, %error, "cannot record a command acknowledgement"),
+                }
+            }
+            _ = release.tick() => match book.release(SystemTime::now(), |topic| broker.has_subscribers(topic)) {
+                Ok((out, receipts)) => {
+                    for (topic, payload) in out {
+                        broker.publish(&topic, payload);
+                    }
+                    receipts.into_iter().for_each(receipt);
+                }
+                Err(error) => tracing::error!(%error, "cannot release held commands"),
+            },
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+    }
 }

@@ -30,6 +30,10 @@ pub enum LocalAlert {
     ImageRefused { file: String, reason: String },
     /// The plant-disease model found a disease on a camera's photo (on the farm, link or no link).
     DiseaseDetected { camera: Uuid, label: String, confidence: f64, model: String },
+    /// One of the farm's rules raised, repeated or resolved an alert here.
+    Rule(smartfarm_core::rules::Alert),
+    /// The cloud says an alert of the farm opened or changed (raised there, or this agent's alert as recorded).
+    FromCloud(smartfarm_proto::alert::v1::Alert),
 }
 
 /// Why a payload did not make it into the spool.
@@ -230,6 +234,8 @@ impl Aggregator {
 #[derive(Clone)]
 pub struct Ingestor {
     writer: SpoolWriter,
+    /// The farm's rules, evaluated on every accepted reading, and where the alerts they raise go.
+    rules: Option<(Arc<crate::rules::EdgeRules>, mpsc::UnboundedSender<LocalAlert>)>,
     aggregator: Option<Arc<Mutex<Aggregator>>>,
     upload: UploadMode,
     max_future_skew: Duration,
@@ -238,7 +244,17 @@ pub struct Ingestor {
 impl Ingestor {
     pub fn new(writer: SpoolWriter, upload: UploadMode, window: Duration, max_future_skew: Duration) -> Ingestor {
         let aggregator = upload.aggregates().then(|| Arc::new(Mutex::new(Aggregator::new(window))));
-        Ingestor { writer, aggregator, upload, max_future_skew }
+        Ingestor { writer, rules: None, aggregator, upload, max_future_skew }
+    }
+
+    /// Evaluates `rules` on every accepted reading; the alerts they raise go to `alerts`.
+    pub fn with_rules(
+        mut self,
+        rules: Arc<crate::rules::EdgeRules>,
+        alerts: mpsc::UnboundedSender<LocalAlert>,
+    ) -> Ingestor {
+        self.rules = Some((rules, alerts));
+        self
     }
 
     /// Parses a payload from `device` and stores what it carries. Returns how many readings were accepted.
@@ -258,6 +274,12 @@ impl Ingestor {
     pub async fn submit(&self, device: Uuid, payload: &[u8]) -> Result<(usize, Option<Durable>), IngestError> {
         let measurements =
             payload::parse(payload, SystemTime::now(), self.max_future_skew).map_err(IngestError::Rejected)?;
+        if let Some((rules, alerts)) = &self.rules {
+            // Before the spool write: an alert must not wait for an fsync.
+            for alert in rules.on_readings(device, &measurements) {
+                let _ = alerts.send(LocalAlert::Rule(alert));
+            }
+        }
         let mut bodies = Vec::new();
         if let Some(aggregator) = &self.aggregator {
             bodies.extend(aggregator.lock().expect("aggregator lock").add(device, &measurements));

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod camera;
+pub mod commands;
 pub mod config;
 #[cfg(feature = "ai")]
 pub mod diagnose;
@@ -17,6 +18,8 @@ pub mod ingest;
 pub mod mqtt;
 pub mod payload;
 pub mod registry;
+pub mod rules;
 pub mod sim;
 pub mod spool;
 pub mod uplink;
+pub mod urgent;

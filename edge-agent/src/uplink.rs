@@ -54,6 +54,17 @@ pub struct Uplink {
     alerts: mpsc::UnboundedSender<LocalAlert>,
     /// Where the cloud's model updates go (to the diagnoser, when the agent diagnoses photos).
     model_updates: Option<mpsc::Sender<Vec<smartfarm_proto::common::v1::ModelRef>>>,
+    /// Rules, the urgent lane and commands (when the agent runs them).
+    alerting: Option<Alerting>,
+}
+
+/// The alerts-and-commands parts the link serves: the rules cache it updates, the urgent lane it drains, the command
+/// book whose receipts it resends at every connection, and where the cloud's commands go.
+pub struct Alerting {
+    pub rules: Arc<crate::rules::EdgeRules>,
+    pub urgent: Arc<crate::urgent::UrgentQueue>,
+    pub book: Arc<crate::commands::CommandBook>,
+    pub commands: mpsc::UnboundedSender<smartfarm_proto::command::v1::Command>,
 }
 
 impl Uplink {
@@ -63,7 +74,13 @@ impl Uplink {
         registry: Arc<Registry>,
         alerts: mpsc::UnboundedSender<LocalAlert>,
     ) -> Self {
-        Uplink { config, spool, registry, alerts, model_updates: None }
+        Uplink { config, spool, registry, alerts, model_updates: None, alerting: None }
+    }
+
+    /// Keeps the rules, sends the urgent lane at once, and passes commands on.
+    pub fn with_alerting(mut self, alerting: Alerting) -> Self {
+        self.alerting = Some(alerting);
+        self
     }
 
     /// Passes the cloud's model updates to `updates`.
@@ -125,7 +142,7 @@ impl Uplink {
             spool_first_sequence: self.spool.first_pending_sequence(),
             spool_last_sequence: stats.last_sequence,
             registry_version: self.registry.version(),
-            rules_version: 0,
+            rules_version: self.alerting.as_ref().map_or(0, |alerting| alerting.rules.version()),
             spool_id: self.spool.id().to_string(),
         };
         up.send(pb::ConnectRequest { body: Some(connect_request::Body::Hello(hello)) })
@@ -154,8 +171,21 @@ impl Uplink {
         let mut upload_timer = tokio::time::interval(self.config.upload_interval);
         upload_timer.tick().await;
         let mut threshold_check = tokio::time::interval(Duration::from_secs(1));
+        // What waited while the link was down goes first; the command book's receipts again (the cloud may have
+        // missed them when the last link died).
+        if let Some(alerting) = &self.alerting {
+            for receipt in alerting.book.receipts() {
+                alerting.urgent.push(receipt);
+            }
+        }
+        let no_urgent_lane = crate::urgent::UrgentQueue::default();
+        let urgent = self.alerting.as_ref().map_or(&no_urgent_lane, |alerting| &*alerting.urgent);
 
         loop {
+            for body in urgent.take() {
+                up.send(pb::ConnectRequest { body: Some(body) }).await.map_err(|_| LinkError::Closed)?;
+                metrics::counter!("smartfarm_edge_urgent_sent_total").increment(1);
+            }
             while draining && in_flight.len() < window {
                 match self.next_batch(last_sent).await? {
                     None => {
@@ -222,10 +252,28 @@ impl Uplink {
                                 None => tracing::debug!("this agent does not diagnose on the farm; model update ignored"),
                             }
                         }
-                        // Rules and commands belong to the alerts-and-commands capability, not built yet.
-                        other => tracing::debug!(message = ?other, "message for a capability not built yet ignored"),
+                        connect_response::Body::Rules(snapshot) => match &self.alerting {
+                            Some(alerting) => match alerting.rules.apply(&snapshot) {
+                                Ok(()) => {
+                                    metrics::gauge!("smartfarm_edge_rules").set(alerting.rules.len() as f64);
+                                    tracing::info!(version = snapshot.version, rules = alerting.rules.len(), "rules updated");
+                                }
+                                Err(error) => tracing::error!(%error, "cannot cache the rules; keeping the old ones"),
+                            },
+                            None => tracing::debug!("this agent does not evaluate rules; snapshot ignored"),
+                        },
+                        connect_response::Body::Command(command) => match &self.alerting {
+                            Some(alerting) => {
+                                let _ = alerting.commands.send(command);
+                            }
+                            None => tracing::warn!(command_id = %command.id, "this agent does not run commands; ignored"),
+                        },
+                        connect_response::Body::Alert(alert) => {
+                            let _ = self.alerts.send(LocalAlert::FromCloud(alert));
+                        }
                     }
                 }
+                _ = urgent.news() => {}
                 _ = upload_timer.tick() => draining = true,
                 _ = threshold_check.tick() => {
                     if self.spool.stats().pending_bytes >= self.config.upload_threshold_bytes {

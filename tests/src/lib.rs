@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use smartfarm_proto::device::v1::device_service_client::DeviceServiceClient;
 
+pub mod alerting;
 pub mod edge;
 pub mod proxy;
 

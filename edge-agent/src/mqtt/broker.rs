@@ -126,6 +126,8 @@ pub struct Broker {
     persistent: Mutex<Sessions>,
     /// Where persistent sessions are kept (`<spool dir>/mqtt-sessions.json`).
     sessions_file: Option<std::path::PathBuf>,
+    /// Where devices' command acknowledgements go (`smartfarm/<id>/commands/ack`).
+    command_acks: std::sync::OnceLock<mpsc::UnboundedSender<(Uuid, Bytes)>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -160,7 +162,23 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             persistent: Mutex::new(Sessions { saved, dirty: false }),
             sessions_file,
+            command_acks: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sends devices' command acknowledgements to `acks` (set once, when the agent starts).
+    pub fn route_command_acks(&self, acks: mpsc::UnboundedSender<(Uuid, Bytes)>) {
+        let _ = self.command_acks.set(acks);
+    }
+
+    /// Whether anyone is subscribed to `topic` now.
+    pub fn has_subscribers(&self, topic: &str) -> bool {
+        self.routes.lock().expect("routes lock").get(topic).is_some_and(|subscribers| !subscribers.is_empty())
+    }
+
+    /// Tells a device something is wrong with what it sent, on `smartfarm/<id>/errors`.
+    pub fn tell_device(&self, device: Uuid, topic: &str, reason: &str, detail: &str) {
+        self.report_error(device, topic, reason, detail);
     }
 
     /// Writes the persistent sessions to disk if they changed (called every second, and at shutdown).
@@ -676,9 +694,17 @@ impl Session {
             }
             return Ok((PublishOutcome::NotAuthorized, None));
         };
+        if rest == Some("commands/ack") {
+            match self.broker.command_acks.get() {
+                Some(acks) => {
+                    let _ = acks.send((device, payload));
+                }
+                None => tracing::debug!(%topic, "command acknowledgement with nobody to take it"),
+            }
+            return Ok((PublishOutcome::Accepted, None));
+        }
         if rest != Some("telemetry") {
-            // Other topics under the device's own prefix (command acknowledgements, with the commands capability)
-            // are its to use; nothing here consumes them yet.
+            // Other topics under the device's own prefix are its to use; nothing here consumes them.
             tracing::debug!(%topic, "publish on an unhandled topic");
             return Ok((PublishOutcome::Accepted, None));
         }

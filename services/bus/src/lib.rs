@@ -1,21 +1,28 @@
-//! smartfarm-bus owns the events one role tells the others about ("a photo was stored", so the inference role
-//! diagnoses it; "readings were committed", so it scores them; "a disease was diagnosed", for the alert role): their types and their delivery. The in-process bus here is the default and what one process
-//! needs; the NATS JetStream backend for several replicas is the alerts-and-commands issue's. Delivery is best
-//! effort to live subscribers: a subscriber that falls behind by more than [`CAPACITY`] events is told how many it
-//! missed and must catch up from the database, which stays the record of what happened.
+//! smartfarm-bus owns the events one role tells the others ("a photo was stored", so the inference role diagnoses
+//! it; "readings were committed", so it scores them; "an alert changed", for live streams, webhooks and the farm's
+//! link; "a command was queued", for whichever process holds the farm's link): their types and their delivery. The
+//! in-process bus is the default and what one process needs; with `nats://…` events go through a NATS JetStream
+//! stream that every replica follows, so replicas hear each other. Either way delivery to a subscriber is best
+//! effort: one that falls behind by more than [`CAPACITY`] events is told how many it missed, and the database stays
+//! the record of what happened (every consumer can catch up from it; the bus only says that something moved).
 
 #![forbid(unsafe_code)]
 
+mod nats;
+
 use std::time::SystemTime;
 
-use tokio::sync::broadcast;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
+
+use smartfarm_core::rules::{Alert, AlertEventKind};
 
 /// Events a subscriber may fall behind by before it misses some.
 pub const CAPACITY: usize = 4096;
 
 /// Something one role tells the others.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A new photo was stored (not a duplicate).
     ImageStored(ImageStored),
@@ -25,10 +32,29 @@ pub enum Event {
     DiseaseDetected(DiseaseDetected),
     /// The anomaly detector found an anomalous stretch in a device's metric.
     AnomalyDetected(AnomalyDetected),
+    /// An alert was recorded: opened, changed, acknowledged or resolved (live streams, webhooks and the farm's edge
+    /// link pass it on).
+    AlertChanged(AlertChanged),
+    /// A farm's rules changed: its edge link pushes the new snapshot.
+    RulesChanged { farm_id: Uuid },
+    /// A command was queued: whichever process holds the farm's edge link sends it down.
+    CommandQueued { farm_id: Uuid, command_id: Uuid },
+    /// A command's status changed (watchers read it again).
+    CommandChanged { farm_id: Uuid, command_id: Uuid },
+}
+
+/// An alert event, as the alert log recorded it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlertChanged {
+    /// The event's position in the alert log (the streams' resume cursor).
+    pub sequence: u64,
+    pub kind: AlertEventKind,
+    /// The alert right after the event.
+    pub alert: Alert,
 }
 
 /// The series an edge batch added readings to, so the inference role can score them.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReadingsCommitted {
     pub farm_id: Uuid,
     /// Each device's metric the batch touched, with the first and last measurement time it added.
@@ -36,7 +62,7 @@ pub struct ReadingsCommitted {
 }
 
 /// A device's metric and a time span of new readings in it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SeriesSpan {
     pub device_id: Uuid,
     pub metric: String,
@@ -45,14 +71,14 @@ pub struct SeriesSpan {
 }
 
 /// A model's name and version, as results carry them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelVersion {
     pub name: String,
     pub version: String,
 }
 
 /// A disease diagnosed on a photo: the evidence is the photo.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DiseaseDetected {
     pub farm_id: Uuid,
     /// The camera.
@@ -65,7 +91,7 @@ pub struct DiseaseDetected {
 }
 
 /// An anomalous stretch of a device's metric: the evidence is the series window and its peak.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AnomalyDetected {
     pub farm_id: Uuid,
     pub device_id: Uuid,
@@ -79,7 +105,7 @@ pub struct AnomalyDetected {
 }
 
 /// A photo newly stored, with what a consumer needs to fetch and diagnose it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageStored {
     pub image_id: Uuid,
     pub farm_id: Uuid,
@@ -92,7 +118,10 @@ pub struct ImageStored {
 /// The bus: cheap to clone, every clone publishes to the same subscribers.
 #[derive(Clone, Debug)]
 pub struct Bus {
+    /// This process's subscribers.
     sender: broadcast::Sender<Event>,
+    /// With NATS: where published events go (to the stream, from which every replica's subscribers get them).
+    nats: Option<mpsc::UnboundedSender<Event>>,
 }
 
 impl Default for Bus {
@@ -104,11 +133,24 @@ impl Default for Bus {
 impl Bus {
     /// A bus within this process.
     pub fn in_process() -> Bus {
-        Bus { sender: broadcast::channel(CAPACITY).0 }
+        Bus { sender: broadcast::channel(CAPACITY).0, nats: None }
     }
 
-    /// Publishes an event to every current subscriber; returns how many there were.
+    /// A bus through NATS JetStream at `url` (`nats://HOST:PORT[/NAME]`): events published here reach the
+    /// subscribers of every process connected with the same URL.
+    pub async fn connect(url: &str) -> Result<Bus, smartfarm_core::Error> {
+        let sender = broadcast::channel(CAPACITY).0;
+        let outbound = nats::connect(url, sender.clone()).await?;
+        Ok(Bus { sender, nats: Some(outbound) })
+    }
+
+    /// Publishes an event to every current subscriber (of every replica, with NATS); returns how many subscribers
+    /// this process has.
     pub fn publish(&self, event: Event) -> usize {
+        if let Some(nats) = &self.nats {
+            let _ = nats.send(event);
+            return self.sender.receiver_count();
+        }
         let receivers = self.sender.send(event).unwrap_or(0);
         tracing::debug!(receivers, "event published");
         receivers

@@ -33,6 +33,13 @@ database_url = ""
 # Empty means "file://<data_dir>/blobs". Flag --blob-url, variable SMARTFARM_BLOB_URL.
 blob_url = ""
 
+# How the roles of several processes tell each other what happened (new photos, committed readings, alerts, rules,
+# commands): "" keeps it within this process (one process, or replicas that need not talk); "nats://HOST:PORT"
+# uses NATS JetStream, so a command sent through one replica reaches the agent connected to another and an alert
+# raised on one reaches subscribers on all. "nats://HOST:PORT/NAME" names the JetStream stream (default
+# "smartfarm"), to keep deployments sharing a NATS server apart. Flag --bus-url, variable SMARTFARM_BUS_URL.
+bus_url = ""
+
 # Which roles this process runs: "all", or a comma-separated subset of
 # device, ingestion, image, inference, alert, command. Flag --target, variable SMARTFARM_TARGET.
 target = "all"
@@ -106,6 +113,19 @@ anomaly_history = "14days"
 # A series' learned detector is relearned after this long.
 anomaly_refit = "1day"
 
+# Alerts and commands (the alert and command roles).
+[alerts]
+# A webhook delivery is retried with exponential backoff from this wait ...
+webhook_retry_min = "1s"
+# ... up to this wait between attempts; attempts go on until the endpoint answers.
+webhook_retry_max = "5m"
+# After this many failed attempts in a row the webhook is marked failing (visible in ListWebhooks).
+webhook_max_failures = 5
+# Give up on one delivery attempt after this long.
+webhook_timeout = "10s"
+# Commands whose TTL passed are marked expired this often.
+command_expiry_interval = "1s"
+
 # PostgreSQL connection pool (used when database_url is postgres://).
 [postgres]
 # Most connections the process keeps open.
@@ -133,6 +153,8 @@ pub struct ServerConfig {
     pub database_url: String,
     /// `file://DIR` or `s3://…`; empty means `data_dir/blobs`.
     pub blob_url: String,
+    /// `""` (in-process) or `nats://HOST:PORT[/NAME]`.
+    pub bus_url: String,
     /// The roles to run.
     pub target: Target,
     /// Log output format.
@@ -149,6 +171,8 @@ pub struct ServerConfig {
     pub images: ImagesConfig,
     /// Model serving settings.
     pub inference: InferenceConfig,
+    /// Alert fan-out and command settings.
+    pub alerts: AlertsConfig,
     /// PostgreSQL pool settings.
     pub postgres: PostgresConfig,
 }
@@ -160,6 +184,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("smartfarm-data"),
             database_url: String::new(),
             blob_url: String::new(),
+            bus_url: String::new(),
             target: Target::all(),
             log_format: LogFormat::Text,
             log_level: "info".to_string(),
@@ -168,6 +193,7 @@ impl Default for ServerConfig {
             telemetry: TelemetryConfig::default(),
             images: ImagesConfig::default(),
             inference: InferenceConfig::default(),
+            alerts: AlertsConfig::default(),
             postgres: PostgresConfig::default(),
         }
     }
@@ -336,6 +362,38 @@ impl Default for InferenceConfig {
     }
 }
 
+/// Alert fan-out and command settings (the alert and command roles).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// The first wait before a failed webhook delivery is retried; it doubles per failure.
+    #[serde(with = "humantime_serde")]
+    pub webhook_retry_min: Duration,
+    /// The longest wait between webhook delivery attempts.
+    #[serde(with = "humantime_serde")]
+    pub webhook_retry_max: Duration,
+    /// Failed attempts in a row after which a webhook is marked failing.
+    pub webhook_max_failures: u32,
+    /// Time limit of one delivery attempt.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// How often commands past their TTL are marked expired.
+    #[serde(with = "humantime_serde")]
+    pub command_expiry_interval: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            webhook_retry_min: Duration::from_secs(1),
+            webhook_retry_max: Duration::from_secs(300),
+            webhook_max_failures: 5,
+            webhook_timeout: Duration::from_secs(10),
+            command_expiry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 /// PostgreSQL connection pool settings. tokio-postgres sets no timeouts or keepalives by default; these do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -411,6 +469,20 @@ impl ServerConfig {
         }
         if inference.anomaly_history.is_zero() || inference.anomaly_refit.is_zero() {
             return Err(Error::invalid("inference", "anomaly_history and anomaly_refit must be above zero"));
+        }
+        let alerts = &self.alerts;
+        if alerts.webhook_retry_min.is_zero()
+            || alerts.webhook_retry_max < alerts.webhook_retry_min
+            || alerts.webhook_timeout.is_zero()
+            || alerts.command_expiry_interval.is_zero()
+        {
+            return Err(Error::invalid(
+                "alerts",
+                "webhook_retry_min, webhook_timeout and command_expiry_interval must be above zero, webhook_retry_max at least webhook_retry_min",
+            ));
+        }
+        if alerts.webhook_max_failures == 0 {
+            return Err(Error::invalid("alerts.webhook_max_failures", "must be at least 1"));
         }
         let images = &self.images;
         if images.max_image_bytes < 1024 || images.max_image_bytes > 1 << 30 {

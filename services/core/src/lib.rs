@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod config;
 pub mod credential;
 pub mod error;

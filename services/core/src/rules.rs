@@ -467,6 +467,44 @@ impl Alert {
     }
 }
 
+/// What happened to an alert, as the alert event log and live streams say it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AlertEventKind {
+    /// A new alert.
+    Opened = 1,
+    /// A repeat was folded in or details changed.
+    Updated = 2,
+    /// Someone acknowledged it.
+    Acknowledged = 3,
+    /// It was resolved (by its condition clearing, or by hand).
+    Resolved = 4,
+}
+
+impl AlertEventKind {
+    pub fn from_number(value: i64) -> Option<AlertEventKind> {
+        match value {
+            1 => Some(AlertEventKind::Opened),
+            2 => Some(AlertEventKind::Updated),
+            3 => Some(AlertEventKind::Acknowledged),
+            4 => Some(AlertEventKind::Resolved),
+            _ => None,
+        }
+    }
+
+    /// The kind of event that takes an alert from `before` (absent: new) to `after`.
+    pub fn of_change(before: Option<&Alert>, after: &Alert) -> AlertEventKind {
+        match before {
+            None => AlertEventKind::Opened,
+            Some(before) if before.state != after.state => match after.state {
+                AlertState::Resolved => AlertEventKind::Resolved,
+                AlertState::Acknowledged => AlertEventKind::Acknowledged,
+                AlertState::Open => AlertEventKind::Updated,
+            },
+            Some(_) => AlertEventKind::Updated,
+        }
+    }
+}
+
 fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -574,6 +612,11 @@ pub struct Evaluator {
 impl Evaluator {
     pub fn new(farm_id: Uuid, origin: Origin) -> Evaluator {
         Evaluator { farm_id, origin, rules: Vec::new(), tracks: HashMap::new(), last_seen: HashMap::new() }
+    }
+
+    /// The farm whose rules these are.
+    pub fn farm_id(&self) -> Uuid {
+        self.farm_id
     }
 
     /// The rules evaluated.

@@ -1,5 +1,6 @@
 //! smartfarm-ingestion owns telemetry in the cloud: the edge link (`IngestionService.Connect`: hello and the
-//! committed mark, registry pushes, exactly-once batch commits acknowledged after the database commit), the
+//! committed mark, registry, rules and model pushes, exactly-once batch commits acknowledged after the database
+//! commit, rule evaluation on committed readings, urgent alerts and command receipts up, commands down), the
 //! telemetry queries (`TelemetryService`), and the retention task. It holds no SQL: storage is
 //! [`smartfarm_store::TelemetryStore`].
 
@@ -8,6 +9,7 @@
 pub mod batch;
 mod link;
 mod query;
+mod urgent;
 
 use std::sync::Arc;
 
@@ -22,7 +24,7 @@ use smartfarm_proto::ingestion::v1 as pb;
 use smartfarm_proto::ingestion::v1::ingestion_service_server::{IngestionService, IngestionServiceServer};
 use smartfarm_proto::ingestion::v1::telemetry_service_server::TelemetryServiceServer;
 use smartfarm_store::telemetry::Retention;
-use smartfarm_store::{ModelStore, RegistryStore, TelemetryStore};
+use smartfarm_store::{AlertStore, CommandStore, ModelStore, RegistryStore, TelemetryStore};
 
 /// Batches decoded or being committed at once across every edge link of this process (a link holds one per batch
 /// from its decoding to its commit): beyond it, links wait (backpressure on the agents through HTTP/2 flow control)
@@ -39,6 +41,11 @@ pub struct IngestionApi {
     bus: Option<Bus>,
     /// Which model versions serve: pushed to agents so they run the same plant-disease model.
     models: Option<Arc<dyn ModelStore>>,
+    /// The farms' rules (pushed to agents and evaluated on committed readings) and their alerts (raised by agents
+    /// and by this link).
+    alerts: Option<Arc<dyn AlertStore>>,
+    /// Commands for the farms' devices: sent down the link, their receipts recorded.
+    commands: Option<Arc<dyn CommandStore>>,
     commit_permits: Arc<Semaphore>,
     /// Turns true when the process begins to shut down: open links end so their agents reconnect elsewhere.
     shutting_down: watch::Receiver<bool>,
@@ -59,6 +66,8 @@ impl IngestionApi {
             settings: Arc::new(settings),
             bus: None,
             models: None,
+            alerts: None,
+            commands: None,
             commit_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_COMMITS)),
             shutting_down,
             shutdown_sender: Arc::new(shutdown_sender),
@@ -74,6 +83,20 @@ impl IngestionApi {
     /// Tells every connected agent which plant-disease model version to run (at connect, and when it changes).
     pub fn with_models(mut self, models: Arc<dyn ModelStore>) -> Self {
         self.models = Some(models);
+        self
+    }
+
+    /// Pushes each farm's rules to its agent, evaluates them on committed readings, and records the alerts agents
+    /// raise (needs [`IngestionApi::with_bus`] to hear of rule changes and to pass alerts on).
+    pub fn with_alerts(mut self, alerts: Arc<dyn AlertStore>) -> Self {
+        self.alerts = Some(alerts);
+        self
+    }
+
+    /// Sends queued commands down the links of their farms and records the agents' receipts (needs
+    /// [`IngestionApi::with_bus`] to hear of new commands).
+    pub fn with_commands(mut self, commands: Arc<dyn CommandStore>) -> Self {
+        self.commands = Some(commands);
         self
     }
 

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
@@ -23,6 +23,7 @@ use smartfarm_proto::ingestion::v1 as pb;
 use smartfarm_store::model::{DeviceFilter, DeviceKind, DeviceState, KeysetPage};
 use smartfarm_store::telemetry::BatchOutcome;
 
+use crate::urgent::{self, FarmRules};
 use crate::{IngestionApi, batch};
 
 /// What a session sends down.
@@ -93,26 +94,66 @@ async fn serve(
     registry.refresh(api, farm_id, outbound, true).await?;
     api.registry.record_devices_seen(&[gateway_id], time::now()).await?;
 
+    // Listening starts before the rules and the waiting commands are read, so no change falls between the two.
+    let changes = api.bus.as_ref().map(|bus| bus.subscribe());
+    let rules = FarmRules::new(farm_id);
+    let mut agent_rules_version = hello.rules_version;
+    urgent::refresh_rules(api, &rules, &mut agent_rules_version, outbound).await?;
+    urgent::send_pending_commands(api, farm_id, outbound, true).await?;
+
     // Decoded batches wait while another commits: decoding overlaps the database's work. The agent has at most
     // `max_in_flight_batches` unacknowledged, so that many may wait.
     let (ready, in_order) = mpsc::channel::<Ready>(api.settings.max_in_flight_batches as usize);
-    let committer = tokio::spawn(commit_in_order(api.clone(), gateway_id, in_order, outbound.clone()));
-    let received =
-        receive(api, (gateway_id, spool_id, farm_id), credential_at_connect, &mut registry, inbound, outbound, ready)
-            .await;
+    let committer = tokio::spawn(commit_in_order(api.clone(), gateway_id, rules.clone(), in_order, outbound.clone()));
+    let farm_side = FarmSide { rules, agent_rules_version, changes };
+    let received = receive(
+        api,
+        (gateway_id, spool_id, farm_id),
+        credential_at_connect,
+        &mut registry,
+        farm_side,
+        inbound,
+        outbound,
+        ready,
+    )
+    .await;
     // The batches already decoded are committed and acknowledged before the link ends (the sender is gone, so the
     // commit task stops after them); its failure is the one that explains the end.
     let committed = committer.await.map_err(|error| Error::internal("the commit task of an edge link", error))?;
     committed.and(received)
 }
 
+/// The alerts-and-commands state of a session: the farm's rules, the rules version the agent has, and the bus
+/// events the link passes on.
+struct FarmSide {
+    rules: Arc<FarmRules>,
+    agent_rules_version: u64,
+    changes: Option<broadcast::Receiver<Event>>,
+}
+
+/// The next bus event; `None` when events were missed (the caller reloads what they would have said). Waits
+/// forever without a bus.
+async fn next_change(changes: &mut Option<broadcast::Receiver<Event>>) -> Option<Event> {
+    let Some(receiver) = changes else { return std::future::pending().await };
+    match receiver.recv().await {
+        Ok(event) => Some(event),
+        Err(broadcast::error::RecvError::Lagged(missed)) => {
+            tracing::warn!(missed, "an edge link fell behind the bus; reloading its farm's rules and commands");
+            None
+        }
+        Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+    }
+}
+
 /// Receives the agent's messages and decodes batches for the commit task, until the agent hangs up, the cloud
 /// shuts the link, or something fails.
+#[allow(clippy::too_many_arguments, reason = "one session's parts, passed once")]
 async fn receive(
     api: &IngestionApi,
     (gateway_id, spool_id, farm_id): (Uuid, Uuid, Uuid),
     credential_at_connect: Option<String>,
     registry: &mut RegistryView,
+    mut farm_side: FarmSide,
     inbound: &mut Streaming<pb::ConnectRequest>,
     outbound: &Outbound,
     ready: mpsc::Sender<Ready>,
@@ -146,13 +187,21 @@ async fn receive(
                     Some(pb::connect_request::Body::Hello(_)) => {
                         return Err(Error::invalid("hello", "hello may only be the first message"));
                     }
-                    Some(pb::connect_request::Body::Alert(_) | pb::connect_request::Body::CommandReceipt(_)) => {
-                        // Urgent messages belong to the alerts and commands capability, which is not built yet;
-                        // the agents of this version do not send them.
-                        metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "urgent").increment(1);
-                        tracing::debug!(%gateway_id, "urgent message ignored: alerts and commands are not built yet");
+                    Some(pb::connect_request::Body::Alert(alert)) => urgent::on_alert(api, farm_id, &alert).await?,
+                    Some(pb::connect_request::Body::CommandReceipt(receipt)) => {
+                        urgent::on_receipt(api, farm_id, &receipt).await?;
                     }
                     None => return Err(Error::invalid("body", "an edge message carries nothing")),
+                }
+            }
+            change = next_change(&mut farm_side.changes) => {
+                let side = (&*farm_side.rules, &mut farm_side.agent_rules_version);
+                match change {
+                    Some(event) => urgent::on_bus_event(api, side, event, outbound).await?,
+                    None => {
+                        urgent::refresh_rules(api, side.0, side.1, outbound).await?;
+                        urgent::send_pending_commands(api, farm_id, outbound, false).await?;
+                    }
                 }
             }
             _ = refresh.tick() => {
@@ -162,6 +211,9 @@ async fn receive(
                 }
                 registry.refresh(api, farm_id, outbound, false).await?;
                 push_models(api, &mut models_sent, outbound).await?;
+                // The bus says when rules change; reading them now and then covers a message it lost.
+                urgent::refresh_rules(api, &farm_side.rules, &mut farm_side.agent_rules_version, outbound).await?;
+                urgent::send_pending_commands(api, farm_id, outbound, false).await?;
             }
         }
     }
@@ -184,7 +236,7 @@ async fn push_models(api: &IngestionApi, sent: &mut Option<(String, String)>, ou
     Ok(())
 }
 
-async fn send(outbound: &Outbound, body: pb::connect_response::Body) -> Result<()> {
+pub(crate) async fn send(outbound: &Outbound, body: pb::connect_response::Body) -> Result<()> {
     outbound.send(Ok(down(body))).await.map_err(|_| Error::Unavailable("the agent went away".into()))
 }
 
@@ -336,6 +388,7 @@ const MAX_GROUP_RECORDS: usize = 50_000;
 async fn commit_in_order(
     api: IngestionApi,
     gateway_id: Uuid,
+    rules: Arc<FarmRules>,
     mut in_order: mpsc::Receiver<Ready>,
     outbound: Outbound,
 ) -> Result<()> {
@@ -407,6 +460,10 @@ async fn commit_in_order(
             tracing::debug!(%gateway_id, first, last, duplicate, "batch acknowledged");
             let ack = pb::BatchAck { last_sequence: last, duplicate };
             send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
+        }
+        // After the acknowledgements, which do not wait for it: the rules see new readings once, in sequence order.
+        if !duplicate {
+            urgent::evaluate_committed(&api, &rules, &group.readings).await;
         }
         if next.is_none() {
             next = in_order.recv().await;

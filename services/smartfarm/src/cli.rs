@@ -103,6 +103,9 @@ pub struct StorageArgs {
     /// file://DIR or s3://[KEY:SECRET@]BUCKET[/PREFIX][?endpoint=URL&region=R] (default: the data dir's blobs/).
     #[arg(long, env = "SMARTFARM_BLOB_URL", value_name = "URL")]
     pub blob_url: Option<String>,
+    /// The bus between replicas: nats://HOST:PORT[/NAME] (NATS JetStream); default: within this process.
+    #[arg(long, env = "SMARTFARM_BUS_URL", value_name = "URL")]
+    pub bus_url: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "SMARTFARM_LOG_FORMAT", value_name = "FORMAT", value_parser = parse_log_format)]
     pub log_format: Option<LogFormat>,
@@ -176,6 +179,9 @@ impl StorageArgs {
         }
         if let Some(url) = &self.blob_url {
             config.blob_url = url.clone();
+        }
+        if let Some(url) = &self.bus_url {
+            config.bus_url = url.clone();
         }
         if let Some(format) = self.log_format {
             config.log_format = format;

@@ -94,7 +94,10 @@ async fn services_for(
     signer: smartfarm_image::UrlSigner,
 ) -> anyhow::Result<(Services, Option<smartfarm_ingestion::IngestionApi>)> {
     let registry = database.registry();
-    let bus = Bus::in_process();
+    let bus = match config.bus_url.as_str() {
+        "" => Bus::in_process(),
+        url => Bus::connect(url).await?,
+    };
     let mut services = Services::default();
     let mut ingestion_running = None;
     for role in config.target.roles() {
@@ -107,7 +110,9 @@ async fn services_for(
                     config.telemetry.clone(),
                 )
                 .with_bus(bus.clone())
-                .with_models(database.models());
+                .with_models(database.models())
+                .with_alerts(database.alerts())
+                .with_commands(database.commands());
                 tokio::spawn(ingestion.clone().run_retention());
                 ingestion_running = Some(ingestion.clone());
                 services.with_service(ingestion.clone().ingestion_server()).with_service(ingestion.telemetry_server())
@@ -143,8 +148,27 @@ async fn services_for(
                 tokio::spawn(inference.clone().run_pipeline());
                 services.with_service(inference.into_server())
             }
-            Role::Alert => services.with_service(smartfarm_alert::AlertApi.into_server()),
-            Role::Command => services.with_service(smartfarm_command::CommandApi.into_server()),
+            Role::Alert => {
+                let alerts = smartfarm_alert::AlertApi::new(
+                    registry.clone(),
+                    database.alerts(),
+                    bus.clone(),
+                    config.alerts.clone(),
+                );
+                tokio::spawn(alerts.clone().run_verdicts());
+                tokio::spawn(alerts.clone().run_webhooks());
+                services.with_service(alerts.into_server())
+            }
+            Role::Command => {
+                let commands = smartfarm_command::CommandApi::new(
+                    registry.clone(),
+                    database.commands(),
+                    bus.clone(),
+                    config.alerts.clone(),
+                );
+                tokio::spawn(commands.clone().run_expiry());
+                services.with_service(commands.into_server())
+            }
         };
     }
     Ok((services, ingestion_running))

@@ -8,76 +8,7 @@ use uuid::Uuid;
 
 use smartfarm_core::Result;
 
-/// Where a command is on its way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CommandStatus {
-    Queued = 1,
-    Sent = 2,
-    Delivered = 3,
-    Acked = 4,
-    Failed = 5,
-    Expired = 6,
-}
-
-impl CommandStatus {
-    pub fn from_number(value: i64) -> Option<CommandStatus> {
-        match value {
-            1 => Some(CommandStatus::Queued),
-            2 => Some(CommandStatus::Sent),
-            3 => Some(CommandStatus::Delivered),
-            4 => Some(CommandStatus::Acked),
-            5 => Some(CommandStatus::Failed),
-            6 => Some(CommandStatus::Expired),
-            _ => None,
-        }
-    }
-
-    /// Acked, failed and expired are final.
-    pub fn is_final(self) -> bool {
-        matches!(self, CommandStatus::Acked | CommandStatus::Failed | CommandStatus::Expired)
-    }
-
-    fn rank(self) -> u8 {
-        match self {
-            CommandStatus::Queued => 1,
-            CommandStatus::Sent => 2,
-            CommandStatus::Delivered => 3,
-            CommandStatus::Acked | CommandStatus::Failed | CommandStatus::Expired => 4,
-        }
-    }
-
-    /// Whether a command in this status may move to `next`: forward only, never out of a final status.
-    pub fn may_become(self, next: CommandStatus) -> bool {
-        !self.is_final() && next.rank() > self.rank()
-    }
-}
-
-/// One status change.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CommandReceipt {
-    pub status: CommandStatus,
-    pub detail: String,
-    pub change_time: SystemTime,
-}
-
-/// A stored command.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredCommand {
-    pub id: Uuid,
-    pub farm_id: Uuid,
-    pub device_id: Uuid,
-    pub name: String,
-    /// The parameters as a JSON object (storage does not interpret them).
-    pub parameters: String,
-    /// The client's idempotency key, unique per device when present.
-    pub request_id: Option<String>,
-    pub create_time: SystemTime,
-    pub expire_time: SystemTime,
-    pub status: CommandStatus,
-    pub status_detail: String,
-    /// Every status so far, oldest first (the first is `Queued` at `create_time`).
-    pub history: Vec<CommandReceipt>,
-}
+pub use smartfarm_core::commands::{CommandReceipt, CommandStatus, StoredCommand};
 
 /// What [`CommandStore::insert_command`] did.
 #[derive(Clone, Debug, PartialEq)]
@@ -120,7 +51,8 @@ pub trait CommandStore: Send + Sync + 'static {
         detail: &str,
         at: SystemTime,
     ) -> Result<Option<StoredCommand>>;
-    /// A farm's commands that still have to reach its agent: queued or sent, not expired at `now`, oldest first.
+    /// A farm's commands that are not final and not expired at `now` (queued, sent, or delivered but not yet
+    /// answered), oldest first: what a (re)connecting agent is sent; its command book answers those it has.
     async fn pending_commands(&self, farm_id: Uuid, now: SystemTime) -> Result<Vec<StoredCommand>>;
     /// Marks every command that is not final and whose expire time is at or before `now` as expired (with a
     /// receipt); returns them after the change.

@@ -156,10 +156,10 @@ async fn pending_commands_are_unfinished_and_unexpired_and_expiry_finishes_them(
     let on_b = insert(database, &command(farm_b, Uuid::now_v7(), None, 15, 100)).await;
 
     let pending = store.pending_commands(farm_a, at(49)).await.unwrap();
-    assert_eq!(ids(&pending), vec![queued_early.id, queued_short.id, sent.id], "oldest first");
+    assert_eq!(ids(&pending), vec![queued_early.id, queued_short.id, sent.id, delivered.id], "oldest first");
     assert_eq!(pending[2].history.len(), 2, "with their history");
     let pending = store.pending_commands(farm_a, at(50)).await.unwrap();
-    assert_eq!(ids(&pending), vec![queued_early.id, sent.id], "expired at its expire time");
+    assert_eq!(ids(&pending), vec![queued_early.id, sent.id, delivered.id], "expired at its expire time");
     assert_eq!(ids(&store.pending_commands(farm_b, at(50)).await.unwrap()), vec![on_b.id]);
 
     let expired = store.expire_commands(at(100)).await.unwrap();
@@ -177,7 +177,7 @@ async fn pending_commands_are_unfinished_and_unexpired_and_expiry_finishes_them(
         assert_eq!(&store.get_command(command.id).await.unwrap(), command);
     }
     assert!(store.expire_commands(at(100)).await.unwrap().is_empty(), "expired once");
-    assert_eq!(ids(&store.pending_commands(farm_a, at(100)).await.unwrap()), vec![sent.id]);
+    assert_eq!(ids(&store.pending_commands(farm_a, at(100)).await.unwrap()), vec![sent.id, delivered.id]);
 
     let expired = store.expire_commands(at(1000)).await.unwrap();
     assert_eq!(ids(&expired), vec![sent.id, delivered.id], "sent and delivered commands expire too");

@@ -236,10 +236,16 @@ impl CommandStore for PostgresStore {
             .query(
                 &format!(
                     "SELECT {COMMAND_COLUMNS} FROM commands
-                     WHERE farm_id = $1 AND status IN ($2, $3) AND expire_time > $4
+                     WHERE farm_id = $1 AND status IN ($2, $3, $5) AND expire_time > $4
                      ORDER BY create_time, id"
                 ),
-                &[&farm_id, &(CommandStatus::Queued as i16), &(CommandStatus::Sent as i16), &now],
+                &[
+                    &farm_id,
+                    &(CommandStatus::Queued as i16),
+                    &(CommandStatus::Sent as i16),
+                    &now,
+                    &(CommandStatus::Delivered as i16),
+                ],
             )
             .await
             .map_err(pg_error("list pending commands"))?;

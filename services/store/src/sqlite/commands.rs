@@ -233,13 +233,14 @@ impl CommandStore for SqliteStore {
         self.run(move |connection| {
             select_commands(
                 connection,
-                "farm_id = ?1 AND status IN (?2, ?3) AND expire_time > ?4",
+                "farm_id = ?1 AND status IN (?2, ?3, ?5) AND expire_time > ?4",
                 "create_time, id",
                 vec![
                     Value::Text(farm_id.to_string()),
                     Value::Integer(CommandStatus::Queued as i64),
                     Value::Integer(CommandStatus::Sent as i64),
                     Value::Integer(to_unix_micros(now)),
+                    Value::Integer(CommandStatus::Delivered as i64),
                 ],
             )
         })

@@ -1,0 +1,315 @@
+//! Commands on the farm: the cloud sends a command down the link; the agent writes its id to the command book (on
+//! disk, fsynced) before it publishes it to `smartfarm/<device>/commands`, and never publishes an id it has in the
+//! book again: a command redelivered after a reconnect, or after a kill -9 of the agent, runs at most once. A command
+//! whose expire time has passed is never published. The device answers on `smartfarm/<device>/commands/ack` with
+//! `{"id": …, "status": "ok" | "error", "detail": …}`; every status change goes up the urgent lane as a receipt, and
+//! the book's receipts are sent again at every connection (the cloud ignores those it has).
+//!
+//! A command for a device that is not subscribed to its command topic waits in the book (published as soon as the
+//! device subscribes, checked every second) until its expire time.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use smartfarm_core::time::{from_unix_micros, to_timestamp, to_unix_micros};
+use smartfarm_proto::command::v1::{self as pb, CommandStatus};
+use smartfarm_proto::ingestion::v1::connect_request::Body;
+
+/// How long the book remembers a command after its expire time (redeliveries come well before).
+const REMEMBER_AFTER_EXPIRY_MICROS: i64 = 24 * 3600 * 1_000_000;
+
+/// What the book keeps of a command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    device: Uuid,
+    name: String,
+    /// The JSON published to the device.
+    message: String,
+    expire_micros: i64,
+    /// Whether the message went to the device (written before it is published).
+    published: bool,
+    /// `smartfarm.command.v1.CommandStatus` as a number.
+    status: i32,
+    detail: String,
+    change_micros: i64,
+}
+
+/// What the agent must do with a command from the cloud.
+#[derive(Debug, PartialEq)]
+pub enum Arrival {
+    /// New: publish `payload` to `topic` (the book has it), and send the receipt.
+    Publish { topic: String, payload: Bytes, receipt: pb::CommandReceipt },
+    /// New, but its device is not listening yet: it waits in the book; send the receipt.
+    Held { receipt: pb::CommandReceipt },
+    /// Known already (a redelivery), expired, or not for this farm: only the receipt goes up.
+    Answer { receipt: pb::CommandReceipt },
+}
+
+/// What [`CommandBook::release`] lets go: messages to publish (topic, payload), and receipts of commands that
+/// expired while held.
+pub type Released = (Vec<(String, Bytes)>, Vec<pb::CommandReceipt>);
+
+/// A device's answer, checked.
+#[derive(Debug, PartialEq)]
+pub enum AckOutcome {
+    /// The receipt to send up.
+    Receipt(pb::CommandReceipt),
+    /// The ack is bad; the reason goes to the device's errors topic.
+    Refused(String),
+}
+
+/// The command book.
+#[derive(Debug)]
+pub struct CommandBook {
+    path: PathBuf,
+    entries: Mutex<HashMap<Uuid, Entry>>,
+}
+
+fn receipt(id: Uuid, status: CommandStatus, detail: &str, at_micros: i64) -> pb::CommandReceipt {
+    pb::CommandReceipt {
+        command_id: id.to_string(),
+        status: status as i32,
+        detail: detail.to_string(),
+        change_time: Some(to_timestamp(from_unix_micros(at_micros))),
+    }
+}
+
+impl CommandBook {
+    /// Loads `dir/commands.json` (empty when missing; an unreadable book is set aside, reported, and started anew:
+    /// commands already in it could then run again, which is why it is fsynced on every change).
+    pub fn load(dir: &Path) -> CommandBook {
+        let path = dir.join("commands.json");
+        let entries = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+                tracing::error!(path = %path.display(), %error, "the command book is unreadable; starting a new one");
+                let _ = std::fs::rename(&path, path.with_extension("json.unreadable"));
+                HashMap::new()
+            }),
+            Err(_) => HashMap::new(),
+        };
+        CommandBook { path, entries: Mutex::new(entries) }
+    }
+
+    fn save(&self, entries: &HashMap<Uuid, Entry>) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(entries).map_err(std::io::Error::other)?;
+        crate::spool::write_file_durably(&self.path, &bytes)
+    }
+
+    /// Takes a command from the cloud. `device_known` says whether the device is one of the farm's; `listening`
+    /// whether it is subscribed to its command topic now.
+    pub fn arrive(
+        &self,
+        command: &pb::Command,
+        now: SystemTime,
+        device_known: impl Fn(Uuid) -> bool,
+        listening: impl Fn(&str) -> bool,
+    ) -> std::io::Result<Option<Arrival>> {
+        let Ok(id) = Uuid::try_parse(&command.id) else {
+            tracing::warn!(command_id = %command.id, "a command without a valid id was ignored");
+            return Ok(None);
+        };
+        let now = to_unix_micros(now);
+        let mut entries = self.entries.lock().expect("command book lock");
+        entries.retain(|_, entry| entry.expire_micros + REMEMBER_AFTER_EXPIRY_MICROS > now);
+        if let Some(entry) = entries.get(&id) {
+            let status = CommandStatus::try_from(entry.status).unwrap_or(CommandStatus::Delivered);
+            return Ok(Some(Arrival::Answer { receipt: receipt(id, status, &entry.detail, entry.change_micros) }));
+        }
+        let expire_micros = command.expire_time.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+        let device = Uuid::try_parse(&command.device_id).ok().filter(|device| device_known(*device));
+        let (Some(expire_micros), Some(device)) = (expire_micros, device) else {
+            return Ok(Some(Arrival::Answer {
+                receipt: receipt(id, CommandStatus::Failed, "the device is not one of this farm's", now),
+            }));
+        };
+        if expire_micros <= now {
+            return Ok(Some(Arrival::Answer {
+                receipt: receipt(id, CommandStatus::Expired, "the ttl passed before the command reached the farm", now),
+            }));
+        }
+        let message = serde_json::json!({
+            "id": command.id,
+            "name": command.name,
+            "parameters": command.parameters,
+            "expire_time": command.expire_time,
+        })
+        .to_string();
+        let topic = format!("smartfarm/{device}/commands");
+        let published = listening(&topic);
+        let entry = Entry {
+            device,
+            name: command.name.clone(),
+            message: message.clone(),
+            expire_micros,
+            published,
+            status: CommandStatus::Delivered as i32,
+            detail: String::new(),
+            change_micros: now,
+        };
+        entries.insert(id, entry);
+        // On disk before it goes out: after a crash, the book says it went.
+        self.save(&entries)?;
+        let receipt = receipt(id, CommandStatus::Delivered, "", now);
+        Ok(Some(if published {
+            Arrival::Publish { topic, payload: Bytes::from(message), receipt }
+        } else {
+            Arrival::Held { receipt }
+        }))
+    }
+
+    /// The held commands whose device now listens (marked published, on disk, before they are returned); expired
+    /// ones are marked expired and their receipts returned too.
+    pub fn release(&self, now: SystemTime, listening: impl Fn(&str) -> bool) -> std::io::Result<Released> {
+        let now = to_unix_micros(now);
+        let mut entries = self.entries.lock().expect("command book lock");
+        let mut out = Vec::new();
+        let mut receipts = Vec::new();
+        for (id, entry) in entries.iter_mut().filter(|(_, entry)| !entry.published) {
+            if entry.status != CommandStatus::Delivered as i32 {
+                continue;
+            }
+            if entry.expire_micros <= now {
+                entry.status = CommandStatus::Expired as i32;
+                entry.detail = "the ttl passed before the device subscribed to its commands".into();
+                entry.change_micros = now;
+                receipts.push(receipt(*id, CommandStatus::Expired, &entry.detail, now));
+                continue;
+            }
+            let topic = format!("smartfarm/{}/commands", entry.device);
+            if listening(&topic) {
+                entry.published = true;
+                out.push((topic, Bytes::from(entry.message.clone())));
+            }
+        }
+        if !out.is_empty() || !receipts.is_empty() {
+            self.save(&entries)?;
+        }
+        Ok((out, receipts))
+    }
+
+    /// A device's acknowledgement on `smartfarm/<device>/commands/ack`.
+    pub fn acknowledge(&self, device: Uuid, payload: &[u8], now: SystemTime) -> std::io::Result<AckOutcome> {
+        #[derive(Deserialize)]
+        struct Ack {
+            id: String,
+            status: String,
+            #[serde(default)]
+            detail: Option<String>,
+        }
+        let ack: Ack = match serde_json::from_slice(payload) {
+            Ok(ack) => ack,
+            Err(error) => {
+                return Ok(AckOutcome::Refused(format!(
+                    "not an acknowledgement ({{\"id\": …, \"status\": \"ok\" | \"error\", \"detail\": …}}): {error}"
+                )));
+            }
+        };
+        let status = match ack.status.as_str() {
+            "ok" => CommandStatus::Acked,
+            "error" => CommandStatus::Failed,
+            other => return Ok(AckOutcome::Refused(format!("status {other:?} is not \"ok\" or \"error\""))),
+        };
+        let Ok(id) = Uuid::try_parse(&ack.id) else {
+            return Ok(AckOutcome::Refused(format!("{:?} is not a command id", ack.id)));
+        };
+        let detail: String = ack.detail.unwrap_or_default().chars().take(1000).collect();
+        let now = to_unix_micros(now);
+        let mut entries = self.entries.lock().expect("command book lock");
+        let Some(entry) = entries.get_mut(&id).filter(|entry| entry.device == device) else {
+            return Ok(AckOutcome::Refused(format!("command {id} was not sent to this device")));
+        };
+        if entry.status != CommandStatus::Delivered as i32 {
+            // Already final: the first answer counts.
+            let status = CommandStatus::try_from(entry.status).unwrap_or(CommandStatus::Delivered);
+            return Ok(AckOutcome::Receipt(receipt(id, status, &entry.detail, entry.change_micros)));
+        }
+        entry.status = status as i32;
+        entry.detail = detail.clone();
+        entry.change_micros = now;
+        self.save(&entries)?;
+        Ok(AckOutcome::Receipt(receipt(id, status, &detail, now)))
+    }
+
+    /// Every receipt the book holds, to send again at a connection.
+    pub fn receipts(&self) -> Vec<Body> {
+        let entries = self.entries.lock().expect("command book lock");
+        entries
+            .iter()
+            .map(|(id, entry)| {
+                let status = CommandStatus::try_from(entry.status).unwrap_or(CommandStatus::Delivered);
+                Body::CommandReceipt(receipt(*id, status, &entry.detail, entry.change_micros))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn command(device: Uuid, ttl_secs: i64) -> pb::Command {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+        pb::Command {
+            id: Uuid::now_v7().to_string(),
+            device_id: device.to_string(),
+            name: "open_valve".into(),
+            expire_time: Some(smartfarm_proto::pbjson_types::Timestamp { seconds: now + ttl_secs, nanos: 0 }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_command_is_published_once_even_after_a_restart_and_its_ack_closes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Uuid::now_v7();
+        let book = CommandBook::load(dir.path());
+        let sent = command(device, 60);
+        let arrival = book.arrive(&sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
+        let Arrival::Publish { topic, payload, receipt } = arrival else { panic!("{arrival:?}") };
+        assert_eq!(topic, format!("smartfarm/{device}/commands"));
+        assert!(String::from_utf8_lossy(&payload).contains(&sent.id));
+        assert_eq!(receipt.status, CommandStatus::Delivered as i32);
+
+        // kill -9 and a redelivery: the book on disk knows the id.
+        let book = CommandBook::load(dir.path());
+        let again = book.arrive(&sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
+        assert!(matches!(again, Arrival::Answer { .. }), "{again:?}");
+
+        let ack = format!(r#"{{"id": "{}", "status": "ok", "detail": "opened"}}"#, sent.id);
+        let AckOutcome::Receipt(acked) = book.acknowledge(device, ack.as_bytes(), SystemTime::now()).unwrap() else {
+            panic!()
+        };
+        assert_eq!((acked.status, acked.detail.as_str()), (CommandStatus::Acked as i32, "opened"));
+        assert!(matches!(
+            book.acknowledge(Uuid::now_v7(), ack.as_bytes(), SystemTime::now()).unwrap(),
+            AckOutcome::Refused(_)
+        ));
+        assert!(matches!(book.acknowledge(device, b"nonsense", SystemTime::now()).unwrap(), AckOutcome::Refused(_)));
+    }
+
+    #[test]
+    fn an_expired_command_is_never_published_and_a_held_one_waits_for_its_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Uuid::now_v7();
+        let book = CommandBook::load(dir.path());
+        let late = book.arrive(&command(device, -1), SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
+        assert!(matches!(late, Arrival::Answer { receipt } if receipt.status == CommandStatus::Expired as i32));
+        let held = book.arrive(&command(device, 2), SystemTime::now(), |_| true, |_| false).unwrap().unwrap();
+        assert!(matches!(held, Arrival::Held { .. }));
+        let (out, _) = book.release(SystemTime::now(), |_| true).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(book.release(SystemTime::now(), |_| true).unwrap().0.is_empty(), "once");
+        let never = book.arrive(&command(device, 1), SystemTime::now(), |_| true, |_| false).unwrap().unwrap();
+        assert!(matches!(never, Arrival::Held { .. }));
+        let (out, receipts) = book.release(SystemTime::now() + Duration::from_secs(5), |_| true).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(receipts[0].status, CommandStatus::Expired as i32);
+    }
+}

@@ -1,0 +1,104 @@
+//! The farm's alert rules on the Pi: the snapshot the cloud last pushed, cached on disk next to the spool (so rules
+//! work offline and after a reboot), and the evaluator shared with the cloud, fed every accepted reading. What it
+//! raises goes to the farm's alert topic at once and up the link's urgent lane; the cloud, evaluating the same rules
+//! on the same readings, derives the same alert ids, so a farm's alert is one alert wherever it was noticed first.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use smartfarm_core::rules::{Alert, Evaluator, Origin, Rule};
+use smartfarm_proto::ingestion::v1::RuleSnapshot;
+
+use crate::payload::Measurement;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Cached {
+    version: u64,
+    farm_id: Option<Uuid>,
+    rules: Vec<Rule>,
+}
+
+/// The rules cache and its evaluator.
+#[derive(Debug)]
+pub struct EdgeRules {
+    path: PathBuf,
+    state: Mutex<(u64, Option<Evaluator>)>,
+}
+
+impl EdgeRules {
+    /// Loads `dir/rules.json` (no rules when it is missing or unreadable: the cloud pushes them at the next
+    /// connection).
+    pub fn load(dir: &Path) -> EdgeRules {
+        let path = dir.join("rules.json");
+        let cached: Cached = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+                tracing::warn!(path = %path.display(), %error, "rules cache unreadable; waiting for the cloud's");
+                Cached::default()
+            }),
+            Err(_) => Cached::default(),
+        };
+        let evaluator = cached.farm_id.map(|farm_id| {
+            let mut evaluator = Evaluator::new(farm_id, Origin::Edge);
+            evaluator.set_rules(cached.rules, SystemTime::now());
+            evaluator
+        });
+        EdgeRules { path, state: Mutex::new((cached.version, evaluator)) }
+    }
+
+    /// The cached version (0: none yet), for the hello.
+    pub fn version(&self) -> u64 {
+        self.state.lock().expect("rules lock").0
+    }
+
+    /// How many rules are evaluated.
+    pub fn len(&self) -> usize {
+        self.state.lock().expect("rules lock").1.as_ref().map_or(0, |evaluator| evaluator.rules().len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the cloud's snapshot: evaluates it from now on (what was learnt about unchanged rules stays) and writes
+    /// it to disk (atomically). Rules that do not parse are left out and reported.
+    pub fn apply(&self, snapshot: &RuleSnapshot) -> std::io::Result<()> {
+        let mut rules = Vec::new();
+        for wire in &snapshot.rules {
+            match Rule::from_pushed(wire) {
+                Ok(rule) => rules.push(rule),
+                Err(error) => tracing::error!(rule_id = %wire.id, %error, "a pushed rule is not understood; left out"),
+            }
+        }
+        let mut state = self.state.lock().expect("rules lock");
+        // An empty snapshot names no farm: the evaluator there was keeps its farm and loses its rules.
+        let farm_id = rules.first().map(|rule| rule.farm_id).or_else(|| state.1.as_ref().map(Evaluator::farm_id));
+        let cached = Cached { version: snapshot.version, farm_id, rules: rules.clone() };
+        let bytes = serde_json::to_vec(&cached).map_err(std::io::Error::other)?;
+        crate::spool::write_file_durably(&self.path, &bytes)?;
+        if let Some(farm_id) = farm_id {
+            state.1.get_or_insert_with(|| Evaluator::new(farm_id, Origin::Edge)).set_rules(rules, SystemTime::now());
+        }
+        state.0 = snapshot.version;
+        Ok(())
+    }
+
+    /// Evaluates a device's accepted readings; returns the alerts that opened, grew or resolved.
+    pub fn on_readings(&self, device: Uuid, measurements: &[Measurement]) -> Vec<Alert> {
+        let mut state = self.state.lock().expect("rules lock");
+        let Some(evaluator) = &mut state.1 else { return Vec::new() };
+        measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)).collect()
+    }
+
+    /// Raises device-silent alerts due by `now`.
+    pub fn on_tick(&self, now: SystemTime) -> Vec<Alert> {
+        let mut state = self.state.lock().expect("rules lock");
+        match &mut state.1 {
+            Some(evaluator) => evaluator.on_tick(now),
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The urgent lane: alerts raised on the farm and command receipts wait here for the link, and go up at once while
+//! it is up (not with the next hourly batch). The queue is bounded; past the bound the oldest message is dropped and
+//! counted. It lives in memory: an alert lost with it is raised again by the cloud from the spooled readings (same
+//! id), and command receipts are sent again from the command book at every connection.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use smartfarm_proto::ingestion::v1::connect_request::Body;
+
+/// Messages kept while the link is down.
+const MAX_WAITING: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct UrgentQueue {
+    waiting: Mutex<VecDeque<Body>>,
+    news: Notify,
+}
+
+impl UrgentQueue {
+    /// Queues a message for the link.
+    pub fn push(&self, message: Body) {
+        let mut waiting = self.waiting.lock().expect("urgent lock");
+        if waiting.len() >= MAX_WAITING {
+            waiting.pop_front();
+            metrics::counter!("smartfarm_edge_urgent_dropped_total").increment(1);
+        }
+        waiting.push_back(message);
+        drop(waiting);
+        self.news.notify_one();
+    }
+
+    /// Takes every waiting message, oldest first.
+    pub fn take(&self) -> Vec<Body> {
+        self.waiting.lock().expect("urgent lock").drain(..).collect()
+    }
+
+    /// Completes when something was queued since the last call.
+    pub async fn news(&self) {
+        self.news.notified().await
+    }
+}

@@ -1,0 +1,141 @@
+//! `AlertService.Subscribe`: a live stream of alert events that resumes from a cursor without gaps. The alert event
+//! log is the record and its sequence number is the cursor: a stream first catches up from the log after the
+//! cursor, then follows the bus. An event that arrives in order goes out at once; a gap (an event written by another
+//! process, a bus that lagged) is filled from the log; and the log is read once a second anyway, so nothing
+//! committed waits longer than that even if a bus message is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use uuid::Uuid;
+
+use smartfarm_bus::{Bus, Event};
+use smartfarm_core::rules::{AlertEventKind, Severity};
+use smartfarm_core::{Error, Result};
+use smartfarm_proto::alert::v1 as pb;
+use smartfarm_store::AlertStore;
+use smartfarm_store::alerts::AlertEvent;
+
+/// What `Subscribe` returns.
+pub type Stream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+/// Events read from the log at once while catching up.
+const CATCH_UP_PAGE: usize = 500;
+/// How often the log is read even without news on the bus.
+const POLL: Duration = Duration::from_secs(1);
+
+struct Follower {
+    alerts: Arc<dyn AlertStore>,
+    farm_id: Option<Uuid>,
+    min_severity: Severity,
+    /// The last event sent (or passed over).
+    last: u64,
+    sender: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+}
+
+/// Opens a stream of the events after `cursor` (after the newest event when `None`).
+pub async fn open(
+    alerts: Arc<dyn AlertStore>,
+    bus: &Bus,
+    farm_id: Option<Uuid>,
+    min_severity: Severity,
+    cursor: Option<u64>,
+) -> Result<Stream> {
+    // Listening starts before the starting point is read, so no event falls between the two.
+    let changes = bus.subscribe();
+    let newest = alerts.last_alert_event().await?;
+    let last = match cursor {
+        Some(cursor) if cursor > newest => {
+            return Err(Error::invalid("cursor", "is ahead of the alert log: not a cursor of this server"));
+        }
+        Some(cursor) => cursor,
+        None => newest,
+    };
+    let (sender, receiver) = mpsc::channel(256);
+    let follower = Follower { alerts, farm_id, min_severity, last, sender };
+    tokio::spawn(follower.run(changes));
+    Ok(ReceiverStream::new(receiver))
+}
+
+pub(crate) fn event_type(kind: AlertEventKind) -> pb::AlertEventType {
+    match kind {
+        AlertEventKind::Opened => pb::AlertEventType::Opened,
+        AlertEventKind::Updated => pb::AlertEventType::Updated,
+        AlertEventKind::Acknowledged => pb::AlertEventType::Acknowledged,
+        AlertEventKind::Resolved => pb::AlertEventType::Resolved,
+    }
+}
+
+impl Follower {
+    async fn run(mut self, mut changes: broadcast::Receiver<Event>) {
+        metrics::gauge!("smartfarm_alert_subscribers").increment(1.0);
+        if let Err(error) = self.follow(&mut changes).await {
+            tracing::warn!(%error, "alert stream ended");
+            let _ = self.sender.send(Err(Status::from(error))).await;
+        }
+        metrics::gauge!("smartfarm_alert_subscribers").decrement(1.0);
+    }
+
+    async fn follow(&mut self, changes: &mut broadcast::Receiver<Event>) -> Result<()> {
+        if !self.catch_up().await? {
+            return Ok(());
+        }
+        let mut poll = tokio::time::interval(POLL);
+        loop {
+            let open = tokio::select! {
+                _ = self.sender.closed() => return Ok(()),
+                change = changes.recv() => match change {
+                    Ok(Event::AlertChanged(changed)) if changed.sequence <= self.last => true,
+                    Ok(Event::AlertChanged(changed)) if changed.sequence == self.last + 1 => {
+                        let event = AlertEvent { sequence: changed.sequence, kind: changed.kind, alert: changed.alert };
+                        self.send(event).await
+                    }
+                    Ok(Event::AlertChanged(_)) | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
+                    Ok(_) => true,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                _ = poll.tick() => self.catch_up().await?,
+            };
+            if !open {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends what the log holds after the last event sent; `false` when the client went away.
+    async fn catch_up(&mut self) -> Result<bool> {
+        loop {
+            let events =
+                self.alerts.alert_events_after(self.last, self.farm_id, self.min_severity, CATCH_UP_PAGE).await?;
+            let full = events.len() == CATCH_UP_PAGE;
+            for event in events {
+                if !self.send(event).await {
+                    return Ok(false);
+                }
+            }
+            if !full {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Sends one event if the stream's filters take it, and moves the cursor past it; `false` when the client went
+    /// away.
+    async fn send(&mut self, event: AlertEvent) -> bool {
+        self.last = self.last.max(event.sequence);
+        let wanted =
+            self.farm_id.is_none_or(|farm| farm == event.alert.farm_id) && event.alert.severity >= self.min_severity;
+        if !wanted {
+            return true;
+        }
+        let response = pb::SubscribeResponse {
+            cursor: event.sequence.to_string(),
+            event_type: event_type(event.kind) as i32,
+            alert: Some(event.alert.to_proto()),
+        };
+        self.sender.send(Ok(response)).await.is_ok()
+    }
+}

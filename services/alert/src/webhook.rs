@@ -1,0 +1,333 @@
+//! Webhooks: URLs that receive a farm's alert events as JSON POSTs signed with HMAC-SHA256 (header
+//! `x-smartfarm-signature: sha256=<hex of HMAC(secret, body)>`). Each webhook has a cursor in the alert event log
+//! (stored), so deliveries resume after a restart and none is skipped: a failed delivery is retried with exponential
+//! backoff, forever, and after `webhook_max_failures` failures in a row the webhook is marked failing with its last
+//! error (what `ListWebhooks` shows) until a delivery succeeds again. Delivery is at least once: a receiver
+//! deduplicates on the `cursor` field.
+//!
+//! URLs must be http or https and may not point at link-local addresses (cloud metadata services live there); the
+//! host is resolved again before every attempt, so a name that later resolves there is refused too.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::Sha256;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use smartfarm_bus::{Bus, Event};
+use smartfarm_core::config::AlertsConfig;
+use smartfarm_core::{Error, Result, time};
+use smartfarm_proto::alert::v1 as pb;
+use smartfarm_store::AlertStore;
+use smartfarm_store::alerts::{AlertEvent, DeliveryOutcome, Webhook, WebhookState};
+
+/// The header that carries the body's signature.
+pub const SIGNATURE_HEADER: &str = "x-smartfarm-signature";
+/// Events delivered per read of the log.
+const DELIVERY_PAGE: usize = 100;
+/// How often the list of webhooks is read again (new and deleted ones).
+const RELOAD: Duration = Duration::from_secs(2);
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A new signing secret: 32 random bytes, hex.
+pub fn new_secret() -> Result<String> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key)
+        .map_err(|error| Error::internal("no randomness for a webhook secret", anyhow::anyhow!("{error}")))?;
+    Ok(hex::encode(key))
+}
+
+/// `sha256=<hex>` of a body under a secret: the value of [`SIGNATURE_HEADER`].
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Whether an address is one a webhook may not reach: link-local (169.254.0.0/16, where cloud metadata services
+/// answer, and fe80::/10), unspecified, or multicast/broadcast.
+fn forbidden(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return forbidden(IpAddr::V4(v4));
+            }
+            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_unspecified() || v6.is_multicast()
+        }
+    }
+}
+
+/// Checks a webhook URL: http(s), a host, no credentials, and no address a webhook may not reach. Returns it as
+/// given.
+pub async fn check_url(url: &str) -> Result<String> {
+    let field = "url";
+    if url.len() > 2048 {
+        return Err(Error::invalid(field, "must be at most 2048 characters"));
+    }
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| Error::invalid(field, format!("{} is not a url", smartfarm_core::validate::excerpt(url))))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(Error::invalid(field, "must be an http:// or https:// url")),
+    }
+    let authority = uri.authority().ok_or_else(|| Error::invalid(field, "has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(Error::invalid(field, "must not carry credentials; the signature authenticates the sender"));
+    }
+    resolve_allowed(&uri).await.map_err(|reason| Error::invalid(field, reason))?;
+    Ok(url.to_string())
+}
+
+/// Resolves a URL's host; refuses it when any address is one a webhook may not reach.
+async fn resolve_allowed(uri: &http::Uri) -> std::result::Result<(), String> {
+    let host = uri.host().ok_or("has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    if host.eq_ignore_ascii_case("metadata.google.internal") || host.eq_ignore_ascii_case("metadata") {
+        return Err(format!("{host} is a cloud metadata service"));
+    }
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(address) => vec![address],
+        Err(_) => tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|error| format!("cannot resolve {host}: {error}"))?
+            .map(|socket| socket.ip())
+            .collect(),
+    };
+    match addresses.iter().find(|address| forbidden(**address)) {
+        Some(address) => {
+            Err(format!("points at {address}, a link-local or reserved address (cloud metadata services live there)"))
+        }
+        None => Ok(()),
+    }
+}
+
+/// A webhook as the contract's message (without its secret).
+pub fn to_proto(webhook: &Webhook) -> pb::Webhook {
+    pb::Webhook {
+        id: webhook.id.to_string(),
+        farm_id: webhook.farm_id.to_string(),
+        url: webhook.url.clone(),
+        min_severity: webhook.min_severity.to_proto(),
+        state: match webhook.state {
+            WebhookState::Healthy => pb::WebhookState::Healthy,
+            WebhookState::Failing => pb::WebhookState::Failing,
+        } as i32,
+        consecutive_failures: webhook.consecutive_failures,
+        last_error: webhook.last_error.clone().unwrap_or_default(),
+        last_success_time: webhook.last_success_time.map(time::to_timestamp),
+        create_time: Some(time::to_timestamp(webhook.create_time)),
+    }
+}
+
+/// The JSON body of one delivery.
+pub fn body(webhook: &Webhook, event: &AlertEvent) -> Vec<u8> {
+    let message = serde_json::json!({
+        "webhook_id": webhook.id.to_string(),
+        "cursor": event.sequence.to_string(),
+        "event_type": crate::subscribe::event_type(event.kind).as_str_name(),
+        "alert": event.alert.to_proto(),
+    });
+    serde_json::to_vec(&message).expect("a JSON value serialises")
+}
+
+/// Runs one delivery task per webhook.
+pub struct Dispatcher {
+    alerts: Arc<dyn AlertStore>,
+    bus: Bus,
+    settings: AlertsConfig,
+    client: HttpsClient,
+}
+
+impl Dispatcher {
+    pub fn new(alerts: Arc<dyn AlertStore>, bus: Bus, settings: AlertsConfig) -> Dispatcher {
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Dispatcher { alerts, bus, settings, client }
+    }
+
+    /// Keeps a delivery task per webhook (started for new ones, stopped for deleted ones), forever.
+    pub async fn run(self) {
+        let this = Arc::new(self);
+        let mut workers: HashMap<Uuid, JoinHandle<()>> = HashMap::new();
+        let mut reload = tokio::time::interval(RELOAD);
+        loop {
+            reload.tick().await;
+            let webhooks = match this.all_webhooks().await {
+                Ok(webhooks) => webhooks,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the webhooks; trying again");
+                    continue;
+                }
+            };
+            let ids: std::collections::HashSet<Uuid> = webhooks.iter().copied().collect();
+            workers.retain(|id, worker| {
+                let keep = ids.contains(id) && !worker.is_finished();
+                if !keep {
+                    worker.abort();
+                }
+                keep
+            });
+            for id in ids {
+                workers.entry(id).or_insert_with(|| tokio::spawn(this.clone().deliver_forever(id)));
+            }
+        }
+    }
+
+    async fn all_webhooks(&self) -> Result<Vec<Uuid>> {
+        let mut ids = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.alerts.list_webhooks(None, after, 1000).await?;
+            after = page.last().map(|webhook| webhook.id);
+            let done = page.len() < 1000;
+            ids.extend(page.into_iter().map(|webhook| webhook.id));
+            if done {
+                return Ok(ids);
+            }
+        }
+    }
+
+    /// Delivers one webhook's events in order, until it is deleted.
+    async fn deliver_forever(self: Arc<Self>, id: Uuid) {
+        let mut changes = self.bus.subscribe();
+        let mut backoff = self.settings.webhook_retry_min;
+        loop {
+            let webhook = match self.alerts.get_webhook(id).await {
+                Ok(webhook) => webhook,
+                Err(Error::NotFound { .. }) => return,
+                Err(error) => {
+                    tracing::warn!(webhook_id = %id, %error, "cannot read the webhook; trying again");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            let events = match self
+                .alerts
+                .alert_events_after(
+                    webhook.delivered_sequence,
+                    Some(webhook.farm_id),
+                    webhook.min_severity,
+                    DELIVERY_PAGE,
+                )
+                .await
+            {
+                Ok(events) => events,
+                Err(error) => {
+                    tracing::warn!(webhook_id = %id, %error, "cannot read the alert log; trying again");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            if events.is_empty() {
+                // Wait for news (any alert change), or a second.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    loop {
+                        match changes.recv().await {
+                            Ok(Event::AlertChanged(changed)) if changed.alert.farm_id == webhook.farm_id => return,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                return std::future::pending::<()>().await;
+                            }
+                            _ => {}
+                        }
+                    }
+                })
+                .await;
+                continue;
+            }
+            let mut webhook = webhook;
+            for event in events {
+                match self.deliver(&webhook, &event).await {
+                    Ok(()) => {
+                        metrics::counter!("smartfarm_webhook_deliveries_total", "outcome" => "delivered").increment(1);
+                        backoff = self.settings.webhook_retry_min;
+                        let outcome = DeliveryOutcome::Delivered { sequence: event.sequence, at: time::now() };
+                        match self.alerts.record_delivery(id, &outcome).await {
+                            Ok(updated) => webhook = updated,
+                            Err(Error::NotFound { .. }) => return,
+                            Err(error) => {
+                                // Delivered but not recorded: it will be delivered again (receivers dedupe on cursor).
+                                tracing::warn!(webhook_id = %id, %error, "cannot record a delivery");
+                                break;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        metrics::counter!("smartfarm_webhook_deliveries_total", "outcome" => "failed").increment(1);
+                        let failures = webhook.consecutive_failures + 1;
+                        let mark_failing = failures >= self.settings.webhook_max_failures;
+                        tracing::warn!(webhook_id = %id, url = %webhook.url, failures, %error, retry_in_ms = backoff.as_millis() as u64, "webhook delivery failed");
+                        let outcome = DeliveryOutcome::Failed { error, mark_failing };
+                        if let Err(Error::NotFound { .. }) = self.alerts.record_delivery(id, &outcome).await {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(self.settings.webhook_retry_max);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt: POST the signed body; a 2xx answer is a delivery.
+    async fn deliver(&self, webhook: &Webhook, event: &AlertEvent) -> std::result::Result<(), String> {
+        let uri: http::Uri = webhook.url.parse().map_err(|_| "the url does not parse".to_string())?;
+        resolve_allowed(&uri).await?;
+        let body = body(webhook, event);
+        let request = http::Request::post(uri)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, concat!("smartfarm/", env!("CARGO_PKG_VERSION")))
+            .header(SIGNATURE_HEADER, signature(&webhook.secret, &body))
+            .header("x-smartfarm-event", crate::subscribe::event_type(event.kind).as_str_name())
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| format!("cannot build the request: {error}"))?;
+        let response = tokio::time::timeout(self.settings.webhook_timeout, self.client.request(request))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.settings.webhook_timeout))?
+            .map_err(|error| format!("request failed: {error}: {:?}", std::error::Error::source(&error)))?;
+        let status = response.status();
+        if status.is_success() { Ok(()) } else { Err(format!("the endpoint answered {status}")) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_the_body() {
+        // RFC 4231 test case 2.
+        let signed = signature("Jefe", b"what do ya want for nothing?");
+        assert_eq!(signed, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[tokio::test]
+    async fn urls_that_are_not_http_or_point_at_link_local_addresses_are_refused() {
+        for bad in [
+            "ftp://example.com/hook",
+            "not a url",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[fe80::1]/hook",
+            "http://metadata.google.internal/computeMetadata/v1",
+            "http://user:pass@127.0.0.1/hook",
+            "http://0.0.0.0/hook",
+        ] {
+            let refusal = check_url(bad).await.unwrap_err().to_string();
+            assert!(refusal.starts_with("url:"), "{bad}: {refusal}");
+        }
+        assert_eq!(check_url("http://127.0.0.1:8080/hook").await.unwrap(), "http://127.0.0.1:8080/hook");
+    }
+}

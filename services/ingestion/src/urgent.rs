@@ -1,0 +1,214 @@
+//! The alerts-and-commands side of an edge link: the farm's rules pushed down (at connect when the agent's copy is
+//! older, and whenever they change) and evaluated on every committed batch with the same evaluator the agent runs,
+//! so the cloud raises the same alerts (same ids) from the same readings; alerts the agent raised, sent up at once,
+//! merged into the record; the farm's alert changes sent down for its local alert topic; commands sent down (those
+//! waiting at connect, then each as it is queued, on whichever replica) and the agent's receipts recorded.
+
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use smartfarm_bus::{AlertChanged, Event};
+use smartfarm_core::commands::CommandStatus;
+use smartfarm_core::rules::{Alert, Evaluator, Origin};
+use smartfarm_core::{Error, Result, time, validate};
+use smartfarm_proto::command::v1 as command_pb;
+use smartfarm_proto::ingestion::v1 as pb;
+use smartfarm_store::commands::StoredCommand;
+use smartfarm_store::telemetry::ReadingRow;
+
+use crate::IngestionApi;
+use crate::link::{Outbound, send};
+
+/// The farm's rules as this link evaluates them, shared by the session (which reloads them) and its commit task
+/// (which evaluates committed readings).
+pub(crate) struct FarmRules {
+    farm_id: Uuid,
+    evaluator: Mutex<Evaluator>,
+}
+
+impl FarmRules {
+    pub(crate) fn new(farm_id: Uuid) -> Arc<FarmRules> {
+        Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)) })
+    }
+}
+
+/// Loads the farm's rules into the evaluator (what it learnt about unchanged rules stays) and pushes them down when
+/// `agent_version`, the version the agent has, differs.
+pub(crate) async fn refresh_rules(
+    api: &IngestionApi,
+    rules: &FarmRules,
+    agent_version: &mut u64,
+    outbound: &Outbound,
+) -> Result<()> {
+    let Some(alerts) = &api.alerts else { return Ok(()) };
+    let (version, snapshot) = alerts.rules_snapshot(rules.farm_id).await?;
+    rules.evaluator.lock().expect("evaluator lock").set_rules(snapshot.clone(), time::now());
+    if version != *agent_version {
+        let pushed = pb::RuleSnapshot { version, rules: snapshot.iter().map(|rule| rule.to_proto()).collect() };
+        tracing::debug!(farm_id = %rules.farm_id, version, rules = snapshot.len(), "rules pushed to the edge");
+        send(outbound, pb::connect_response::Body::Rules(pushed)).await?;
+        *agent_version = version;
+    }
+    Ok(())
+}
+
+/// Evaluates the farm's rules on a committed group's readings (in sequence order) and records what they raise.
+pub(crate) async fn evaluate_committed(api: &IngestionApi, rules: &FarmRules, readings: &[ReadingRow]) {
+    let Some(alerts) = &api.alerts else { return };
+    let raised: Vec<Alert> = {
+        let mut evaluator = rules.evaluator.lock().expect("evaluator lock");
+        if evaluator.rules().is_empty() {
+            return;
+        }
+        readings
+            .iter()
+            .flat_map(|reading| {
+                evaluator.on_reading(reading.device_id, &reading.metric, reading.value, reading.measure_time)
+            })
+            .collect()
+    };
+    for alert in raised {
+        if let Err(error) = record(api, alerts.as_ref(), &alert).await {
+            tracing::warn!(alert_id = %alert.id, %error, "cannot record an alert raised on committed readings");
+        }
+    }
+}
+
+async fn record(api: &IngestionApi, alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) -> Result<()> {
+    if let Some(event) = alerts.record_alert(alert).await? {
+        metrics::counter!("smartfarm_alerts_recorded_total", "origin" => if alert.origin == Origin::Edge { "edge" } else { "cloud" }).increment(1);
+        if let Some(bus) = &api.bus {
+            bus.publish(Event::AlertChanged(AlertChanged {
+                sequence: event.sequence,
+                kind: event.kind,
+                alert: event.alert,
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// An alert the agent raised, sent up the urgent lane. A bad one is logged and dropped (resending would not fix it).
+pub(crate) async fn on_alert(
+    api: &IngestionApi,
+    farm_id: Uuid,
+    wire: &smartfarm_proto::alert::v1::Alert,
+) -> Result<()> {
+    let Some(alerts) = &api.alerts else {
+        metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert").increment(1);
+        return Ok(());
+    };
+    match Alert::from_edge(wire, farm_id) {
+        Ok(alert) => record(api, alerts.as_ref(), &alert).await,
+        Err(error) => {
+            metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "bad_alert").increment(1);
+            tracing::warn!(%farm_id, %error, "an alert from the edge was refused");
+            Ok(())
+        }
+    }
+}
+
+/// A command receipt from the agent: recorded when it moves the command on (late and repeated receipts change
+/// nothing).
+pub(crate) async fn on_receipt(api: &IngestionApi, farm_id: Uuid, receipt: &command_pb::CommandReceipt) -> Result<()> {
+    let Some(commands) = &api.commands else {
+        metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "command_receipt").increment(1);
+        return Ok(());
+    };
+    let parsed = (|| -> Result<(Uuid, CommandStatus)> {
+        let id = validate::id("command_receipt.command_id", &receipt.command_id)?;
+        let status = CommandStatus::from_proto("command_receipt.status", receipt.status)?
+            .ok_or_else(|| Error::invalid("command_receipt.status", "is required"))?;
+        if receipt.detail.len() > 4096 {
+            return Err(Error::invalid("command_receipt.detail", "must be at most 4096 bytes"));
+        }
+        Ok((id, status))
+    })();
+    let (id, status) = match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            tracing::warn!(%farm_id, %error, "a command receipt from the edge was refused");
+            return Ok(());
+        }
+    };
+    let command = match commands.get_command(id).await {
+        Ok(command) if command.farm_id == farm_id => command,
+        Ok(_) | Err(Error::NotFound { .. }) => {
+            tracing::warn!(%farm_id, command_id = %id, "a receipt for a command this farm does not have was ignored");
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
+    let at = receipt
+        .change_time
+        .as_ref()
+        .and_then(|t| time::from_timestamp("change_time", t).ok())
+        .map(|t| time::from_unix_micros(time::to_unix_micros(t)))
+        .unwrap_or_else(time::now);
+    if let Some(updated) = commands.update_command_status(command.id, status, &receipt.detail, at).await? {
+        metrics::counter!("smartfarm_commands_total", "status" => format!("{status:?}").to_lowercase()).increment(1);
+        tracing::debug!(command_id = %id, status = ?updated.status, "command receipt recorded");
+        if let Some(bus) = &api.bus {
+            bus.publish(Event::CommandChanged { farm_id, command_id: id });
+        }
+    }
+    Ok(())
+}
+
+/// Sends one command down (unless its TTL passed) and records it as sent.
+pub(crate) async fn send_command(api: &IngestionApi, command: &StoredCommand, outbound: &Outbound) -> Result<()> {
+    let Some(commands) = &api.commands else { return Ok(()) };
+    if command.expired_at(time::now()) || command.status.is_final() {
+        return Ok(());
+    }
+    send(outbound, pb::connect_response::Body::Command(command.to_proto())).await?;
+    if commands.update_command_status(command.id, CommandStatus::Sent, "", time::now()).await?.is_some()
+        && let Some(bus) = &api.bus
+    {
+        bus.publish(Event::CommandChanged { farm_id: command.farm_id, command_id: command.id });
+    }
+    Ok(())
+}
+
+/// Sends the farm's unfinished commands down: at connect every one (a command delivered but unanswered when the
+/// last link died goes again, and the agent's command book answers it without running it twice); later, as a
+/// safety net for a lost bus message, those the agent has not confirmed yet.
+pub(crate) async fn send_pending_commands(
+    api: &IngestionApi,
+    farm_id: Uuid,
+    outbound: &Outbound,
+    include_delivered: bool,
+) -> Result<()> {
+    let Some(commands) = &api.commands else { return Ok(()) };
+    for command in commands.pending_commands(farm_id, time::now()).await? {
+        if include_delivered || command.status != CommandStatus::Delivered {
+            send_command(api, &command, outbound).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What the link does with a bus event: rules, commands and alerts of its farm go down.
+pub(crate) async fn on_bus_event(
+    api: &IngestionApi,
+    (rules, agent_version): (&FarmRules, &mut u64),
+    event: Event,
+    outbound: &Outbound,
+) -> Result<()> {
+    let farm_id = rules.farm_id;
+    match event {
+        Event::RulesChanged { farm_id: changed } if changed == farm_id => {
+            refresh_rules(api, rules, agent_version, outbound).await
+        }
+        Event::CommandQueued { farm_id: target, command_id } if target == farm_id => {
+            let Some(commands) = &api.commands else { return Ok(()) };
+            let command = commands.get_command(command_id).await?;
+            send_command(api, &command, outbound).await
+        }
+        Event::AlertChanged(changed) if changed.alert.farm_id == farm_id => {
+            send(outbound, pb::connect_response::Body::Alert(changed.alert.to_proto())).await
+        }
+        _ => Ok(()),
+    }
+}

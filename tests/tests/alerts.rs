@@ -1,0 +1,306 @@
+//! Alerts end to end: one rule defined in the cloud runs on the farm's agent and in the cloud. A reading over the
+//! threshold, published by Mosquitto's own client to the agent, reaches the farm's alert topic, a cloud `Subscribe`
+//! stream and a signed webhook once each; with the link down the farm still gets its alert at once, and the cloud's
+//! copy arrives when the link returns, as the same alert. Bad rules and webhooks are refused with the field named.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+use smartfarm_e2e::alerting::{MqttWatch, WebhookReceiver, mosquitto_pub};
+use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
+use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
+use smartfarm_proto::alert::v1 as pb;
+use smartfarm_proto::pbjson_types;
+
+fn hot_rule(farm_id: &str) -> pb::Rule {
+    pb::Rule {
+        farm_id: farm_id.to_string(),
+        name: "greenhouse too hot".into(),
+        severity: smartfarm_proto::common::v1::Severity::Critical as i32,
+        metric: "temperature".into(),
+        condition: Some(pb::rule::Condition::Threshold(pb::ThresholdCondition {
+            direction: pb::ThresholdDirection::Above as i32,
+            limit: 40.0,
+            for_duration: None,
+        })),
+        ..Default::default()
+    }
+}
+
+fn signature(secret: &str, body: &[u8]) -> String {
+    // HMAC-SHA256 by hand (RFC 2104) so the test does not trust the server's code for it.
+    use sha2::{Digest, Sha256};
+    let mut key = secret.as_bytes().to_vec();
+    key.resize(64, 0);
+    let inner: Vec<u8> = key.iter().map(|b| b ^ 0x36).collect();
+    let outer: Vec<u8> = key.iter().map(|b| b ^ 0x5c).collect();
+    let inner_hash = Sha256::new().chain_update(&inner).chain_update(body).finalize();
+    let mac = Sha256::new().chain_update(&outer).chain_update(inner_hash).finalize();
+    format!("sha256={}", hex::encode(mac))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link_up_or_down() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "greenhouse", 1).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    alerts.create_rule(pb::CreateRuleRequest { rule: Some(hot_rule(&fleet.farm_id)) }).await.unwrap();
+    let mut receiver = WebhookReceiver::start().await;
+    let created = alerts
+        .create_webhook(pb::CreateWebhookRequest {
+            farm_id: fleet.farm_id.clone(),
+            url: receiver.url(),
+            min_severity: smartfarm_proto::common::v1::Severity::Warning as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = alerts
+        .subscribe(pb::SubscribeRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let spool = data.data_dir.path().join("spool");
+    let options =
+        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await,
+        "the rule reached the agent\n{}",
+        edge.log()
+    );
+    let sensor = &fleet.sensors[0];
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 21}}"#)
+        .await;
+    mosquitto_pub(
+        edge.mqtt,
+        &sensor.device_id,
+        &sensor.credential,
+        &telemetry,
+        r#"{"metrics": {"temperature": 45.5}}"#,
+    )
+    .await;
+
+    // On the farm.
+    let local = farm_topic.next(Duration::from_secs(10)).await.expect("the farm's alert topic says it");
+    let local: serde_json::Value = serde_json::from_str(&local).unwrap();
+    assert_eq!((local["kind"].as_str(), local["state"].as_str()), (Some("alert"), Some("ALERT_STATE_OPEN")), "{local}");
+    assert_eq!(local["severity"], "SEVERITY_CRITICAL", "{local}");
+    assert_eq!(local["value"], 45.5, "{local}");
+    let alert_id = local["id"].as_str().unwrap().to_string();
+
+    // On the cloud's stream.
+    let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream says it")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.event_type, pb::AlertEventType::Opened as i32);
+    let streamed = event.alert.unwrap();
+    assert_eq!((streamed.id.as_str(), streamed.origin), (alert_id.as_str(), pb::AlertOrigin::Edge as i32));
+
+    // On the webhook, signed.
+    let delivery = receiver.next(Duration::from_secs(10)).await.expect("the webhook is called");
+    assert_eq!(
+        delivery.header("x-smartfarm-signature"),
+        Some(signature(&created.signing_secret, &delivery.body).as_str()),
+        "signed with the secret CreateWebhook returned"
+    );
+    let body = delivery.json();
+    assert_eq!(
+        (body["event_type"].as_str(), body["alert"]["id"].as_str()),
+        (Some("ALERT_EVENT_TYPE_OPENED"), Some(alert_id.as_str()))
+    );
+
+    // The batch with the same reading reaches the cloud, which raises the same alert: still one alert, said once.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            edge.metric("smartfarm_edge_batches_acked_total").await >= 1.0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(farm_topic.drain(Duration::from_millis(500)).await.is_empty(), "the farm heard it once");
+    assert!(receiver.next(Duration::from_millis(500)).await.is_none(), "the webhook was called once");
+    assert!(tokio::time::timeout(Duration::from_millis(500), stream.message()).await.is_err(), "streamed once");
+    let listed = alerts
+        .list_alerts(pb::ListAlertsRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].id.as_str(), listed[0].count), (alert_id.as_str(), 1));
+
+    // The value falls back: the alert resolves, everywhere.
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 30}}"#)
+        .await;
+    let resolved: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("resolution on the farm")).unwrap();
+    assert_eq!(resolved["state"], "ALERT_STATE_RESOLVED", "{resolved}");
+    let event = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(event.event_type, pb::AlertEventType::Resolved as i32);
+    let cursor = event.cursor.clone();
+
+    // The link goes down. The farm still gets its alert at once.
+    let cloud_addr = cloud.addr;
+    drop(stream);
+    cloud.stop().await;
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 48}}"#)
+        .await;
+    let offline: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(5)).await.expect("an alert with the link down"))
+            .unwrap();
+    assert_eq!(offline["state"], "ALERT_STATE_OPEN", "{offline}");
+    let offline_id = offline["id"].as_str().unwrap().to_string();
+    assert_ne!(offline_id, alert_id);
+
+    // The cloud comes back: its copy arrives (from the urgent lane and from the batch): one alert, not two.
+    let cloud = Cloud::start(&data, CloudOptions { listen: Some(cloud_addr), ..Default::default() }).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    let mut stream = alerts
+        .subscribe(pb::SubscribeRequest { farm_id: fleet.farm_id.clone(), cursor, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let event = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the stream resumes from its cursor")
+        .unwrap()
+        .unwrap();
+    assert_eq!((event.event_type, event.alert.unwrap().id), (pb::AlertEventType::Opened as i32, offline_id.clone()));
+    let acked_before = edge.metric("smartfarm_edge_batches_acked_total").await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            edge.metric("smartfarm_edge_batches_acked_total").await > acked_before
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listed = alerts
+        .list_alerts(pb::ListAlertsRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!((listed[0].id.as_str(), listed[0].count), (offline_id.as_str(), 1), "newest first");
+    let delivery = receiver.next(Duration::from_secs(10)).await;
+    assert!(delivery.is_some(), "webhook deliveries resume after the cloud restarts");
+    edge.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rules_and_webhooks_are_refused_and_a_failing_webhook_is_marked_then_recovers() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let config = "[alerts]\nwebhook_retry_min = \"50ms\"\nwebhook_retry_max = \"200ms\"\nwebhook_max_failures = 2\n";
+    let cloud = Cloud::start(&data, CloudOptions { config: Some(config.into()), ..Default::default() }).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "checks", 1).await;
+    let mut alerts = cloud.alert_client(&key).await;
+
+    let refusal = |status: tonic::Status| (status.code(), status.message().to_string());
+    let mut bad = hot_rule(&fleet.farm_id);
+    bad.metric = "Temperature (C)".into();
+    let (code, message) = refusal(alerts.create_rule(pb::CreateRuleRequest { rule: Some(bad) }).await.unwrap_err());
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(message.starts_with("rule.metric:"), "{message}");
+    let mut bad = hot_rule(&fleet.farm_id);
+    bad.cooldown = Some(pbjson_types::Duration { seconds: -5, nanos: 0 });
+    let (code, message) = refusal(alerts.create_rule(pb::CreateRuleRequest { rule: Some(bad) }).await.unwrap_err());
+    assert_eq!((code, message.starts_with("rule.cooldown:")), (Code::InvalidArgument, true), "{message}");
+    for (url, field) in [
+        ("ftp://example.com/hook", "url:"),
+        ("http://169.254.169.254/latest/meta-data/", "url:"),
+        ("http://[fe80::1]:8080/hook", "url:"),
+    ] {
+        let (code, message) = refusal(
+            alerts
+                .create_webhook(pb::CreateWebhookRequest {
+                    farm_id: fleet.farm_id.clone(),
+                    url: url.into(),
+                    min_severity: 0,
+                })
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(code, Code::InvalidArgument, "{url}: {message}");
+        assert!(message.starts_with(field), "{url}: {message}");
+    }
+
+    // A webhook whose endpoint fails is retried, marked failing after two failures, and recovers.
+    let rule = alerts.create_rule(pb::CreateRuleRequest { rule: Some(hot_rule(&fleet.farm_id)) }).await.unwrap();
+    let rule_id = rule.into_inner().rule.unwrap().id;
+    let mut receiver = WebhookReceiver::start().await;
+    receiver.answer_with(&[500, 503, 500, 500, 500, 500]);
+    let webhook = alerts
+        .create_webhook(pb::CreateWebhookRequest {
+            farm_id: fleet.farm_id.clone(),
+            url: receiver.url(),
+            min_severity: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    let spool = data.data_dir.path().join("spool");
+    let options =
+        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let sensor = &fleet.sensors[0];
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 41}}"#)
+        .await;
+    let webhook_now = || {
+        let mut alerts = alerts.clone();
+        let farm_id = fleet.farm_id.clone();
+        async move {
+            alerts
+                .list_webhooks(pb::ListWebhooksRequest { farm_id, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .webhooks
+                .remove(0)
+        }
+    };
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        attempts.push(receiver.next(Duration::from_secs(10)).await.expect("an attempt").json());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let now = webhook_now().await;
+            now.state == pb::WebhookState::Failing as i32 && now.last_error.contains("500")
+        })
+        .await,
+        "after two failures in a row the webhook shows as failing, with its last error"
+    );
+    for _ in 0..4 {
+        attempts.push(receiver.next(Duration::from_secs(10)).await.expect("an attempt").json());
+    }
+    assert!(attempts.iter().all(|body| body["cursor"] == attempts[0]["cursor"]), "the same event, retried");
+    assert_eq!(attempts[0]["alert"]["ruleId"], rule_id.as_str(), "the alert in the proto3 JSON mapping");
+    assert_eq!(webhook_now().await.id, webhook.id);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let now = webhook_now().await;
+            now.state == pb::WebhookState::Healthy as i32 && now.last_success_time.is_some()
+        })
+        .await,
+        "the seventh attempt succeeded and the webhook is healthy again"
+    );
+    edge.stop().await;
+    cloud.stop().await;
+}
