@@ -1,0 +1,135 @@
+//! Two cloud replicas on one PostgreSQL database and a NATS JetStream bus (NATS runs on 127.0.0.1:4222 where the
+//! project is tested; `SMARTFARM_TEST_NATS_URL` points elsewhere). The farm's agent is connected to replica B: a
+//! rule created and a command sent through replica A reach it, the device's acknowledgement is seen by a watch on
+//! A, an alert the agent raises through B reaches a subscriber on A, and a command acknowledged by A just before A
+//! is killed still reaches the device.
+
+use std::time::Duration;
+
+use smartfarm_e2e::alerting::{MqttWatch, mosquitto_pub};
+use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
+use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
+use smartfarm_proto::alert::v1 as alert;
+use smartfarm_proto::command::v1 as command;
+use smartfarm_proto::pbjson_types;
+
+fn nats_url() -> String {
+    let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    // A stream of its own, so tests sharing the server do not hear each other.
+    format!("{server}/e2e-{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn replica(data: &CloudData, bus: &str) -> Cloud {
+    Cloud::start(
+        data,
+        CloudOptions {
+            env: vec![("SMARTFARM_BUS_URL".into(), bus.into())],
+            config: Some("[telemetry]\nregistry_refresh_interval = \"1s\"\n".into()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn send_request(device_id: &str, name: &str) -> command::SendCommandRequest {
+    command::SendCommandRequest {
+        device_id: device_id.into(),
+        name: name.into(),
+        parameters: None,
+        ttl: Some(pbjson_types::Duration { seconds: 60, nanos: 0 }),
+        request_id: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_and_alerts_cross_replicas_over_nats() {
+    let data = CloudData::new(Backend::Postgres).await;
+    let bus = nats_url();
+    let a = replica(&data, &bus).await;
+    let b = replica(&data, &bus).await;
+    assert!(
+        a.log().contains("bus on NATS JetStream"),
+        "replica A runs on NATS (is nats-server -js running on 127.0.0.1:4222?)\n{}",
+        a.log()
+    );
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&a, &key, "two replicas", 1).await;
+    let sensor = fleet.sensors[0].clone();
+    let spool = data.data_dir.path().join("spool");
+    let edge = Edge::start(&EdgeOptions::new(&b, &fleet, spool)).await;
+    edge.wait_for_registry(2).await;
+
+    // A rule created through A reaches the agent connected to B.
+    let mut alerts_a = a.alert_client(&key).await;
+    alerts_a
+        .create_rule(alert::CreateRuleRequest {
+            rule: Some(alert::Rule {
+                farm_id: fleet.farm_id.clone(),
+                name: "frost".into(),
+                severity: smartfarm_proto::common::v1::Severity::Warning as i32,
+                metric: "temperature".into(),
+                condition: Some(alert::rule::Condition::Threshold(alert::ThresholdCondition {
+                    direction: alert::ThresholdDirection::Below as i32,
+                    limit: 0.0,
+                    for_duration: None,
+                })),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await,
+        "the rule crossed from A to B's link\n{}",
+        b.log()
+    );
+
+    // A command sent through A reaches the device through B; a watch on A sees the device's answer.
+    let topic = format!("smartfarm/{}/commands", sensor.device_id);
+    let mut device = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, &topic).await;
+    let mut commands_a = a.command_client(&key).await;
+    let sent = commands_a.send_command(send_request(&sensor.device_id, "open_vent")).await.unwrap();
+    let sent = sent.into_inner().command.unwrap();
+    let mut watch = commands_a
+        .watch_command(command::WatchCommandRequest { command_id: sent.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let received = device.next(Duration::from_secs(10)).await.expect("the command crossed replicas");
+    assert!(received.contains(&sent.id), "{received}");
+    let ack = format!(r#"{{"id": "{}", "status": "ok"}}"#, sent.id);
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &format!("{topic}/ack"), &ack).await;
+    let mut last = 0;
+    while let Ok(Some(change)) = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap() {
+        last = change.receipt.unwrap().status;
+    }
+    assert_eq!(last, command::CommandStatus::Acked as i32, "the watch on A saw the acknowledgement B recorded");
+
+    // An alert the agent raises through B reaches a subscriber on A.
+    let mut stream = alerts_a
+        .subscribe(alert::SubscribeRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": -3}}"#)
+        .await;
+    let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the alert crossed from B to A")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.event_type, alert::AlertEventType::Opened as i32);
+    assert_eq!(event.alert.unwrap().origin, alert::AlertOrigin::Edge as i32);
+
+    // A command A acknowledged to its caller survives A's death right after.
+    let last_words = commands_a.send_command(send_request(&sensor.device_id, "close_vent")).await.unwrap();
+    let last_words = last_words.into_inner().command.unwrap();
+    drop(stream);
+    a.kill9().await;
+    let received = device.next(Duration::from_secs(15)).await.expect("B delivered the dead replica's command");
+    assert!(received.contains(&last_words.id), "{received}");
+    device.stop().await;
+    edge.stop().await;
+    b.stop().await;
+}
