@@ -59,7 +59,7 @@ pub async fn run(
     let rules = Arc::new(EdgeRules::load(&config.spool_dir));
     metrics::gauge!("smartfarm_edge_rules").set(rules.len() as f64);
     let urgent = Arc::new(UrgentQueue::default());
-    let book = Arc::new(CommandBook::load(&config.spool_dir));
+    let book = Arc::new(CommandBook::load(&config.spool_dir).context("cannot open the command book")?);
 
     let (alerts, mut alert_events) = mpsc::unbounded_channel::<LocalAlert>();
     let writer = SpoolWriter::start(spool.clone(), alerts.clone());
@@ -276,17 +276,20 @@ pub async fn run(
     Ok(())
 }
 
-/// Whether the alert topic has not yet said this of the alert (its state and count); remembers that it now has.
+/// Whether the alert topic has not yet said this much of the alert (its state and count): the cloud's copy of an
+/// alert raised here, or a change that arrives after a later one (the cloud's "opened" after the farm's
+/// "resolved"), is not said again. Remembers what it now has said.
 fn newly_announced(announced: &mut HashMap<String, (i32, u64)>, alert: &smartfarm_proto::alert::v1::Alert) -> bool {
-    let said = (alert.state, alert.count);
-    if announced.get(&alert.id) == Some(&said) {
+    let known = announced.get(&alert.id).copied();
+    if known.is_some_and(|(state, count)| state >= alert.state && count >= alert.count) {
         return false;
     }
     if announced.len() >= 10_000 {
         // A bound on memory: forgetting only risks saying an alert's state twice.
         announced.clear();
     }
-    announced.insert(alert.id.clone(), said);
+    let (state, count) = known.unwrap_or_default();
+    announced.insert(alert.id.clone(), (state.max(alert.state), count.max(alert.count)));
     true
 }
 
@@ -337,7 +340,10 @@ async fn run_commands(
                         tracing::info!(command_id = %command.id, "command held until its device subscribes");
                         receipt(delivered);
                     }
-                    Ok(Some(Arrival::Answer { receipt: answer })) => receipt(answer),
+                    Ok(Some(Arrival::Answer { receipt: answer })) => {
+                        metrics::counter!("smartfarm_edge_commands_total", "outcome" => "answered_from_book").increment(1);
+                        receipt(answer)
+                    }
                     Ok(None) => {}
                     Err(error) => {
                         // Without the book on disk the command could run twice after a crash: it does not run.

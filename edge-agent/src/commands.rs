@@ -1,5 +1,5 @@
-//! Commands on the farm: the cloud sends a command down the link; the agent writes its id to the command book (on
-//! disk, fsynced) before it publishes it to `smartfarm/<device>/commands`, and never publishes an id it has in the
+//! Commands on the farm: the cloud sends a command down the link; the agent writes its id to the command book (an
+//! append-only journal on disk, fsynced per change) before it publishes it to `smartfarm/<device>/commands`, and never publishes an id it has in the
 //! book again: a command redelivered after a reconnect, or after a kill -9 of the agent, runs at most once. A command
 //! whose expire time has passed is never published. The device answers on `smartfarm/<device>/commands/ack` with
 //! `{"id": …, "status": "ok" | "error", "detail": …}`; every status change goes up the urgent lane as a receipt, and
@@ -64,11 +64,25 @@ pub enum AckOutcome {
     Refused(String),
 }
 
-/// The command book.
+/// The command book: the entries in memory, and the journal (one JSON line per change: the entry as it is after
+/// it) they are replayed from at start.
 #[derive(Debug)]
 pub struct CommandBook {
     path: PathBuf,
     entries: Mutex<HashMap<Uuid, Entry>>,
+    journal: Mutex<Option<std::fs::File>>,
+    /// Lines appended since the journal was last rewritten.
+    appended: std::sync::atomic::AtomicUsize,
+    /// An append failed: the journal must be rewritten before the next change.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+/// One journal line.
+#[derive(Serialize, Deserialize)]
+struct Line {
+    id: Uuid,
+    #[serde(flatten)]
+    entry: Entry,
 }
 
 fn receipt(id: Uuid, status: CommandStatus, detail: &str, at_micros: i64) -> pb::CommandReceipt {
@@ -81,24 +95,94 @@ fn receipt(id: Uuid, status: CommandStatus, detail: &str, at_micros: i64) -> pb:
 }
 
 impl CommandBook {
-    /// Loads `dir/commands.json` (empty when missing; an unreadable book is set aside, reported, and started anew:
-    /// commands already in it could then run again, which is why it is fsynced on every change).
-    pub fn load(dir: &Path) -> CommandBook {
-        let path = dir.join("commands.json");
-        let entries = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
-                tracing::error!(path = %path.display(), %error, "the command book is unreadable; starting a new one");
-                let _ = std::fs::rename(&path, path.with_extension("json.unreadable"));
-                HashMap::new()
-            }),
-            Err(_) => HashMap::new(),
+    /// Replays `dir/commands.log` and rewrites it without what it no longer needs. A line that does not parse (the
+    /// torn last line of a power cut during a write: that change was never confirmed to anyone) is skipped. A journal
+    /// that cannot be read is an error: starting with an empty book could run commands again.
+    pub fn load(dir: &Path) -> std::io::Result<CommandBook> {
+        let path = dir.join("commands.log");
+        let mut entries = HashMap::new();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => {
+                return Err(std::io::Error::new(
+                    error.kind(),
+                    format!("cannot read the command journal {}: {error}", path.display()),
+                ));
+            }
         };
-        CommandBook { path, entries: Mutex::new(entries) }
+        for (number, line) in bytes.split(|b| *b == b'\n').enumerate().filter(|(_, line)| !line.is_empty()) {
+            match serde_json::from_slice::<Line>(line) {
+                Ok(line) => {
+                    entries.insert(line.id, line.entry);
+                }
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), line = number + 1, %error, "command journal line unreadable; skipped")
+                }
+            }
+        }
+        let now = to_unix_micros(SystemTime::now());
+        entries.retain(|_, entry: &mut Entry| entry.expire_micros.saturating_add(REMEMBER_AFTER_EXPIRY_MICROS) > now);
+        let book = CommandBook {
+            path,
+            entries: Mutex::new(HashMap::new()),
+            journal: Mutex::new(None),
+            appended: std::sync::atomic::AtomicUsize::new(0),
+            broken: std::sync::atomic::AtomicBool::new(false),
+        };
+        book.compact(&entries)?;
+        *book.entries.lock().expect("command book lock") = entries;
+        Ok(book)
     }
 
-    fn save(&self, entries: &HashMap<Uuid, Entry>) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(entries).map_err(std::io::Error::other)?;
-        crate::spool::write_file_durably(&self.path, &bytes)
+    /// Rewrites the journal with one line per entry.
+    fn compact(&self, entries: &HashMap<Uuid, Entry>) -> std::io::Result<()> {
+        let mut text = String::new();
+        for (id, entry) in entries {
+            text.push_str(
+                &serde_json::to_string(&Line { id: *id, entry: entry.clone() }).map_err(std::io::Error::other)?,
+            );
+            text.push('\n');
+        }
+        *self.journal.lock().expect("journal lock") = None;
+        crate::spool::write_file_durably(&self.path, text.as_bytes())?;
+        self.appended.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.broken.store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes entry `id` of `entries` (its new state) durable: one line appended to the journal and fsynced. After a
+    /// failed append (a line may be half written) the journal is rewritten whole before anything else goes in.
+    fn save(&self, entries: &HashMap<Uuid, Entry>, id: Uuid) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Relaxed) || self.appended.load(Ordering::Relaxed) > 10_000 + 4 * entries.len() {
+            // Also when the journal has become mostly history.
+            return self.compact(entries);
+        }
+        let Some(entry) = entries.get(&id) else { return Ok(()) };
+        let mut line = serde_json::to_vec(&Line { id, entry: entry.clone() }).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut journal = self.journal.lock().expect("journal lock");
+        let appended = (|| {
+            if journal.is_none() {
+                *journal = Some(std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?);
+            }
+            let file = journal.as_mut().expect("opened above");
+            file.write_all(&line)?;
+            file.sync_data()
+        })();
+        match appended {
+            Ok(()) => {
+                self.appended.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                *journal = None;
+                self.broken.store(true, Ordering::Relaxed);
+                Err(error)
+            }
+        }
     }
 
     /// Takes a command from the cloud. `device_known` says whether the device is one of the farm's; `listening`
@@ -116,12 +200,15 @@ impl CommandBook {
         };
         let now = to_unix_micros(now);
         let mut entries = self.entries.lock().expect("command book lock");
-        entries.retain(|_, entry| entry.expire_micros + REMEMBER_AFTER_EXPIRY_MICROS > now);
+        entries.retain(|_, entry| entry.expire_micros.saturating_add(REMEMBER_AFTER_EXPIRY_MICROS) > now);
         if let Some(entry) = entries.get(&id) {
             let status = CommandStatus::try_from(entry.status).unwrap_or(CommandStatus::Delivered);
             return Ok(Some(Arrival::Answer { receipt: receipt(id, status, &entry.detail, entry.change_micros) }));
         }
-        let expire_micros = command.expire_time.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+        let expire_micros = command
+            .expire_time
+            .as_ref()
+            .map(|t| t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos) / 1000));
         let device = Uuid::try_parse(&command.device_id).ok().filter(|device| device_known(*device));
         let (Some(expire_micros), Some(device)) = (expire_micros, device) else {
             return Ok(Some(Arrival::Answer {
@@ -152,9 +239,12 @@ impl CommandBook {
             detail: String::new(),
             change_micros: now,
         };
-        entries.insert(id, entry);
         // On disk before it goes out: after a crash, the book says it went.
-        self.save(&entries)?;
+        entries.insert(id, entry);
+        if let Err(error) = self.save(&entries, id) {
+            entries.remove(&id);
+            return Err(error);
+        }
         let receipt = receipt(id, CommandStatus::Delivered, "", now);
         Ok(Some(if published {
             Arrival::Publish { topic, payload: Bytes::from(message), receipt }
@@ -163,32 +253,40 @@ impl CommandBook {
         }))
     }
 
-    /// The held commands whose device now listens (marked published, on disk, before they are returned); expired
-    /// ones are marked expired and their receipts returned too.
+    /// The held commands whose device now listens (marked published, on disk, before they are returned), and the
+    /// receipts of commands whose expire time passed with no answer from their device (held ones were never
+    /// published; published ones the device did not answer in time, and it must not run them after).
     pub fn release(&self, now: SystemTime, listening: impl Fn(&str) -> bool) -> std::io::Result<Released> {
         let now = to_unix_micros(now);
         let mut entries = self.entries.lock().expect("command book lock");
+        let waiting: Vec<Uuid> = entries
+            .iter()
+            .filter(|(_, entry)| entry.status == CommandStatus::Delivered as i32)
+            .map(|(id, _)| *id)
+            .collect();
         let mut out = Vec::new();
         let mut receipts = Vec::new();
-        for (id, entry) in entries.iter_mut().filter(|(_, entry)| !entry.published) {
-            if entry.status != CommandStatus::Delivered as i32 {
-                continue;
-            }
+        for id in waiting {
+            let entry = entries.get_mut(&id).expect("listed above");
             if entry.expire_micros <= now {
                 entry.status = CommandStatus::Expired as i32;
-                entry.detail = "the ttl passed before the device subscribed to its commands".into();
+                entry.detail = if entry.published {
+                    "the device did not answer before the ttl".into()
+                } else {
+                    "the ttl passed before the device subscribed to its commands".into()
+                };
                 entry.change_micros = now;
-                receipts.push(receipt(*id, CommandStatus::Expired, &entry.detail, now));
+                receipts.push(receipt(id, CommandStatus::Expired, &entry.detail, now));
+                self.save(&entries, id)?;
                 continue;
             }
             let topic = format!("smartfarm/{}/commands", entry.device);
-            if listening(&topic) {
+            if !entry.published && listening(&topic) {
                 entry.published = true;
-                out.push((topic, Bytes::from(entry.message.clone())));
+                let message = Bytes::from(entry.message.clone());
+                self.save(&entries, id)?;
+                out.push((topic, message));
             }
-        }
-        if !out.is_empty() || !receipts.is_empty() {
-            self.save(&entries)?;
         }
         Ok((out, receipts))
     }
@@ -232,7 +330,7 @@ impl CommandBook {
         entry.status = status as i32;
         entry.detail = detail.clone();
         entry.change_micros = now;
-        self.save(&entries)?;
+        self.save(&entries, id)?;
         Ok(AckOutcome::Receipt(receipt(id, status, &detail, now)))
     }
 
@@ -269,7 +367,7 @@ mod tests {
     fn a_command_is_published_once_even_after_a_restart_and_its_ack_closes_it() {
         let dir = tempfile::tempdir().unwrap();
         let device = Uuid::now_v7();
-        let book = CommandBook::load(dir.path());
+        let book = CommandBook::load(dir.path()).unwrap();
         let sent = command(device, 60);
         let arrival = book.arrive(&sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
         let Arrival::Publish { topic, payload, receipt } = arrival else { panic!("{arrival:?}") };
@@ -278,7 +376,7 @@ mod tests {
         assert_eq!(receipt.status, CommandStatus::Delivered as i32);
 
         // kill -9 and a redelivery: the book on disk knows the id.
-        let book = CommandBook::load(dir.path());
+        let book = CommandBook::load(dir.path()).unwrap();
         let again = book.arrive(&sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
         assert!(matches!(again, Arrival::Answer { .. }), "{again:?}");
 
@@ -298,7 +396,7 @@ mod tests {
     fn an_expired_command_is_never_published_and_a_held_one_waits_for_its_device() {
         let dir = tempfile::tempdir().unwrap();
         let device = Uuid::now_v7();
-        let book = CommandBook::load(dir.path());
+        let book = CommandBook::load(dir.path()).unwrap();
         let late = book.arrive(&command(device, -1), SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
         assert!(matches!(late, Arrival::Answer { receipt } if receipt.status == CommandStatus::Expired as i32));
         let held = book.arrive(&command(device, 2), SystemTime::now(), |_| true, |_| false).unwrap().unwrap();

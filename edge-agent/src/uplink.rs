@@ -182,8 +182,15 @@ impl Uplink {
         let urgent = self.alerting.as_ref().map_or(&no_urgent_lane, |alerting| &*alerting.urgent);
 
         loop {
-            for body in urgent.take() {
-                up.send(pb::ConnectRequest { body: Some(body) }).await.map_err(|_| LinkError::Closed)?;
+            let mut taken = urgent.take().into_iter();
+            while let Some(body) = taken.next() {
+                if let Err(unsent) = up.send(pb::ConnectRequest { body: Some(body) }).await {
+                    // The link died: this message and the ones after it wait for the next.
+                    let mut back: Vec<_> = unsent.0.body.into_iter().collect();
+                    back.extend(taken);
+                    urgent.put_back(back);
+                    return Err(LinkError::Closed);
+                }
                 metrics::counter!("smartfarm_edge_urgent_sent_total").increment(1);
             }
             while draining && in_flight.len() < window {

@@ -37,6 +37,18 @@ impl UrgentQueue {
         self.waiting.lock().expect("urgent lock").drain(..).collect()
     }
 
+    /// Puts back, in front and in order, messages taken but not sent (the link died meanwhile).
+    pub fn put_back(&self, unsent: Vec<Body>) {
+        let mut waiting = self.waiting.lock().expect("urgent lock");
+        for message in unsent.into_iter().rev() {
+            waiting.push_front(message);
+        }
+        while waiting.len() > MAX_WAITING {
+            waiting.pop_back();
+            metrics::counter!("smartfarm_edge_urgent_dropped_total").increment(1);
+        }
+    }
+
     /// Completes when something was queued since the last call.
     pub async fn news(&self) {
         self.news.notified().await

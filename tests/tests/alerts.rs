@@ -304,3 +304,75 @@ async fn bad_rules_and_webhooks_are_refused_and_a_failing_webhook_is_marked_then
     edge.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidence_and_the_farm_hears_it() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "orchard", 1).await;
+    let camera = cloud
+        .device_client(&key)
+        .await
+        .register_device(smartfarm_proto::device::v1::RegisterDeviceRequest {
+            farm_id: fleet.farm_id.clone(),
+            name: "row 3 camera".into(),
+            kind: smartfarm_proto::device::v1::DeviceKind::Camera as i32,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .device
+        .unwrap()
+        .id;
+    let mut alerts = cloud.alert_client(&key).await;
+    let rule = pb::Rule {
+        farm_id: fleet.farm_id.clone(),
+        name: "disease on the leaves".into(),
+        severity: smartfarm_proto::common::v1::Severity::Critical as i32,
+        condition: Some(pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
+            disease_labels: vec![],
+            min_confidence: 0.8,
+            on_sensor_anomaly: true,
+        })),
+        ..Default::default()
+    };
+    let rule_id =
+        alerts.create_rule(pb::CreateRuleRequest { rule: Some(rule) }).await.unwrap().into_inner().rule.unwrap().id;
+    let camera_dir = data.data_dir.path().join("camera-3");
+    let edge = Edge::start(&EdgeOptions {
+        // The cloud diagnoses here (the agent's own diagnosis is the AI tests' subject).
+        config: "diagnose_photos = false\ncamera_poll_interval = \"200ms\"\n".into(),
+        args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
+        ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))
+    })
+    .await;
+    edge.wait_for_registry(3).await;
+    let sensor = &fleet.sensors[0];
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+
+    let leaf_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/ml/fixtures/plants/Apple___Black_rot");
+    let mut leaves: Vec<_> = std::fs::read_dir(leaf_dir).unwrap().map(|entry| entry.unwrap().path()).collect();
+    leaves.sort();
+    smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf.jpg", &std::fs::read(&leaves[0]).unwrap())]).unwrap();
+
+    let heard = farm_topic.next(Duration::from_secs(60)).await.expect("the cloud's alert reaches the farm's topic");
+    let heard: serde_json::Value = serde_json::from_str(&heard).unwrap();
+    assert_eq!((heard["kind"].as_str(), heard["ruleId"].as_str()), (Some("alert"), Some(rule_id.as_str())), "{heard}");
+    assert_eq!(heard["origin"], "ALERT_ORIGIN_CLOUD", "{heard}");
+    let listed = alerts
+        .list_alerts(pb::ListAlertsRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let alert = &listed[0];
+    assert_eq!(alert.device_id, camera);
+    assert!(alert.message.contains("Apple___Black_rot"), "{}", alert.message);
+    assert!(!alert.evidence_image_id.is_empty(), "the photo is the evidence");
+    edge.stop().await;
+    cloud.stop().await;
+}

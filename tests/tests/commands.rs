@@ -102,7 +102,15 @@ async fn commands_reach_their_device_once_and_never_after_their_ttl() {
     edge.kill9().await;
     let edge = Edge::start(&options).await;
     edge.wait_for_registry(2).await;
-    let again = device.drain(Duration::from_secs(4)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            edge.metric("smartfarm_edge_commands_total{outcome=\"answered_from_book\"}").await >= 1.0
+        })
+        .await,
+        "the cloud sent the unanswered command again and the book answered it\n{}",
+        edge.log()
+    );
+    let again = device.drain(Duration::from_secs(3)).await;
     assert!(again.iter().all(|message| !message.contains(&second.id)), "run once: {again:?}");
     let ack = format!(r#"{{"id": "{}", "status": "error", "detail": "valve stuck"}}"#, second.id);
     mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &ack_topic, &ack).await;

@@ -72,7 +72,7 @@ impl AlertApi {
 
     /// Turns the models' verdicts on the bus into alerts, forever; run it in a task of its own.
     pub async fn run_verdicts(self) {
-        verdicts::run(self.registry.clone(), self.alerts.clone(), self.bus.clone()).await
+        verdicts::run(self.alerts.clone(), self.bus.clone()).await
     }
 
     /// Delivers alert events to webhooks, forever; run it in a task of its own.

@@ -105,8 +105,11 @@ impl Follower {
         }
     }
 
-    /// Sends what the log holds after the last event sent; `false` when the client went away.
+    /// Sends what the log holds after the last event sent; `false` when the client went away. The cursor then moves
+    /// to the end of the log as it was before the read (events commit in sequence order, so every event up to there
+    /// was in the read), so a stream filtered to one farm is not sent back to the log by every other farm's event.
     async fn catch_up(&mut self) -> Result<bool> {
+        let end = self.alerts.last_alert_event().await?;
         loop {
             let events =
                 self.alerts.alert_events_after(self.last, self.farm_id, self.min_severity, CATCH_UP_PAGE).await?;
@@ -117,6 +120,7 @@ impl Follower {
                 }
             }
             if !full {
+                self.last = self.last.max(end);
                 return Ok(true);
             }
         }

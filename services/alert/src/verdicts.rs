@@ -13,9 +13,9 @@ use uuid::Uuid;
 use smartfarm_bus::{Bus, Event};
 use smartfarm_core::rules::{AnomalyVerdict, DiseaseVerdict, Evaluator, Origin};
 use smartfarm_core::{Result, time};
-use smartfarm_store::{AlertStore, RegistryStore};
+use smartfarm_store::AlertStore;
 
-pub(crate) async fn run(_registry: Arc<dyn RegistryStore>, alerts: Arc<dyn AlertStore>, bus: Bus) {
+pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
     let mut events = bus.subscribe();
     let mut evaluators: HashMap<Uuid, Evaluator> = HashMap::new();
     loop {

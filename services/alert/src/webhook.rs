@@ -5,6 +5,10 @@
 //! error (what `ListWebhooks` shows) until a delivery succeeds again. Delivery is at least once: a receiver
 //! deduplicates on the `cursor` field.
 //!
+//! Across replicas each webhook has one deliverer at a time: a process delivers a webhook's events only while it
+//! holds the webhook's lease in the database (renewed as it works, taken over by another replica once it runs out),
+//! so replicas do not post the same event twice.
+//!
 //! URLs must be http or https and may not point at link-local addresses (cloud metadata services live there); the
 //! host is resolved again before every attempt, so a name that later resolves there is refused too.
 
@@ -144,6 +148,8 @@ pub fn body(webhook: &Webhook, event: &AlertEvent) -> Vec<u8> {
 
 /// Runs one delivery task per webhook.
 pub struct Dispatcher {
+    /// This process, as a lease holder.
+    owner: Uuid,
     alerts: Arc<dyn AlertStore>,
     bus: Bus,
     settings: AlertsConfig,
@@ -155,7 +161,7 @@ impl Dispatcher {
         let connector =
             hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Dispatcher { alerts, bus, settings, client }
+        Dispatcher { owner: Uuid::now_v7(), alerts, bus, settings, client }
     }
 
     /// Keeps a delivery task per webhook (started for new ones, stopped for deleted ones), forever.
@@ -200,11 +206,31 @@ impl Dispatcher {
         }
     }
 
-    /// Delivers one webhook's events in order, until it is deleted.
+    /// How long a lease lasts: well beyond one attempt, so it does not run out while this process posts.
+    fn lease(&self) -> Duration {
+        (self.settings.webhook_timeout * 3).max(Duration::from_secs(30))
+    }
+
+    /// Delivers one webhook's events in order, while this process holds its lease, until it is deleted.
     async fn deliver_forever(self: Arc<Self>, id: Uuid) {
         let mut changes = self.bus.subscribe();
         let mut backoff = self.settings.webhook_retry_min;
         loop {
+            let now = time::now();
+            match self.alerts.lease_webhook(id, self.owner, now, now + self.lease()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Another replica delivers it; look again in a while (it may go away).
+                    tokio::time::sleep(self.lease() / 3).await;
+                    continue;
+                }
+                Err(Error::NotFound { .. }) => return,
+                Err(error) => {
+                    tracing::warn!(webhook_id = %id, %error, "cannot lease the webhook; trying again");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
             let webhook = match self.alerts.get_webhook(id).await {
                 Ok(webhook) => webhook,
                 Err(Error::NotFound { .. }) => return,
@@ -249,6 +275,18 @@ impl Dispatcher {
             }
             let mut webhook = webhook;
             for event in events {
+                // Renewed before every post, so the lease never runs out while this process delivers, and the
+                // moment another replica holds it this one stops.
+                let now = time::now();
+                match self.alerts.lease_webhook(id, self.owner, now, now + self.lease()).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(Error::NotFound { .. }) => return,
+                    Err(error) => {
+                        tracing::warn!(webhook_id = %id, %error, "cannot renew the webhook's lease");
+                        break;
+                    }
+                }
                 match self.deliver(&webhook, &event).await {
                     Ok(()) => {
                         metrics::counter!("smartfarm_webhook_deliveries_total", "outcome" => "delivered").increment(1);
@@ -268,7 +306,9 @@ impl Dispatcher {
                         metrics::counter!("smartfarm_webhook_deliveries_total", "outcome" => "failed").increment(1);
                         let failures = webhook.consecutive_failures + 1;
                         let mark_failing = failures >= self.settings.webhook_max_failures;
-                        tracing::warn!(webhook_id = %id, url = %webhook.url, failures, %error, retry_in_ms = backoff.as_millis() as u64, "webhook delivery failed");
+                        // The host only: a chat webhook's path is its secret.
+                        let host = webhook.url.parse::<http::Uri>().ok().and_then(|uri| uri.host().map(str::to_string));
+                        tracing::warn!(webhook_id = %id, host = host.as_deref().unwrap_or("?"), failures, %error, retry_in_ms = backoff.as_millis() as u64, "webhook delivery failed");
                         let outcome = DeliveryOutcome::Failed { error, mark_failing };
                         if let Err(Error::NotFound { .. }) = self.alerts.record_delivery(id, &outcome).await {
                             return;

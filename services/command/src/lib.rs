@@ -1,8 +1,8 @@
 //! smartfarm-command owns live commands to devices: `SendCommand` validates and stores a command with its TTL and
 //! announces it on the bus, so whichever process holds the farm's edge link sends it down (the link in
 //! smartfarm-ingestion does that and records the agent's receipts); `GetCommand`, `ListCommands` and `WatchCommand`
-//! read it back; the expiry task marks commands whose TTL passed before an acknowledgement as expired (the agent
-//! never runs a command after its expire time, so an expired command never runs). It holds no SQL.
+//! read it back; the expiry task marks commands whose TTL passed before they reached the farm as expired (they never
+//! ran; the agent reports itself the expiry of a command its device did not answer in time). It holds no SQL.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +31,10 @@ pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The largest parameters, as JSON.
 pub const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
+/// How long after its expire time a delivered command the agent never reported on is expired by the cloud (the
+/// agent reports a delivered command's expiry itself, when the device did not answer in time; an agent that stays
+/// away that long is not coming back soon).
+const DELIVERED_EXPIRY_GRACE: Duration = Duration::from_secs(3600);
 /// How often a watch reads the command again even without news on the bus.
 const WATCH_POLL: Duration = Duration::from_secs(1);
 
@@ -64,7 +68,8 @@ impl CommandApi {
         let mut ticks = tokio::time::interval(self.settings.command_expiry_interval);
         loop {
             ticks.tick().await;
-            match self.commands.expire_commands(time::now()).await {
+            let now = time::now();
+            match self.commands.expire_commands(now, now - DELIVERED_EXPIRY_GRACE).await {
                 Ok(expired) => {
                     for command in expired {
                         metrics::counter!("smartfarm_commands_total", "status" => "expired").increment(1);

@@ -799,9 +799,9 @@ impl Evaluator {
     /// Evaluates a plant-disease diagnosis of a camera's photo.
     pub fn on_disease(&mut self, verdict: &DiseaseVerdict) -> Vec<Alert> {
         let time = truncate(verdict.capture_time);
+        let identity = (self.farm_id, self.origin);
         let mut changed = Vec::new();
-        for index in 0..self.rules.len() {
-            let rule = &self.rules[index];
+        for rule in &self.rules {
             let Condition::ModelVerdict { disease_labels, min_confidence, .. } = &rule.condition else { continue };
             if !rule.applies_to(verdict.camera, None) {
                 continue;
@@ -809,16 +809,39 @@ impl Evaluator {
             let matches = !verdict.healthy
                 && verdict.confidence >= *min_confidence
                 && (disease_labels.is_empty() || disease_labels.contains(&verdict.label));
-            let (label, confidence) = (verdict.label.clone(), verdict.confidence);
-            let message = move |_: SystemTime| format!("{label} diagnosed ({:.0}% sure)", confidence * 100.0);
-            let seen =
-                Observation { time, beyond: matches, hold: Duration::ZERO, value: Some(confidence), message: &message };
-            if let Some(mut alert) = self.step(index, verdict.camera, "disease", seen) {
-                if alert.evidence_image_id.is_none() {
-                    alert.evidence_image_id = verdict.image_id;
-                    self.remember(&alert);
+            let track = self.tracks.entry((rule.id, verdict.camera, "disease".to_string())).or_default();
+            if track.newest.is_some_and(|newest| time < newest) {
+                continue;
+            }
+            track.newest = Some(time);
+            // A diagnosis is an event, not a level: a matching one within the cooldown of the last is a repeat of
+            // that alert; after it, a new alert (even if the last was never cleared: nothing clears a photo).
+            match (&mut track.active, matches) {
+                (Some((alert, _)), true)
+                    if alert.state != AlertState::Resolved
+                        && time.duration_since(alert.last_time).unwrap_or_default() <= rule.cooldown =>
+                {
+                    alert.count += 1;
+                    alert.last_time = time;
+                    alert.value = Some(verdict.confidence);
+                    changed.push(alert.clone());
                 }
-                changed.push(alert);
+                (_, true) => {
+                    let message = format!("{} diagnosed ({:.0}% sure)", verdict.label, verdict.confidence * 100.0);
+                    let mut alert = new_alert(identity, rule, verdict.camera, "disease", time, message);
+                    alert.value = Some(verdict.confidence);
+                    alert.evidence_image_id = verdict.image_id;
+                    track.active = Some((alert.clone(), None));
+                    changed.push(alert);
+                }
+                // A healthy photo of the camera clears its disease alert.
+                (Some((alert, _)), false) if verdict.healthy => {
+                    alert.state = AlertState::Resolved;
+                    alert.resolve_time = Some(time);
+                    changed.push(alert.clone());
+                    track.active = None;
+                }
+                _ => {}
             }
         }
         changed
@@ -850,16 +873,6 @@ impl Evaluator {
             changed.push(alert);
         }
         changed
-    }
-
-    fn remember(&mut self, alert: &Alert) {
-        let Some(device) = alert.device_id else { return };
-        if let Some(track) = self.tracks.get_mut(&(alert.rule_id, device, alert.metric.clone()))
-            && let Some((active, _)) = &mut track.active
-            && active.id == alert.id
-        {
-            *active = alert.clone();
-        }
     }
 }
 
@@ -1005,6 +1018,11 @@ mod tests {
         assert!(sick[0].evidence_image_id.is_some());
         let healed = evaluator.on_disease(&verdict("Apple___healthy", 0.99, true, 120));
         assert_eq!(healed[0].state, AlertState::Resolved);
+        // Diagnoses are events: the same disease later (past the cooldown) is a new alert, even unhealed.
+        let monday = evaluator.on_disease(&verdict("Apple___scab", 0.9, false, 1000));
+        let friday = evaluator.on_disease(&verdict("Apple___scab", 0.9, false, 5000));
+        assert_eq!((monday.len(), friday.len()), (1, 1));
+        assert_ne!(monday[0].id, friday[0].id);
         let anomaly = evaluator.on_anomaly(&AnomalyVerdict {
             device,
             metric: "temperature".into(),

@@ -89,7 +89,9 @@ async fn record(api: &IngestionApi, alerts: &dyn smartfarm_store::AlertStore, al
     Ok(())
 }
 
-/// An alert the agent raised, sent up the urgent lane. A bad one is logged and dropped (resending would not fix it).
+/// An alert the agent raised, sent up the urgent lane. A bad one is logged and dropped (resending would not fix it),
+/// and so is one the database cannot take now: the link stays up for the batches, whose readings raise the same
+/// alert in the cloud when they are committed.
 pub(crate) async fn on_alert(
     api: &IngestionApi,
     farm_id: Uuid,
@@ -100,7 +102,13 @@ pub(crate) async fn on_alert(
         return Ok(());
     };
     match Alert::from_edge(wire, farm_id) {
-        Ok(alert) => record(api, alerts.as_ref(), &alert).await,
+        Ok(alert) => {
+            if let Err(error) = record(api, alerts.as_ref(), &alert).await {
+                metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert_not_recorded").increment(1);
+                tracing::warn!(%farm_id, alert_id = %alert.id, %error, "cannot record an alert from the edge");
+            }
+            Ok(())
+        }
         Err(error) => {
             metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "bad_alert").increment(1);
             tracing::warn!(%farm_id, %error, "an alert from the edge was refused");

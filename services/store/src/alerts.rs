@@ -129,16 +129,27 @@ pub trait AlertStore: Send + Sync + 'static {
     async fn list_webhooks(&self, farm_id: Option<Uuid>, after: Option<Uuid>, limit: usize) -> Result<Vec<Webhook>>;
     /// Deletes a webhook, or `NotFound`.
     async fn delete_webhook(&self, id: Uuid) -> Result<()>;
+    /// Makes `owner` (a process) the webhook's deliverer until `until`, if nobody else holds it at `now` (a lease
+    /// that ran out is taken over; the holder renews its own). Returns whether `owner` holds it. `NotFound` if absent.
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool>;
     /// Records a delivery attempt; returns the webhook after it (`NotFound` if it was deleted meanwhile).
     async fn record_delivery(&self, id: Uuid, outcome: &DeliveryOutcome) -> Result<Webhook>;
 }
 
 /// What merging `incoming` into the stored copy of its alert (`None`: there is none yet) changes: the event and the
-/// alert after it, or `None` when nothing changes. Every backend decides through this, so they merge alike.
-pub(crate) fn merge_change(stored: Option<&Alert>, incoming: &Alert) -> Option<(AlertEventKind, Alert)> {
-    let Some(stored) = stored else { return Some((AlertEventKind::Opened, incoming.clone())) };
+/// alert after it, or `None` when nothing changes. Every backend decides through this, so they merge alike. A copy
+/// that names another farm or rule than the stored alert is refused: it is not a copy of it (an agent cannot touch
+/// another farm's alert by sending its id).
+pub(crate) fn merge_change(stored: Option<&Alert>, incoming: &Alert) -> Result<Option<(AlertEventKind, Alert)>> {
+    let Some(stored) = stored else { return Ok(Some((AlertEventKind::Opened, incoming.clone()))) };
+    if stored.farm_id != incoming.farm_id || stored.rule_id != incoming.rule_id {
+        return Err(smartfarm_core::Error::PermissionDenied(format!(
+            "alert {} belongs to another farm or rule",
+            incoming.id
+        )));
+    }
     let mut merged = stored.clone();
-    merged.merge(incoming).then(|| (AlertEventKind::of_change(Some(stored), &merged), merged))
+    Ok(merged.merge(incoming).then(|| (AlertEventKind::of_change(Some(stored), &merged), merged)))
 }
 
 /// What acknowledging or resolving `alert` by hand at `at` changes, or `None` when it is in that state or past it

@@ -54,7 +54,9 @@ pub trait CommandStore: Send + Sync + 'static {
     /// A farm's commands that are not final and not expired at `now` (queued, sent, or delivered but not yet
     /// answered), oldest first: what a (re)connecting agent is sent; its command book answers those it has.
     async fn pending_commands(&self, farm_id: Uuid, now: SystemTime) -> Result<Vec<StoredCommand>>;
-    /// Marks every command that is not final and whose expire time is at or before `now` as expired (with a
-    /// receipt); returns them after the change.
-    async fn expire_commands(&self, now: SystemTime) -> Result<Vec<StoredCommand>>;
+    /// Marks as expired (with a receipt) every queued or sent command whose expire time is at or before `now` (it
+    /// never reached the farm, so it never ran), and every delivered one whose expire time is at or before
+    /// `delivered_before` (the agent, which reports a delivered command's expiry itself, has not for a long while);
+    /// returns them after the change, oldest first.
+    async fn expire_commands(&self, now: SystemTime, delivered_before: SystemTime) -> Result<Vec<StoredCommand>>;
 }

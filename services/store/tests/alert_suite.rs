@@ -155,12 +155,20 @@ async fn copies_of_one_alert_merge_into_one_row_with_an_event_per_change(databas
     assert_eq!(store.get_alert(cloud.id).await.unwrap(), resolved.alert);
 
     let listed = store.list_alerts(&AlertFilter::default(), None, 10).await.unwrap();
-    assert_eq!(listed, vec![resolved.alert], "the edge's and the cloud's copies are one row");
+    assert_eq!(listed, vec![resolved.alert.clone()], "the edge's and the cloud's copies are one row");
     assert_eq!(store.last_alert_event().await.unwrap(), 3);
     assert!(matches!(store.get_alert(Uuid::now_v7()).await, Err(Error::NotFound { resource: "alert", .. })));
     let lost = store.record_alert(&alert(Uuid::now_v7(), Severity::Info, 10)).await.unwrap_err();
     assert!(matches!(lost, Error::NotFound { resource: "farm", .. }), "{lost:?}");
     assert_eq!(store.last_alert_event().await.unwrap(), 3, "a refused alert appends nothing");
+    // Another farm's agent sending this alert's id: not a copy of it.
+    let other_farm = farm(database, "charlie's neighbour").await;
+    let mut forged = edge.clone();
+    forged.farm_id = other_farm;
+    forged.count = 99;
+    let refused = store.record_alert(&forged).await.unwrap_err();
+    assert!(matches!(refused, Error::PermissionDenied(_)), "{refused:?}");
+    assert_eq!(store.get_alert(cloud.id).await.unwrap(), resolved.alert, "untouched");
 }
 
 async fn people_acknowledge_and_resolve_alerts_once(database: &Database) {
@@ -398,6 +406,17 @@ async fn webhooks_are_stored_and_track_their_deliveries(database: &Database) {
     assert_eq!((late.delivered_sequence, late.last_success_time), (9, Some(at(110))), "the cursor never goes back");
     assert_eq!(store.get_webhook(first.id).await.unwrap(), late);
     assert_eq!(store.get_webhook(second.id).await.unwrap(), second, "other webhooks are untouched");
+
+    // One deliverer at a time: the holder renews its lease, another process takes it over only once it ran out.
+    let (one, two) = (Uuid::now_v7(), Uuid::now_v7());
+    assert!(store.lease_webhook(first.id, one, at(200), at(230)).await.unwrap());
+    assert!(!store.lease_webhook(first.id, two, at(210), at(240)).await.unwrap(), "held by another");
+    assert!(store.lease_webhook(first.id, one, at(220), at(250)).await.unwrap(), "renewed by its holder");
+    assert!(!store.lease_webhook(first.id, two, at(249), at(279)).await.unwrap());
+    assert!(store.lease_webhook(first.id, two, at(250), at(280)).await.unwrap(), "taken over once it ran out");
+    assert!(!store.lease_webhook(first.id, one, at(260), at(290)).await.unwrap());
+    let missing = store.lease_webhook(Uuid::now_v7(), one, at(260), at(290)).await.unwrap_err();
+    assert!(matches!(missing, Error::NotFound { resource: "webhook", .. }), "{missing:?}");
 
     store.delete_webhook(second.id).await.unwrap();
     assert!(matches!(store.get_webhook(second.id).await, Err(Error::NotFound { resource: "webhook", .. })));

@@ -162,7 +162,7 @@ async fn pending_commands_are_unfinished_and_unexpired_and_expiry_finishes_them(
     assert_eq!(ids(&pending), vec![queued_early.id, sent.id, delivered.id], "expired at its expire time");
     assert_eq!(ids(&store.pending_commands(farm_b, at(50)).await.unwrap()), vec![on_b.id]);
 
-    let expired = store.expire_commands(at(100)).await.unwrap();
+    let expired = store.expire_commands(at(100), at(100)).await.unwrap();
     assert_eq!(ids(&expired), vec![queued_early.id, on_b.id, queued_short.id]);
     for command in &expired {
         assert_eq!((command.status, command.status_detail.as_str()), (CommandStatus::Expired, EXPIRED_DETAIL));
@@ -176,13 +176,15 @@ async fn pending_commands_are_unfinished_and_unexpired_and_expiry_finishes_them(
         );
         assert_eq!(&store.get_command(command.id).await.unwrap(), command);
     }
-    assert!(store.expire_commands(at(100)).await.unwrap().is_empty(), "expired once");
+    assert!(store.expire_commands(at(100), at(100)).await.unwrap().is_empty(), "expired once");
     assert_eq!(ids(&store.pending_commands(farm_a, at(100)).await.unwrap()), vec![sent.id, delivered.id]);
 
-    let expired = store.expire_commands(at(1000)).await.unwrap();
-    assert_eq!(ids(&expired), vec![sent.id, delivered.id], "sent and delivered commands expire too");
+    let expired = store.expire_commands(at(1000), at(299)).await.unwrap();
+    assert_eq!(ids(&expired), vec![sent.id], "sent commands expire at their expire time");
+    let expired = store.expire_commands(at(1000), at(300)).await.unwrap();
+    assert_eq!(ids(&expired), vec![delivered.id], "delivered ones once the grace for the agent's report passed");
     assert_eq!(
-        expired[1].history.iter().map(|receipt| receipt.status).collect::<Vec<_>>(),
+        expired[0].history.iter().map(|receipt| receipt.status).collect::<Vec<_>>(),
         vec![CommandStatus::Queued, CommandStatus::Delivered, CommandStatus::Expired]
     );
     assert_eq!(store.get_command(acked.id).await.unwrap().status, CommandStatus::Acked, "final stays final");

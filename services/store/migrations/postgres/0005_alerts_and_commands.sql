@@ -54,7 +54,10 @@ CREATE TABLE webhooks (
     last_error           text,
     last_success_time    timestamptz,
     create_time          timestamptz NOT NULL,
-    delivered_sequence   bigint NOT NULL DEFAULT 0
+    delivered_sequence   bigint NOT NULL DEFAULT 0,
+    -- The process that delivers this webhook's events, until when: one deliverer across replicas.
+    lease_owner          uuid,
+    lease_until          timestamptz
 );
 
 CREATE INDEX webhooks_farm_id ON webhooks (farm_id, id);

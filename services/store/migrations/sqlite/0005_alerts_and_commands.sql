@@ -56,7 +56,10 @@ CREATE TABLE webhooks (
     last_error           TEXT,
     last_success_time    INTEGER,
     create_time          INTEGER NOT NULL,
-    delivered_sequence   INTEGER NOT NULL DEFAULT 0
+    delivered_sequence   INTEGER NOT NULL DEFAULT 0,
+    -- The process that delivers this webhook's events, until when: one deliverer across replicas.
+    lease_owner          TEXT,
+    lease_until          INTEGER
 ) STRICT;
 
 CREATE INDEX webhooks_farm_id ON webhooks (farm_id, id);

@@ -235,7 +235,7 @@ impl AlertStore for PostgresStore {
     }
 
     async fn record_alert(&self, alert: &Alert) -> Result<Option<AlertEvent>> {
-        let (_, event) = self.change_alert(alert.id, |stored| Ok(alerts::merge_change(stored, alert))).await?;
+        let (_, event) = self.change_alert(alert.id, |stored| alerts::merge_change(stored, alert)).await?;
         Ok(event)
     }
 
@@ -393,6 +393,27 @@ impl AlertStore for PostgresStore {
             return Err(Error::not_found("webhook", id));
         }
         Ok(())
+    }
+
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool> {
+        let client = self.client().await?;
+        let taken = client
+            .execute(
+                "UPDATE webhooks SET lease_owner = $2, lease_until = $4
+                 WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= $3)",
+                &[&id, &owner, &now, &until],
+            )
+            .await
+            .map_err(pg_error("lease webhook"))?;
+        if taken == 1 {
+            return Ok(true);
+        }
+        let exists =
+            client.query_opt("SELECT 1 FROM webhooks WHERE id = $1", &[&id]).await.map_err(pg_error("read webhook"))?;
+        match exists {
+            Some(_) => Ok(false),
+            None => Err(Error::not_found("webhook", id)),
+        }
     }
 
     async fn record_delivery(&self, id: Uuid, outcome: &DeliveryOutcome) -> Result<Webhook> {

@@ -243,7 +243,7 @@ impl AlertStore for SqliteStore {
     async fn record_alert(&self, alert: &Alert) -> Result<Option<AlertEvent>> {
         let alert = alert.clone();
         self.run(move |connection| {
-            let (_, event) = change_alert(connection, alert.id, |stored| Ok(alerts::merge_change(stored, &alert)))?;
+            let (_, event) = change_alert(connection, alert.id, |stored| alerts::merge_change(stored, &alert))?;
             Ok(event)
         })
         .await
@@ -442,6 +442,30 @@ impl AlertStore for SqliteStore {
                 return Err(Error::not_found("webhook", id));
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool> {
+        self.run(move |connection| {
+            let taken = connection
+                .execute(
+                    "UPDATE webhooks SET lease_owner = ?2, lease_until = ?4
+                     WHERE id = ?1 AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_until <= ?3)",
+                    params![id.to_string(), owner.to_string(), to_unix_micros(now), to_unix_micros(until)],
+                )
+                .map_err(sql_error("lease webhook"))?;
+            if taken == 1 {
+                return Ok(true);
+            }
+            let exists = connection
+                .query_row("SELECT 1 FROM webhooks WHERE id = ?1", [id.to_string()], |_| Ok(()))
+                .optional()
+                .map_err(sql_error("read webhook"))?;
+            match exists {
+                Some(()) => Ok(false),
+                None => Err(Error::not_found("webhook", id)),
+            }
         })
         .await
     }

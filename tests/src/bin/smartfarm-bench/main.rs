@@ -8,12 +8,15 @@
 //!   the agent at half the load it sustained. `--fsync` picks the agent's policy (`always`, the default, fsyncs
 //!   before every acknowledgement; `interval` shows what the path costs without waiting for the disk).
 //! - `footprint`: the agent's resident memory with 1000 connected sensors publishing 10k messages/s in all.
+//! - `alerts` and `commands`: alert latency at half the ingest maximum against the agent's plain publish→subscribe
+//!   loop, and command round trips on one process and across two replicas (see `alerts.rs`).
 //! - `images`: photo upload MB/s through agent, cloud and S3 against plain PutObject, and bytes stored per photo
 //!   for a day of hourly photos from many cameras (see `images.rs`).
 //!
 //! It needs what the tests need: PostgreSQL at SMARTFARM_TEST_DATABASE_URL, the smartfarm binaries built, and the
 //! Debian `mosquitto` package for the fan-in baseline.
 
+mod alerts;
 mod images;
 
 use std::collections::HashMap;
@@ -61,6 +64,27 @@ enum Command {
         #[arg(long, default_value = "always")]
         fsync: String,
     },
+    /// Alert latency (farm topic and cloud stream) at half the ingest maximum, against the agent's plain
+    /// publish→subscribe loop.
+    Alerts {
+        /// Sensors that trigger alerts (each waits for its alert before the next).
+        #[arg(long, default_value_t = 10)]
+        probes: usize,
+        /// Alert events to time (half open, half resolve).
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        /// Sensors that publish the background load.
+        #[arg(long, default_value_t = 50)]
+        publishers: usize,
+        /// Probe rounds (one alert opened and resolved) per second, all probes together.
+        #[arg(long, default_value_t = 100.0)]
+        rounds_per_second: f64,
+    },
+    /// Command round trips (SendCommand → device → ack → WatchCommand), on one process and across two replicas.
+    Commands {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
     /// Photo upload MB/s against PutObject, and bytes stored per photo for a day of hourly photos.
     Images {
         /// Photos of the throughput run (1600x1200 JPEGs of random pixels, about 3.6 MB each; 0 skips the run).
@@ -96,6 +120,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Footprint { sensors, rate, seconds } => footprint(sensors, rate, seconds).await,
         Command::Images { photos, cameras, hours } => images::images(photos, cameras, hours).await,
+        Command::Alerts { probes, events, publishers, rounds_per_second } => {
+            alerts::alerts(probes, events, publishers, rounds_per_second).await
+        }
+        Command::Commands { count } => alerts::commands(count).await,
     }
 }
 

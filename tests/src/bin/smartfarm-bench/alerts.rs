@@ -1,0 +1,353 @@
+//! The alerts and commands benchmarks.
+//!
+//! - `alerts`: MQTT publish of a reading that crosses a rule's threshold (and of the one that clears it) at the
+//!   agent → (a) the alert's message on the farm's `smartfarm/alerts` topic and (b) the alert event on a cloud
+//!   `AlertService.Subscribe` stream, p50/p99 over every event, while other sensors publish at half the ingest
+//!   maximum measured at the start of the same run. The baseline, in the same run and through the same broker, is
+//!   the agent's plainest publish → subscribe loop: a publish the agent refuses and answers on the device's errors
+//!   topic (parsing, no rules, no spool).
+//! - `commands`: `SendCommand` → the device's command topic → its acknowledgement → `WatchCommand` reporting
+//!   `ACKED`, p50/p99, with everything on one process and with the command sent and watched on replica A while the
+//!   agent is connected to replica B (PostgreSQL and NATS JetStream between them).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use smartfarm_e2e::alerting::AlertClient;
+use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
+use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
+use smartfarm_edge::sim::SensorCredentials;
+use smartfarm_proto::alert::v1 as alert;
+use smartfarm_proto::command::v1 as command;
+
+use crate::{emit, load, machine, percentile};
+
+/// When each probe's trigger was published, by (device, the value that opened the alert, whether it is the
+/// resolution): the alert's value identifies its events.
+type Sent = Arc<Mutex<HashMap<(String, i64, bool), Instant>>>;
+
+async fn create_rule(alerts: &mut AlertClient, farm_id: &str) -> anyhow::Result<()> {
+    alerts
+        .create_rule(alert::CreateRuleRequest {
+            rule: Some(alert::Rule {
+                farm_id: farm_id.into(),
+                name: "too hot".into(),
+                severity: smartfarm_proto::common::v1::Severity::Critical as i32,
+                metric: "temperature".into(),
+                condition: Some(alert::rule::Condition::Threshold(alert::ThresholdCondition {
+                    direction: alert::ThresholdDirection::Above as i32,
+                    limit: 40.0,
+                    for_duration: None,
+                })),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    Ok(())
+}
+
+/// An MQTT client of a device, subscribed to `topics`; its incoming publishes arrive on the receiver.
+async fn device_client(
+    port: u16,
+    device: &SensorCredentials,
+    topics: &[String],
+) -> anyhow::Result<(AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>)> {
+    let mut options = MqttOptions::new(format!("probe-{}", device.device_id), "127.0.0.1", port);
+    options.set_credentials(device.device_id.clone(), device.credential.clone());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    for topic in topics {
+        client.subscribe(topic.clone(), QoS::AtLeastOnce).await?;
+    }
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(publish)) = event
+                && sender.send((publish.topic.clone(), publish.payload.to_vec())).is_err()
+            {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok((client, receiver))
+}
+
+/// What one probe measured (microseconds).
+#[derive(Default)]
+struct ProbeFigures {
+    local: Vec<u64>,
+    baseline: Vec<u64>,
+}
+
+/// One probe: `rounds` times, a hot reading (an alert opens), a cool one (it resolves), a refused publish (the
+/// baseline loop), each waited for on the farm's topics; paced to `period` per round.
+async fn probe(
+    port: u16,
+    device: SensorCredentials,
+    rounds: u64,
+    period: Duration,
+    sent: Sent,
+    first_value: i64,
+) -> anyhow::Result<ProbeFigures> {
+    let errors = format!("smartfarm/{}/errors", device.device_id);
+    let (client, mut incoming) = device_client(port, &device, &["smartfarm/alerts".into(), errors.clone()]).await?;
+    let telemetry = format!("smartfarm/{}/telemetry", device.device_id);
+    let mut figures = ProbeFigures::default();
+    let mut ticks = tokio::time::interval(period);
+    for round in 0..rounds {
+        ticks.tick().await;
+        // Hot (opens), then cool (resolves): each a distinct value, so each event is known by its value.
+        let hot = first_value + round as i64;
+        for (reading, resolves, state) in [(hot, false, "ALERT_STATE_OPEN"), (-hot, true, "ALERT_STATE_RESOLVED")] {
+            let payload = format!(r#"{{"metrics": {{"temperature": {reading}}}}}"#);
+            let started = Instant::now();
+            sent.lock().unwrap().insert((device.device_id.clone(), hot, resolves), started);
+            client.publish(telemetry.clone(), QoS::AtLeastOnce, false, payload).await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let Ok(Some((topic, message))) = tokio::time::timeout_at(deadline, incoming.recv()).await else {
+                    anyhow::bail!("no alert on the farm's topic within 10 s (reading {reading})");
+                };
+                if topic != "smartfarm/alerts" {
+                    continue;
+                }
+                let message: serde_json::Value = serde_json::from_slice(&message).unwrap_or_default();
+                if message["deviceId"] == device.device_id.as_str() && message["state"] == state {
+                    figures.local.push(started.elapsed().as_micros() as u64);
+                    break;
+                }
+            }
+        }
+        // The baseline: a publish the agent refuses, answered on the device's errors topic.
+        let started = Instant::now();
+        client.publish(telemetry.clone(), QoS::AtLeastOnce, false, r#"{"metrics": "none"}"#).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let Ok(Some((topic, _))) = tokio::time::timeout_at(deadline, incoming.recv()).await else {
+                anyhow::bail!("no answer on the errors topic within 10 s");
+            };
+            if topic == errors {
+                figures.baseline.push(started.elapsed().as_micros() as u64);
+                break;
+            }
+        }
+    }
+    Ok(figures)
+}
+
+pub async fn alerts(probes: usize, events: u64, publishers: usize, rounds_per_second: f64) -> anyhow::Result<()> {
+    let data = CloudData::new(Backend::Postgres).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "alert bench", probes + publishers).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    create_rule(&mut alerts, &fleet.farm_id).await?;
+    let config = "upload_interval = \"1h\"\nupload = \"raw\"\n".to_string();
+    let edge =
+        Edge::start(&EdgeOptions { config, ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool")) })
+            .await;
+    edge.wait_for_registry(probes + publishers + 1).await;
+    anyhow::ensure!(
+        eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await,
+        "the rule did not reach the agent"
+    );
+    let (probe_sensors, background) = fleet.sensors.split_at(probes);
+    let port = edge.mqtt.port();
+
+    // The ingest maximum of this agent with this many publishers, then half of it in the background.
+    let (acked, seconds, _) = load(("127.0.0.1".into(), port), background, 1000, None, true).await;
+    let maximum = acked as f64 / seconds;
+    let half = maximum / 2.0;
+    let rounds = events.div_ceil(2 * probes as u64);
+    let duration = rounds as f64 * probes as f64 / rounds_per_second + 30.0;
+    let per_publisher = (half * duration / background.len() as f64) as u64;
+    let background_sensors = background.to_vec();
+    let background_load = tokio::spawn(async move {
+        load(("127.0.0.1".into(), port), &background_sensors, per_publisher, Some(half), true).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The cloud's stream: each event's latency from the publish that caused it.
+    let sent: Sent = Arc::default();
+    let cloud_latencies = Arc::new(Mutex::new(Vec::new()));
+    let mut stream = alerts
+        .subscribe(alert::SubscribeRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await?
+        .into_inner();
+    let stream_task = {
+        let (sent, cloud_latencies) = (sent.clone(), cloud_latencies.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(event)) = stream.message().await {
+                let arrived = Instant::now();
+                let Some(alert) = event.alert else { continue };
+                let Some(value) = alert.value else { continue };
+                let resolves = event.event_type == alert::AlertEventType::Resolved as i32;
+                let key = (alert.device_id.clone(), value as i64, resolves);
+                if let Some(started) = sent.lock().unwrap().remove(&key) {
+                    cloud_latencies.lock().unwrap().push(arrived.duration_since(started).as_micros() as u64);
+                }
+            }
+        })
+    };
+
+    let period = Duration::from_secs_f64(probes as f64 / rounds_per_second);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, device) in probe_sensors.iter().enumerate() {
+        let first_value = 1_000 + index as i64 * 1_000_000;
+        tasks.spawn(probe(port, device.clone(), rounds, period, sent.clone(), first_value));
+    }
+    let mut local = Vec::new();
+    let mut baseline = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        let figures = result??;
+        local.extend(figures.local);
+        baseline.extend(figures.baseline);
+    }
+    let probing_seconds = started.elapsed().as_secs_f64();
+    let expected = local.len();
+    eventually(Duration::from_secs(30), || async { cloud_latencies.lock().unwrap().len() >= expected }).await;
+    background_load.abort();
+    stream_task.abort();
+    let mut cloud_side = std::mem::take(&mut *cloud_latencies.lock().unwrap());
+    local.sort_unstable();
+    baseline.sort_unstable();
+    cloud_side.sort_unstable();
+    let loop_p99 = percentile(&baseline, 0.99);
+    emit(serde_json::json!({
+        "benchmark": "alert_latency", "machine": machine(), "database": "postgresql",
+        "ingest_maximum_messages_per_second": maximum.round(), "background_messages_per_second": half.round(),
+        "background_publishers": background.len(), "probes": probes, "events": local.len(),
+        "events_per_second": (local.len() as f64 / probing_seconds).round(),
+        "local_topic_p50_ms": percentile(&local, 0.50), "local_topic_p99_ms": percentile(&local, 0.99),
+        "cloud_stream_events": cloud_side.len(),
+        "cloud_stream_p50_ms": percentile(&cloud_side, 0.50), "cloud_stream_p99_ms": percentile(&cloud_side, 0.99),
+        "baseline_loop_p50_ms": percentile(&baseline, 0.50), "baseline_loop_p99_ms": loop_p99,
+        "goal_p99_ms": (2.0 * loop_p99 + 20.0).min(50.0),
+    }));
+    edge.stop().await;
+    cloud.stop().await;
+    Ok(())
+}
+
+/// Sends `count` commands one after the other through `sender`, each acknowledged by the device's client as soon as
+/// it arrives, and times each until `WatchCommand` reports it acked.
+async fn round_trips(
+    commands: &mut smartfarm_e2e::alerting::CommandClient,
+    edge: &Edge,
+    device: &SensorCredentials,
+    count: usize,
+) -> anyhow::Result<(Vec<u64>, serde_json::Value)> {
+    let topic = format!("smartfarm/{}/commands", device.device_id);
+    let (client, mut incoming) = device_client(edge.mqtt.port(), device, std::slice::from_ref(&topic)).await?;
+    let ack_topic = format!("{topic}/ack");
+    tokio::spawn(async move {
+        while let Some((_, payload)) = incoming.recv().await {
+            let message: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+            let ack = serde_json::json!({"id": message["id"], "status": "ok"}).to_string();
+            if client.publish(ack_topic.clone(), QoS::AtLeastOnce, false, ack).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut latencies = Vec::with_capacity(count);
+    // Median time between the command's recorded receipts (queued → sent → delivered → acked), to see where a round
+    // trip goes.
+    let mut stages: [Vec<u64>; 3] = Default::default();
+    for _ in 0..count {
+        let started = Instant::now();
+        let sent = commands
+            .send_command(command::SendCommandRequest {
+                device_id: device.device_id.clone(),
+                name: "open_valve".into(),
+                parameters: None,
+                ttl: Some(smartfarm_proto::pbjson_types::Duration { seconds: 60, nanos: 0 }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .command
+            .unwrap();
+        let command_id = sent.id.clone();
+        let mut watch =
+            commands.watch_command(command::WatchCommandRequest { command_id: sent.id }).await?.into_inner();
+        loop {
+            let change = tokio::time::timeout(Duration::from_secs(10), watch.message())
+                .await
+                .map_err(|_| anyhow::anyhow!("no acknowledgement within 10 s"))??
+                .ok_or_else(|| anyhow::anyhow!("the watch ended before the acknowledgement"))?;
+            if change.receipt.is_some_and(|receipt| receipt.status == command::CommandStatus::Acked as i32) {
+                latencies.push(started.elapsed().as_micros() as u64);
+                break;
+            }
+        }
+        let stored = commands.get_command(command::GetCommandRequest { command_id }).await?.into_inner().command;
+        let times: Vec<i64> = stored
+            .map(|command| command.history)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|receipt| {
+                receipt.change_time.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000)
+            })
+            .collect();
+        if times.len() == 4 {
+            for (stage, pair) in stages.iter_mut().zip(times.windows(2)) {
+                stage.push((pair[1] - pair[0]).max(0) as u64);
+            }
+        }
+    }
+    latencies.sort_unstable();
+    for stage in &mut stages {
+        stage.sort_unstable();
+    }
+    let breakdown = serde_json::json!({
+        "queued_to_sent_p50_ms": percentile(&stages[0], 0.5),
+        "sent_to_delivered_p50_ms": percentile(&stages[1], 0.5),
+        "delivered_to_acked_p50_ms": percentile(&stages[2], 0.5),
+    });
+    Ok((latencies, breakdown))
+}
+
+pub async fn commands(count: usize) -> anyhow::Result<()> {
+    // One process.
+    let data = CloudData::new(Backend::Postgres).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "command bench", 1).await;
+    let edge = Edge::start(&EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))).await;
+    edge.wait_for_registry(2).await;
+    let mut client = cloud.command_client(&key).await;
+    let one = round_trips(&mut client, &edge, &fleet.sensors[0], count).await?;
+    edge.stop().await;
+    cloud.stop().await;
+
+    // Two replicas on PostgreSQL and NATS JetStream: sent and watched on A, the agent on B.
+    let data = CloudData::new(Backend::Postgres).await;
+    let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let bus = format!("{server}/bench-{}", uuid::Uuid::now_v7().simple());
+    let options = CloudOptions { env: vec![("SMARTFARM_BUS_URL".into(), bus)], ..Default::default() };
+    let a = Cloud::start(&data, options.clone()).await;
+    let b = Cloud::start(&data, options).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&a, &key, "command bench", 1).await;
+    let edge = Edge::start(&EdgeOptions::new(&b, &fleet, data.data_dir.path().join("spool"))).await;
+    edge.wait_for_registry(2).await;
+    let mut client = a.command_client(&key).await;
+    let two = round_trips(&mut client, &edge, &fleet.sensors[0], count).await?;
+    edge.stop().await;
+    a.stop().await;
+    b.stop().await;
+    for (setup, (latencies, breakdown)) in [("one process", &one), ("two replicas over NATS", &two)] {
+        emit(serde_json::json!({
+            "benchmark": "command_round_trip", "machine": machine(), "setup": setup, "database": "postgresql",
+            "commands": latencies.len(), "p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
+            "max_ms": percentile(latencies, 1.0), "stages": breakdown,
+        }));
+    }
+    Ok(())
+}
