@@ -206,9 +206,10 @@ impl Dispatcher {
         }
     }
 
-    /// How long a lease lasts: well beyond one attempt, so it does not run out while this process posts.
+    /// How long a lease lasts: beyond one attempt (it is renewed before each), so it does not run out while this
+    /// process posts; short, so a replica that stopped hands over soon.
     fn lease(&self) -> Duration {
-        (self.settings.webhook_timeout * 3).max(Duration::from_secs(30))
+        self.settings.webhook_timeout + Duration::from_secs(5)
     }
 
     /// Delivers one webhook's events in order, while this process holds its lease, until it is deleted.

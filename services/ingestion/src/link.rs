@@ -96,7 +96,7 @@ async fn serve(
 
     // Listening starts before the rules and the waiting commands are read, so no change falls between the two.
     let changes = api.bus.as_ref().map(|bus| bus.subscribe());
-    let rules = FarmRules::new(farm_id);
+    let rules = FarmRules::new(api, farm_id);
     let mut agent_rules_version = hello.rules_version;
     urgent::refresh_rules(api, &rules, &mut agent_rules_version, outbound).await?;
     urgent::send_pending_commands(api, farm_id, outbound, true).await?;
@@ -187,7 +187,7 @@ async fn receive(
                     Some(pb::connect_request::Body::Hello(_)) => {
                         return Err(Error::invalid("hello", "hello may only be the first message"));
                     }
-                    Some(pb::connect_request::Body::Alert(alert)) => urgent::on_alert(api, farm_id, &alert).await?,
+                    Some(pb::connect_request::Body::Alert(alert)) => urgent::on_alert(&farm_side.rules, &alert),
                     Some(pb::connect_request::Body::CommandReceipt(receipt)) => {
                         urgent::on_receipt(api, farm_id, &receipt).await?;
                     }
@@ -463,7 +463,7 @@ async fn commit_in_order(
         }
         // After the acknowledgements, which do not wait for it: the rules see new readings once, in sequence order.
         if !duplicate {
-            urgent::evaluate_committed(&api, &rules, &group.readings).await;
+            urgent::evaluate_committed(&rules, &group.readings);
         }
         if next.is_none() {
             next = in_order.recv().await;

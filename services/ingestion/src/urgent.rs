@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use smartfarm_bus::{AlertChanged, Event};
@@ -21,15 +22,72 @@ use crate::IngestionApi;
 use crate::link::{Outbound, send};
 
 /// The farm's rules as this link evaluates them, shared by the session (which reloads them) and its commit task
-/// (which evaluates committed readings).
+/// (which evaluates committed readings), and the link's alert recorder.
 pub(crate) struct FarmRules {
     farm_id: Uuid,
     evaluator: Mutex<Evaluator>,
+    /// Alerts to record (the agent's and this link's): a task records what waits in one transaction, so a burst of
+    /// alerts costs one commit and the link does not wait for the database to read on.
+    recorder: Option<mpsc::UnboundedSender<Alert>>,
 }
 
 impl FarmRules {
-    pub(crate) fn new(farm_id: Uuid) -> Arc<FarmRules> {
-        Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)) })
+    pub(crate) fn new(api: &IngestionApi, farm_id: Uuid) -> Arc<FarmRules> {
+        let recorder = api.alerts.as_ref().map(|alerts| {
+            let (sender, queue) = mpsc::unbounded_channel();
+            tokio::spawn(record_forever(api.clone(), alerts.clone(), queue));
+            sender
+        });
+        Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)), recorder })
+    }
+
+    fn record(&self, alert: Alert) {
+        if let Some(recorder) = &self.recorder {
+            let _ = recorder.send(alert);
+        }
+    }
+}
+
+/// Most alerts recorded in one transaction.
+const MAX_ALERTS_AT_ONCE: usize = 256;
+
+/// Records the link's alerts, what waits at once, until the link ends.
+async fn record_forever(
+    api: IngestionApi,
+    alerts: Arc<dyn smartfarm_store::AlertStore>,
+    mut queue: mpsc::UnboundedReceiver<Alert>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_ALERTS_AT_ONCE {
+            match queue.try_recv() {
+                Ok(alert) => batch.push(alert),
+                Err(_) => break,
+            }
+        }
+        let results = alerts.record_alerts(&batch).await;
+        for (alert, result) in batch.iter().zip(results) {
+            match result {
+                Ok(Some(event)) => {
+                    let origin = if alert.origin == Origin::Edge { "edge" } else { "cloud" };
+                    metrics::counter!("smartfarm_alerts_recorded_total", "origin" => origin).increment(1);
+                    if let Some(bus) = &api.bus {
+                        bus.publish(Event::AlertChanged(AlertChanged {
+                            sequence: event.sequence,
+                            kind: event.kind,
+                            alert: event.alert,
+                        }));
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    // The readings behind it stay in the database: the alert is not lost for good, only this copy.
+                    metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert_not_recorded")
+                        .increment(1);
+                    tracing::warn!(alert_id = %alert.id, farm_id = %alert.farm_id, %error, "cannot record an alert");
+                }
+            }
+        }
     }
 }
 
@@ -54,8 +112,7 @@ pub(crate) async fn refresh_rules(
 }
 
 /// Evaluates the farm's rules on a committed group's readings (in sequence order) and records what they raise.
-pub(crate) async fn evaluate_committed(api: &IngestionApi, rules: &FarmRules, readings: &[ReadingRow]) {
-    let Some(alerts) = &api.alerts else { return };
+pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
     let raised: Vec<Alert> = {
         let mut evaluator = rules.evaluator.lock().expect("evaluator lock");
         if evaluator.rules().is_empty() {
@@ -69,50 +126,22 @@ pub(crate) async fn evaluate_committed(api: &IngestionApi, rules: &FarmRules, re
             .collect()
     };
     for alert in raised {
-        if let Err(error) = record(api, alerts.as_ref(), &alert).await {
-            tracing::warn!(alert_id = %alert.id, %error, "cannot record an alert raised on committed readings");
-        }
+        rules.record(alert);
     }
 }
 
-async fn record(api: &IngestionApi, alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) -> Result<()> {
-    if let Some(event) = alerts.record_alert(alert).await? {
-        metrics::counter!("smartfarm_alerts_recorded_total", "origin" => if alert.origin == Origin::Edge { "edge" } else { "cloud" }).increment(1);
-        if let Some(bus) = &api.bus {
-            bus.publish(Event::AlertChanged(AlertChanged {
-                sequence: event.sequence,
-                kind: event.kind,
-                alert: event.alert,
-            }));
-        }
-    }
-    Ok(())
-}
-
-/// An alert the agent raised, sent up the urgent lane. A bad one is logged and dropped (resending would not fix it),
-/// and so is one the database cannot take now: the link stays up for the batches, whose readings raise the same
-/// alert in the cloud when they are committed.
-pub(crate) async fn on_alert(
-    api: &IngestionApi,
-    farm_id: Uuid,
-    wire: &smartfarm_proto::alert::v1::Alert,
-) -> Result<()> {
-    let Some(alerts) = &api.alerts else {
+/// An alert the agent raised, sent up the urgent lane, for the recorder. A bad one is logged and dropped (resending
+/// would not fix it).
+pub(crate) fn on_alert(rules: &FarmRules, wire: &smartfarm_proto::alert::v1::Alert) {
+    if rules.recorder.is_none() {
         metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert").increment(1);
-        return Ok(());
-    };
-    match Alert::from_edge(wire, farm_id) {
-        Ok(alert) => {
-            if let Err(error) = record(api, alerts.as_ref(), &alert).await {
-                metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert_not_recorded").increment(1);
-                tracing::warn!(%farm_id, alert_id = %alert.id, %error, "cannot record an alert from the edge");
-            }
-            Ok(())
-        }
+        return;
+    }
+    match Alert::from_edge(wire, rules.farm_id) {
+        Ok(alert) => rules.record(alert),
         Err(error) => {
             metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "bad_alert").increment(1);
-            tracing::warn!(%farm_id, %error, "an alert from the edge was refused");
-            Ok(())
+            tracing::warn!(farm_id = %rules.farm_id, %error, "an alert from the edge was refused");
         }
     }
 }

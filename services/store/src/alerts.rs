@@ -95,6 +95,15 @@ pub trait AlertStore: Send + Sync + 'static {
     /// Merges `alert` into the stored copy with its id (inserting it when new) and, when that changed anything,
     /// appends an event; returns the event, or `None` when the alert was already known as it is.
     async fn record_alert(&self, alert: &Alert) -> Result<Option<AlertEvent>>;
+    /// [`AlertStore::record_alert`] for several alerts, in order, at once where the backend can (one transaction for
+    /// a burst); one result per alert (a refused alert does not keep the others out).
+    async fn record_alerts(&self, batch: &[Alert]) -> Vec<Result<Option<AlertEvent>>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for alert in batch {
+            results.push(self.record_alert(alert).await);
+        }
+        results
+    }
     /// One alert, or `NotFound`.
     async fn get_alert(&self, id: Uuid) -> Result<Alert>;
     /// Acknowledges (`Acknowledged`) or resolves (`Resolved`) an alert by hand at `at`, appending an event. Returns

@@ -171,6 +171,36 @@ async fn copies_of_one_alert_merge_into_one_row_with_an_event_per_change(databas
     assert_eq!(store.get_alert(cloud.id).await.unwrap(), resolved.alert, "untouched");
 }
 
+async fn a_burst_is_recorded_at_once_and_a_refused_alert_keeps_no_other_out(database: &Database) {
+    let store = database.alerts();
+    let farm_id = farm(database, "lima").await;
+    let first = alert(farm_id, Severity::Critical, 10);
+    let mut repeat = first.clone();
+    repeat.count = 2;
+    let second = alert(farm_id, Severity::Warning, 11);
+    let events = store.record_alerts(&[first.clone(), repeat.clone(), second.clone(), first.clone()]).await;
+    let events: Vec<Option<AlertEvent>> = events.into_iter().map(Result::unwrap).collect();
+    let kinds: Vec<Option<(u64, AlertEventKind)>> =
+        events.iter().map(|event| event.as_ref().map(|event| (event.sequence, event.kind))).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            Some((1, AlertEventKind::Opened)),
+            Some((2, AlertEventKind::Updated)),
+            Some((3, AlertEventKind::Opened)),
+            None
+        ],
+        "in order, one event per change, an old copy none"
+    );
+    // A burst with an alert of a farm that does not exist: the others are recorded all the same.
+    let third = alert(farm_id, Severity::Info, 12);
+    let results = store.record_alerts(&[alert(Uuid::now_v7(), Severity::Info, 12), third.clone()]).await;
+    assert!(matches!(results[0], Err(Error::NotFound { resource: "farm", .. })), "{:?}", results[0]);
+    assert_eq!(results[1].as_ref().unwrap().as_ref().map(|event| event.sequence), Some(4));
+    assert_eq!(store.get_alert(third.id).await.unwrap(), third);
+    assert_eq!(store.last_alert_event().await.unwrap(), 4, "the refused alert appended nothing");
+}
+
 async fn people_acknowledge_and_resolve_alerts_once(database: &Database) {
     let store = database.alerts();
     let farm_id = farm(database, "delta").await;
@@ -460,6 +490,14 @@ macro_rules! alert_suite {
             #[tokio::test]
             async fn copies_of_one_alert_merge_into_one_row_with_an_event_per_change() {
                 super::copies_of_one_alert_merge_into_one_row_with_an_event_per_change(
+                    &Harness::$backend().await.database,
+                )
+                .await;
+            }
+
+            #[tokio::test]
+            async fn a_burst_is_recorded_at_once_and_a_refused_alert_keeps_no_other_out() {
+                super::a_burst_is_recorded_at_once_and_a_refused_alert_keeps_no_other_out(
                     &Harness::$backend().await.database,
                 )
                 .await;

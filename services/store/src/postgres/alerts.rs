@@ -110,53 +110,87 @@ impl PostgresStore {
             .execute("SELECT pg_advisory_xact_lock($1)", &[&ALERT_EVENT_LOCK_KEY])
             .await
             .map_err(pg_error("take the alert event lock"))?;
-        // Read committed: this statement sees every change committed by the lock's previous holders.
-        let stored = load_alert(&transaction, id).await?;
-        let Some((kind, alert)) = change(stored.as_ref())? else { return Ok((stored, None)) };
-        let body = alert_json(&alert)?;
-        let (severity, state) = (alert.severity as i16, alert.state as i16);
-        let columns: [&(dyn ToSql + Sync); 8] =
-            [&alert.id, &alert.farm_id, &alert.rule_id, &alert.device_id, &severity, &state, &alert.open_time, &body];
-        if stored.is_none() {
-            transaction
-                .execute(
-                    "INSERT INTO alerts (id, farm_id, rule_id, device_id, severity, state, open_time, body)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    &columns,
-                )
-                .await
-                .map_err(|error| {
-                    if is_foreign_key_violation(&error) {
-                        Error::not_found("farm", alert.farm_id)
-                    } else {
-                        pg_error("insert alert")(error)
-                    }
-                })?;
-        } else {
-            transaction
-                .execute(
-                    "UPDATE alerts SET farm_id = $2, rule_id = $3, device_id = $4, severity = $5, state = $6,
-                                       open_time = $7, body = $8
-                     WHERE id = $1",
-                    &columns,
-                )
-                .await
-                .map_err(pg_error("update alert"))?;
+        let changed = change_alert_in(&transaction, id, change).await?;
+        if changed.1.is_some() {
+            transaction.commit().await.map_err(pg_error("commit alert change"))?;
         }
-        let sequence: i64 = transaction
-            .query_one(
-                "INSERT INTO alert_events (sequence, farm_id, severity, kind, alert)
-                 SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2, $3, $4 FROM alert_events
-                 RETURNING sequence",
-                &[&alert.farm_id, &severity, &(kind as i16), &body],
+        Ok(changed)
+    }
+
+    /// Records several alerts in one transaction under the event lock (one commit for a burst); any failure undoes
+    /// them all.
+    async fn record_alerts_at_once(&self, batch: &[Alert]) -> Result<Vec<Option<AlertEvent>>> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin alert changes"))?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&ALERT_EVENT_LOCK_KEY])
+            .await
+            .map_err(pg_error("take the alert event lock"))?;
+        let mut events = Vec::with_capacity(batch.len());
+        for alert in batch {
+            let (_, event) =
+                change_alert_in(&transaction, alert.id, |stored| alerts::merge_change(stored, alert)).await?;
+            events.push(event);
+        }
+        transaction.commit().await.map_err(pg_error("commit alert changes"))?;
+        Ok(events)
+    }
+}
+
+/// Applies `change` to alert `id` within a transaction that holds the event lock and that the caller commits.
+async fn change_alert_in<F>(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    id: Uuid,
+    change: F,
+) -> Result<(Option<Alert>, Option<AlertEvent>)>
+where
+    F: Fn(Option<&Alert>) -> Result<Option<(AlertEventKind, Alert)>>,
+{
+    // Read committed: this statement sees every change committed by the lock's previous holders.
+    let stored = load_alert(transaction, id).await?;
+    let Some((kind, alert)) = change(stored.as_ref())? else { return Ok((stored, None)) };
+    let body = alert_json(&alert)?;
+    let (severity, state) = (alert.severity as i16, alert.state as i16);
+    let columns: [&(dyn ToSql + Sync); 8] =
+        [&alert.id, &alert.farm_id, &alert.rule_id, &alert.device_id, &severity, &state, &alert.open_time, &body];
+    if stored.is_none() {
+        transaction
+            .execute(
+                "INSERT INTO alerts (id, farm_id, rule_id, device_id, severity, state, open_time, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &columns,
             )
             .await
-            .map_err(pg_error("append alert event"))?
-            .get(0);
-        transaction.commit().await.map_err(pg_error("commit alert change"))?;
-        let event = AlertEvent { sequence: sequence as u64, kind, alert: alert.clone() };
-        Ok((Some(alert), Some(event)))
+            .map_err(|error| {
+                if is_foreign_key_violation(&error) {
+                    Error::not_found("farm", alert.farm_id)
+                } else {
+                    pg_error("insert alert")(error)
+                }
+            })?;
+    } else {
+        transaction
+            .execute(
+                "UPDATE alerts SET farm_id = $2, rule_id = $3, device_id = $4, severity = $5, state = $6,
+                                   open_time = $7, body = $8
+                 WHERE id = $1",
+                &columns,
+            )
+            .await
+            .map_err(pg_error("update alert"))?;
     }
+    let sequence: i64 = transaction
+        .query_one(
+            "INSERT INTO alert_events (sequence, farm_id, severity, kind, alert)
+             SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2, $3, $4 FROM alert_events
+             RETURNING sequence",
+            &[&alert.farm_id, &severity, &(kind as i16), &body],
+        )
+        .await
+        .map_err(pg_error("append alert event"))?
+        .get(0);
+    let event = AlertEvent { sequence: sequence as u64, kind, alert: alert.clone() };
+    Ok((Some(alert), Some(event)))
 }
 
 #[async_trait::async_trait]
@@ -232,6 +266,20 @@ impl AlertStore for PostgresStore {
         let version = rows.first().map_or(0, |row| row.get::<_, i64>(0) as u64);
         let rules = rows.iter().filter_map(|row| row.get::<_, Option<serde_json::Value>>(1)).map(parse_rule);
         Ok((version, rules.collect::<Result<Vec<_>>>()?))
+    }
+
+    async fn record_alerts(&self, batch: &[Alert]) -> Vec<Result<Option<AlertEvent>>> {
+        match self.record_alerts_at_once(batch).await {
+            Ok(events) => events.into_iter().map(Ok).collect(),
+            // One of them is refused: each on its own, so the others are recorded.
+            Err(_) => {
+                let mut results = Vec::with_capacity(batch.len());
+                for alert in batch {
+                    results.push(self.record_alert(alert).await);
+                }
+                results
+            }
+        }
     }
 
     async fn record_alert(&self, alert: &Alert) -> Result<Option<AlertEvent>> {

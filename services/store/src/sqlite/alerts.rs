@@ -104,7 +104,32 @@ fn change_alert(
     change: impl FnOnce(Option<&Alert>) -> Result<Option<(AlertEventKind, Alert)>>,
 ) -> Result<(Option<Alert>, Option<AlertEvent>)> {
     let transaction = connection.transaction().map_err(sql_error("begin alert change"))?;
-    let stored = load_alert(&transaction, id)?;
+    let changed = change_alert_in(&transaction, id, change)?;
+    if changed.1.is_some() {
+        transaction.commit().map_err(sql_error("commit alert change"))?;
+    }
+    Ok(changed)
+}
+
+/// Records several alerts in one transaction (one commit for a burst); any failure undoes them all.
+fn record_alerts_at_once(connection: &mut Connection, batch: &[Alert]) -> Result<Vec<Option<AlertEvent>>> {
+    let transaction = connection.transaction().map_err(sql_error("begin alert changes"))?;
+    let mut events = Vec::with_capacity(batch.len());
+    for alert in batch {
+        let (_, event) = change_alert_in(&transaction, alert.id, |stored| alerts::merge_change(stored, alert))?;
+        events.push(event);
+    }
+    transaction.commit().map_err(sql_error("commit alert changes"))?;
+    Ok(events)
+}
+
+/// [`change_alert`] within a transaction the caller commits.
+fn change_alert_in(
+    transaction: &rusqlite::Transaction<'_>,
+    id: Uuid,
+    change: impl FnOnce(Option<&Alert>) -> Result<Option<(AlertEventKind, Alert)>>,
+) -> Result<(Option<Alert>, Option<AlertEvent>)> {
+    let stored = load_alert(transaction, id)?;
     let Some((kind, alert)) = change(stored.as_ref())? else { return Ok((stored, None)) };
     let body = alert_json(&alert)?;
     let columns = params![
@@ -148,7 +173,6 @@ fn change_alert(
             |row| row.get(0),
         )
         .map_err(sql_error("append alert event"))?;
-    transaction.commit().map_err(sql_error("commit alert change"))?;
     let event = AlertEvent { sequence: sequence as u64, kind, alert: alert.clone() };
     Ok((Some(alert), Some(event)))
 }
@@ -238,6 +262,22 @@ impl AlertStore for SqliteStore {
             Ok((version, rules.collect::<Result<Vec<_>>>()?))
         })
         .await
+    }
+
+    async fn record_alerts(&self, batch: &[Alert]) -> Vec<Result<Option<AlertEvent>>> {
+        let alerts = batch.to_vec();
+        let at_once = self.run(move |connection| record_alerts_at_once(connection, &alerts)).await;
+        match at_once {
+            Ok(events) => events.into_iter().map(Ok).collect(),
+            // One of them is refused: each on its own, so the others are recorded.
+            Err(_) => {
+                let mut results = Vec::with_capacity(batch.len());
+                for alert in batch {
+                    results.push(self.record_alert(alert).await);
+                }
+                results
+            }
+        }
     }
 
     async fn record_alert(&self, alert: &Alert) -> Result<Option<AlertEvent>> {

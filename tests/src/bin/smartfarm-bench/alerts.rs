@@ -60,6 +60,11 @@ async fn device_client(
     options.set_credentials(device.device_id.clone(), device.credential.clone());
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(options, 256);
+    // As a device that waits for answers should: without it, a small write after another waits for the agent's
+    // delayed TCP acknowledgement (40 ms) before it leaves.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     for topic in topics {
         client.subscribe(topic.clone(), QoS::AtLeastOnce).await?;
     }
@@ -140,7 +145,13 @@ async fn probe(
     Ok(figures)
 }
 
-pub async fn alerts(probes: usize, events: u64, publishers: usize, rounds_per_second: f64) -> anyhow::Result<()> {
+pub async fn alerts(
+    probes: usize,
+    events: u64,
+    publishers: usize,
+    rounds_per_second: f64,
+    background_share: f64,
+) -> anyhow::Result<()> {
     let data = CloudData::new(Backend::Postgres).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
@@ -160,9 +171,11 @@ pub async fn alerts(probes: usize, events: u64, publishers: usize, rounds_per_se
     let port = edge.mqtt.port();
 
     // The ingest maximum of this agent with this many publishers, then half of it in the background.
-    let (acked, seconds, _) = load(("127.0.0.1".into(), port), background, 1000, None, true).await;
+    // (200k messages with the defaults, as the fan-in benchmark: a shorter burst overstates what the agent sustains.)
+    let (acked, seconds, _) =
+        load(("127.0.0.1".into(), port), background, 200_000 / background.len() as u64, None, true).await;
     let maximum = acked as f64 / seconds;
-    let half = maximum / 2.0;
+    let half = maximum * background_share;
     let rounds = events.div_ceil(2 * probes as u64);
     let duration = rounds as f64 * probes as f64 / rounds_per_second + 30.0;
     let per_publisher = (half * duration / background.len() as f64) as u64;
@@ -196,6 +209,7 @@ pub async fn alerts(probes: usize, events: u64, publishers: usize, rounds_per_se
     };
 
     let period = Duration::from_secs_f64(probes as f64 / rounds_per_second);
+    let accepted_before = edge.metric("smartfarm_edge_readings_accepted_total").await;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (index, device) in probe_sensors.iter().enumerate() {
@@ -210,6 +224,7 @@ pub async fn alerts(probes: usize, events: u64, publishers: usize, rounds_per_se
         baseline.extend(figures.baseline);
     }
     let probing_seconds = started.elapsed().as_secs_f64();
+    let accepted = edge.metric("smartfarm_edge_readings_accepted_total").await - accepted_before;
     let expected = local.len();
     eventually(Duration::from_secs(30), || async { cloud_latencies.lock().unwrap().len() >= expected }).await;
     background_load.abort();
@@ -221,8 +236,9 @@ pub async fn alerts(probes: usize, events: u64, publishers: usize, rounds_per_se
     let loop_p99 = percentile(&baseline, 0.99);
     emit(serde_json::json!({
         "benchmark": "alert_latency", "machine": machine(), "database": "postgresql",
-        "ingest_maximum_messages_per_second": maximum.round(), "background_messages_per_second": half.round(),
-        "background_publishers": background.len(), "probes": probes, "events": local.len(),
+        "ingest_maximum_messages_per_second": maximum.round(), "background_target_messages_per_second": half.round(),
+        "accepted_readings_per_second_while_probing": (accepted / probing_seconds).round(),
+        "background_publishers": background.len(), "background_share_of_maximum": background_share, "probes": probes, "events": local.len(),
         "events_per_second": (local.len() as f64 / probing_seconds).round(),
         "local_topic_p50_ms": percentile(&local, 0.50), "local_topic_p99_ms": percentile(&local, 0.99),
         "cloud_stream_events": cloud_side.len(),

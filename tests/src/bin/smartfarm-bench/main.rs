@@ -79,6 +79,9 @@ enum Command {
         /// Probe rounds (one alert opened and resolved) per second, all probes together.
         #[arg(long, default_value_t = 100.0)]
         rounds_per_second: f64,
+        /// The background load as a share of the measured maximum (the goal is stated at half).
+        #[arg(long, default_value_t = 0.5)]
+        background_share: f64,
     },
     /// Command round trips (SendCommand → device → ack → WatchCommand), on one process and across two replicas.
     Commands {
@@ -120,8 +123,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Footprint { sensors, rate, seconds } => footprint(sensors, rate, seconds).await,
         Command::Images { photos, cameras, hours } => images::images(photos, cameras, hours).await,
-        Command::Alerts { probes, events, publishers, rounds_per_second } => {
-            alerts::alerts(probes, events, publishers, rounds_per_second).await
+        Command::Alerts { probes, events, publishers, rounds_per_second, background_share } => {
+            alerts::alerts(probes, events, publishers, rounds_per_second, background_share).await
         }
         Command::Commands { count } => alerts::commands(count).await,
     }
