@@ -35,23 +35,23 @@ pub struct AlertApi {
     settings: Arc<AlertsConfig>,
 }
 
-/// Records an alert (the edge's or the cloud's copy; merged with any other copy) and announces the change on the
-/// bus. Every writer of alerts goes through here, so nothing recorded is left unannounced.
+/// Records an alert raised in the cloud (merged with any other copy) and announces the change on the bus.
 pub async fn record(alerts: &dyn AlertStore, bus: &Bus, alert: &Alert) -> Result<Option<AlertEvent>> {
     let event = alerts.record_alert(alert).await?;
     if let Some(event) = &event {
-        announce(bus, event);
+        announce(bus, event, false);
     }
     Ok(event)
 }
 
-fn announce(bus: &Bus, event: &AlertEvent) {
+fn announce(bus: &Bus, event: &AlertEvent, by_hand: bool) {
     metrics::counter!("smartfarm_alert_events_total", "kind" => format!("{:?}", event.kind).to_lowercase())
         .increment(1);
     bus.publish(Event::AlertChanged(AlertChanged {
         sequence: event.sequence,
         kind: event.kind,
         alert: event.alert.clone(),
+        by_hand,
     }));
 }
 
@@ -90,7 +90,7 @@ impl AlertApi {
         let alert = self.authorized_alert(principal, id).await?;
         let (alert, event) = self.alerts.set_alert_state(alert.id, state, time::now()).await?;
         if let Some(event) = &event {
-            announce(&self.bus, event);
+            announce(&self.bus, event, true);
         }
         tracing::info!(alert_id = %alert.id, state = state.name(), by = %principal.describe(), "alert changed by hand");
         Ok(alert)

@@ -51,6 +51,9 @@ pub struct AlertChanged {
     pub kind: AlertEventKind,
     /// The alert right after the event.
     pub alert: Alert,
+    /// Whether a person made the change (acknowledged or resolved it by hand), rather than an evaluator.
+    #[serde(default)]
+    pub by_hand: bool,
 }
 
 /// The series an edge batch added readings to, so the inference role can score them.
@@ -120,8 +123,8 @@ pub struct ImageStored {
 pub struct Bus {
     /// This process's subscribers.
     sender: broadcast::Sender<Event>,
-    /// With NATS: where published events go (to the stream, from which every replica's subscribers get them).
-    nats: Option<mpsc::UnboundedSender<Event>>,
+    /// With NATS: where published events go (to the stream, from which the other replicas' subscribers get them).
+    nats: Option<mpsc::Sender<Event>>,
 }
 
 impl Default for Bus {
@@ -147,10 +150,13 @@ impl Bus {
     /// Publishes an event to every current subscriber (of every replica, with NATS); returns how many subscribers
     /// this process has.
     pub fn publish(&self, event: Event) -> usize {
-        if let Some(nats) = &self.nats {
-            let _ = nats.send(event);
-            return self.sender.receiver_count();
+        if let Some(nats) = &self.nats
+            && nats.try_send(event.clone()).is_err()
+        {
+            // NATS has been away long enough for the queue to fill: the other replicas catch up from the database.
+            metrics::counter!("smartfarm_bus_events_dropped_total").increment(1);
         }
+        // This process's subscribers hear it at once, not after a round trip through NATS.
         let receivers = self.sender.send(event).unwrap_or(0);
         tracing::debug!(receivers, "event published");
         receivers

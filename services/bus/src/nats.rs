@@ -1,7 +1,8 @@
 //! The NATS JetStream backend. Events are JSON messages on one subject of one stream (file storage, a day of
-//! history): a publisher task writes them in order and waits for JetStream's acknowledgement (retrying a few times
-//! while NATS is away), and every process follows the stream with an ordered consumer from "new" on, handing each
-//! event to its local subscribers. Events published while NATS is unreachable for longer than the retries are
+//! history), each with the id of the process that published it: a publisher task writes them in order and waits for
+//! JetStream's acknowledgement (retrying a few times while NATS is away), and every process follows the stream with
+//! an ordered consumer from "new" on, handing the other processes' events to its local subscribers (its own reached
+//! them when published). Events NATS does not take after the retries, or that find the bounded queue full, are
 //! dropped, counted and logged; consumers catch up from the database.
 
 use std::time::Duration;
@@ -16,6 +17,15 @@ use crate::Event;
 
 /// How many times a publish is tried before the event is dropped.
 const PUBLISH_ATTEMPTS: u32 = 8;
+/// Events waiting for NATS at most.
+const QUEUE: usize = 10_000;
+
+/// An event as it travels: with the process that published it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Envelope {
+    origin: uuid::Uuid,
+    event: Event,
+}
 
 /// Splits `nats://HOST:PORT[/NAME]` into the server URL and the stream name.
 fn parse(url: &str) -> Result<(String, String), Error> {
@@ -37,8 +47,9 @@ fn parse(url: &str) -> Result<(String, String), Error> {
 }
 
 /// Connects, makes sure the stream exists, starts following it into `local` and returns where to publish.
-pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Result<mpsc::UnboundedSender<Event>, Error> {
+pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Result<mpsc::Sender<Event>, Error> {
     let (server, name) = parse(url)?;
+    let me = uuid::Uuid::now_v7();
     let client = async_nats::ConnectOptions::new()
         .name("smartfarm")
         .connection_timeout(Duration::from_secs(10))
@@ -77,9 +88,10 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
     tokio::spawn(async move {
         while let Some(message) = messages.next().await {
             match message {
-                Ok(message) => match serde_json::from_slice::<Event>(&message.payload) {
-                    Ok(event) => {
-                        let _ = local.send(event);
+                Ok(message) => match serde_json::from_slice::<Envelope>(&message.payload) {
+                    Ok(envelope) if envelope.origin == me => {}
+                    Ok(envelope) => {
+                        let _ = local.send(envelope.event);
                     }
                     Err(error) => {
                         metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
@@ -92,10 +104,10 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         tracing::error!("the bus stream ended: this process no longer hears the others");
     });
 
-    let (outbound, mut queue) = mpsc::unbounded_channel::<Event>();
+    let (outbound, mut queue) = mpsc::channel::<Event>(QUEUE);
     tokio::spawn(async move {
         while let Some(event) = queue.recv().await {
-            let payload = match serde_json::to_vec(&event) {
+            let payload = match serde_json::to_vec(&Envelope { origin: me, event }) {
                 Ok(payload) => bytes::Bytes::from(payload),
                 Err(error) => {
                     tracing::error!(%error, "an event cannot be written as JSON; dropped");

@@ -76,6 +76,7 @@ async fn record_forever(
                             sequence: event.sequence,
                             kind: event.kind,
                             alert: event.alert,
+                            by_hand: false,
                         }));
                     }
                 }
@@ -243,7 +244,11 @@ pub(crate) async fn on_bus_event(
             let command = commands.get_command(command_id).await?;
             send_command(api, &command, outbound).await
         }
-        Event::AlertChanged(changed) if changed.alert.farm_id == farm_id => {
+        // What the agent raised itself it has announced already; what the cloud raised, and what people did to any
+        // alert, the farm hears from here.
+        Event::AlertChanged(changed)
+            if changed.alert.farm_id == farm_id && (changed.alert.origin == Origin::Cloud || changed.by_hand) =>
+        {
             send(outbound, pb::connect_response::Body::Alert(changed.alert.to_proto())).await
         }
         _ => Ok(()),
