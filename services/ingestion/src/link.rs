@@ -5,6 +5,10 @@
 //! arrival order. So a link never has more work in the cloud than the agent's window of batches plus what HTTP/2
 //! flow control lets it buffer; a global semaphore bounds the batches decoded or committing across links.
 //!
+//! A reader task takes the agent's messages off the stream as they come: alerts and command receipts (the urgent
+//! lane) are handled at once, batches go to the session in order, so an alert is never held up behind a batch being
+//! decoded. The farm's rules, commands and alert changes travel down the same stream (see `urgent`).
+//!
 //! The stream outlives the request's authentication, so the session re-checks its gateway on every registry
 //! refresh and ends the link when the gateway is decommissioned or its credential rotated.
 
@@ -42,11 +46,11 @@ pub(crate) async fn run(
     api: IngestionApi,
     gateway_id: Uuid,
     farm_id: Uuid,
-    mut inbound: Streaming<pb::ConnectRequest>,
+    inbound: Streaming<pb::ConnectRequest>,
     outbound: Outbound,
 ) {
     metrics::gauge!("smartfarm_edge_links").increment(1.0);
-    let result = serve(&api, gateway_id, farm_id, &mut inbound, &outbound).await;
+    let result = serve(&api, gateway_id, farm_id, inbound, &outbound).await;
     metrics::gauge!("smartfarm_edge_links").decrement(1.0);
     match result {
         Ok(()) => tracing::info!(%gateway_id, %farm_id, "edge link closed by the agent"),
@@ -61,7 +65,7 @@ async fn serve(
     api: &IngestionApi,
     gateway_id: Uuid,
     farm_id: Uuid,
-    inbound: &mut Streaming<pb::ConnectRequest>,
+    mut inbound: Streaming<pb::ConnectRequest>,
     outbound: &Outbound,
 ) -> Result<()> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -105,6 +109,10 @@ async fn serve(
     // `max_in_flight_batches` unacknowledged, so that many may wait.
     let (ready, in_order) = mpsc::channel::<Ready>(api.settings.max_in_flight_batches as usize);
     let committer = tokio::spawn(commit_in_order(api.clone(), gateway_id, rules.clone(), in_order, outbound.clone()));
+    // The agent's messages are read by a task of their own: an alert or a receipt behind a batch does not wait for
+    // the batch to be decoded (or for the window of decoded batches to free up).
+    let (batches, incoming) = mpsc::channel(api.settings.max_in_flight_batches as usize + 1);
+    tokio::spawn(read_agent(api.clone(), farm_id, rules.clone(), inbound, batches));
     let farm_side = FarmSide { rules, agent_rules_version, changes };
     let received = receive(
         api,
@@ -112,7 +120,7 @@ async fn serve(
         credential_at_connect,
         &mut registry,
         farm_side,
-        inbound,
+        incoming,
         outbound,
         ready,
     )
@@ -145,8 +153,64 @@ async fn next_change(changes: &mut Option<broadcast::Receiver<Event>>) -> Option
     }
 }
 
-/// Receives the agent's messages and decodes batches for the commit task, until the agent hangs up, the cloud
-/// shuts the link, or something fails.
+/// What the reader task passes on to the session: batches, in order, and how the agent's stream ended.
+enum Incoming {
+    Batch(pb::ReadingBatch),
+    /// The agent hung up (`Ok`) or broke the protocol or the stream (`Err`).
+    Ended(Result<()>),
+}
+
+/// Reads the agent's messages after hello: urgent ones (alerts, command receipts) are handled at once, batches go to
+/// the session in order. Ends with the stream, or when the session stops listening.
+async fn read_agent(
+    api: IngestionApi,
+    farm_id: Uuid,
+    rules: Arc<FarmRules>,
+    mut inbound: Streaming<pb::ConnectRequest>,
+    batches: mpsc::Sender<Incoming>,
+) {
+    // Receipts touch the database: a task of their own keeps them in order without holding up the reading.
+    let (receipts, mut receipt_queue) = mpsc::unbounded_channel();
+    let receipt_api = api.clone();
+    tokio::spawn(async move {
+        while let Some(receipt) = receipt_queue.recv().await {
+            if let Err(error) = urgent::on_receipt(&receipt_api, farm_id, &receipt).await {
+                // The agent sends its receipts again at its next connection.
+                tracing::warn!(%farm_id, %error, "cannot record a command receipt");
+            }
+        }
+    });
+    let ended = loop {
+        let message = tokio::select! {
+            _ = batches.closed() => return,
+            message = inbound.message() => message,
+        };
+        let message = match message {
+            Ok(Some(message)) => message,
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(Error::Unavailable(format!("the agent's stream failed: {status}"))),
+        };
+        match message.body {
+            Some(pb::connect_request::Body::Batch(wire)) => {
+                if batches.send(Incoming::Batch(wire)).await.is_err() {
+                    return;
+                }
+            }
+            Some(pb::connect_request::Body::Alert(alert)) => urgent::on_alert(&rules, &alert),
+            Some(pb::connect_request::Body::CommandReceipt(receipt)) => {
+                let _ = receipts.send(receipt);
+            }
+            Some(pb::connect_request::Body::Hello(_)) => {
+                break Err(Error::invalid("hello", "hello may only be the first message"));
+            }
+            None => break Err(Error::invalid("body", "an edge message carries nothing")),
+        }
+    };
+    let _ = batches.send(Incoming::Ended(ended)).await;
+}
+
+/// Takes the agent's batches and decodes them for the commit task, until the agent hangs up, the cloud shuts the
+/// link, or something fails.
 #[allow(clippy::too_many_arguments, reason = "one session's parts, passed once")]
 async fn receive(
     api: &IngestionApi,
@@ -154,7 +218,7 @@ async fn receive(
     credential_at_connect: Option<String>,
     registry: &mut RegistryView,
     mut farm_side: FarmSide,
-    inbound: &mut Streaming<pb::ConnectRequest>,
+    mut incoming: mpsc::Receiver<Incoming>,
     outbound: &Outbound,
     ready: mpsc::Sender<Ready>,
 ) -> Result<()> {
@@ -171,29 +235,16 @@ async fn receive(
             _ = shutting_down.changed() => continue,
             // The commit task failed: its error ends the link.
             _ = ready.closed() => return Ok(()),
-            message = inbound.message() => {
-                let message = match message {
-                    Ok(Some(message)) => message,
-                    Ok(None) => return Ok(()),
-                    Err(status) => return Err(Error::Unavailable(format!("the agent's stream failed: {status}"))),
-                };
-                match message.body {
-                    Some(pb::connect_request::Body::Batch(wire)) => {
-                        let decoded = prepare(api, (gateway_id, spool_id, farm_id), registry, wire, outbound).await?;
-                        if ready.send(decoded).await.is_err() {
-                            return Ok(());
-                        }
+            message = incoming.recv() => match message {
+                Some(Incoming::Batch(wire)) => {
+                    let decoded = prepare(api, (gateway_id, spool_id, farm_id), registry, wire, outbound).await?;
+                    if ready.send(decoded).await.is_err() {
+                        return Ok(());
                     }
-                    Some(pb::connect_request::Body::Hello(_)) => {
-                        return Err(Error::invalid("hello", "hello may only be the first message"));
-                    }
-                    Some(pb::connect_request::Body::Alert(alert)) => urgent::on_alert(&farm_side.rules, &alert),
-                    Some(pb::connect_request::Body::CommandReceipt(receipt)) => {
-                        urgent::on_receipt(api, farm_id, &receipt).await?;
-                    }
-                    None => return Err(Error::invalid("body", "an edge message carries nothing")),
                 }
-            }
+                Some(Incoming::Ended(ended)) => return ended,
+                None => return Ok(()),
+            },
             change = next_change(&mut farm_side.changes) => {
                 let side = (&*farm_side.rules, &mut farm_side.agent_rules_version);
                 match change {
