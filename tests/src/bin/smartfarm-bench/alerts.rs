@@ -98,11 +98,15 @@ async fn probe(
     period: Duration,
     sent: Sent,
     first_value: i64,
+    phase: f64,
 ) -> anyhow::Result<ProbeFigures> {
     let errors = format!("smartfarm/{}/errors", device.device_id);
     let (client, mut incoming) = device_client(port, &device, &["smartfarm/alerts".into(), errors.clone()]).await?;
     let telemetry = format!("smartfarm/{}/telemetry", device.device_id);
     let mut figures = ProbeFigures::default();
+    // Probes take turns (each starts a share of the period after the previous): events arrive spread over time,
+    // not in bursts of one per probe.
+    tokio::time::sleep(period.mul_f64(phase)).await;
     let mut ticks = tokio::time::interval(period);
     for round in 0..rounds {
         ticks.tick().await;
@@ -158,7 +162,10 @@ pub async fn alerts(
     let fleet = Fleet::register(&cloud, &key, "alert bench", probes + publishers).await;
     let mut alerts = cloud.alert_client(&key).await;
     create_rule(&mut alerts, &fleet.farm_id).await?;
-    let config = "upload_interval = \"1h\"\nupload = \"raw\"\n".to_string();
+    // SMARTFARM_BENCH_EDGE_CONFIG replaces the agent's settings (e.g. a huge upload_threshold_bytes, so no upload
+    // happens while the probes run).
+    let config = std::env::var("SMARTFARM_BENCH_EDGE_CONFIG")
+        .unwrap_or_else(|_| "upload_interval = \"1h\"\nupload = \"raw\"\n".to_string());
     let edge =
         Edge::start(&EdgeOptions { config, ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool")) })
             .await;
@@ -214,7 +221,8 @@ pub async fn alerts(
     let mut tasks = tokio::task::JoinSet::new();
     for (index, device) in probe_sensors.iter().enumerate() {
         let first_value = 1_000 + index as i64 * 1_000_000;
-        tasks.spawn(probe(port, device.clone(), rounds, period, sent.clone(), first_value));
+        let phase = index as f64 / probes as f64;
+        tasks.spawn(probe(port, device.clone(), rounds, period, sent.clone(), first_value, phase));
     }
     let mut local = Vec::new();
     let mut baseline = Vec::new();
