@@ -67,7 +67,9 @@ fn forbidden(address: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return forbidden(IpAddr::V4(v4));
             }
-            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_unspecified() || v6.is_multicast()
+            // fd00:ec2::254 is AWS's IPv6 metadata service (a unique-local address, not link-local).
+            let aws_metadata = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == aws_metadata || v6.is_unspecified() || v6.is_multicast()
         }
     }
 }
@@ -362,6 +364,7 @@ mod tests {
             "not a url",
             "http://169.254.169.254/latest/meta-data",
             "http://[fe80::1]/hook",
+            "http://[fd00:ec2::254]/latest/meta-data",
             "http://metadata.google.internal/computeMetadata/v1",
             "http://user:pass@127.0.0.1/hook",
             "http://0.0.0.0/hook",
