@@ -65,7 +65,8 @@ ln -s "$grpcurl_bin" "$work/bin/grpcurl"
 # The tour must have done what it says: a farm with a gateway and a sensor, and a farm-scoped key.
 for expected in '"kind": "DEVICE_KIND_GATEWAY"' '"name": "soil probe 1"' '"secret": "sfk_' \
   'smartfarm.device.v1.DeviceService' 'SERVING' '"metric": "soil_moisture"' '"buckets"' '"nextPageToken"' \
-  '"metric": "temperature"' '"contentType": "image/jpeg"' '/v1/images/'; do
+  '"metric": "temperature"' '"contentType": "image/jpeg"' '/v1/images/' '"value": 45.5' \
+  '"ALERT_ORIGIN_EDGE"' '"name": "calibrate"'; do
   grep -q "$expected" "$work/tour.out" || { cat "$work/tour.out" >&2; echo "readme-tour: missing $expected" >&2; exit 1; }
 done
 echo "readme-tour: the README's grpcurl tour works as written"
