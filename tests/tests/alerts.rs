@@ -377,3 +377,57 @@ async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidenc
     edge.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_that_holds_while_the_link_is_rebuilt_stays_one_alert() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "steady heat", 1).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    alerts.create_rule(pb::CreateRuleRequest { rule: Some(hot_rule(&fleet.farm_id)) }).await.unwrap();
+    let spool = data.data_dir.path().join("spool");
+    let options =
+        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let sensor = &fleet.sensors[0];
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    let acked = edge.metric("smartfarm_edge_batches_acked_total").await;
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 45}}"#)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            edge.metric("smartfarm_edge_batches_acked_total").await > acked
+        })
+        .await
+    );
+
+    // The cloud restarts (its evaluator starts afresh) while the greenhouse stays hot.
+    let addr = cloud.addr;
+    cloud.stop().await;
+    let cloud = Cloud::start(&data, CloudOptions { listen: Some(addr), ..Default::default() }).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    let acked = edge.metric("smartfarm_edge_batches_acked_total").await;
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 46}}"#)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            edge.metric("smartfarm_edge_batches_acked_total").await > acked
+        })
+        .await,
+        "the reading after the restart reached the cloud"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let listed = alerts
+        .list_alerts(pb::ListAlertsRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert_eq!(listed.len(), 1, "one condition, one alert: {listed:?}");
+    assert_eq!(listed[0].state, pb::AlertState::Open as i32);
+    edge.stop().await;
+    cloud.stop().await;
+}

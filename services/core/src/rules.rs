@@ -387,6 +387,27 @@ impl Alert {
         *self != before
     }
 
+    /// Becomes `open` when that is an unresolved alert of the same farm, rule, device and metric that began no
+    /// later: a copy raised after an evaluator lost its state (an agent restarted, a link moved) sees the condition
+    /// begin at its first reading since, and gets another id, but it is the same condition, so the same alert.
+    /// Model verdicts (alerts with evidence) are events, not conditions, and never join. Returns whether it joined.
+    pub fn join(&mut self, open: &Alert) -> bool {
+        let same_condition = self.farm_id == open.farm_id
+            && self.rule_id == open.rule_id
+            && self.device_id == open.device_id
+            && self.metric == open.metric;
+        let verdict = self.evidence_image_id.is_some() || self.evidence_window.is_some();
+        if self.id == open.id || !same_condition || verdict || open.state == AlertState::Resolved {
+            return false;
+        }
+        if self.open_time < open.open_time {
+            return false;
+        }
+        self.id = open.id;
+        self.open_time = open.open_time;
+        true
+    }
+
     /// The alert as the contract's message.
     pub fn to_proto(&self) -> pb::Alert {
         pb::Alert {
@@ -968,6 +989,32 @@ mod tests {
         assert_eq!(merged.state, AlertState::Resolved);
         let mut back = from_edge[1].clone();
         assert!(!back.merge(&from_cloud[0]), "an older snapshot never moves an alert back");
+    }
+
+    #[test]
+    fn a_copy_raised_after_a_restart_joins_the_alert_still_open() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = threshold_rule(farm, 0, 0);
+        let mut before = Evaluator::new(farm, Origin::Cloud);
+        before.set_rules(vec![rule.clone()], at(0));
+        let open = before.on_reading(device, "temperature", 45.0, at(10)).remove(0);
+        // The evaluator restarts while the condition holds: it sees the condition begin later.
+        let mut after = Evaluator::new(farm, Origin::Cloud);
+        after.set_rules(vec![rule], at(0));
+        let mut again = after.on_reading(device, "temperature", 46.0, at(20)).remove(0);
+        assert_ne!(again.id, open.id);
+        assert!(again.join(&open));
+        assert_eq!((again.id, again.open_time), (open.id, open.open_time));
+        let mut resolved = open.clone();
+        resolved.state = AlertState::Resolved;
+        let mut later = after.on_reading(device, "temperature", 10.0, at(30)).remove(0);
+        later.state = AlertState::Open;
+        assert!(!later.clone().join(&resolved), "a resolved alert is over");
+        let mut other_device = again.clone();
+        other_device.device_id = Some(Uuid::now_v7());
+        other_device.id = Uuid::now_v7();
+        assert!(!other_device.join(&open));
     }
 
     #[test]

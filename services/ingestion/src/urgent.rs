@@ -57,6 +57,8 @@ async fn record_forever(
     alerts: Arc<dyn smartfarm_store::AlertStore>,
     mut queue: mpsc::UnboundedReceiver<Alert>,
 ) {
+    // Alert ids this link has seen, and the id of the unresolved alert each joined, if any (see `Alert::join`).
+    let mut joined: std::collections::HashMap<Uuid, Option<Alert>> = std::collections::HashMap::new();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_ALERTS_AT_ONCE {
@@ -64,6 +66,9 @@ async fn record_forever(
                 Ok(alert) => batch.push(alert),
                 Err(_) => break,
             }
+        }
+        for alert in &mut batch {
+            join_open_alert(alerts.as_ref(), &mut joined, alert).await;
         }
         let results = alerts.record_alerts(&batch).await;
         for (alert, result) in batch.iter().zip(results) {
@@ -128,6 +133,37 @@ pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
     };
     for alert in raised {
         rules.record(alert);
+    }
+}
+
+/// Gives `alert` the identity of the unresolved alert of the same condition when one is stored (it was raised before
+/// an evaluator lost its state: an agent restart, a link that moved), so one condition stays one alert. Looked up
+/// once per alert id a link sees.
+async fn join_open_alert(
+    alerts: &dyn smartfarm_store::AlertStore,
+    joined: &mut std::collections::HashMap<Uuid, Option<Alert>>,
+    alert: &mut Alert,
+) {
+    if joined.len() > 100_000 {
+        joined.clear();
+    }
+    let open = match joined.entry(alert.id) {
+        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            let open = match alerts.unresolved_alerts_of(alert.rule_id, alert.device_id).await {
+                Ok(open) => open.into_iter().find(|open| alert.clone().join(open)),
+                Err(error) => {
+                    tracing::warn!(alert_id = %alert.id, %error, "cannot look for an open alert of the same condition");
+                    return;
+                }
+            };
+            entry.insert(open)
+        }
+    };
+    if let Some(open) = open
+        && alert.join(open)
+    {
+        tracing::debug!(joined = %open.id, "an alert joined the one already open for its condition");
     }
 }
 

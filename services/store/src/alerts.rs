@@ -106,6 +106,8 @@ pub trait AlertStore: Send + Sync + 'static {
     }
     /// One alert, or `NotFound`.
     async fn get_alert(&self, id: Uuid) -> Result<Alert>;
+    /// The alerts of a rule on a device (`None`: alerts of no device) that are not resolved, oldest first.
+    async fn unresolved_alerts_of(&self, rule_id: Uuid, device_id: Option<Uuid>) -> Result<Vec<Alert>>;
     /// Acknowledges (`Acknowledged`) or resolves (`Resolved`) an alert by hand at `at`, appending an event. Returns
     /// the alert and the event; no event when the alert was already in that state or past it (acknowledging a
     /// resolved alert changes nothing). `NotFound` if absent.

@@ -201,6 +201,27 @@ async fn a_burst_is_recorded_at_once_and_a_refused_alert_keeps_no_other_out(data
     assert_eq!(store.last_alert_event().await.unwrap(), 4, "the refused alert appended nothing");
 }
 
+async fn the_unresolved_alerts_of_a_rule_on_a_device_are_found(database: &Database) {
+    let store = database.alerts();
+    let farm_id = farm(database, "mike").await;
+    let first = alert(farm_id, Severity::Critical, 10);
+    let mut later = first.clone();
+    later.id = Uuid::now_v7();
+    later.open_time = at(20);
+    let mut elsewhere = first.clone();
+    elsewhere.id = Uuid::now_v7();
+    elsewhere.device_id = Some(Uuid::now_v7());
+    for alert in [&later, &first, &elsewhere] {
+        store.record_alert(alert).await.unwrap();
+    }
+    let found = store.unresolved_alerts_of(first.rule_id, first.device_id).await.unwrap();
+    assert_eq!(found.iter().map(|alert| alert.id).collect::<Vec<_>>(), vec![first.id, later.id], "oldest first");
+    store.set_alert_state(first.id, AlertState::Resolved, at(30)).await.unwrap();
+    let found = store.unresolved_alerts_of(first.rule_id, first.device_id).await.unwrap();
+    assert_eq!(found.iter().map(|alert| alert.id).collect::<Vec<_>>(), vec![later.id], "resolved ones are over");
+    assert!(store.unresolved_alerts_of(first.rule_id, None).await.unwrap().is_empty());
+}
+
 async fn people_acknowledge_and_resolve_alerts_once(database: &Database) {
     let store = database.alerts();
     let farm_id = farm(database, "delta").await;
@@ -501,6 +522,11 @@ macro_rules! alert_suite {
                     &Harness::$backend().await.database,
                 )
                 .await;
+            }
+
+            #[tokio::test]
+            async fn the_unresolved_alerts_of_a_rule_on_a_device_are_found() {
+                super::the_unresolved_alerts_of_a_rule_on_a_device_are_found(&Harness::$backend().await.database).await;
             }
 
             #[tokio::test]

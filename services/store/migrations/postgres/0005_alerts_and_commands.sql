@@ -28,6 +28,8 @@ CREATE TABLE alerts (
 
 CREATE INDEX alerts_farm_open ON alerts (farm_id, open_time DESC, id DESC);
 CREATE INDEX alerts_open ON alerts (open_time DESC, id DESC);
+-- The unresolved alerts of a rule on a device (a copy raised after a restart joins the one already open).
+CREATE INDEX alerts_rule_device_unresolved ON alerts (rule_id, device_id) WHERE state < 3;
 
 -- Append-only; the sequence is the resume cursor of live streams and webhooks. Writers number events themselves
 -- (the last number plus one) while holding a transaction-scoped advisory lock, so events commit in sequence order

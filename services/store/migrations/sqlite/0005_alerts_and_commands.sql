@@ -31,6 +31,8 @@ CREATE TABLE alerts (
 
 CREATE INDEX alerts_farm_open ON alerts (farm_id, open_time DESC, id DESC);
 CREATE INDEX alerts_open ON alerts (open_time DESC, id DESC);
+-- The unresolved alerts of a rule on a device (a copy raised after a restart joins the one already open).
+CREATE INDEX alerts_rule_device_unresolved ON alerts (rule_id, device_id) WHERE state < 3;
 
 -- Append-only; the sequence is the resume cursor of live streams and webhooks. AUTOINCREMENT never reuses a number,
 -- and a rolled-back append gives its number back with the transaction, so the log has no gaps.

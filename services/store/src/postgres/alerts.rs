@@ -292,6 +292,19 @@ impl AlertStore for PostgresStore {
         load_alert(&client, id).await?.ok_or_else(|| Error::not_found("alert", id))
     }
 
+    async fn unresolved_alerts_of(&self, rule_id: Uuid, device_id: Option<Uuid>) -> Result<Vec<Alert>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT body FROM alerts WHERE rule_id = $1 AND device_id IS NOT DISTINCT FROM $2 AND state < 3
+                 ORDER BY open_time, id",
+                &[&rule_id, &device_id],
+            )
+            .await
+            .map_err(pg_error("read unresolved alerts"))?;
+        rows.iter().map(|row| parse_alert(row.get(0))).collect()
+    }
+
     async fn set_alert_state(
         &self,
         id: Uuid,

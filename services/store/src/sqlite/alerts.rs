@@ -293,6 +293,26 @@ impl AlertStore for SqliteStore {
         self.run(move |connection| load_alert(connection, id)?.ok_or_else(|| Error::not_found("alert", id))).await
     }
 
+    async fn unresolved_alerts_of(&self, rule_id: Uuid, device_id: Option<Uuid>) -> Result<Vec<Alert>> {
+        self.run(move |connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT body FROM alerts WHERE rule_id = ?1 AND device_id IS ?2 AND state < 3
+                     ORDER BY open_time, id",
+                )
+                .map_err(sql_error("prepare unresolved alerts"))?;
+            let bodies = statement
+                .query_map(params![rule_id.to_string(), device_id.map(|id| id.to_string())], |row| {
+                    row.get::<_, String>(0)
+                })
+                .map_err(sql_error("read unresolved alerts"))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(sql_error("read unresolved alerts"))?;
+            bodies.iter().map(|body| parse_alert(body)).collect()
+        })
+        .await
+    }
+
     async fn set_alert_state(
         &self,
         id: Uuid,
