@@ -58,7 +58,7 @@ async fn record_forever(
     mut queue: mpsc::UnboundedReceiver<Alert>,
 ) {
     // Alert ids this link has seen, and the id of the unresolved alert each joined, if any (see `Alert::join`).
-    let mut joined: std::collections::HashMap<Uuid, Option<Alert>> = std::collections::HashMap::new();
+    let mut joined = Joined::default();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_ALERTS_AT_ONCE {
@@ -67,6 +67,7 @@ async fn record_forever(
                 Err(_) => break,
             }
         }
+        // In order: an alert resolved earlier in the batch is over for the ones after it, though not yet recorded.
         for alert in &mut batch {
             join_open_alert(alerts.as_ref(), &mut joined, alert).await;
         }
@@ -136,22 +137,29 @@ pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
     }
 }
 
+/// What a link's recorder knows for [`join_open_alert`].
+#[derive(Default)]
+struct Joined {
+    /// Alert ids seen, with the unresolved alert each joined, if any.
+    targets: std::collections::HashMap<Uuid, Option<Alert>>,
+    /// Alerts this link has passed on as resolved: over, even before the database says so.
+    resolved: std::collections::HashSet<Uuid>,
+}
+
 /// Gives `alert` the identity of the unresolved alert of the same condition when one is stored (it was raised before
 /// an evaluator lost its state: an agent restart, a link that moved), so one condition stays one alert. Looked up
 /// once per alert id a link sees.
-async fn join_open_alert(
-    alerts: &dyn smartfarm_store::AlertStore,
-    joined: &mut std::collections::HashMap<Uuid, Option<Alert>>,
-    alert: &mut Alert,
-) {
-    if joined.len() > 100_000 {
-        joined.clear();
+async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, joined: &mut Joined, alert: &mut Alert) {
+    if joined.targets.len() > 100_000 {
+        joined.targets.clear();
+        joined.resolved.clear();
     }
-    let open = match joined.entry(alert.id) {
+    let Joined { targets, resolved } = joined;
+    let open = match targets.entry(alert.id) {
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
         std::collections::hash_map::Entry::Vacant(entry) => {
             let open = match alerts.unresolved_alerts_of(alert.rule_id, alert.device_id).await {
-                Ok(open) => open.into_iter().find(|open| alert.clone().join(open)),
+                Ok(open) => open.into_iter().find(|open| !resolved.contains(&open.id) && alert.clone().join(open)),
                 Err(error) => {
                     tracing::warn!(alert_id = %alert.id, %error, "cannot look for an open alert of the same condition");
                     return;
@@ -164,6 +172,9 @@ async fn join_open_alert(
         && alert.join(open)
     {
         tracing::debug!(joined = %open.id, "an alert joined the one already open for its condition");
+    }
+    if alert.state == smartfarm_core::rules::AlertState::Resolved {
+        resolved.insert(alert.id);
     }
 }
 
