@@ -11,14 +11,13 @@ mod verdicts;
 pub mod webhook;
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use smartfarm_bus::{AlertChanged, Bus, Event};
 use smartfarm_core::config::AlertsConfig;
-use smartfarm_core::paging::Page;
+use smartfarm_core::paging::{Page, time_id_key};
 use smartfarm_core::rules::{Alert, AlertState, Rule, Severity};
 use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::alert::v1 as pb;
@@ -204,13 +203,10 @@ impl AlertService for AlertApi {
         let filter = AlertFilter { farm_id, states, min_severity, opened_from, opened_before };
         let fingerprint = format!("alerts;{filter:?}");
         let page = Page::from_request(message.page_size, &message.page_token, &fingerprint)?;
-        let after = page.after.as_deref().map(parse_alert_key).transpose()?;
+        let after = page.after_time_id()?;
         let alerts = self.alerts.list_alerts(&filter, after, page.fetch_limit()).await?;
-        let (alerts, next_page_token) = page.finish(
-            alerts,
-            |alert| format!("{}:{}", time::to_unix_micros(alert.open_time), alert.id),
-            &fingerprint,
-        );
+        let (alerts, next_page_token) =
+            page.finish(alerts, |alert| time_id_key(alert.open_time, alert.id), &fingerprint);
         Ok(Response::new(pb::ListAlertsResponse {
             alerts: alerts.iter().map(Alert::to_proto).collect(),
             next_page_token,
@@ -317,11 +313,4 @@ impl AlertService for AlertApi {
         tracing::info!(webhook_id = %id, by = %principal.describe(), "webhook deleted");
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
-}
-
-fn parse_alert_key(key: &str) -> Result<(SystemTime, Uuid)> {
-    let invalid = || Error::invalid("page_token", "is not a token this list returned");
-    let (micros, id) = key.split_once(':').ok_or_else(invalid)?;
-    let micros = micros.parse::<i64>().map_err(|_| invalid())?;
-    Ok((time::from_unix_micros(micros), Uuid::try_parse(id).map_err(|_| invalid())?))
 }

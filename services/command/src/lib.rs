@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,7 +17,7 @@ use uuid::Uuid;
 use smartfarm_bus::{Bus, Event};
 use smartfarm_core::commands::check_name;
 use smartfarm_core::config::AlertsConfig;
-use smartfarm_core::paging::Page;
+use smartfarm_core::paging::{Page, time_id_key};
 use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::command::v1 as pb;
 use smartfarm_proto::command::v1::command_service_server::{CommandService, CommandServiceServer};
@@ -197,13 +197,10 @@ impl CommandService for CommandApi {
         let filter = CommandFilter { farm_id, device_id, status };
         let fingerprint = format!("commands;{filter:?}");
         let page = Page::from_request(message.page_size, &message.page_token, &fingerprint)?;
-        let after = page.after.as_deref().map(parse_key).transpose()?;
+        let after = page.after_time_id()?;
         let commands = self.commands.list_commands(&filter, after, page.fetch_limit()).await?;
-        let (commands, next_page_token) = page.finish(
-            commands,
-            |command| format!("{}:{}", time::to_unix_micros(command.create_time), command.id),
-            &fingerprint,
-        );
+        let (commands, next_page_token) =
+            page.finish(commands, |command| time_id_key(command.create_time, command.id), &fingerprint);
         Ok(Response::new(pb::ListCommandsResponse {
             commands: commands.iter().map(StoredCommand::to_proto).collect(),
             next_page_token,
@@ -267,11 +264,4 @@ async fn watch(
         }
         sent = sent.max(command.history.len());
     }
-}
-
-fn parse_key(key: &str) -> Result<(SystemTime, Uuid)> {
-    let invalid = || Error::invalid("page_token", "is not a token this list returned");
-    let (micros, id) = key.split_once(':').ok_or_else(invalid)?;
-    let micros = micros.parse::<i64>().map_err(|_| invalid())?;
-    Ok((time::from_unix_micros(micros), Uuid::try_parse(id).map_err(|_| invalid())?))
 }

@@ -52,6 +52,16 @@ impl Page {
             .transpose()
     }
 
+    /// The (time, id) to continue after, for lists ordered by a time and then an id (keys made by
+    /// [`time_id_key`]).
+    pub fn after_time_id(&self) -> Result<Option<(std::time::SystemTime, uuid::Uuid)>> {
+        let Some(key) = self.after.as_deref() else { return Ok(None) };
+        let invalid = || Error::invalid("page_token", "is not a token this list returned");
+        let (micros, id) = key.split_once('|').ok_or_else(invalid)?;
+        let micros = micros.parse::<i64>().map_err(|_| invalid())?;
+        Ok(Some((crate::time::from_unix_micros(micros), uuid::Uuid::try_parse(id).map_err(|_| invalid())?)))
+    }
+
     /// How many items to fetch: one more than the page holds, to learn whether another page follows.
     pub fn fetch_limit(&self) -> usize {
         self.size + 1
@@ -72,6 +82,11 @@ impl Page {
         let token = items.last().map(|last| encode(&key_of(last), filter_fingerprint)).unwrap_or_default();
         (items, token)
     }
+}
+
+/// The sort key of an item of a list ordered by a time and then an id (see [`Page::after_time_id`]).
+pub fn time_id_key(time: std::time::SystemTime, id: uuid::Uuid) -> String {
+    format!("{}|{id}", crate::time::to_unix_micros(time))
 }
 
 fn fingerprint(filter: &str) -> String {

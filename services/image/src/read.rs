@@ -6,7 +6,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use smartfarm_core::media::sniff_image;
-use smartfarm_core::paging::Page;
+use smartfarm_core::paging::{Page, time_id_key};
 use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::image::v1 as pb;
 use smartfarm_store::image::{ImageCursor, ImageFilter, ImageRecord};
@@ -175,13 +175,10 @@ impl ImageApi {
         let filter = ImageFilter { farm_id, device_id, captured_from, captured_to, diagnosis_label };
         let fingerprint = format!("{filter:?}");
         let page = Page::from_request(request.page_size, &request.page_token, &fingerprint)?;
-        let after = page.after.as_deref().map(parse_cursor).transpose()?;
+        let after = page.after_time_id()?.map(|(capture_time, id)| ImageCursor { capture_time, id });
         let rows = self.images.list_images(&filter, after, page.fetch_limit()).await?;
-        let (rows, next_page_token) = page.finish(
-            rows,
-            |image| format!("{}|{}", time::to_unix_micros(image.capture_time), image.id),
-            &fingerprint,
-        );
+        let (rows, next_page_token) =
+            page.finish(rows, |image| time_id_key(image.capture_time, image.id), &fingerprint);
         Ok(pb::ListImagesResponse { images: rows.iter().map(|image| self.to_proto(image)).collect(), next_page_token })
     }
 
@@ -232,13 +229,4 @@ impl ImageApi {
         debug_assert!(variant == Variant::Thumbnail || sniff_image(&bytes) == Some(content_type.as_str()));
         Ok((content_type, bytes))
     }
-}
-
-fn parse_cursor(key: &str) -> Result<ImageCursor> {
-    let invalid = || Error::invalid("page_token", "is not a token this list returned");
-    let (micros, id) = key.split_once('|').ok_or_else(invalid)?;
-    Ok(ImageCursor {
-        capture_time: time::from_unix_micros(micros.parse().map_err(|_| invalid())?),
-        id: uuid::Uuid::try_parse(id).map_err(|_| invalid())?,
-    })
 }
