@@ -243,6 +243,9 @@ pub async fn run(
             for alert in housekeeping_rules.on_tick(SystemTime::now()) {
                 let _ = housekeeping_alerts.send(LocalAlert::Rule(alert));
             }
+            if let Err(error) = housekeeping_rules.save_state() {
+                tracing::error!(%error, "cannot write the rules' state");
+            }
             if let Err(error) = housekeeping_broker.save_sessions() {
                 tracing::error!(%error, "cannot save the MQTT sessions");
             }
@@ -267,6 +270,9 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
+    if let Err(error) = rules.save_state() {
+        tracing::error!(%error, "cannot write the rules' state at shutdown");
+    }
     if let Err(error) = ingestor.flush_windows(None).await {
         tracing::error!(%error, "cannot spool open aggregation windows at shutdown");
     }

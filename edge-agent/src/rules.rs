@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use smartfarm_core::rules::{Alert, Evaluator, Origin, Rule};
+use smartfarm_core::rules::{Alert, Evaluator, EvaluatorState, Origin, Rule};
 use smartfarm_proto::ingestion::v1::RuleSnapshot;
 
 use crate::payload::Measurement;
@@ -27,6 +27,11 @@ struct Cached {
 pub struct EdgeRules {
     path: PathBuf,
     state: Mutex<(u64, Option<Evaluator>)>,
+    /// Where what the evaluator learnt is kept (`rules-state.json`), so an agent restarted while a condition holds
+    /// keeps its alert (same id, not announced again, resolved when the condition clears).
+    state_path: PathBuf,
+    /// Whether the evaluator learnt something since it was last written.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl EdgeRules {
@@ -41,12 +46,42 @@ impl EdgeRules {
             }),
             Err(_) => Cached::default(),
         };
+        let state_path = dir.join("rules-state.json");
+        let learnt: Option<EvaluatorState> = std::fs::read(&state_path).ok().and_then(|bytes| {
+            serde_json::from_slice(&bytes)
+                .map_err(|error| tracing::warn!(path = %state_path.display(), %error, "rule state unreadable; starting over"))
+                .ok()
+        });
         let evaluator = cached.farm_id.map(|farm_id| {
             let mut evaluator = Evaluator::new(farm_id, Origin::Edge);
             evaluator.set_rules(cached.rules, SystemTime::now());
+            if let Some(learnt) = learnt {
+                evaluator.restore(learnt);
+            }
             evaluator
         });
-        EdgeRules { path, state: Mutex::new((cached.version, evaluator)) }
+        EdgeRules {
+            path,
+            state: Mutex::new((cached.version, evaluator)),
+            state_path,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Writes what the evaluator learnt, if anything since the last time (called every second). Not fsynced: a
+    /// power cut loses at most the last second, after which alerts may be raised and announced again.
+    pub fn save_state(&self) -> std::io::Result<()> {
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let learnt = match &self.state.lock().expect("rules lock").1 {
+            Some(evaluator) => evaluator.state(),
+            None => return Ok(()),
+        };
+        let bytes = serde_json::to_vec(&learnt).map_err(std::io::Error::other)?;
+        let temp = self.state_path.with_extension("tmp");
+        std::fs::write(&temp, bytes)?;
+        std::fs::rename(&temp, &self.state_path)
     }
 
     /// The cached version (0: none yet), for the hello.
@@ -90,6 +125,7 @@ impl EdgeRules {
     pub fn on_readings(&self, device: Uuid, measurements: &[Measurement]) -> Vec<Alert> {
         let mut state = self.state.lock().expect("rules lock");
         let Some(evaluator) = &mut state.1 else { return Vec::new() };
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)).collect()
     }
 
@@ -97,7 +133,13 @@ impl EdgeRules {
     pub fn on_tick(&self, now: SystemTime) -> Vec<Alert> {
         let mut state = self.state.lock().expect("rules lock");
         match &mut state.1 {
-            Some(evaluator) => evaluator.on_tick(now),
+            Some(evaluator) => {
+                let raised = evaluator.on_tick(now);
+                if !raised.is_empty() {
+                    self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                raised
+            }
             None => Vec::new(),
         }
     }

@@ -379,7 +379,7 @@ async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidenc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_condition_that_holds_while_the_link_is_rebuilt_stays_one_alert() {
+async fn a_condition_that_holds_while_the_cloud_or_the_agent_restarts_stays_one_alert() {
     let data = CloudData::new(Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
@@ -428,6 +428,43 @@ async fn a_condition_that_holds_while_the_link_is_rebuilt_stays_one_alert() {
         .alerts;
     assert_eq!(listed.len(), 1, "one condition, one alert: {listed:?}");
     assert_eq!(listed[0].state, pb::AlertState::Open as i32);
+    let alert_id = listed[0].id.clone();
+
+    // Now the agent is killed (it keeps what its evaluator learnt, written every second) and comes back while the
+    // greenhouse is still hot: the farm is not alerted a second time, and the cool reading resolves the same alert.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    edge.kill9().await;
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 47}}"#)
+        .await;
+    assert!(farm_topic.drain(Duration::from_secs(2)).await.is_empty(), "the same alert, not announced again");
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 20}}"#)
+        .await;
+    let resolved: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("the resolution")).unwrap();
+    assert_eq!(
+        (resolved["id"].as_str(), resolved["state"].as_str()),
+        (Some(alert_id.as_str()), Some("ALERT_STATE_RESOLVED"))
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut alerts = alerts.clone();
+            let farm_id = fleet.farm_id.clone();
+            async move {
+                let listed = alerts
+                    .list_alerts(pb::ListAlertsRequest { farm_id, ..Default::default() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .alerts;
+                listed.len() == 1 && listed[0].state == pb::AlertState::Resolved as i32
+            }
+        })
+        .await,
+        "the cloud's record: one alert, resolved"
+    );
     edge.stop().await;
     cloud.stop().await;
 }

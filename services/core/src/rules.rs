@@ -595,7 +595,7 @@ fn new_alert(
 }
 
 /// The evaluation state of one rule on one device's metric.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Track {
     /// The measurement time since which the condition holds without a break.
     breach_since: Option<SystemTime>,
@@ -603,8 +603,17 @@ struct Track {
     newest: Option<SystemTime>,
     /// The alert raised and not yet resolved, and since when its condition is clear.
     active: Option<(Alert, Option<SystemTime>)>,
-    /// Recent readings, for rate-of-change rules.
+    /// Recent readings, for rate-of-change rules (not kept across restarts: a window starts over).
+    #[serde(skip)]
     window: VecDeque<(SystemTime, f64)>,
+}
+
+/// What an evaluator has learnt (when conditions began, the alerts open, when devices were last heard), to carry it
+/// across a restart: the alerts it raises after one keep their ids, and the open ones still resolve.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct EvaluatorState {
+    tracks: Vec<(Uuid, Uuid, String, Track)>,
+    last_seen: Vec<(Uuid, SystemTime)>,
 }
 
 /// What the condition looked like at one moment.
@@ -633,6 +642,31 @@ pub struct Evaluator {
 impl Evaluator {
     pub fn new(farm_id: Uuid, origin: Origin) -> Evaluator {
         Evaluator { farm_id, origin, rules: Vec::new(), tracks: HashMap::new(), last_seen: HashMap::new() }
+    }
+
+    /// What it has learnt, to be given back to [`Evaluator::restore`] after a restart.
+    pub fn state(&self) -> EvaluatorState {
+        EvaluatorState {
+            tracks: self
+                .tracks
+                .iter()
+                .map(|((rule, device, metric), track)| (*rule, *device, metric.clone(), track.clone()))
+                .collect(),
+            last_seen: self.last_seen.iter().map(|(device, time)| (*device, *time)).collect(),
+        }
+    }
+
+    /// Takes back what an earlier run learnt, for the rules it evaluates now (call after [`Evaluator::set_rules`]).
+    pub fn restore(&mut self, state: EvaluatorState) {
+        for (rule, device, metric, track) in state.tracks {
+            if self.rules.iter().any(|known| known.id == rule) {
+                self.tracks.insert((rule, device, metric), track);
+            }
+        }
+        for (device, time) in state.last_seen {
+            let seen = self.last_seen.entry(device).or_insert(time);
+            *seen = (*seen).max(time);
+        }
     }
 
     /// The farm whose rules these are.
@@ -989,6 +1023,23 @@ mod tests {
         assert_eq!(merged.state, AlertState::Resolved);
         let mut back = from_edge[1].clone();
         assert!(!back.merge(&from_cloud[0]), "an older snapshot never moves an alert back");
+    }
+
+    #[test]
+    fn a_restored_evaluator_keeps_the_alert_it_had_open() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = threshold_rule(farm, 0, 0);
+        let mut before = Evaluator::new(farm, Origin::Edge);
+        before.set_rules(vec![rule.clone()], at(0));
+        let open = before.on_reading(device, "temperature", 45.0, at(10)).remove(0);
+        let saved = serde_json::to_string(&before.state()).unwrap();
+        let mut after = Evaluator::new(farm, Origin::Edge);
+        after.set_rules(vec![rule], at(0));
+        after.restore(serde_json::from_str(&saved).unwrap());
+        assert!(after.on_reading(device, "temperature", 46.0, at(20)).is_empty(), "still the same alert");
+        let resolved = after.on_reading(device, "temperature", 20.0, at(30)).remove(0);
+        assert_eq!((resolved.id, resolved.state), (open.id, AlertState::Resolved));
     }
 
     #[test]
