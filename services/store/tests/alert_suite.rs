@@ -192,13 +192,22 @@ async fn a_burst_is_recorded_at_once_and_a_refused_alert_keeps_no_other_out(data
         ],
         "in order, one event per change, an old copy none"
     );
+    assert_eq!(events[1].as_ref().unwrap().alert, repeat, "each event carries the alert as of that event");
+    assert_eq!(store.get_alert(first.id).await.unwrap(), repeat, "the row holds the last change");
+    // A later burst changes an alert recorded before it.
+    let mut resolved = repeat.clone();
+    resolved.state = AlertState::Resolved;
+    let events = store.record_alerts(std::slice::from_ref(&resolved)).await;
+    let event = events[0].as_ref().unwrap().as_ref().unwrap();
+    assert_eq!((event.sequence, event.kind), (4, AlertEventKind::Resolved));
+    assert_eq!(store.get_alert(first.id).await.unwrap(), resolved);
     // A burst with an alert of a farm that does not exist: the others are recorded all the same.
     let third = alert(farm_id, Severity::Info, 12);
     let results = store.record_alerts(&[alert(Uuid::now_v7(), Severity::Info, 12), third.clone()]).await;
     assert!(matches!(results[0], Err(Error::NotFound { resource: "farm", .. })), "{:?}", results[0]);
-    assert_eq!(results[1].as_ref().unwrap().as_ref().map(|event| event.sequence), Some(4));
+    assert_eq!(results[1].as_ref().unwrap().as_ref().map(|event| event.sequence), Some(5));
     assert_eq!(store.get_alert(third.id).await.unwrap(), third);
-    assert_eq!(store.last_alert_event().await.unwrap(), 4, "the refused alert appended nothing");
+    assert_eq!(store.last_alert_event().await.unwrap(), 5, "the refused alert appended nothing");
 }
 
 async fn the_unresolved_alerts_of_a_rule_on_a_device_are_found(database: &Database) {

@@ -117,23 +117,216 @@ impl PostgresStore {
         Ok(changed)
     }
 
-    /// Records several alerts in one transaction under the event lock (one commit for a burst); any failure undoes
-    /// them all.
+    /// Records several alerts in one transaction under the event lock (one commit for a burst), in two round trips
+    /// whatever the burst's size: the transaction begins, takes the lock and reads the stored copies in one
+    /// pipelined exchange; the copies are merged here in order (an alert may come twice); then the alerts and their
+    /// events are written in one statement, pipelined with the commit. Any failure undoes them all.
     async fn record_alerts_at_once(&self, batch: &[Alert]) -> Result<Vec<Option<AlertEvent>>> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await.map_err(pg_error("begin alert changes"))?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&ALERT_EVENT_LOCK_KEY])
-            .await
-            .map_err(pg_error("take the alert event lock"))?;
-        let mut events = Vec::with_capacity(batch.len());
-        for alert in batch {
-            let (_, event) =
-                change_alert_in(&transaction, alert.id, |stored| alerts::merge_change(stored, alert)).await?;
-            events.push(event);
-        }
-        transaction.commit().await.map_err(pg_error("commit alert changes"))?;
+        let mut connection = InTransaction(Some(self.client().await?));
+        let client = connection.client();
+        let (lock, read, write) = tokio::try_join!(
+            client.prepare_cached("SELECT pg_advisory_xact_lock($1)"),
+            client.prepare_cached(READ_ALERTS_FOR_BURST),
+            client.prepare_cached(WRITE_BURST),
+        )
+        .map_err(pg_error("prepare alert changes"))?;
+        let ids: Vec<Uuid> = batch.iter().map(|alert| alert.id).collect();
+        let (lock_key, read_ids): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+            ([&ALERT_EVENT_LOCK_KEY], [&ids]);
+        // Pipelined, but run one after the other: the read's snapshot is taken once the lock is held, so it sees
+        // every change committed by the lock's previous holders (read committed).
+        let (begun, locked, rows) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.execute(&lock, &lock_key),
+            client.query(&read, &read_ids),
+        );
+        begun.map_err(pg_error("begin alert changes"))?;
+        let merged = locked
+            .map_err(pg_error("take the alert event lock"))
+            .and_then(|_| rows.map_err(pg_error("read alerts")))
+            .and_then(|rows| merge_burst(&rows, batch));
+        let Burst { events, columns, log } = match merged {
+            Ok(Some(burst)) => burst,
+            // Nothing changes, or something is refused: nothing to write.
+            outcome => {
+                connection.finish("ROLLBACK").await?;
+                return outcome.map(|_| vec![None; batch.len()]);
+            }
+        };
+        let (rows, events_log) = (columns.parameters(), log.parameters());
+        let parameters: Vec<&(dyn ToSql + Sync)> = rows.into_iter().chain(events_log).collect();
+        let (written, committed) = tokio::join!(
+            client.execute(&write, &parameters),
+            // After a failed statement PostgreSQL answers COMMIT by rolling back: the transaction ends either way.
+            client.batch_execute("COMMIT"),
+        );
+        committed.map_err(pg_error("commit alert changes"))?;
+        connection.done();
+        written.map_err(|error| {
+            if is_foreign_key_violation(&error) {
+                Error::not_found("farm", "of an alert in the burst")
+            } else {
+                pg_error("write alerts and their events")(error)
+            }
+        })?;
         Ok(events)
+    }
+}
+
+/// The newest event's sequence, and the stored copies of the alerts `$1` (a row with a null body when none is).
+const READ_ALERTS_FOR_BURST: &str = "SELECT (SELECT COALESCE(MAX(sequence), 0) FROM alert_events), alerts.body
+                                     FROM (SELECT 1) AS one LEFT JOIN alerts ON alerts.id = ANY($1)";
+
+/// Writes a burst's alerts (the columns of [`AlertColumns`]) and appends its events (those of [`EventColumns`]).
+const WRITE_BURST: &str = "WITH written AS (
+        INSERT INTO alerts (id, farm_id, rule_id, device_id, severity, state, open_time, body)
+        SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::smallint[], $6::smallint[],
+                             $7::timestamptz[], $8::jsonb[])
+        ON CONFLICT (id) DO UPDATE SET farm_id = EXCLUDED.farm_id, rule_id = EXCLUDED.rule_id,
+            device_id = EXCLUDED.device_id, severity = EXCLUDED.severity, state = EXCLUDED.state,
+            open_time = EXCLUDED.open_time, body = EXCLUDED.body
+        RETURNING 1)
+    INSERT INTO alert_events (sequence, farm_id, severity, kind, alert)
+    SELECT * FROM UNNEST($9::bigint[], $10::uuid[], $11::smallint[], $12::smallint[], $13::jsonb[])";
+
+/// What a burst changes, given what [`READ_ALERTS_FOR_BURST`] read, or `None` when nothing changes. Each alert is
+/// merged into what precedes it, so one that comes twice is merged twice; events are numbered on from the newest.
+fn merge_burst(rows: &[Row], batch: &[Alert]) -> Result<Option<Burst>> {
+    let last_sequence = rows.first().map_or(0, |row| row.get::<_, i64>(0));
+    let mut current: std::collections::HashMap<Uuid, Alert> = std::collections::HashMap::new();
+    for row in rows {
+        if let Some(body) = row.get::<_, Option<serde_json::Value>>(1) {
+            let alert = parse_alert(body)?;
+            current.insert(alert.id, alert);
+        }
+    }
+    let mut events = Vec::with_capacity(batch.len());
+    let mut log = EventColumns::default();
+    let mut changed = Vec::new();
+    for incoming in batch {
+        let Some((kind, merged)) = alerts::merge_change(current.get(&incoming.id), incoming)? else {
+            events.push(None);
+            continue;
+        };
+        let sequence = last_sequence + log.sequences.len() as i64 + 1;
+        log.push(sequence, kind, &merged)?;
+        events.push(Some(AlertEvent { sequence: sequence as u64, kind, alert: merged.clone() }));
+        if !changed.contains(&merged.id) {
+            changed.push(merged.id);
+        }
+        current.insert(merged.id, merged);
+    }
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    let mut columns = AlertColumns::default();
+    for id in changed {
+        columns.push(&current[&id])?;
+    }
+    Ok(Some(Burst { events, columns, log }))
+}
+
+/// What a burst writes: the event of each alert (`None` where it changes nothing), the alerts' rows and the events'.
+struct Burst {
+    events: Vec<Option<AlertEvent>>,
+    columns: AlertColumns,
+    log: EventColumns,
+}
+
+/// A pooled connection inside a transaction begun by hand (so that its first statements can be pipelined with
+/// the BEGIN). It goes back to the pool only once the transaction has ended; dropped before (an error on the way,
+/// a future dropped midway) it is closed instead, which ends the transaction too.
+struct InTransaction(Option<deadpool_postgres::Object>);
+
+impl InTransaction {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("a connection until done")
+    }
+
+    /// Ends the transaction with `statement` (COMMIT or ROLLBACK) and pools the connection.
+    async fn finish(&mut self, statement: &str) -> Result<()> {
+        self.client().batch_execute(statement).await.map_err(pg_error("end alert changes"))?;
+        self.done();
+        Ok(())
+    }
+
+    /// The transaction ended: the connection goes back to the pool.
+    fn done(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            // Mid-transaction or in an unknown state: closed, never pooled.
+            drop(deadpool_postgres::Object::take(connection));
+        }
+    }
+}
+
+/// The `alerts` rows of a burst, a column each (for `UNNEST`).
+#[derive(Default)]
+struct AlertColumns {
+    ids: Vec<Uuid>,
+    farm_ids: Vec<Uuid>,
+    rule_ids: Vec<Uuid>,
+    device_ids: Vec<Option<Uuid>>,
+    severities: Vec<i16>,
+    states: Vec<i16>,
+    open_times: Vec<SystemTime>,
+    bodies: Vec<serde_json::Value>,
+}
+
+impl AlertColumns {
+    fn push(&mut self, alert: &Alert) -> Result<()> {
+        self.ids.push(alert.id);
+        self.farm_ids.push(alert.farm_id);
+        self.rule_ids.push(alert.rule_id);
+        self.device_ids.push(alert.device_id);
+        self.severities.push(alert.severity as i16);
+        self.states.push(alert.state as i16);
+        self.open_times.push(alert.open_time);
+        self.bodies.push(alert_json(alert)?);
+        Ok(())
+    }
+
+    fn parameters(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.ids,
+            &self.farm_ids,
+            &self.rule_ids,
+            &self.device_ids,
+            &self.severities,
+            &self.states,
+            &self.open_times,
+            &self.bodies,
+        ]
+    }
+}
+
+/// The `alert_events` rows of a burst, a column each.
+#[derive(Default)]
+struct EventColumns {
+    sequences: Vec<i64>,
+    farm_ids: Vec<Uuid>,
+    severities: Vec<i16>,
+    kinds: Vec<i16>,
+    bodies: Vec<serde_json::Value>,
+}
+
+impl EventColumns {
+    fn push(&mut self, sequence: i64, kind: AlertEventKind, alert: &Alert) -> Result<()> {
+        self.sequences.push(sequence);
+        self.farm_ids.push(alert.farm_id);
+        self.severities.push(alert.severity as i16);
+        self.kinds.push(kind as i16);
+        self.bodies.push(alert_json(alert)?);
+        Ok(())
+    }
+
+    fn parameters(&self) -> [&(dyn ToSql + Sync); 5] {
+        [&self.sequences, &self.farm_ids, &self.severities, &self.kinds, &self.bodies]
     }
 }
 
