@@ -513,8 +513,12 @@ async fn commit_in_order(
             send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
         }
         // After the acknowledgements, which do not wait for it: the rules see new readings once, in sequence order.
+        // Off the async workers: tens of thousands of readings must not hold up the alerts the agent sends meanwhile.
         if !duplicate {
-            urgent::evaluate_committed(&rules, &group.readings);
+            let (rules, readings) = (rules.clone(), group.readings);
+            tokio::task::spawn_blocking(move || urgent::evaluate_committed(&rules, &readings))
+                .await
+                .map_err(|error| Error::internal("evaluate the rules on a batch", error))?;
         }
         if next.is_none() {
             next = in_order.recv().await;

@@ -5,6 +5,7 @@
 //! waiting at connect, then each as it is queued, on whichever replica) and the agent's receipts recorded.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -26,57 +27,91 @@ use crate::link::{Outbound, send};
 pub(crate) struct FarmRules {
     farm_id: Uuid,
     evaluator: Mutex<Evaluator>,
-    /// Alerts to record (the agent's and this link's): a task records what waits in one transaction, so a burst of
-    /// alerts costs one commit and the link does not wait for the database to read on.
-    recorder: Option<mpsc::UnboundedSender<Alert>>,
+    /// Alerts to record: a task records what waits in one transaction, so a burst of alerts costs one commit and the
+    /// link does not wait for the database to read on.
+    recorder: Option<Recorder>,
+}
+
+/// The recorder's two lanes. The agent's alerts are news (it raised them as the readings arrived) and go first;
+/// the copies this link raises from committed batches mostly repeat what the agent sent already, come a batch at a
+/// time (hundreds at once after an upload), and must not hold the news up.
+struct Recorder {
+    agent: mpsc::UnboundedSender<(Instant, Alert)>,
+    copies: mpsc::UnboundedSender<(Instant, Alert)>,
 }
 
 impl FarmRules {
     pub(crate) fn new(api: &IngestionApi, farm_id: Uuid) -> Arc<FarmRules> {
         let recorder = api.alerts.as_ref().map(|alerts| {
-            let (sender, queue) = mpsc::unbounded_channel();
-            tokio::spawn(record_forever(api.clone(), alerts.clone(), queue));
-            sender
+            let (agent, agent_queue) = mpsc::unbounded_channel();
+            let (copies, copy_queue) = mpsc::unbounded_channel();
+            tokio::spawn(record_forever(api.clone(), alerts.clone(), agent_queue, copy_queue));
+            Recorder { agent, copies }
         });
         Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)), recorder })
-    }
-
-    fn record(&self, alert: Alert) {
-        if let Some(recorder) = &self.recorder {
-            let _ = recorder.send(alert);
-        }
     }
 }
 
 /// Most alerts recorded in one transaction.
 const MAX_ALERTS_AT_ONCE: usize = 256;
 
-/// Records the link's alerts, what waits at once, until the link ends.
+/// Most of this link's own copies recorded in one transaction: an alert from the agent that arrives meanwhile waits
+/// for at most that many.
+const MAX_COPIES_AT_ONCE: usize = 16;
+
+/// Records the link's alerts, what waits at once (the agent's first), until the link ends.
 async fn record_forever(
     api: IngestionApi,
     alerts: Arc<dyn smartfarm_store::AlertStore>,
-    mut queue: mpsc::UnboundedReceiver<Alert>,
+    mut agent: mpsc::UnboundedReceiver<(Instant, Alert)>,
+    mut copies: mpsc::UnboundedReceiver<(Instant, Alert)>,
 ) {
-    // Alert ids this link has seen, and the id of the unresolved alert each joined, if any (see `Alert::join`).
-    let mut joined = Joined::default();
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_ALERTS_AT_ONCE {
-            match queue.try_recv() {
-                Ok(alert) => batch.push(alert),
-                Err(_) => break,
+    let mut known = Known::default();
+    loop {
+        let first = tokio::select! {
+            biased;
+            Some(alert) = agent.recv() => alert,
+            Some(alert) = copies.recv() => alert,
+            else => return,
+        };
+        let mut batch = Vec::new();
+        let mut arrivals = Vec::new();
+        let mut copies_taken = 0;
+        let mut next = Some(first);
+        // In order: an alert resolved earlier in the batch is over for the ones after it, though not yet recorded.
+        while let Some((arrived, mut alert)) = next.take() {
+            if alert.origin == Origin::Cloud {
+                copies_taken += 1;
+            }
+            join_open_alert(alerts.as_ref(), &mut known, &mut alert).await;
+            if known.adds_something(&alert) {
+                batch.push(alert);
+                arrivals.push(arrived);
+            } else {
+                metrics::counter!("smartfarm_alert_copies_known_total").increment(1);
+            }
+            if batch.len() < MAX_ALERTS_AT_ONCE {
+                next = match agent.try_recv() {
+                    Ok(alert) => Some(alert),
+                    Err(_) if copies_taken < MAX_COPIES_AT_ONCE => copies.try_recv().ok(),
+                    Err(_) => None,
+                };
             }
         }
-        // In order: an alert resolved earlier in the batch is over for the ones after it, though not yet recorded.
-        for alert in &mut batch {
-            join_open_alert(alerts.as_ref(), &mut joined, alert).await;
+        if batch.is_empty() {
+            continue;
         }
+        let writing = Instant::now();
         let results = alerts.record_alerts(&batch).await;
-        for (alert, result) in batch.iter().zip(results) {
+        metrics::histogram!("smartfarm_alerts_write_seconds").record(writing.elapsed().as_secs_f64());
+        for ((alert, result), arrived) in batch.iter().zip(results).zip(arrivals) {
             match result {
                 Ok(Some(event)) => {
+                    known.recorded(&event.alert);
                     let origin = if alert.origin == Origin::Edge { "edge" } else { "cloud" };
                     metrics::counter!("smartfarm_alerts_recorded_total", "origin" => origin).increment(1);
+                    metrics::histogram!("smartfarm_alerts_record_seconds", "origin" => origin)
+                        .record(arrived.elapsed().as_secs_f64());
                     if let Some(bus) = &api.bus {
                         bus.publish(Event::AlertChanged(AlertChanged {
                             sequence: event.sequence,
@@ -86,8 +121,10 @@ async fn record_forever(
                         }));
                     }
                 }
-                Ok(None) => {}
+                // The stored alert holds this copy already.
+                Ok(None) => known.recorded(alert),
                 Err(error) => {
+                    known.forget(alert.id);
                     // The readings behind it stay in the database: the alert is not lost for good, only this copy.
                     metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert_not_recorded")
                         .increment(1);
@@ -132,35 +169,91 @@ pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
             })
             .collect()
     };
-    for alert in raised {
-        rules.record(alert);
+    if let Some(recorder) = &rules.recorder {
+        let now = Instant::now();
+        for alert in raised {
+            let _ = recorder.copies.send((now, alert));
+        }
     }
 }
 
-/// What a link's recorder knows for [`join_open_alert`].
+/// What a link's recorder knows: for [`join_open_alert`], and what it recorded, so that a copy adding nothing to
+/// it costs no query.
 #[derive(Default)]
-struct Joined {
+struct Known {
     /// Alert ids seen, with the unresolved alert each joined, if any.
     targets: std::collections::HashMap<Uuid, Option<Alert>>,
     /// Alerts this link has passed on as resolved: over, even before the database says so.
     resolved: std::collections::HashSet<Uuid>,
+    /// The conditions (origin, rule, device, metric) whose stored alerts were looked up. Only an evaluator's first
+    /// alert of a condition on this link can continue an alert raised before (the agent and this link each run one
+    /// evaluator for the link's life, and a later alert of theirs for the same condition follows one they resolved),
+    /// so one lookup each is enough: a busy farm's alerts cost no query before they are recorded.
+    looked_up: std::collections::HashSet<(Origin, Uuid, Option<Uuid>, String)>,
+    /// Each alert as this link last recorded it, merged with what it sent since. The stored alert holds at least
+    /// that (merges only move forward, and only merges and people change it), so a copy that changes nothing here
+    /// changes nothing there either.
+    recorded: std::collections::HashMap<Uuid, Alert>,
+}
+
+impl Known {
+    /// Bounds the memory of a long-lived link; forgetting costs queries, never alerts.
+    const MOST: usize = 100_000;
+
+    /// Whether recording `alert` may change the stored one (and, when it may, counts it as sent).
+    fn adds_something(&mut self, alert: &Alert) -> bool {
+        match self.recorded.get_mut(&alert.id) {
+            Some(known) => known.merge(alert),
+            None => {
+                if self.recorded.len() >= Self::MOST {
+                    self.recorded.clear();
+                }
+                self.recorded.insert(alert.id, alert.clone());
+                true
+            }
+        }
+    }
+
+    /// The alert as stored after recording it.
+    fn recorded(&mut self, stored: &Alert) {
+        match self.recorded.get_mut(&stored.id) {
+            Some(known) => {
+                known.merge(stored);
+            }
+            None => {
+                self.recorded.insert(stored.id, stored.clone());
+            }
+        }
+    }
+
+    /// After a failed write: what this link sent may not be stored.
+    fn forget(&mut self, id: Uuid) {
+        self.recorded.remove(&id);
+    }
 }
 
 /// Gives `alert` the identity of the unresolved alert of the same condition when one is stored (it was raised before
 /// an evaluator lost its state: an agent restart, a link that moved), so one condition stays one alert. Looked up
-/// once per alert id a link sees.
-async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, joined: &mut Joined, alert: &mut Alert) {
-    if joined.targets.len() > 100_000 {
-        joined.targets.clear();
-        joined.resolved.clear();
+/// for an evaluator's first alert of each condition on the link (see [`Known::looked_up`]).
+async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut Known, alert: &mut Alert) {
+    if known.targets.len() >= Known::MOST {
+        known.targets.clear();
+        known.resolved.clear();
+        known.looked_up.clear();
     }
-    let Joined { targets, resolved } = joined;
+    let Known { targets, resolved, looked_up, .. } = known;
     let open = match targets.entry(alert.id) {
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::hash_map::Entry::Vacant(entry)
+            if !looked_up.insert((alert.origin, alert.rule_id, alert.device_id, alert.metric.clone())) =>
+        {
+            entry.insert(None)
+        }
         std::collections::hash_map::Entry::Vacant(entry) => {
             let open = match alerts.unresolved_alerts_of(alert.rule_id, alert.device_id).await {
                 Ok(open) => open.into_iter().find(|open| !resolved.contains(&open.id) && alert.clone().join(open)),
                 Err(error) => {
+                    looked_up.remove(&(alert.origin, alert.rule_id, alert.device_id, alert.metric.clone()));
                     tracing::warn!(alert_id = %alert.id, %error, "cannot look for an open alert of the same condition");
                     return;
                 }
@@ -181,12 +274,14 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, joined: &mut 
 /// An alert the agent raised, sent up the urgent lane, for the recorder. A bad one is logged and dropped (resending
 /// would not fix it).
 pub(crate) fn on_alert(rules: &FarmRules, wire: &smartfarm_proto::alert::v1::Alert) {
-    if rules.recorder.is_none() {
+    let Some(recorder) = &rules.recorder else {
         metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert").increment(1);
         return;
-    }
+    };
     match Alert::from_edge(wire, rules.farm_id) {
-        Ok(alert) => rules.record(alert),
+        Ok(alert) => {
+            let _ = recorder.agent.send((Instant::now(), alert));
+        }
         Err(error) => {
             metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "bad_alert").increment(1);
             tracing::warn!(farm_id = %rules.farm_id, %error, "an alert from the edge was refused");
