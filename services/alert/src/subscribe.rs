@@ -1,8 +1,8 @@
 //! `AlertService.Subscribe`: a live stream of alert events that resumes from a cursor without gaps. The alert event
 //! log is the record and its sequence number is the cursor: a stream first catches up from the log after the
 //! cursor, then follows the bus. An event that arrives in order goes out at once; a gap (an event written by another
-//! process, a bus that lagged) is filled from the log; and the log is read once a second anyway, so nothing
-//! committed waits longer than that even if a bus message is lost.
+//! process, a bus that lagged) is filled from the log; and the log is read a second after the last event in order
+//! anyway, so nothing committed waits much longer than that even if a bus message is lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ pub type Stream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
 
 /// Events read from the log at once while catching up.
 const CATCH_UP_PAGE: usize = 500;
-/// How often the log is read even without news on the bus.
+/// How long after the last event in order the log is read, even without news on the bus.
 const POLL: Duration = Duration::from_secs(1);
 
 struct Follower {
@@ -90,6 +90,9 @@ impl Follower {
                 change = changes.recv() => match change {
                     Ok(Event::AlertChanged(changed)) if changed.sequence <= self.last => true,
                     Ok(Event::AlertChanged(changed)) if changed.sequence == self.last + 1 => {
+                        // The bus is keeping up: the log is read a second after its last news, not while events
+                        // arrive (a read in flight would hold them up).
+                        poll.reset();
                         let event = AlertEvent { sequence: changed.sequence, kind: changed.kind, alert: changed.alert };
                         self.send(event).await
                     }
