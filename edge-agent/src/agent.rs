@@ -18,7 +18,7 @@ use crate::commands::{AckOutcome, Arrival, CommandBook};
 use crate::config::{EdgeConfig, FsyncMode};
 use crate::image_spool::ImageSpool;
 use crate::image_uplink::ImageUplink;
-use crate::ingest::{Ingestor, LocalAlert, SpoolWriter};
+use crate::ingest::{Ingestor, LocalAlert, RaisedAlerts, SpoolWriter};
 use crate::mqtt::broker::{self, ALERTS_TOPIC, Broker};
 use crate::registry::Registry;
 use crate::rules::EdgeRules;
@@ -64,7 +64,7 @@ pub async fn run(
     let (alerts, mut alert_events) = mpsc::unbounded_channel::<LocalAlert>();
     let writer = SpoolWriter::start(spool.clone(), alerts.clone());
     let ingestor = Ingestor::new(writer, config.upload, config.aggregation_window, config.max_future_skew)
-        .with_rules(rules.clone(), alerts.clone());
+        .with_rules(rules.clone(), RaisedAlerts { urgent: urgent.clone(), alerts: alerts.clone() });
     let broker = Broker::new(
         registry.clone(),
         ingestor.clone(),
@@ -163,9 +163,9 @@ pub async fn run(
             .run(stopping.clone()),
     );
 
-    // Local alerts go to the farm's alert topic at once, link or no link; rule alerts also up the urgent lane.
+    // Local alerts go to the farm's alert topic at once, link or no link (rule alerts went up the urgent lane as
+    // they were raised).
     let alert_broker = broker.clone();
-    let alert_urgent = urgent.clone();
     let mut alerts_stop = stopping.clone();
     tasks.spawn(async move {
         // What the topic last said of each alert, so the cloud's copy of an alert raised here is not said twice.
@@ -179,9 +179,9 @@ pub async fn run(
                 _ = alerts_stop.wait_for(|stop| *stop) => return,
             };
             let message = match &alert {
+                // Already up the urgent lane (see `RaisedAlerts`).
                 LocalAlert::Rule(raised) => {
                     let wire = raised.to_proto();
-                    alert_urgent.push(UrgentBody::Alert(wire.clone()));
                     if !newly_announced(&mut announced, &wire) {
                         continue;
                     }
@@ -223,7 +223,7 @@ pub async fn run(
     // Housekeeping every second: close aggregation windows, fsync under the interval policy, publish spool figures,
     // raise device-silent alerts.
     let housekeeping_rules = rules.clone();
-    let housekeeping_alerts = alerts.clone();
+    let housekeeping_raised = RaisedAlerts { urgent: urgent.clone(), alerts: alerts.clone() };
     let housekeeping_spool = spool.clone();
     let housekeeping_broker = broker.clone();
     let housekeeping_ingestor = ingestor.clone();
@@ -241,7 +241,7 @@ pub async fn run(
                 _ = housekeeping_stop.wait_for(|stop| *stop) => return,
             }
             for alert in housekeeping_rules.on_tick(SystemTime::now()) {
-                let _ = housekeeping_alerts.send(LocalAlert::Rule(alert));
+                housekeeping_raised.raise(alert);
             }
             if let Err(error) = housekeeping_rules.save_state() {
                 tracing::error!(%error, "cannot write the rules' state");

@@ -230,12 +230,27 @@ impl Aggregator {
     }
 }
 
+/// Where a rule's alert raised on the farm goes: up the link's urgent lane (straight from where it was raised, so
+/// the cloud hears it without another task in between) and to the farm's alert topic.
+#[derive(Clone, Debug)]
+pub struct RaisedAlerts {
+    pub urgent: Arc<crate::urgent::UrgentQueue>,
+    pub alerts: mpsc::UnboundedSender<LocalAlert>,
+}
+
+impl RaisedAlerts {
+    pub fn raise(&self, alert: smartfarm_core::rules::Alert) {
+        self.urgent.push(smartfarm_proto::ingestion::v1::connect_request::Body::Alert(alert.to_proto()));
+        let _ = self.alerts.send(LocalAlert::Rule(alert));
+    }
+}
+
 /// Turns accepted payloads into spool records.
 #[derive(Clone)]
 pub struct Ingestor {
     writer: SpoolWriter,
     /// The farm's rules, evaluated on every accepted reading, and where the alerts they raise go.
-    rules: Option<(Arc<crate::rules::EdgeRules>, mpsc::UnboundedSender<LocalAlert>)>,
+    rules: Option<(Arc<crate::rules::EdgeRules>, RaisedAlerts)>,
     aggregator: Option<Arc<Mutex<Aggregator>>>,
     upload: UploadMode,
     max_future_skew: Duration,
@@ -247,13 +262,9 @@ impl Ingestor {
         Ingestor { writer, rules: None, aggregator, upload, max_future_skew }
     }
 
-    /// Evaluates `rules` on every accepted reading; the alerts they raise go to `alerts`.
-    pub fn with_rules(
-        mut self,
-        rules: Arc<crate::rules::EdgeRules>,
-        alerts: mpsc::UnboundedSender<LocalAlert>,
-    ) -> Ingestor {
-        self.rules = Some((rules, alerts));
+    /// Evaluates `rules` on every accepted reading; the alerts they raise go to `raised`.
+    pub fn with_rules(mut self, rules: Arc<crate::rules::EdgeRules>, raised: RaisedAlerts) -> Ingestor {
+        self.rules = Some((rules, raised));
         self
     }
 
@@ -274,10 +285,10 @@ impl Ingestor {
     pub async fn submit(&self, device: Uuid, payload: &[u8]) -> Result<(usize, Option<Durable>), IngestError> {
         let measurements =
             payload::parse(payload, SystemTime::now(), self.max_future_skew).map_err(IngestError::Rejected)?;
-        if let Some((rules, alerts)) = &self.rules {
+        if let Some((rules, raised)) = &self.rules {
             // Before the spool write: an alert must not wait for an fsync.
             for alert in rules.on_readings(device, &measurements) {
-                let _ = alerts.send(LocalAlert::Rule(alert));
+                raised.raise(alert);
             }
         }
         let mut bodies = Vec::new();

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -181,36 +182,42 @@ impl Uplink {
         let no_urgent_lane = crate::urgent::UrgentQueue::default();
         let urgent = self.alerting.as_ref().map_or(&no_urgent_lane, |alerting| &*alerting.urgent);
 
+        // The next batch, read and compressed off the async workers while urgent messages keep going up: an alert
+        // raised during a drain waits for no batch to be prepared.
+        let mut preparing: Option<JoinHandle<Result<Option<pb::ReadingBatch>, LinkError>>> = None;
         loop {
             let mut taken = urgent.take().into_iter();
-            while let Some(body) = taken.next() {
+            while let Some((queued, body)) = taken.next() {
                 if let Err(unsent) = up.send(pb::ConnectRequest { body: Some(body) }).await {
                     // The link died: this message and the ones after it wait for the next.
-                    let mut back: Vec<_> = unsent.0.body.into_iter().collect();
+                    let mut back: Vec<_> = unsent.0.body.into_iter().map(|body| (queued, body)).collect();
                     back.extend(taken);
                     urgent.put_back(back);
                     return Err(LinkError::Closed);
                 }
                 metrics::counter!("smartfarm_edge_urgent_sent_total").increment(1);
+                metrics::histogram!("smartfarm_edge_urgent_wait_seconds").record(queued.elapsed().as_secs_f64());
             }
-            while draining && in_flight.len() < window {
-                match self.next_batch(last_sent).await? {
-                    None => {
-                        draining = false;
-                    }
-                    Some(batch) => {
-                        let last = batch.last_sequence;
-                        metrics::counter!("smartfarm_edge_batches_sent_total").increment(1);
-                        tracing::debug!(first = batch.first_sequence, last, records = batch.record_count, "batch sent");
-                        up.send(pb::ConnectRequest { body: Some(connect_request::Body::Batch(batch)) })
-                            .await
-                            .map_err(|_| LinkError::Closed)?;
-                        in_flight.push_back(last);
-                        last_sent = last;
-                    }
-                }
+            if draining && preparing.is_none() && in_flight.len() < window {
+                preparing = Some(self.prepare_batch(last_sent));
             }
             tokio::select! {
+                prepared = prepared_batch(&mut preparing) => {
+                    preparing = None;
+                    match prepared? {
+                        None => draining = false,
+                        Some(batch) => {
+                            let last = batch.last_sequence;
+                            metrics::counter!("smartfarm_edge_batches_sent_total").increment(1);
+                            tracing::debug!(first = batch.first_sequence, last, records = batch.record_count, "batch sent");
+                            up.send(pb::ConnectRequest { body: Some(connect_request::Body::Batch(batch)) })
+                                .await
+                                .map_err(|_| LinkError::Closed)?;
+                            in_flight.push_back(last);
+                            last_sent = last;
+                        }
+                    }
+                }
                 message = down.message() => {
                     let body = match message.map_err(LinkError::Stream)? {
                         Some(pb::ConnectResponse { body: Some(body) }) => body,
@@ -292,9 +299,9 @@ impl Uplink {
         }
     }
 
-    /// The next batch after `last_sent`, compressed, or `None` when nothing is waiting. Reading and compressing
-    /// run off the async workers, which serve the sensors.
-    async fn next_batch(&self, last_sent: u64) -> Result<Option<pb::ReadingBatch>, LinkError> {
+    /// Starts reading and compressing the next batch after `last_sent` (`None` when nothing is waiting), off the
+    /// async workers, which serve the sensors.
+    fn prepare_batch(&self, last_sent: u64) -> JoinHandle<Result<Option<pb::ReadingBatch>, LinkError>> {
         let spool = self.spool.clone();
         let (max_records, max_bytes) = (self.config.batch_max_records, self.config.batch_max_bytes);
         tokio::task::spawn_blocking(move || {
@@ -318,8 +325,16 @@ impl Uplink {
                 record_count,
             }))
         })
-        .await
-        .map_err(|error| LinkError::Spool(format!("the batch reader failed: {error}")))?
+    }
+}
+
+/// The batch being prepared, once it is (forever when none is).
+async fn prepared_batch(
+    preparing: &mut Option<JoinHandle<Result<Option<pb::ReadingBatch>, LinkError>>>,
+) -> Result<Option<pb::ReadingBatch>, LinkError> {
+    match preparing {
+        Some(handle) => handle.await.map_err(|error| LinkError::Spool(format!("the batch reader failed: {error}")))?,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -15,7 +16,8 @@ const MAX_WAITING: usize = 10_000;
 
 #[derive(Debug, Default)]
 pub struct UrgentQueue {
-    waiting: Mutex<VecDeque<Body>>,
+    /// Each message with when it was queued (for `smartfarm_edge_urgent_wait_seconds`).
+    waiting: Mutex<VecDeque<(Instant, Body)>>,
     news: Notify,
 }
 
@@ -27,18 +29,18 @@ impl UrgentQueue {
             waiting.pop_front();
             metrics::counter!("smartfarm_edge_urgent_dropped_total").increment(1);
         }
-        waiting.push_back(message);
+        waiting.push_back((Instant::now(), message));
         drop(waiting);
         self.news.notify_one();
     }
 
-    /// Takes every waiting message, oldest first.
-    pub fn take(&self) -> Vec<Body> {
+    /// Takes every waiting message, oldest first, with when it was queued.
+    pub fn take(&self) -> Vec<(Instant, Body)> {
         self.waiting.lock().expect("urgent lock").drain(..).collect()
     }
 
     /// Puts back, in front and in order, messages taken but not sent (the link died meanwhile).
-    pub fn put_back(&self, unsent: Vec<Body>) {
+    pub fn put_back(&self, unsent: Vec<(Instant, Body)>) {
         let mut waiting = self.waiting.lock().expect("urgent lock");
         for message in unsent.into_iter().rev() {
             waiting.push_front(message);
