@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds release binaries and runs the telemetry, photo, alert, command and AI benchmarks (see tests/src/bin/smartfarm-bench/), printing one JSON
 # line per measurement. Needs what the tests need (PostgreSQL, the tools from install-tools.sh) plus the Debian
-# `mosquitto` package for the fan-in baseline, and NATS for the command benchmark. Takes about eight minutes once built.
+# `mosquitto` package for the fan-in baseline, and NATS for the command benchmark. Takes about ten minutes once built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-tools.sh
@@ -14,6 +14,8 @@ bench="${CARGO_TARGET_DIR:-target}/release/smartfarm-bench"
 "$bench" footprint --sensors 1000 --rate 10000 --seconds 20
 "$bench" images --photos 100 --cameras 100 --hours 24
 "$bench" alerts --probes 10 --events 10000 --publishers 50
+"$bench" alerts --probes 10 --events 10000 --publishers 50 --load-nice 19   # the simulated sensors yield the CPU
+"$bench" alerts --probes 10 --events 10000 --publishers 50 --background-share 0
 SMARTFARM_BENCH_EDGE_CONFIG=$'upload_interval = "1h"\nupload = "raw"\nupload_threshold_bytes = 100000000000\n' \
   "$bench" alerts --probes 10 --events 10000 --publishers 50
 "$bench" commands --count 1000   # needs NATS with JetStream on 127.0.0.1:4222 (SMARTFARM_TEST_NATS_URL)

@@ -82,6 +82,11 @@ enum Command {
         /// The background load as a share of the measured maximum (the goal is stated at half).
         #[arg(long, default_value_t = 0.5)]
         background_share: f64,
+        /// The niceness of the background load generator's threads (0: as the rest). On a farm the sensors are
+        /// other devices; here their simulation shares the two cores with the agent, the broker and the cloud, and
+        /// at 19 it takes only the CPU they leave (the maximum is then measured the same way).
+        #[arg(long, default_value_t = 0)]
+        load_nice: i32,
     },
     /// Command round trips (SendCommand → device → ack → WatchCommand), on one process and across two replicas.
     Commands {
@@ -123,8 +128,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Footprint { sensors, rate, seconds } => footprint(sensors, rate, seconds).await,
         Command::Images { photos, cameras, hours } => images::images(photos, cameras, hours).await,
-        Command::Alerts { probes, events, publishers, rounds_per_second, background_share } => {
-            alerts::alerts(probes, events, publishers, rounds_per_second, background_share).await
+        Command::Alerts { probes, events, publishers, rounds_per_second, background_share, load_nice } => {
+            alerts::alerts(probes, events, publishers, rounds_per_second, background_share, load_nice).await
         }
         Command::Commands { count } => alerts::commands(count).await,
     }
