@@ -133,7 +133,8 @@ pub async fn run(
     let mut diagnosis = None;
     #[cfg(feature = "ai")]
     if config.diagnose_photos {
-        let diagnoser = crate::diagnose::Diagnoser::load(&config, alerts.clone())?;
+        let raised = RaisedAlerts { urgent: urgent.clone(), alerts: alerts.clone() };
+        let diagnoser = crate::diagnose::Diagnoser::load(&config, alerts.clone(), (rules.clone(), raised))?;
         let (photos, photo_queue) = mpsc::channel(16);
         let (updates, update_queue) = mpsc::channel(4);
         tasks.spawn(diagnoser.clone().run(photo_queue, stopping.clone()));

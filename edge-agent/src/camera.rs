@@ -49,8 +49,9 @@ pub struct Cameras {
     /// Wakes the image uplink when a photo arrives.
     pub photo_spooled: Arc<Notify>,
     alerts: mpsc::UnboundedSender<LocalAlert>,
-    /// Where new photos go for diagnosis on the farm, when the agent diagnoses (a full queue skips one).
-    pub diagnosis: Option<mpsc::Sender<(Uuid, Vec<u8>)>>,
+    /// Where new photos go for diagnosis on the farm, when the agent diagnoses (a full queue skips one): the
+    /// camera, the capture time (as uploaded, so the farm's and the cloud's alerts on the photo are one) and the bytes.
+    pub diagnosis: Option<mpsc::Sender<(Uuid, SystemTime, Vec<u8>)>>,
 }
 
 impl Cameras {
@@ -93,7 +94,7 @@ impl Cameras {
             metrics::counter!("smartfarm_edge_images_captured_total").increment(1);
             self.photo_spooled.notify_one();
             if let (Some(diagnosis), Some(bytes)) = (&self.diagnosis, for_diagnosis)
-                && diagnosis.try_send((device_id, bytes)).is_err()
+                && diagnosis.try_send((device_id, capture_time, bytes)).is_err()
             {
                 metrics::counter!("smartfarm_edge_photos_not_diagnosed_total").increment(1);
                 tracing::warn!(%device_id, "the diagnosis queue is full: this photo is not diagnosed on the farm");

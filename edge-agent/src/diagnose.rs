@@ -1,17 +1,21 @@
 //! Plant-disease diagnosis on the farm (feature `ai`): every photo a camera delivers is classified with the same
 //! model file the cloud serves, and a disease at least `disease_alert_confidence` sure becomes a local alert on
-//! `smartfarm/alerts` at once, with or without a link to the cloud. The model is the one built into the agent
+//! `smartfarm/alerts` at once, with or without a link to the cloud (`disease_detected`), and goes to the farm's
+//! model-verdict rules, as the cloud's diagnosis of the same photo does there: the rule's alert is raised on the farm
+//! and sent up the urgent lane, and the cloud's copy (which adds the stored photo as evidence) is the same alert. The model is the one built into the agent
 //! until the cloud pushes the version it serves (a `ModelUpdate` down the edge link): the agent fetches that file
 //! with `InferenceService.GetModelFile`, checks its digest and card, keeps it in `SPOOL_DIR/models/` (so it
 //! survives restarts and outages) and switches to it.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use smartfarm_core::rules::DiseaseVerdict;
 use smartfarm_ml::artifact::ModelKind;
 use smartfarm_ml::disease::{DEFAULT_MODEL, DiseaseClassifier};
 use smartfarm_ml::preprocess;
@@ -21,7 +25,8 @@ use smartfarm_proto::inference::v1::inference_service_client::InferenceServiceCl
 
 use crate::config::EdgeConfig;
 use crate::image_uplink::Authorize;
-use crate::ingest::LocalAlert;
+use crate::ingest::{LocalAlert, RaisedAlerts};
+use crate::rules::EdgeRules;
 use crate::uplink::bearer;
 
 /// The model in use and what to do with its verdicts.
@@ -30,6 +35,8 @@ pub struct Diagnoser {
     model: Arc<RwLock<Arc<DiseaseClassifier>>>,
     config: EdgeConfig,
     alerts: mpsc::UnboundedSender<LocalAlert>,
+    /// The farm's rules, and where their alerts go.
+    rules: (Arc<EdgeRules>, RaisedAlerts),
 }
 
 impl std::fmt::Debug for Diagnoser {
@@ -45,7 +52,11 @@ fn model_path(config: &EdgeConfig) -> PathBuf {
 
 impl Diagnoser {
     /// The model kept from the cloud's last push, or the built-in one.
-    pub fn load(config: &EdgeConfig, alerts: mpsc::UnboundedSender<LocalAlert>) -> anyhow::Result<Diagnoser> {
+    pub fn load(
+        config: &EdgeConfig,
+        alerts: mpsc::UnboundedSender<LocalAlert>,
+        rules: (Arc<EdgeRules>, RaisedAlerts),
+    ) -> anyhow::Result<Diagnoser> {
         let device = smartfarm_ml::inference_device();
         let kept = std::fs::read(model_path(config)).ok().and_then(|bytes| match DiseaseClassifier::from_model_file(&bytes, &device) {
             Ok(classifier) => Some(classifier),
@@ -60,17 +71,21 @@ impl Diagnoser {
         };
         set_model_metric(classifier.card(), 1.0);
         tracing::info!(model = %classifier.card().reference(), "plant-disease model loaded");
-        Ok(Diagnoser { model: Arc::new(RwLock::new(Arc::new(classifier))), config: config.clone(), alerts })
+        Ok(Diagnoser { model: Arc::new(RwLock::new(Arc::new(classifier))), config: config.clone(), alerts, rules })
     }
 
     fn current(&self) -> Arc<DiseaseClassifier> {
         self.model.read().expect("model lock").clone()
     }
 
-    /// Diagnoses photos (camera, bytes) as cameras deliver them, until the agent stops.
-    pub async fn run(self, mut photos: mpsc::Receiver<(Uuid, Vec<u8>)>, mut stopping: watch::Receiver<bool>) {
+    /// Diagnoses photos (camera, capture time, bytes) as cameras deliver them, until the agent stops.
+    pub async fn run(
+        self,
+        mut photos: mpsc::Receiver<(Uuid, SystemTime, Vec<u8>)>,
+        mut stopping: watch::Receiver<bool>,
+    ) {
         loop {
-            let (camera, bytes) = tokio::select! {
+            let (camera, capture_time, bytes) = tokio::select! {
                 photo = photos.recv() => match photo {
                     Some(photo) => photo,
                     None => return,
@@ -92,6 +107,20 @@ impl Diagnoser {
                         && confidence >= self.config.disease_alert_confidence
                     {
                         metrics::counter!("smartfarm_edge_diseases_detected_total").increment(1);
+                        // What the cloud's pipeline hands its rules for the same photo (a disease at the same
+                        // confidence bar), so both raise the same alert.
+                        let verdict = DiseaseVerdict {
+                            camera,
+                            image_id: None,
+                            label: prediction.label.clone(),
+                            confidence,
+                            healthy: false,
+                            capture_time,
+                        };
+                        let (rules, raised) = &self.rules;
+                        for alert in rules.on_disease(&verdict) {
+                            raised.raise(alert);
+                        }
                         let _ = self.alerts.send(LocalAlert::DiseaseDetected {
                             camera,
                             label: prediction.label,

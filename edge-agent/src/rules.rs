@@ -129,6 +129,17 @@ impl EdgeRules {
         measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)).collect()
     }
 
+    /// Evaluates the model-verdict rules on a diagnosis of a camera's photo made on the farm.
+    pub fn on_disease(&self, verdict: &smartfarm_core::rules::DiseaseVerdict) -> Vec<Alert> {
+        let mut state = self.state.lock().expect("rules lock");
+        let Some(evaluator) = &mut state.1 else { return Vec::new() };
+        let raised = evaluator.on_disease(verdict);
+        if !raised.is_empty() {
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        raised
+    }
+
     /// Raises device-silent alerts due by `now`.
     pub fn on_tick(&self, now: SystemTime) -> Vec<Alert> {
         let mut state = self.state.lock().expect("rules lock");

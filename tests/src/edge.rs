@@ -52,6 +52,25 @@ impl Fleet {
             sensors,
         }
     }
+
+    /// Registers a camera on the farm; returns its id.
+    pub async fn register_camera(&self, cloud: &Cloud, admin_key: &str, name: &str) -> String {
+        cloud
+            .device_client(admin_key)
+            .await
+            .register_device(RegisterDeviceRequest {
+                farm_id: self.farm_id.clone(),
+                name: name.into(),
+                kind: DeviceKind::Camera as i32,
+                labels: Default::default(),
+            })
+            .await
+            .expect("register a camera")
+            .into_inner()
+            .device
+            .expect("the camera")
+            .id
+    }
 }
 
 /// The `smartfarm-edge` binary built next to `smartfarm`.

@@ -13,6 +13,30 @@ use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::pbjson_types;
 
+/// A rule on the plant-disease model's verdicts, any disease at 80 % or more.
+fn verdict_rule(farm_id: &str) -> pb::Rule {
+    pb::Rule {
+        farm_id: farm_id.into(),
+        name: "disease on the leaves".into(),
+        severity: smartfarm_proto::common::v1::Severity::Critical as i32,
+        condition: Some(pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
+            disease_labels: vec![],
+            min_confidence: 0.8,
+            on_sensor_anomaly: true,
+        })),
+        ..Default::default()
+    }
+}
+
+/// A fixture photo of an apple leaf with black rot (PlantVillage; see services/ml/fixtures).
+fn black_rot_leaf() -> Vec<u8> {
+    let leaf_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/ml/fixtures/plants/Apple___Black_rot");
+    let mut leaves: Vec<_> = std::fs::read_dir(leaf_dir).unwrap().map(|entry| entry.unwrap().path()).collect();
+    leaves.sort();
+    std::fs::read(&leaves[0]).unwrap()
+}
+
 fn hot_rule(farm_id: &str) -> pb::Rule {
     pb::Rule {
         farm_id: farm_id.to_string(),
@@ -312,33 +336,9 @@ async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidenc
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&cloud, &key, "orchard", 1).await;
-    let camera = cloud
-        .device_client(&key)
-        .await
-        .register_device(smartfarm_proto::device::v1::RegisterDeviceRequest {
-            farm_id: fleet.farm_id.clone(),
-            name: "row 3 camera".into(),
-            kind: smartfarm_proto::device::v1::DeviceKind::Camera as i32,
-            labels: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .device
-        .unwrap()
-        .id;
+    let camera = fleet.register_camera(&cloud, &key, "row 3 camera").await;
     let mut alerts = cloud.alert_client(&key).await;
-    let rule = pb::Rule {
-        farm_id: fleet.farm_id.clone(),
-        name: "disease on the leaves".into(),
-        severity: smartfarm_proto::common::v1::Severity::Critical as i32,
-        condition: Some(pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
-            disease_labels: vec![],
-            min_confidence: 0.8,
-            on_sensor_anomaly: true,
-        })),
-        ..Default::default()
-    };
+    let rule = verdict_rule(&fleet.farm_id);
     let rule_id =
         alerts.create_rule(pb::CreateRuleRequest { rule: Some(rule) }).await.unwrap().into_inner().rule.unwrap().id;
     let camera_dir = data.data_dir.path().join("camera-3");
@@ -353,11 +353,7 @@ async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidenc
     let sensor = &fleet.sensors[0];
     let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
 
-    let leaf_dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/ml/fixtures/plants/Apple___Black_rot");
-    let mut leaves: Vec<_> = std::fs::read_dir(leaf_dir).unwrap().map(|entry| entry.unwrap().path()).collect();
-    leaves.sort();
-    smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf.jpg", &std::fs::read(&leaves[0]).unwrap())]).unwrap();
+    smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf.jpg", &black_rot_leaf())]).unwrap();
 
     let heard = farm_topic.next(Duration::from_secs(60)).await.expect("the cloud's alert reaches the farm's topic");
     let heard: serde_json::Value = serde_json::from_str(&heard).unwrap();
@@ -374,6 +370,86 @@ async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidenc
     assert_eq!(alert.device_id, camera);
     assert!(alert.message.contains("Apple___Black_rot"), "{}", alert.message);
     assert!(!alert.evidence_image_id.is_empty(), "the photo is the evidence");
+    edge.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays_one_alert_with_the_cloud() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "offline orchard", 1).await;
+    let camera = fleet.register_camera(&cloud, &key, "row 5 camera").await;
+    let mut alerts = cloud.alert_client(&key).await;
+    let rule_id = alerts
+        .create_rule(pb::CreateRuleRequest { rule: Some(verdict_rule(&fleet.farm_id)) })
+        .await
+        .unwrap()
+        .into_inner()
+        .rule
+        .unwrap()
+        .id;
+    let camera_dir = data.data_dir.path().join("camera-5");
+    let edge = Edge::start(&EdgeOptions {
+        // The agent diagnoses on the farm (the default with the `ai` feature).
+        config: "camera_poll_interval = \"200ms\"\nupload_interval = \"1s\"\n".into(),
+        args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
+        ..EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"))
+    })
+    .await;
+    edge.wait_for_registry(3).await;
+    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let sensor = &fleet.sensors[0];
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+
+    // The link is down: the farm diagnoses the photo and raises the rule's alert itself.
+    let addr = cloud.addr;
+    cloud.stop().await;
+    smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf.jpg", &black_rot_leaf())]).unwrap();
+    let mut heard = None;
+    while let Some(message) = farm_topic.next(Duration::from_secs(60)).await {
+        let message: serde_json::Value = serde_json::from_str(&message).unwrap();
+        if message["kind"] == "alert" {
+            heard = Some(message);
+            break;
+        }
+    }
+    let heard = heard.expect("the rule's alert on the farm's topic, with the cloud down");
+    assert_eq!(heard["ruleId"].as_str(), Some(rule_id.as_str()), "{heard}");
+    assert_eq!(heard["deviceId"].as_str(), Some(camera.as_str()), "{heard}");
+    assert_eq!(heard["origin"], "ALERT_ORIGIN_EDGE", "{heard}");
+    assert!(heard["message"].as_str().is_some_and(|message| message.contains("Apple___Black_rot")), "{heard}");
+    let alert_id = heard["id"].as_str().unwrap().to_string();
+
+    // The cloud comes back: the agent's alert goes up, the photo follows, the cloud diagnoses it and raises the same
+    // alert, which adds the stored photo as evidence: one alert.
+    let cloud = Cloud::start(&data, CloudOptions { listen: Some(addr), ..Default::default() }).await;
+    let alerts = cloud.alert_client(&key).await;
+    let one_alert_with_evidence = eventually(Duration::from_secs(60), || {
+        let mut alerts = alerts.clone();
+        let farm_id = fleet.farm_id.clone();
+        let alert_id = alert_id.clone();
+        async move {
+            let listed = alerts
+                .list_alerts(pb::ListAlertsRequest { farm_id, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .alerts;
+            listed.len() == 1 && listed[0].id == alert_id && !listed[0].evidence_image_id.is_empty()
+        }
+    })
+    .await;
+    let listed = alerts
+        .clone()
+        .list_alerts(pb::ListAlertsRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert!(one_alert_with_evidence, "the farm's alert and the cloud's diagnosis are one alert: {listed:?}");
+    assert_eq!(listed[0].origin, pb::AlertOrigin::Edge as i32, "{listed:?}");
     edge.stop().await;
     cloud.stop().await;
 }

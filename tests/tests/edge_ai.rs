@@ -8,7 +8,6 @@ use std::time::Duration;
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
 use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key, run_smartfarm};
 use smartfarm_ml::disease::{DEFAULT_MODEL, DiseaseClassifier};
-use smartfarm_proto::device::v1::{DeviceKind, RegisterDeviceRequest};
 
 fn black_rot_leaf() -> Vec<u8> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/ml/fixtures/plants/Apple___Black_rot");
@@ -23,21 +22,7 @@ async fn an_offline_farm_diagnoses_its_photos_and_later_runs_the_model_the_cloud
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&cloud, &key, "orchard", 1).await;
-    let camera = cloud
-        .device_client(&key)
-        .await
-        .register_device(RegisterDeviceRequest {
-            farm_id: fleet.farm_id.clone(),
-            name: "row 3 camera".into(),
-            kind: DeviceKind::Camera as i32,
-            labels: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .device
-        .unwrap()
-        .id;
+    let camera = fleet.register_camera(&cloud, &key, "row 3 camera").await;
     let camera_dir = data.data_dir.path().join("camera-3");
     let edge = Edge::start(&EdgeOptions {
         config: "camera_poll_interval = \"200ms\"\n".into(),

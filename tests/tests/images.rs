@@ -14,7 +14,6 @@ use tonic::transport::Channel;
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
 use smartfarm_e2e::proxy::CuttingProxy;
 use smartfarm_e2e::{Backend, Bearer, Cloud, CloudData, CloudOptions, TestS3, bootstrap_admin_key};
-use smartfarm_proto::device::v1::{DeviceKind, RegisterDeviceRequest};
 use smartfarm_proto::image::v1 as pb;
 use smartfarm_proto::image::v1::image_service_client::ImageServiceClient;
 
@@ -34,24 +33,6 @@ fn sha256(bytes: &[u8]) -> String {
 
 async fn images_client(cloud: &Cloud, key: &str) -> Images {
     ImageServiceClient::with_interceptor(cloud.channel().await, Bearer::new(key)).max_decoding_message_size(64 << 20)
-}
-
-/// Registers a camera on the fleet's farm; returns its id.
-async fn register_camera(cloud: &Cloud, key: &str, fleet: &Fleet, name: &str) -> String {
-    let mut devices = cloud.device_client(key).await;
-    devices
-        .register_device(RegisterDeviceRequest {
-            farm_id: fleet.farm_id.clone(),
-            name: name.into(),
-            kind: DeviceKind::Camera as i32,
-            labels: Default::default(),
-        })
-        .await
-        .expect("register a camera")
-        .into_inner()
-        .device
-        .unwrap()
-        .id
 }
 
 fn drop_photo(dir: &Path, name: &str, bytes: &[u8]) {
@@ -116,7 +97,7 @@ async fn photos_arrive_once_each(data: &CloudData, cloud_options: CloudOptions, 
     let cloud = Cloud::start(data, cloud_options).await;
     let key = bootstrap_admin_key(data);
     let fleet = Fleet::register(&cloud, &key, "orchard", 0).await;
-    let camera = register_camera(&cloud, &key, &fleet, "row 7 camera").await;
+    let camera = fleet.register_camera(&cloud, &key, "row 7 camera").await;
     let camera_dir = data.data_dir.path().join("camera-7");
     let edge = Edge::start(&EdgeOptions {
         config: "diagnose_photos = false\ncamera_poll_interval = \"200ms\"\n".into(),
@@ -306,7 +287,7 @@ async fn a_link_cut_in_the_middle_of_a_large_upload_resumes_and_a_photo_sent_twi
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&cloud, &key, "greenhouse", 0).await;
-    let camera = register_camera(&cloud, &key, &fleet, "bench camera").await;
+    let camera = fleet.register_camera(&cloud, &key, "bench camera").await;
     let photo = large_png();
     assert!(photo.len() > 3 << 20, "the photo is large: {} bytes", photo.len());
     let proxy = CuttingProxy::start(cloud.addr, (photo.len() / 2) as u64).await;
@@ -384,7 +365,7 @@ async fn a_cloud_killed_between_blob_write_and_row_commit_leaves_no_orphan() {
     let listen = crashing.addr;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&crashing, &key, "vineyard", 0).await;
-    let camera = register_camera(&crashing, &key, &fleet, "gate camera").await;
+    let camera = fleet.register_camera(&crashing, &key, "gate camera").await;
     let camera_dir = data.data_dir.path().join("camera");
     let edge_options = EdgeOptions {
         config: "diagnose_photos = false\ncamera_poll_interval = \"200ms\"\nreconnect_min = \"300ms\"\nreconnect_max = \"1s\"\n".into(),
@@ -460,7 +441,7 @@ async fn bad_uploads_get_clear_errors_store_nothing_and_the_service_stays_up() {
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&cloud, &key, "bad inputs", 0).await;
-    let camera = register_camera(&cloud, &key, &fleet, "camera").await;
+    let camera = fleet.register_camera(&cloud, &key, "camera").await;
     let mut images = images_client(&cloud, &key).await;
     let photo = fixture(FIXTURES[0]);
     let size = photo.len() as u64;
@@ -588,7 +569,7 @@ async fn retention_deletes_old_originals_and_keeps_thumbnails_and_metadata() {
     let cloud = Cloud::start(&data, CloudOptions { config: Some(config), ..Default::default() }).await;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&cloud, &key, "retention", 0).await;
-    let camera = register_camera(&cloud, &key, &fleet, "camera").await;
+    let camera = fleet.register_camera(&cloud, &key, "camera").await;
     let mut images = images_client(&cloud, &key).await;
     let uploader = images.clone();
     let upload_captured = |name: &'static str, age: Duration| {
