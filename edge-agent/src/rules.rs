@@ -129,6 +129,11 @@ impl EdgeRules {
         measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)).collect()
     }
 
+    /// The alerts raised here and not resolved (kept across restarts with the rest of the evaluator's state).
+    pub fn open_alerts(&self) -> Vec<Alert> {
+        self.state.lock().expect("rules lock").1.as_ref().map(Evaluator::open_alerts).unwrap_or_default()
+    }
+
     /// Evaluates the model-verdict rules on a diagnosis of a camera's photo made on the farm.
     pub fn on_disease(&self, verdict: &smartfarm_core::rules::DiseaseVerdict) -> Vec<Alert> {
         let mut state = self.state.lock().expect("rules lock");

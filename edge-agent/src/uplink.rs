@@ -173,10 +173,15 @@ impl Uplink {
         upload_timer.tick().await;
         let mut threshold_check = tokio::time::interval(Duration::from_secs(1));
         // What waited while the link was down goes first; the command book's receipts again (the cloud may have
-        // missed them when the last link died).
+        // missed them when the last link died); and the alerts open on the farm again: the urgent lane lives in
+        // memory, and an alert only the agent raises (a device gone silent) would be lost with a restart during an
+        // outage (the cloud merges repeats into what it has).
         if let Some(alerting) = &self.alerting {
             for receipt in alerting.book.receipts() {
                 alerting.urgent.push(receipt);
+            }
+            for alert in alerting.rules.open_alerts() {
+                alerting.urgent.push(connect_request::Body::Alert(alert.to_proto()));
             }
         }
         let no_urgent_lane = crate::urgent::UrgentQueue::default();

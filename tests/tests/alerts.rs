@@ -455,6 +455,66 @@ async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_only_the_farm_raised_during_an_outage_survives_an_agent_kill_and_reaches_the_cloud() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "quiet field", 1).await;
+    let sensor = &fleet.sensors[0];
+    let mut alerts = cloud.alert_client(&key).await;
+    let rule = pb::Rule {
+        farm_id: fleet.farm_id.clone(),
+        name: "soil probe silent".into(),
+        severity: smartfarm_proto::common::v1::Severity::Warning as i32,
+        device_id: sensor.device_id.clone(),
+        condition: Some(pb::rule::Condition::DeviceSilent(pb::DeviceSilentCondition {
+            silent_for: Some(pbjson_types::Duration { seconds: 3, nanos: 0 }),
+        })),
+        ..Default::default()
+    };
+    alerts.create_rule(pb::CreateRuleRequest { rule: Some(rule) }).await.unwrap();
+    let options = EdgeOptions::new(&cloud, &fleet, data.data_dir.path().join("spool"));
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+
+    // The link goes down and the probe stays silent: only the agent can notice.
+    let addr = cloud.addr;
+    cloud.stop().await;
+    let heard: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(20)).await.expect("the silence alert")).unwrap();
+    assert_eq!(
+        (heard["deviceId"].as_str(), heard["origin"].as_str()),
+        (Some(sensor.device_id.as_str()), Some("ALERT_ORIGIN_EDGE"))
+    );
+    let alert_id = heard["id"].as_str().unwrap().to_string();
+    // Killed before the link returns (what it learnt is written every second), restarted, then the cloud returns.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    edge.kill9().await;
+    let edge = Edge::start(&options).await;
+    let cloud = Cloud::start(&data, CloudOptions { listen: Some(addr), ..Default::default() }).await;
+    let alerts = cloud.alert_client(&key).await;
+    let reached = eventually(Duration::from_secs(30), || {
+        let mut alerts = alerts.clone();
+        let (farm_id, alert_id) = (fleet.farm_id.clone(), alert_id.clone());
+        async move {
+            let listed = alerts
+                .list_alerts(pb::ListAlertsRequest { farm_id, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .alerts;
+            listed.len() == 1 && listed[0].id == alert_id && listed[0].state == pb::AlertState::Open as i32
+        }
+    })
+    .await;
+    assert!(reached, "the farm's alert reached the cloud after the agent's restart");
+    edge.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_condition_that_holds_while_the_cloud_or_the_agent_restarts_stays_one_alert() {
     let data = CloudData::new(Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;

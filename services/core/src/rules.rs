@@ -669,6 +669,11 @@ impl Evaluator {
         }
     }
 
+    /// The alerts it raised that are not resolved, as it last raised them.
+    pub fn open_alerts(&self) -> Vec<Alert> {
+        self.tracks.values().filter_map(|track| track.active.as_ref().map(|(alert, _)| alert.clone())).collect()
+    }
+
     /// The farm whose rules these are.
     pub fn farm_id(&self) -> Uuid {
         self.farm_id
@@ -970,12 +975,14 @@ mod tests {
         assert_eq!((alert.state, alert.count, alert.value, alert.open_time), (AlertState::Open, 1, Some(43.0), at(10)));
         assert_eq!(alert.message, "temperature 43 above 40 for 1m");
         assert!(evaluator.on_reading(device, "temperature", 44.0, at(80)).is_empty(), "still open: nothing new");
+        assert_eq!(evaluator.open_alerts().iter().map(|open| open.id).collect::<Vec<_>>(), vec![alert.id]);
         let resolved = evaluator.on_reading(device, "temperature", 30.0, at(90));
         assert_eq!(resolved.len(), 1);
         assert_eq!(
             (resolved[0].id, resolved[0].state, resolved[0].resolve_time),
             (alert.id, AlertState::Resolved, Some(at(90)))
         );
+        assert!(evaluator.open_alerts().is_empty(), "resolved: no longer open");
     }
 
     #[test]
