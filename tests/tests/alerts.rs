@@ -441,6 +441,8 @@ async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays
         }
     })
     .await;
+    // (Which copy the cloud records first, and so the alert's origin, depends on whether the photo or the urgent lane
+    // gets there first.)
     let listed = alerts
         .clone()
         .list_alerts(pb::ListAlertsRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
@@ -449,7 +451,6 @@ async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays
         .into_inner()
         .alerts;
     assert!(one_alert_with_evidence, "the farm's alert and the cloud's diagnosis are one alert: {listed:?}");
-    assert_eq!(listed[0].origin, pb::AlertOrigin::Edge as i32, "{listed:?}");
     edge.stop().await;
     cloud.stop().await;
 }
