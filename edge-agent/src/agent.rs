@@ -57,6 +57,7 @@ pub async fn run(
     }
 
     let rules = Arc::new(EdgeRules::load(&config.spool_dir));
+    rules.set_devices(&registry.sensors());
     metrics::gauge!("smartfarm_edge_rules").set(rules.len() as f64);
     let urgent = Arc::new(UrgentQueue::default());
     let book = Arc::new(CommandBook::load(&config.spool_dir).context("cannot open the command book")?);

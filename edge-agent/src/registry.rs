@@ -96,6 +96,13 @@ impl Registry {
         Ok(())
     }
 
+    /// The sensors of the farm (the devices that send readings).
+    pub fn sensors(&self) -> Vec<Uuid> {
+        let sensor = smartfarm_proto::device::v1::DeviceKind::Sensor as i32;
+        let snapshot = self.snapshot.read().expect("registry lock");
+        snapshot.devices.iter().filter(|(_, device)| device.kind == sensor).map(|(id, _)| *id).collect()
+    }
+
     /// Checks an MQTT username (the device id) and password (its credential).
     pub fn authenticate(&self, username: &str, password: &str) -> Result<Uuid, AuthFailure> {
         let id = Uuid::try_parse(username).map_err(|_| AuthFailure::UnknownDevice)?;

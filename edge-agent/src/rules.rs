@@ -129,6 +129,15 @@ impl EdgeRules {
         measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)).collect()
     }
 
+    /// The farm's sensors, from the registry (see [`Evaluator::set_devices`]).
+    pub fn set_devices(&self, devices: &[Uuid]) {
+        let mut state = self.state.lock().expect("rules lock");
+        if let Some(evaluator) = &mut state.1 {
+            evaluator.set_devices(devices, SystemTime::now());
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// The alerts raised here and not resolved (kept across restarts with the rest of the evaluator's state).
     pub fn open_alerts(&self) -> Vec<Alert> {
         self.state.lock().expect("rules lock").1.as_ref().map(Evaluator::open_alerts).unwrap_or_default()

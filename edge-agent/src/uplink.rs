@@ -255,6 +255,9 @@ impl Uplink {
                         connect_response::Body::Registry(snapshot) => {
                             match self.registry.apply(&snapshot) {
                                 Ok(()) => {
+                                    if let Some(alerting) = &self.alerting {
+                                        alerting.rules.set_devices(&self.registry.sensors());
+                                    }
                                     metrics::gauge!("smartfarm_edge_registry_devices").set(snapshot.devices.len() as f64);
                                     tracing::info!(version = snapshot.version, devices = snapshot.devices.len(), "registry updated");
                                 }
@@ -274,6 +277,7 @@ impl Uplink {
                         connect_response::Body::Rules(snapshot) => match &self.alerting {
                             Some(alerting) => match alerting.rules.apply(&snapshot) {
                                 Ok(()) => {
+                                    alerting.rules.set_devices(&self.registry.sensors());
                                     metrics::gauge!("smartfarm_edge_rules").set(alerting.rules.len() as f64);
                                     tracing::info!(version = snapshot.version, rules = alerting.rules.len(), "rules updated");
                                 }

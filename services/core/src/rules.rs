@@ -669,6 +669,17 @@ impl Evaluator {
         }
     }
 
+    /// The farm's devices that send readings, from the registry: device-silent rules without a device filter watch
+    /// each of them, from `now` for those not heard yet (a sensor that never sent anything is silent too); a device
+    /// no longer in the farm and named by no rule is forgotten.
+    pub fn set_devices(&mut self, devices: &[Uuid], now: SystemTime) {
+        let named: std::collections::HashSet<Uuid> = self.rules.iter().filter_map(|rule| rule.device_id).collect();
+        self.last_seen.retain(|device, _| devices.contains(device) || named.contains(device));
+        for device in devices {
+            self.last_seen.entry(*device).or_insert(truncate(now));
+        }
+    }
+
     /// The alerts it raised that are not resolved, as it last raised them.
     pub fn open_alerts(&self) -> Vec<Alert> {
         self.tracks.values().filter_map(|track| track.active.as_ref().map(|(alert, _)| alert.clone())).collect()
@@ -1092,6 +1103,27 @@ mod tests {
         assert!(evaluator.on_tick(at(90)).is_empty(), "one alert per silence");
         let heard = evaluator.on_reading(device, "humidity", 50.0, at(100));
         assert_eq!(heard[0].state, AlertState::Resolved);
+    }
+
+    #[test]
+    fn a_farm_wide_silence_rule_watches_the_registry_s_sensors_even_unheard_ones() {
+        let farm = Uuid::now_v7();
+        let (heard, unheard, gone) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut rule = threshold_rule(farm, 0, 0);
+        rule.metric = None;
+        rule.condition = Condition::DeviceSilent { silent_for: Duration::from_secs(60) };
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        evaluator.set_rules(vec![rule.clone()], at(0));
+        evaluator.on_reading(gone, "temperature", 20.0, at(0));
+        evaluator.set_devices(&[heard, unheard], at(10));
+        evaluator.on_reading(heard, "temperature", 20.0, at(50));
+        let silent = evaluator.on_tick(at(75));
+        assert_eq!(
+            silent.iter().map(|alert| alert.device_id).collect::<Vec<_>>(),
+            vec![Some(unheard)],
+            "silent since it was listed; the heard one is not, the decommissioned one is forgotten"
+        );
+        assert_eq!(silent[0].id, alert_id(rule.id, Some(unheard), "", at(70)));
     }
 
     #[test]
