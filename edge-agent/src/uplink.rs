@@ -173,15 +173,10 @@ impl Uplink {
         upload_timer.tick().await;
         let mut threshold_check = tokio::time::interval(Duration::from_secs(1));
         // What waited while the link was down goes first; the command book's receipts again (the cloud may have
-        // missed them when the last link died); and the alerts open on the farm again: the urgent lane lives in
-        // memory, and an alert only the agent raises (a device gone silent) would be lost with a restart during an
-        // outage (the cloud merges repeats into what it has).
+        // missed them when the last link died).
         if let Some(alerting) = &self.alerting {
             for receipt in alerting.book.receipts() {
                 alerting.urgent.push(receipt);
-            }
-            for alert in alerting.rules.open_alerts() {
-                alerting.urgent.push(connect_request::Body::Alert(alert.to_proto()));
             }
         }
         let no_urgent_lane = crate::urgent::UrgentQueue::default();
@@ -190,6 +185,9 @@ impl Uplink {
         // The next batch, read and compressed off the async workers while urgent messages keep going up: an alert
         // raised during a drain waits for no batch to be prepared.
         let mut preparing: Option<JoinHandle<Result<Option<pb::ReadingBatch>, LinkError>>> = None;
+        // An upload asked for while a batch was being prepared: the read may have missed what landed meanwhile, so
+        // finding nothing does not end the drain.
+        let mut asked_while_preparing = false;
         loop {
             let mut taken = urgent.take().into_iter();
             while let Some((queued, body)) = taken.next() {
@@ -204,13 +202,14 @@ impl Uplink {
                 metrics::histogram!("smartfarm_edge_urgent_wait_seconds").record(queued.elapsed().as_secs_f64());
             }
             if draining && preparing.is_none() && in_flight.len() < window {
+                asked_while_preparing = false;
                 preparing = Some(self.prepare_batch(last_sent));
             }
             tokio::select! {
                 prepared = prepared_batch(&mut preparing) => {
                     preparing = None;
                     match prepared? {
-                        None => draining = false,
+                        None => draining = std::mem::take(&mut asked_while_preparing),
                         Some(batch) => {
                             let last = batch.last_sequence;
                             metrics::counter!("smartfarm_edge_batches_sent_total").increment(1);
@@ -297,10 +296,14 @@ impl Uplink {
                     }
                 }
                 _ = urgent.news() => {}
-                _ = upload_timer.tick() => draining = true,
+                _ = upload_timer.tick() => {
+                    draining = true;
+                    asked_while_preparing |= preparing.is_some();
+                }
                 _ = threshold_check.tick() => {
                     if self.spool.stats().pending_bytes >= self.config.upload_threshold_bytes {
                         draining = true;
+                        asked_while_preparing |= preparing.is_some();
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),

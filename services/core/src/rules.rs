@@ -306,6 +306,9 @@ impl AlertState {
     }
 }
 
+/// The metric of plant-disease alerts (a camera has no sensor metric).
+pub const DISEASE_METRIC: &str = "disease";
+
 /// Where an alert was first raised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Origin {
@@ -390,13 +393,16 @@ impl Alert {
     /// Becomes `open` when that is an unresolved alert of the same farm, rule, device and metric that began no
     /// later: a copy raised after an evaluator lost its state (an agent restarted, a link moved) sees the condition
     /// begin at its first reading since, and gets another id, but it is the same condition, so the same alert.
-    /// Model verdicts (alerts with evidence) are events, not conditions, and never join. Returns whether it joined.
+    /// Model verdicts (disease alerts, alerts with evidence) are events, not conditions, and never join. Returns
+    /// whether it joined.
     pub fn join(&mut self, open: &Alert) -> bool {
         let same_condition = self.farm_id == open.farm_id
             && self.rule_id == open.rule_id
             && self.device_id == open.device_id
             && self.metric == open.metric;
-        let verdict = self.evidence_image_id.is_some() || self.evidence_window.is_some();
+        // (The agent's disease alerts carry no evidence: it has no stored photo to point at.)
+        let verdict =
+            self.evidence_image_id.is_some() || self.evidence_window.is_some() || self.metric == DISEASE_METRIC;
         if self.id == open.id || !same_condition || verdict || open.state == AlertState::Resolved {
             return false;
         }
@@ -880,7 +886,7 @@ impl Evaluator {
             let matches = !verdict.healthy
                 && verdict.confidence >= *min_confidence
                 && (disease_labels.is_empty() || disease_labels.contains(&verdict.label));
-            let track = self.tracks.entry((rule.id, verdict.camera, "disease".to_string())).or_default();
+            let track = self.tracks.entry((rule.id, verdict.camera, DISEASE_METRIC.to_string())).or_default();
             if track.newest.is_some_and(|newest| time < newest) {
                 continue;
             }
@@ -899,7 +905,7 @@ impl Evaluator {
                 }
                 (_, true) => {
                     let message = format!("{} diagnosed ({:.0}% sure)", verdict.label, verdict.confidence * 100.0);
-                    let mut alert = new_alert(identity, rule, verdict.camera, "disease", time, message);
+                    let mut alert = new_alert(identity, rule, verdict.camera, DISEASE_METRIC, time, message);
                     alert.value = Some(verdict.confidence);
                     alert.evidence_image_id = verdict.image_id;
                     track.active = Some((alert.clone(), None));
@@ -1084,6 +1090,13 @@ mod tests {
         other_device.device_id = Some(Uuid::now_v7());
         other_device.id = Uuid::now_v7();
         assert!(!other_device.join(&open));
+        // Disease alerts are events: a later one never joins an earlier one, with evidence or without (the agent's).
+        let mut disease = open.clone();
+        disease.metric = DISEASE_METRIC.into();
+        let mut later_disease = disease.clone();
+        later_disease.id = Uuid::now_v7();
+        later_disease.open_time = at(40);
+        assert!(!later_disease.join(&disease));
     }
 
     #[test]

@@ -251,6 +251,8 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
         }
         std::collections::hash_map::Entry::Vacant(entry) => {
             let open = match alerts.unresolved_alerts_of(alert.rule_id, alert.device_id).await {
+                // Itself stored and open: nothing to join (an older one of the same condition is another story).
+                Ok(open) if open.iter().any(|open| open.id == alert.id) => None,
                 Ok(open) => open.into_iter().find(|open| !resolved.contains(&open.id) && alert.clone().join(open)),
                 Err(error) => {
                     looked_up.remove(&(alert.origin, alert.rule_id, alert.device_id, alert.metric.clone()));
