@@ -10,6 +10,7 @@
 pub mod anomaly;
 pub mod artifact;
 pub mod disease;
+pub mod kernels;
 pub mod preprocess;
 
 use burn::prelude::Device;

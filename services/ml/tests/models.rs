@@ -28,6 +28,8 @@ fn the_default_model_classifies_the_fixture_photos() {
     assert!(report.accuracy >= 13.0 / 14.0, "{}", report.table());
     let json: serde_json::Value = serde_json::from_str(&report.json()).unwrap();
     assert_eq!(json["per_class_recall"].as_object().unwrap().len(), 7);
+    // LeafNet's widest layer is 0.25 MB a photo: batches go through whole.
+    assert!(classifier.slice_len() >= 32, "{}", classifier.slice_len());
 }
 
 #[test]
@@ -91,9 +93,14 @@ fn the_pretrained_network_imported_from_pytorch_agrees_with_onnx_runtime() {
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("onnxruntime_logits.json")).unwrap()).unwrap();
     let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../edge-agent/fixtures/photos");
+    let mut one_at_a_time = Vec::new();
+    let mut batch = Vec::new();
     for name in ["apple_scab.jpg", "potato_late_blight.jpg"] {
         let photo = preprocess::decode_photo("photo", &std::fs::read(photos.join(name)).unwrap()).unwrap();
-        let ours = &classifier.logits(preprocess::model_input(&photo, classifier.input_spec()))[0];
+        let input = preprocess::model_input(&photo, classifier.input_spec());
+        batch.extend_from_slice(&input);
+        one_at_a_time.push(classifier.logits(input).remove(0));
+        let ours = one_at_a_time.last().unwrap();
         let theirs: Vec<f32> =
             reference[name]["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         // Same weights, same input up to the JPEG decoder (Pillow's libjpeg-turbo vs the image crate): ONNX Runtime
@@ -101,6 +108,10 @@ fn the_pretrained_network_imported_from_pytorch_agrees_with_onnx_runtime() {
         let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(worst < 0.6, "{name}: logits differ by up to {worst}");
     }
+    // A batch runs in slices small enough for one layer's activations to stay in cache: one photo at a time for
+    // this network (8 MB at its widest). The answers are the same.
+    assert_eq!(classifier.slice_len(), 1);
+    assert_eq!(classifier.logits(batch), one_at_a_time);
     let photo = preprocess::decode_photo("photo", &std::fs::read(photos.join("apple_scab.jpg")).unwrap()).unwrap();
     assert_eq!(classifier.classify(&[photo])[0].label, "Apple___Apple_scab");
     // The converted model is a model file like any other.

@@ -2,12 +2,15 @@
 //! and `MobileNetV3Lite`, the shape of the pretrained 38-class PlantVillage network whose PyTorch weights are
 //! imported from safetensors.
 
+use burn::backend::Dispatch;
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{hard_swish, relu, sigmoid};
+
+use crate::kernels::{Activation, ConvBiasActivation};
 
 /// A convolution without bias followed by batch normalisation (the activation is the caller's). For serving, the
 /// normalisation is folded into the convolution's weights and bias ([`ConvBn::folded`]): one pass over the
@@ -38,6 +41,29 @@ impl ConvBn {
             Some(bn) => bn.forward(x),
             None => x,
         }
+    }
+
+    /// The block followed by `activation`. A folded block (see [`ConvBn::folded`]) runs as one fused operation
+    /// ([`ConvBiasActivation`]); one still normalising, as in training, runs Burn's operations one by one.
+    fn forward_activated(&self, input: Tensor<4>, activation: Activation) -> Tensor<4> {
+        if self.bn.is_some() {
+            let x = self.forward(input);
+            return match activation {
+                Activation::Identity => x,
+                Activation::Relu => relu(x),
+                Activation::HardSwish => hard_swish(x),
+            };
+        }
+        let bias = self.conv.bias.as_ref().expect("a folded block has a bias").val();
+        let output = <Dispatch as ConvBiasActivation>::conv_bias_activation(
+            input.into_dispatch(),
+            self.conv.weight.val().into_dispatch(),
+            bias.into_dispatch(),
+            self.conv.stride[0],
+            self.conv.groups,
+            activation,
+        );
+        Tensor::from_dispatch(output)
     }
 
     /// The same function for inference with the normalisation's running statistics folded into the convolution:
@@ -98,12 +124,18 @@ impl LeafNet {
         }
     }
 
+    /// The largest activation of one photo, in floats: the first block's output, at full size.
+    pub fn largest_activation(&self, size: usize) -> usize {
+        let first = self.blocks.first().map_or(3, |block| block.conv.weight.dims()[0]);
+        first * size * size
+    }
+
     /// Logits `[batch, classes]` for inputs `[batch, 3, size, size]`.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<2> {
         let last = self.blocks.len() - 1;
         let mut x = input;
         for (index, block) in self.blocks.iter().enumerate() {
-            x = relu(block.forward(x));
+            x = block.forward_activated(x, Activation::Relu);
             if index < last {
                 x = self.pool.forward(x);
             }
@@ -172,12 +204,12 @@ impl Bottleneck {
     }
 
     fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.expand.forward(input));
-        let mut x = relu(self.depthwise.forward(x));
+        let x = self.expand.forward_activated(input, Activation::Relu);
+        let mut x = self.depthwise.forward_activated(x, Activation::Relu);
         if let Some(se) = &self.se {
             x = se.forward(x);
         }
-        self.project.forward(x)
+        self.project.forward_activated(x, Activation::Identity)
     }
 }
 
@@ -221,13 +253,19 @@ impl MobileNetV3Lite {
         }
     }
 
+    /// The largest activation of one photo, in floats: the widest bottleneck's, at half the input size.
+    pub fn largest_activation(&self, size: usize) -> usize {
+        let widest = self.bottlenecks.iter().map(|b| b.depthwise.conv.weight.dims()[0]).max().unwrap_or(16);
+        widest * size.div_ceil(2) * size.div_ceil(2)
+    }
+
     /// Logits `[batch, classes]` for inputs `[batch, 3, 224, 224]`.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<2> {
-        let mut x = hard_swish(self.stem.forward(input));
+        let mut x = self.stem.forward_activated(input, Activation::HardSwish);
         for bottleneck in &self.bottlenecks {
             x = bottleneck.forward(x);
         }
-        let x = hard_swish(self.head.forward(x));
+        let x = self.head.forward_activated(x, Activation::HardSwish);
         self.classifier.forward(global_average(x))
     }
 
