@@ -96,11 +96,21 @@ impl Follower {
                         let event = AlertEvent { sequence: changed.sequence, kind: changed.kind, alert: changed.alert };
                         self.send(event).await
                     }
-                    Ok(Event::AlertChanged(_)) | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
+                    Ok(Event::AlertChanged(_)) => {
+                        metrics::counter!("smartfarm_alert_stream_log_reads_total", "reason" => "gap").increment(1);
+                        self.catch_up().await?
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        metrics::counter!("smartfarm_alert_stream_log_reads_total", "reason" => "lagged").increment(1);
+                        self.catch_up().await?
+                    }
                     Ok(_) => true,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
-                _ = poll.tick() => self.catch_up().await?,
+                _ = poll.tick() => {
+                    metrics::counter!("smartfarm_alert_stream_log_reads_total", "reason" => "poll").increment(1);
+                    self.catch_up().await?
+                }
             };
             if !open {
                 return Ok(());

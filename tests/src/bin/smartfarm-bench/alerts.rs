@@ -260,6 +260,9 @@ pub async fn alerts(
         // The cloud's own copies (from committed batches): those that added nothing were not written.
         "cloud_copies_recorded": counter(&cloud_metrics, "smartfarm_alerts_recorded_total{origin=\"cloud\"}"),
         "cloud_copies_known": counter(&cloud_metrics, "smartfarm_alert_copies_known_total"),
+        // Streams read the log instead of forwarding the bus's event when one came out of order.
+        "stream_log_reads_gap": counter(&cloud_metrics, "smartfarm_alert_stream_log_reads_total{reason=\"gap\"}"),
+        "stream_log_reads_poll": counter(&cloud_metrics, "smartfarm_alert_stream_log_reads_total{reason=\"poll\"}"),
     });
     emit(serde_json::json!({
         "benchmark": "alert_latency", "machine": machine(), "database": "postgresql",
