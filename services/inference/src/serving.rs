@@ -1,5 +1,5 @@
 //! Which model versions serve, loaded and ready: plant-disease classifiers run on a worker thread each that batches
-//! the photos waiting for it (up to [`MAX_BATCH`] in one forward pass), and anomaly models are their constants.
+//! the photos waiting for it (up to [`MAX_BATCH`] in one batch, which the classifier runs in cache-sized slices), and anomaly models are their constants.
 //! Every request asks the store which version is active, so an activation on any replica takes effect everywhere
 //! at the next request, without a restart; loaded versions are cached by name and version.
 
@@ -17,7 +17,7 @@ use smartfarm_ml::preprocess::InputSpec;
 use smartfarm_store::models::{ModelInserted, StoredModel, model_blob_key};
 use smartfarm_store::{BlobStore, ModelStore};
 
-/// Most photos in one forward pass.
+/// Most photos in one batch.
 pub const MAX_BATCH: usize = 32;
 
 /// Versions kept loaded (each with its thread): the serving ones and a few recent others, for rollbacks.
@@ -54,7 +54,7 @@ impl ClassifierWorker {
         std::thread::Builder::new()
             .name(format!("classify {}", card.reference()))
             .spawn(move || {
-                // Take what is waiting, up to a batch, run it in one pass, answer each.
+                // Take what is waiting, up to a batch, run it, answer each.
                 while let Ok(first) = queue.recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {

@@ -99,6 +99,8 @@ impl ConvBiasActivation for Flex {
             && bias.dtype() == DType::F32
             && x_shape.num_dims() == 4
             && w_shape.num_dims() == 4
+            && x_shape[1] > 0
+            && w_shape[0] > 0
             && x_shape[2] > 0
             && x_shape[3] > 0
             && groups > 0
@@ -132,6 +134,7 @@ impl ConvBiasActivation for Flex {
                 bias,
                 &shape,
                 activation,
+                pulp::Arch::new(),
             );
             return FlexTensor::from_data(TensorData::new(output, shape.output_shape()));
         }
@@ -181,13 +184,15 @@ impl ConvShape {
     }
 }
 
-/// The direct kernel: `[batch, in, h, w]` in, `[batch, out, oh, ow]` out, one task per (image, group).
+/// The direct kernel: `[batch, in, h, w]` in, `[batch, out, oh, ow]` out, one task per (image, group), with the
+/// SIMD instruction set `arch`.
 pub(crate) fn direct_conv(
     input: &[f32],
     weight: &[f32],
     bias: &[f32],
     shape: &ConvShape,
     activation: Activation,
+    arch: pulp::Arch,
 ) -> Vec<f32> {
     let in_per_group = shape.in_channels / shape.groups;
     let out_per_group = shape.out_channels / shape.groups;
@@ -211,7 +216,7 @@ pub(crate) fn direct_conv(
             let prepared = &prepared[..];
             let plane_kernel = |index: usize, output_plane: &mut [f32]| {
                 let out_channel = group * out_per_group + index;
-                pulp::Arch::new().dispatch(PlaneKernel {
+                arch.dispatch(PlaneKernel {
                     prepared,
                     rows: &rows,
                     weights: &weight[out_channel * taps..][..taps],
@@ -492,19 +497,30 @@ mod tests {
             assert_eq!(fused.dims(), expected.dims(), "{channels:?} {size:?} k{kernel} s{stride} g{groups}");
             let fused = fused.into_data().try_to_vec::<f32>().unwrap();
             let expected = expected.into_data().try_to_vec::<f32>().unwrap();
-            let worst = fused.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(
-                worst < 1e-4,
-                "{activation:?} {channels:?} {size:?} k{kernel} s{stride} g{groups}: differs by {worst}"
+            assert_close(
+                &fused,
+                &expected,
+                &format!("{activation:?} {channels:?} {size:?} k{kernel} s{stride} g{groups}"),
             );
         }
     }
 
     use burn::backend::Dispatch;
 
+    /// Every value within 1e-4 of the other's (a NaN is never close).
+    fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
+        assert_eq!(ours.len(), theirs.len(), "{what}");
+        for (index, (a, b)) in ours.iter().zip(theirs).enumerate() {
+            assert!((a - b).abs() < 1e-4, "{what}: value {index} is {a}, expected {b}");
+        }
+    }
+
     #[test]
     fn depthwise_matches_burn() {
         check(1, [16, 16], [112, 112], 3, 1, 16);
+        check(2, [6, 6], [23, 30], 5, 2, 6);
+        // A channel multiplier: two filters per input channel.
+        check(1, [3, 6], [20, 20], 3, 1, 3);
         check(2, [8, 8], [37, 21], 5, 1, 8);
         check(3, [4, 4], [9, 17], 3, 2, 4);
         check(1, [2, 2], [1, 1], 3, 1, 2);
@@ -516,9 +532,29 @@ mod tests {
         check(1, [3, 16], [224, 224], 3, 2, 1);
         check(2, [3, 5], [31, 40], 3, 1, 1);
         check(1, [3, 4], [23, 19], 5, 3, 1);
+        check(1, [3, 4], [31, 29], 7, 4, 1);
         check(2, [1, 2], [8, 8], 1, 2, 1);
         // Grouped, two input channels per group.
         check(1, [4, 6], [10, 12], 3, 1, 2);
+    }
+
+    /// The scalar instruction set (what a CPU without AVX2 or NEON runs) gives what the detected one gives.
+    #[test]
+    fn every_instruction_set_gives_the_same_answer() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (shape, kernel, stride, groups) in [([2, 8, 8, 37, 29], 5, 1, 8), ([1, 3, 16, 45, 50], 3, 2, 1)] {
+            let [batch, in_channels, out_channels, height, width] = shape;
+            let conv = ConvShape { batch, in_channels, out_channels, groups, height, width, kernel, stride };
+            let input: Vec<f32> =
+                (0..batch * in_channels * height * width).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let weight: Vec<f32> = (0..out_channels * in_channels / groups * kernel * kernel)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let bias: Vec<f32> = (0..out_channels).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let detected = direct_conv(&input, &weight, &bias, &conv, Activation::HardSwish, pulp::Arch::new());
+            let scalar = direct_conv(&input, &weight, &bias, &conv, Activation::HardSwish, pulp::Arch::Scalar);
+            assert_close(&detected, &scalar, &format!("{conv:?}"));
+        }
     }
 
     #[test]

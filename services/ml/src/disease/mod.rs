@@ -196,8 +196,9 @@ impl DiseaseClassifier {
     fn run(&self, inputs: Vec<f32>, as_probabilities: bool) -> Vec<Vec<f32>> {
         let per_input = self.input.len();
         let size = self.input.size as usize;
-        let mut rows = Vec::with_capacity(inputs.len() / per_input);
-        for slice in inputs.chunks(self.slice_len() * per_input) {
+        let photos = inputs.len() / per_input;
+        let mut rows = Vec::with_capacity(photos);
+        for slice in inputs[..photos * per_input].chunks(self.slice_len() * per_input) {
             let batch = slice.len() / per_input;
             let tensor = Tensor::<4>::from_data(TensorData::new(slice.to_vec(), [batch, 3, size, size]), &self.device);
             let mut output = self.serving.forward(tensor);

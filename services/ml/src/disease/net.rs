@@ -54,6 +54,12 @@ impl ConvBn {
                 Activation::HardSwish => hard_swish(x),
             };
         }
+        // The fused operation pads by half the kernel with equal strides and no dilation, as `ConvBn::new` makes.
+        debug_assert!(
+            self.conv.stride[0] == self.conv.stride[1]
+                && self.conv.dilation == [1, 1]
+                && self.conv.kernel_size[0] == self.conv.kernel_size[1]
+        );
         let bias = self.conv.bias.as_ref().expect("a folded block has a bias").val();
         let output = <Dispatch as ConvBiasActivation>::conv_bias_activation(
             input.into_dispatch(),
@@ -124,10 +130,14 @@ impl LeafNet {
         }
     }
 
-    /// The largest activation of one photo, in floats: the first block's output, at full size.
+    /// The largest activation of one photo, in floats: the largest block output (each block works at half the
+    /// size of the one before).
     pub fn largest_activation(&self, size: usize) -> usize {
-        let first = self.blocks.first().map_or(3, |block| block.conv.weight.dims()[0]);
-        first * size * size
+        let outputs = self.blocks.iter().enumerate().map(|(index, block)| {
+            let side = size >> index;
+            block.conv.weight.dims()[0] * side * side
+        });
+        outputs.max().unwrap_or(3 * size * size)
     }
 
     /// Logits `[batch, classes]` for inputs `[batch, 3, size, size]`.
