@@ -459,6 +459,7 @@ fn store<S: Simd>(values: &mut [f32], vector: S::f32s) {
 
 #[cfg(test)]
 mod tests {
+    use burn::backend::Dispatch;
     use burn::prelude::*;
     use rand::{Rng, SeedableRng};
 
@@ -504,8 +505,6 @@ mod tests {
             );
         }
     }
-
-    use burn::backend::Dispatch;
 
     /// Every value within 1e-4 of the other's (a NaN is never close).
     fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
@@ -557,10 +556,10 @@ mod tests {
         }
     }
 
+    /// 1×1 convolutions: Flex's gemm, then the fused bias-and-activation pass (planes of odd sizes, several images).
     #[test]
     fn pointwise_matches_burn() {
         check(2, [24, 40], [14, 14], 1, 1, 1);
-        // Output channels that leave a partial block, positions that leave partial vectors and several spans.
         check(1, [16, 13], [7, 9], 1, 1, 1);
         check(3, [5, 7], [40, 41], 1, 1, 1);
         check(1, [160, 40], [16, 16], 1, 1, 1);
