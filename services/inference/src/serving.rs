@@ -1,5 +1,6 @@
 //! Which model versions serve, loaded and ready: plant-disease classifiers run on a worker thread each that batches
-//! the photos waiting for it (up to [`MAX_BATCH`] in one batch, which the classifier runs in cache-sized slices), and anomaly models are their constants.
+//! the photos waiting for it (up to [`MAX_BATCH`], which the classifier runs in cache-sized slices), and anomaly
+//! models are their constants.
 //! Every request asks the store which version is active, so an activation on any replica takes effect everywhere
 //! at the next request, without a restart; loaded versions are cached by name and version.
 
