@@ -9,12 +9,17 @@
 //! holds the webhook's lease in the database (renewed as it works, taken over by another replica once it runs out),
 //! so replicas do not post the same event twice.
 //!
-//! URLs must be http or https and may not point at link-local addresses (cloud metadata services live there); the
-//! host is resolved again before every attempt, so a name that later resolves there is refused too.
+//! URLs must be http or https and may not point at link-local addresses (cloud metadata services live there). The
+//! client connects only to addresses it checked: its resolver refuses a name with any such address, at every
+//! connection, so a name that resolves elsewhere when the webhook is made and there later (DNS rebinding) is refused
+//! too, and no second lookup between the check and the connection can differ from the one checked.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +27,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioExecutor;
 use sha2::Sha256;
 use tokio::task::JoinHandle;
@@ -41,7 +47,7 @@ const DELIVERY_PAGE: usize = 100;
 /// How often the list of webhooks is read again (new and deleted ones).
 const RELOAD: Duration = Duration::from_secs(2);
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector<CheckedResolver>>, Full<Bytes>>;
 
 /// A new signing secret: 32 random bytes, hex.
 pub fn new_secret() -> Result<String> {
@@ -99,23 +105,54 @@ pub async fn check_url(url: &str) -> Result<String> {
 /// Resolves a URL's host; refuses it when any address is one a webhook may not reach.
 async fn resolve_allowed(uri: &http::Uri) -> std::result::Result<(), String> {
     let host = uri.host().ok_or("has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    match host.parse::<IpAddr>() {
+        Ok(address) => allowed_addresses(&host, vec![SocketAddr::new(address, 0)]).map(drop),
+        Err(_) => resolve_checked(&host).await.map(drop),
+    }
+}
+
+/// The addresses of a host name, refused when the name is a metadata service's or any address is one a webhook may
+/// not reach.
+async fn resolve_checked(host: &str) -> std::result::Result<Vec<SocketAddr>, String> {
+    allowed_addresses(host, Vec::new())?;
+    let addresses =
+        tokio::net::lookup_host((host, 0)).await.map_err(|error| format!("cannot resolve {host}: {error}"))?.collect();
+    allowed_addresses(host, addresses)
+}
+
+fn allowed_addresses(host: &str, addresses: Vec<SocketAddr>) -> std::result::Result<Vec<SocketAddr>, String> {
     if host.eq_ignore_ascii_case("metadata.google.internal") || host.eq_ignore_ascii_case("metadata") {
         return Err(format!("{host} is a cloud metadata service"));
     }
-    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(address) => vec![address],
-        Err(_) => tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|error| format!("cannot resolve {host}: {error}"))?
-            .map(|socket| socket.ip())
-            .collect(),
-    };
-    match addresses.iter().find(|address| forbidden(**address)) {
-        Some(address) => {
-            Err(format!("points at {address}, a link-local or reserved address (cloud metadata services live there)"))
-        }
-        None => Ok(()),
+    match addresses.iter().find(|address| forbidden(address.ip())) {
+        Some(address) => Err(format!(
+            "points at {}, a link-local or reserved address (cloud metadata services live there)",
+            address.ip()
+        )),
+        None => Ok(addresses),
+    }
+}
+
+/// The webhook client's resolver: the connection goes only to addresses [`resolve_checked`] let through.
+#[derive(Clone, Debug)]
+struct CheckedResolver;
+
+impl tower::Service<Name> for CheckedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        Box::pin(async move {
+            resolve_checked(name.as_str())
+                .await
+                .map(Vec::into_iter)
+                .map_err(|reason| std::io::Error::new(std::io::ErrorKind::PermissionDenied, reason))
+        })
     }
 }
 
@@ -148,6 +185,18 @@ pub fn body(webhook: &Webhook, event: &AlertEvent) -> Vec<u8> {
     serde_json::to_vec(&message).expect("a JSON value serialises")
 }
 
+/// The webhook client: HTTP/1.1, or over TLS with public CA roots, connecting through [`CheckedResolver`].
+fn client() -> HttpsClient {
+    let mut http = HttpConnector::new_with_resolver(CheckedResolver);
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
 /// Runs one delivery task per webhook.
 pub struct Dispatcher {
     /// This process, as a lease holder.
@@ -160,10 +209,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(alerts: Arc<dyn AlertStore>, bus: Bus, settings: AlertsConfig) -> Dispatcher {
-        let connector =
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Dispatcher { owner: Uuid::now_v7(), alerts, bus, settings, client }
+        Dispatcher { owner: Uuid::now_v7(), alerts, bus, settings, client: client() }
     }
 
     /// Keeps a delivery task per webhook (started for new ones, stopped for deleted ones), forever.
@@ -328,7 +374,11 @@ impl Dispatcher {
     /// One attempt: POST the signed body; a 2xx answer is a delivery.
     async fn deliver(&self, webhook: &Webhook, event: &AlertEvent) -> std::result::Result<(), String> {
         let uri: http::Uri = webhook.url.parse().map_err(|_| "the url does not parse".to_string())?;
-        resolve_allowed(&uri).await?;
+        // Names are checked by the client's resolver as it connects; literal addresses never reach it.
+        let host = uri.host().ok_or("has no host")?.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(address) = host.parse::<IpAddr>() {
+            allowed_addresses(host, vec![SocketAddr::new(address, 0)])?;
+        }
         let body = body(webhook, event);
         let request = http::Request::post(uri)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -373,5 +423,41 @@ mod tests {
             assert!(refusal.starts_with("url:"), "{bad}: {refusal}");
         }
         assert_eq!(check_url("http://127.0.0.1:8080/hook").await.unwrap(), "http://127.0.0.1:8080/hook");
+    }
+
+    #[test]
+    fn a_name_with_any_link_local_address_is_refused() {
+        let public = SocketAddr::from(([93, 184, 215, 14], 0));
+        let metadata = SocketAddr::from(([169, 254, 169, 254], 0));
+        assert_eq!(allowed_addresses("example.org", vec![public]).unwrap(), vec![public]);
+        let refusal = allowed_addresses("rebound.example", vec![public, metadata]).unwrap_err();
+        assert!(refusal.contains("169.254.169.254"), "{refusal}");
+    }
+
+    /// The client connects through the checking resolver: a name it resolves reaches its server, and a metadata
+    /// name is refused by it (the stock resolver would have looked the name up instead).
+    #[tokio::test]
+    async fn the_client_connects_only_through_the_checking_resolver() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            socket.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        });
+        let post = |url: String| http::Request::post(url).body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+        let client = client();
+        let answer = client.request(post(format!("http://localhost:{port}/hook"))).await.unwrap();
+        assert_eq!(answer.status(), http::StatusCode::NO_CONTENT);
+        let error = client.request(post("http://metadata.google.internal/v1".into())).await.unwrap_err();
+        let mut reasons = Vec::new();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(cause) = source {
+            reasons.push(cause.to_string());
+            source = cause.source();
+        }
+        assert!(reasons.iter().any(|reason| reason.contains("cloud metadata service")), "{reasons:?}");
     }
 }
