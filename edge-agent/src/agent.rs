@@ -60,10 +60,8 @@ pub async fn run(
     rules.set_devices(&registry.sensors());
     metrics::gauge!("smartfarm_edge_rules").set(rules.len() as f64);
     let urgent = Arc::new(UrgentQueue::default());
-    // The urgent lane lives in memory: the alerts still open from before a restart go up again (one only the agent
-    // raises, a device gone silent, would otherwise be lost with a restart during an outage; the cloud merges
-    // repeats into what it has).
-    for alert in rules.open_alerts() {
+    // The urgent lane lives in memory: what it may have held before a restart goes up again.
+    for alert in rules.alerts_to_resend() {
         urgent.push(UrgentBody::Alert(alert.to_proto()));
     }
     let book = Arc::new(CommandBook::load(&config.spool_dir).context("cannot open the command book")?);

@@ -138,9 +138,17 @@ impl EdgeRules {
         }
     }
 
-    /// The alerts raised here and not resolved (kept across restarts with the rest of the evaluator's state).
-    pub fn open_alerts(&self) -> Vec<Alert> {
-        self.state.lock().expect("rules lock").1.as_ref().map(Evaluator::open_alerts).unwrap_or_default()
+    /// What to send the cloud again after a restart: the alerts raised here and not resolved, and those resolved in
+    /// the last day (both kept across restarts with the rest of the evaluator's state). The urgent lane lives in
+    /// memory, so an alert only the agent raises (a device gone silent) that opened, or opened and resolved, during
+    /// an outage would otherwise be lost with a restart before the link returned; the cloud merges repeats into what
+    /// it has, so the ones it knows change nothing.
+    pub fn alerts_to_resend(&self) -> Vec<Alert> {
+        let state = self.state.lock().expect("rules lock");
+        let Some(evaluator) = &state.1 else { return Vec::new() };
+        let mut alerts = evaluator.recently_resolved();
+        alerts.extend(evaluator.open_alerts());
+        alerts
     }
 
     /// Evaluates the model-verdict rules on a diagnosis of a camera's photo made on the farm.

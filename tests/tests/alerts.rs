@@ -433,6 +433,18 @@ async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_only_the_farm_raised_during_an_outage_survives_an_agent_kill_and_reaches_the_cloud() {
+    alert_only_the_farm_saw_survives_a_kill(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_that_opened_and_resolved_during_an_outage_survives_an_agent_kill_and_reaches_the_cloud() {
+    alert_only_the_farm_saw_survives_a_kill(true).await;
+}
+
+/// A device-silent alert (only the agent raises those) opens while the cloud is down, and with `resolve` resolves
+/// too; the agent is killed before the link returns and restarted: the cloud ends up with the alert as the farm
+/// last saw it.
+async fn alert_only_the_farm_saw_survives_a_kill(resolve: bool) {
     let data = CloudData::new(Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
@@ -471,6 +483,20 @@ async fn an_alert_only_the_farm_raised_during_an_outage_survives_an_agent_kill_a
         0.0,
         "the alert was raised before the link went down (this test's timing assumes the cloud stops within 6 s)"
     );
+    let mut expected = pb::AlertState::Open;
+    if resolve {
+        // The probe is heard again: the agent resolves the alert, still without the cloud.
+        let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+        mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"moisture": 31}}"#)
+            .await;
+        let resolved: serde_json::Value =
+            serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("the resolution")).unwrap();
+        assert_eq!(
+            (resolved["id"].as_str(), resolved["state"].as_str()),
+            (Some(alert_id.as_str()), Some("ALERT_STATE_RESOLVED"))
+        );
+        expected = pb::AlertState::Resolved;
+    }
     // Killed before the link returns (what it learnt is written every second), restarted, then the cloud returns.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     edge.kill9().await;
@@ -479,10 +505,10 @@ async fn an_alert_only_the_farm_raised_during_an_outage_survives_an_agent_kill_a
     let alerts = cloud.alert_client(&key).await;
     let reached = eventually(Duration::from_secs(30), || async {
         let listed = farm_alerts(&alerts, &fleet.farm_id).await;
-        listed.len() == 1 && listed[0].id == alert_id && listed[0].state == pb::AlertState::Open as i32
+        listed.len() == 1 && listed[0].id == alert_id && listed[0].state == expected as i32
     })
     .await;
-    assert!(reached, "the farm's alert reached the cloud after the agent's restart");
+    assert!(reached, "the farm's alert reached the cloud after the agent's restart, {expected:?}");
     edge.stop().await;
     cloud.stop().await;
 }

@@ -620,7 +620,14 @@ struct Track {
 pub struct EvaluatorState {
     tracks: Vec<(Uuid, Uuid, String, Track)>,
     last_seen: Vec<(Uuid, SystemTime)>,
+    /// Alerts resolved recently (see [`Evaluator::recently_resolved`]); absent in state written before they were.
+    #[serde(default)]
+    resolved: Vec<Alert>,
 }
+
+/// How long a resolved alert stays in [`Evaluator::recently_resolved`], and how many at most.
+const RECENTLY_RESOLVED_FOR: Duration = Duration::from_secs(24 * 3600);
+const RECENTLY_RESOLVED_AT_MOST: usize = 256;
 
 /// What the condition looked like at one moment.
 struct Observation<'a> {
@@ -643,11 +650,20 @@ pub struct Evaluator {
     tracks: HashMap<(Uuid, Uuid, String), Track>,
     /// The newest measurement time of each device (for device-silent rules).
     last_seen: HashMap<Uuid, SystemTime>,
+    /// The alerts it resolved lately, oldest first.
+    resolved: VecDeque<Alert>,
 }
 
 impl Evaluator {
     pub fn new(farm_id: Uuid, origin: Origin) -> Evaluator {
-        Evaluator { farm_id, origin, rules: Vec::new(), tracks: HashMap::new(), last_seen: HashMap::new() }
+        Evaluator {
+            farm_id,
+            origin,
+            rules: Vec::new(),
+            tracks: HashMap::new(),
+            last_seen: HashMap::new(),
+            resolved: VecDeque::new(),
+        }
     }
 
     /// What it has learnt, to be given back to [`Evaluator::restore`] after a restart.
@@ -659,6 +675,7 @@ impl Evaluator {
                 .map(|((rule, device, metric), track)| (*rule, *device, metric.clone(), track.clone()))
                 .collect(),
             last_seen: self.last_seen.iter().map(|(device, time)| (*device, *time)).collect(),
+            resolved: self.resolved.iter().cloned().collect(),
         }
     }
 
@@ -672,6 +689,29 @@ impl Evaluator {
         for (device, time) in state.last_seen {
             let seen = self.last_seen.entry(device).or_insert(time);
             *seen = (*seen).max(time);
+        }
+        for alert in state.resolved {
+            self.remember_resolved(alert);
+        }
+    }
+
+    /// The alerts it resolved in the last day (at most [`RECENTLY_RESOLVED_AT_MOST`]), kept across restarts with
+    /// the rest of its state: an agent restarted before it could tell the cloud of an alert that opened and
+    /// resolved during an outage sends them again (the cloud merges what it already has).
+    pub fn recently_resolved(&self) -> Vec<Alert> {
+        self.resolved.iter().cloned().collect()
+    }
+
+    fn remember_resolved(&mut self, alert: Alert) {
+        let newest = alert.resolve_time.unwrap_or(alert.last_time);
+        self.resolved.push_back(alert);
+        while self.resolved.len() > RECENTLY_RESOLVED_AT_MOST
+            || self.resolved.front().is_some_and(|oldest| {
+                let resolved = oldest.resolve_time.unwrap_or(oldest.last_time);
+                newest.duration_since(resolved).unwrap_or_default() > RECENTLY_RESOLVED_FOR
+            })
+        {
+            self.resolved.pop_front();
         }
     }
 
@@ -769,6 +809,7 @@ impl Evaluator {
             alert.resolve_time = Some(time);
             let resolved = alert.clone();
             track.active = None;
+            self.remember_resolved(resolved.clone());
             Some(resolved)
         }
     }
@@ -1064,6 +1105,34 @@ mod tests {
         assert!(after.on_reading(device, "temperature", 46.0, at(20)).is_empty(), "still the same alert");
         let resolved = after.on_reading(device, "temperature", 20.0, at(30)).remove(0);
         assert_eq!((resolved.id, resolved.state), (open.id, AlertState::Resolved));
+    }
+
+    #[test]
+    fn resolved_alerts_are_remembered_for_a_day_across_restarts() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = threshold_rule(farm, 0, 0);
+        let mut before = Evaluator::new(farm, Origin::Edge);
+        before.set_rules(vec![rule.clone()], at(0));
+        before.on_reading(device, "temperature", 45.0, at(10));
+        let first = before.on_reading(device, "temperature", 20.0, at(20)).remove(0);
+        // State written before resolved alerts were kept still loads.
+        let mut old_state = serde_json::to_value(before.state()).unwrap();
+        old_state.as_object_mut().unwrap().remove("resolved");
+        let mut upgraded = Evaluator::new(farm, Origin::Edge);
+        upgraded.set_rules(vec![rule.clone()], at(0));
+        upgraded.restore(serde_json::from_value(old_state).unwrap());
+        assert!(upgraded.recently_resolved().is_empty());
+        // Written and read back: the resolved alert is there, as it was resolved.
+        let mut after = Evaluator::new(farm, Origin::Edge);
+        after.set_rules(vec![rule], at(0));
+        after.restore(serde_json::from_str(&serde_json::to_string(&before.state()).unwrap()).unwrap());
+        assert_eq!(after.recently_resolved(), vec![first.clone()]);
+        // A day later another resolution pushes it out.
+        let day = 24 * 3600;
+        after.on_reading(device, "temperature", 45.0, at(day + 30));
+        let second = after.on_reading(device, "temperature", 20.0, at(day + 40)).remove(0);
+        assert_eq!(after.recently_resolved(), vec![second], "{first:?} is more than a day older");
     }
 
     #[test]
