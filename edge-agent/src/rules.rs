@@ -146,8 +146,10 @@ impl EdgeRules {
     pub fn alerts_to_resend(&self) -> Vec<Alert> {
         let state = self.state.lock().expect("rules lock");
         let Some(evaluator) = &state.1 else { return Vec::new() };
-        let mut alerts = evaluator.recently_resolved();
-        alerts.extend(evaluator.open_alerts());
+        // Open ones first: on a new link the cloud looks up an older stored alert of the same condition once per
+        // condition, for the first alert that comes (see `join_open_alert` in the ingestion service).
+        let mut alerts = evaluator.open_alerts();
+        alerts.extend(evaluator.recently_resolved(SystemTime::now()));
         alerts
     }
 

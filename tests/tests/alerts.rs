@@ -505,7 +505,8 @@ async fn alert_only_the_farm_saw_survives_a_kill(resolve: bool) {
     let alerts = cloud.alert_client(&key).await;
     let reached = eventually(Duration::from_secs(30), || async {
         let listed = farm_alerts(&alerts, &fleet.farm_id).await;
-        listed.len() == 1 && listed[0].id == alert_id && listed[0].state == expected as i32
+        // (After its resolution the probe is silent again: a new alert may have opened by the time the link is back.)
+        listed.iter().any(|alert| alert.id == alert_id && alert.state == expected as i32)
     })
     .await;
     assert!(reached, "the farm's alert reached the cloud after the agent's restart, {expected:?}");

@@ -695,14 +695,22 @@ impl Evaluator {
         }
     }
 
-    /// The alerts it resolved in the last day (at most [`RECENTLY_RESOLVED_AT_MOST`]), kept across restarts with
-    /// the rest of its state: an agent restarted before it could tell the cloud of an alert that opened and
-    /// resolved during an outage sends them again (the cloud merges what it already has).
-    pub fn recently_resolved(&self) -> Vec<Alert> {
-        self.resolved.iter().cloned().collect()
+    /// The alerts an agent's evaluator resolved in the last day by `now` (at most [`RECENTLY_RESOLVED_AT_MOST`]),
+    /// kept across restarts with the rest of its state: an agent restarted before it could tell the cloud of an
+    /// alert that opened and resolved during an outage sends them again (the cloud merges what it already has).
+    /// The cloud's evaluators keep none.
+    pub fn recently_resolved(&self, now: SystemTime) -> Vec<Alert> {
+        let recent = |alert: &&Alert| {
+            let resolved = alert.resolve_time.unwrap_or(alert.last_time);
+            now.duration_since(resolved).unwrap_or_default() <= RECENTLY_RESOLVED_FOR
+        };
+        self.resolved.iter().filter(recent).cloned().collect()
     }
 
     fn remember_resolved(&mut self, alert: Alert) {
+        if self.origin != Origin::Edge {
+            return;
+        }
         let newest = alert.resolve_time.unwrap_or(alert.last_time);
         self.resolved.push_back(alert);
         while self.resolved.len() > RECENTLY_RESOLVED_AT_MOST
@@ -962,6 +970,9 @@ impl Evaluator {
                 _ => {}
             }
         }
+        for alert in changed.iter().filter(|alert| alert.state == AlertState::Resolved) {
+            self.remember_resolved(alert.clone());
+        }
         changed
     }
 
@@ -1122,17 +1133,24 @@ mod tests {
         let mut upgraded = Evaluator::new(farm, Origin::Edge);
         upgraded.set_rules(vec![rule.clone()], at(0));
         upgraded.restore(serde_json::from_value(old_state).unwrap());
-        assert!(upgraded.recently_resolved().is_empty());
+        assert!(upgraded.recently_resolved(at(30)).is_empty());
         // Written and read back: the resolved alert is there, as it was resolved.
         let mut after = Evaluator::new(farm, Origin::Edge);
         after.set_rules(vec![rule], at(0));
         after.restore(serde_json::from_str(&serde_json::to_string(&before.state()).unwrap()).unwrap());
-        assert_eq!(after.recently_resolved(), vec![first.clone()]);
+        assert_eq!(after.recently_resolved(at(30)), vec![first.clone()]);
         // A day later another resolution pushes it out.
         let day = 24 * 3600;
         after.on_reading(device, "temperature", 45.0, at(day + 30));
         let second = after.on_reading(device, "temperature", 20.0, at(day + 40)).remove(0);
-        assert_eq!(after.recently_resolved(), vec![second], "{first:?} is more than a day older");
+        assert_eq!(after.recently_resolved(at(day + 50)), vec![second.clone()], "{first:?} is more than a day older");
+        assert!(after.recently_resolved(at(2 * day + 50)).is_empty(), "a day after the last one");
+        // The cloud's evaluators have no use for them.
+        let mut cloud = Evaluator::new(farm, Origin::Cloud);
+        cloud.set_rules(vec![threshold_rule(farm, 0, 0)], at(0));
+        cloud.on_reading(device, "temperature", 45.0, at(10));
+        assert_eq!(cloud.on_reading(device, "temperature", 20.0, at(20)).len(), 1);
+        assert!(cloud.recently_resolved(at(30)).is_empty());
     }
 
     #[test]
