@@ -65,13 +65,28 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 }
 
 /// Whether an address is one a webhook may not reach: link-local (169.254.0.0/16, where cloud metadata services
-/// answer, and fe80::/10), unspecified, or multicast/broadcast.
+/// answer, and fe80::/10), Alibaba Cloud's metadata service (100.100.100.200), unspecified, or
+/// multicast/broadcast; an IPv4 address mapped into IPv6 or behind the NAT64 prefix is judged as itself.
 fn forbidden(address: IpAddr) -> bool {
     match address {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V4(v4) => {
+            let alibaba_metadata = std::net::Ipv4Addr::new(100, 100, 100, 200);
+            v4.is_link_local()
+                || v4 == alibaba_metadata
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+        }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return forbidden(IpAddr::V4(v4));
+            }
+            // 64:ff9b::/96, the well-known NAT64 prefix: the last 32 bits are an IPv4 address.
+            let segments = v6.segments();
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = segments[6].to_be_bytes();
+                let [c, d] = segments[7].to_be_bytes();
+                return forbidden(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
             }
             // fd00:ec2::254 is AWS's IPv6 metadata service (a unique-local address, not link-local).
             let aws_metadata = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
@@ -428,6 +443,9 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
             "http://[fe80::1]/hook",
             "http://[fd00:ec2::254]/latest/meta-data",
+            "http://100.100.100.200/latest/meta-data",
+            "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+            "http://[::ffff:169.254.169.254]/latest/meta-data",
             "http://metadata.google.internal/computeMetadata/v1",
             "http://user:pass@127.0.0.1/hook",
             "http://0.0.0.0/hook",
