@@ -590,3 +590,64 @@ async fn a_condition_that_holds_while_the_cloud_or_the_agent_restarts_stays_one_
     edge.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_that_joined_another_and_is_sent_again_after_a_restart_stays_one_alert() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "forgetful heat", 1).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    alerts.create_rule(pb::CreateRuleRequest { rule: Some(hot_rule(&fleet.farm_id)) }).await.unwrap();
+    let spool = data.data_dir.path().join("spool");
+    let options = EdgeOptions::new(&cloud, &fleet, spool.clone());
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let sensor = &fleet.sensors[0];
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 45}}"#)
+        .await;
+    let open = || async {
+        let listed = farm_alerts(&alerts, &fleet.farm_id).await;
+        listed.len() == 1 && listed[0].state == pb::AlertState::Open as i32
+    };
+    assert!(eventually(Duration::from_secs(20), open).await, "the alert reached the cloud");
+    let alert_id = farm_alerts(&alerts, &fleet.farm_id).await[0].id.clone();
+
+    // The agent loses what its evaluator learnt (as after a power cut) while the greenhouse stays hot: it raises the
+    // condition again under a new id, which joins the cloud's alert; then the condition clears.
+    edge.stop().await;
+    std::fs::remove_file(spool.join("rules-state.json")).unwrap();
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 46}}"#)
+        .await;
+    let again: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("raised again")).unwrap();
+    assert_ne!(again["id"].as_str(), Some(alert_id.as_str()), "a new id: the agent forgot the first");
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 20}}"#)
+        .await;
+    let resolved = || async {
+        let listed = farm_alerts(&alerts, &fleet.farm_id).await;
+        listed.len() == 1 && listed[0].id == alert_id && listed[0].state == pb::AlertState::Resolved as i32
+    };
+    assert!(eventually(Duration::from_secs(20), resolved).await, "the copy joined the cloud's alert and resolved it");
+
+    // After a restart the agent sends the resolved copy again, on a link that never saw the join: still one alert.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    edge.stop().await;
+    let edge = Edge::start(&options).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async { edge.metric("smartfarm_edge_urgent_sent_total").await >= 1.0 })
+            .await,
+        "the resolved copy went up again"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listed = farm_alerts(&alerts, &fleet.farm_id).await;
+    assert_eq!(listed.len(), 1, "one condition, one alert: {listed:?}");
+    assert_eq!((listed[0].id.as_str(), listed[0].state), (alert_id.as_str(), pb::AlertState::Resolved as i32));
+    edge.stop().await;
+    cloud.stop().await;
+}

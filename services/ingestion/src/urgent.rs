@@ -190,6 +190,9 @@ struct Known {
     /// evaluator for the link's life, and a later alert of theirs for the same condition follows one they resolved),
     /// so one lookup each is enough: a busy farm's alerts cost no query before they are recorded.
     looked_up: std::collections::HashSet<(Origin, Uuid, Option<Uuid>, String)>,
+    /// Alert ids that belong to a resolved alert they joined on an earlier link (see [`joined_before`]), with that
+    /// alert's id and open time.
+    rejoined: std::collections::HashMap<Uuid, (Uuid, std::time::SystemTime)>,
     /// Each alert as this link last recorded it, merged with what it sent since. The stored alert holds at least
     /// that (merges only move forward, and only merges and people change it), so a copy that changes nothing here
     /// changes nothing there either.
@@ -240,8 +243,17 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
         known.targets.clear();
         known.resolved.clear();
         known.looked_up.clear();
+        known.rejoined.clear();
     }
-    let Known { targets, resolved, looked_up, .. } = known;
+    let Known { targets, resolved, looked_up, rejoined, .. } = known;
+    if let Some((id, open_time)) = rejoined.get(&alert.id) {
+        alert.id = *id;
+        alert.open_time = *open_time;
+        if alert.state == smartfarm_core::rules::AlertState::Resolved {
+            resolved.insert(alert.id);
+        }
+        return;
+    }
     let open = match targets.entry(alert.id) {
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
         std::collections::hash_map::Entry::Vacant(entry)
@@ -260,6 +272,18 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
                     return;
                 }
             };
+            if open.is_none()
+                && let Some(stored) = joined_before(alerts, alert).await
+            {
+                tracing::debug!(joined = %stored.id, "an alert came back for the resolved one it had joined");
+                rejoined.insert(alert.id, (stored.id, stored.open_time));
+                alert.id = stored.id;
+                alert.open_time = stored.open_time;
+                if alert.state == smartfarm_core::rules::AlertState::Resolved {
+                    resolved.insert(alert.id);
+                }
+                return;
+            }
             entry.insert(open)
         }
     };
@@ -271,6 +295,45 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
     if alert.state == smartfarm_core::rules::AlertState::Resolved {
         resolved.insert(alert.id);
     }
+}
+
+/// The stored, resolved alert that an alert with no open one of its condition had joined on an earlier link, if
+/// it is one such. After an agent lost the last second of its state (a power cut) it raises a condition still
+/// holding under a new id, which joins the stored alert. That id comes back after the alert resolved, on a later
+/// link: the agent sends it again after a restart (see `alerts_to_resend` in the agent), and this link's
+/// evaluator, starting over on a batch uploaded late, raises the same id from the same readings. An id the store
+/// does not have whose alert opened while a stored, resolved alert of the same condition was open is that case: a
+/// later alert of a condition opens only after the earlier one resolved. Asked once per condition and evaluator on
+/// a link, when nothing of the condition is open: two queries, one when the store has the id.
+async fn joined_before(alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) -> Option<Alert> {
+    // Model verdicts are events, not conditions: they never joined anything (and may overlap in time).
+    let verdict = alert.evidence_image_id.is_some()
+        || alert.evidence_window.is_some()
+        || alert.metric == smartfarm_core::rules::DISEASE_METRIC;
+    if verdict {
+        return None;
+    }
+    match alerts.get_alert(alert.id).await {
+        Err(Error::NotFound { .. }) => {}
+        Ok(_) | Err(_) => return None,
+    }
+    let filter = smartfarm_store::alerts::AlertFilter {
+        farm_id: Some(alert.farm_id),
+        states: vec![smartfarm_core::rules::AlertState::Resolved],
+        min_severity: None,
+        opened_from: None,
+        opened_before: Some(alert.open_time + std::time::Duration::from_nanos(1)),
+    };
+    // The newest resolved alerts opened up to its opening: the one it joined is among the first of its condition.
+    let candidates = alerts.list_alerts(&filter, None, 500).await.ok()?;
+    candidates.into_iter().find(|stored| {
+        stored.id != alert.id
+            && stored.rule_id == alert.rule_id
+            && stored.device_id == alert.device_id
+            && stored.metric == alert.metric
+            && stored.open_time <= alert.open_time
+            && stored.resolve_time.is_some_and(|resolved| alert.open_time < resolved)
+    })
 }
 
 /// An alert the agent raised, sent up the urgent lane, for the recorder. A bad one is logged and dropped (resending
