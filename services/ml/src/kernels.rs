@@ -465,8 +465,13 @@ mod tests {
 
     use super::*;
 
+    /// `count` values in [-1, 1).
+    fn random_values(count: usize, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+        (0..count).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
     fn random(shape: [usize; 4], rng: &mut rand::rngs::StdRng, device: &Device) -> Tensor<4> {
-        let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let values = random_values(shape.iter().product(), rng);
         Tensor::from_data(TensorData::new(values, shape), device)
     }
 
@@ -544,12 +549,9 @@ mod tests {
         for (shape, kernel, stride, groups) in [([2, 8, 8, 37, 29], 5, 1, 8), ([1, 3, 16, 45, 50], 3, 2, 1)] {
             let [batch, in_channels, out_channels, height, width] = shape;
             let conv = ConvShape { batch, in_channels, out_channels, groups, height, width, kernel, stride };
-            let input: Vec<f32> =
-                (0..batch * in_channels * height * width).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let weight: Vec<f32> = (0..out_channels * in_channels / groups * kernel * kernel)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let bias: Vec<f32> = (0..out_channels).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let input = random_values(batch * in_channels * height * width, &mut rng);
+            let weight = random_values(out_channels * in_channels / groups * kernel * kernel, &mut rng);
+            let bias = random_values(out_channels, &mut rng);
             let detected = direct_conv(&input, &weight, &bias, &conv, Activation::HardSwish, pulp::Arch::new());
             let scalar = direct_conv(&input, &weight, &bias, &conv, Activation::HardSwish, pulp::Arch::Scalar);
             assert_close(&detected, &scalar, &format!("{conv:?}"));

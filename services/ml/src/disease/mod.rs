@@ -193,14 +193,21 @@ impl DiseaseClassifier {
         self.run(inputs, true)
     }
 
-    fn run(&self, inputs: Vec<f32>, as_probabilities: bool) -> Vec<Vec<f32>> {
+    fn run(&self, mut inputs: Vec<f32>, as_probabilities: bool) -> Vec<Vec<f32>> {
         let per_input = self.input.len();
         let size = self.input.size as usize;
         let photos = inputs.len() / per_input;
+        inputs.truncate(photos * per_input);
+        // One slice takes the inputs as they are; several are copied out.
+        let slices: Vec<Vec<f32>> = if photos <= self.slice_len() {
+            vec![inputs]
+        } else {
+            inputs.chunks(self.slice_len() * per_input).map(<[f32]>::to_vec).collect()
+        };
         let mut rows = Vec::with_capacity(photos);
-        for slice in inputs[..photos * per_input].chunks(self.slice_len() * per_input) {
+        for slice in slices.into_iter().filter(|slice| !slice.is_empty()) {
             let batch = slice.len() / per_input;
-            let tensor = Tensor::<4>::from_data(TensorData::new(slice.to_vec(), [batch, 3, size, size]), &self.device);
+            let tensor = Tensor::<4>::from_data(TensorData::new(slice, [batch, 3, size, size]), &self.device);
             let mut output = self.serving.forward(tensor);
             if as_probabilities {
                 output = softmax(output, 1);
