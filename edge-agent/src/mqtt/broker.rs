@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
@@ -393,8 +394,22 @@ struct Session {
 }
 
 impl Session {
+    /// Writes a packet (after whatever was queued before it).
     async fn send(&mut self, packet: Outbound) -> Result<(), Ended> {
-        codec::write(self.version, packet, &mut self.out).map_err(|error| Ended::Protocol(error.to_string()))?;
+        self.queue(packet)?;
+        self.flush().await
+    }
+
+    /// Encodes a packet behind what waits to be written.
+    fn queue(&mut self, packet: Outbound) -> Result<(), Ended> {
+        codec::write(self.version, packet, &mut self.out).map_err(|error| Ended::Protocol(error.to_string()))
+    }
+
+    /// Writes what waits, in one go.
+    async fn flush(&mut self) -> Result<(), Ended> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
         // A client that stops reading would otherwise hold its task, and its session, for ever.
         tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out))
             .await
@@ -559,26 +574,7 @@ impl Session {
             tokio::select! {
                 // Past MAX_OWED_ACKS nothing more is read: TCP pushes back on the client.
                 filled = self.fill(keep_alive), if owed.len() < MAX_OWED_ACKS => filled?,
-                written = front_durable(owed), if waiting_on_spool => {
-                    let mut ack = owed.pop_front().expect("checked: waiting on the front");
-                    match written {
-                        Ok(Ok(_)) => {
-                            metrics::histogram!("smartfarm_edge_publish_to_spool_seconds").record(ack.received.elapsed().as_secs_f64());
-                        }
-                        // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting,
-                        // and that resend must be stored.
-                        Ok(Err(error)) => {
-                            self.forget_unstored(ack.qos, ack.pkid);
-                            return Err(Ended::SpoolUnavailable(error));
-                        }
-                        Err(_) => {
-                            self.forget_unstored(ack.qos, ack.pkid);
-                            return Err(Ended::SpoolUnavailable("the spool writer stopped".into()));
-                        }
-                    }
-                    ack.durable = None;
-                    owed.push_front(ack);
-                }
+                written = front_durable(owed), if waiting_on_spool => self.settle_front(owed, written.ok())?,
                 Some(delivery) = deliveries.recv() => {
                     // Delivered at the QoS the subscription was granted; a QoS 0 publish carries no packet id.
                     let pkid = if delivery.qos == Qos::AtMostOnce {
@@ -594,17 +590,61 @@ impl Session {
         }
     }
 
-    /// Sends the owed acknowledgements at the front of the queue whose publishes are settled.
+    /// Sends the owed acknowledgements at the front of the queue whose publishes are settled, in one write: a group
+    /// commit settles many of a connection's publishes at once, and a write for each would cost a system call and a
+    /// TCP segment per publish, on the agent and on the sensor.
     async fn send_ready_acks(&mut self, owed: &mut VecDeque<OwedAck>) -> Result<(), Ended> {
-        while owed.front().is_some_and(|ack| ack.durable.is_none()) {
-            let ack = owed.pop_front().expect("checked: a front");
-            match ack.qos {
-                Qos::AtMostOnce => {}
-                Qos::AtLeastOnce => self.send(Outbound::PubAck { pkid: ack.pkid, outcome: ack.outcome }).await?,
-                Qos::ExactlyOnce => self.send(Outbound::PubRec { pkid: ack.pkid, outcome: ack.outcome }).await?,
+        let settled = self.queue_ready_acks(owed);
+        // The publishes settled before a failure were stored: their acknowledgements go out all the same.
+        let written = self.flush().await;
+        settled.and(written)
+    }
+
+    /// Queues the acknowledgements at the front of the queue, as far as their publishes are settled.
+    fn queue_ready_acks(&mut self, owed: &mut VecDeque<OwedAck>) -> Result<(), Ended> {
+        loop {
+            let spool_answer = match owed.front_mut() {
+                None => return Ok(()),
+                Some(front) => front.durable.as_mut().map(|durable| durable.try_recv()),
+            };
+            match spool_answer {
+                None => {
+                    let ack = owed.pop_front().expect("checked: a front");
+                    match ack.qos {
+                        Qos::AtMostOnce => {}
+                        Qos::AtLeastOnce => self.queue(Outbound::PubAck { pkid: ack.pkid, outcome: ack.outcome })?,
+                        Qos::ExactlyOnce => self.queue(Outbound::PubRec { pkid: ack.pkid, outcome: ack.outcome })?,
+                    }
+                }
+                Some(Err(TryRecvError::Empty)) => return Ok(()),
+                Some(Ok(written)) => self.settle_front(owed, Some(written))?,
+                Some(Err(TryRecvError::Closed)) => self.settle_front(owed, None)?,
             }
         }
-        Ok(())
+    }
+
+    /// Takes the spool's answer for the front owed acknowledgement's publish (`None`: the spool writer stopped).
+    /// Stored, the acknowledgement may go; otherwise the connection ends without it.
+    fn settle_front(
+        &mut self,
+        owed: &mut VecDeque<OwedAck>,
+        written: Option<Result<crate::spool::Appended, String>>,
+    ) -> Result<(), Ended> {
+        let front = owed.front_mut().expect("a front to settle");
+        if let Some(Ok(_)) = written {
+            metrics::histogram!("smartfarm_edge_publish_to_spool_seconds")
+                .record(front.received.elapsed().as_secs_f64());
+            front.durable = None;
+            return Ok(());
+        }
+        // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting, and that resend
+        // must be stored.
+        let ack = owed.pop_front().expect("a front to settle");
+        self.forget_unstored(ack.qos, ack.pkid);
+        Err(Ended::SpoolUnavailable(match written {
+            Some(Err(error)) => error,
+            _ => "the spool writer stopped".into(),
+        }))
     }
 
     /// Handles one packet; `true` when the client said goodbye.
@@ -827,6 +867,34 @@ mod tests {
             publish.pkid = pkid;
             self.send(v4::Packet::Publish(publish)).await;
         }
+    }
+
+    /// A burst of QoS 1 publishes, more than the acknowledgements a connection may owe, sent in one write: every
+    /// one is stored and acknowledged once, in order (the acknowledgements a group commit settles go out together).
+    #[tokio::test]
+    async fn a_burst_of_publishes_is_acknowledged_once_each_in_order() {
+        let farm = Farm::new();
+        let (_broker, address, spool, _stop) = farm.start().await;
+        let (mut client, _) = Client::connect(address, &farm, true).await;
+        let count = MAX_OWED_ACKS as u16 + 44;
+        let mut burst = BytesMut::new();
+        for pkid in 1..=count {
+            let topic = format!("smartfarm/{}/telemetry", farm.device);
+            let mut publish = v4::Publish::new(topic, QoS::AtLeastOnce, format!(r#"{{"metrics": {{"t": {pkid}}}}}"#));
+            publish.pkid = pkid;
+            v4::Packet::Publish(publish).write(&mut burst, 1 << 20).unwrap();
+        }
+        client.stream.write_all(&burst).await.unwrap();
+        for pkid in 1..=count {
+            match client.receive().await {
+                v4::Packet::PubAck(ack) => assert_eq!(ack.pkid, pkid, "acknowledged in the order published"),
+                other => panic!("expected PUBACK {pkid}, got {other:?}"),
+            }
+        }
+        assert_eq!(spool.stats().last_sequence, u64::from(count), "each stored once");
+        // Nothing more: no acknowledgement twice.
+        client.send(v4::Packet::PingReq).await;
+        assert!(matches!(client.receive().await, v4::Packet::PingResp), "only the answer to the ping follows");
     }
 
     #[tokio::test]
