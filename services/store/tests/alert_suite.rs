@@ -404,6 +404,50 @@ async fn concurrent_writers_number_events_without_gaps(database: &Database) {
     assert_eq!(store.last_alert_event().await.unwrap(), 19);
 }
 
+/// Two processes on one database (replicas): each writer's idea of an alert can be out of date, and what it
+/// records is still merged with what is stored, never written over it.
+async fn a_writer_whose_copy_is_out_of_date_merges_with_what_is_stored(harness: &Harness) {
+    let (here, elsewhere) = (harness.database.alerts(), harness.reopen().await.alerts());
+    let farm_id = farm(&harness.database, "mike").await;
+    let open = alert(farm_id, Severity::Critical, 10);
+    let opened = here.record_alerts(std::slice::from_ref(&open)).await.remove(0).unwrap().unwrap();
+    assert_eq!(opened.sequence, 1);
+
+    // Acknowledged through the other process; then a repeat arrives here, where the alert was last seen open.
+    let (acknowledged, _) = elsewhere.set_alert_state(open.id, AlertState::Acknowledged, at(20)).await.unwrap();
+    let mut repeat = open.clone();
+    repeat.count = 2;
+    repeat.last_time = at(30);
+    let updated = here.record_alerts(std::slice::from_ref(&repeat)).await.remove(0).unwrap().unwrap();
+    assert_eq!((updated.sequence, updated.kind), (3, AlertEventKind::Updated));
+    assert_eq!(updated.alert.state, AlertState::Acknowledged, "the acknowledgement stays");
+    assert_eq!(updated.alert.acknowledge_time, acknowledged.acknowledge_time);
+    assert_eq!(updated.alert.count, 2);
+    assert_eq!(here.get_alert(open.id).await.unwrap(), updated.alert);
+
+    // An alert the other process recorded first, and this one has never seen: a copy of it is merged too.
+    let theirs = alert(farm_id, Severity::Warning, 40);
+    elsewhere.record_alerts(std::slice::from_ref(&theirs)).await.remove(0).unwrap().unwrap();
+    let mut resolution = theirs.clone();
+    resolution.state = AlertState::Resolved;
+    resolution.resolve_time = Some(at(50));
+    let resolved = here.record_alerts(std::slice::from_ref(&resolution)).await.remove(0).unwrap().unwrap();
+    assert_eq!((resolved.sequence, resolved.kind), (5, AlertEventKind::Resolved));
+    assert_eq!(resolved.alert, resolution);
+
+    // Up to date again, this process goes on; the log has every event once, numbered without a gap.
+    let mut closed = updated.alert.clone();
+    closed.state = AlertState::Resolved;
+    closed.resolve_time = Some(at(60));
+    let last = here.record_alerts(&[closed.clone(), alert(farm_id, Severity::Info, 70)]).await;
+    let last: Vec<u64> = last.into_iter().map(|event| event.unwrap().unwrap().sequence).collect();
+    assert_eq!(last, vec![6, 7]);
+    let logged = elsewhere.alert_events_after(0, None, Severity::Info, 100).await.unwrap();
+    assert_eq!(sequences(&logged), (1..=7).collect::<Vec<_>>());
+    assert_eq!(logged[5].alert, closed);
+    assert_eq!(elsewhere.get_alert(open.id).await.unwrap(), closed);
+}
+
 fn webhook(farm_id: Uuid, url: &str, delivered_sequence: u64) -> Webhook {
     Webhook {
         id: Uuid::now_v7(),
@@ -561,6 +605,11 @@ macro_rules! alert_suite {
             #[tokio::test]
             async fn webhooks_are_stored_and_track_their_deliveries() {
                 super::webhooks_are_stored_and_track_their_deliveries(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn a_writer_whose_copy_is_out_of_date_merges_with_what_is_stored() {
+                super::a_writer_whose_copy_is_out_of_date_merges_with_what_is_stored(&Harness::$backend().await).await;
             }
 
             #[tokio::test]
