@@ -179,10 +179,13 @@ pub async fn alerts(
     let port = edge.mqtt.port();
 
     // The ingest maximum of this agent with this many publishers, then half of it in the background.
-    // (200k messages with the defaults, as the fan-in benchmark: a shorter burst overstates what the agent sustains.)
+    // A million messages: several seconds, so the maximum includes the uploads and the cloud's commits that a
+    // sustained load brings on the same cores. (A burst of 200k, which the agent now spools in about a second, ends
+    // before the first upload and overstated what the machine sustains: half of it was more than the whole pipeline
+    // kept up with.)
     let generator = load_generator(load_nice)?;
     let sensors = background.to_vec();
-    let burst = 200_000 / background.len() as u64;
+    let burst = 1_000_000 / background.len() as u64;
     let (acked, seconds, _) =
         generator.spawn(async move { load(("127.0.0.1".into(), port), &sensors, burst, None, true).await }).await?;
     let maximum = acked as f64 / seconds;
@@ -266,7 +269,7 @@ pub async fn alerts(
     });
     emit(serde_json::json!({
         "benchmark": "alert_latency", "machine": machine(), "database": "postgresql",
-        "ingest_maximum_messages_per_second": maximum.round(), "background_target_messages_per_second": half.round(),
+        "ingest_maximum_messages_per_second": maximum.round(), "ingest_maximum_measured_over_messages": acked, "background_target_messages_per_second": half.round(),
         "accepted_readings_per_second_while_probing": (accepted / probing_seconds).round(),
         "background_publishers": background.len(), "background_share_of_maximum": background_share, "probes": probes, "events": local.len(),
         "events_per_second": (local.len() as f64 / probing_seconds).round(),
