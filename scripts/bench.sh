@@ -13,11 +13,12 @@ bench="${CARGO_TARGET_DIR:-target}/release/smartfarm-bench"
 "$bench" fanin --publishers 50 --messages-per-publisher 2000 --fsync interval
 "$bench" footprint --sensors 1000 --rate 10000 --seconds 20
 "$bench" images --photos 100 --cameras 100 --hours 24
-"$bench" alerts --probes 10 --events 10000 --publishers 50
+"$bench" alerts --probes 10 --events 10000 --publishers 50   # half the end-to-end maximum
 "$bench" alerts --probes 10 --events 10000 --publishers 50 --load-nice 19   # the simulated sensors yield the CPU
+"$bench" alerts --probes 10 --events 10000 --publishers 50 --maximum agent  # half what the agent alone takes in
 "$bench" alerts --probes 10 --events 10000 --publishers 50 --background-share 0
 SMARTFARM_BENCH_EDGE_CONFIG=$'upload_interval = "1h"\nupload = "raw"\nupload_threshold_bytes = 100000000000\n' \
-  "$bench" alerts --probes 10 --events 10000 --publishers 50
+  "$bench" alerts --probes 10 --events 10000 --publishers 50 --maximum agent
 "$bench" commands --count 1000   # needs NATS with JetStream on 127.0.0.1:4222 (SMARTFARM_TEST_NATS_URL)
 
 # The AI benchmark: Burn against ONNX Runtime on the same network and photos (ONNX Runtime from PyPI, pinned).

@@ -87,6 +87,10 @@ enum Command {
         /// at 19 it takes only the CPU they leave (the maximum is then measured the same way).
         #[arg(long, default_value_t = 0)]
         load_nice: i32,
+        /// The maximum the background load is a share of: `end-to-end` (a burst's messages over the time until
+        /// the cloud has committed them) or `agent` (what the agent acknowledged per second during the burst).
+        #[arg(long, value_enum, default_value_t = alerts::Maximum::EndToEnd)]
+        maximum: alerts::Maximum,
     },
     /// Command round trips (SendCommand → device → ack → WatchCommand), on one process and across two replicas.
     Commands {
@@ -128,8 +132,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Footprint { sensors, rate, seconds } => footprint(sensors, rate, seconds).await,
         Command::Images { photos, cameras, hours } => images::images(photos, cameras, hours).await,
-        Command::Alerts { probes, events, publishers, rounds_per_second, background_share, load_nice } => {
-            alerts::alerts(probes, events, publishers, rounds_per_second, background_share, load_nice).await
+        Command::Alerts { probes, events, publishers, rounds_per_second, background_share, load_nice, maximum } => {
+            alerts::alerts(probes, events, publishers, rounds_per_second, background_share, load_nice, maximum).await
         }
         Command::Commands { count } => alerts::commands(count).await,
     }
