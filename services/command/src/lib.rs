@@ -2,7 +2,8 @@
 //! announces it on the bus, so whichever process holds the farm's edge link sends it down (the link in
 //! smartfarm-ingestion does that and records the agent's receipts); `GetCommand`, `ListCommands` and `WatchCommand`
 //! read it back; the expiry task marks commands whose TTL passed before they reached the farm as expired (they never
-//! ran; the agent reports itself the expiry of a command its device did not answer in time). It holds no SQL.
+//! ran; the agent reports itself the expiry of a command its device did not answer in time) and deletes finished
+//! commands past their retention. It holds no SQL.
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +36,10 @@ pub const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
 /// agent reports a delivered command's expiry itself, when the device did not answer in time; an agent that stays
 /// away that long is not coming back soon).
 const DELIVERED_EXPIRY_GRACE: Duration = Duration::from_secs(3600);
+/// How often finished commands past their retention are deleted.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+/// Most commands deleted in one transaction.
+const RETENTION_CHUNK: usize = 10_000;
 /// How often a watch reads the command again even without news on the bus.
 const WATCH_POLL: Duration = Duration::from_secs(1);
 
@@ -62,13 +67,20 @@ impl CommandApi {
         CommandServiceServer::new(self)
     }
 
-    /// Marks commands whose TTL passed as expired, every `command_expiry_interval`, forever; run it in a task of its
-    /// own.
+    /// Marks commands whose TTL passed as expired, every `command_expiry_interval`, and deletes finished ones past
+    /// `command_retention` every hour, forever; run it in a task of its own.
     pub async fn run_expiry(self) {
         let mut ticks = tokio::time::interval(self.settings.command_expiry_interval);
+        let mut retention_ran: Option<std::time::Instant> = None;
         loop {
             ticks.tick().await;
             let now = time::now();
+            if retention_ran.is_none_or(|ran| ran.elapsed() >= RETENTION_INTERVAL) {
+                retention_ran = Some(std::time::Instant::now());
+                if let Err(error) = self.apply_retention(now).await {
+                    tracing::warn!(%error, "cannot delete old commands; trying again in an hour");
+                }
+            }
             match self.commands.expire_commands(now, now - DELIVERED_EXPIRY_GRACE).await {
                 Ok(expired) => {
                     for command in expired {
@@ -80,6 +92,29 @@ impl CommandApi {
                 Err(error) => tracing::warn!(%error, "cannot expire commands; trying again"),
             }
         }
+    }
+
+    /// Deletes the finished commands sent more than `command_retention` before `now` (none when it is zero), a
+    /// chunk at a time so no transaction grows large; returns how many.
+    pub async fn apply_retention(&self, now: std::time::SystemTime) -> Result<u64> {
+        let retention = self.settings.command_retention;
+        if retention.is_zero() {
+            return Ok(0);
+        }
+        let created_before = now.checked_sub(retention).unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        let mut deleted = 0;
+        loop {
+            let chunk = self.commands.delete_finished_commands(created_before, RETENTION_CHUNK).await?;
+            deleted += chunk;
+            metrics::counter!("smartfarm_commands_deleted_total").increment(chunk);
+            if chunk < RETENTION_CHUNK as u64 {
+                break;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, ?retention, "finished commands past their retention deleted");
+        }
+        Ok(deleted)
     }
 
     async fn authorized_command(&self, principal: &Principal, id: &str) -> Result<StoredCommand> {

@@ -125,6 +125,9 @@ webhook_max_failures = 5
 webhook_timeout = "10s"
 # Commands whose TTL passed are marked expired this often.
 command_expiry_interval = "1s"
+# Delete finished commands (acknowledged, failed, expired) with their history this long after they were sent
+# (checked hourly); "0s" keeps them forever. A request id is free again once its command is deleted.
+command_retention = "90days"
 
 # PostgreSQL connection pool (used when database_url is postgres://).
 [postgres]
@@ -380,6 +383,9 @@ pub struct AlertsConfig {
     /// How often commands past their TTL are marked expired.
     #[serde(with = "humantime_serde")]
     pub command_expiry_interval: Duration,
+    /// How long finished commands are kept after they were sent; zero keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub command_retention: Duration,
 }
 
 impl Default for AlertsConfig {
@@ -390,6 +396,7 @@ impl Default for AlertsConfig {
             webhook_max_failures: 5,
             webhook_timeout: Duration::from_secs(10),
             command_expiry_interval: Duration::from_secs(1),
+            command_retention: Duration::from_secs(90 * 86_400),
         }
     }
 }

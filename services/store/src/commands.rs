@@ -59,4 +59,7 @@ pub trait CommandStore: Send + Sync + 'static {
     /// `delivered_before` (the agent, which reports a delivered command's expiry itself, has not for a long while);
     /// returns them after the change, oldest first.
     async fn expire_commands(&self, now: SystemTime, delivered_before: SystemTime) -> Result<Vec<StoredCommand>>;
+    /// Deletes finished commands (acknowledged, failed or expired) created before `created_before`, with their
+    /// history, at most `limit` of them, oldest first; returns how many. Unfinished commands stay whatever their age.
+    async fn delete_finished_commands(&self, created_before: SystemTime, limit: usize) -> Result<u64>;
 }

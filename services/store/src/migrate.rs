@@ -24,6 +24,11 @@ pub const SQLITE: &[Migration] = &[
         name: "alerts_and_commands",
         sql: include_str!("../migrations/sqlite/0005_alerts_and_commands.sql"),
     },
+    Migration {
+        version: 6,
+        name: "command_retention",
+        sql: include_str!("../migrations/sqlite/0006_command_retention.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -36,6 +41,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 5,
         name: "alerts_and_commands",
         sql: include_str!("../migrations/postgres/0005_alerts_and_commands.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "command_retention",
+        sql: include_str!("../migrations/postgres/0006_command_retention.sql"),
     },
 ];
 

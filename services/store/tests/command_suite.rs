@@ -257,6 +257,49 @@ async fn concurrent_receipts_for_one_command_apply_once(database: &Database) {
     }
 }
 
+async fn finished_commands_past_retention_are_deleted_with_their_history(database: &Database) {
+    let store = database.commands();
+    let farm_id = farm(database, "echo").await;
+    let device = Uuid::now_v7();
+    let finish = |status: CommandStatus| async move {
+        let command = insert(database, &command(farm_id, device, Some(&format!("{status:?}")), 10, 500)).await;
+        store_status(database, command.id, status).await;
+        command
+    };
+    // Old and finished, each way a command finishes; old and unfinished; finished but recent.
+    let acked = finish(CommandStatus::Acked).await;
+    let failed = finish(CommandStatus::Failed).await;
+    let expired = finish(CommandStatus::Expired).await;
+    let queued_old = insert(database, &command(farm_id, device, None, 5, 500)).await;
+    let delivered_old = insert(database, &command(farm_id, device, None, 6, 500)).await;
+    store_status(database, delivered_old.id, CommandStatus::Delivered).await;
+    let acked_recent = insert(database, &command(farm_id, device, None, 200, 500)).await;
+    store_status(database, acked_recent.id, CommandStatus::Acked).await;
+
+    assert_eq!(store.delete_finished_commands(at(100), 2).await.unwrap(), 2, "at most the limit");
+    assert_eq!(store.delete_finished_commands(at(100), 2).await.unwrap(), 1);
+    assert_eq!(store.delete_finished_commands(at(100), 2).await.unwrap(), 0);
+    for gone in [&acked, &failed, &expired] {
+        let error = store.get_command(gone.id).await.unwrap_err();
+        assert!(matches!(error, Error::NotFound { resource: "command", .. }), "{error:?}");
+    }
+    for kept in [&queued_old, &delivered_old, &acked_recent] {
+        assert_eq!(store.get_command(kept.id).await.unwrap().id, kept.id, "unfinished or recent commands stay");
+    }
+    let filter = CommandFilter { farm_id: Some(farm_id), ..Default::default() };
+    let listed = store.list_commands(&filter, None, 100).await.unwrap();
+    assert_eq!(listed.len(), 3, "deleted commands are not listed");
+    // The request id of a deleted command is free again: the same request makes a new command.
+    let again = command(farm_id, device, Some("Acked"), 300, 500);
+    assert!(matches!(store.insert_command(&again).await.unwrap(), CommandInserted::Created(_)));
+}
+
+/// Moves a command straight to `status` (a status may be skipped).
+async fn store_status(database: &Database, id: Uuid, status: CommandStatus) {
+    let changed = database.commands().update_command_status(id, status, "", at(50)).await.unwrap();
+    assert_eq!(changed.map(|command| command.status), Some(status));
+}
+
 macro_rules! command_suite {
     ($backend:ident) => {
         mod $backend {
@@ -283,6 +326,14 @@ macro_rules! command_suite {
             #[tokio::test]
             async fn commands_are_listed_newest_first_by_filter_and_keyset() {
                 super::commands_are_listed_newest_first_by_filter_and_keyset(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn finished_commands_past_retention_are_deleted_with_their_history() {
+                super::finished_commands_past_retention_are_deleted_with_their_history(
+                    &Harness::$backend().await.database,
+                )
+                .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

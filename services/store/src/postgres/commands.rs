@@ -20,6 +20,9 @@ const COMMAND_COLUMNS: &str =
 /// The receipt detail of a command that expired.
 const EXPIRED_DETAIL: &str = "the ttl passed before the device acknowledged it";
 
+/// The final statuses (acked, failed, expired), as the migrations' partial index names them.
+const FINISHED: &str = "4, 5, 6";
+
 /// A command row; its history is read separately.
 fn command_from_row(row: &Row) -> Result<StoredCommand> {
     Ok(StoredCommand {
@@ -289,5 +292,35 @@ impl CommandStore for PostgresStore {
         let expired = with_history(&transaction, &rows).await?;
         transaction.commit().await.map_err(pg_error("commit command expiry"))?;
         Ok(expired)
+    }
+
+    async fn delete_finished_commands(&self, created_before: SystemTime, limit: usize) -> Result<u64> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin command retention"))?;
+        // A final status never changes again, so what is picked here stays deletable. The statuses are written out
+        // so that the planner can use the index of finished commands.
+        let rows = transaction
+            .query(
+                &format!(
+                    "SELECT id FROM commands WHERE status IN ({FINISHED}) AND create_time < $1 ORDER BY create_time, id LIMIT $2"
+                ),
+                &[&created_before, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error("find finished commands past retention"))?;
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        transaction
+            .execute("DELETE FROM command_receipts WHERE command_id = ANY ($1)", &[&ids])
+            .await
+            .map_err(pg_error("delete the history of old commands"))?;
+        let deleted = transaction
+            .execute("DELETE FROM commands WHERE id = ANY ($1)", &[&ids])
+            .await
+            .map_err(pg_error("delete old commands"))?;
+        transaction.commit().await.map_err(pg_error("commit command retention"))?;
+        Ok(deleted)
     }
 }

@@ -18,6 +18,9 @@ const COMMAND_COLUMNS: &str =
 /// The receipt detail of a command that expired.
 const EXPIRED_DETAIL: &str = "the ttl passed before the device acknowledged it";
 
+/// The final statuses (acked, failed, expired), as the migrations' partial index names them.
+const FINISHED: &str = "4, 5, 6";
+
 /// A command row; its history is read separately.
 fn command_from_row(row: &Row<'_>) -> rusqlite::Result<StoredCommand> {
     Ok(StoredCommand {
@@ -280,6 +283,30 @@ impl CommandStore for SqliteStore {
             }
             transaction.commit().map_err(sql_error("commit command expiry"))?;
             Ok(expired)
+        })
+        .await
+    }
+
+    async fn delete_finished_commands(&self, created_before: SystemTime, limit: usize) -> Result<u64> {
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin command retention"))?;
+            // Written out so that the planner can use the index of finished commands.
+            let picked = format!(
+                "SELECT id FROM commands WHERE status IN ({FINISHED}) AND create_time < ?1 ORDER BY create_time, id LIMIT ?2"
+            );
+            let cutoff = to_unix_micros(created_before);
+            let limit = limit as i64;
+            transaction
+                .execute(
+                    &format!("DELETE FROM command_receipts WHERE command_id IN ({picked})"),
+                    params![cutoff, limit],
+                )
+                .map_err(sql_error("delete the history of old commands"))?;
+            let deleted = transaction
+                .execute(&format!("DELETE FROM commands WHERE id IN ({picked})"), params![cutoff, limit])
+                .map_err(sql_error("delete old commands"))?;
+            transaction.commit().map_err(sql_error("commit command retention"))?;
+            Ok(deleted as u64)
         })
         .await
     }
