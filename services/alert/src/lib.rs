@@ -22,8 +22,13 @@ use smartfarm_core::rules::{Alert, AlertState, Rule, Severity};
 use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::alert::v1::alert_service_server::{AlertService, AlertServiceServer};
-use smartfarm_store::alerts::{AlertEvent, AlertFilter, Webhook, WebhookState};
+use smartfarm_store::alerts::{AlertEvent, AlertFilter, AlertRetention, Webhook, WebhookState};
 use smartfarm_store::{AlertStore, RegistryStore};
+
+/// How often alert events and resolved alerts past their retention are deleted.
+const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Most events (and most alerts) deleted in one transaction.
+const RETENTION_CHUNK: usize = 10_000;
 
 /// The `AlertService` implementation, and the alert role's background work.
 #[derive(Clone)]
@@ -72,6 +77,48 @@ impl AlertApi {
     /// Turns the models' verdicts on the bus into alerts, forever; run it in a task of its own.
     pub async fn run_verdicts(self) {
         verdicts::run(self.alerts.clone(), self.bus.clone()).await
+    }
+
+    /// Deletes alert events and resolved alerts past `retention` every hour, forever; run it in a task of its own.
+    pub async fn run_retention(self) {
+        let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = self.apply_retention(time::now()).await {
+                tracing::warn!(%error, "cannot delete old alerts; trying again in an hour");
+            }
+        }
+    }
+
+    /// Deletes the alert events and resolved alerts past `retention` at `now` (nothing when it is zero), a chunk at
+    /// a time so no transaction grows large. Every call also notes where the event log stands, which is how later
+    /// calls age events: an event is deleted by the first call a retention after the call that first saw it.
+    pub async fn apply_retention(&self, now: std::time::SystemTime) -> Result<AlertRetention> {
+        let retention = self.settings.retention;
+        if retention.is_zero() {
+            return Ok(AlertRetention::default());
+        }
+        let before = now.checked_sub(retention).unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        let mut deleted = AlertRetention::default();
+        loop {
+            let chunk = self.alerts.apply_alert_retention(now, before, RETENTION_CHUNK).await?;
+            deleted.events += chunk.events;
+            deleted.alerts += chunk.alerts;
+            metrics::counter!("smartfarm_alert_events_deleted_total").increment(chunk.events);
+            metrics::counter!("smartfarm_alerts_deleted_total").increment(chunk.alerts);
+            if chunk.events < RETENTION_CHUNK as u64 && chunk.alerts < RETENTION_CHUNK as u64 {
+                break;
+            }
+        }
+        if deleted != AlertRetention::default() {
+            tracing::info!(
+                events = deleted.events,
+                alerts = deleted.alerts,
+                ?retention,
+                "alerts past their retention deleted"
+            );
+        }
+        Ok(deleted)
     }
 
     /// Delivers alert events to webhooks, forever; run it in a task of its own.

@@ -2,7 +2,8 @@
 //! log is the record and its sequence number is the cursor: a stream first catches up from the log after the
 //! cursor, then follows the bus. An event that arrives in order goes out at once; a gap (an event written by another
 //! process, a bus that lagged) is filled from the log; and the log is read a second after the last event in order
-//! anyway, so nothing committed waits much longer than that even if a bus message is lost.
+//! anyway, so nothing committed waits much longer than that even if a bus message is lost. A cursor older than what
+//! retention kept is refused (`FAILED_PRECONDITION`) rather than resumed with a silent gap.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +52,16 @@ pub async fn open(
         Some(cursor) if cursor > newest => {
             return Err(Error::invalid("cursor", "is ahead of the alert log: not a cursor of this server"));
         }
-        Some(cursor) => cursor,
+        Some(cursor) => {
+            let horizon = alerts.alert_event_horizon().await?;
+            if cursor < horizon {
+                return Err(Error::FailedPrecondition(format!(
+                    "cursor {cursor} is older than the alert events kept: retention (alerts.retention) deleted the \
+                     events up to {horizon}; read the current alerts with ListAlerts, then subscribe without a cursor"
+                )));
+            }
+            cursor
+        }
         None => newest,
     };
     let (sender, receiver) = mpsc::channel(256);

@@ -128,6 +128,9 @@ command_expiry_interval = "1s"
 # Delete finished commands (acknowledged, failed, expired) with their history this long after they were sent
 # (checked hourly); "0s" keeps them forever. A request id is free again once its command is deleted.
 command_retention = "90days"
+# Delete alert events this long after they were recorded, and resolved alerts opened this long ago (checked hourly,
+# so events are aged to the hour); "0s" keeps them forever. An event a webhook has not been given yet is kept.
+retention = "365days"
 
 # PostgreSQL connection pool (used when database_url is postgres://).
 [postgres]
@@ -386,6 +389,9 @@ pub struct AlertsConfig {
     /// How long finished commands are kept after they were sent; zero keeps them forever.
     #[serde(with = "humantime_serde")]
     pub command_retention: Duration,
+    /// How long alert events are kept, and resolved alerts after they opened; zero keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl Default for AlertsConfig {
@@ -397,6 +403,7 @@ impl Default for AlertsConfig {
             webhook_timeout: Duration::from_secs(10),
             command_expiry_interval: Duration::from_secs(1),
             command_retention: Duration::from_secs(90 * 86_400),
+            retention: Duration::from_secs(365 * 86_400),
         }
     }
 }

@@ -157,6 +157,7 @@ async fn services_for(
                 );
                 tokio::spawn(alerts.clone().run_verdicts());
                 tokio::spawn(alerts.clone().run_webhooks());
+                tokio::spawn(alerts.clone().run_retention());
                 services.with_service(alerts.into_server())
             }
             Role::Command => {

@@ -5,7 +5,8 @@
 //! implements [`AlertStore`] and passes the same suite (`tests/alert_suite.rs`).
 //!
 //! Event numbers are gapless in commit order: a reader that has seen event N never later finds a new event below N
-//! (on PostgreSQL, writers of events take a lock for that), so a stream resuming after N misses nothing.
+//! (on PostgreSQL, writers of events take a lock for that), so a stream resuming after N misses nothing. Retention
+//! deletes the log's oldest events up to a horizon; a stream cannot resume from before it.
 
 use std::time::SystemTime;
 
@@ -24,6 +25,29 @@ pub struct AlertEvent {
     pub kind: AlertEventKind,
     /// The alert as it was right after the event.
     pub alert: Alert,
+}
+
+/// What one step of alert retention deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AlertRetention {
+    pub events: u64,
+    pub alerts: u64,
+}
+
+/// Where one step of retention cuts the event log: after the events that were in it at the newest note older than
+/// the retention (`marked`), but not past the first event a webhook is still to be given (`webhooks` is the one
+/// before it; a webhook holds back only events of its farm and severity), never at the newest event (`newest`), and
+/// at most `limit` past the current `horizon`. `None` when nothing is to be deleted. Every backend decides through
+/// this.
+pub(crate) fn retention_cut(
+    horizon: u64,
+    marked: Option<u64>,
+    webhooks: Option<u64>,
+    newest: u64,
+    limit: usize,
+) -> Option<u64> {
+    let cut = marked?.min(webhooks.unwrap_or(u64::MAX)).min(newest.saturating_sub(1)).min(horizon + limit as u64);
+    (cut > horizon).then_some(cut)
 }
 
 /// Which alerts `list_alerts` returns.
@@ -131,6 +155,14 @@ pub trait AlertStore: Send + Sync + 'static {
     ) -> Result<Vec<AlertEvent>>;
     /// The sequence of the newest event (0 when there is none).
     async fn last_alert_event(&self) -> Result<u64>;
+    /// One step of retention at `now`. It notes where the event log stands (once per `now`). Then it deletes, oldest
+    /// first and at most `limit` of each, the events that were in the log at the newest note taken before `before`,
+    /// and the resolved alerts opened before `before`. Events are aged by the notes, so retention run hourly ages
+    /// them to the hour. It never deletes the newest event (numbering goes on from it) nor one that a webhook is still
+    /// to be given.
+    async fn apply_alert_retention(&self, now: SystemTime, before: SystemTime, limit: usize) -> Result<AlertRetention>;
+    /// The newest event retention deleted (0 when none was): the log holds the events after it.
+    async fn alert_event_horizon(&self) -> Result<u64>;
 
     /// Stores a new webhook (its `delivered_sequence` is where its deliveries start). The farm must exist.
     async fn create_webhook(&self, webhook: &Webhook) -> Result<()>;

@@ -29,6 +29,11 @@ pub const SQLITE: &[Migration] = &[
         name: "command_retention",
         sql: include_str!("../migrations/sqlite/0006_command_retention.sql"),
     },
+    Migration {
+        version: 7,
+        name: "alert_retention",
+        sql: include_str!("../migrations/sqlite/0007_alert_retention.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -46,6 +51,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 6,
         name: "command_retention",
         sql: include_str!("../migrations/postgres/0006_command_retention.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "alert_retention",
+        sql: include_str!("../migrations/postgres/0007_alert_retention.sql"),
     },
 ];
 

@@ -6,7 +6,9 @@ use smartfarm_core::Error;
 use smartfarm_core::rules::{Alert, AlertState, Condition, Origin, Rule, Severity, alert_id};
 use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::Database;
-use smartfarm_store::alerts::{AlertEvent, AlertEventKind, AlertFilter, DeliveryOutcome, Webhook, WebhookState};
+use smartfarm_store::alerts::{
+    AlertEvent, AlertEventKind, AlertFilter, AlertRetention, DeliveryOutcome, Webhook, WebhookState,
+};
 use smartfarm_store::testing::TestDatabase as Harness;
 use uuid::Uuid;
 
@@ -448,6 +450,54 @@ async fn a_writer_whose_copy_is_out_of_date_merges_with_what_is_stored(harness: 
     assert_eq!(elsewhere.get_alert(open.id).await.unwrap(), closed);
 }
 
+async fn retention_deletes_old_events_and_resolved_alerts_but_not_what_a_webhook_awaits(database: &Database) {
+    let store = database.alerts();
+    let farm_id = farm(database, "lima").await;
+    let retained = |after| async move {
+        sequences(&database.alerts().alert_events_after(after, None, Severity::Info, 100).await.unwrap())
+    };
+    let (old_resolved, old_open) = (alert(farm_id, Severity::Critical, 10), alert(farm_id, Severity::Critical, 11));
+    store.record_alert(&old_resolved).await.unwrap().unwrap();
+    store.record_alert(&old_open).await.unwrap().unwrap();
+    store.set_alert_state(old_resolved.id, AlertState::Resolved, at(20)).await.unwrap();
+    assert_eq!(store.last_alert_event().await.unwrap(), 3);
+
+    // The first step notes where the log stands at 100; nothing was noted before, so no event is old yet.
+    assert_eq!(store.apply_alert_retention(at(100), at(5), 10).await.unwrap(), AlertRetention::default());
+    let recent = alert(farm_id, Severity::Critical, 500);
+    store.record_alert(&recent).await.unwrap().unwrap();
+    store.set_alert_state(recent.id, AlertState::Resolved, at(510)).await.unwrap();
+    let hook = webhook(farm_id, "https://hooks.example.com/lima", 1);
+    store.create_webhook(&hook).await.unwrap();
+    // A webhook of a farm with no events holds nothing back.
+    let quiet = farm(database, "mike").await;
+    store.create_webhook(&webhook(quiet, "https://hooks.example.com/mike", 0)).await.unwrap();
+
+    // Events 1 to 3 were in the log at the note of 100, but the webhook has been given only event 1. The resolved
+    // alert opened at 10 goes; the open one stays whatever its age.
+    let step = store.apply_alert_retention(at(200), at(150), 10).await.unwrap();
+    assert_eq!(step, AlertRetention { events: 1, alerts: 1 });
+    assert_eq!((store.alert_event_horizon().await.unwrap(), retained(0).await), (1, vec![2, 3, 4, 5]));
+    assert!(matches!(store.get_alert(old_resolved.id).await, Err(Error::NotFound { .. })));
+    assert_eq!(store.get_alert(old_open.id).await.unwrap().state, AlertState::Open);
+
+    // Once the webhook has everything, the limit bounds each step.
+    store.record_delivery(hook.id, &DeliveryOutcome::Delivered { sequence: 5, at: at(520) }).await.unwrap();
+    let step = store.apply_alert_retention(at(300), at(150), 1).await.unwrap();
+    assert_eq!((step, retained(0).await), (AlertRetention { events: 1, alerts: 0 }, vec![3, 4, 5]));
+    let step = store.apply_alert_retention(at(300), at(150), 10).await.unwrap();
+    assert_eq!((step, retained(0).await), (AlertRetention { events: 1, alerts: 0 }, vec![4, 5]));
+
+    // Much later every event is old, but the newest stays: numbering goes on from it.
+    let step = store.apply_alert_retention(at(1000), at(900), 10).await.unwrap();
+    assert_eq!((step, retained(0).await), (AlertRetention { events: 1, alerts: 1 }, vec![5]));
+    assert_eq!(store.apply_alert_retention(at(1000), at(900), 10).await.unwrap(), AlertRetention::default());
+    assert_eq!(store.alert_event_horizon().await.unwrap(), 4);
+    let next = store.record_alert(&alert(farm_id, Severity::Critical, 1100)).await.unwrap().unwrap();
+    assert_eq!(next.sequence, 6);
+    assert_eq!(retained(4).await, vec![5, 6]);
+}
+
 fn webhook(farm_id: Uuid, url: &str, delivered_sequence: u64) -> Webhook {
     Webhook {
         id: Uuid::now_v7(),
@@ -555,6 +605,14 @@ macro_rules! alert_suite {
     ($backend:ident) => {
         mod $backend {
             use super::*;
+
+            #[tokio::test]
+            async fn retention_deletes_old_events_and_resolved_alerts_but_not_what_a_webhook_awaits() {
+                super::retention_deletes_old_events_and_resolved_alerts_but_not_what_a_webhook_awaits(
+                    &Harness::$backend().await.database,
+                )
+                .await;
+            }
 
             #[tokio::test]
             async fn rules_move_their_farms_version_and_snapshot_together() {

@@ -15,7 +15,7 @@ use smartfarm_core::{Error, Result};
 
 use super::{PostgresStore, is_foreign_key_violation, is_unique_violation, pg_error, sql_count, stored_number};
 use crate::alerts::{
-    self, AlertEvent, AlertEventKind, AlertFilter, AlertStore, DeliveryOutcome, Webhook, WebhookState,
+    self, AlertEvent, AlertEventKind, AlertFilter, AlertRetention, AlertStore, DeliveryOutcome, Webhook, WebhookState,
 };
 
 /// Advisory lock key held by every transaction that appends an alert event.
@@ -578,6 +578,78 @@ impl AlertStore for PostgresStore {
             .await
             .map_err(pg_error("read the last alert event"))?;
         Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn apply_alert_retention(&self, now: SystemTime, before: SystemTime, limit: usize) -> Result<AlertRetention> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin alert retention"))?;
+        transaction
+            .execute(
+                "INSERT INTO alert_event_marks (mark_time, sequence)
+                 SELECT $1, COALESCE(MAX(sequence), 0) FROM alert_events
+                 ON CONFLICT (mark_time) DO NOTHING",
+                &[&now],
+            )
+            .await
+            .map_err(pg_error("note where the alert log stands"))?;
+        // The horizon's row lock makes retention runs on several replicas take turns. Appending writers never wait
+        // for it: the newest event, which they number from, is never deleted.
+        let row = transaction
+            .query_one(
+                "SELECT (SELECT sequence FROM alert_event_horizon WHERE id = 1 FOR UPDATE),
+                        (SELECT MAX(sequence) FROM alert_event_marks WHERE mark_time < $1),
+                        (SELECT MIN((SELECT MIN(e.sequence) FROM alert_events e
+                                     WHERE e.farm_id = w.farm_id AND e.severity >= w.min_severity
+                                       AND e.sequence > w.delivered_sequence)) - 1
+                         FROM webhooks w),
+                        (SELECT COALESCE(MAX(sequence), 0) FROM alert_events)",
+                &[&before],
+            )
+            .await
+            .map_err(pg_error("read the alert log's retention state"))?;
+        let number = |index: usize| row.get::<_, Option<i64>>(index).map(|value| value.max(0) as u64);
+        let horizon = number(0).unwrap_or(0);
+        let mut deleted = AlertRetention::default();
+        if let Some(cut) = alerts::retention_cut(horizon, number(1), number(2), number(3).unwrap_or(0), limit) {
+            deleted.events = transaction
+                .execute(
+                    "DELETE FROM alert_events WHERE sequence > $1 AND sequence <= $2",
+                    &[&sql_count(horizon), &sql_count(cut)],
+                )
+                .await
+                .map_err(pg_error("delete old alert events"))?;
+            transaction
+                .execute("UPDATE alert_event_horizon SET sequence = $1 WHERE id = 1", &[&sql_count(cut)])
+                .await
+                .map_err(pg_error("move the alert log's horizon"))?;
+            // Notes the cut has passed cannot move a later cut.
+            transaction
+                .execute(
+                    "DELETE FROM alert_event_marks WHERE sequence <= $1 AND mark_time < $2",
+                    &[&sql_count(cut), &before],
+                )
+                .await
+                .map_err(pg_error("delete old alert log notes"))?;
+        }
+        deleted.alerts = transaction
+            .execute(
+                "DELETE FROM alerts WHERE id IN (
+                     SELECT id FROM alerts WHERE state = 3 AND open_time < $1 ORDER BY open_time LIMIT $2)",
+                &[&before, &sql_count(limit)],
+            )
+            .await
+            .map_err(pg_error("delete old resolved alerts"))?;
+        transaction.commit().await.map_err(pg_error("commit alert retention"))?;
+        Ok(deleted)
+    }
+
+    async fn alert_event_horizon(&self) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT sequence FROM alert_event_horizon WHERE id = 1", &[])
+            .await
+            .map_err(pg_error("read the alert log's horizon"))?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
     }
 
     async fn create_webhook(&self, webhook: &Webhook) -> Result<()> {

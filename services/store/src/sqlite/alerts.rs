@@ -13,7 +13,7 @@ use smartfarm_core::{Error, Result};
 use super::registry::uuid_column;
 use super::{SqliteStore, is_foreign_key_violation, is_unique_violation, number_column, sql_count, sql_error};
 use crate::alerts::{
-    self, AlertEvent, AlertEventKind, AlertFilter, AlertStore, DeliveryOutcome, Webhook, WebhookState,
+    self, AlertEvent, AlertEventKind, AlertFilter, AlertRetention, AlertStore, DeliveryOutcome, Webhook, WebhookState,
 };
 
 const WEBHOOK_COLUMNS: &str = "id, farm_id, url, min_severity, secret, state, consecutive_failures, last_error, \
@@ -418,6 +418,87 @@ impl AlertStore for SqliteStore {
                 .query_row("SELECT COALESCE(MAX(sequence), 0) FROM alert_events", [], |row| row.get::<_, i64>(0))
                 .map(|sequence| sequence as u64)
                 .map_err(sql_error("read the last alert event"))
+        })
+        .await
+    }
+
+    async fn apply_alert_retention(&self, now: SystemTime, before: SystemTime, limit: usize) -> Result<AlertRetention> {
+        let (now, before, limit) = (to_unix_micros(now), to_unix_micros(before), sql_count(limit));
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin alert retention"))?;
+            transaction
+                .execute(
+                    "INSERT OR IGNORE INTO alert_event_marks (mark_time, sequence)
+                     SELECT ?1, COALESCE(MAX(sequence), 0) FROM alert_events",
+                    params![now],
+                )
+                .map_err(sql_error("note where the alert log stands"))?;
+            let (horizon, marked, webhooks, newest) = transaction
+                .query_row(
+                    "SELECT (SELECT sequence FROM alert_event_horizon WHERE id = 1),
+                            (SELECT MAX(sequence) FROM alert_event_marks WHERE mark_time < ?1),
+                            (SELECT MIN((SELECT MIN(e.sequence) FROM alert_events e
+                                         WHERE e.farm_id = w.farm_id AND e.severity >= w.min_severity
+                                           AND e.sequence > w.delivered_sequence)) - 1
+                             FROM webhooks w),
+                            (SELECT COALESCE(MAX(sequence), 0) FROM alert_events)",
+                    params![before],
+                    |row| {
+                        Ok((
+                            row.get::<_, Option<i64>>(0)?,
+                            row.get::<_, Option<i64>>(1)?,
+                            row.get::<_, Option<i64>>(2)?,
+                            row.get::<_, Option<i64>>(3)?,
+                        ))
+                    },
+                )
+                .map_err(sql_error("read the alert log's retention state"))?;
+            let number = |value: Option<i64>| value.map(|value| value.max(0) as u64);
+            let horizon = number(horizon).unwrap_or(0);
+            let mut deleted = AlertRetention::default();
+            if let Some(cut) = alerts::retention_cut(
+                horizon,
+                number(marked),
+                number(webhooks),
+                number(newest).unwrap_or(0),
+                limit as usize,
+            ) {
+                deleted.events = transaction
+                    .execute(
+                        "DELETE FROM alert_events WHERE sequence > ?1 AND sequence <= ?2",
+                        params![sql_count(horizon), sql_count(cut)],
+                    )
+                    .map_err(sql_error("delete old alert events"))? as u64;
+                transaction
+                    .execute("UPDATE alert_event_horizon SET sequence = ?1 WHERE id = 1", params![sql_count(cut)])
+                    .map_err(sql_error("move the alert log's horizon"))?;
+                // Notes the cut has passed cannot move a later cut.
+                transaction
+                    .execute(
+                        "DELETE FROM alert_event_marks WHERE sequence <= ?1 AND mark_time < ?2",
+                        params![sql_count(cut), before],
+                    )
+                    .map_err(sql_error("delete old alert log notes"))?;
+            }
+            deleted.alerts = transaction
+                .execute(
+                    "DELETE FROM alerts WHERE id IN (
+                         SELECT id FROM alerts WHERE state = 3 AND open_time < ?1 ORDER BY open_time LIMIT ?2)",
+                    params![before, limit],
+                )
+                .map_err(sql_error("delete old resolved alerts"))? as u64;
+            transaction.commit().map_err(sql_error("commit alert retention"))?;
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn alert_event_horizon(&self) -> Result<u64> {
+        self.run(|connection| {
+            connection
+                .query_row("SELECT sequence FROM alert_event_horizon WHERE id = 1", [], |row| row.get::<_, i64>(0))
+                .map(|sequence| sequence.max(0) as u64)
+                .map_err(sql_error("read the alert log's horizon"))
         })
         .await
     }
