@@ -10,6 +10,7 @@
 
 mod nats;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -71,6 +72,22 @@ pub struct SeriesSpan {
     pub metric: String,
     pub first_time: SystemTime,
     pub last_time: SystemTime,
+    /// The span's readings (measurement time as stored, value), in time order and one per instant (the lowest
+    /// sequence number's), when the event was published in this process: a subscriber here need not read them back
+    /// from the database. They do not travel through NATS (`None` there) and a subscriber may drop them to bound its
+    /// memory.
+    #[serde(skip)]
+    pub readings: Option<SpanReadings>,
+}
+
+/// A span's readings, shared by every subscriber of the event; its `Debug` shows only how many there are.
+#[derive(Clone, PartialEq)]
+pub struct SpanReadings(pub Arc<[(SystemTime, f64)]>);
+
+impl std::fmt::Debug for SpanReadings {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{} readings", self.0.len())
+    }
 }
 
 /// A model's name and version, as results carry them.

@@ -4,7 +4,8 @@
 //! are scored with the active anomaly model: each device's metric gets a detector fitted on its own history
 //! (`inference.anomaly_history`, refitted after `inference.anomaly_refit`), the new readings are scored with
 //! enough earlier ones as context, and each anomalous stretch that reaches into them is announced
-//! (`AnomalyDetected`, evidence: the stretch and its peak).
+//! (`AnomalyDetected`, evidence: the stretch and its peak). The new readings come with the event when this process
+//! committed them; otherwise (another replica, or a queue too deep to hold them) they are read back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use smartfarm_bus::{
-    AnomalyDetected, DiseaseDetected, Event, ImageStored, ModelVersion, ReadingsCommitted, SeriesSpan,
+    AnomalyDetected, DiseaseDetected, Event, ImageStored, ModelVersion, ReadingsCommitted, SeriesSpan, SpanReadings,
 };
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
@@ -40,6 +41,9 @@ type SeriesKey = (Uuid, String);
 
 /// Events waiting for a pipeline worker; past this, the oldest kind of work is skipped (and counted).
 const QUEUE: usize = 1024;
+
+/// Events waiting for the scorer that keep the readings they came with; the others read them from the database.
+const QUEUED_WITH_READINGS: usize = 8;
 
 /// How long a series that is constant or otherwise unfit to learn from waits before it is tried again.
 const UNFIT_RETRY: Duration = Duration::from_secs(3600);
@@ -75,7 +79,14 @@ impl InferenceApi {
         loop {
             let queued = match events.recv().await {
                 Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images => photos.try_send(stored).is_ok(),
-                Ok(Event::ReadingsCommitted(committed)) if self.settings.score_new_readings => {
+                Ok(Event::ReadingsCommitted(mut committed)) if self.settings.score_new_readings => {
+                    // A batch's readings ride along with its event (up to tens of thousands): past a few waiting,
+                    // they are dropped and read back from the database instead, so a slow scorer's queue stays small.
+                    if readings.capacity() + QUEUED_WITH_READINGS < QUEUE {
+                        for span in &mut committed.series {
+                            span.readings = None;
+                        }
+                    }
                     readings.try_send(committed).is_ok()
                 }
                 Ok(_) => true,
@@ -155,7 +166,27 @@ impl InferenceApi {
         let end = span.last_time + Duration::from_micros(1);
         let filter =
             ReadingFilter { farm_id, device_ids: vec![span.device_id], metrics: vec![span.metric.clone()], start, end };
-        let (times, values) = read_series(self.telemetry.as_ref(), &filter, crate::MAX_SERIES_POINTS).await?;
+        let (times, values) = match &span.readings {
+            // Committed in this process: only the context before them is read from the database.
+            Some(SpanReadings(new)) => {
+                let context = ReadingFilter { end: span.first_time, ..filter };
+                let (mut times, mut values) =
+                    read_series(self.telemetry.as_ref(), &context, crate::MAX_SERIES_POINTS).await?;
+                for &(time, value) in new.iter() {
+                    let t = seconds(time);
+                    if times.len() >= crate::MAX_SERIES_POINTS {
+                        break;
+                    }
+                    // As a read of the table would: one reading per instant, in time order.
+                    if times.last().is_none_or(|last| t > *last) {
+                        times.push(t);
+                        values.push(value);
+                    }
+                }
+                (times, values)
+            }
+            None => read_series(self.telemetry.as_ref(), &filter, crate::MAX_SERIES_POINTS).await?,
+        };
         let first_new = times.partition_point(|&t| t < seconds(span.first_time));
         if first_new >= times.len() {
             return Ok(0);

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tonic::Code;
 use uuid::Uuid;
 
-use smartfarm_bus::{Bus, Event, ImageStored, ReadingsCommitted, SeriesSpan};
+use smartfarm_bus::{Bus, Event, ImageStored, ReadingsCommitted, SeriesSpan, SpanReadings};
 use smartfarm_core::Principal;
 use smartfarm_core::config::{InferenceConfig, PostgresConfig};
 use smartfarm_core::time::to_timestamp;
@@ -279,6 +279,91 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
     assert_eq!(served_by(&mut setup.admin).await, "2026-12-05");
 }
 
+/// Stores `series` as the sensor's readings, committed in three batches, and publishes each as committed, as the edge
+/// link does; returns the rows, where the second batch starts, and the anomalies the pipeline announced. The first
+/// batch teaches the pipeline's detector what normal is, the others are scored as they are committed. The second
+/// ends in the middle of the stretch the detector finds in the second labelled window (22:51 to 22:56 on
+/// 2014-03-18): it is announced when it begins and not again when the third batch completes it.
+///
+/// With `readings_in_the_events`, each event carries its batch's readings, as in the process that committed them,
+/// and the third batch is not written to the database at all: only the event's readings can show what is in it.
+async fn score_as_committed(
+    setup: &Setup,
+    series: &nab::NabSeries,
+    readings_in_the_events: bool,
+) -> (Vec<ReadingRow>, usize, Vec<smartfarm_bus::AnomalyDetected>) {
+    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
+    let rows: Vec<ReadingRow> = series
+        .times
+        .iter()
+        .zip(&series.values)
+        .enumerate()
+        .map(|(i, (&t, &value))| ReadingRow {
+            sequence: i as u64 + 1,
+            device_id: setup.sensor,
+            metric: "latency".into(),
+            value,
+            measure_time: at(t),
+        })
+        .collect();
+    let split = rows.len() * 3 / 10;
+    let inside_anomaly = series.times.partition_point(|&t| t < nab::parse_time("2014-03-18 22:53:00").unwrap());
+    let spool_id = Uuid::now_v7();
+    let telemetry = setup.database.telemetry();
+    let mut events = setup.bus.subscribe();
+    for (index, part) in [&rows[..split], &rows[split..inside_anomaly], &rows[inside_anomaly..]].into_iter().enumerate()
+    {
+        let batch = EdgeBatch {
+            gateway_id: setup.gateway,
+            spool_id,
+            farm_id: setup.farm_id,
+            first_sequence: part[0].sequence,
+            last_sequence: part[part.len() - 1].sequence,
+            readings: part.to_vec(),
+            aggregates: Vec::new(),
+            receive_time: SystemTime::now(),
+        };
+        if !(readings_in_the_events && index == 2) {
+            telemetry.commit_batch(&batch, &[]).await.unwrap();
+        }
+        let readings = readings_in_the_events
+            .then(|| SpanReadings(part.iter().map(|row| (row.measure_time, row.value)).collect()));
+        setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
+            farm_id: setup.farm_id,
+            series: vec![SeriesSpan {
+                device_id: setup.sensor,
+                metric: "latency".into(),
+                first_time: part[0].measure_time,
+                last_time: part[part.len() - 1].measure_time,
+                readings,
+            }],
+        }));
+    }
+    let mut announced = Vec::new();
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+        if let Event::AnomalyDetected(anomaly) = event {
+            announced.push(anomaly);
+        }
+    }
+    (rows, split, announced)
+}
+
+#[tokio::test]
+async fn readings_that_come_with_their_event_are_scored_without_reading_them_back() {
+    let setup = setup().await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let (_, _, from_the_database) = score_as_committed(&setup, &series, false).await;
+    let setup = self::setup().await;
+    let (_, _, from_the_events) = score_as_committed(&setup, &series, true).await;
+    // The third anomaly lies in the batch the database never got: the events' readings found it, the same as the
+    // database's readings did.
+    assert_eq!(from_the_events.len(), 3, "{from_the_events:#?}");
+    let stretches = |announced: &[smartfarm_bus::AnomalyDetected]| {
+        announced.iter().map(|anomaly| (anomaly.start_time, anomaly.end_time, anomaly.peak_time)).collect::<Vec<_>>()
+    };
+    assert_eq!(stretches(&from_the_events), stretches(&from_the_database));
+}
+
 #[tokio::test]
 async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_committed() {
     let mut setup = setup().await;
@@ -309,57 +394,8 @@ async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_comm
     let error = setup.admin.detect_anomalies(request(&series.times[..5], &series.values[..4])).await.unwrap_err();
     assert!(error.message().contains("5 times but 4 values"), "{error:?}");
 
-    // The same series stored as a sensor's readings, committed in three batches: the first teaches the pipeline's
-    // detector what normal is, the others are scored as they are committed. The second ends in the middle of the
-    // stretch the detector finds in the second labelled window (22:51 to 22:56 on 2014-03-18): it is announced
-    // when it begins and not again when the third batch completes it.
-    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
-    let rows: Vec<ReadingRow> = series
-        .times
-        .iter()
-        .zip(&series.values)
-        .enumerate()
-        .map(|(i, (&t, &value))| ReadingRow {
-            sequence: i as u64 + 1,
-            device_id: setup.sensor,
-            metric: "latency".into(),
-            value,
-            measure_time: at(t),
-        })
-        .collect();
-    let split = rows.len() * 3 / 10;
-    let inside_anomaly = series.times.partition_point(|&t| t < nab::parse_time("2014-03-18 22:53:00").unwrap());
-    let spool_id = Uuid::now_v7();
-    let telemetry = setup.database.telemetry();
-    let mut events = setup.bus.subscribe();
-    for part in [&rows[..split], &rows[split..inside_anomaly], &rows[inside_anomaly..]] {
-        let batch = EdgeBatch {
-            gateway_id: setup.gateway,
-            spool_id,
-            farm_id: setup.farm_id,
-            first_sequence: part[0].sequence,
-            last_sequence: part[part.len() - 1].sequence,
-            readings: part.to_vec(),
-            aggregates: Vec::new(),
-            receive_time: SystemTime::now(),
-        };
-        telemetry.commit_batch(&batch, &[]).await.unwrap();
-        setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
-            farm_id: setup.farm_id,
-            series: vec![SeriesSpan {
-                device_id: setup.sensor,
-                metric: "latency".into(),
-                first_time: part[0].measure_time,
-                last_time: part[part.len() - 1].measure_time,
-            }],
-        }));
-    }
-    let mut announced = Vec::new();
-    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
-        if let Event::AnomalyDetected(anomaly) = event {
-            announced.push(anomaly);
-        }
-    }
+    // The same series stored as a sensor's readings, committed in three batches and scored as they are.
+    let (rows, split, announced) = score_as_committed(&setup, &series, false).await;
     assert_eq!(announced.len(), 3, "the three labelled anomalies, once each: {announced:#?}");
     for anomaly in &announced {
         assert_eq!((anomaly.device_id, anomaly.metric.as_str()), (setup.sensor, "latency"));
@@ -367,6 +403,7 @@ async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_comm
         assert_eq!(anomaly.model.name, "window-autoencoder");
     }
     assert!(announced.windows(2).all(|pair| pair[0].end_time < pair[1].start_time), "{announced:#?}");
+    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
 
     // Stored readings scored on request, with the caller's farm checked.
     let device_series = |device: Uuid| pb::DetectAnomaliesRequest {

@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
-use smartfarm_bus::{Event, ReadingsCommitted, SeriesSpan};
+use smartfarm_bus::{Event, ReadingsCommitted, SeriesSpan, SpanReadings};
 use smartfarm_core::{Error, Result, time};
 use smartfarm_proto::device::v1::DeviceKind as ProtoKind;
 use smartfarm_proto::ingestion::v1 as pb;
@@ -528,24 +528,32 @@ async fn commit_in_order(
 }
 
 /// Each device's metric in `readings`, with the first and last measurement time as stored (microseconds: agents
-/// stamp nanoseconds, and a span finer than the rows would miss its own first reading).
+/// stamp nanoseconds, and a span finer than the rows would miss its own first reading), and its readings for the
+/// subscribers in this process: in time order, one per instant (the lowest sequence number's, as a read of the
+/// table would keep).
 fn series_spans(readings: &[smartfarm_store::telemetry::ReadingRow]) -> Vec<SeriesSpan> {
-    let mut spans: std::collections::BTreeMap<(uuid::Uuid, &str), (std::time::SystemTime, std::time::SystemTime)> =
-        std::collections::BTreeMap::new();
+    // (measurement time as stored, sequence number, value) per device's metric.
+    type Rows = Vec<(SystemTime, u64, f64)>;
+    let mut series: std::collections::BTreeMap<(Uuid, &str), Rows> = std::collections::BTreeMap::new();
     for reading in readings {
-        let span = spans
-            .entry((reading.device_id, reading.metric.as_str()))
-            .or_insert((reading.measure_time, reading.measure_time));
-        span.0 = span.0.min(reading.measure_time);
-        span.1 = span.1.max(reading.measure_time);
+        series.entry((reading.device_id, reading.metric.as_str())).or_default().push((
+            stored_precision(reading.measure_time),
+            reading.sequence,
+            reading.value,
+        ));
     }
-    spans
+    series
         .into_iter()
-        .map(|((device_id, metric), (first_time, last_time))| SeriesSpan {
-            device_id,
-            metric: metric.to_string(),
-            first_time: stored_precision(first_time),
-            last_time: stored_precision(last_time),
+        .map(|((device_id, metric), mut rows)| {
+            rows.sort_unstable_by_key(|&(time, sequence, _)| (time, sequence));
+            rows.dedup_by_key(|&mut (time, _, _)| time);
+            SeriesSpan {
+                device_id,
+                metric: metric.to_string(),
+                first_time: rows[0].0,
+                last_time: rows[rows.len() - 1].0,
+                readings: Some(SpanReadings(rows.into_iter().map(|(time, _, value)| (time, value)).collect())),
+            }
         })
         .collect()
 }
