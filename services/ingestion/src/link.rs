@@ -489,12 +489,6 @@ async fn commit_in_order(
             seen.extend(group.aggregates.iter().map(|a| a.device_id));
             seen.sort();
             seen.dedup();
-            if let Some(bus) = &api.bus {
-                bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
-                    farm_id: group.farm_id,
-                    series: series_spans(&group.readings),
-                }));
-            }
             // The batches are committed: a failure here must not hold back their acknowledgements (the agent would
             // resend them, only to be told they are duplicates).
             if !seen.is_empty()
@@ -512,13 +506,20 @@ async fn commit_in_order(
             let ack = pb::BatchAck { last_sequence: last, duplicate };
             send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
         }
-        // After the acknowledgements, which do not wait for it: the rules see new readings once, in sequence order.
-        // Off the async workers: tens of thousands of readings must not hold up the alerts the agent sends meanwhile.
+        // After the acknowledgements, which do not wait for it: the rules see new readings once, in sequence order,
+        // and the readings are announced with their series for scoring. Off the async workers: sorting and
+        // evaluating tens of thousands of readings must not hold up the alerts the agent sends meanwhile.
         if !duplicate {
-            let (rules, readings) = (rules.clone(), group.readings);
-            tokio::task::spawn_blocking(move || urgent::evaluate_committed(&rules, &readings))
-                .await
-                .map_err(|error| Error::internal("evaluate the rules on a batch", error))?;
+            let (rules, readings, farm_id) = (rules.clone(), group.readings, group.farm_id);
+            let series = tokio::task::spawn_blocking(move || {
+                urgent::evaluate_committed(&rules, &readings);
+                series_spans(&readings)
+            })
+            .await
+            .map_err(|error| Error::internal("evaluate the rules on a batch", error))?;
+            if let Some(bus) = &api.bus {
+                bus.publish(Event::ReadingsCommitted(ReadingsCommitted { farm_id, series }));
+            }
         }
         if next.is_none() {
             next = in_order.recv().await;
