@@ -2,8 +2,8 @@
 //! announces it on the bus, so whichever process holds the farm's edge link sends it down (the link in
 //! smartfarm-ingestion does that and records the agent's receipts); `GetCommand`, `ListCommands` and `WatchCommand`
 //! read it back; the expiry task marks commands whose TTL passed before they reached the farm as expired (they never
-//! ran; the agent reports itself the expiry of a command its device did not answer in time) and deletes finished
-//! commands past their retention. It holds no SQL.
+//! ran; the agent reports itself the expiry of a command its device did not answer in time), and the retention task
+//! deletes finished commands past their retention. It holds no SQL.
 
 #![forbid(unsafe_code)]
 
@@ -67,20 +67,13 @@ impl CommandApi {
         CommandServiceServer::new(self)
     }
 
-    /// Marks commands whose TTL passed as expired, every `command_expiry_interval`, and deletes finished ones past
-    /// `command_retention` every hour, forever; run it in a task of its own.
+    /// Marks commands whose TTL passed as expired, every `command_expiry_interval`, forever; run it in a task of its
+    /// own.
     pub async fn run_expiry(self) {
         let mut ticks = tokio::time::interval(self.settings.command_expiry_interval);
-        let mut retention_ran: Option<std::time::Instant> = None;
         loop {
             ticks.tick().await;
             let now = time::now();
-            if retention_ran.is_none_or(|ran| ran.elapsed() >= RETENTION_INTERVAL) {
-                retention_ran = Some(std::time::Instant::now());
-                if let Err(error) = self.apply_retention(now).await {
-                    tracing::warn!(%error, "cannot delete old commands; trying again in an hour");
-                }
-            }
             match self.commands.expire_commands(now, now - DELIVERED_EXPIRY_GRACE).await {
                 Ok(expired) => {
                     for command in expired {
@@ -90,6 +83,18 @@ impl CommandApi {
                     }
                 }
                 Err(error) => tracing::warn!(%error, "cannot expire commands; trying again"),
+            }
+        }
+    }
+
+    /// Deletes finished commands past `command_retention` every hour, forever; run it in a task of its own (a first
+    /// run over a long history must not hold up expiry).
+    pub async fn run_retention(self) {
+        let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = self.apply_retention(time::now()).await {
+                tracing::warn!(%error, "cannot delete old commands; trying again in an hour");
             }
         }
     }

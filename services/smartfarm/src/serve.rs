@@ -168,6 +168,7 @@ async fn services_for(
                     config.alerts.clone(),
                 );
                 tokio::spawn(commands.clone().run_expiry());
+                tokio::spawn(commands.clone().run_retention());
                 services.with_service(commands.into_server())
             }
         };
