@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
@@ -235,8 +235,12 @@ pub async fn alerts(
         .subscribe(alert::SubscribeRequest { farm_id: fleet.farm_id.clone(), ..Default::default() })
         .await?
         .into_inner();
+    // SMARTFARM_BENCH_TRACE: a file to write each cloud event's arrival (Unix seconds) and latency (ms) to, one
+    // line each, to line the tail up with what else the machine was doing at the time.
+    let trace_path = std::env::var_os("SMARTFARM_BENCH_TRACE");
+    let trace = trace_path.as_ref().map(|_| Arc::new(Mutex::new(Vec::<(SystemTime, Duration)>::new())));
     let stream_task = {
-        let (sent, cloud_latencies) = (sent.clone(), cloud_latencies.clone());
+        let (sent, cloud_latencies, trace) = (sent.clone(), cloud_latencies.clone(), trace.clone());
         tokio::spawn(async move {
             while let Ok(Some(event)) = stream.message().await {
                 let arrived = Instant::now();
@@ -246,6 +250,9 @@ pub async fn alerts(
                 let key = (alert.device_id.clone(), value as i64, resolves);
                 if let Some(started) = sent.lock().unwrap().remove(&key) {
                     cloud_latencies.lock().unwrap().push(arrived.duration_since(started).as_micros() as u64);
+                    if let Some(trace) = trace.as_ref() {
+                        trace.lock().unwrap().push((SystemTime::now(), arrived.duration_since(started)));
+                    }
                 }
             }
         })
@@ -277,6 +284,18 @@ pub async fn alerts(
         background_load.abort();
     }
     stream_task.abort();
+    if let (Some(path), Some(trace)) = (trace_path, trace) {
+        let lines: String = trace
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(arrived, latency)| {
+                let unix = arrived.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                format!("{unix:.4},{:.3}\n", latency.as_secs_f64() * 1e3)
+            })
+            .collect();
+        std::fs::write(path, lines)?;
+    }
     let mut cloud_side = std::mem::take(&mut *cloud_latencies.lock().unwrap());
     local.sort_unstable();
     baseline.sort_unstable();
