@@ -5,7 +5,9 @@
 //! (`inference.anomaly_history`, refitted after `inference.anomaly_refit`), the new readings are scored with
 //! enough earlier ones as context, and each anomalous stretch that reaches into them is announced
 //! (`AnomalyDetected`, evidence: the stretch and its peak). The new readings come with the event when this process
-//! committed them; otherwise (another replica, or a queue too deep to hold them) they are read back.
+//! committed them; otherwise (another replica, or a queue too deep to hold them) they are read back. The context
+//! before them is what this process scored last for the series, kept while it has seen every batch since; it is
+//! read from the database only when that chain breaks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,9 +37,24 @@ pub(crate) struct Detectors {
     fitted: Arc<Mutex<HashMap<SeriesKey, FittedEntry>>>,
     unfit_until: Arc<Mutex<HashMap<SeriesKey, Instant>>>,
     announced_until: Arc<Mutex<HashMap<SeriesKey, f64>>>,
+    recent: Arc<Mutex<HashMap<SeriesKey, RecentReadings>>>,
 }
 
 type SeriesKey = (Uuid, String);
+
+/// The end of a series as this process last scored it: every reading of the series from `from` on (seconds, one
+/// per instant, in time order), so that the next batch's context need not be read back from the database. It is
+/// kept only while this process has seen every batch of the series with its readings: a batch that came without
+/// them (committed by another replica, or dropped from a deep queue) or a missed event forgets it.
+struct RecentReadings {
+    from: f64,
+    times: Vec<f64>,
+    values: Vec<f64>,
+}
+
+/// Most readings kept per series as [`RecentReadings`]; a detector that needs a longer context (a weekly season
+/// over fast readings) reads it from the database each time.
+const MAX_RECENT_POINTS: usize = 10_000;
 
 /// Events waiting for a pipeline worker; past this, the oldest kind of work is skipped (and counted).
 const QUEUE: usize = 1024;
@@ -91,6 +108,7 @@ impl InferenceApi {
                 }
                 Ok(_) => true,
                 Err(RecvError::Lagged(missed)) => {
+                    self.detectors.recent.lock().expect("recent readings").clear();
                     metrics::counter!("smartfarm_inference_events_missed_total").increment(missed);
                     tracing::warn!(
                         missed,
@@ -101,6 +119,7 @@ impl InferenceApi {
                 Err(RecvError::Closed) => return,
             };
             if !queued {
+                self.detectors.recent.lock().expect("recent readings").clear();
                 metrics::counter!("smartfarm_inference_events_missed_total").increment(1);
                 tracing::warn!("the inference pipeline's queue is full; an event was not processed");
             }
@@ -158,23 +177,46 @@ impl InferenceApi {
         model: &smartfarm_store::models::StoredModel,
     ) -> Result<usize> {
         let version = ModelVersion { name: model.name.clone(), version: model.version.clone() };
+        let key = (span.device_id, span.metric.clone());
+        // Taken out for the time being: whatever way this ends but success, it no longer follows the series.
+        let recent = self.detectors.recent.lock().expect("recent readings").remove(&key);
         let Some(detector) = self.detector_for(farm_id, span, model, &version).await? else {
             return Ok(0);
         };
-        let context = Duration::from_secs_f64(detector.context_seconds());
+        let context_seconds = detector.context_seconds();
+        let context = Duration::from_secs_f64(context_seconds);
         let start = span.first_time.checked_sub(context).unwrap_or(SystemTime::UNIX_EPOCH);
         let end = span.last_time + Duration::from_micros(1);
         let filter =
             ReadingFilter { farm_id, device_ids: vec![span.device_id], metrics: vec![span.metric.clone()], start, end };
-        let (times, values) = match &span.readings {
-            // Committed in this process: only the context before them is read from the database.
+        let first_time = seconds(span.first_time);
+        let (times, values, complete) = match &span.readings {
+            // Committed in this process: the new readings came with the event, and the context before them is
+            // what was scored last when it reaches back far enough and ends before them (a batch that goes back
+            // in time needs the database's view); otherwise it is read from the database.
             Some(SpanReadings(new)) => {
-                let context = ReadingFilter { end: span.first_time, ..filter };
-                let (mut times, mut values) =
-                    read_series(self.telemetry.as_ref(), &context, crate::MAX_SERIES_POINTS).await?;
+                let start_time = seconds(start);
+                let recent = recent.filter(|recent| {
+                    recent.from <= start_time && recent.times.last().is_some_and(|&last| last < first_time)
+                });
+                let (mut times, mut values, mut complete) = match recent {
+                    Some(recent) => {
+                        let skip = recent.times.partition_point(|&t| t < start_time);
+                        (recent.times[skip..].to_vec(), recent.values[skip..].to_vec(), true)
+                    }
+                    None => {
+                        metrics::counter!("smartfarm_inference_context_reads_total").increment(1);
+                        let context = ReadingFilter { end: span.first_time, ..filter };
+                        let (times, values) =
+                            read_series(self.telemetry.as_ref(), &context, crate::MAX_SERIES_POINTS).await?;
+                        let complete = times.len() < crate::MAX_SERIES_POINTS;
+                        (times, values, complete)
+                    }
+                };
                 for &(time, value) in new.iter() {
                     let t = seconds(time);
                     if times.len() >= crate::MAX_SERIES_POINTS {
+                        complete = false;
                         break;
                     }
                     // As a read of the table would: one reading per instant, in time order.
@@ -183,11 +225,14 @@ impl InferenceApi {
                         values.push(value);
                     }
                 }
-                (times, values)
+                (times, values, complete)
             }
-            None => read_series(self.telemetry.as_ref(), &filter, crate::MAX_SERIES_POINTS).await?,
+            None => {
+                let (times, values) = read_series(self.telemetry.as_ref(), &filter, crate::MAX_SERIES_POINTS).await?;
+                (times, values, false)
+            }
         };
-        let first_new = times.partition_point(|&t| t < seconds(span.first_time));
+        let first_new = times.partition_point(|&t| t < first_time);
         if first_new >= times.len() {
             return Ok(0);
         }
@@ -199,7 +244,15 @@ impl InferenceApi {
         })
         .await
         .map_err(|error| Error::internal("score readings", error))?;
-        let key = (span.device_id, span.metric.clone());
+        if complete {
+            // What the next batch's context can need: the last context's worth before where this one ends.
+            let from = times[times.len() - 1] - context_seconds;
+            let keep = times.partition_point(|&t| t < from);
+            if times.len() - keep <= MAX_RECENT_POINTS {
+                let recent = RecentReadings { from, times: times[keep..].to_vec(), values: values[keep..].to_vec() };
+                self.detectors.recent.lock().expect("recent readings").insert(key.clone(), recent);
+            }
+        }
         let already = self.detectors.announced_until.lock().expect("announcements").get(&key).copied();
         let mut announced = 0;
         // Stretches that reach into the new readings and began after the last one announced.

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -24,7 +25,9 @@ use smartfarm_proto::inference::v1 as pb;
 use smartfarm_proto::inference::v1::inference_service_client::InferenceServiceClient;
 use smartfarm_store::image::{ImageRecord, ThumbnailState};
 use smartfarm_store::model::{DeviceKind, NewDevice};
-use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
+use smartfarm_store::telemetry::{
+    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading, TelemetryStore,
+};
 use smartfarm_store::{Database, blob};
 
 type Client = InferenceServiceClient<tonic::transport::Channel>;
@@ -48,9 +51,55 @@ fn png(width: u32, height: u32) -> Vec<u8> {
     bytes
 }
 
+/// The database's telemetry store, noting the filter of every read of readings.
+struct NotingReads {
+    store: Arc<dyn TelemetryStore>,
+    reads: Arc<Mutex<Vec<ReadingFilter>>>,
+}
+
+#[async_trait::async_trait]
+impl TelemetryStore for NotingReads {
+    async fn committed_sequence(&self, gateway_id: Uuid, spool_id: Uuid) -> smartfarm_core::Result<u64> {
+        self.store.committed_sequence(gateway_id, spool_id).await
+    }
+
+    async fn commit_batch(&self, batch: &EdgeBatch, widths: &[Duration]) -> smartfarm_core::Result<BatchOutcome> {
+        self.store.commit_batch(batch, widths).await
+    }
+
+    async fn query_readings(
+        &self,
+        filter: &ReadingFilter,
+        cursor: Option<&ReadingCursor>,
+        limit: usize,
+    ) -> smartfarm_core::Result<Vec<StoredReading>> {
+        self.reads.lock().unwrap().push(filter.clone());
+        self.store.query_readings(filter, cursor, limit).await
+    }
+
+    async fn query_buckets(
+        &self,
+        filter: &ReadingFilter,
+        width: Option<Duration>,
+        widths: &[Duration],
+    ) -> smartfarm_core::Result<Vec<Bucket>> {
+        self.store.query_buckets(filter, width, widths).await
+    }
+
+    async fn latest_readings(&self, farm_id: Uuid, devices: &[Uuid]) -> smartfarm_core::Result<Vec<StoredReading>> {
+        self.store.latest_readings(farm_id, devices).await
+    }
+
+    async fn apply_retention(&self, retention: Retention, now: SystemTime) -> smartfarm_core::Result<u64> {
+        self.store.apply_retention(retention, now).await
+    }
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     database: Database,
+    /// The filters of the reads of readings the service made.
+    reads: Arc<Mutex<Vec<ReadingFilter>>>,
     api: InferenceApi,
     bus: Bus,
     farm_id: Uuid,
@@ -110,10 +159,11 @@ async fn setup() -> Setup {
     }
     let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let bus = Bus::in_process();
+    let reads = Arc::new(Mutex::new(Vec::new()));
     let stores = Stores {
         registry,
         images: database.images(),
-        telemetry: database.telemetry(),
+        telemetry: Arc::new(NotingReads { store: database.telemetry(), reads: reads.clone() }),
         models: database.models(),
         blobs,
     };
@@ -125,6 +175,7 @@ async fn setup() -> Setup {
     Setup {
         _dir: dir,
         database,
+        reads,
         api,
         bus,
         farm_id: farm.id,
@@ -287,11 +338,12 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
 ///
 /// With `readings_in_the_events`, each event carries its batch's readings, as in the process that committed them,
 /// and the third batch is not written to the database at all: only the event's readings can show what is in it.
+/// The third batch's first row is at `rows[inside_anomaly]` (the second value returned).
 async fn score_as_committed(
     setup: &Setup,
     series: &nab::NabSeries,
     readings_in_the_events: bool,
-) -> (Vec<ReadingRow>, usize, Vec<smartfarm_bus::AnomalyDetected>) {
+) -> (Vec<ReadingRow>, usize, usize, Vec<smartfarm_bus::AnomalyDetected>) {
     let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
     let rows: Vec<ReadingRow> = series
         .times
@@ -345,16 +397,21 @@ async fn score_as_committed(
             announced.push(anomaly);
         }
     }
-    (rows, split, announced)
+    (rows, split, inside_anomaly, announced)
 }
 
 #[tokio::test]
 async fn readings_that_come_with_their_event_are_scored_without_reading_them_back() {
     let setup = setup().await;
     let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
-    let (_, _, from_the_database) = score_as_committed(&setup, &series, false).await;
+    let (_, _, _, from_the_database) = score_as_committed(&setup, &series, false).await;
     let setup = self::setup().await;
-    let (_, _, from_the_events) = score_as_committed(&setup, &series, true).await;
+    let (rows, split, third, from_the_events) = score_as_committed(&setup, &series, true).await;
+    // The second batch's context was read (it follows readings the pipeline never scored), the third's was not:
+    // it is the end of the second, as the pipeline scored it.
+    let reads = setup.reads.lock().unwrap().clone();
+    assert!(reads.iter().any(|read| read.end == rows[split].measure_time), "{reads:#?}");
+    assert!(reads.iter().all(|read| read.end != rows[third].measure_time), "{reads:#?}");
     // The third anomaly lies in the batch the database never got: the events' readings found it, the same as the
     // database's readings did.
     assert_eq!(from_the_events.len(), 3, "{from_the_events:#?}");
@@ -395,7 +452,7 @@ async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_comm
     assert!(error.message().contains("5 times but 4 values"), "{error:?}");
 
     // The same series stored as a sensor's readings, committed in three batches and scored as they are.
-    let (rows, split, announced) = score_as_committed(&setup, &series, false).await;
+    let (rows, split, _, announced) = score_as_committed(&setup, &series, false).await;
     assert_eq!(announced.len(), 3, "the three labelled anomalies, once each: {announced:#?}");
     for anomaly in &announced {
         assert_eq!((anomaly.device_id, anomaly.metric.as_str()), (setup.sensor, "latency"));
