@@ -2,8 +2,9 @@
 //! project is tested; `SMARTFARM_TEST_NATS_URL` points elsewhere). The farm's agent is connected to replica B: a
 //! rule created and a command sent through replica A reach it (within seconds: without the bus, B's link would
 //! notice them only at its next refresh, 30 s later), the device's acknowledgement is seen by a watch on A, an alert
-//! the agent raises through B reaches a subscriber on A, and a command acknowledged by A just before A is killed
-//! still reaches the device.
+//! the agent raises through B reaches a subscriber on A, the batch that carried its reading is scored for anomalies
+//! by B alone (both run the inference role), and a command acknowledged by A just before A is killed still reaches
+//! the device.
 
 use std::time::Duration;
 
@@ -64,7 +65,9 @@ async fn commands_and_alerts_cross_replicas_over_nats() {
     let fleet = Fleet::register(&a, &key, "two replicas", 1).await;
     let sensor = fleet.sensors[0].clone();
     let spool = data.data_dir.path().join("spool");
-    let edge = Edge::start(&EdgeOptions::new(&b, &fleet, spool)).await;
+    // Uploads every second, so the reading below reaches the database (through B) within the test.
+    let options = EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&b, &fleet, spool) };
+    let edge = Edge::start(&options).await;
     edge.wait_for_registry(2).await;
 
     // A rule created through A reaches the agent connected to B.
@@ -129,6 +132,21 @@ async fn commands_and_alerts_cross_replicas_over_nats() {
         .unwrap();
     assert_eq!(event.event_type, alert::AlertEventType::Opened as i32);
     assert_eq!(event.alert.unwrap().origin, alert::AlertOrigin::Edge as i32);
+
+    // The batch that carried the reading, committed by B, is scored by B; A hears of it and leaves it to B.
+    let count = |page: String, name: &str| -> f64 {
+        page.lines().find_map(|line| line.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let scored_by_b_left_by_a = || async {
+        count(b.http_get("/metrics").await, "smartfarm_inference_batches_scored_total ") >= 1.0
+            && count(a.http_get("/metrics").await, "smartfarm_inference_batches_left_to_their_replica_total ") >= 1.0
+    };
+    assert!(
+        eventually(Duration::from_secs(20), scored_by_b_left_by_a).await,
+        "B scored its batch and A left it to B\n{}",
+        a.http_get("/metrics").await
+    );
+    assert_eq!(count(a.http_get("/metrics").await, "smartfarm_inference_batches_scored_total "), 0.0);
 
     // A command A acknowledged to its caller survives A's death right after.
     let last_words = commands_a.send_command(send_request(&sensor.device_id, "close_vent")).await.unwrap();

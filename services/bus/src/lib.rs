@@ -63,6 +63,14 @@ pub struct ReadingsCommitted {
     pub farm_id: Uuid,
     /// Each device's metric the batch touched, with the first and last measurement time it added.
     pub series: Vec<SeriesSpan>,
+    /// The process that committed the batch scores it itself (it runs the inference role): the other replicas'
+    /// pipelines leave it alone, so a batch is scored once however many replicas run the role. Absent (false) in
+    /// events from versions that did not say.
+    #[serde(default)]
+    pub scored_where_committed: bool,
+    /// True in the process that published the event, false where it arrived through NATS (it does not travel).
+    #[serde(skip)]
+    pub published_here: bool,
 }
 
 /// A device's metric and a time span of new readings in it.

@@ -7,7 +7,8 @@
 //! (`AnomalyDetected`, evidence: the stretch and its peak). The new readings come with the event when this process
 //! committed them; otherwise (another replica, or a queue too deep to hold them) they are read back. The context
 //! before them is what this process scored last for the series, kept while it has seen every batch since; it is
-//! read from the database only when that chain breaks.
+//! read from the database only when that chain breaks. A batch that another replica committed and scores itself
+//! (it runs this role too) is left to it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -152,6 +153,16 @@ impl InferenceApi {
     }
 
     async fn score_new_readings(&self, committed: &ReadingsCommitted) {
+        if committed.scored_where_committed && !committed.published_here {
+            // Another replica committed it and scores it itself. What this process kept of those series no longer
+            // ends where they end (forgotten here, in turn with the batches before and after it).
+            let mut recent = self.detectors.recent.lock().expect("recent readings");
+            for span in &committed.series {
+                recent.remove(&(span.device_id, span.metric.clone()));
+            }
+            metrics::counter!("smartfarm_inference_batches_left_to_their_replica_total").increment(1);
+            return;
+        }
         let model = match self.serving.active(ModelKind::SensorAnomaly, "").await {
             Ok(model) => model,
             Err(error) => {
@@ -159,6 +170,7 @@ impl InferenceApi {
                 return;
             }
         };
+        metrics::counter!("smartfarm_inference_batches_scored_total").increment(1);
         for span in &committed.series {
             match self.score_span(committed.farm_id, span, &model).await {
                 Ok(found) => metrics::counter!("smartfarm_inference_anomalies_detected_total").increment(found as u64),

@@ -338,11 +338,14 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
 ///
 /// With `readings_in_the_events`, each event carries its batch's readings, as in the process that committed them,
 /// and the third batch is not written to the database at all: only the event's readings can show what is in it.
-/// The third batch's first row is at `rows[inside_anomaly]` (the second value returned).
+/// The third batch's first row is at `rows[inside_anomaly]` (the third value returned). With
+/// `another_replica_between`, a batch of the same series that another replica committed and scores itself is
+/// announced between the second and the third.
 async fn score_as_committed(
     setup: &Setup,
     series: &nab::NabSeries,
     readings_in_the_events: bool,
+    another_replica_between: bool,
 ) -> (Vec<ReadingRow>, usize, usize, Vec<smartfarm_bus::AnomalyDetected>) {
     let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
     let rows: Vec<ReadingRow> = series
@@ -389,7 +392,24 @@ async fn score_as_committed(
                 last_time: part[part.len() - 1].measure_time,
                 readings,
             }],
+            scored_where_committed: true,
+            published_here: true,
         }));
+        if another_replica_between && index == 1 {
+            let at_the_end = part[part.len() - 1].measure_time;
+            setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
+                farm_id: setup.farm_id,
+                series: vec![SeriesSpan {
+                    device_id: setup.sensor,
+                    metric: "latency".into(),
+                    first_time: at_the_end,
+                    last_time: at_the_end,
+                    readings: None,
+                }],
+                scored_where_committed: true,
+                published_here: false,
+            }));
+        }
     }
     let mut announced = Vec::new();
     while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
@@ -404,9 +424,9 @@ async fn score_as_committed(
 async fn readings_that_come_with_their_event_are_scored_without_reading_them_back() {
     let setup = setup().await;
     let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
-    let (_, _, _, from_the_database) = score_as_committed(&setup, &series, false).await;
+    let (_, _, _, from_the_database) = score_as_committed(&setup, &series, false, false).await;
     let setup = self::setup().await;
-    let (rows, split, third, from_the_events) = score_as_committed(&setup, &series, true).await;
+    let (rows, split, third, from_the_events) = score_as_committed(&setup, &series, true, false).await;
     // The second batch's context was read (it follows readings the pipeline never scored), the third's was not:
     // it is the end of the second, as the pipeline scored it.
     let reads = setup.reads.lock().unwrap().clone();
@@ -419,6 +439,21 @@ async fn readings_that_come_with_their_event_are_scored_without_reading_them_bac
         announced.iter().map(|anomaly| (anomaly.start_time, anomaly.end_time, anomaly.peak_time)).collect::<Vec<_>>()
     };
     assert_eq!(stretches(&from_the_events), stretches(&from_the_database));
+}
+
+#[tokio::test]
+async fn a_batch_another_replica_scores_is_left_to_it() {
+    let setup = setup().await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let (rows, _, third, announced) = score_as_committed(&setup, &series, true, true).await;
+    // Not scored here: its readings were not read (a scoring reads up to just past the span's last reading).
+    let reads = setup.reads.lock().unwrap().clone();
+    let past_its_end = rows[third - 1].measure_time + Duration::from_micros(1);
+    assert!(reads.iter().all(|read| read.end != past_its_end), "{reads:#?}");
+    // What this process kept of the series ends before the other replica's batch: the third batch's context is
+    // read from the database, and the anomalies are the same.
+    assert!(reads.iter().any(|read| read.end == rows[third].measure_time), "{reads:#?}");
+    assert_eq!(announced.len(), 3, "{announced:#?}");
 }
 
 #[tokio::test]
@@ -452,7 +487,7 @@ async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_comm
     assert!(error.message().contains("5 times but 4 values"), "{error:?}");
 
     // The same series stored as a sensor's readings, committed in three batches and scored as they are.
-    let (rows, split, _, announced) = score_as_committed(&setup, &series, false).await;
+    let (rows, split, _, announced) = score_as_committed(&setup, &series, false, false).await;
     assert_eq!(announced.len(), 3, "the three labelled anomalies, once each: {announced:#?}");
     for anomaly in &announced {
         assert_eq!((anomaly.device_id, anomaly.metric.as_str()), (setup.sensor, "latency"));

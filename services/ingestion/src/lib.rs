@@ -39,6 +39,9 @@ pub struct IngestionApi {
     settings: Arc<TelemetryConfig>,
     /// Where committed readings are announced (the inference role scores them).
     bus: Option<Bus>,
+    /// This process runs the inference pipeline, which scores what this process commits (see
+    /// [`IngestionApi::with_scoring_here`]).
+    scoring_here: bool,
     /// Which model versions serve: pushed to agents so they run the same plant-disease model.
     models: Option<Arc<dyn ModelStore>>,
     /// The farms' rules (pushed to agents and evaluated on committed readings) and their alerts (raised by agents
@@ -65,6 +68,7 @@ impl IngestionApi {
             telemetry,
             settings: Arc::new(settings),
             bus: None,
+            scoring_here: false,
             models: None,
             alerts: None,
             commands: None,
@@ -77,6 +81,13 @@ impl IngestionApi {
     /// Announces every committed batch's series on `bus`.
     pub fn with_bus(mut self, bus: Bus) -> Self {
         self.bus = Some(bus);
+        self
+    }
+
+    /// Says, in each committed batch's announcement, that this process's own inference pipeline scores it, so
+    /// that the other replicas' pipelines leave it alone.
+    pub fn with_scoring_here(mut self, scoring_here: bool) -> Self {
+        self.scoring_here = scoring_here;
         self
     }
 

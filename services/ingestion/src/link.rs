@@ -518,7 +518,12 @@ async fn commit_in_order(
             .await
             .map_err(|error| Error::internal("evaluate the rules on a batch", error))?;
             if let Some(bus) = &api.bus {
-                bus.publish(Event::ReadingsCommitted(ReadingsCommitted { farm_id, series }));
+                bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
+                    farm_id,
+                    series,
+                    scored_where_committed: api.scoring_here,
+                    published_here: true,
+                }));
             }
         }
         if next.is_none() {

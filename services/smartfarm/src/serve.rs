@@ -110,6 +110,9 @@ async fn services_for(
                     config.telemetry.clone(),
                 )
                 .with_bus(bus.clone())
+                .with_scoring_here(
+                    config.target.roles().contains(&Role::Inference) && config.inference.score_new_readings,
+                )
                 .with_models(database.models())
                 .with_alerts(database.alerts())
                 .with_commands(database.commands());
