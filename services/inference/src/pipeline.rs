@@ -44,10 +44,12 @@ pub(crate) struct Detectors {
 type SeriesKey = (Uuid, String);
 
 /// The end of a series as this process last scored it: every reading of the series from `from` on (seconds, one
-/// per instant, in time order), so that the next batch's context need not be read back from the database. It is
-/// kept only while this process has seen every batch of the series with its readings: a batch that came without
-/// them (committed by another replica, or dropped from a deep queue) or a missed event forgets it.
+/// per instant, in time order), so that the next batch's context need not be read back from the database. It
+/// serves only while this process has seen every batch of the series with its readings: a batch that came without
+/// them (committed by another replica, or dropped from a deep queue) forgets it, and after events were missed only
+/// what was kept from batches announced since (a later `epoch`) serves.
 struct RecentReadings {
+    epoch: u64,
     from: f64,
     times: Vec<f64>,
     values: Vec<f64>,
@@ -78,7 +80,8 @@ impl InferenceApi {
     /// detector fit never holds photos back and the bus is always drained.
     pub async fn run_pipeline(self) {
         let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<ImageStored>(QUEUE);
-        let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<ReadingsCommitted>(QUEUE);
+        // Each batch goes with the count of times events were missed before it (see `RecentReadings`).
+        let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted)>(QUEUE);
         let diagnosing = self.clone();
         tokio::spawn(async move {
             while let Some(stored) = photo_queue.recv().await {
@@ -89,11 +92,12 @@ impl InferenceApi {
         });
         let scoring = self.clone();
         tokio::spawn(async move {
-            while let Some(committed) = reading_queue.recv().await {
-                scoring.score_new_readings(&committed).await;
+            while let Some((epoch, committed)) = reading_queue.recv().await {
+                scoring.score_new_readings(&committed, epoch).await;
             }
         });
         let mut events = self.bus.subscribe();
+        let mut epoch = 0;
         loop {
             let queued = match events.recv().await {
                 Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images => photos.try_send(stored).is_ok(),
@@ -105,11 +109,11 @@ impl InferenceApi {
                             span.readings = None;
                         }
                     }
-                    readings.try_send(committed).is_ok()
+                    readings.try_send((epoch, committed)).is_ok()
                 }
                 Ok(_) => true,
                 Err(RecvError::Lagged(missed)) => {
-                    self.detectors.recent.lock().expect("recent readings").clear();
+                    epoch += 1;
                     metrics::counter!("smartfarm_inference_events_missed_total").increment(missed);
                     tracing::warn!(
                         missed,
@@ -120,7 +124,7 @@ impl InferenceApi {
                 Err(RecvError::Closed) => return,
             };
             if !queued {
-                self.detectors.recent.lock().expect("recent readings").clear();
+                epoch += 1;
                 metrics::counter!("smartfarm_inference_events_missed_total").increment(1);
                 tracing::warn!("the inference pipeline's queue is full; an event was not processed");
             }
@@ -152,7 +156,7 @@ impl InferenceApi {
         Ok(())
     }
 
-    async fn score_new_readings(&self, committed: &ReadingsCommitted) {
+    async fn score_new_readings(&self, committed: &ReadingsCommitted, epoch: u64) {
         if committed.scored_where_committed && !committed.published_here {
             // Another replica committed it and scores it itself. What this process kept of those series no longer
             // ends where they end (forgotten here, in turn with the batches before and after it).
@@ -172,7 +176,7 @@ impl InferenceApi {
         };
         metrics::counter!("smartfarm_inference_batches_scored_total").increment(1);
         for span in &committed.series {
-            match self.score_span(committed.farm_id, span, &model).await {
+            match self.score_span(committed.farm_id, span, &model, epoch).await {
                 Ok(found) => metrics::counter!("smartfarm_inference_anomalies_detected_total").increment(found as u64),
                 Err(error) => {
                     tracing::warn!(device_id = %span.device_id, metric = %span.metric, %error, "cannot score new readings")
@@ -181,12 +185,14 @@ impl InferenceApi {
         }
     }
 
-    /// Scores one series' new readings; returns how many anomalous stretches reached into them.
+    /// Scores one series' new readings (announced after `epoch` misses, see [`RecentReadings`]); returns how many
+    /// anomalous stretches reached into them.
     async fn score_span(
         &self,
         farm_id: Uuid,
         span: &SeriesSpan,
         model: &smartfarm_store::models::StoredModel,
+        epoch: u64,
     ) -> Result<usize> {
         let version = ModelVersion { name: model.name.clone(), version: model.version.clone() };
         let key = (span.device_id, span.metric.clone());
@@ -209,7 +215,9 @@ impl InferenceApi {
             Some(SpanReadings(new)) => {
                 let start_time = seconds(start);
                 let recent = recent.filter(|recent| {
-                    recent.from <= start_time && recent.times.last().is_some_and(|&last| last < first_time)
+                    recent.epoch == epoch
+                        && recent.from <= start_time
+                        && recent.times.last().is_some_and(|&last| last < first_time)
                 });
                 let (mut times, mut values, mut complete) = match recent {
                     Some(recent) => {
@@ -261,7 +269,8 @@ impl InferenceApi {
             let from = times[times.len() - 1] - context_seconds;
             let keep = times.partition_point(|&t| t < from);
             if times.len() - keep <= MAX_RECENT_POINTS {
-                let recent = RecentReadings { from, times: times[keep..].to_vec(), values: values[keep..].to_vec() };
+                let recent =
+                    RecentReadings { epoch, from, times: times[keep..].to_vec(), values: values[keep..].to_vec() };
                 self.detectors.recent.lock().expect("recent readings").insert(key.clone(), recent);
             }
         }

@@ -330,6 +330,31 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
     assert_eq!(served_by(&mut setup.admin).await, "2026-12-05");
 }
 
+/// What the bus carries between the second and the third batch of [`score_as_committed`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Between {
+    Nothing,
+    /// A batch of the same series that another replica committed and scores itself.
+    AnotherReplica,
+    /// More events than the bus holds for a subscriber, published at once once the second batch is scored.
+    MissedEvents,
+}
+
+/// Polls `condition` every 50 ms for up to 10 s.
+async fn eventually<F, Fut>(condition: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Stores `series` as the sensor's readings, committed in three batches, and publishes each as committed, as the edge
 /// link does; returns the rows, where the second batch starts, and the anomalies the pipeline announced. The first
 /// batch teaches the pipeline's detector what normal is, the others are scored as they are committed. The second
@@ -338,14 +363,13 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
 ///
 /// With `readings_in_the_events`, each event carries its batch's readings, as in the process that committed them,
 /// and the third batch is not written to the database at all: only the event's readings can show what is in it.
-/// The third batch's first row is at `rows[inside_anomaly]` (the third value returned). With
-/// `another_replica_between`, a batch of the same series that another replica committed and scores itself is
-/// announced between the second and the third.
+/// The third batch's first row is at `rows[inside_anomaly]` (the third value returned). `between` says what else
+/// the bus carries between the second batch and the third.
 async fn score_as_committed(
     setup: &Setup,
     series: &nab::NabSeries,
     readings_in_the_events: bool,
-    another_replica_between: bool,
+    between: Between,
 ) -> (Vec<ReadingRow>, usize, usize, Vec<smartfarm_bus::AnomalyDetected>) {
     let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
     let rows: Vec<ReadingRow> = series
@@ -395,7 +419,18 @@ async fn score_as_committed(
             scored_where_committed: true,
             published_here: true,
         }));
-        if another_replica_between && index == 1 {
+        if between == Between::MissedEvents && index == 1 {
+            // Once the second batch is scored, more events than the bus holds for a subscriber, at once: the
+            // pipeline misses some.
+            let second_scored =
+                || async { setup.reads.lock().unwrap().iter().any(|read| read.end == part[0].measure_time) };
+            assert!(eventually(second_scored).await, "the second batch was not scored");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for _ in 0..=smartfarm_bus::CAPACITY {
+                setup.bus.publish(Event::RulesChanged { farm_id: setup.farm_id });
+            }
+        }
+        if between == Between::AnotherReplica && index == 1 {
             let at_the_end = part[part.len() - 1].measure_time;
             setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
                 farm_id: setup.farm_id,
@@ -412,9 +447,12 @@ async fn score_as_committed(
         }
     }
     let mut announced = Vec::new();
-    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
-        if let Event::AnomalyDetected(anomaly) = event {
-            announced.push(anomaly);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Ok(Event::AnomalyDetected(anomaly))) => announced.push(anomaly),
+            // This subscriber misses the flood of `Between::MissedEvents` too.
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(_)) | Err(_) => break,
         }
     }
     (rows, split, inside_anomaly, announced)
@@ -424,9 +462,9 @@ async fn score_as_committed(
 async fn readings_that_come_with_their_event_are_scored_without_reading_them_back() {
     let setup = setup().await;
     let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
-    let (_, _, _, from_the_database) = score_as_committed(&setup, &series, false, false).await;
+    let (_, _, _, from_the_database) = score_as_committed(&setup, &series, false, Between::Nothing).await;
     let setup = self::setup().await;
-    let (rows, split, third, from_the_events) = score_as_committed(&setup, &series, true, false).await;
+    let (rows, split, third, from_the_events) = score_as_committed(&setup, &series, true, Between::Nothing).await;
     // The second batch's context was read (it follows readings the pipeline never scored), the third's was not:
     // it is the end of the second, as the pipeline scored it.
     let reads = setup.reads.lock().unwrap().clone();
@@ -445,7 +483,7 @@ async fn readings_that_come_with_their_event_are_scored_without_reading_them_bac
 async fn a_batch_another_replica_scores_is_left_to_it() {
     let setup = setup().await;
     let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
-    let (rows, _, third, announced) = score_as_committed(&setup, &series, true, true).await;
+    let (rows, _, third, announced) = score_as_committed(&setup, &series, true, Between::AnotherReplica).await;
     // Not scored here: its readings were not read (a scoring reads up to just past the span's last reading).
     let reads = setup.reads.lock().unwrap().clone();
     let past_its_end = rows[third - 1].measure_time + Duration::from_micros(1);
@@ -454,6 +492,21 @@ async fn a_batch_another_replica_scores_is_left_to_it() {
     // read from the database, and the anomalies are the same.
     assert!(reads.iter().any(|read| read.end == rows[third].measure_time), "{reads:#?}");
     assert_eq!(announced.len(), 3, "{announced:#?}");
+}
+
+#[tokio::test]
+async fn after_missed_events_the_context_is_read_again() {
+    let setup = setup().await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let (rows, _, third, announced) = score_as_committed(&setup, &series, true, Between::MissedEvents).await;
+    // What the pipeline kept of the second batch may miss a batch among the events it missed: the third batch's
+    // context is read from the database.
+    let reads = setup.reads.lock().unwrap().clone();
+    assert!(reads.iter().any(|read| read.end == rows[third].measure_time), "{reads:#?}");
+    // The test's subscriber missed the second batch's announcements in the flood; the third batch's anomaly (the
+    // stretch begun in the second is not announced again) came after it.
+    assert_eq!(announced.len(), 1, "{announced:#?}");
+    assert!(announced[0].start_time >= rows[third].measure_time, "{announced:#?}");
 }
 
 #[tokio::test]
@@ -487,7 +540,7 @@ async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_comm
     assert!(error.message().contains("5 times but 4 values"), "{error:?}");
 
     // The same series stored as a sensor's readings, committed in three batches and scored as they are.
-    let (rows, split, _, announced) = score_as_committed(&setup, &series, false, false).await;
+    let (rows, split, _, announced) = score_as_committed(&setup, &series, false, Between::Nothing).await;
     assert_eq!(announced.len(), 3, "the three labelled anomalies, once each: {announced:#?}");
     for anomaly in &announced {
         assert_eq!((anomaly.device_id, anomaly.metric.as_str()), (setup.sensor, "latency"));
