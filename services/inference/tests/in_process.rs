@@ -1,8 +1,10 @@
 //! The inference service in one process, over SQLite and local files, behind a real tonic server: the built-in
 //! models are listed and serve; photos are classified from bytes and by id (the diagnosis saved on the photo);
 //! bad photos and series get clear errors; a new photo on the bus is diagnosed and a confident disease announced;
-//! series are scored from values and from stored readings, and committed readings are scored by the pipeline;
-//! a version is activated and rolled back without a restart, by an admin only.
+//! series are scored from values and from stored readings, and committed readings are scored by the pipeline
+//! (with the readings that come with their event and the context it kept, read back only when that chain breaks,
+//! and not at all when another replica scores them); a version is activated and rolled back without a restart, by
+//! an admin only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
