@@ -3,7 +3,8 @@
 //! cursor, then follows the bus. An event that arrives in order goes out at once; a gap (an event written by another
 //! process, a bus that lagged) is filled from the log; and the log is read a second after the last event in order
 //! anyway, so nothing committed waits much longer than that even if a bus message is lost. A cursor older than what
-//! retention kept is refused (`FAILED_PRECONDITION`) rather than resumed with a silent gap.
+//! retention kept is refused (`FAILED_PRECONDITION`) rather than resumed with a silent gap, and a stream that retention
+//! overtakes while it reads ends the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,11 +132,24 @@ impl Follower {
     /// Sends what the log holds after the last event sent; `false` when the client went away. The cursor then moves
     /// to the end of the log as it was before the read (events commit in sequence order, so every event up to there
     /// was in the read), so a stream filtered to one farm is not sent back to the log by every other farm's event.
+    ///
+    /// Retention may delete events after the cursor between the check when the stream opened and a read (a stream
+    /// resumed from just above the horizon, or one that fell more than the retention behind). The horizon is read
+    /// again after each page, and the stream ends with `FAILED_PRECONDITION` rather than go on past a gap. The
+    /// horizon moves in the same transaction as the deletion, so a read that missed deleted events is always
+    /// followed by a horizon past its starting point.
     async fn catch_up(&mut self) -> Result<bool> {
         let end = self.alerts.last_alert_event().await?;
         loop {
-            let events =
-                self.alerts.alert_events_after(self.last, self.farm_id, self.min_severity, CATCH_UP_PAGE).await?;
+            let from = self.last;
+            let events = self.alerts.alert_events_after(from, self.farm_id, self.min_severity, CATCH_UP_PAGE).await?;
+            let horizon = self.alerts.alert_event_horizon().await?;
+            if horizon > from {
+                return Err(Error::FailedPrecondition(format!(
+                    "retention (alerts.retention) deleted the events up to {horizon} while this stream was reading \
+                     after {from}: read the current alerts with ListAlerts, then subscribe without a cursor"
+                )));
+            }
             let full = events.len() == CATCH_UP_PAGE;
             for event in events {
                 if !self.send(event).await {

@@ -1,7 +1,10 @@
 //! The alert role's retention through the service: old events and resolved alerts are deleted in chunks, a
 //! retention of zero keeps everything, and a stream that asks to resume from a deleted event is refused with
-//! `FAILED_PRECONDITION` rather than resumed with a silent gap.
+//! `FAILED_PRECONDITION` rather than resumed with a silent gap, also when retention deletes the events it resumes
+//! from after the stream opened and before it read them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tonic::Request;
@@ -10,12 +13,15 @@ use uuid::Uuid;
 use smartfarm_alert::AlertApi;
 use smartfarm_bus::Bus;
 use smartfarm_core::Principal;
+use smartfarm_core::Result;
 use smartfarm_core::config::AlertsConfig;
-use smartfarm_core::rules::{Alert, AlertState, Origin, Severity, alert_id};
+use smartfarm_core::rules::{Alert, AlertState, Origin, Rule, Severity, alert_id};
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::alert::v1::alert_service_server::AlertService;
-use smartfarm_store::alerts::AlertRetention;
+use smartfarm_store::AlertStore;
+use smartfarm_store::alerts::{AlertEvent, AlertFilter, AlertRetention, DeliveryOutcome, Webhook};
 use smartfarm_store::testing::TestDatabase;
+use tokio_stream::StreamExt;
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -75,4 +81,125 @@ async fn retention_deletes_old_alerts_and_a_cursor_behind_it_is_refused() {
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("retention"), "{refused:?}");
     assert!(year.subscribe(subscribe_from(5)).await.is_ok(), "the horizon itself resumes");
+}
+
+/// An alert store whose first read of events is preceded by a step of retention at `now`, a year on: retention
+/// running between a stream's opening and its first read.
+struct RetentionBeforeFirstRead {
+    inner: Arc<dyn AlertStore>,
+    now: SystemTime,
+    ran: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl AlertStore for RetentionBeforeFirstRead {
+    async fn alert_events_after(
+        &self,
+        sequence: u64,
+        farm_id: Option<Uuid>,
+        min_severity: Severity,
+        limit: usize,
+    ) -> Result<Vec<AlertEvent>> {
+        if !self.ran.swap(true, Ordering::SeqCst) {
+            let deleted = self.inner.apply_alert_retention(self.now, self.now - 365 * DAY, 1000).await?;
+            assert_eq!(deleted.events, 5, "retention deletes the old events before the stream reads them");
+        }
+        self.inner.alert_events_after(sequence, farm_id, min_severity, limit).await
+    }
+
+    async fn create_rule(&self, rule: &Rule) -> Result<u64> {
+        self.inner.create_rule(rule).await
+    }
+    async fn get_rule(&self, id: Uuid) -> Result<Rule> {
+        self.inner.get_rule(id).await
+    }
+    async fn list_rules(&self, farm_id: Uuid, after: Option<Uuid>, limit: usize) -> Result<Vec<Rule>> {
+        self.inner.list_rules(farm_id, after, limit).await
+    }
+    async fn delete_rule(&self, id: Uuid) -> Result<Rule> {
+        self.inner.delete_rule(id).await
+    }
+    async fn rules_snapshot(&self, farm_id: Uuid) -> Result<(u64, Vec<Rule>)> {
+        self.inner.rules_snapshot(farm_id).await
+    }
+    async fn record_alert(&self, alert: &Alert) -> Result<Option<AlertEvent>> {
+        self.inner.record_alert(alert).await
+    }
+    async fn get_alert(&self, id: Uuid) -> Result<Alert> {
+        self.inner.get_alert(id).await
+    }
+    async fn unresolved_alerts_of(&self, rule_id: Uuid, device_id: Option<Uuid>) -> Result<Vec<Alert>> {
+        self.inner.unresolved_alerts_of(rule_id, device_id).await
+    }
+    async fn set_alert_state(
+        &self,
+        id: Uuid,
+        state: AlertState,
+        at: SystemTime,
+    ) -> Result<(Alert, Option<AlertEvent>)> {
+        self.inner.set_alert_state(id, state, at).await
+    }
+    async fn list_alerts(
+        &self,
+        filter: &AlertFilter,
+        after: Option<(SystemTime, Uuid)>,
+        limit: usize,
+    ) -> Result<Vec<Alert>> {
+        self.inner.list_alerts(filter, after, limit).await
+    }
+    async fn last_alert_event(&self) -> Result<u64> {
+        self.inner.last_alert_event().await
+    }
+    async fn apply_alert_retention(&self, now: SystemTime, before: SystemTime, limit: usize) -> Result<AlertRetention> {
+        self.inner.apply_alert_retention(now, before, limit).await
+    }
+    async fn alert_event_horizon(&self) -> Result<u64> {
+        self.inner.alert_event_horizon().await
+    }
+    async fn create_webhook(&self, webhook: &Webhook) -> Result<()> {
+        self.inner.create_webhook(webhook).await
+    }
+    async fn get_webhook(&self, id: Uuid) -> Result<Webhook> {
+        self.inner.get_webhook(id).await
+    }
+    async fn list_webhooks(&self, farm_id: Option<Uuid>, after: Option<Uuid>, limit: usize) -> Result<Vec<Webhook>> {
+        self.inner.list_webhooks(farm_id, after, limit).await
+    }
+    async fn delete_webhook(&self, id: Uuid) -> Result<()> {
+        self.inner.delete_webhook(id).await
+    }
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool> {
+        self.inner.lease_webhook(id, owner, now, until).await
+    }
+    async fn record_delivery(&self, id: Uuid, outcome: &DeliveryOutcome) -> Result<Webhook> {
+        self.inner.record_delivery(id, outcome).await
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_retention_overtakes_before_it_reads_ends_instead_of_skipping() {
+    let test = TestDatabase::sqlite().await;
+    let store = test.database.alerts();
+    let now = SystemTime::now();
+    let farm_id = test.database.registry().create_farm(Uuid::now_v7(), "overtaken", now - 800 * DAY).await.unwrap().id;
+    // Events 1 to 6, 400 days old; retention notes where the log stands.
+    for _ in 0..3 {
+        let old = alert(farm_id, now - 400 * DAY);
+        store.record_alert(&old).await.unwrap();
+        store.set_alert_state(old.id, AlertState::Resolved, now - 399 * DAY).await.unwrap();
+    }
+    store.apply_alert_retention(now, now - 365 * DAY, 1000).await.unwrap();
+    let overtaking =
+        RetentionBeforeFirstRead { inner: store.clone(), now: now + 366 * DAY, ran: AtomicBool::new(false) };
+    let settings = AlertsConfig { retention: 365 * DAY, ..AlertsConfig::default() };
+    let api = AlertApi::new(test.database.registry(), Arc::new(overtaking), Bus::in_process(), settings);
+
+    // Cursor 4 is above the horizon (0) when the stream opens; retention then deletes events up to 5 before the
+    // stream's first read, which finds event 6 alone.
+    let mut stream =
+        api.subscribe(subscribe_from(4)).await.expect("the cursor is kept when the stream opens").into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("the stream answers");
+    let ended = first.expect("an answer, not the end").expect_err("event 5 is gone: the stream ends, not skips it");
+    assert_eq!(ended.code(), tonic::Code::FailedPrecondition, "{ended:?}");
+    assert!(ended.message().contains("retention"), "{ended:?}");
 }
