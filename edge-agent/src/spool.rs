@@ -149,6 +149,12 @@ struct Inner {
 pub struct Spool {
     config: SpoolConfig,
     inner: Mutex<Inner>,
+    /// Held through a whole [`Spool::sync`]: a sync that finds `dirty` cleared must know that the fsync which
+    /// cleared it has finished, not take records another caller is still writing for ones on disk.
+    syncing: Mutex<()>,
+    /// Tests pause a sync here, between clearing `dirty` and its fsync (waiting twice: started, then released).
+    #[cfg(test)]
+    pause_before_fsync: Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -274,7 +280,14 @@ impl Spool {
                 .map_err(io(format!("open {}", last.path.display())))?;
             inner.active = Some(file);
         }
-        Ok((Spool { config, inner: Mutex::new(inner) }, recovery))
+        let spool = Spool {
+            config,
+            inner: Mutex::new(inner),
+            syncing: Mutex::new(()),
+            #[cfg(test)]
+            pause_before_fsync: Mutex::new(None),
+        };
+        Ok((spool, recovery))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -382,8 +395,13 @@ impl Spool {
 
     /// Forces appended records to disk (the `interval` policy's background task and the uplink call this).
     /// The fsync runs outside the lock, on a second handle of the active segment, so that appends arriving
-    /// meanwhile do not wait for the disk; the synced mark moves only to what was written before it began.
+    /// meanwhile do not wait for the disk; the synced mark moves only to what was written before it began. Syncs
+    /// take turns (the housekeeping task and the uplink both call this): one that finds nothing dirty while another
+    /// is still in its fsync would otherwise mark as on disk what that fsync has not finished writing, the cloud
+    /// could commit it, and after a power cut the agent would number new readings with sequences the cloud already
+    /// holds.
     pub fn sync(&self) -> Result<(), SpoolError> {
+        let _turn = self.syncing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (file, written) = {
             let mut inner = self.lock();
             let written = inner.next_sequence - 1;
@@ -396,6 +414,11 @@ impl Spool {
             inner.dirty = false;
             (file, written)
         };
+        #[cfg(test)]
+        if let Some(pause) = self.pause_before_fsync.lock().unwrap().take() {
+            pause.wait();
+            pause.wait();
+        }
         if let Some(file) = file
             && let Err(error) = file.sync_data()
         {
@@ -777,6 +800,37 @@ mod tests {
         let records = spool.read_after(0, 10_000, usize::MAX).unwrap();
         assert_eq!(records.last().unwrap().sequence, 2000, "the newest records are kept");
         assert_eq!(records.first().unwrap().sequence, dropped + 1, "oldest first out");
+    }
+
+    #[test]
+    fn a_sync_waits_for_the_fsync_another_sync_has_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig { fsync: FsyncPolicy::Interval(Duration::from_secs(3600)), ..config(dir.path()) };
+        let spool = std::sync::Arc::new(Spool::open(config).unwrap().0);
+        spool.append((0..5).map(|i| body(i as f64)).collect()).unwrap();
+        let pause = std::sync::Arc::new(std::sync::Barrier::new(2));
+        *spool.pause_before_fsync.lock().unwrap() = Some(pause.clone());
+        let first = std::thread::spawn({
+            let spool = spool.clone();
+            move || spool.sync()
+        });
+        pause.wait(); // The first sync has cleared `dirty` and not yet fsynced.
+        let (readable, read) = std::sync::mpsc::channel();
+        let second = std::thread::spawn({
+            let spool = spool.clone();
+            move || {
+                spool.sync().unwrap();
+                readable.send(spool.read_after(0, 100, usize::MAX).unwrap().len()).unwrap();
+            }
+        });
+        assert!(
+            read.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the second sync returned while the first one's fsync was still to come: its records could go up"
+        );
+        pause.wait(); // The fsync goes ahead.
+        first.join().unwrap().unwrap();
+        assert_eq!(read.recv_timeout(Duration::from_secs(10)).unwrap(), 5, "then every record is on disk");
+        second.join().unwrap();
     }
 
     #[test]
