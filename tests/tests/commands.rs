@@ -1,7 +1,8 @@
 //! Live commands end to end: a command reaches its device's topic on the farm's agent (read by Mosquitto's own
 //! client) and the device's acknowledgement closes it; a command whose TTL passes while the agent is down expires
 //! and is never delivered; a command redelivered after a kill -9 of the agent (between delivery and the device's
-//! acknowledgement) runs once. Bad requests are refused with the field named.
+//! acknowledgement) runs once; a device registered a moment before its first command gets it. Bad requests are
+//! refused with the field named.
 
 use std::time::Duration;
 
@@ -86,6 +87,31 @@ async fn commands_reach_their_device_once_and_never_after_their_ttl() {
     assert_eq!((stored.status, stored.status_detail.as_str()), (pb::CommandStatus::Acked as i32, "valve 3 open"));
     let history: Vec<i32> = stored.history.iter().map(|receipt| receipt.status).collect();
     assert_eq!(history, [1, 2, 3, 4], "queued, sent, delivered, acked");
+
+    // A device registered a moment ago (well inside the link's registry refresh interval): its first command
+    // reaches the agent after the registry that names it, is held until the device listens, and then delivered.
+    let newcomer = smartfarm_edge::sim::provision(&format!("http://{}", cloud.addr), &key, &fleet.farm_id, 1, "late")
+        .await
+        .unwrap()
+        .remove(0);
+    let first = send(&mut commands, &newcomer.device_id, "open_valve", 60).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut commands = commands.clone();
+            let id = first.id.clone();
+            async move { status_of(&mut commands, &id).await == pb::CommandStatus::Delivered as i32 }
+        })
+        .await,
+        "the agent took the command for its new device (status {})\n{}",
+        status_of(&mut commands, &first.id).await,
+        edge.log()
+    );
+    let newcomer_topic = format!("smartfarm/{}/commands", newcomer.device_id);
+    let mut newcomer_device =
+        MqttWatch::start(edge.mqtt, &newcomer.device_id, &newcomer.credential, &newcomer_topic).await;
+    let received = newcomer_device.next(Duration::from_secs(10)).await.expect("the new device gets its command");
+    assert!(received.contains(&first.id), "{received}");
+    newcomer_device.stop().await;
 
     // kill -9 after delivery, before the device answers: the cloud sends it again at the next connection, and
     // the agent's command book keeps it from running twice.

@@ -32,10 +32,12 @@ pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The largest parameters, as JSON.
 pub const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
-/// How long after its expire time a delivered command the agent never reported on is expired by the cloud (the
-/// agent reports a delivered command's expiry itself, when the device did not answer in time; an agent that stays
-/// away that long is not coming back soon).
-const DELIVERED_EXPIRY_GRACE: Duration = Duration::from_secs(3600);
+/// How long after its expire time a command sent to the farm's agent, which the agent never reported on, is expired
+/// by the cloud. The agent reports what became of every command it got (delivered, acknowledged, or expired when
+/// the device did not answer in time or the command came too late), and may report it after the expire time: it
+/// ran just before, or the link dropped before the receipt went up. An agent that stays away that long is not
+/// coming back soon.
+const UNCONFIRMED_EXPIRY_GRACE: Duration = Duration::from_secs(3600);
 /// How often finished commands past their retention are deleted.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// Most commands deleted in one transaction.
@@ -74,7 +76,7 @@ impl CommandApi {
         loop {
             ticks.tick().await;
             let now = time::now();
-            match self.commands.expire_commands(now, now - DELIVERED_EXPIRY_GRACE).await {
+            match self.commands.expire_commands(now, now - UNCONFIRMED_EXPIRY_GRACE).await {
                 Ok(expired) => {
                     for command in expired {
                         metrics::counter!("smartfarm_commands_total", "status" => "expired").increment(1);

@@ -248,9 +248,17 @@ async fn receive(
             change = next_change(&mut farm_side.changes) => {
                 let side = (&*farm_side.rules, &mut farm_side.agent_rules_version);
                 match change {
-                    Some(event) => urgent::on_bus_event(api, side, event, outbound).await?,
+                    Some(event) => {
+                        // The agent refuses a command for a device it does not know: one registered since the
+                        // last push reaches it with the registry first.
+                        if matches!(&event, Event::CommandQueued { farm_id: target, .. } if *target == farm_id) {
+                            registry.refresh(api, farm_id, outbound, false).await?;
+                        }
+                        urgent::on_bus_event(api, side, event, outbound).await?
+                    }
                     None => {
                         urgent::refresh_rules(api, side.0, side.1, outbound).await?;
+                        registry.refresh(api, farm_id, outbound, false).await?;
                         urgent::send_pending_commands(api, farm_id, outbound, false).await?;
                     }
                 }

@@ -401,19 +401,28 @@ pub(crate) async fn on_receipt(api: &IngestionApi, farm_id: Uuid, receipt: &comm
     Ok(())
 }
 
-/// Sends one command down (unless its TTL passed) and records it as sent.
+/// Records one command as sent and sends it down (unless its TTL passed or it is finished). Recorded first: a
+/// queued command is expired at its expire time, a sent one only when the agent has not reported on it for a long
+/// while (see `CommandStore::expire_commands`), so a command the agent may have is never one the cloud expires
+/// under it. A command that stays recorded as sent because the link dropped goes again at the next connection.
 pub(crate) async fn send_command(api: &IngestionApi, command: &StoredCommand, outbound: &Outbound) -> Result<()> {
     let Some(commands) = &api.commands else { return Ok(()) };
     if command.expired_at(time::now()) || command.status.is_final() {
         return Ok(());
     }
-    send(outbound, pb::connect_response::Body::Command(command.to_proto())).await?;
-    if commands.update_command_status(command.id, CommandStatus::Sent, "", time::now()).await?.is_some()
-        && let Some(bus) = &api.bus
-    {
-        bus.publish(Event::CommandChanged { farm_id: command.farm_id, command_id: command.id });
+    if command.status == CommandStatus::Queued {
+        match commands.update_command_status(command.id, CommandStatus::Sent, "", time::now()).await? {
+            Some(_) => {
+                if let Some(bus) = &api.bus {
+                    bus.publish(Event::CommandChanged { farm_id: command.farm_id, command_id: command.id });
+                }
+            }
+            // It moved on meanwhile (expired, or another link sent it): only an unfinished one goes down.
+            None if commands.get_command(command.id).await?.status.is_final() => return Ok(()),
+            None => {}
+        }
     }
-    Ok(())
+    send(outbound, pb::connect_response::Body::Command(command.to_proto())).await
 }
 
 /// Sends the farm's unfinished commands down: at connect every one (a command delivered but unanswered when the

@@ -54,11 +54,12 @@ pub trait CommandStore: Send + Sync + 'static {
     /// A farm's commands that are not final and not expired at `now` (queued, sent, or delivered but not yet
     /// answered), oldest first: what a (re)connecting agent is sent; its command book answers those it has.
     async fn pending_commands(&self, farm_id: Uuid, now: SystemTime) -> Result<Vec<StoredCommand>>;
-    /// Marks as expired (with a receipt) every queued or sent command whose expire time is at or before `now` (it
-    /// never reached the farm, so it never ran), and every delivered one whose expire time is at or before
-    /// `delivered_before` (the agent, which reports a delivered command's expiry itself, has not for a long while);
-    /// returns them after the change, oldest first.
-    async fn expire_commands(&self, now: SystemTime, delivered_before: SystemTime) -> Result<Vec<StoredCommand>>;
+    /// Marks as expired (with a receipt) every queued command whose expire time is at or before `now` (no link took
+    /// it, so it never reached the farm), and every sent or delivered one whose expire time is at or before
+    /// `unconfirmed_before`: the agent may have it, may have run it just before its expire time, and reports what
+    /// became of it itself (its receipts can come after the expire time, or after a reconnect), so the cloud
+    /// expires it only when the agent has not said for a long while. Returns them after the change, oldest first.
+    async fn expire_commands(&self, now: SystemTime, unconfirmed_before: SystemTime) -> Result<Vec<StoredCommand>>;
     /// Deletes finished commands (acknowledged, failed or expired) created before `created_before`, with their
     /// history, at most `limit` of them, oldest first; returns how many. Unfinished commands stay whatever their age.
     async fn delete_finished_commands(&self, created_before: SystemTime, limit: usize) -> Result<u64>;

@@ -178,9 +178,13 @@ async fn pending_commands_are_unfinished_and_unexpired_and_expiry_finishes_them(
     }
     assert!(store.expire_commands(at(100), at(100)).await.unwrap().is_empty(), "expired once");
     assert_eq!(ids(&store.pending_commands(farm_a, at(100)).await.unwrap()), vec![sent.id, delivered.id]);
+    assert!(
+        store.expire_commands(at(250), at(100)).await.unwrap().is_empty(),
+        "a sent command past its expire time waits for the agent's report, as a delivered one does"
+    );
 
     let expired = store.expire_commands(at(1000), at(299)).await.unwrap();
-    assert_eq!(ids(&expired), vec![sent.id], "sent commands expire at their expire time");
+    assert_eq!(ids(&expired), vec![sent.id], "sent commands once the grace for the agent's report passed");
     let expired = store.expire_commands(at(1000), at(300)).await.unwrap();
     assert_eq!(ids(&expired), vec![delivered.id], "delivered ones once the grace for the agent's report passed");
     assert_eq!(

@@ -255,7 +255,7 @@ impl CommandStore for PostgresStore {
         with_history(&client, &rows).await
     }
 
-    async fn expire_commands(&self, now: SystemTime, delivered_before: SystemTime) -> Result<Vec<StoredCommand>> {
+    async fn expire_commands(&self, now: SystemTime, unconfirmed_before: SystemTime) -> Result<Vec<StoredCommand>> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error("begin command expiry"))?;
         // An UPDATE re-checks its condition on a row another transaction changed meanwhile: a command acknowledged
@@ -263,7 +263,7 @@ impl CommandStore for PostgresStore {
         let rows = transaction
             .query(
                 "UPDATE commands SET status = $1, status_detail = $2
-                 WHERE (status IN ($3, $4) AND expire_time <= $6) OR (status = $5 AND expire_time <= $7)
+                 WHERE (status = $3 AND expire_time <= $6) OR (status IN ($4, $5) AND expire_time <= $7)
                  RETURNING id",
                 &[
                     &(CommandStatus::Expired as i16),
@@ -272,7 +272,7 @@ impl CommandStore for PostgresStore {
                     &(CommandStatus::Sent as i16),
                     &(CommandStatus::Delivered as i16),
                     &now,
-                    &delivered_before,
+                    &unconfirmed_before,
                 ],
             )
             .await

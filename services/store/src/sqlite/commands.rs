@@ -250,14 +250,14 @@ impl CommandStore for SqliteStore {
         .await
     }
 
-    async fn expire_commands(&self, now: SystemTime, delivered_before: SystemTime) -> Result<Vec<StoredCommand>> {
+    async fn expire_commands(&self, now: SystemTime, unconfirmed_before: SystemTime) -> Result<Vec<StoredCommand>> {
         self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin command expiry"))?;
             let ids: Vec<String> = {
                 let mut statement = transaction
                     .prepare_cached(
                         "SELECT id FROM commands
-                         WHERE (status IN (?1, ?2) AND expire_time <= ?4) OR (status = ?3 AND expire_time <= ?5)
+                         WHERE (status = ?1 AND expire_time <= ?4) OR (status IN (?2, ?3) AND expire_time <= ?5)
                          ORDER BY create_time, id",
                     )
                     .map_err(sql_error("prepare command expiry"))?;
@@ -268,7 +268,7 @@ impl CommandStore for SqliteStore {
                             CommandStatus::Sent as i64,
                             CommandStatus::Delivered as i64,
                             to_unix_micros(now),
-                            to_unix_micros(delivered_before)
+                            to_unix_micros(unconfirmed_before)
                         ],
                         |row| row.get(0),
                     )
