@@ -207,6 +207,12 @@ impl Rule {
         if matches!(condition, Condition::Threshold { .. } | Condition::RateOfChange { .. }) && metric.is_none() {
             return Err(Error::invalid("rule.metric", "is required for threshold and rate-of-change rules"));
         }
+        if matches!(condition, Condition::DeviceSilent { .. }) && metric.is_some() {
+            return Err(Error::invalid(
+                "rule.metric",
+                "must be empty for device-silent rules: a device is silent when none of its metrics is heard",
+            ));
+        }
         Ok(Rule { id, farm_id, name, severity, device_id, metric, cooldown, create_time, condition })
     }
 
@@ -878,7 +884,9 @@ impl Evaluator {
                     };
                     changed.extend(self.step(index, device, metric, seen));
                 }
-                Condition::DeviceSilent { .. } if rule.applies_to(device, None) => {
+                // Any reading ends a silence, whatever metric the rule names (rules stored before metrics were
+                // refused here may name one): the silence was raised for the device as a whole.
+                Condition::DeviceSilent { .. } if rule.device_id.is_none_or(|only| only == device) => {
                     let message = |_: SystemTime| String::new();
                     let seen =
                         Observation { time, beyond: false, hold: Duration::ZERO, value: None, message: &message };
@@ -929,7 +937,8 @@ impl Evaluator {
         let mut changed = Vec::new();
         for rule in &self.rules {
             let Condition::ModelVerdict { disease_labels, min_confidence, .. } = &rule.condition else { continue };
-            if !rule.applies_to(verdict.camera, None) {
+            // A photo has no metric: a rule's metric picks which sensor anomalies it takes, not which diagnoses.
+            if rule.device_id.is_some_and(|only| only != verdict.camera) {
                 continue;
             }
             let matches = !verdict.healthy
@@ -1206,6 +1215,34 @@ mod tests {
     }
 
     #[test]
+    fn a_silence_rule_that_names_a_metric_is_refused_and_a_stored_one_still_clears() {
+        let farm = Uuid::now_v7();
+        let request = pb::Rule {
+            farm_id: farm.to_string(),
+            name: "quiet".into(),
+            severity: 2,
+            metric: "temperature".into(),
+            condition: Some(pb::rule::Condition::DeviceSilent(pb::DeviceSilentCondition {
+                silent_for: Some(pbjson_types::Duration { seconds: 60, nanos: 0 }),
+            })),
+            ..Default::default()
+        };
+        let refused = Rule::from_request(&request, Uuid::now_v7(), at(0)).unwrap_err();
+        assert!(refused.to_string().starts_with("rule.metric:"), "{refused}");
+
+        // A rule stored with a metric before that: its alert clears when the device is heard again.
+        let device = Uuid::now_v7();
+        let mut rule = threshold_rule(farm, 0, 0);
+        rule.condition = Condition::DeviceSilent { silent_for: Duration::from_secs(60) };
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        evaluator.set_rules(vec![rule], at(0));
+        evaluator.on_reading(device, "temperature", 20.0, at(5));
+        assert_eq!(evaluator.on_tick(at(66)).len(), 1);
+        let heard = evaluator.on_reading(device, "temperature", 21.0, at(100));
+        assert_eq!(heard.first().map(|alert| alert.state), Some(AlertState::Resolved), "{heard:?}");
+    }
+
+    #[test]
     fn a_farm_wide_silence_rule_watches_the_registry_s_sensors_even_unheard_ones() {
         let farm = Uuid::now_v7();
         let (heard, unheard, gone) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
@@ -1270,6 +1307,35 @@ mod tests {
         });
         assert_eq!(anomaly.len(), 1);
         assert_eq!(anomaly[0].id, alert_id(disease.id, Some(device), "temperature", at(200)));
+    }
+
+    #[test]
+    fn a_verdict_rule_s_metric_picks_anomalies_not_diagnoses() {
+        let (farm, camera) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut rule = threshold_rule(farm, 0, 0);
+        rule.condition =
+            Condition::ModelVerdict { disease_labels: vec![], min_confidence: 0.8, on_sensor_anomaly: true };
+        let mut evaluator = Evaluator::new(farm, Origin::Cloud);
+        evaluator.set_rules(vec![rule], at(0));
+        let sick = evaluator.on_disease(&DiseaseVerdict {
+            camera,
+            image_id: Some(Uuid::now_v7()),
+            label: "Apple___Black_rot".into(),
+            confidence: 0.95,
+            healthy: false,
+            capture_time: at(10),
+        });
+        assert_eq!(sick.len(), 1, "a diagnosis has no metric to match");
+        let anomaly = |metric: &str| AnomalyVerdict {
+            device: camera,
+            metric: metric.into(),
+            start_time: at(200),
+            end_time: at(260),
+            peak_value: 80.0,
+            peak_score: 9.0,
+        };
+        assert!(evaluator.on_anomaly(&anomaly("humidity")).is_empty(), "another metric's anomaly");
+        assert_eq!(evaluator.on_anomaly(&anomaly("temperature")).len(), 1);
     }
 
     #[test]
