@@ -325,7 +325,7 @@ struct CommandParts {
 async fn run_commands(
     parts: CommandParts,
     mut commands: mpsc::UnboundedReceiver<smartfarm_proto::command::v1::Command>,
-    mut acks: mpsc::UnboundedReceiver<(uuid::Uuid, Bytes)>,
+    mut acks: mpsc::UnboundedReceiver<crate::mqtt::broker::CommandAck>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let CommandParts { book, broker, registry, urgent } = parts;
@@ -370,8 +370,10 @@ async fn run_commands(
                 }
             }
             ack = acks.recv() => {
-                let Some((device, payload)) = ack else { return };
-                match book.acknowledge(device, &payload, SystemTime::now()) {
+                let Some(crate::mqtt::broker::CommandAck { device, payload, recorded }) = ack else { return };
+                let outcome = book.acknowledge(device, &payload, SystemTime::now());
+                let _ = recorded.send(outcome.is_ok());
+                match outcome {
                     Ok(AckOutcome::Receipt(answer)) => receipt(answer),
                     Ok(AckOutcome::Refused(reason)) => {
                         tracing::warn!(%device, %reason, "command acknowledgement refused");

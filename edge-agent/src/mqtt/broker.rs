@@ -114,6 +114,14 @@ fn load_sessions(path: &std::path::Path) -> HashMap<String, SavedSession> {
     })
 }
 
+/// A device's answer on `smartfarm/<device>/commands/ack`, for the command book; `recorded` says whether it is on
+/// disk (the broker acknowledges the publish only then).
+pub struct CommandAck {
+    pub device: Uuid,
+    pub payload: Bytes,
+    pub recorded: tokio::sync::oneshot::Sender<bool>,
+}
+
 /// The broker's shared state.
 pub struct Broker {
     registry: Arc<Registry>,
@@ -128,7 +136,7 @@ pub struct Broker {
     /// Where persistent sessions are kept (`<spool dir>/mqtt-sessions.json`).
     sessions_file: Option<std::path::PathBuf>,
     /// Where devices' command acknowledgements go (`smartfarm/<id>/commands/ack`).
-    command_acks: std::sync::OnceLock<mpsc::UnboundedSender<(Uuid, Bytes)>>,
+    command_acks: std::sync::OnceLock<mpsc::UnboundedSender<CommandAck>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -168,7 +176,7 @@ impl Broker {
     }
 
     /// Sends devices' command acknowledgements to `acks` (set once, when the agent starts).
-    pub fn route_command_acks(&self, acks: mpsc::UnboundedSender<(Uuid, Bytes)>) {
+    pub fn route_command_acks(&self, acks: mpsc::UnboundedSender<CommandAck>) {
         let _ = self.command_acks.set(acks);
     }
 
@@ -735,13 +743,21 @@ impl Session {
             return Ok((PublishOutcome::NotAuthorized, None));
         };
         if rest == Some("commands/ack") {
-            match self.broker.command_acks.get() {
-                Some(acks) => {
-                    let _ = acks.send((device, payload));
-                }
-                None => tracing::debug!(%topic, "command acknowledgement with nobody to take it"),
-            }
-            return Ok((PublishOutcome::Accepted, None));
+            let Some(acks) = self.broker.command_acks.get() else {
+                tracing::debug!(%topic, "command acknowledgement with nobody to take it");
+                return Ok((PublishOutcome::Accepted, None));
+            };
+            // Acknowledged to the device only once its answer is in the command book on disk: a device does not
+            // send an acknowledged answer again, and one lost to a crash would leave the command reported expired
+            // though it ran. Not recorded: no acknowledgement, and the device sends it again.
+            let (recorded, done) = tokio::sync::oneshot::channel();
+            let _ = acks.send(CommandAck { device, payload, recorded });
+            return match done.await {
+                Ok(true) => Ok((PublishOutcome::Accepted, None)),
+                Ok(false) | Err(_) => Err(Ended::Io(std::io::Error::other(
+                    "the command book cannot record the acknowledgement now; send it again",
+                ))),
+            };
         }
         if rest != Some("telemetry") {
             // Other topics under the device's own prefix are its to use; nothing here consumes them.
@@ -867,6 +883,37 @@ mod tests {
             publish.pkid = pkid;
             self.send(v4::Packet::Publish(publish)).await;
         }
+    }
+
+    /// A device's answer to a command is acknowledged only once the command book has it on disk; one the book cannot
+    /// record is not acknowledged (the connection ends and the device sends it again).
+    #[tokio::test]
+    async fn a_command_answer_is_acknowledged_only_once_recorded() {
+        let farm = Farm::new();
+        let (broker, address, _spool, _stop) = farm.start().await;
+        let (acks, mut answers) = mpsc::unbounded_channel();
+        broker.route_command_acks(acks);
+        let (mut client, _) = Client::connect(address, &farm, true).await;
+        let topic = format!("smartfarm/{}/commands/ack", farm.device);
+        let answer = |pkid: u16| {
+            let mut publish = v4::Publish::new(topic.clone(), QoS::AtLeastOnce, r#"{"id": "x", "status": "ok"}"#);
+            publish.pkid = pkid;
+            v4::Packet::Publish(publish)
+        };
+        client.send(answer(1)).await;
+        let first = answers.recv().await.expect("the answer reaches the command book");
+        assert_eq!(first.device, farm.device);
+        let early = tokio::time::timeout(Duration::from_millis(300), client.receive()).await;
+        assert!(early.is_err(), "acknowledged before the book had it: {early:?}");
+        first.recorded.send(true).unwrap();
+        assert!(matches!(client.receive().await, v4::Packet::PubAck(ack) if ack.pkid == 1));
+
+        client.send(answer(2)).await;
+        answers.recv().await.unwrap().recorded.send(false).unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.stream.read_to_end(&mut rest)).await;
+        read.expect("the broker ends the connection").unwrap();
+        assert!(rest.is_empty() && client.buffer.is_empty(), "no acknowledgement: {rest:?}");
     }
 
     /// A burst of QoS 1 publishes, more than the acknowledgements a connection may owe, sent in one write: every
