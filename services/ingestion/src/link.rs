@@ -33,6 +33,10 @@ use crate::{IngestionApi, batch};
 /// What a session sends down.
 pub(crate) type Outbound = mpsc::Sender<Result<pb::ConnectResponse, Status>>;
 
+/// Most of an agent's alerts or command receipts waiting to be recorded; past that the link reads the agent more
+/// slowly, so an agent cannot make the cloud hold more of them in memory.
+pub(crate) const URGENT_QUEUE: usize = 1024;
+
 /// How long an agent has to say hello.
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -169,8 +173,9 @@ async fn read_agent(
     mut inbound: Streaming<pb::ConnectRequest>,
     batches: mpsc::Sender<Incoming>,
 ) {
-    // Receipts touch the database: a task of their own keeps them in order without holding up the reading.
-    let (receipts, mut receipt_queue) = mpsc::unbounded_channel();
+    // Receipts touch the database: a task of their own keeps them in order without holding up the reading. Its
+    // queue is bounded: an agent that sends faster than they are recorded is read more slowly.
+    let (receipts, mut receipt_queue) = mpsc::channel(URGENT_QUEUE);
     let receipt_api = api.clone();
     tokio::spawn(async move {
         while let Some(receipt) = receipt_queue.recv().await {
@@ -196,9 +201,9 @@ async fn read_agent(
                     return;
                 }
             }
-            Some(pb::connect_request::Body::Alert(alert)) => urgent::on_alert(&rules, &alert),
+            Some(pb::connect_request::Body::Alert(alert)) => urgent::on_alert(&rules, &alert).await,
             Some(pb::connect_request::Body::CommandReceipt(receipt)) => {
-                let _ = receipts.send(receipt);
+                let _ = receipts.send(receipt).await;
             }
             Some(pb::connect_request::Body::Hello(_)) => {
                 break Err(Error::invalid("hello", "hello may only be the first message"));
@@ -295,8 +300,25 @@ async fn push_models(api: &IngestionApi, sent: &mut Option<(String, String)>, ou
     Ok(())
 }
 
+/// How long a message to the agent may wait for room on its stream. An agent that stops reading (HTTP/2 flow
+/// control then holds the stream) would otherwise keep its link, the batches waiting behind an acknowledgement, and
+/// the commit permits they hold (which every link of the process shares) forever. The link ends instead; the agent
+/// reconnects and sends again what was not acknowledged.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub(crate) async fn send(outbound: &Outbound, body: pb::connect_response::Body) -> Result<()> {
-    outbound.send(Ok(down(body))).await.map_err(|_| Error::Unavailable("the agent went away".into()))
+    send_within(outbound, body, SEND_TIMEOUT).await
+}
+
+async fn send_within(outbound: &Outbound, body: pb::connect_response::Body, limit: std::time::Duration) -> Result<()> {
+    match tokio::time::timeout(limit, outbound.send(Ok(down(body)))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Error::Unavailable("the agent went away".into())),
+        Err(_) => Err(Error::Unavailable(format!(
+            "the agent read nothing of its stream for {} s; the link ends",
+            limit.as_secs_f64()
+        ))),
+    }
 }
 
 /// The farm's registry as this link last pushed it.
@@ -574,4 +596,22 @@ fn series_spans(readings: &[smartfarm_store::telemetry::ReadingRow]) -> Vec<Seri
 
 fn stored_precision(time: std::time::SystemTime) -> std::time::SystemTime {
     time::from_unix_micros(time::to_unix_micros(time))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_message_the_agent_makes_no_room_for_ends_the_link_in_time() {
+        let (outbound, _never_read) = mpsc::channel(1);
+        let ack = || pb::connect_response::Body::BatchAck(pb::BatchAck { last_sequence: 1, duplicate: false });
+        send_within(&outbound, ack(), Duration::from_millis(50)).await.expect("room for one");
+        let waited =
+            tokio::time::timeout(Duration::from_secs(5), send_within(&outbound, ack(), Duration::from_millis(50)));
+        let ended = waited.await.expect("the send gave up in time").unwrap_err();
+        assert!(ended.to_string().contains("read nothing of its stream"), "{ended}");
+    }
 }

@@ -36,14 +36,16 @@ pub(crate) struct FarmRules {
 /// the copies this link raises from committed batches mostly repeat what the agent sent already, come a batch at a
 /// time (hundreds at once after an upload), and must not hold the news up.
 struct Recorder {
-    agent: mpsc::UnboundedSender<(Instant, Alert)>,
+    /// Bounded (see `link::URGENT_QUEUE`): the agent decides how many it sends.
+    agent: mpsc::Sender<(Instant, Alert)>,
+    /// Bounded by the batches committed: a batch's copies are queued once it is.
     copies: mpsc::UnboundedSender<(Instant, Alert)>,
 }
 
 impl FarmRules {
     pub(crate) fn new(api: &IngestionApi, farm_id: Uuid) -> Arc<FarmRules> {
         let recorder = api.alerts.as_ref().map(|alerts| {
-            let (agent, agent_queue) = mpsc::unbounded_channel();
+            let (agent, agent_queue) = mpsc::channel(crate::link::URGENT_QUEUE);
             let (copies, copy_queue) = mpsc::unbounded_channel();
             tokio::spawn(record_forever(api.clone(), alerts.clone(), agent_queue, copy_queue));
             Recorder { agent, copies }
@@ -63,7 +65,7 @@ const MAX_COPIES_AT_ONCE: usize = 16;
 async fn record_forever(
     api: IngestionApi,
     alerts: Arc<dyn smartfarm_store::AlertStore>,
-    mut agent: mpsc::UnboundedReceiver<(Instant, Alert)>,
+    mut agent: mpsc::Receiver<(Instant, Alert)>,
     mut copies: mpsc::UnboundedReceiver<(Instant, Alert)>,
 ) {
     let mut known = Known::default();
@@ -336,16 +338,16 @@ async fn joined_before(alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) 
     })
 }
 
-/// An alert the agent raised, sent up the urgent lane, for the recorder. A bad one is logged and dropped (resending
-/// would not fix it).
-pub(crate) fn on_alert(rules: &FarmRules, wire: &smartfarm_proto::alert::v1::Alert) {
+/// An alert the agent raised, sent up the urgent lane, for the recorder (waiting for room in its queue). A bad one
+/// is logged and dropped (resending would not fix it).
+pub(crate) async fn on_alert(rules: &FarmRules, wire: &smartfarm_proto::alert::v1::Alert) {
     let Some(recorder) = &rules.recorder else {
         metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert").increment(1);
         return;
     };
     match Alert::from_edge(wire, rules.farm_id) {
         Ok(alert) => {
-            let _ = recorder.agent.send((Instant::now(), alert));
+            let _ = recorder.agent.send((Instant::now(), alert)).await;
         }
         Err(error) => {
             metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "bad_alert").increment(1);
