@@ -288,10 +288,19 @@ impl Dispatcher {
         self.settings.webhook_timeout + Duration::from_secs(5)
     }
 
+    /// The wait before the next attempt after `failures` failed in a row: `webhook_retry_min`, doubling with each
+    /// failure, at most `webhook_retry_max`. It follows from the stored failure count, so whichever replica delivers
+    /// next keeps the same pace.
+    fn retry_delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(30);
+        self.settings.webhook_retry_min.saturating_mul(1 << doublings).min(self.settings.webhook_retry_max)
+    }
+
     /// Delivers one webhook's events in order, while this process holds its lease, until it is deleted.
     async fn deliver_forever(self: Arc<Self>, id: Uuid) {
         let mut changes = self.bus.subscribe();
-        let mut backoff = self.settings.webhook_retry_min;
+        // For the store's own failures (it is read again after this).
+        let backoff = self.settings.webhook_retry_min;
         loop {
             let now = time::now();
             match self.alerts.lease_webhook(id, self.owner, now, now + self.lease()).await {
@@ -367,7 +376,6 @@ impl Dispatcher {
                 match self.deliver(&webhook, &event).await {
                     Ok(()) => {
                         metrics::counter!("smartfarm_webhook_deliveries_total", "outcome" => "delivered").increment(1);
-                        backoff = self.settings.webhook_retry_min;
                         let outcome = DeliveryOutcome::Delivered { sequence: event.sequence, at: time::now() };
                         match self.alerts.record_delivery(id, &outcome).await {
                             Ok(updated) => webhook = updated,
@@ -383,15 +391,23 @@ impl Dispatcher {
                         metrics::counter!("smartfarm_webhook_deliveries_total", "outcome" => "failed").increment(1);
                         let failures = webhook.consecutive_failures + 1;
                         let mark_failing = failures >= self.settings.webhook_max_failures;
+                        let wait = self.retry_delay(failures);
                         // The host only: a chat webhook's path is its secret.
                         let host = webhook.url.parse::<http::Uri>().ok().and_then(|uri| uri.host().map(str::to_string));
-                        tracing::warn!(webhook_id = %id, host = host.as_deref().unwrap_or("?"), failures, %error, retry_in_ms = backoff.as_millis() as u64, "webhook delivery failed");
+                        tracing::warn!(webhook_id = %id, host = host.as_deref().unwrap_or("?"), failures, %error, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
                         let outcome = DeliveryOutcome::Failed { error, mark_failing };
                         if let Err(Error::NotFound { .. }) = self.alerts.record_delivery(id, &outcome).await {
                             return;
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(self.settings.webhook_retry_max);
+                        // The lease covers the wait, so no other replica tries meanwhile (with a pace of its own);
+                        // should this one stop, another takes over a lease after the wait.
+                        let now = time::now();
+                        if let Err(error) =
+                            self.alerts.lease_webhook(id, self.owner, now, now + wait + self.lease()).await
+                        {
+                            tracing::warn!(webhook_id = %id, %error, "cannot hold the webhook's lease through the wait");
+                        }
+                        tokio::time::sleep(wait).await;
                         break;
                     }
                 }
