@@ -450,6 +450,23 @@ async fn a_writer_whose_copy_is_out_of_date_merges_with_what_is_stored(harness: 
     assert_eq!(elsewhere.get_alert(open.id).await.unwrap(), closed);
 }
 
+async fn a_resolved_alert_is_kept_until_it_resolved_a_retention_ago(database: &Database) {
+    let store = database.alerts();
+    let farm_id = farm(database, "november").await;
+    let long = alert(farm_id, Severity::Critical, 10);
+    store.record_alert(&long).await.unwrap().unwrap();
+    store.set_alert_state(long.id, AlertState::Resolved, at(180)).await.unwrap();
+    store.apply_alert_retention(at(100), at(5), 10).await.unwrap();
+    // Opened before the retention's start (150) but resolved after it: kept (an agent that resends it after a
+    // restart must find it, not open it again).
+    let step = store.apply_alert_retention(at(200), at(150), 10).await.unwrap();
+    assert_eq!(step.alerts, 0);
+    assert_eq!(store.get_alert(long.id).await.unwrap().state, AlertState::Resolved);
+    let step = store.apply_alert_retention(at(400), at(190), 10).await.unwrap();
+    assert_eq!(step.alerts, 1, "resolved a retention ago");
+    assert!(matches!(store.get_alert(long.id).await, Err(Error::NotFound { .. })));
+}
+
 async fn retention_deletes_old_events_and_resolved_alerts_but_not_what_a_webhook_awaits(database: &Database) {
     let store = database.alerts();
     let farm_id = farm(database, "lima").await;
@@ -605,6 +622,12 @@ macro_rules! alert_suite {
     ($backend:ident) => {
         mod $backend {
             use super::*;
+
+            #[tokio::test]
+            async fn a_resolved_alert_is_kept_until_it_resolved_a_retention_ago() {
+                super::a_resolved_alert_is_kept_until_it_resolved_a_retention_ago(&Harness::$backend().await.database)
+                    .await;
+            }
 
             #[tokio::test]
             async fn retention_deletes_old_events_and_resolved_alerts_but_not_what_a_webhook_awaits() {

@@ -32,6 +32,11 @@ fn parse_rule(value: serde_json::Value) -> Result<Rule> {
     serde_json::from_value(value).map_err(|error| Error::internal("rules.definition is not a rule", error))
 }
 
+/// Whole seconds since 1970 (as alert bodies hold their times).
+fn unix_seconds(time: SystemTime) -> i64 {
+    smartfarm_core::time::to_unix_micros(time).div_euclid(1_000_000)
+}
+
 fn alert_json(alert: &Alert) -> Result<serde_json::Value> {
     serde_json::to_value(alert).map_err(|error| Error::internal("encode alert", error))
 }
@@ -633,9 +638,13 @@ impl AlertStore for PostgresStore {
         }
         deleted.alerts = transaction
             .execute(
+                // Resolved before `before` (an alert resolves after it opens, so the open time narrows the search).
                 "DELETE FROM alerts WHERE id IN (
-                     SELECT id FROM alerts WHERE state = 3 AND open_time < $1 ORDER BY open_time LIMIT $2)",
-                &[&before, &sql_count(limit)],
+                     SELECT id FROM alerts
+                     WHERE state = 3 AND open_time < $1
+                       AND COALESCE((body->'resolve_time'->>'secs_since_epoch')::bigint, 0) < $3
+                     ORDER BY open_time LIMIT $2)",
+                &[&before, &sql_count(limit), &unix_seconds(before)],
             )
             .await
             .map_err(pg_error("delete old resolved alerts"))?;

@@ -482,9 +482,14 @@ impl AlertStore for SqliteStore {
             }
             deleted.alerts = transaction
                 .execute(
+                    // Resolved before `before` (an alert resolves after it opens, so the open time narrows the
+                    // search).
                     "DELETE FROM alerts WHERE id IN (
-                         SELECT id FROM alerts WHERE state = 3 AND open_time < ?1 ORDER BY open_time LIMIT ?2)",
-                    params![before, limit],
+                         SELECT id FROM alerts
+                         WHERE state = 3 AND open_time < ?1
+                           AND COALESCE(json_extract(body, '$.resolve_time.secs_since_epoch'), 0) < ?3
+                         ORDER BY open_time LIMIT ?2)",
+                    params![before, limit, before.div_euclid(1_000_000)],
                 )
                 .map_err(sql_error("delete old resolved alerts"))? as u64;
             transaction.commit().map_err(sql_error("commit alert retention"))?;
