@@ -403,13 +403,17 @@ pub(crate) async fn on_receipt(api: &IngestionApi, farm_id: Uuid, receipt: &comm
     Ok(())
 }
 
-/// Records one command as sent and sends it down (unless its TTL passed or it is finished). Recorded first: a
+/// Records one command as sent and sends it down (unless it is finished, or queued past its TTL). Recorded first: a
 /// queued command is expired at its expire time, a sent one only when the agent has not reported on it for a long
 /// while (see `CommandStore::expire_commands`), so a command the agent may have is never one the cloud expires
-/// under it. A command that stays recorded as sent because the link dropped goes again at the next connection.
+/// under it. A command that stays recorded as sent because the link dropped goes again at the next connection,
+/// whose agent answers for it.
 pub(crate) async fn send_command(api: &IngestionApi, command: &StoredCommand, outbound: &Outbound) -> Result<()> {
     let Some(commands) = &api.commands else { return Ok(()) };
-    if command.expired_at(time::now()) || command.status.is_final() {
+    // A sent or delivered one goes again even past its expire time: the agent says what became of it (it never
+    // publishes an expired command).
+    let expired_in_the_cloud = command.status == CommandStatus::Queued && command.expired_at(time::now());
+    if expired_in_the_cloud || command.status.is_final() {
         return Ok(());
     }
     if command.status == CommandStatus::Queued {

@@ -51,8 +51,9 @@ pub trait CommandStore: Send + Sync + 'static {
         detail: &str,
         at: SystemTime,
     ) -> Result<Option<StoredCommand>>;
-    /// A farm's commands that are not final and not expired at `now` (queued, sent, or delivered but not yet
-    /// answered), oldest first: what a (re)connecting agent is sent; its command book answers those it has.
+    /// A farm's commands that are not final, oldest first: queued ones not expired at `now`, and every sent or
+    /// delivered one, past its expire time too (the agent answers for those: from its command book when it had
+    /// the command, as expired when it never did). What a (re)connecting agent is sent.
     async fn pending_commands(&self, farm_id: Uuid, now: SystemTime) -> Result<Vec<StoredCommand>>;
     /// Marks as expired (with a receipt) every queued command whose expire time is at or before `now` (no link took
     /// it, so it never reached the farm), and every sent or delivered one whose expire time is at or before

@@ -182,6 +182,11 @@ async fn pending_commands_are_unfinished_and_unexpired_and_expiry_finishes_them(
         store.expire_commands(at(250), at(100)).await.unwrap().is_empty(),
         "a sent command past its expire time waits for the agent's report, as a delivered one does"
     );
+    assert_eq!(
+        ids(&store.pending_commands(farm_a, at(250)).await.unwrap()),
+        vec![sent.id, delivered.id],
+        "and goes to a reconnecting agent, which answers for it"
+    );
 
     let expired = store.expire_commands(at(1000), at(299)).await.unwrap();
     assert_eq!(ids(&expired), vec![sent.id], "sent commands once the grace for the agent's report passed");

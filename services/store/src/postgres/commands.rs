@@ -239,7 +239,7 @@ impl CommandStore for PostgresStore {
             .query(
                 &format!(
                     "SELECT {COMMAND_COLUMNS} FROM commands
-                     WHERE farm_id = $1 AND status IN ($2, $3, $5) AND expire_time > $4
+                     WHERE farm_id = $1 AND ((status = $2 AND expire_time > $4) OR status IN ($3, $5))
                      ORDER BY create_time, id"
                 ),
                 &[

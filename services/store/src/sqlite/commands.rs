@@ -236,7 +236,7 @@ impl CommandStore for SqliteStore {
         self.run(move |connection| {
             select_commands(
                 connection,
-                "farm_id = ?1 AND status IN (?2, ?3, ?5) AND expire_time > ?4",
+                "farm_id = ?1 AND ((status = ?2 AND expire_time > ?4) OR status IN (?3, ?5))",
                 "create_time, id",
                 vec![
                     Value::Text(farm_id.to_string()),
