@@ -15,7 +15,7 @@ use smartfarm_bus::Bus;
 use smartfarm_core::Principal;
 use smartfarm_core::Result;
 use smartfarm_core::config::AlertsConfig;
-use smartfarm_core::rules::{Alert, AlertState, Origin, Rule, Severity, alert_id};
+use smartfarm_core::rules::{Alert, AlertState, Rule, Severity};
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::alert::v1::alert_service_server::AlertService;
 use smartfarm_store::AlertStore;
@@ -23,30 +23,11 @@ use smartfarm_store::alerts::{AlertEvent, AlertFilter, AlertRetention, DeliveryO
 use smartfarm_store::testing::TestDatabase;
 use tokio_stream::StreamExt;
 
-const DAY: Duration = Duration::from_secs(86_400);
+mod common;
 
-fn alert(farm_id: Uuid, open_time: SystemTime) -> Alert {
-    let (rule_id, device) = (Uuid::now_v7(), Uuid::now_v7());
-    Alert {
-        id: alert_id(rule_id, Some(device), "temperature", open_time),
-        farm_id,
-        rule_id,
-        device_id: Some(device),
-        metric: "temperature".into(),
-        severity: Severity::Critical,
-        state: AlertState::Open,
-        message: "temperature 41 above 40".into(),
-        value: Some(41.0),
-        open_time,
-        last_time: open_time,
-        acknowledge_time: None,
-        resolve_time: None,
-        count: 1,
-        origin: Origin::Cloud,
-        evidence_image_id: None,
-        evidence_window: None,
-    }
-}
+use common::alert;
+
+const DAY: Duration = Duration::from_secs(86_400);
 
 fn subscribe_from(cursor: u64) -> Request<pb::SubscribeRequest> {
     let mut request = Request::new(pb::SubscribeRequest { cursor: cursor.to_string(), ..Default::default() });

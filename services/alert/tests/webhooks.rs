@@ -13,10 +13,11 @@ use smartfarm_alert::AlertApi;
 use smartfarm_bus::Bus;
 use smartfarm_core::Principal;
 use smartfarm_core::config::AlertsConfig;
-use smartfarm_core::rules::{Alert, AlertState, Origin, Severity, alert_id};
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::alert::v1::alert_service_server::AlertService;
 use smartfarm_store::testing::TestDatabase;
+
+mod common;
 
 /// An endpoint that answers every request with a 500; returns its URL and how many requests it had.
 async fn failing_endpoint() -> (String, Arc<AtomicUsize>) {
@@ -58,30 +59,7 @@ async fn a_failed_delivery_holds_the_lease_through_the_wait_before_the_next_atte
     let webhook_id = Uuid::parse_str(&webhook.id).unwrap();
     tokio::spawn(api.clone().run_webhooks());
 
-    let (rule_id, device) = (Uuid::now_v7(), Uuid::now_v7());
-    let now = SystemTime::now();
-    store
-        .record_alert(&Alert {
-            id: alert_id(rule_id, Some(device), "temperature", now),
-            farm_id,
-            rule_id,
-            device_id: Some(device),
-            metric: "temperature".into(),
-            severity: Severity::Critical,
-            state: AlertState::Open,
-            message: "temperature 41 above 40".into(),
-            value: Some(41.0),
-            open_time: now,
-            last_time: now,
-            acknowledge_time: None,
-            resolve_time: None,
-            count: 1,
-            origin: Origin::Cloud,
-            evidence_image_id: None,
-            evidence_window: None,
-        })
-        .await
-        .unwrap();
+    store.record_alert(&common::alert(farm_id, SystemTime::now())).await.unwrap();
 
     let mut failed = false;
     for _ in 0..200 {
