@@ -338,6 +338,8 @@ enum Ended {
     Protocol(String),
     Io(std::io::Error),
     SpoolUnavailable(String),
+    /// A device's answer to a command was not recorded (the command book failed, or took over 10 s).
+    CommandBookUnavailable,
 }
 
 impl std::fmt::Display for Ended {
@@ -350,6 +352,9 @@ impl std::fmt::Display for Ended {
             Ended::Protocol(detail) => write!(f, "protocol error: {detail}"),
             Ended::Io(error) => write!(f, "socket error: {error}"),
             Ended::SpoolUnavailable(error) => write!(f, "the spool cannot be written: {error}"),
+            Ended::CommandBookUnavailable => {
+                f.write_str("the command book cannot record an answer now; the device sends it again")
+            }
         }
     }
 }
@@ -752,11 +757,9 @@ impl Session {
             // though it ran. Not recorded: no acknowledgement, and the device sends it again.
             let (recorded, done) = tokio::sync::oneshot::channel();
             let _ = acks.send(CommandAck { device, payload, recorded });
-            return match done.await {
-                Ok(true) => Ok((PublishOutcome::Accepted, None)),
-                Ok(false) | Err(_) => Err(Ended::Io(std::io::Error::other(
-                    "the command book cannot record the acknowledgement now; send it again",
-                ))),
+            return match tokio::time::timeout(Duration::from_secs(10), done).await {
+                Ok(Ok(true)) => Ok((PublishOutcome::Accepted, None)),
+                _ => Err(Ended::CommandBookUnavailable),
             };
         }
         if rest != Some("telemetry") {

@@ -170,7 +170,7 @@ impl AlertService for AlertApi {
     ) -> Result<Response<pb::CreateRuleResponse>, Status> {
         let principal = api_caller(&request)?;
         let wire = request.get_ref().rule.as_ref().ok_or_else(|| Error::invalid("rule", "is required"))?;
-        let rule = Rule::from_request(wire, Uuid::now_v7(), time::now())?;
+        let rule = Rule::from_create_request(wire, Uuid::now_v7(), time::now())?;
         principal.authorize_farm(rule.farm_id)?;
         if let Some(device_id) = rule.device_id {
             let device = self.registry.get_device(device_id).await?;

@@ -135,15 +135,16 @@ impl Follower {
     ///
     /// Retention may delete events after the cursor between the check when the stream opened and a read (a stream
     /// resumed from just above the horizon, or one that fell more than the retention behind). The horizon is read
-    /// again after each page, and the stream ends with `FAILED_PRECONDITION` rather than go on past a gap. The
-    /// horizon moves in the same transaction as the deletion, so a read that missed deleted events is always
-    /// followed by a horizon past its starting point.
+    /// again after each page that starts behind the newest event, and the stream ends with `FAILED_PRECONDITION`
+    /// rather than go on past a gap. The horizon moves in the same transaction as the deletion, so a read that
+    /// missed deleted events is always followed by a horizon past its starting point. A stream at the newest event
+    /// (the idle one, polling) has nothing to fear: retention never deletes the newest event.
     async fn catch_up(&mut self) -> Result<bool> {
         let end = self.alerts.last_alert_event().await?;
         loop {
             let from = self.last;
             let events = self.alerts.alert_events_after(from, self.farm_id, self.min_severity, CATCH_UP_PAGE).await?;
-            let horizon = self.alerts.alert_event_horizon().await?;
+            let horizon = if from < end { self.alerts.alert_event_horizon().await? } else { 0 };
             if horizon > from {
                 return Err(Error::FailedPrecondition(format!(
                     "retention (alerts.retention) deleted the events up to {horizon} while this stream was reading \

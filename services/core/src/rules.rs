@@ -207,13 +207,20 @@ impl Rule {
         if matches!(condition, Condition::Threshold { .. } | Condition::RateOfChange { .. }) && metric.is_none() {
             return Err(Error::invalid("rule.metric", "is required for threshold and rate-of-change rules"));
         }
-        if matches!(condition, Condition::DeviceSilent { .. }) && metric.is_some() {
+        Ok(Rule { id, farm_id, name, severity, device_id, metric, cooldown, create_time, condition })
+    }
+
+    /// A new rule from a `CreateRule` request: [`Rule::from_request`], and what only new rules are held to (rules
+    /// stored before these checks still load, and still reach the agents).
+    pub fn from_create_request(rule: &pb::Rule, id: Uuid, create_time: SystemTime) -> Result<Rule> {
+        let rule = Rule::from_request(rule, id, create_time)?;
+        if matches!(rule.condition, Condition::DeviceSilent { .. }) && rule.metric.is_some() {
             return Err(Error::invalid(
                 "rule.metric",
                 "must be empty for device-silent rules: a device is silent when none of its metrics is heard",
             ));
         }
-        Ok(Rule { id, farm_id, name, severity, device_id, metric, cooldown, create_time, condition })
+        Ok(rule)
     }
 
     /// The rule as the contract's message.
@@ -1227,13 +1234,15 @@ mod tests {
             })),
             ..Default::default()
         };
-        let refused = Rule::from_request(&request, Uuid::now_v7(), at(0)).unwrap_err();
+        let refused = Rule::from_create_request(&request, Uuid::now_v7(), at(0)).unwrap_err();
         assert!(refused.to_string().starts_with("rule.metric:"), "{refused}");
 
-        // A rule stored with a metric before that: its alert clears when the device is heard again.
+        // A rule stored with a metric before that still reaches the agent, and its alert clears when the device is
+        // heard again.
         let device = Uuid::now_v7();
         let mut rule = threshold_rule(farm, 0, 0);
         rule.condition = Condition::DeviceSilent { silent_for: Duration::from_secs(60) };
+        assert_eq!(Rule::from_pushed(&rule.to_proto()).unwrap(), rule);
         let mut evaluator = Evaluator::new(farm, Origin::Edge);
         evaluator.set_rules(vec![rule], at(0));
         evaluator.on_reading(device, "temperature", 20.0, at(5));

@@ -60,7 +60,8 @@ pub(crate) async fn run(
         Ok(()) => tracing::info!(%gateway_id, %farm_id, "edge link closed by the agent"),
         Err(error) => {
             tracing::warn!(%gateway_id, %farm_id, %error, "edge link ended");
-            let _ = outbound.send(Err(Status::from(error))).await;
+            // Not waited for: the link may have ended because the agent makes no room on its stream.
+            let _ = outbound.try_send(Err(Status::from(error)));
         }
     }
 }
