@@ -511,7 +511,12 @@ async fn commit_in_order(
         // A group is a duplicate as a whole or not at all: a batch resent after a reconnect together with new ones
         // is acknowledged as new (the flag is informational; the mark is what the agent relies on).
         let duplicate = outcome == BatchOutcome::Duplicate;
-        if let BatchOutcome::Committed { readings, aggregates } = outcome {
+        if let BatchOutcome::Committed { readings, aggregates, above } = outcome {
+            // Only what this commit wrote is new: in a group that overlapped the mark (a resend after a reconnect
+            // racing the old stream's commit) the records at or below it were committed, evaluated and announced
+            // by the other stream.
+            group.readings.retain(|reading| reading.sequence > above);
+            group.aggregates.retain(|aggregate| aggregate.sequence > above);
             metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "committed")
                 .increment(ranges.len() as u64);
             metrics::counter!("smartfarm_ingest_readings_total").increment(readings as u64);

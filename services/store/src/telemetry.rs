@@ -54,8 +54,10 @@ pub struct EdgeBatch {
 /// What committing a batch did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchOutcome {
-    /// The rows above the old mark were written and the mark moved to the batch's last sequence.
-    Committed { readings: usize, aggregates: usize },
+    /// The rows above the old mark (`above`) were written and the mark moved to the batch's last sequence. A batch
+    /// that overlapped the mark (resent after a reconnect together with new records) wrote only its records above
+    /// it.
+    Committed { readings: usize, aggregates: usize, above: u64 },
     /// The whole batch was at or below the mark: nothing was written.
     Duplicate,
 }

@@ -93,7 +93,7 @@ async fn batches_commit_once(database: &Database) {
     );
     assert_eq!(
         telemetry.commit_batch(&first, &ROLLUPS).await.unwrap(),
-        BatchOutcome::Committed { readings: 3, aggregates: 0 }
+        BatchOutcome::Committed { readings: 3, aggregates: 0, above: 0 }
     );
     assert_eq!(telemetry.committed_sequence(farm.gateway, farm.spool).await.unwrap(), 3);
     assert_eq!(
@@ -115,7 +115,8 @@ async fn batches_commit_once(database: &Database) {
     );
     assert_eq!(
         telemetry.commit_batch(&overlapping, &ROLLUPS).await.unwrap(),
-        BatchOutcome::Committed { readings: 2, aggregates: 0 }
+        BatchOutcome::Committed { readings: 2, aggregates: 0, above: 3 },
+        "and says from where"
     );
     // Its rollups count only what it wrote: the hourly rollup answers as the rows do.
     let first_hour = ReadingFilter { start: at(0), end: at(HOUR), ..everything(&farm) };
@@ -139,7 +140,7 @@ async fn batches_commit_once(database: &Database) {
     let fresh = batch(&new_spool, 1, 1, vec![reading(1, a, "temperature", 23.0, 60)]);
     assert_eq!(
         telemetry.commit_batch(&fresh, &ROLLUPS).await.unwrap(),
-        BatchOutcome::Committed { readings: 1, aggregates: 0 }
+        BatchOutcome::Committed { readings: 1, aggregates: 0, above: 0 }
     );
     assert_eq!(
         telemetry.committed_sequence(new_spool.gateway, farm.spool).await.unwrap(),
@@ -228,7 +229,7 @@ async fn buckets_agree_between_raw_rows_and_rollups(database: &Database) {
     only_aggregates.aggregates.push(aggregate);
     assert_eq!(
         telemetry.commit_batch(&only_aggregates, &ROLLUPS).await.unwrap(),
-        BatchOutcome::Committed { readings: 0, aggregates: 1 }
+        BatchOutcome::Committed { readings: 0, aggregates: 1, above: sequence }
     );
 
     // The range starts on a day boundary (the base time is midnight UTC), so the daily rollup answers.

@@ -275,7 +275,7 @@ impl PostgresStore {
             .await
             .map_err(pg_error("move the edge mark"))?;
         transaction.commit().await.map_err(pg_error("commit batch"))?;
-        Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len() })
+        Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len(), above: committed })
     }
 
     /// The error of a failed readings COPY. A row with no partition means another replica's retention dropped a

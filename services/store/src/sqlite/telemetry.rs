@@ -223,7 +223,7 @@ impl TelemetryStore for SqliteStore {
                 )
                 .map_err(sql_error("move the edge mark"))?;
             transaction.commit().map_err(sql_error("commit batch"))?;
-            Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len() })
+            Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len(), above: committed })
         })
         .await
     }
