@@ -255,7 +255,9 @@ impl CommandBook {
 
     /// The held commands whose device now listens (marked published, on disk, before they are returned), and the
     /// receipts of commands whose expire time passed with no answer from their device (held ones were never
-    /// published; published ones the device did not answer in time, and it must not run them after).
+    /// published; published ones the device did not answer in time, and it must not run them after). A change the
+    /// journal cannot take is undone and the rest waits for the next call; what was saved before it is returned
+    /// with the error logged, so a command marked published on disk is never left unpublished.
     pub fn release(&self, now: SystemTime, listening: impl Fn(&str) -> bool) -> std::io::Result<Released> {
         let now = to_unix_micros(now);
         let mut entries = self.entries.lock().expect("command book lock");
@@ -264,11 +266,17 @@ impl CommandBook {
             .filter(|(_, entry)| entry.status == CommandStatus::Delivered as i32)
             .map(|(id, _)| *id)
             .collect();
+        /// What releasing one entry gives, once the entry is on disk.
+        enum Step {
+            Receipt(pb::CommandReceipt),
+            Publish(String, Bytes),
+        }
         let mut out = Vec::new();
         let mut receipts = Vec::new();
         for id in waiting {
             let entry = entries.get_mut(&id).expect("listed above");
-            if entry.expire_micros <= now {
+            let before = entry.clone();
+            let released = if entry.expire_micros <= now {
                 entry.status = CommandStatus::Expired as i32;
                 entry.detail = if entry.published {
                     "the device did not answer before the ttl".into()
@@ -276,16 +284,23 @@ impl CommandBook {
                     "the ttl passed before the device subscribed to its commands".into()
                 };
                 entry.change_micros = now;
-                receipts.push(receipt(id, CommandStatus::Expired, &entry.detail, now));
-                self.save(&entries, id)?;
-                continue;
-            }
-            let topic = format!("smartfarm/{}/commands", entry.device);
-            if !entry.published && listening(&topic) {
+                Step::Receipt(receipt(id, CommandStatus::Expired, &entry.detail, now))
+            } else {
+                let topic = format!("smartfarm/{}/commands", entry.device);
+                if entry.published || !listening(&topic) {
+                    continue;
+                }
                 entry.published = true;
-                let message = Bytes::from(entry.message.clone());
-                self.save(&entries, id)?;
-                out.push((topic, message));
+                Step::Publish(topic, Bytes::from(entry.message.clone()))
+            };
+            if let Err(error) = self.save(&entries, id) {
+                entries.insert(id, before);
+                tracing::error!(command_id = %id, %error, "cannot record a held command's release; trying again later");
+                break;
+            }
+            match released {
+                Step::Receipt(receipt) => receipts.push(receipt),
+                Step::Publish(topic, message) => out.push((topic, message)),
             }
         }
         Ok((out, receipts))
@@ -409,5 +424,26 @@ mod tests {
         let (out, receipts) = book.release(SystemTime::now() + Duration::from_secs(5), |_| true).unwrap();
         assert!(out.is_empty());
         assert_eq!(receipts[0].status, CommandStatus::Expired as i32);
+    }
+
+    #[test]
+    fn a_held_command_the_journal_cannot_release_stays_held_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Uuid::now_v7();
+        let book = CommandBook::load(dir.path()).unwrap();
+        let held = book.arrive(&command(device, 60), SystemTime::now(), |_| true, |_| false).unwrap().unwrap();
+        assert!(matches!(held, Arrival::Held { .. }));
+        // The journal cannot be written: its path is now a directory, and the next save rewrites it whole.
+        let journal = dir.path().join("commands.log");
+        std::fs::remove_file(&journal).unwrap();
+        std::fs::create_dir(&journal).unwrap();
+        std::fs::write(journal.join("in-the-way"), b"").unwrap();
+        book.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        let failed = book.release(SystemTime::now(), |_| true);
+        assert!(failed.is_ok_and(|(out, _)| out.is_empty()), "not published before it is marked so on disk");
+
+        std::fs::remove_dir_all(&journal).unwrap();
+        let (out, _) = book.release(SystemTime::now(), |_| true).unwrap();
+        assert_eq!(out.len(), 1, "published once the journal takes it");
     }
 }
