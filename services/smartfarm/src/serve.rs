@@ -53,10 +53,6 @@ pub async fn run(
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
-    if let Some(path) = &addr_file {
-        write_atomically(path, format!("{local_addr}\n").as_bytes())
-            .with_context(|| format!("cannot write the address file {}", path.display()))?;
-    }
     // Described before the log line: a future held across the macro's await would not be Send.
     let database_description = database.describe().await;
     tracing::info!(
@@ -67,6 +63,11 @@ pub async fn run(
         blobs = %blobs.describe(),
         "smartfarm serving"
     );
+    // After the log line: whoever waits for the address finds the line that describes the server in the log.
+    if let Some(path) = &addr_file {
+        write_atomically(path, format!("{local_addr}\n").as_bytes())
+            .with_context(|| format!("cannot write the address file {}", path.display()))?;
+    }
 
     let shutdown = async move {
         stop.await;
