@@ -258,10 +258,15 @@ pub async fn run(
             if let Err(error) = housekeeping_ingestor.flush_windows(Some(SystemTime::now())).await {
                 tracing::error!(%error, "cannot spool closed aggregation windows");
             }
-            if matches!(fsync, FsyncPolicy::Interval(_))
-                && let Err(error) = housekeeping_spool.sync()
-            {
-                tracing::error!(%error, "spool fsync failed");
+            if matches!(fsync, FsyncPolicy::Interval(_)) {
+                // Off the async workers, which serve the sensors: the fsync takes the disk's time, and waits for
+                // the uplink's when that one is in flight (syncs take turns).
+                let spool = housekeeping_spool.clone();
+                match tokio::task::spawn_blocking(move || spool.sync()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::error!(%error, "spool fsync failed"),
+                    Err(error) => tracing::error!(%error, "the spool fsync task failed"),
+                }
             }
             let stats = housekeeping_spool.stats();
             metrics::gauge!("smartfarm_edge_spool_bytes").set(stats.bytes as f64);
