@@ -172,6 +172,7 @@ pub async fn run(
     // Local alerts go to the farm's alert topic at once, link or no link (rule alerts went up the urgent lane as
     // they were raised).
     let alert_broker = broker.clone();
+    let alert_rules = rules.clone();
     let mut alerts_stop = stopping.clone();
     tasks.spawn(async move {
         // What the topic last said of each alert, so the cloud's copy of an alert raised here is not said twice.
@@ -194,6 +195,18 @@ pub async fn run(
                     rule_alert_message(&wire)
                 }
                 LocalAlert::FromCloud(wire) => {
+                    // The cloud sends an alert this agent raised first back only when a person changed it: a
+                    // resolution by hand ends the alert for this evaluator too. (Alerts the cloud raised first also
+                    // come when its evaluator resolves them, so those are not taken for a person's.)
+                    if wire.origin == smartfarm_proto::alert::v1::AlertOrigin::Edge as i32
+                        && wire.state == smartfarm_proto::alert::v1::AlertState::Resolved as i32
+                        && let (Ok(id), Some(resolved_at)) = (
+                            uuid::Uuid::try_parse(&wire.id),
+                            wire.resolve_time.as_ref().and_then(|t| smartfarm_core::time::from_timestamp("resolve_time", t).ok()),
+                        )
+                    {
+                        alert_rules.resolved_by_hand(id, resolved_at);
+                    }
                     if !newly_announced(&mut announced, wire) {
                         continue;
                     }

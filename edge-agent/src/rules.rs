@@ -129,6 +129,16 @@ impl EdgeRules {
         measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)).collect()
     }
 
+    /// An alert the cloud says a person resolved (see [`Evaluator::resolved_by_hand`]).
+    pub fn resolved_by_hand(&self, id: Uuid, resolved_at: SystemTime) {
+        let mut state = self.state.lock().expect("rules lock");
+        if let Some(evaluator) = &mut state.1
+            && evaluator.resolved_by_hand(id, resolved_at)
+        {
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// The farm's sensors, from the registry (see [`Evaluator::set_devices`]).
     pub fn set_devices(&self, devices: &[Uuid]) {
         let mut state = self.state.lock().expect("rules lock");

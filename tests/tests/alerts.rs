@@ -651,3 +651,75 @@ async fn an_alert_that_joined_another_and_is_sent_again_after_a_restart_stays_on
     edge.stop().await;
     cloud.stop().await;
 }
+
+/// A person resolves an alert while its condition holds; the condition clears and comes back within the rule's
+/// cooldown: that is a new alert, on the farm and in the cloud, not a repeat folded into the resolved one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_that_returns_after_a_resolution_by_hand_is_a_new_alert() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "resolved by hand", 1).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    let mut rule = hot_rule(&fleet.farm_id);
+    rule.cooldown = Some(pbjson_types::Duration { seconds: 600, nanos: 0 });
+    alerts.create_rule(pb::CreateRuleRequest { rule: Some(rule) }).await.unwrap();
+    let spool = data.data_dir.path().join("spool");
+    let options =
+        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let sensor = &fleet.sensors[0];
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+    let publish = |celsius: u32| {
+        let (telemetry, device, credential) = (telemetry.clone(), sensor.device_id.clone(), sensor.credential.clone());
+        let mqtt = edge.mqtt;
+        async move {
+            let payload = format!(r#"{{"metrics": {{"temperature": {celsius}}}}}"#);
+            mosquitto_pub(mqtt, &device, &credential, &telemetry, &payload).await
+        }
+    };
+
+    publish(45).await;
+    let opened: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("the alert")).unwrap();
+    let first = opened["id"].as_str().expect("an id").to_string();
+    assert!(
+        eventually(Duration::from_secs(20), || async { farm_alerts(&alerts, &fleet.farm_id).await.len() == 1 }).await,
+        "the cloud has the alert"
+    );
+
+    alerts.resolve_alert(pb::ResolveAlertRequest { alert_id: first.clone() }).await.unwrap();
+    let resolved: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("the resolution")).unwrap();
+    assert_eq!(
+        (resolved["id"].as_str(), resolved["state"].as_str()),
+        (Some(first.as_str()), Some("ALERT_STATE_RESOLVED")),
+        "the farm hears of it"
+    );
+
+    // Cool, then hot again: well within the ten-minute cooldown.
+    publish(20).await;
+    publish(46).await;
+    let again: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("an alert")).unwrap();
+    assert_eq!(again["state"].as_str(), Some("ALERT_STATE_OPEN"), "{again}");
+    assert_ne!(again["id"].as_str(), Some(first.as_str()), "a new alert, not the resolved one again: {again}");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let listed = farm_alerts(&alerts, &fleet.farm_id).await;
+            let states: Vec<i32> = listed.iter().map(|alert| alert.state).collect();
+            listed.len() == 2
+                && states.contains(&(pb::AlertState::Open as i32))
+                && states.contains(&(pb::AlertState::Resolved as i32))
+        })
+        .await,
+        "the cloud's record: the resolved alert and the new one (the farm's and the cloud's copies of it merged): {:?}",
+        farm_alerts(&alerts, &fleet.farm_id).await
+    );
+    farm_topic.stop().await;
+    edge.stop().await;
+    cloud.stop().await;
+}

@@ -40,6 +40,17 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
                 stale.insert(farm_id);
                 Ok(())
             }
+            // A verdict alert a person resolved is over: the next verdict opens a new one.
+            Event::AlertChanged(changed)
+                if changed.by_hand && changed.alert.state == smartfarm_core::rules::AlertState::Resolved =>
+            {
+                if let (Some(evaluator), Some(resolved_at)) =
+                    (evaluators.get_mut(&changed.alert.farm_id), changed.alert.resolve_time)
+                {
+                    evaluator.resolved_by_hand(changed.alert.id, resolved_at);
+                }
+                Ok(())
+            }
             Event::DiseaseDetected(detected) => {
                 let verdict = DiseaseVerdict {
                     camera: detected.device_id,

@@ -752,6 +752,24 @@ impl Evaluator {
         self.tracks.values().filter_map(|track| track.active.as_ref().map(|(alert, _)| alert.clone())).collect()
     }
 
+    /// A person resolved alert `id` at `resolved_at`. If it is one this evaluator holds open, it is over: the
+    /// condition's next occurrence, from readings measured at or after `resolved_at`, opens a new alert rather
+    /// than folding into the resolved one, and readings measured before it are no longer evaluated for that rule
+    /// and device. Every evaluator that hears of the resolution (the agent's, the cloud's) thus raises the same
+    /// new alert from the same readings. Returns whether it held the alert.
+    pub fn resolved_by_hand(&mut self, id: Uuid, resolved_at: SystemTime) -> bool {
+        let mut held = false;
+        for track in self.tracks.values_mut() {
+            if track.active.as_ref().is_some_and(|(active, _)| active.id == id) {
+                track.active = None;
+                track.breach_since = None;
+                track.newest = Some(track.newest.map_or(resolved_at, |newest| newest.max(resolved_at)));
+                held = true;
+            }
+        }
+        held
+    }
+
     /// The farm whose rules these are.
     pub fn farm_id(&self) -> Uuid {
         self.farm_id
@@ -1316,6 +1334,28 @@ mod tests {
         });
         assert_eq!(anomaly.len(), 1);
         assert_eq!(anomaly[0].id, alert_id(disease.id, Some(device), "temperature", at(200)));
+    }
+
+    #[test]
+    fn after_a_resolution_by_hand_the_condition_s_return_is_a_new_alert() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = threshold_rule(farm, 0, 600);
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        evaluator.set_rules(vec![rule.clone()], at(0));
+        let opened = evaluator.on_reading(device, "temperature", 45.0, at(10));
+        assert_eq!(opened.len(), 1);
+        assert!(evaluator.on_reading(device, "temperature", 30.0, at(20)).is_empty(), "clear, within the cooldown");
+
+        assert!(evaluator.resolved_by_hand(opened[0].id, at(30)));
+        assert!(evaluator.open_alerts().is_empty());
+        assert!(evaluator.on_reading(device, "temperature", 46.0, at(25)).is_empty(), "measured before: not evaluated");
+        let again = evaluator.on_reading(device, "temperature", 47.0, at(40));
+        assert_eq!(again.len(), 1, "back within the cooldown: a new alert, not a repeat of the resolved one");
+        assert_ne!(again[0].id, opened[0].id);
+        assert_eq!((again[0].state, again[0].count), (AlertState::Open, 1));
+        assert_eq!(again[0].id, alert_id(rule.id, Some(device), "temperature", at(40)));
+        assert!(!evaluator.resolved_by_hand(Uuid::now_v7(), at(50)), "an alert it does not hold changes nothing");
     }
 
     #[test]

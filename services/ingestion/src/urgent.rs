@@ -471,6 +471,13 @@ pub(crate) async fn on_bus_event(
         Event::AlertChanged(changed)
             if changed.alert.farm_id == farm_id && (changed.alert.origin == Origin::Cloud || changed.by_hand) =>
         {
+            // A resolution by hand ends the alert for this link's evaluator too (see `Evaluator::resolved_by_hand`).
+            if changed.by_hand
+                && changed.alert.state == smartfarm_core::rules::AlertState::Resolved
+                && let Some(resolved_at) = changed.alert.resolve_time
+            {
+                rules.evaluator.lock().expect("evaluator lock").resolved_by_hand(changed.alert.id, resolved_at);
+            }
             send(outbound, pb::connect_response::Body::Alert(changed.alert.to_proto())).await
         }
         _ => Ok(()),
