@@ -58,6 +58,21 @@ fn hot_rule(farm_id: &str) -> pb::Rule {
     }
 }
 
+/// Starts the farm's agent, uploading every second, and waits until it has the farm's registry (the gateway and one
+/// sensor) and its rules; returns it with the options it was started with.
+async fn agent_with_rules(cloud: &Cloud, fleet: &Fleet, data: &CloudData) -> (Edge, EdgeOptions) {
+    let spool = data.data_dir.path().join("spool");
+    let options = EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(cloud, fleet, spool) };
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await,
+        "the rule reached the agent\n{}",
+        edge.log()
+    );
+    (edge, options)
+}
+
 fn signature(secret: &str, body: &[u8]) -> String {
     // HMAC-SHA256 by hand (RFC 2104) so the test does not trust the server's code for it.
     use sha2::{Digest, Sha256};
@@ -94,16 +109,7 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
         .unwrap()
         .into_inner();
 
-    let spool = data.data_dir.path().join("spool");
-    let options =
-        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
-    let edge = Edge::start(&options).await;
-    edge.wait_for_registry(2).await;
-    assert!(
-        eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await,
-        "the rule reached the agent\n{}",
-        edge.log()
-    );
+    let (edge, _) = agent_with_rules(&cloud, &fleet, &data).await;
     let sensor = &fleet.sensors[0];
     let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
@@ -274,12 +280,7 @@ async fn bad_rules_and_webhooks_are_refused_and_a_failing_webhook_is_marked_then
         .into_inner()
         .webhook
         .unwrap();
-    let spool = data.data_dir.path().join("spool");
-    let options =
-        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
-    let edge = Edge::start(&options).await;
-    edge.wait_for_registry(2).await;
-    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let (edge, _) = agent_with_rules(&cloud, &fleet, &data).await;
     let sensor = &fleet.sensors[0];
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
     mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 41}}"#)
@@ -522,12 +523,7 @@ async fn a_condition_that_holds_while_the_cloud_or_the_agent_restarts_stays_one_
     let fleet = Fleet::register(&cloud, &key, "steady heat", 1).await;
     let mut alerts = cloud.alert_client(&key).await;
     alerts.create_rule(pb::CreateRuleRequest { rule: Some(hot_rule(&fleet.farm_id)) }).await.unwrap();
-    let spool = data.data_dir.path().join("spool");
-    let options =
-        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
-    let edge = Edge::start(&options).await;
-    edge.wait_for_registry(2).await;
-    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let (edge, options) = agent_with_rules(&cloud, &fleet, &data).await;
     let sensor = &fleet.sensors[0];
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
     let acked = edge.metric("smartfarm_edge_batches_acked_total").await;
@@ -664,12 +660,7 @@ async fn a_condition_that_returns_after_a_resolution_by_hand_is_a_new_alert() {
     let mut rule = hot_rule(&fleet.farm_id);
     rule.cooldown = Some(pbjson_types::Duration { seconds: 600, nanos: 0 });
     alerts.create_rule(pb::CreateRuleRequest { rule: Some(rule) }).await.unwrap();
-    let spool = data.data_dir.path().join("spool");
-    let options =
-        EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&cloud, &fleet, spool) };
-    let edge = Edge::start(&options).await;
-    edge.wait_for_registry(2).await;
-    assert!(eventually(Duration::from_secs(30), || async { edge.metric("smartfarm_edge_rules").await >= 1.0 }).await);
+    let (edge, _) = agent_with_rules(&cloud, &fleet, &data).await;
     let sensor = &fleet.sensors[0];
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
     let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
