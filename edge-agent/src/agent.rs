@@ -18,7 +18,7 @@ use crate::commands::{AckOutcome, Arrival, CommandBook};
 use crate::config::{EdgeConfig, FsyncMode};
 use crate::image_spool::ImageSpool;
 use crate::image_uplink::ImageUplink;
-use crate::ingest::{Ingestor, LocalAlert, RaisedAlerts, SpoolWriter};
+use crate::ingest::{Ingestor, LocalAlert, RaisedAlerts};
 use crate::mqtt::broker::{self, ALERTS_TOPIC, Broker};
 use crate::registry::Registry;
 use crate::rules::EdgeRules;
@@ -67,9 +67,9 @@ pub async fn run(
     let book = Arc::new(CommandBook::load(&config.spool_dir).context("cannot open the command book")?);
 
     let (alerts, mut alert_events) = mpsc::unbounded_channel::<LocalAlert>();
-    let writer = SpoolWriter::start(spool.clone(), alerts.clone());
-    let ingestor = Ingestor::new(writer, config.upload, config.aggregation_window, config.max_future_skew)
-        .with_rules(rules.clone(), RaisedAlerts { urgent: urgent.clone(), alerts: alerts.clone() });
+    let ingestor =
+        Ingestor::new(spool.clone(), alerts.clone(), config.upload, config.aggregation_window, config.max_future_skew)
+            .with_rules(rules.clone(), RaisedAlerts { urgent: urgent.clone(), alerts: alerts.clone() });
     let broker = Broker::new(
         registry.clone(),
         ingestor.clone(),

@@ -3,7 +3,7 @@
 //! only for its own durability and thousands of sensors share the cost of each fsync.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -45,24 +45,120 @@ pub enum IngestError {
     Unavailable(String),
 }
 
-struct WriteRequest {
+/// A device's readings to count in the aggregation windows.
+type Count = (Uuid, Vec<Measurement>);
+
+/// Records to append, then readings to count.
+struct Write {
     bodies: Vec<Body>,
+    /// Counted in the aggregation windows once `bodies` are in the spool, and only then: a publish whose records
+    /// were not written is sent again by its sensor, and must not be counted twice.
+    count: Option<Count>,
     done: oneshot::Sender<Result<Appended, String>>,
 }
 
-/// Appends to the spool from any task; a dedicated thread does the file work and groups concurrent requests.
+/// What the spool writer thread is asked to do.
+enum Request {
+    Write(Write),
+    /// Close the aggregation windows that ended by `now` (every open one when `None`) and spool their aggregates.
+    CloseWindows {
+        now: Option<SystemTime>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Appends to the spool from any task; a dedicated thread does the file work and groups concurrent requests. With
+/// aggregation on, the thread also owns the windows: readings are counted only once their own records are written,
+/// and a closed window's aggregate that cannot be written (a full disk) is kept and written with the next append.
 #[derive(Clone)]
 pub struct SpoolWriter {
-    requests: mpsc::Sender<WriteRequest>,
+    requests: mpsc::Sender<Request>,
+    aggregates: bool,
 }
 
 /// Most requests committed by one fsync.
 const MAX_GROUP: usize = 512;
 
+/// The writer thread's state besides the spool.
+struct Writing {
+    spool: Arc<Spool>,
+    alerts: mpsc::UnboundedSender<LocalAlert>,
+    aggregator: Option<Aggregator>,
+    /// Aggregates of closed windows not yet in the spool.
+    unwritten: Vec<Body>,
+}
+
+impl Writing {
+    fn append(&self, bodies: Vec<Body>) -> Result<Appended, String> {
+        let started = std::time::Instant::now();
+        let appended = self.spool.append(bodies);
+        // The file work alone (write and, under `always`, fsync), to tell disk time from waiting.
+        metrics::histogram!("smartfarm_edge_spool_append_seconds").record(started.elapsed().as_secs_f64());
+        let appended = appended.map_err(|error| {
+            tracing::error!(%error, "spool append failed");
+            error.to_string()
+        })?;
+        if appended.dropped_records > 0 {
+            metrics::counter!("smartfarm_edge_spool_dropped_records_total").increment(appended.dropped_records);
+            let _ = self.alerts.send(LocalAlert::SpoolOverflow { dropped_records: appended.dropped_records });
+        }
+        Ok(appended)
+    }
+
+    /// Appends a group of writes in one go and answers each; what was written is counted in the windows.
+    fn write_group(&mut self, group: Vec<Write>) {
+        let mut bodies = Vec::new();
+        let mut rest = Vec::with_capacity(group.len());
+        for Write { bodies: mine, count, done } in group {
+            rest.push((mine.len(), count, done));
+            bodies.extend(mine);
+        }
+        match self.append(bodies) {
+            Ok(appended) => {
+                let mut next = appended.first_sequence;
+                for (size, count, done) in rest {
+                    if let (Some((device, measurements)), Some(aggregator)) = (count, self.aggregator.as_mut()) {
+                        self.unwritten.extend(aggregator.add(device, &measurements));
+                    }
+                    let mine = Appended {
+                        first_sequence: next,
+                        last_sequence: next + size as u64 - 1,
+                        dropped_records: appended.dropped_records,
+                    };
+                    next += size as u64;
+                    let _ = done.send(Ok(mine));
+                }
+            }
+            Err(error) => {
+                for (_, _, done) in rest {
+                    let _ = done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    /// Writes the aggregates of closed windows; kept for the next try when that fails.
+    fn write_closed_windows(&mut self) -> Result<(), String> {
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        self.append(self.unwritten.clone())?;
+        self.unwritten.clear();
+        Ok(())
+    }
+}
+
 impl SpoolWriter {
-    /// Starts the writer thread; it stops when every `SpoolWriter` clone is dropped.
-    pub fn start(spool: Arc<Spool>, alerts: mpsc::UnboundedSender<LocalAlert>) -> SpoolWriter {
-        let (requests, mut receiver) = mpsc::channel::<WriteRequest>(4096);
+    /// Starts the writer thread, with aggregation windows of `aggregation` when given; it stops when every
+    /// `SpoolWriter` clone is dropped.
+    pub fn start(
+        spool: Arc<Spool>,
+        alerts: mpsc::UnboundedSender<LocalAlert>,
+        aggregation: Option<Duration>,
+    ) -> SpoolWriter {
+        let (requests, mut receiver) = mpsc::channel::<Request>(4096);
+        let mut writing =
+            Writing { spool, alerts, aggregator: aggregation.map(Aggregator::new), unwritten: Vec::new() };
         std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || {
@@ -74,56 +170,49 @@ impl SpoolWriter {
                             Err(_) => break,
                         }
                     }
-                    let sizes: Vec<usize> = group.iter().map(|request| request.bodies.len()).collect();
-                    let bodies: Vec<Body> =
-                        group.iter_mut().flat_map(|request| std::mem::take(&mut request.bodies)).collect();
-                    let started = std::time::Instant::now();
-                    let appended = spool.append(bodies);
-                    // The file work alone (write and, under `always`, fsync), to tell disk time from waiting.
-                    metrics::histogram!("smartfarm_edge_spool_append_seconds").record(started.elapsed().as_secs_f64());
-                    match appended {
-                        Ok(appended) => {
-                            if appended.dropped_records > 0 {
-                                metrics::counter!("smartfarm_edge_spool_dropped_records_total")
-                                    .increment(appended.dropped_records);
-                                let _ = alerts
-                                    .send(LocalAlert::SpoolOverflow { dropped_records: appended.dropped_records });
-                            }
-                            let mut next = appended.first_sequence;
-                            for (request, size) in group.into_iter().zip(sizes) {
-                                let mine = Appended {
-                                    first_sequence: next,
-                                    last_sequence: next + size as u64 - 1,
-                                    dropped_records: appended.dropped_records,
-                                };
-                                next += size as u64;
-                                let _ = request.done.send(Ok(mine));
-                            }
+                    let mut writes = Vec::with_capacity(group.len());
+                    let mut closes = Vec::new();
+                    for request in group {
+                        match request {
+                            Request::Write(write) => writes.push(write),
+                            Request::CloseWindows { now, done } => closes.push((now, done)),
                         }
-                        Err(error) => {
-                            tracing::error!(%error, "spool append failed");
-                            for request in group {
-                                let _ = request.done.send(Err(error.to_string()));
-                            }
+                    }
+                    if !writes.is_empty() {
+                        writing.write_group(writes);
+                    }
+                    if let Some(aggregator) = writing.aggregator.as_mut() {
+                        for (now, _) in &closes {
+                            writing.unwritten.extend(aggregator.flush(*now));
                         }
+                    }
+                    // A closed window is final: its aggregate goes into the spool now, not with the next publish.
+                    let closed = writing.write_closed_windows();
+                    for (_, done) in closes {
+                        let _ = done.send(closed.clone());
                     }
                 }
             })
             .expect("the spool writer thread starts");
-        SpoolWriter { requests }
+        SpoolWriter { requests, aggregates: aggregation.is_some() }
     }
 
-    /// Appends `bodies`; returns once they are in the spool (durable under the `always` fsync policy).
-    pub async fn append(&self, bodies: Vec<Body>) -> Result<Appended, String> {
-        self.submit(bodies).await?.await.map_err(|_| "the spool writer stopped".to_string())?
-    }
-
-    /// Queues `bodies` for the spool without waiting for them to be written: the receiver completes once they are.
-    /// Lets one connection have many publishes in the same group commit.
-    pub async fn submit(&self, bodies: Vec<Body>) -> Result<Durable, String> {
+    /// Queues `bodies` for the spool without waiting for them to be written: the receiver completes once they are
+    /// (and `count` is counted in the aggregation windows). Lets one connection have many publishes in the same
+    /// group commit.
+    pub async fn submit(&self, bodies: Vec<Body>, count: Option<Count>) -> Result<Durable, String> {
         let (done, result) = oneshot::channel();
-        self.requests.send(WriteRequest { bodies, done }).await.map_err(|_| "the spool writer stopped".to_string())?;
+        let request = Request::Write(Write { bodies, count, done });
+        self.requests.send(request).await.map_err(|_| "the spool writer stopped".to_string())?;
         Ok(result)
+    }
+
+    /// Closes the aggregation windows that ended by `now` (every open one when `None`) and spools their aggregates.
+    pub async fn close_windows(&self, now: Option<SystemTime>) -> Result<(), String> {
+        let (done, result) = oneshot::channel();
+        let request = Request::CloseWindows { now, done };
+        self.requests.send(request).await.map_err(|_| "the spool writer stopped".to_string())?;
+        result.await.map_err(|_| "the spool writer stopped".to_string())?
     }
 }
 
@@ -248,18 +337,26 @@ impl RaisedAlerts {
 /// Turns accepted payloads into spool records.
 #[derive(Clone)]
 pub struct Ingestor {
+    /// Also counts readings in the aggregation windows, when it was started with them.
     writer: SpoolWriter,
     /// The farm's rules, evaluated on every accepted reading, and where the alerts they raise go.
     rules: Option<(Arc<crate::rules::EdgeRules>, RaisedAlerts)>,
-    aggregator: Option<Arc<Mutex<Aggregator>>>,
-    upload: UploadMode,
+    /// Whether each reading is spooled as it is (`raw` and `both`).
+    raw: bool,
     max_future_skew: Duration,
 }
 
 impl Ingestor {
-    pub fn new(writer: SpoolWriter, upload: UploadMode, window: Duration, max_future_skew: Duration) -> Ingestor {
-        let aggregator = upload.aggregates().then(|| Arc::new(Mutex::new(Aggregator::new(window))));
-        Ingestor { writer, rules: None, aggregator, upload, max_future_skew }
+    /// An ingestor for `upload`; aggregation windows of `window` when the mode has aggregates.
+    pub fn new(
+        spool: Arc<Spool>,
+        alerts: mpsc::UnboundedSender<LocalAlert>,
+        upload: UploadMode,
+        window: Duration,
+        max_future_skew: Duration,
+    ) -> Ingestor {
+        let writer = SpoolWriter::start(spool, alerts, upload.aggregates().then_some(window));
+        Ingestor { writer, rules: None, raw: upload.raw(), max_future_skew }
     }
 
     /// Evaluates `rules` on every accepted reading; the alerts they raise go to `raised`.
@@ -291,11 +388,9 @@ impl Ingestor {
                 raised.raise(alert);
             }
         }
+        let accepted = measurements.len();
         let mut bodies = Vec::new();
-        if let Some(aggregator) = &self.aggregator {
-            bodies.extend(aggregator.lock().expect("aggregator lock").add(device, &measurements));
-        }
-        if self.upload.raw() {
+        if self.raw {
             let device_id = device.to_string();
             bodies.extend(measurements.iter().map(|m| {
                 Body::Reading(Reading {
@@ -307,22 +402,24 @@ impl Ingestor {
                 })
             }));
         }
-        let durable = match bodies.is_empty() {
+        // With aggregates, the publish is settled once its readings are counted in their windows (after its raw
+        // records, if any, are written).
+        let count = (self.writer.aggregates && !measurements.is_empty()).then_some((device, measurements));
+        let durable = match bodies.is_empty() && count.is_none() {
             true => None,
-            false => Some(self.writer.submit(bodies).await.map_err(IngestError::Unavailable)?),
+            false => Some(self.writer.submit(bodies, count).await.map_err(IngestError::Unavailable)?),
         };
-        metrics::counter!("smartfarm_edge_readings_accepted_total").increment(measurements.len() as u64);
-        Ok((measurements.len(), durable))
+        metrics::counter!("smartfarm_edge_readings_accepted_total").increment(accepted as u64);
+        Ok((accepted, durable))
     }
 
-    /// Spools the aggregates of windows that ended (every open one when `now` is `None`).
+    /// Spools the aggregates of windows that ended (every open one when `now` is `None`), and any that an earlier
+    /// write could not.
     pub async fn flush_windows(&self, now: Option<SystemTime>) -> Result<(), String> {
-        let Some(aggregator) = &self.aggregator else { return Ok(()) };
-        let closed = aggregator.lock().expect("aggregator lock").flush(now);
-        if !closed.is_empty() {
-            self.writer.append(closed).await?;
+        match self.writer.aggregates {
+            true => self.writer.close_windows(now).await,
+            false => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -343,6 +440,76 @@ mod tests {
             Body::Aggregate(aggregate) => aggregate,
             other => panic!("not an aggregate: {other:?}"),
         }
+    }
+
+    /// A writer with 300 s aggregation windows over a fresh spool; the directory lives as long as the spool.
+    fn aggregating_writer() -> (tempfile::TempDir, Arc<Spool>, SpoolWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::spool::SpoolConfig {
+            dir: dir.path().join("spool"),
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 24,
+            fsync: crate::spool::FsyncPolicy::Never,
+        };
+        let spool = Arc::new(Spool::open(config).unwrap().0);
+        let writer = SpoolWriter::start(spool.clone(), mpsc::unbounded_channel().0, Some(Duration::from_secs(300)));
+        (dir, spool, writer)
+    }
+
+    /// The aggregates in the spool, as (window start, count).
+    fn spooled_aggregates(spool: &Spool) -> Vec<(SystemTime, u64)> {
+        spool.sync().unwrap(); // Only what is on disk is read.
+        let records = spool.read_after(0, 1000, usize::MAX).unwrap();
+        let aggregates = records.iter().filter_map(|record| match &record.body {
+            Some(Body::Aggregate(aggregate)) => Some(aggregate),
+            _ => None,
+        });
+        aggregates
+            .map(|a| {
+                (smartfarm_core::time::from_timestamp("start", a.window_start_time.as_ref().unwrap()).unwrap(), a.count)
+            })
+            .collect()
+    }
+
+    /// A publish whose records could not be written is sent again by its sensor: its readings are counted in their
+    /// window once, when they are written.
+    #[tokio::test]
+    async fn readings_are_counted_in_their_window_only_once_written() {
+        let (_dir, spool, writer) = aggregating_writer();
+        let device = Uuid::now_v7();
+        let raw = |value: f64| {
+            let reading =
+                Reading { device_id: device.to_string(), metric: "temperature".into(), value, ..Default::default() };
+            vec![Body::Reading(reading)]
+        };
+        let (decide, held) = std::sync::mpsc::channel();
+        *spool.hold_next_append.lock().unwrap() = Some(held);
+        decide.send(false).unwrap();
+        let failed = writer.submit(raw(1.0), Some((device, vec![measurement(1.0, 0)]))).await.unwrap();
+        assert!(failed.await.unwrap().is_err(), "the disk is full");
+        let resent = writer.submit(raw(1.0), Some((device, vec![measurement(1.0, 0)]))).await.unwrap();
+        resent.await.unwrap().unwrap();
+        writer.close_windows(None).await.unwrap();
+        assert_eq!(spooled_aggregates(&spool), vec![(at(0), 1)], "the resend is counted, the failed copy is not");
+    }
+
+    /// A closed window's aggregate that cannot be written (a full disk) is kept and written by the next try.
+    #[tokio::test]
+    async fn a_closed_window_survives_a_failed_write() {
+        let (_dir, spool, writer) = aggregating_writer();
+        let device = Uuid::now_v7();
+        writer.submit(Vec::new(), Some((device, vec![measurement(1.0, 0)]))).await.unwrap().await.unwrap().unwrap();
+        let (decide, held) = std::sync::mpsc::channel();
+        *spool.hold_next_append.lock().unwrap() = Some(held);
+        decide.send(false).unwrap();
+        // A reading of the next window closes the first; writing its aggregate fails.
+        writer.submit(Vec::new(), Some((device, vec![measurement(2.0, 300)]))).await.unwrap().await.unwrap().unwrap();
+        // The next try writes it (the 300-600 window is still open at 400).
+        writer.close_windows(Some(at(400))).await.unwrap();
+        assert!(spool.hold_next_append.lock().unwrap().is_none(), "the first write of the closed window was tried");
+        assert_eq!(spooled_aggregates(&spool), vec![(at(0), 1)], "written once, by the next try");
+        writer.close_windows(None).await.unwrap();
+        assert_eq!(spooled_aggregates(&spool), vec![(at(0), 1), (at(300), 1)], "both windows, each once");
     }
 
     #[test]

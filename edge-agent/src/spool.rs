@@ -155,6 +155,9 @@ pub struct Spool {
     /// Tests pause a sync here, between clearing `dirty` and its fsync (waiting twice: started, then released).
     #[cfg(test)]
     pause_before_fsync: Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
+    /// Tests hold the next append here until told whether it succeeds (`false`: it fails as a full disk would).
+    #[cfg(test)]
+    pub(crate) hold_next_append: Mutex<Option<std::sync::mpsc::Receiver<bool>>>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -286,6 +289,8 @@ impl Spool {
             syncing: Mutex::new(()),
             #[cfg(test)]
             pause_before_fsync: Mutex::new(None),
+            #[cfg(test)]
+            hold_next_append: Mutex::new(None),
         };
         Ok((spool, recovery))
     }
@@ -297,6 +302,15 @@ impl Spool {
 
     /// Appends records, numbering them; durable when it returns under the `always` policy.
     pub fn append(&self, bodies: Vec<spool_record::Body>) -> Result<Appended, SpoolError> {
+        #[cfg(test)]
+        let hold = self.hold_next_append.lock().unwrap().take_if(|_| !bodies.is_empty());
+        #[cfg(test)]
+        if let Some(hold) = hold
+            && !hold.recv().unwrap_or(true)
+        {
+            let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "the test filled the disk");
+            return Err(io("append to the active segment")(full));
+        }
         let mut inner = self.lock();
         let first_sequence = inner.next_sequence;
         if bodies.is_empty() {

@@ -7,7 +7,7 @@
 //! connect with clean session off keep their subscriptions across reconnects and agent restarts, and a QoS 2 publish
 //! they resend after a lost acknowledgement is stored once (while the agent runs: that state is not on disk).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +39,8 @@ const MAX_SAVED_SESSIONS: usize = 100_000;
 const SUBSCRIBER_QUEUE: usize = 256;
 /// Publishes of one connection waiting for the spool before the connection stops reading.
 const MAX_OWED_ACKS: usize = 256;
+/// How long the end of a connection, or a resend on a new one, waits for a publish's spool write to settle.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An acknowledgement owed to the client.
 struct OwedAck {
@@ -47,7 +49,18 @@ struct OwedAck {
     outcome: PublishOutcome,
     /// Pending while the publish's readings are on their way into the spool.
     durable: Option<Durable>,
+    /// For a QoS 2 publish entered in the release set: where to say whether it was stored.
+    settles: Option<watch::Sender<Option<bool>>>,
     received: std::time::Instant,
+}
+
+impl OwedAck {
+    /// Tells a resend waiting on this publish (see [`ReleaseSet`]) whether it was stored.
+    fn settle(&mut self, stored: bool) {
+        if let Some(settles) = self.settles.take() {
+            settles.send_replace(Some(stored));
+        }
+    }
 }
 
 /// Waits for the front owed acknowledgement's readings to reach the spool.
@@ -88,8 +101,11 @@ struct SavedSession {
     awaiting_release: ReleaseSet,
 }
 
-/// QoS 2 packet ids whose publishes are stored and not yet released (PUBREL) by the client.
-type ReleaseSet = Arc<Mutex<HashSet<u16>>>;
+/// QoS 2 packet ids whose publishes were handed to the spool and are not yet released (PUBREL) by the client, each
+/// with whether the publish is stored: `None` while the spool writes it, then the answer. A resend of one of these
+/// (on a new connection, after a lost PUBREC) waits for that answer: PUBREC promises the message is kept, so it goes
+/// out only once the first copy is on disk, and a first copy that never made it is replaced by the resend.
+type ReleaseSet = Arc<Mutex<HashMap<u16, watch::Receiver<Option<bool>>>>>;
 
 /// Persistent sessions by client id, and whether the file is behind.
 #[derive(Debug, Default)]
@@ -446,15 +462,31 @@ impl Session {
         Ok(())
     }
 
-    /// Forgets a QoS 2 packet id: released by the client, or its publish never reached the spool.
+    /// Forgets a QoS 2 packet id released by the client.
     fn release(&self, pkid: u16) {
         self.awaiting_release.lock().expect("release lock").remove(&pkid);
     }
 
-    /// Forgets a publish that never reached the spool, so its resend is stored.
-    fn forget_unstored(&self, qos: Qos, pkid: u16) {
-        if qos == Qos::ExactlyOnce {
-            self.release(pkid);
+    /// Settles an owed acknowledgement whose publish is stored or not; one that is not is forgotten, so its resend
+    /// is stored. Only its own entry goes: a resend may have entered the same packet id since.
+    fn settle(&self, ack: &mut OwedAck, stored: bool) {
+        if !stored && let Some(settles) = &ack.settles {
+            let mut awaiting = self.awaiting_release.lock().expect("release lock");
+            if awaiting.get(&ack.pkid).is_some_and(|entry| entry.same_channel(&settles.subscribe())) {
+                awaiting.remove(&ack.pkid);
+            }
+        }
+        ack.settle(stored);
+    }
+
+    /// Whether the first copy of a resent QoS 2 publish is stored, once its spool write has settled. A connection
+    /// that ended without saying is taken as not stored (a duplicate is better than a loss); a write that takes
+    /// longer than [`SETTLE_TIMEOUT`] ends this connection too, and the client resends later.
+    async fn first_copy_stored(mut first: watch::Receiver<Option<bool>>) -> Result<bool, Ended> {
+        match tokio::time::timeout(SETTLE_TIMEOUT, first.wait_for(Option::is_some)).await {
+            Ok(Ok(stored)) => Ok(stored.unwrap_or(false)),
+            Ok(Err(_)) => Ok(false),
+            Err(_) => Err(Ended::SpoolUnavailable("the first copy of a resent publish is still being written".into())),
         }
     }
 
@@ -468,14 +500,12 @@ impl Session {
         };
         // QoS 2 publishes are remembered from the moment they are handed to the spool, so a resend is never stored
         // twice; one that did not make it into the spool is forgotten again, so its resend is stored.
-        for ack in owed.drain(..) {
-            let stored = match ack.durable {
+        for mut ack in owed.drain(..) {
+            let stored = match ack.durable.take() {
                 None => ack.outcome == PublishOutcome::Accepted,
-                Some(durable) => matches!(tokio::time::timeout(Duration::from_secs(10), durable).await, Ok(Ok(Ok(_)))),
+                Some(durable) => matches!(tokio::time::timeout(SETTLE_TIMEOUT, durable).await, Ok(Ok(Ok(_)))),
             };
-            if !stored {
-                self.forget_unstored(ack.qos, ack.pkid);
-            }
+            self.settle(&mut ack, stored);
         }
         ended
     }
@@ -648,12 +678,13 @@ impl Session {
             metrics::histogram!("smartfarm_edge_publish_to_spool_seconds")
                 .record(front.received.elapsed().as_secs_f64());
             front.durable = None;
+            front.settle(true);
             return Ok(());
         }
         // Nothing was stored and no acknowledgement goes out: the sensor resends after reconnecting, and that resend
         // must be stored.
-        let ack = owed.pop_front().expect("a front to settle");
-        self.forget_unstored(ack.qos, ack.pkid);
+        let mut ack = owed.pop_front().expect("a front to settle");
+        self.settle(&mut ack, false);
         Err(Ended::SpoolUnavailable(match written {
             Some(Err(error)) => error,
             _ => "the spool writer stopped".into(),
@@ -669,20 +700,28 @@ impl Session {
     ) -> Result<bool, Ended> {
         match packet {
             Inbound::Publish { topic, qos, pkid, payload } => {
-                if qos == Qos::ExactlyOnce && self.awaiting_release.lock().expect("release lock").contains(&pkid) {
-                    // A resend of a QoS 2 message already stored: acknowledge again, store nothing.
-                    self.send(Outbound::PubRec { pkid, outcome: PublishOutcome::Accepted }).await?;
+                let received = std::time::Instant::now();
+                let first_copy = (qos == Qos::ExactlyOnce)
+                    .then(|| self.awaiting_release.lock().expect("release lock").get(&pkid).cloned())
+                    .flatten();
+                if let Some(first_copy) = first_copy
+                    && Self::first_copy_stored(first_copy).await?
+                {
+                    // A resend of a QoS 2 message already stored: acknowledge again, in turn, and store nothing.
+                    let outcome = PublishOutcome::Accepted;
+                    owed.push_back(OwedAck { pkid, qos, outcome, durable: None, settles: None, received });
                     return Ok(false);
                 }
-                let received = std::time::Instant::now();
                 let (outcome, durable) = self.publish(&topic, payload).await?;
                 // Only a stored publish is remembered: MQTT 5 clients free the id of a refused one without PUBREL.
-                if qos == Qos::ExactlyOnce && outcome == PublishOutcome::Accepted {
-                    self.awaiting_release.lock().expect("release lock").insert(pkid);
-                }
+                let settles = (qos == Qos::ExactlyOnce && outcome == PublishOutcome::Accepted).then(|| {
+                    let (settles, stored) = watch::channel(durable.is_none().then_some(true));
+                    self.awaiting_release.lock().expect("release lock").insert(pkid, stored);
+                    settles
+                });
                 // At QoS 0 nothing is acknowledged; the records are written all the same.
                 if qos != Qos::AtMostOnce {
-                    owed.push_back(OwedAck { pkid, qos, outcome, durable, received });
+                    owed.push_back(OwedAck { pkid, qos, outcome, durable, settles, received });
                 }
             }
             Inbound::PubRel { pkid } => {
@@ -824,8 +863,13 @@ mod tests {
             };
             let spool = Arc::new(Spool::open(config).unwrap().0);
             let (alerts, _) = mpsc::unbounded_channel();
-            let writer = crate::ingest::SpoolWriter::start(spool.clone(), alerts);
-            let ingestor = Ingestor::new(writer, UploadMode::Raw, Duration::from_secs(60), Duration::from_secs(300));
+            let ingestor = Ingestor::new(
+                spool.clone(),
+                alerts,
+                UploadMode::Raw,
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+            );
             let registry = Arc::new(Registry::load(self.dir.path()));
             let broker = Broker::new(registry, ingestor, false, Some(self.dir.path().join("mqtt-sessions.json")));
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -945,6 +989,46 @@ mod tests {
         // Nothing more: no acknowledgement twice.
         client.send(v4::Packet::PingReq).await;
         assert!(matches!(client.receive().await, v4::Packet::PingResp), "only the answer to the ping follows");
+    }
+
+    /// A QoS 2 publish resent on a new connection while its first copy is still being written gets its PUBREC only
+    /// once that copy is in the spool; when the first copy's write fails, the resend is stored in its place.
+    #[tokio::test]
+    async fn a_qos2_resend_is_acknowledged_only_once_a_copy_is_stored() {
+        let farm = Farm::new();
+        let (_broker, address, spool, _stop) = farm.start().await;
+        for (pkid, first_copy_written) in [(7, true), (8, false)] {
+            let before = spool.stats().last_sequence;
+            let (decide, held) = std::sync::mpsc::channel();
+            *spool.hold_next_append.lock().unwrap() = Some(held);
+            let (mut first, _) = Client::connect(address, &farm, false).await;
+            first.publish_qos2(&farm, pkid, f64::from(pkid)).await;
+            let holding = eventually(|| spool.hold_next_append.lock().unwrap().is_none()).await;
+            assert!(holding, "the first copy reaches the spool writer");
+            drop(first);
+
+            let (mut second, ack) = Client::connect(address, &farm, false).await;
+            assert!(ack.session_present);
+            second.publish_qos2(&farm, pkid, f64::from(pkid)).await;
+            let early = tokio::time::timeout(Duration::from_millis(300), second.receive()).await;
+            assert!(early.is_err(), "PUBREC {pkid} before any copy was stored: {early:?}");
+            decide.send(first_copy_written).unwrap();
+            assert!(matches!(second.receive().await, v4::Packet::PubRec(rec) if rec.pkid == pkid));
+            second.send(v4::Packet::PubRel(v4::PubRel::new(pkid))).await;
+            assert!(matches!(second.receive().await, v4::Packet::PubComp(comp) if comp.pkid == pkid));
+            assert_eq!(spool.stats().last_sequence, before + 1, "publish {pkid} is stored once");
+        }
+    }
+
+    /// Polls `condition` for up to 5 s.
+    async fn eventually(condition: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if condition() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
     }
 
     #[tokio::test]

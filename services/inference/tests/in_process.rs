@@ -505,10 +505,14 @@ async fn after_missed_events_the_context_is_read_again() {
     // context is read from the database.
     let reads = setup.reads.lock().unwrap().clone();
     assert!(reads.iter().any(|read| read.end == rows[third].measure_time), "{reads:#?}");
-    // The test's subscriber missed the second batch's announcements in the flood; the third batch's anomaly (the
-    // stretch begun in the second is not announced again) came after it.
-    assert_eq!(announced.len(), 1, "{announced:#?}");
-    assert!(announced[0].start_time >= rows[third].measure_time, "{announced:#?}");
+    // The third batch's anomaly came after the flood, and the stretch begun in the second batch was not announced
+    // again. (Whether the test's subscriber saw the second batch's announcements depends on whether the pipeline
+    // published them before the flood: on a loaded machine its scoring can take longer than the test waits.)
+    let in_the_third = announced.iter().filter(|anomaly| anomaly.start_time >= rows[third].measure_time).count();
+    assert_eq!(in_the_third, 1, "{announced:#?}");
+    let mut stretches: Vec<SystemTime> = announced.iter().map(|anomaly| anomaly.start_time).collect();
+    stretches.dedup();
+    assert_eq!(stretches.len(), announced.len(), "each stretch announced once: {announced:#?}");
 }
 
 #[tokio::test]
