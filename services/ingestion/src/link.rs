@@ -465,8 +465,9 @@ const MAX_GROUP_RECORDS: usize = 50_000;
 /// Commits decoded batches in arrival order, acknowledging each after its commit. Batches that are already waiting
 /// when a commit starts go into the same transaction (the mark moves to the last of them): under a backlog, the
 /// transaction's fixed costs (the mark's lock, rollups, latest values, the WAL flush) are paid once for several
-/// batches. Stops when the session stops sending, or at the first failure (the agent resends what was not
-/// acknowledged).
+/// batches. Stops when the session stops sending, at the first failure (the agent resends what was not
+/// acknowledged), or after refusing a batch: nothing behind a refused batch commits, because the mark would pass
+/// over it and the agent, told that mark at its next connection, would delete the refused records as stored.
 async fn commit_in_order(
     api: IngestionApi,
     gateway_id: Uuid,
@@ -479,9 +480,11 @@ async fn commit_in_order(
         let (mut group, started, permit) = match ready {
             Ready::Commit { batch, started, permit } => (batch, started, permit),
             Ready::Refuse(refusal) => {
+                let (first, last) = (refusal.first_sequence, refusal.last_sequence);
                 send(&outbound, pb::connect_response::Body::BatchReject(refusal)).await?;
-                next = in_order.recv().await;
-                continue;
+                return Err(Error::FailedPrecondition(format!(
+                    "batch {first}..={last} was refused; the link ends so that nothing after it commits"
+                )));
             }
         };
         let mut ranges = vec![(group.first_sequence, group.last_sequence)];
@@ -537,14 +540,19 @@ async fn commit_in_order(
                 .increment(ranges.len() as u64);
         }
         metrics::histogram!("smartfarm_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
-        for (first, last) in ranges {
-            tracing::debug!(%gateway_id, first, last, duplicate, "batch acknowledged");
-            let ack = pb::BatchAck { last_sequence: last, duplicate };
-            send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
+        let acknowledged = async {
+            for (first, last) in ranges {
+                tracing::debug!(%gateway_id, first, last, duplicate, "batch acknowledged");
+                let ack = pb::BatchAck { last_sequence: last, duplicate };
+                send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
+            }
+            Ok::<_, Error>(())
         }
-        // After the acknowledgements, which do not wait for it: the rules see new readings once, in sequence order,
-        // and the readings are announced with their series for scoring. Off the async workers: sorting and
-        // evaluating tens of thousands of readings must not hold up the alerts the agent sends meanwhile.
+        .await;
+        // After the acknowledgements, which do not wait for it, and whether or not they could go: the batches are
+        // committed, and a resend would be a duplicate, never evaluated or announced. The rules see new readings
+        // once, in sequence order, and the readings are announced with their series for scoring. Off the async
+        // workers: sorting and evaluating tens of thousands of readings must not hold up the agent's alerts.
         if !duplicate {
             let (rules, readings, farm_id) = (rules.clone(), group.readings, group.farm_id);
             let series = tokio::task::spawn_blocking(move || {
@@ -562,6 +570,7 @@ async fn commit_in_order(
                 }));
             }
         }
+        acknowledged?;
         if next.is_none() {
             next = in_order.recv().await;
         }
@@ -608,7 +617,68 @@ fn stored_precision(time: std::time::SystemTime) -> std::time::SystemTime {
 mod tests {
     use std::time::Duration;
 
+    use smartfarm_store::model::NewDevice;
+    use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
+
     use super::*;
+
+    /// A batch committed while its agent hangs up (the acknowledgement cannot go) is still announced for scoring:
+    /// resent after a reconnect it would be a duplicate, never announced.
+    #[tokio::test]
+    async fn a_batch_committed_as_the_agent_hangs_up_is_still_announced() {
+        let test = smartfarm_store::testing::TestDatabase::sqlite().await;
+        let registry = test.registry();
+        let farm = registry.create_farm(Uuid::now_v7(), "farm", time::now()).await.unwrap();
+        let mut devices = Vec::new();
+        for (name, kind) in [("gateway", DeviceKind::Gateway), ("probe", DeviceKind::Sensor)] {
+            let device = NewDevice {
+                id: Uuid::now_v7(),
+                farm_id: farm.id,
+                name: name.into(),
+                kind,
+                labels: Default::default(),
+                credential_sha256: "00".repeat(32),
+                create_time: time::now(),
+            };
+            devices.push(registry.create_device(device).await.unwrap().id);
+        }
+        let bus = smartfarm_bus::Bus::in_process();
+        let mut announcements = bus.subscribe();
+        let api = IngestionApi::new(registry, test.database.telemetry(), Default::default()).with_bus(bus);
+        let reading = ReadingRow {
+            sequence: 1,
+            device_id: devices[1],
+            metric: "temperature".into(),
+            value: 21.5,
+            measure_time: time::now() - Duration::from_secs(60),
+        };
+        let batch = EdgeBatch {
+            gateway_id: devices[0],
+            spool_id: Uuid::now_v7(),
+            farm_id: farm.id,
+            first_sequence: 1,
+            last_sequence: 1,
+            readings: vec![reading],
+            aggregates: Vec::new(),
+            receive_time: time::now(),
+        };
+        let permit = api.commit_permits.clone().acquire_owned().await.unwrap();
+        let (ready, in_order) = mpsc::channel(1);
+        ready.send(Ready::Commit { batch, started: Instant::now(), permit }).await.unwrap();
+        drop(ready);
+        let (outbound, hung_up) = mpsc::channel(1);
+        drop(hung_up);
+        let rules = FarmRules::new(&api, farm.id);
+        let ended = commit_in_order(api.clone(), devices[0], rules, in_order, outbound).await;
+        assert!(ended.unwrap_err().to_string().contains("went away"), "the acknowledgement could not go");
+        match announcements.try_recv() {
+            Ok(Event::ReadingsCommitted(committed)) => {
+                assert_eq!(committed.series.len(), 1);
+                assert_eq!(committed.series[0].device_id, devices[1]);
+            }
+            other => panic!("the committed batch was not announced: {other:?}"),
+        }
+    }
 
     #[tokio::test]
     async fn a_message_the_agent_makes_no_room_for_ends_the_link_in_time() {
