@@ -68,7 +68,11 @@ impl std::fmt::Display for Rejection {
             }
             Rejection::BadMetricName(name) => write!(f, "metric name {} is not 1 to 64 of a-z, 0-9, '_'", short(name)),
             Rejection::BadValue(metric) => {
-                write!(f, "metric {} has a value that is not a finite number", short(metric))
+                write!(
+                    f,
+                    "metric {} has a value that is not a finite number of at most 1e100 in magnitude",
+                    short(metric)
+                )
             }
             Rejection::BadTimestamp(detail) => write!(f, "timestamp cannot be read: {detail}"),
             Rejection::FutureTimestamp(detail) => write!(f, "timestamp is too far in the future: {detail}"),
@@ -100,7 +104,7 @@ pub fn parse(payload: &[u8], now: SystemTime, max_future: Duration) -> Result<Ve
         if !is_metric_name(&measurement.metric) {
             return Err(Rejection::BadMetricName(measurement.metric.clone()));
         }
-        if !measurement.value.is_finite() {
+        if !smartfarm_core::validate::is_reading_value(measurement.value) {
             return Err(Rejection::BadValue(measurement.metric.clone()));
         }
         if measurement.time < earliest_measurement_time() {
@@ -338,6 +342,8 @@ mod tests {
             (br#"{"ts": "1999-12-31T23:59:59Z", "metrics": {"t": 1}}"#, "bad_timestamp"),
             (br#"[{"n": "t", "v": 1e999}]"#, "unreadable_payload"),
             (br#"[{"n": "t", "v": "x"}]"#, "bad_value"),
+            (br#"{"metrics": {"t": 1e101}}"#, "bad_value"),
+            (br#"{"metrics": {"t": -1.7976931348623157e308}}"#, "bad_value"),
             (b"", "unreadable_payload"),
         ];
         for (payload, reason) in cases {

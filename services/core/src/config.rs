@@ -468,6 +468,15 @@ impl ServerConfig {
                 "each width must be a whole number of seconds, at least 1s",
             ));
         }
+        // A width given twice ("1h" and "60m") would add every reading to its rollup twice.
+        let mut widths = telemetry.rollup_widths.clone();
+        widths.sort();
+        if let Some(pair) = widths.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(Error::invalid(
+                "telemetry.rollup_widths",
+                format!("{} s is given twice; each width may appear once", pair[0].as_secs()),
+            ));
+        }
         if telemetry.max_in_flight_batches == 0 {
             return Err(Error::invalid("telemetry.max_in_flight_batches", "must be at least 1"));
         }
@@ -614,6 +623,8 @@ mod tests {
         assert!(error.contains("unknown role"), "{error}");
         let error = ServerConfig::from_toml("tls_cert = \"/x.pem\"").unwrap_err().to_string();
         assert!(error.contains("tls_key must be set together"), "{error}");
+        let error = ServerConfig::from_toml("[telemetry]\nrollup_widths = [\"1h\", \"60m\"]").unwrap_err().to_string();
+        assert!(error.contains("3600 s is given twice"), "{error}");
     }
 
     #[test]

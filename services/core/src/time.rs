@@ -43,10 +43,17 @@ pub fn required_range(range: Option<&smartfarm_proto::common::v1::TimeRange>) ->
     Ok((start, end))
 }
 
+/// The range `google.protobuf.Timestamp` allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z, in seconds. Every
+/// store keeps these times (PostgreSQL's `timestamptz`, microseconds in a 64-bit integer).
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
 /// A contract timestamp as a `SystemTime`; `field` names it in the error when it is out of range.
 pub fn from_timestamp(field: &str, timestamp: &pbjson_types::Timestamp) -> Result<SystemTime> {
     if !(0..1_000_000_000).contains(&timestamp.nanos) {
         return Err(Error::invalid(field, "nanos must be between 0 and 999999999"));
+    }
+    if !TIMESTAMP_SECONDS.contains(&timestamp.seconds) {
+        return Err(Error::invalid(field, "is out of range (a timestamp lies between the years 1 and 9999)"));
     }
     let nanos = Duration::from_nanos(timestamp.nanos as u64);
     let time = if timestamp.seconds >= 0 {
@@ -94,5 +101,20 @@ mod tests {
         }
         let bad = pbjson_types::Timestamp { seconds: 0, nanos: -5 };
         assert!(from_timestamp("t", &bad).is_err());
+    }
+
+    /// Times no store keeps (microseconds since 1970 in 64 bits would wrap, PostgreSQL refuses them) are refused
+    /// with the field named, as a request's fault; the contract's own bounds pass.
+    #[test]
+    fn timestamps_outside_the_contracts_range_are_refused() {
+        for seconds in [10_000_000_000_000, -300_000_000_000, 253_402_300_800, -62_135_596_801] {
+            let error = from_timestamp("end_time", &pbjson_types::Timestamp { seconds, nanos: 0 }).unwrap_err();
+            assert!(matches!(&error, Error::InvalidArgument { field, .. } if field == "end_time"), "{error:?}");
+            assert!(error.to_string().contains("out of range"), "{error}");
+        }
+        for seconds in [253_402_300_799, -62_135_596_800] {
+            let time = from_timestamp("t", &pbjson_types::Timestamp { seconds, nanos: 0 }).unwrap();
+            assert_eq!(to_unix_micros(time), seconds * 1_000_000);
+        }
     }
 }

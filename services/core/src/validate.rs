@@ -20,6 +20,15 @@ pub const MAX_METRIC_CHARS: usize = 64;
 /// can make it allocate; edge agents keep their batches below it.
 pub const MAX_RECORDS_PER_BATCH: usize = 100_000;
 
+/// The largest magnitude a reading's value may have. Far beyond any sensor's range, and small enough that sums of
+/// readings (the rollups) cannot overflow to infinity, which no store keeps.
+pub const MAX_READING_MAGNITUDE: f64 = 1e100;
+
+/// Whether a reading's value can be stored: finite and at most [`MAX_READING_MAGNITUDE`] in magnitude.
+pub fn is_reading_value(value: f64) -> bool {
+    value.abs() <= MAX_READING_MAGNITUDE
+}
+
 /// Whether `name` is a metric name: 1 to 64 of `[a-z0-9_]` (what MQTT payloads, batches and queries accept).
 pub fn is_metric_name(name: &str) -> bool {
     !name.is_empty()

@@ -138,7 +138,7 @@ pub fn decode(
                 else {
                     continue;
                 };
-                if !reading.value.is_finite() {
+                if !smartfarm_core::validate::is_reading_value(reading.value) {
                     dropped.bad_value += 1;
                     continue;
                 }
@@ -167,7 +167,7 @@ pub fn decode(
                 let values = [aggregate.min, aggregate.max, aggregate.avg, aggregate.last];
                 if aggregate.count == 0
                     || aggregate.count > MAX_AGGREGATE_COUNT
-                    || values.iter().any(|v| !v.is_finite())
+                    || values.iter().any(|v| !smartfarm_core::validate::is_reading_value(*v))
                     || aggregate.min > aggregate.max
                 {
                     dropped.bad_value += 1;
@@ -322,6 +322,20 @@ mod tests {
         assert_eq!(batch.readings.len(), 2);
         assert_eq!((batch.readings[0].sequence, batch.readings[1].sequence), (1, 5));
         assert_eq!(dropped, Dropped { foreign_device: 1, bad_metric: 1, bad_value: 1, bad_time: 0, out_of_range: 1 });
+    }
+
+    /// Values whose sums could overflow the rollups (a store keeps no infinity) are dropped as bad values.
+    #[test]
+    fn values_beyond_the_storable_magnitude_are_dropped() {
+        let (farm, mine) = (Uuid::now_v7(), Uuid::now_v7());
+        let devices = HashSet::from([mine]);
+        let values = [f64::MAX, -1e101, 1e100, -1e100];
+        let records = values.iter().enumerate().map(|(i, v)| record(i as u64 + 1, mine, "flow", *v)).collect();
+        let wire = encode(records, 1, 4);
+        let (batch, dropped) =
+            decode(&wire, Uuid::now_v7(), Uuid::now_v7(), farm, &devices, 1 << 20, SystemTime::now()).unwrap();
+        assert_eq!(batch.readings.iter().map(|r| r.value).collect::<Vec<_>>(), [1e100, -1e100]);
+        assert_eq!(dropped.bad_value, 2);
     }
 
     #[test]
