@@ -71,16 +71,17 @@ impl ImageApi {
                 let keys = self.images.stale_blob_intents(before, BATCH).await?;
                 for key in &keys {
                     // Claimed first: a writer that renewed the intent meanwhile keeps it (and its blob); once
-                    // claimed, no writer can put a blob under the key until the intent is gone.
-                    if !self.images.claim_blob_intent(key, before).await? {
+                    // claimed, no writer can put a blob under the key until the intent is gone, and no other
+                    // replica's sweeper works on it.
+                    let Some(claim) = self.images.claim_blob_intent(key, before, time::now()).await? else {
                         continue;
-                    }
+                    };
                     if !self.images.blob_referenced(key).await? {
                         self.blobs.delete(key).await?;
                         report.orphans_deleted += 1;
                         tracing::info!(key, "orphaned blob deleted");
                     }
-                    self.images.delete_blob_intent(key).await?;
+                    self.images.delete_claimed_blob_intent(key, claim).await?;
                 }
                 if keys.len() < BATCH {
                     break;

@@ -214,7 +214,10 @@ async fn store_photo(setup: &Setup, bytes: &[u8]) -> ImageRecord {
         storage_class: None,
         diagnosis: None,
     };
-    setup.database.images().insert_image(record.clone(), None).await.unwrap();
+    // As an upload stores it: behind the intent for its blob.
+    let images = setup.database.images();
+    images.add_blob_intent(&record.original_key, record.receive_time).await.unwrap();
+    images.insert_image(record.clone(), None).await.unwrap();
     record
 }
 

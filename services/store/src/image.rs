@@ -7,11 +7,13 @@
 //! references the blob commits together with the removal of the intent. An intent older than any upload can take
 //! therefore names a blob that may exist without a row, and the sweeper deletes that blob unless a row references
 //! it ([`ImageStore::blob_referenced`]), after claiming the intent ([`ImageStore::claim_blob_intent`]) so that no
-//! writer renews it meanwhile. A row is committed only after its blob is durable, so a row never points at a
-//! missing blob (retention marks the row before the blob is deleted, through an intent as well).
+//! writer renews it meanwhile and no other sweeper works on it. A row is committed only after its blob is durable,
+//! and only while its intent is still there unclaimed (a writer that stalled past the grace may have had its blob
+//! swept: it is told to send again), so a row never points at a missing blob (retention marks the row before the
+//! blob is deleted, through an intent as well).
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
@@ -149,6 +151,19 @@ pub struct ImageCursor {
     pub id: Uuid,
 }
 
+/// Why a photo's row or thumbnail was not stored: its blob intent was claimed or removed by the sweeper (the writer
+/// stalled past the orphan grace), so the blob may be gone. The writer sends the photo, or makes the thumbnail,
+/// again.
+pub(crate) fn swept_under_the_writer(key: &str) -> smartfarm_core::Error {
+    smartfarm_core::Error::Unavailable(format!(
+        "blob {key} was swept before its row was stored (the write took longer than the orphan grace); send it again"
+    ))
+}
+
+/// How long a sweeper's claim on a blob intent holds. Far longer than a sweep takes over one intent; past it the
+/// sweep is taken for dead and another sweeper may claim the intent.
+pub const CLAIM_LIFETIME: Duration = Duration::from_secs(600);
+
 /// Storage of photos' metadata, uploads in progress and blob intents.
 ///
 /// Errors: `NotFound` for a missing image, `FailedPrecondition` when an upload moved on under the caller,
@@ -171,7 +186,9 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Stores a photo's row, removes the intent of its original's key, and marks the upload it came from as
     /// finished (its state is upserted with `image_id` set to the stored row), in one transaction. If the farm
     /// already has this sha256, nothing changes but the intent's removal (the existing row references the same
-    /// content-addressed key) and the upload's state, and the existing row is returned.
+    /// content-addressed key) and the upload's state, and the existing row is returned. A new row needs its
+    /// intent, unclaimed: without it the sweeper may have deleted the blob, and nothing is stored (`Unavailable`;
+    /// the photo is sent again).
     async fn insert_image(&self, image: ImageRecord, upload: Option<UploadState>) -> Result<Inserted>;
 
     /// The state of an upload cut short, if any.
@@ -190,17 +207,22 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn add_blob_intent(&self, key: &str, create_time: SystemTime) -> Result<()>;
     /// Intents recorded before `before` (or claimed by a sweep that did not finish), oldest first.
     async fn stale_blob_intents(&self, before: SystemTime, limit: usize) -> Result<Vec<String>>;
-    /// Claims an intent for the sweeper if it is still older than `before` (or already claimed); returns whether
-    /// it did. A claimed intent cannot be renewed by a writer, so the sweeper may then delete the blob safely.
-    async fn claim_blob_intent(&self, key: &str, before: SystemTime) -> Result<bool>;
+    /// Claims an intent for one sweeper, at `now`: one recorded before `before` that nobody claimed, or one whose
+    /// claim is older than [`CLAIM_LIFETIME`] (its sweep died). Returns the claim, which removing the intent
+    /// needs; `None` when the intent is gone, renewed, or another sweeper's. A claimed intent cannot be renewed by a
+    /// writer, so the sweeper may then delete the blob safely.
+    async fn claim_blob_intent(&self, key: &str, before: SystemTime, now: SystemTime) -> Result<Option<Uuid>>;
     /// Whether a row references `key` as an available original or as a thumbnail.
     async fn blob_referenced(&self, key: &str) -> Result<bool>;
     /// Removes an intent.
     async fn delete_blob_intent(&self, key: &str) -> Result<()>;
+    /// Removes the intent `claim` holds; false when it holds none any more (taken over, or the intent is gone).
+    async fn delete_claimed_blob_intent(&self, key: &str, claim: Uuid) -> Result<bool>;
 
     /// Photos whose thumbnail is not made yet, oldest first.
     async fn pending_thumbnails(&self, limit: usize) -> Result<Vec<ImageRecord>>;
-    /// Records a photo's thumbnail (`Some(key)`, also removing that key's intent) or that none can be made.
+    /// Records a photo's thumbnail (`Some(key)`, also removing that key's intent, which must still be there
+    /// unclaimed, as for [`ImageStore::insert_image`]) or that none can be made.
     async fn set_thumbnail(&self, id: Uuid, thumbnail_key: Option<&str>) -> Result<()>;
 
     /// Marks up to `limit` of the farm's originals captured and received before `captured_before` as deleted and

@@ -34,6 +34,11 @@ pub const SQLITE: &[Migration] = &[
         name: "alert_retention",
         sql: include_str!("../migrations/sqlite/0007_alert_retention.sql"),
     },
+    Migration {
+        version: 8,
+        name: "blob_intent_claims",
+        sql: include_str!("../migrations/sqlite/0008_blob_intent_claims.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -56,6 +61,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 7,
         name: "alert_retention",
         sql: include_str!("../migrations/postgres/0007_alert_retention.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "blob_intent_claims",
+        sql: include_str!("../migrations/postgres/0008_blob_intent_claims.sql"),
     },
 ];
 

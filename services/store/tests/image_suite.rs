@@ -1,12 +1,12 @@
 //! The behaviour every [`ImageStore`] backend must have, written once and run on SQLite and PostgreSQL.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::Database;
 use smartfarm_store::image::{
-    ImageCursor, ImageFilter, ImageRecord, Inserted, StoredDiagnosis, ThumbnailState, UploadState,
+    ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, StoredDiagnosis, ThumbnailState, UploadState,
 };
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::testing::TestDatabase as Harness;
@@ -65,6 +65,12 @@ fn photo(farm_id: Uuid, device_id: Uuid, hour: i64, sha_byte: u8) -> ImageRecord
     }
 }
 
+/// Stores a new photo's row as an upload does: behind the intent for its blob.
+async fn insert_new(images: &dyn ImageStore, image: ImageRecord, upload: Option<UploadState>) -> Inserted {
+    images.add_blob_intent(&image.original_key, image.receive_time).await.unwrap();
+    images.insert_image(image, upload).await.unwrap()
+}
+
 async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
     let images = database.images();
     let (farm_a, cameras_a) = farm(database, "a").await;
@@ -81,7 +87,7 @@ async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
     assert!(matches!(images.get_image(again.id).await, Err(smartfarm_core::Error::NotFound { .. })));
     // Another farm keeps its own copy.
     let other_farm = photo(farm_b, cameras_b[0], 1, 0xaa);
-    assert!(matches!(images.insert_image(other_farm, None).await.unwrap(), Inserted::New(_)));
+    assert!(matches!(insert_new(&*images, other_farm, None).await, Inserted::New(_)));
 
     let asked = vec!["aa".repeat(32), "bb".repeat(32)];
     assert_eq!(images.known_sha256s(farm_a, &asked).await.unwrap(), vec!["aa".repeat(32)]);
@@ -117,7 +123,7 @@ async fn listing_filters_and_pages_newest_first(database: &Database) {
     let images = database.images();
     let (farm_id, cameras) = farm(database, "a").await;
     for hour in 0..10 {
-        images.insert_image(photo(farm_id, cameras[(hour % 2) as usize], hour, hour as u8), None).await.unwrap();
+        insert_new(&*images, photo(farm_id, cameras[(hour % 2) as usize], hour, hour as u8), None).await;
     }
     let everything = ImageFilter { farm_id, ..Default::default() };
     let first_page = images.list_images(&everything, None, 4).await.unwrap();
@@ -177,7 +183,7 @@ async fn uploads_resume_and_refuse_a_stale_writer(database: &Database) {
     let mut image = photo(farm_id, cameras[0], 1, 0xcd);
     image.size_bytes = 5000;
     let finished = UploadState { received_bytes: 5000, ..state.clone() };
-    images.insert_image(image.clone(), Some(finished)).await.unwrap();
+    insert_new(&*images, image.clone(), Some(finished)).await;
     let stored = images.get_upload(cameras[0], "photo-1").await.unwrap().unwrap();
     assert_eq!((stored.received_bytes, stored.image_id), (5000, Some(image.id)));
     images.delete_upload(cameras[0], "photo-1").await.unwrap();
@@ -191,23 +197,52 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     images.add_blob_intent("images/orphan", at(0)).await.unwrap();
     assert_eq!(images.stale_blob_intents(at(1), 10).await.unwrap(), vec!["images/orphan".to_string()]);
     assert!(!images.blob_referenced("images/orphan").await.unwrap());
-    // The sweeper claims it; a writer can then not renew it (and write a blob under it) until the sweep is done.
-    assert!(images.claim_blob_intent("images/orphan", at(1)).await.unwrap());
+    // A sweeper claims it; a writer can then not renew it (and write a blob under it) until the sweep is done, and
+    // another replica's sweeper cannot claim it too.
+    let claim = images.claim_blob_intent("images/orphan", at(1), at(2)).await.unwrap().expect("claimed");
+    let moment_later = at(2) + Duration::from_secs(1);
+    assert_eq!(images.claim_blob_intent("images/orphan", at(1), moment_later).await.unwrap(), None, "another's claim");
     let error = images.add_blob_intent("images/orphan", at(2)).await.unwrap_err();
     assert!(matches!(error, smartfarm_core::Error::Unavailable(_)), "{error:?}");
     assert_eq!(images.stale_blob_intents(at(0), 10).await.unwrap(), vec!["images/orphan".to_string()], "claimed");
-    images.delete_blob_intent("images/orphan").await.unwrap();
+    assert!(images.delete_claimed_blob_intent("images/orphan", claim).await.unwrap());
     assert!(images.stale_blob_intents(at(1), 10).await.unwrap().is_empty());
+    // A writer's new intent under the same key is not the claim's: a late sweeper leaves it alone.
+    images.add_blob_intent("images/orphan", at(4)).await.unwrap();
+    assert!(!images.delete_claimed_blob_intent("images/orphan", claim).await.unwrap());
+    assert_eq!(images.stale_blob_intents(at(5), 10).await.unwrap(), vec!["images/orphan".to_string()]);
+    // A claim older than its lifetime belongs to a sweep that died: another sweeper takes it over, and the dead
+    // sweep's claim removes nothing.
+    let lifetime = smartfarm_store::image::CLAIM_LIFETIME;
+    let first = images.claim_blob_intent("images/orphan", at(5), at(10)).await.unwrap().expect("claimed");
+    let early = at(10) + lifetime - Duration::from_secs(1);
+    assert_eq!(images.claim_blob_intent("images/orphan", at(5), early).await.unwrap(), None);
+    let late = at(10) + lifetime + Duration::from_secs(1);
+    let second = images.claim_blob_intent("images/orphan", at(5), late).await.unwrap().expect("taken over");
+    assert!(!images.delete_claimed_blob_intent("images/orphan", first).await.unwrap());
+    assert!(images.delete_claimed_blob_intent("images/orphan", second).await.unwrap());
     // A writer that renewed its intent first keeps it: the claim of the old one fails.
     images.add_blob_intent("images/renewed", at(0)).await.unwrap();
     images.add_blob_intent("images/renewed", at(5)).await.unwrap();
-    assert!(!images.claim_blob_intent("images/renewed", at(1)).await.unwrap());
+    assert_eq!(images.claim_blob_intent("images/renewed", at(1), at(6)).await.unwrap(), None);
     images.delete_blob_intent("images/renewed").await.unwrap();
+
+    // A writer that stalled past the grace: the sweeper claimed its intent (and may have deleted the blob), or
+    // already removed it. Its row is not stored, so no row points at a missing blob; it sends the photo again.
+    let stalled = photo(farm_id, cameras[1], 30, 3);
+    images.add_blob_intent(&stalled.original_key, at(0)).await.unwrap();
+    let claim = images.claim_blob_intent(&stalled.original_key, at(1), at(2)).await.unwrap().expect("claimed");
+    let error = images.insert_image(stalled.clone(), None).await.unwrap_err();
+    assert!(matches!(&error, smartfarm_core::Error::Unavailable(_)), "{error:?}");
+    assert!(images.delete_claimed_blob_intent(&stalled.original_key, claim).await.unwrap());
+    let error = images.insert_image(stalled.clone(), None).await.unwrap_err();
+    assert!(matches!(&error, smartfarm_core::Error::Unavailable(_)), "{error:?}");
+    assert!(matches!(images.get_image(stalled.id).await, Err(smartfarm_core::Error::NotFound { .. })));
 
     let old = photo(farm_id, cameras[0], 0, 1);
     let new = photo(farm_id, cameras[0], 48, 2);
     for image in [&old, &new] {
-        images.insert_image(image.clone(), None).await.unwrap();
+        insert_new(&*images, image.clone(), None).await;
     }
     assert!(images.blob_referenced(&old.original_key).await.unwrap());
     assert!(
@@ -216,6 +251,9 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     );
     let pending = images.pending_thumbnails(10).await.unwrap();
     assert_eq!(pending.len(), 2);
+    // A thumbnail whose intent the sweeper took is not recorded either (it is made again).
+    let error = images.set_thumbnail(old.id, Some("thumbnails/old")).await.unwrap_err();
+    assert!(matches!(&error, smartfarm_core::Error::Unavailable(_)), "{error:?}");
     images.add_blob_intent("thumbnails/old", at(1)).await.unwrap();
     images.set_thumbnail(old.id, Some("thumbnails/old")).await.unwrap();
     images.set_thumbnail(new.id, None).await.unwrap();

@@ -209,10 +209,14 @@ impl ImageStore for PostgresStore {
             Inserted::Existing(row) => row.original_available,
         };
         if referenced {
-            transaction
-                .execute("DELETE FROM blob_intents WHERE key = $1", &[&image.original_key])
+            let removed = transaction
+                .execute("DELETE FROM blob_intents WHERE key = $1 AND NOT claimed", &[&image.original_key])
                 .await
                 .map_err(pg_error("delete blob intent"))?;
+            if removed == 0 && matches!(outcome, Inserted::New(_)) {
+                // Dropped, the transaction rolls back: nothing is stored.
+                return Err(crate::image::swept_under_the_writer(&image.original_key));
+            }
         }
         if let Some(upload) = upload {
             let image_id = match &outcome {
@@ -308,16 +312,21 @@ impl ImageStore for PostgresStore {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    async fn claim_blob_intent(&self, key: &str, before: SystemTime) -> Result<bool> {
+    async fn claim_blob_intent(&self, key: &str, before: SystemTime, now: SystemTime) -> Result<Option<Uuid>> {
         let client = self.client().await?;
+        let claim = Uuid::now_v7();
+        let abandoned = now.checked_sub(crate::image::CLAIM_LIFETIME).unwrap_or(std::time::UNIX_EPOCH);
+        // A claim made before claims had ids (no claim_time) counts as abandoned.
         let changed = client
             .execute(
-                "UPDATE blob_intents SET claimed = true WHERE key = $1 AND (claimed OR create_time < $2)",
-                &[&key, &before],
+                "UPDATE blob_intents SET claimed = true, claim_id = $3, claim_time = $4
+                 WHERE key = $1 AND CASE WHEN claimed THEN claim_time IS NULL OR claim_time < $5
+                                         ELSE create_time < $2 END",
+                &[&key, &before, &claim, &now, &abandoned],
             )
             .await
             .map_err(pg_error("claim blob intent"))?;
-        Ok(changed == 1)
+        Ok((changed == 1).then_some(claim))
     }
 
     async fn blob_referenced(&self, key: &str) -> Result<bool> {
@@ -337,6 +346,15 @@ impl ImageStore for PostgresStore {
         let client = self.client().await?;
         client.execute("DELETE FROM blob_intents WHERE key = $1", &[&key]).await.map_err(pg_error("delete intent"))?;
         Ok(())
+    }
+
+    async fn delete_claimed_blob_intent(&self, key: &str, claim: Uuid) -> Result<bool> {
+        let client = self.client().await?;
+        let removed = client
+            .execute("DELETE FROM blob_intents WHERE key = $1 AND claim_id = $2", &[&key, &claim])
+            .await
+            .map_err(pg_error("delete claimed intent"))?;
+        Ok(removed == 1)
     }
 
     async fn pending_thumbnails(&self, limit: usize) -> Result<Vec<ImageRecord>> {
@@ -366,10 +384,13 @@ impl ImageStore for PostgresStore {
             .await
             .map_err(pg_error("update thumbnail"))?;
         if let Some(key) = thumbnail_key {
-            transaction
-                .execute("DELETE FROM blob_intents WHERE key = $1", &[&key])
+            let removed = transaction
+                .execute("DELETE FROM blob_intents WHERE key = $1 AND NOT claimed", &[&key])
                 .await
                 .map_err(pg_error("delete blob intent"))?;
+            if removed == 0 {
+                return Err(crate::image::swept_under_the_writer(key));
+            }
         }
         transaction.commit().await.map_err(pg_error("commit thumbnail update"))
     }

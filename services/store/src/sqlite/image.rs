@@ -243,9 +243,13 @@ impl ImageStore for SqliteStore {
                 Inserted::Existing(row) => row.original_available,
             };
             if referenced {
-                transaction
-                    .execute("DELETE FROM blob_intents WHERE key = ?1", [&image.original_key])
+                let removed = transaction
+                    .execute("DELETE FROM blob_intents WHERE key = ?1 AND NOT claimed", [&image.original_key])
                     .map_err(sql_error("delete blob intent"))?;
+                if removed == 0 && matches!(outcome, Inserted::New(_)) {
+                    // Dropped, the transaction rolls back: nothing is stored.
+                    return Err(crate::image::swept_under_the_writer(&image.original_key));
+                }
             }
             if let Some(upload) = upload {
                 let image_id = match &outcome {
@@ -358,16 +362,27 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn claim_blob_intent(&self, key: &str, before: SystemTime) -> Result<bool> {
+    async fn claim_blob_intent(&self, key: &str, before: SystemTime, now: SystemTime) -> Result<Option<Uuid>> {
         let key = key.to_string();
+        let claim = Uuid::now_v7();
+        let abandoned = now.checked_sub(crate::image::CLAIM_LIFETIME).unwrap_or(std::time::UNIX_EPOCH);
         self.run(move |connection| {
+            // A claim made before claims had ids (no claim_time) counts as abandoned.
             let changed = connection
                 .execute(
-                    "UPDATE blob_intents SET claimed = 1 WHERE key = ?1 AND (claimed OR create_time < ?2)",
-                    params![key, to_unix_micros(before)],
+                    "UPDATE blob_intents SET claimed = 1, claim_id = ?3, claim_time = ?4
+                     WHERE key = ?1 AND CASE WHEN claimed THEN claim_time IS NULL OR claim_time < ?5
+                                             ELSE create_time < ?2 END",
+                    params![
+                        key,
+                        to_unix_micros(before),
+                        claim.to_string(),
+                        to_unix_micros(now),
+                        to_unix_micros(abandoned)
+                    ],
                 )
                 .map_err(sql_error("claim blob intent"))?;
-            Ok(changed == 1)
+            Ok((changed == 1).then_some(claim))
         })
         .await
     }
@@ -396,6 +411,17 @@ impl ImageStore for SqliteStore {
         .await
     }
 
+    async fn delete_claimed_blob_intent(&self, key: &str, claim: Uuid) -> Result<bool> {
+        let key = key.to_string();
+        self.run(move |connection| {
+            let removed = connection
+                .execute("DELETE FROM blob_intents WHERE key = ?1 AND claim_id = ?2", params![key, claim.to_string()])
+                .map_err(sql_error("delete claimed intent"))?;
+            Ok(removed == 1)
+        })
+        .await
+    }
+
     async fn pending_thumbnails(&self, limit: usize) -> Result<Vec<ImageRecord>> {
         self.run(move |connection| {
             let sql = format!(
@@ -419,9 +445,12 @@ impl ImageStore for SqliteStore {
                 )
                 .map_err(sql_error("update thumbnail"))?;
             if let Some(key) = &thumbnail_key {
-                transaction
-                    .execute("DELETE FROM blob_intents WHERE key = ?1", [key])
+                let removed = transaction
+                    .execute("DELETE FROM blob_intents WHERE key = ?1 AND NOT claimed", [key])
                     .map_err(sql_error("delete blob intent"))?;
+                if removed == 0 {
+                    return Err(crate::image::swept_under_the_writer(key));
+                }
             }
             transaction.commit().map_err(sql_error("commit thumbnail update"))
         })
