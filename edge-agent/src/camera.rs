@@ -37,6 +37,9 @@ pub enum CaptureError {
     Source(String),
     #[error("cannot write the photo to the spool: {0}")]
     Spool(std::io::Error),
+    /// The spool will never take this photo (too large for it): trying again does not help.
+    #[error("the spool refuses the photo: {0}")]
+    Refused(String),
 }
 
 /// What the capture tasks share.
@@ -79,7 +82,10 @@ impl Cameras {
         let for_diagnosis = self.diagnosis.as_ref().map(|_| bytes.clone());
         let put = tokio::task::spawn_blocking(move || {
             let (content_type, bytes) = this.maybe_reencode(content_type, bytes)?;
-            this.spool.put(device_id, capture_time, content_type, &bytes).map_err(CaptureError::Spool)
+            this.spool.put(device_id, capture_time, content_type, &bytes).map_err(|error| match error.kind() {
+                std::io::ErrorKind::InvalidInput => CaptureError::Refused(error.to_string()),
+                _ => CaptureError::Spool(error),
+            })
         })
         .await
         .map_err(|error| CaptureError::Source(format!("the capture worker failed: {error}")))??;
@@ -224,21 +230,60 @@ impl Cameras {
     }
 }
 
-/// Runs a capture command; its standard output is the photo.
+/// Runs a capture command; its standard output is the photo, at most [`MAX_PHOTO_BYTES`]: a command that streams
+/// (a video device read without a frame count) is stopped there instead of filling the Pi's memory.
 async fn run_command(command: &[String]) -> Result<Vec<u8>, CaptureError> {
+    run_command_within(command, Duration::from_secs(60), MAX_PHOTO_BYTES).await
+}
+
+async fn run_command_within(command: &[String], limit: Duration, max_bytes: u64) -> Result<Vec<u8>, CaptureError> {
+    /// What is kept of the command's standard error, for the log.
+    const MAX_STDERR_BYTES: usize = 4096;
     let (program, arguments) = command.split_first().ok_or_else(|| CaptureError::Source("empty command".into()))?;
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program).args(arguments).kill_on_drop(true).output(),
-    )
-    .await
-    .map_err(|_| CaptureError::Source(format!("{program} took longer than 60 s")))?
-    .map_err(|error| CaptureError::Source(format!("cannot run {program}: {error}")))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(CaptureError::Source(format!("{program} failed ({}): {}", output.status, stderr.trim())));
-    }
-    Ok(output.stdout)
+    let mut child = tokio::process::Command::new(program)
+        .args(arguments)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| CaptureError::Source(format!("cannot run {program}: {error}")))?;
+    let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(CaptureError::Source(format!("{program}: no output pipes")));
+    };
+    // The standard error is read to its end (a command blocked on a full pipe would never finish), but only its
+    // start is kept; the task ends when the command does.
+    let errors = tokio::spawn(async move {
+        let (mut kept, mut chunk) = (Vec::new(), [0u8; 4096]);
+        while let Ok(read @ 1..) = stderr.read(&mut chunk).await {
+            let room = MAX_STDERR_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&chunk[..read.min(room)]);
+        }
+        kept
+    });
+    let run = async {
+        let mut photo = Vec::new();
+        stdout
+            .take(max_bytes + 1)
+            .read_to_end(&mut photo)
+            .await
+            .map_err(|error| CaptureError::Source(format!("cannot read what {program} printed: {error}")))?;
+        if photo.len() as u64 > max_bytes {
+            return Err(CaptureError::Source(format!("{program} printed more than the {max_bytes}-byte limit")));
+        }
+        let status =
+            child.wait().await.map_err(|error| CaptureError::Source(format!("{program} did not finish: {error}")))?;
+        if !status.success() {
+            let errors = errors.await.unwrap_or_default();
+            let errors = String::from_utf8_lossy(&errors);
+            return Err(CaptureError::Source(format!("{program} failed ({status}): {}", errors.trim())));
+        }
+        Ok(photo)
+    };
+    // Past the limit, or over the size, the command is killed as its handle is dropped.
+    tokio::time::timeout(limit, run)
+        .await
+        .map_err(|_| CaptureError::Source(format!("{program} took longer than {} s", limit.as_secs())))?
 }
 
 /// Fetches a snapshot over plain HTTP/1.0 (what IP cameras on a farm's LAN speak; HTTP/1.0 means no chunked
@@ -309,6 +354,23 @@ mod tests {
         let (alerts, receiver) = mpsc::unbounded_channel();
         let config = EdgeConfig { reencode, ..Default::default() };
         (Cameras::new(&config, Arc::new(ImageSpool::open(dir, 1 << 30, true).unwrap()), alerts), receiver)
+    }
+
+    /// A capture command's output is its photo, up to the size limit: one that prints more (a stream) is stopped
+    /// there with the reason, and a failing one reports its standard error.
+    #[tokio::test]
+    async fn capture_commands_are_held_to_the_size_limit() {
+        let command = |script: &str| vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+        let photo = run_command_within(&command("printf photo"), Duration::from_secs(10), 1000).await.unwrap();
+        assert_eq!(photo, b"photo");
+        let started = std::time::Instant::now();
+        let error = run_command_within(&command("yes"), Duration::from_secs(10), 1000).await.unwrap_err();
+        assert!(error.to_string().contains("more than the 1000-byte limit"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(5), "stopped at the limit, not at the timeout");
+        let error = run_command_within(&command("echo no camera >&2; exit 3"), Duration::from_secs(10), 1000)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("no camera"), "{error}");
     }
 
     #[tokio::test]

@@ -128,6 +128,13 @@ impl ImageSpool {
         let extension = extension_of(content_type).ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{content_type} is not a spooled type"))
         })?;
+        // Kept, it would push every other waiting photo out of the area.
+        if bytes.len() as u64 > self.max_bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} bytes is more than the whole image area ({} bytes)", bytes.len(), self.max_bytes),
+            ));
+        }
         let sha256 = hex::encode(Sha256::digest(bytes));
         let micros = capture_time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros();
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -243,5 +250,19 @@ mod tests {
         assert!(aside.exists());
         assert!(spool.pending().unwrap().is_empty());
         assert!(spool.put(camera, at(1), "text/plain", b"hello").is_err());
+    }
+
+    /// A photo larger than the whole area is refused: kept, it would push every other waiting photo out.
+    #[test]
+    fn a_photo_larger_than_the_area_is_refused_and_the_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = ImageSpool::open(dir.path(), 130, true).unwrap();
+        let camera = Uuid::now_v7();
+        let at = |seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds);
+        assert!(spool.put(camera, at(1), "image/jpeg", &[JPEG, &[1; 32]].concat()).unwrap().stored);
+        let error = spool.put(camera, at(2), "image/jpeg", &[JPEG, &[2; 200]].concat()).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(error.to_string().contains("more than the whole image area"), "{error}");
+        assert_eq!(spool.pending().unwrap().len(), 1, "the waiting photo stays");
     }
 }
