@@ -84,8 +84,9 @@ impl TelemetryStore for NotingReads {
         filter: &ReadingFilter,
         width: Option<Duration>,
         widths: &[Duration],
-    ) -> smartfarm_core::Result<Vec<Bucket>> {
-        self.store.query_buckets(filter, width, widths).await
+        limit: usize,
+    ) -> smartfarm_core::Result<Option<Vec<Bucket>>> {
+        self.store.query_buckets(filter, width, widths, limit).await
     }
 
     async fn latest_readings(&self, farm_id: Uuid, devices: &[Uuid]) -> smartfarm_core::Result<Vec<StoredReading>> {

@@ -168,22 +168,25 @@ impl TelemetryService for IngestionApi {
             .iter()
             .filter(|latest| filter.metrics.is_empty() || filter.metrics.contains(&latest.metric))
             .count() as u64;
-        let too_many = |buckets: u64| {
+        let too_many = |covered: String| {
             Error::invalid(
                 "bucket_width",
                 format!(
-                    "the query covers up to {buckets} buckets, more than the {MAX_RESPONSE_BUCKETS} a response holds: \
-                     narrow the time range, name devices or metrics, or widen the buckets"
+                    "the query covers {covered}, more than the {MAX_RESPONSE_BUCKETS} a response holds: narrow the \
+                     time range, name devices or metrics, or widen the buckets"
                 ),
             )
         };
         if series.saturating_mul(per_series) > MAX_RESPONSE_BUCKETS {
-            return Err(too_many(series.saturating_mul(per_series)).into());
+            return Err(too_many(format!("up to {} buckets", series.saturating_mul(per_series))).into());
         }
-        let buckets = self.telemetry.query_buckets(&filter, width, &self.settings.rollup_widths).await?;
-        if buckets.len() as u64 > MAX_RESPONSE_BUCKETS {
-            return Err(too_many(buckets.len() as u64).into());
-        }
+        // The estimate counts series with raw readings only; the store's limit holds for the rest (a farm that
+        // uploads only aggregates).
+        let limit = MAX_RESPONSE_BUCKETS as usize;
+        let Some(buckets) = self.telemetry.query_buckets(&filter, width, &self.settings.rollup_widths, limit).await?
+        else {
+            return Err(too_many("more buckets".into()).into());
+        };
         Ok(Response::new(pb::QueryAggregatesResponse {
             buckets: buckets
                 .into_iter()

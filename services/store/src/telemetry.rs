@@ -152,13 +152,15 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// Count, min, max and average per device, metric and bucket of `width` aligned to the Unix epoch (`None`: one
     /// bucket spanning the filter's range), ordered by device, metric, bucket. Reads the rollup of that width when
     /// one is kept and the range is aligned to it. Devices whose range holds no raw readings are summarised from the
-    /// edge's own aggregates (farms that upload only aggregates).
+    /// edge's own aggregates (farms that upload only aggregates). `None` when there are more than `limit` buckets:
+    /// the database stops there, so a query too large to answer costs no more memory than one that fits.
     async fn query_buckets(
         &self,
         filter: &ReadingFilter,
         width: Option<Duration>,
         rollup_widths: &[Duration],
-    ) -> Result<Vec<Bucket>>;
+        limit: usize,
+    ) -> Result<Option<Vec<Bucket>>>;
 
     /// The newest reading per device and metric of a farm (kept current by `commit_batch`, so this reads one row
     /// per device and metric).
@@ -201,13 +203,17 @@ pub(crate) fn latest_per_series<'a>(readings: &[&'a ReadingRow]) -> BTreeMap<(Uu
 }
 
 /// Adds to `raw` the edge-aggregate buckets of every (device, metric) that has no raw bucket, keeping the order by
-/// device, metric and bucket start.
-pub(crate) fn merge_edge_buckets(mut raw: Vec<Bucket>, edge: Vec<Bucket>) -> Vec<Bucket> {
+/// device, metric and bucket start; `None` when either list, or the result, is longer than `limit` (the queries
+/// stop one past it).
+pub(crate) fn merge_edge_buckets(mut raw: Vec<Bucket>, edge: Vec<Bucket>, limit: usize) -> Option<Vec<Bucket>> {
+    if raw.len() > limit || edge.len() > limit {
+        return None;
+    }
     let covered: std::collections::BTreeSet<(Uuid, String)> =
         raw.iter().map(|bucket| (bucket.device_id, bucket.metric.clone())).collect();
     raw.extend(edge.into_iter().filter(|bucket| !covered.contains(&(bucket.device_id, bucket.metric.clone()))));
     raw.sort_by(|a, b| (a.device_id, &a.metric, a.start).cmp(&(b.device_id, &b.metric, b.start)));
-    raw
+    (raw.len() <= limit).then_some(raw)
 }
 
 /// The bounds of bucket `index` of `width` (seconds), or the filter's range when there is no width.

@@ -123,7 +123,11 @@ async fn batches_commit_once(database: &Database) {
     let hourly = |rollups: &'static [Duration]| {
         let (telemetry, filter) = (telemetry.clone(), first_hour.clone());
         async move {
-            let buckets = telemetry.query_buckets(&filter, Some(Duration::from_secs(HOUR)), rollups).await.unwrap();
+            let buckets = telemetry
+                .query_buckets(&filter, Some(Duration::from_secs(HOUR)), rollups, 1000)
+                .await
+                .unwrap()
+                .unwrap();
             buckets.iter().map(|b| (b.device_id, b.metric.clone(), b.count, b.min, b.max)).collect::<Vec<_>>()
         }
     };
@@ -234,8 +238,10 @@ async fn buckets_agree_between_raw_rows_and_rollups(database: &Database) {
 
     // The range starts on a day boundary (the base time is midnight UTC), so the daily rollup answers.
     let range = ReadingFilter { device_ids: vec![a], start: at(0), end: at(3 * 24 * HOUR), ..everything(&farm) };
-    let daily = telemetry.query_buckets(&range, Some(Duration::from_secs(24 * HOUR)), &ROLLUPS).await.unwrap();
-    let daily_raw = telemetry.query_buckets(&range, Some(Duration::from_secs(24 * HOUR)), &[]).await.unwrap();
+    let daily =
+        telemetry.query_buckets(&range, Some(Duration::from_secs(24 * HOUR)), &ROLLUPS, 1000).await.unwrap().unwrap();
+    let daily_raw =
+        telemetry.query_buckets(&range, Some(Duration::from_secs(24 * HOUR)), &[], 1000).await.unwrap().unwrap();
     assert_eq!(daily.len(), daily_raw.len());
     for (rollup, raw) in daily.iter().zip(&daily_raw) {
         assert_eq!((rollup.start, rollup.end, rollup.count), (raw.start, raw.end, raw.count));
@@ -244,8 +250,15 @@ async fn buckets_agree_between_raw_rows_and_rollups(database: &Database) {
     }
     assert_eq!(daily_raw.iter().map(|b| b.count).sum::<u64>(), 432);
 
-    let whole = telemetry.query_buckets(&range, None, &ROLLUPS).await.unwrap();
+    let whole = telemetry.query_buckets(&range, None, &ROLLUPS, 1000).await.unwrap().unwrap();
     assert_eq!(whole.len(), 1, "no width: one bucket spanning the range");
+    // Past the limit the store answers nothing: it read no more than one bucket past it.
+    let hours = Some(Duration::from_secs(HOUR));
+    assert_eq!(telemetry.query_buckets(&range, hours, &ROLLUPS, 10).await.unwrap(), None);
+    let all_of_them = telemetry.query_buckets(&range, hours, &ROLLUPS, 1000).await.unwrap().unwrap();
+    let exactly = all_of_them.len();
+    assert_eq!(telemetry.query_buckets(&range, hours, &ROLLUPS, exactly).await.unwrap(), Some(all_of_them));
+    assert_eq!(telemetry.query_buckets(&range, hours, &ROLLUPS, exactly - 1).await.unwrap(), None);
     assert_eq!((whole[0].start, whole[0].end, whole[0].count), (at(0), at(3 * 24 * HOUR), 432));
     assert_eq!((whole[0].min, whole[0].max), (-5.0, 31.0));
 
@@ -254,9 +267,16 @@ async fn buckets_agree_between_raw_rows_and_rollups(database: &Database) {
             &ReadingFilter { start: at(0), end: at(2 * HOUR), ..everything(&farm) },
             Some(Duration::from_secs(HOUR)),
             &ROLLUPS,
+            1000,
         )
         .await
+        .unwrap()
         .unwrap();
+    // Edge aggregates count against the limit as well (a farm that uploads only aggregates).
+    let b_only = ReadingFilter { device_ids: vec![b], start: at(0), end: at(2 * HOUR), ..everything(&farm) };
+    let hours = Some(Duration::from_secs(HOUR));
+    assert_eq!(telemetry.query_buckets(&b_only, hours, &ROLLUPS, 1).await.unwrap().map(|b| b.len()), Some(1));
+    assert_eq!(telemetry.query_buckets(&b_only, hours, &ROLLUPS, 0).await.unwrap(), None);
     let b_buckets: Vec<_> = hourly.iter().filter(|bucket| bucket.device_id == b).collect();
     assert_eq!(b_buckets.len(), 1, "a device with only edge aggregates is answered from them");
     assert_eq!((b_buckets[0].count, b_buckets[0].min, b_buckets[0].max, b_buckets[0].avg), (12, 1.0, 3.0, 2.0));
@@ -315,8 +335,9 @@ async fn retention_deletes_what_is_old(database: &Database) {
     let left = telemetry.query_readings(&everything(&farm), None, 10).await.unwrap();
     assert_eq!(left.iter().map(|r| r.value).collect::<Vec<_>>(), vec![2.0]);
     let rollups_kept = telemetry
-        .query_buckets(&ReadingFilter { start: at(0), end: at(24 * HOUR), ..everything(&farm) }, None, &ROLLUPS)
+        .query_buckets(&ReadingFilter { start: at(0), end: at(24 * HOUR), ..everything(&farm) }, None, &ROLLUPS, 1000)
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(rollups_kept.iter().map(|b| b.count).sum::<u64>(), 1, "rollups outlive raw rows");
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use smartfarm_core::time::{from_unix_micros, to_unix_micros};
 use smartfarm_core::{Error, Result};
 
-use super::{PostgresStore, pg_error};
+use super::{PostgresStore, pg_error, sql_count};
 use crate::telemetry::{
     BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading,
     TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments, usable_rollup,
@@ -495,7 +495,8 @@ impl TelemetryStore for PostgresStore {
         filter: &ReadingFilter,
         width: Option<Duration>,
         rollup_widths: &[Duration],
-    ) -> Result<Vec<Bucket>> {
+        limit: usize,
+    ) -> Result<Option<Vec<Bucket>>> {
         let client = self.client().await?;
         let width_secs = width.map(|w| w.as_secs().max(1));
         // NULL width groups the whole range into one bucket (index 0).
@@ -510,14 +511,14 @@ impl TelemetryStore for PostgresStore {
                 "SELECT device_id, m.name, {bucket} AS b, sum(count)::bigint, min(min), max(max), sum(sum) / sum(count)
                  FROM reading_rollups JOIN metric_names m ON m.id = metric_id
                  WHERE width = {rollup} AND {filters} AND bucket >= $2 AND bucket < $3
-                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT $7",
                 bucket = bucket_expr("bucket")
             ),
             None => format!(
                 "SELECT device_id, m.name, {bucket} AS b, count(*), min(value), max(value), avg(value)
                  FROM readings JOIN metric_names m ON m.id = metric_id
                  WHERE {filters} AND time >= $2 AND time < $3
-                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT $7",
                 bucket = bucket_expr("time")
             ),
         };
@@ -525,11 +526,20 @@ impl TelemetryStore for PostgresStore {
             "SELECT device_id, m.name, {bucket} AS b, sum(count)::bigint, min(min), max(max), sum(avg * count) / sum(count)
              FROM edge_aggregates JOIN metric_names m ON m.id = metric_id
              WHERE {filters} AND window_start >= $2 AND window_start < $3
-             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT $7",
             bucket = bucket_expr("window_start")
         );
-        let params: [&(dyn ToSql + Sync); 6] =
-            [&filter.farm_id, &filter.start, &filter.end, &filter.device_ids, &filter.metrics, &width_param];
+        // One past the limit: enough to know the answer is too large.
+        let rows_wanted = sql_count(limit.saturating_add(1));
+        let params: [&(dyn ToSql + Sync); 7] = [
+            &filter.farm_id,
+            &filter.start,
+            &filter.end,
+            &filter.device_ids,
+            &filter.metrics,
+            &width_param,
+            &rows_wanted,
+        ];
         let to_buckets = |rows: Vec<tokio_postgres::Row>| -> Vec<Bucket> {
             rows.iter()
                 .map(|row| {
@@ -549,7 +559,7 @@ impl TelemetryStore for PostgresStore {
         };
         let raw = client.query(&main_sql, &params).await.map_err(pg_error("aggregate readings"))?;
         let edge = client.query(&edge_sql, &params).await.map_err(pg_error("aggregate edge aggregates"))?;
-        Ok(merge_edge_buckets(to_buckets(raw), to_buckets(edge)))
+        Ok(merge_edge_buckets(to_buckets(raw), to_buckets(edge), limit))
     }
 
     async fn latest_readings(&self, farm_id: Uuid, device_ids: &[Uuid]) -> Result<Vec<StoredReading>> {

@@ -277,8 +277,11 @@ impl TelemetryStore for SqliteStore {
         filter: &ReadingFilter,
         width: Option<Duration>,
         rollup_widths: &[Duration],
-    ) -> Result<Vec<Bucket>> {
+        limit: usize,
+    ) -> Result<Option<Vec<Bucket>>> {
         let filter = filter.clone();
+        // One past the limit: enough to know the answer is too large.
+        let rows_wanted = limit.saturating_add(1).min(i64::MAX as usize);
         let rollup = usable_rollup(&filter, width, rollup_widths);
         let width_secs = width.map(|w| w.as_secs().max(1));
         self.run(move |connection| {
@@ -325,14 +328,14 @@ impl TelemetryStore for SqliteStore {
                     "SELECT device_id, m.name, {b} AS b, SUM(count), MIN(min), MAX(max), SUM(sum) / SUM(count)
                      FROM reading_rollups JOIN metric_names m ON m.id = metric_id
                      WHERE width = {rollup} AND farm_id = ?1 AND bucket >= ?2 AND bucket < ?3 {{filters}}
-                     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT {rows_wanted}",
                     b = bucket("bucket")
                 ),
                 None => format!(
                     "SELECT device_id, m.name, {b} AS b, COUNT(*), MIN(value), MAX(value), AVG(value)
                      FROM readings JOIN metric_names m ON m.id = metric_id
                      WHERE farm_id = ?1 AND time >= ?2 AND time < ?3 {{filters}}
-                     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT {rows_wanted}",
                     b = bucket("time")
                 ),
             };
@@ -340,10 +343,10 @@ impl TelemetryStore for SqliteStore {
                 "SELECT device_id, m.name, {b} AS b, SUM(count), MIN(min), MAX(max), SUM(avg * count) / SUM(count)
                  FROM edge_aggregates JOIN metric_names m ON m.id = metric_id
                  WHERE farm_id = ?1 AND window_start >= ?2 AND window_start < ?3 {{filters}}
-                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT {rows_wanted}",
                 b = bucket("window_start")
             );
-            Ok(merge_edge_buckets(run(main)?, run(edge)?))
+            Ok(merge_edge_buckets(run(main)?, run(edge)?, limit))
         })
         .await
     }
