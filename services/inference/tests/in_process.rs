@@ -28,7 +28,8 @@ use smartfarm_proto::inference::v1::inference_service_client::InferenceServiceCl
 use smartfarm_store::image::{ImageRecord, ThumbnailState};
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::telemetry::{
-    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading, TelemetryStore,
+    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
+    StoredReading, TelemetryStore,
 };
 use smartfarm_store::{Database, blob};
 
@@ -95,6 +96,10 @@ impl TelemetryStore for NotingReads {
 
     async fn apply_retention(&self, retention: Retention, now: SystemTime) -> smartfarm_core::Result<u64> {
         self.store.apply_retention(retention, now).await
+    }
+
+    async fn align_rollups(&self, widths: &[Duration]) -> smartfarm_core::Result<RollupsAligned> {
+        self.store.align_rollups(widths).await
     }
 }
 

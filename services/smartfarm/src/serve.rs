@@ -32,6 +32,11 @@ pub async fn run(
     if !report.applied.is_empty() {
         tracing::info!(applied = ?report.applied, schema_version = report.current_version, "database migrated");
     }
+    // Before this process commits anything: a rollup width new to the database starts complete.
+    let rollups = database.telemetry().align_rollups(&config.telemetry.rollup_widths).await?;
+    if rollups != Default::default() {
+        tracing::info!(added = ?rollups.added, removed = ?rollups.removed, "rollup widths changed");
+    }
     // Opened now so that a wrong blob URL fails at start, not at the first upload.
     let blobs = blob::open(&config.effective_blob_url()).await?;
     // Checked here, not with the rest of the config: the blob URL may come from a flag or the environment.

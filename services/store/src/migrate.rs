@@ -39,6 +39,7 @@ pub const SQLITE: &[Migration] = &[
         name: "blob_intent_claims",
         sql: include_str!("../migrations/sqlite/0008_blob_intent_claims.sql"),
     },
+    Migration { version: 9, name: "rollup_widths", sql: include_str!("../migrations/sqlite/0009_rollup_widths.sql") },
 ];
 
 /// PostgreSQL's migrations.
@@ -67,6 +68,7 @@ pub const POSTGRES: &[Migration] = &[
         name: "blob_intent_claims",
         sql: include_str!("../migrations/postgres/0008_blob_intent_claims.sql"),
     },
+    Migration { version: 9, name: "rollup_widths", sql: include_str!("../migrations/postgres/0009_rollup_widths.sql") },
 ];
 
 /// What a migration run did.

@@ -9,6 +9,13 @@ use uuid::Uuid;
 
 use smartfarm_core::Result;
 
+/// What [`TelemetryStore::align_rollups`] changed, in seconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RollupsAligned {
+    pub added: Vec<u64>,
+    pub removed: Vec<u64>,
+}
+
 /// One reading of a batch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReadingRow {
@@ -168,6 +175,13 @@ pub trait TelemetryStore: Send + Sync + 'static {
 
     /// Deletes what is older than the retention allows; returns how many raw rows went.
     async fn apply_retention(&self, retention: Retention, now: SystemTime) -> Result<u64>;
+
+    /// Makes the stored rollups those of `widths` (the configured ones), before any commit of this process: a width
+    /// new to the database is filled from the raw readings it holds (commits wait meanwhile), and the rollups of a
+    /// width no longer configured are deleted, so that a width configured again later starts complete. Without
+    /// this, a new width would answer aligned queries with only what was committed since. Raw readings past their
+    /// retention are gone, so a new width covers what is still kept. Returns the widths added and removed.
+    async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned>;
 }
 
 /// Sums a batch's readings per (width, device, metric, bucket start in seconds), for the rollup upserts.

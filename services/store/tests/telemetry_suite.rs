@@ -6,7 +6,7 @@ use smartfarm_core::config::PostgresConfig;
 use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::telemetry::{
-    AggregateRow, BatchOutcome, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention,
+    AggregateRow, BatchOutcome, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
 };
 use smartfarm_store::testing::TestDatabase as Harness;
 use smartfarm_store::{Database, RegistryStore};
@@ -342,6 +342,45 @@ async fn retention_deletes_what_is_old(database: &Database) {
     assert_eq!(rollups_kept.iter().map(|b| b.count).sum::<u64>(), 1, "rollups outlive raw rows");
 }
 
+/// A width added to the configuration starts complete (filled from the raw readings), one removed is deleted, and a
+/// width configured again later starts complete again: aligned queries agree with the raw rows throughout.
+async fn a_new_rollup_width_starts_complete(database: &Database) {
+    let (registry, telemetry) = (database.registry(), database.telemetry());
+    let farm = farm(&*registry, "widths").await;
+    let hourly = [Duration::from_secs(HOUR)];
+    assert_eq!(telemetry.align_rollups(&hourly).await.unwrap(), RollupsAligned { added: vec![HOUR], removed: vec![] });
+    assert_eq!(telemetry.align_rollups(&hourly).await.unwrap(), RollupsAligned::default(), "nothing to change");
+    // Two hours of readings, one every 5 minutes.
+    let rows = (0..24u64).map(|step| reading(step + 1, farm.sensors[0], "flow", step as f64, step * 300)).collect();
+    telemetry.commit_batch(&batch(&farm, 1, 24, rows), &hourly).await.unwrap();
+
+    let quarters = ReadingFilter { start: at(0), end: at(2 * HOUR), ..everything(&farm) };
+    let quarter = Some(Duration::from_secs(900));
+    let from_raw = telemetry.query_buckets(&quarters, quarter, &[], 100).await.unwrap().unwrap();
+    assert_eq!(from_raw.len(), 8);
+    let with_quarters = [Duration::from_secs(HOUR), Duration::from_secs(900)];
+    let aligned = telemetry.align_rollups(&with_quarters).await.unwrap();
+    assert_eq!(aligned, RollupsAligned { added: vec![900], removed: vec![] });
+    let from_rollup = telemetry.query_buckets(&quarters, quarter, &with_quarters, 100).await.unwrap().unwrap();
+    assert_eq!(from_rollup, from_raw, "the new width's rollup holds what was committed before it");
+
+    // Removed, then configured again: its rollups are made again from the raw rows, not left stale.
+    let quarters_only = [Duration::from_secs(900)];
+    assert_eq!(
+        telemetry.align_rollups(&quarters_only).await.unwrap(),
+        RollupsAligned { added: vec![], removed: vec![HOUR] }
+    );
+    let more = (24..36u64).map(|step| reading(step + 1, farm.sensors[0], "flow", step as f64, step * 300)).collect();
+    telemetry.commit_batch(&batch(&farm, 25, 36, more), &quarters_only).await.unwrap();
+    assert_eq!(telemetry.align_rollups(&with_quarters).await.unwrap().added, vec![HOUR]);
+    let hours = ReadingFilter { start: at(0), end: at(3 * HOUR), ..everything(&farm) };
+    let hour = Some(Duration::from_secs(HOUR));
+    let from_raw = telemetry.query_buckets(&hours, hour, &[], 100).await.unwrap().unwrap();
+    let from_rollup = telemetry.query_buckets(&hours, hour, &with_quarters, 100).await.unwrap().unwrap();
+    assert_eq!(from_raw.iter().map(|b| b.count).collect::<Vec<_>>(), [12, 12, 12]);
+    assert_eq!(from_rollup, from_raw);
+}
+
 macro_rules! telemetry_suite {
     ($backend:ident) => {
         mod $backend {
@@ -370,6 +409,11 @@ macro_rules! telemetry_suite {
             #[tokio::test]
             async fn retention_deletes_what_is_old() {
                 super::retention_deletes_what_is_old(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn a_new_rollup_width_starts_complete() {
+                super::a_new_rollup_width_starts_complete(&Harness::$backend().await.database).await;
             }
         }
     };

@@ -15,8 +15,9 @@ use smartfarm_core::{Error, Result};
 
 use super::{PostgresStore, pg_error, sql_count};
 use crate::telemetry::{
-    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading,
-    TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments, usable_rollup,
+    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
+    StoredReading, TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments,
+    usable_rollup,
 };
 
 /// How the readings table is laid out, read from the catalog once.
@@ -640,7 +641,73 @@ impl TelemetryStore for PostgresStore {
             .map_err(pg_error("delete expired rollups"))?;
         Ok(deleted)
     }
+
+    async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned> {
+        let wanted: BTreeSet<i32> =
+            widths.iter().map(|width| width.as_secs().clamp(1, i32::MAX as u64) as i32).collect();
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg_error("begin aligning rollups"))?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&ALIGN_ROLLUPS_LOCK_KEY])
+            .await
+            .map_err(pg_error("take the rollup lock"))?;
+        let recorded: BTreeSet<i32> = transaction
+            .query("SELECT width FROM rollup_widths", &[])
+            .await
+            .map_err(pg_error("read the rollup widths"))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut aligned = RollupsAligned::default();
+        if recorded == wanted {
+            return Ok(aligned);
+        }
+        // Commits upsert rollups (ROW EXCLUSIVE): they wait until this transaction ends, and the readings read
+        // below are every one committed before it.
+        transaction
+            .batch_execute("LOCK TABLE reading_rollups IN SHARE ROW EXCLUSIVE MODE")
+            .await
+            .map_err(pg_error("lock the rollups"))?;
+        for width in recorded.difference(&wanted) {
+            transaction
+                .execute("DELETE FROM reading_rollups WHERE width = $1", &[width])
+                .await
+                .map_err(pg_error("delete a width's rollups"))?;
+            transaction
+                .execute("DELETE FROM rollup_widths WHERE width = $1", &[width])
+                .await
+                .map_err(pg_error("forget a rollup width"))?;
+            aligned.removed.push(*width as u64);
+        }
+        for width in wanted.difference(&recorded) {
+            // Left over from a width removed without this table (before it existed): replaced, not added to.
+            transaction
+                .execute("DELETE FROM reading_rollups WHERE width = $1", &[width])
+                .await
+                .map_err(pg_error("delete a width's rollups"))?;
+            transaction
+                .execute(
+                    "INSERT INTO reading_rollups (width, bucket, farm_id, device_id, metric_id, count, sum, min, max)
+                     SELECT $1::integer, to_timestamp((floor(extract(epoch FROM time) / $1::integer) * $1::integer)::float8),
+                            farm_id, device_id, metric_id, count(*), sum(value), min(value), max(value)
+                     FROM readings GROUP BY 2, 3, 4, 5",
+                    &[width],
+                )
+                .await
+                .map_err(pg_error("fill a new width's rollups"))?;
+            transaction
+                .execute("INSERT INTO rollup_widths (width) VALUES ($1)", &[width])
+                .await
+                .map_err(pg_error("record a rollup width"))?;
+            aligned.added.push(*width as u64);
+        }
+        transaction.commit().await.map_err(pg_error("commit the rollup widths"))?;
+        Ok(aligned)
+    }
 }
+
+/// Held by the transaction that aligns the rollups: replicas starting together align one after the other.
+const ALIGN_ROLLUPS_LOCK_KEY: i64 = 0x736d_6661_726f_6c6c; // "smfaroll"
 
 fn parse_partition_name(name: &str) -> Option<(i32, u32)> {
     let digits = name.strip_prefix("readings_p")?;

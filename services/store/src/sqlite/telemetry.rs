@@ -12,8 +12,9 @@ use smartfarm_core::time::{from_unix_micros, to_unix_micros};
 
 use super::{SqliteStore, sql_error};
 use crate::telemetry::{
-    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, StoredReading,
-    TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments, usable_rollup,
+    BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
+    StoredReading, TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments,
+    usable_rollup,
 };
 
 /// The id of a metric name, interning it if new.
@@ -392,6 +393,55 @@ impl TelemetryStore for SqliteStore {
                 .map_err(sql_error("delete expired rollups"))?;
             transaction.commit().map_err(sql_error("commit retention"))?;
             Ok(deleted as u64)
+        })
+        .await
+    }
+
+    async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned> {
+        let wanted: std::collections::BTreeSet<i64> =
+            widths.iter().map(|width| width.as_secs().clamp(1, i64::MAX as u64 / 1_000_000) as i64).collect();
+        // One connection: commits wait for this transaction.
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin aligning rollups"))?;
+            let recorded: std::collections::BTreeSet<i64> = {
+                let mut statement =
+                    transaction.prepare("SELECT width FROM rollup_widths").map_err(sql_error("read rollup widths"))?;
+                let rows = statement.query_map([], |row| row.get(0)).map_err(sql_error("read rollup widths"))?;
+                rows.collect::<rusqlite::Result<_>>().map_err(sql_error("read a rollup width"))?
+            };
+            let mut aligned = RollupsAligned::default();
+            for width in recorded.difference(&wanted) {
+                transaction
+                    .execute("DELETE FROM reading_rollups WHERE width = ?1", [width])
+                    .map_err(sql_error("delete a width's rollups"))?;
+                transaction
+                    .execute("DELETE FROM rollup_widths WHERE width = ?1", [width])
+                    .map_err(sql_error("forget a rollup width"))?;
+                aligned.removed.push(*width as u64);
+            }
+            for width in wanted.difference(&recorded) {
+                // Left over from a width removed without this table (before it existed): replaced, not added to.
+                transaction
+                    .execute("DELETE FROM reading_rollups WHERE width = ?1", [width])
+                    .map_err(sql_error("delete a width's rollups"))?;
+                // Bucket starts in microseconds, floored before the epoch too.
+                transaction
+                    .execute(
+                        "INSERT INTO reading_rollups (width, bucket, farm_id, device_id, metric_id, count, sum, min, max)
+                         SELECT ?1, (CASE WHEN time >= 0 THEN time / (?1 * 1000000)
+                                          ELSE -((-time - 1) / (?1 * 1000000)) - 1 END) * ?1 * 1000000,
+                                farm_id, device_id, metric_id, COUNT(*), SUM(value), MIN(value), MAX(value)
+                         FROM readings GROUP BY 2, 3, 4, 5",
+                        [width],
+                    )
+                    .map_err(sql_error("fill a new width's rollups"))?;
+                transaction
+                    .execute("INSERT INTO rollup_widths (width) VALUES (?1)", [width])
+                    .map_err(sql_error("record a rollup width"))?;
+                aligned.added.push(*width as u64);
+            }
+            transaction.commit().map_err(sql_error("commit the rollup widths"))?;
+            Ok(aligned)
         })
         .await
     }
