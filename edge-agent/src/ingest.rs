@@ -223,7 +223,9 @@ pub type Durable = oneshot::Receiver<Result<Appended, String>>;
 #[derive(Debug)]
 pub struct Aggregator {
     width_micros: i64,
-    open: HashMap<(Uuid, String), Window>,
+    /// Per device, per metric: looked up by the metric's name without making a key (this runs on the spool
+    /// writer's thread, for every reading).
+    open: HashMap<Uuid, HashMap<String, Window>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -259,12 +261,12 @@ impl Aggregator {
         Aggregator { width_micros: width.as_micros() as i64, open: HashMap::new() }
     }
 
-    fn body(&self, device: Uuid, metric: &str, window: &Window) -> Body {
+    fn body(width_micros: i64, device: Uuid, metric: &str, window: &Window) -> Body {
         Body::Aggregate(Aggregate {
             device_id: device.to_string(),
             metric: metric.to_string(),
             window_start_time: Some(to_timestamp(from_unix_micros(window.start_micros))),
-            window_end_time: Some(to_timestamp(from_unix_micros(window.start_micros + self.width_micros))),
+            window_end_time: Some(to_timestamp(from_unix_micros(window.start_micros + width_micros))),
             count: window.count,
             min: window.min,
             max: window.max,
@@ -276,23 +278,23 @@ impl Aggregator {
     /// Adds readings; returns the aggregates this closes (a reading of a later window closes the open one; a late
     /// reading of an earlier window goes up as an aggregate of its own).
     pub fn add(&mut self, device: Uuid, measurements: &[Measurement]) -> Vec<Body> {
+        let width = self.width_micros;
+        let series = self.open.entry(device).or_default();
         let mut closed = Vec::new();
         for measurement in measurements {
             let time = to_unix_micros(measurement.time);
-            let start = time.div_euclid(self.width_micros) * self.width_micros;
-            let key = (device, measurement.metric.clone());
-            match self.open.get_mut(&key) {
+            let start = time.div_euclid(width) * width;
+            let metric = measurement.metric.as_str();
+            match series.get_mut(metric) {
                 Some(window) if window.start_micros == start => window.add(measurement.value, time),
                 Some(window) if window.start_micros < start => {
                     let finished = *window;
                     *window = Window::new(start, measurement.value, time);
-                    closed.push(self.body(device, &measurement.metric, &finished));
+                    closed.push(Self::body(width, device, metric, &finished));
                 }
-                Some(_) => {
-                    closed.push(self.body(device, &measurement.metric, &Window::new(start, measurement.value, time)))
-                }
+                Some(_) => closed.push(Self::body(width, device, metric, &Window::new(start, measurement.value, time))),
                 None => {
-                    self.open.insert(key, Window::new(start, measurement.value, time));
+                    series.insert(metric.to_string(), Window::new(start, measurement.value, time));
                 }
             }
         }
@@ -303,18 +305,17 @@ impl Aggregator {
     pub fn flush(&mut self, now: Option<SystemTime>) -> Vec<Body> {
         let now = now.map(to_unix_micros);
         let width = self.width_micros;
-        let ended: Vec<(Uuid, String)> = self
-            .open
-            .iter()
-            .filter(|(_, window)| now.is_none_or(|now| window.start_micros + width <= now))
-            .map(|(key, _)| key.clone())
-            .collect();
         let mut closed = Vec::new();
-        for key in ended {
-            if let Some(window) = self.open.remove(&key) {
-                closed.push(self.body(key.0, &key.1, &window));
-            }
+        for (device, series) in &mut self.open {
+            series.retain(|metric, window| {
+                let ended = now.is_none_or(|now| window.start_micros + width <= now);
+                if ended {
+                    closed.push(Self::body(width, *device, metric, window));
+                }
+                !ended
+            });
         }
+        self.open.retain(|_, series| !series.is_empty());
         closed
     }
 }
