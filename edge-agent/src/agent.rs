@@ -195,17 +195,14 @@ pub async fn run(
                     rule_alert_message(&wire)
                 }
                 LocalAlert::FromCloud(wire) => {
-                    // The cloud sends an alert this agent raised first back only when a person changed it: a
-                    // resolution by hand ends the alert for this evaluator too. (Alerts the cloud raised first also
-                    // come when its evaluator resolves them, so those are not taken for a person's.)
-                    if wire.origin == smartfarm_proto::alert::v1::AlertOrigin::Edge as i32
+                    // A resolution by hand (of an alert either side raised first) ends the alert for this
+                    // evaluator too.
+                    if wire.resolved_by_hand
                         && wire.state == smartfarm_proto::alert::v1::AlertState::Resolved as i32
-                        && let (Ok(id), Some(resolved_at)) = (
-                            uuid::Uuid::try_parse(&wire.id),
-                            wire.resolve_time.as_ref().and_then(|t| smartfarm_core::time::from_timestamp("resolve_time", t).ok()),
-                        )
+                        && let Ok(farm_id) = uuid::Uuid::try_parse(&wire.farm_id)
+                        && let Ok(resolved) = smartfarm_core::rules::Alert::from_edge(wire, farm_id)
                     {
-                        alert_rules.resolved_by_hand(id, resolved_at);
+                        alert_rules.resolved_by_hand(&resolved);
                     }
                     if !newly_announced(&mut announced, wire) {
                         continue;

@@ -130,10 +130,10 @@ impl EdgeRules {
     }
 
     /// An alert the cloud says a person resolved (see [`Evaluator::resolved_by_hand`]).
-    pub fn resolved_by_hand(&self, id: Uuid, resolved_at: SystemTime) {
+    pub fn resolved_by_hand(&self, resolved: &smartfarm_core::rules::Alert) {
         let mut state = self.state.lock().expect("rules lock");
         if let Some(evaluator) = &mut state.1
-            && evaluator.resolved_by_hand(id, resolved_at)
+            && evaluator.resolved_by_hand(resolved)
         {
             self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }

@@ -44,10 +44,8 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
             Event::AlertChanged(changed)
                 if changed.by_hand && changed.alert.state == smartfarm_core::rules::AlertState::Resolved =>
             {
-                if let (Some(evaluator), Some(resolved_at)) =
-                    (evaluators.get_mut(&changed.alert.farm_id), changed.alert.resolve_time)
-                {
-                    evaluator.resolved_by_hand(changed.alert.id, resolved_at);
+                if let Some(evaluator) = evaluators.get_mut(&changed.alert.farm_id) {
+                    evaluator.resolved_by_hand(&changed.alert);
                 }
                 Ok(())
             }

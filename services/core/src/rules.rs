@@ -360,6 +360,9 @@ pub struct Alert {
     pub origin: Origin,
     pub evidence_image_id: Option<Uuid>,
     pub evidence_window: Option<(SystemTime, SystemTime)>,
+    /// A person resolved it, rather than its condition clearing (absent in alerts stored before it was kept).
+    #[serde(default)]
+    pub resolved_by_hand: bool,
 }
 
 /// The id of the alert a rule raises on a device's metric for a condition that began at `began` (microseconds, the
@@ -393,6 +396,10 @@ impl Alert {
         }
         self.open_time = self.open_time.min(other.open_time);
         self.acknowledge_time = earliest(self.acknowledge_time, other.acknowledge_time);
+        // Who resolved it goes with the resolution that stands: the earliest.
+        if other.resolve_time.is_some_and(|theirs| self.resolve_time.is_none_or(|mine| theirs < mine)) {
+            self.resolved_by_hand = other.resolved_by_hand;
+        }
         self.resolve_time = earliest(self.resolve_time, other.resolve_time);
         if self.evidence_image_id.is_none() {
             self.evidence_image_id = other.evidence_image_id;
@@ -413,10 +420,7 @@ impl Alert {
             && self.rule_id == open.rule_id
             && self.device_id == open.device_id
             && self.metric == open.metric;
-        // (The agent's disease alerts carry no evidence: it has no stored photo to point at.)
-        let verdict =
-            self.evidence_image_id.is_some() || self.evidence_window.is_some() || self.metric == DISEASE_METRIC;
-        if self.id == open.id || !same_condition || verdict || open.state == AlertState::Resolved {
+        if self.id == open.id || !same_condition || self.is_verdict() || open.state == AlertState::Resolved {
             return false;
         }
         if self.open_time < open.open_time {
@@ -425,6 +429,12 @@ impl Alert {
         self.id = open.id;
         self.open_time = open.open_time;
         true
+    }
+
+    /// Whether it is a model verdict (a disease on a photo, an anomalous stretch): an event, not a condition that
+    /// holds. (The agent's disease alerts carry no evidence: it has no stored photo to point at.)
+    pub fn is_verdict(&self) -> bool {
+        self.evidence_image_id.is_some() || self.evidence_window.is_some() || self.metric == DISEASE_METRIC
     }
 
     /// The alert as the contract's message.
@@ -457,6 +467,7 @@ impl Alert {
                 start_time: Some(to_timestamp(start)),
                 end_time: Some(to_timestamp(end)),
             }),
+            resolved_by_hand: self.resolved_by_hand,
         }
     }
 
@@ -503,6 +514,8 @@ impl Alert {
             origin: Origin::Edge,
             evidence_image_id: validate::optional_id("alert.evidence_image_id", &alert.evidence_image_id)?,
             evidence_window,
+            // Agents do not resolve alerts by hand: only the cloud's copy says so.
+            resolved_by_hand: false,
         })
     }
 }
@@ -610,6 +623,7 @@ fn new_alert(
         origin,
         evidence_image_id: None,
         evidence_window: None,
+        resolved_by_hand: false,
     }
 }
 
@@ -752,15 +766,23 @@ impl Evaluator {
         self.tracks.values().filter_map(|track| track.active.as_ref().map(|(alert, _)| alert.clone())).collect()
     }
 
-    /// A person resolved alert `id` at `resolved_at`. If it is one this evaluator holds open, it is over: the
-    /// condition's next occurrence, from readings measured at or after `resolved_at`, opens a new alert rather
-    /// than folding into the resolved one, and readings measured before it are no longer evaluated for that rule
-    /// and device. Every evaluator that hears of the resolution (the agent's, the cloud's) thus raises the same
-    /// new alert from the same readings. Returns whether it held the alert.
-    pub fn resolved_by_hand(&mut self, id: Uuid, resolved_at: SystemTime) -> bool {
+    /// A person resolved `resolved`. If this evaluator holds it open (by id, or, for a condition rather than a
+    /// verdict, as the same rule, device and metric begun no later than the resolution: the copy an evaluator
+    /// raised after losing its state, which the store joined to the resolved alert), it is over: the condition's
+    /// next occurrence, from readings measured at or after the resolution, opens a new alert rather than folding
+    /// into the resolved one, and readings measured before it are no longer evaluated for that rule and device.
+    /// Every evaluator that hears of the resolution (the agent's, the cloud's) thus raises the same new alert from
+    /// the same readings. Returns whether it held the alert.
+    pub fn resolved_by_hand(&mut self, resolved: &Alert) -> bool {
+        let Some(resolved_at) = resolved.resolve_time else { return false };
+        let condition = (!resolved.is_verdict()).then_some((resolved.rule_id, resolved.device_id, &resolved.metric));
         let mut held = false;
-        for track in self.tracks.values_mut() {
-            if track.active.as_ref().is_some_and(|(active, _)| active.id == id) {
+        for ((rule, device, metric), track) in self.tracks.iter_mut() {
+            let same = |active: &Alert| {
+                active.id == resolved.id
+                    || condition == Some((*rule, Some(*device), metric)) && active.open_time <= resolved_at
+            };
+            if track.active.as_ref().is_some_and(|(active, _)| same(active)) {
                 track.active = None;
                 track.breach_since = None;
                 track.newest = Some(track.newest.map_or(resolved_at, |newest| newest.max(resolved_at)));
@@ -1347,7 +1369,13 @@ mod tests {
         assert_eq!(opened.len(), 1);
         assert!(evaluator.on_reading(device, "temperature", 30.0, at(20)).is_empty(), "clear, within the cooldown");
 
-        assert!(evaluator.resolved_by_hand(opened[0].id, at(30)));
+        let resolved = |alert: &Alert| Alert {
+            state: AlertState::Resolved,
+            resolve_time: Some(at(30)),
+            resolved_by_hand: true,
+            ..alert.clone()
+        };
+        assert!(evaluator.resolved_by_hand(&resolved(&opened[0])));
         assert!(evaluator.open_alerts().is_empty());
         assert!(evaluator.on_reading(device, "temperature", 46.0, at(25)).is_empty(), "measured before: not evaluated");
         let again = evaluator.on_reading(device, "temperature", 47.0, at(40));
@@ -1355,7 +1383,36 @@ mod tests {
         assert_ne!(again[0].id, opened[0].id);
         assert_eq!((again[0].state, again[0].count), (AlertState::Open, 1));
         assert_eq!(again[0].id, alert_id(rule.id, Some(device), "temperature", at(40)));
-        assert!(!evaluator.resolved_by_hand(Uuid::now_v7(), at(50)), "an alert it does not hold changes nothing");
+        let other = Alert { id: Uuid::now_v7(), rule_id: Uuid::now_v7(), ..resolved(&again[0]) };
+        assert!(!evaluator.resolved_by_hand(&other), "an alert it does not hold changes nothing");
+        // The same condition under another id (this evaluator's copy began later than the stored alert it was
+        // joined to): begun no later than the resolution, it ends too.
+        let stored = Alert { id: Uuid::now_v7(), resolve_time: Some(at(41)), ..resolved(&again[0]) };
+        assert!(evaluator.resolved_by_hand(&stored));
+        assert!(evaluator.open_alerts().is_empty());
+        let later = Alert { id: Uuid::now_v7(), resolve_time: Some(at(39)), ..resolved(&again[0]) };
+        let third = evaluator.on_reading(device, "temperature", 48.0, at(50));
+        assert_eq!(third.len(), 1);
+        assert!(!evaluator.resolved_by_hand(&later), "a resolution before the alert began is not about it");
+    }
+
+    #[test]
+    fn who_resolved_an_alert_follows_the_resolution_that_stands() {
+        let (farm, device) = (Uuid::now_v7(), Uuid::now_v7());
+        let rule = threshold_rule(farm, 0, 600);
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        evaluator.set_rules(vec![rule], at(0));
+        let open = evaluator.on_reading(device, "temperature", 45.0, at(10)).remove(0);
+        let by_hand =
+            Alert { state: AlertState::Resolved, resolve_time: Some(at(20)), resolved_by_hand: true, ..open.clone() };
+        let cleared = Alert { state: AlertState::Resolved, resolve_time: Some(at(30)), ..open.clone() };
+        let mut stored = by_hand.clone();
+        assert!(!stored.merge(&cleared), "the later automatic resolution changes nothing");
+        assert!(stored.resolved_by_hand);
+        let mut stored = cleared.clone();
+        assert!(stored.merge(&by_hand));
+        assert_eq!((stored.resolve_time, stored.resolved_by_hand), (Some(at(20)), true));
+        assert!(stored.to_proto().resolved_by_hand);
     }
 
     #[test]

@@ -472,11 +472,8 @@ pub(crate) async fn on_bus_event(
             if changed.alert.farm_id == farm_id && (changed.alert.origin == Origin::Cloud || changed.by_hand) =>
         {
             // A resolution by hand ends the alert for this link's evaluator too (see `Evaluator::resolved_by_hand`).
-            if changed.by_hand
-                && changed.alert.state == smartfarm_core::rules::AlertState::Resolved
-                && let Some(resolved_at) = changed.alert.resolve_time
-            {
-                rules.evaluator.lock().expect("evaluator lock").resolved_by_hand(changed.alert.id, resolved_at);
+            if changed.by_hand && changed.alert.state == smartfarm_core::rules::AlertState::Resolved {
+                rules.evaluator.lock().expect("evaluator lock").resolved_by_hand(&changed.alert);
             }
             send(outbound, pb::connect_response::Body::Alert(changed.alert.to_proto())).await
         }

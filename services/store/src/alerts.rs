@@ -214,6 +214,7 @@ pub(crate) fn state_change(
         changed.acknowledge_time.get_or_insert(at);
     } else {
         changed.resolve_time.get_or_insert(at);
+        changed.resolved_by_hand = true;
     }
     Ok(Some((AlertEventKind::of_change(Some(alert), &changed), changed)))
 }

@@ -59,6 +59,7 @@ fn alert(farm_id: Uuid, severity: Severity, open: u64) -> Alert {
         origin: Origin::Cloud,
         evidence_image_id: None,
         evidence_window: None,
+        resolved_by_hand: false,
     }
 }
 

@@ -27,5 +27,6 @@ pub fn alert(farm_id: Uuid, open_time: SystemTime) -> Alert {
         origin: Origin::Cloud,
         evidence_image_id: None,
         evidence_window: None,
+        resolved_by_hand: false,
     }
 }
