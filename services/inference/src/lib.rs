@@ -51,6 +51,14 @@ pub struct InferenceApi {
     detectors: pipeline::Detectors,
     /// DetectAnomalies trains an autoencoder per call: at most one call per core at a time.
     detecting: Arc<tokio::sync::Semaphore>,
+    /// Photos being decoded: at most one per core. A photo of a few hundred kB can decode to hundreds of MB, so
+    /// without a bound concurrent requests could take the process's memory.
+    decoding: Arc<tokio::sync::Semaphore>,
+}
+
+/// The cores this process may use.
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 impl std::fmt::Debug for InferenceApi {
@@ -81,9 +89,8 @@ impl InferenceApi {
             bus,
             settings: Arc::new(settings),
             detectors: pipeline::Detectors::default(),
-            detecting: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            )),
+            detecting: Arc::new(tokio::sync::Semaphore::new(cores())),
+            decoding: Arc::new(tokio::sync::Semaphore::new(cores())),
         }
     }
 
@@ -152,7 +159,11 @@ impl InferenceApi {
     ) -> Result<(StoredDiagnosis, Vec<(String, f32)>)> {
         let worker = self.serving.classifier(model).await?;
         let spec = worker.input.clone();
+        let permit =
+            self.decoding.clone().acquire_owned().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         let input = tokio::task::spawn_blocking(move || {
+            // Held by the decoding itself, which a cancelled request does not stop.
+            let _permit = permit;
             preprocess::decode_photo("image_data", &bytes).map(|photo| preprocess::model_input(&photo, &spec))
         })
         .await
@@ -211,8 +222,12 @@ impl InferenceApi {
         let model = self.serving.active(ModelKind::SensorAnomaly, &request.model_name).await?;
         let params = self.serving.detector_params(&model)?;
         let (times_for_events, values_for_events) = (times.clone(), values.clone());
-        let _permit = self.detecting.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let permit =
+            self.detecting.clone().acquire_owned().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         let detection = tokio::task::spawn_blocking(move || {
+            // Held by the training itself: a caller that gives up (a deadline, a reset) does not stop it, and must
+            // not free its core for another.
+            let _permit = permit;
             anomaly::detect(&times, &values, &params, &smartfarm_ml::training_device())
         })
         .await

@@ -198,7 +198,25 @@ pub fn check_series(times: &[f64], values: &[f64], params: &DetectorParams) -> R
             format!("is constant ({} everywhere): there is no variation to learn normal from", values[0]),
         ));
     }
+    // A constant learning part gives every later change an unbounded score (its spread is zero).
+    let training = training_points(values.len(), params);
+    if values[..training].iter().all(|v| *v == values[0]) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "its first {training} points, which the detector learns normal from ({:.0}% of the series), are \
+                 constant ({}): there is no variation to learn normal from",
+                params.train_fraction * 100.0,
+                values[0]
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// How many points of a series of `len` the detector learns normal from.
+fn training_points(len: usize, params: &DetectorParams) -> usize {
+    (params.train_fraction * len as f64) as usize
 }
 
 /// The fewest points a series needs for its training part to have `MIN_TRAINING_POINTS` and a window.
@@ -217,7 +235,7 @@ pub fn detect(
 ) -> Result<Detection> {
     params.validate()?;
     check_series(times, values, params)?;
-    let training = (params.train_fraction * values.len() as f64) as usize;
+    let training = training_points(values.len(), params);
     let detector = FittedDetector::fit(&times[..training], &values[..training], params, training_device)?;
     let scores = detector.score(times, values);
     let events = events(&scores, training, params);
@@ -532,6 +550,12 @@ mod tests {
         with_nan[8] = 2.0;
         assert!(error(&with_nan, &times).contains("value 7 is NaN"));
         assert!(error(&vec![4.5; 1000], &times).contains("is constant (4.5 everywhere)"));
+        let flat_then_varying: Vec<f64> =
+            (0..1000).map(|i| if i < 300 { 0.0 } else { (i as f64 / 9.0).sin() }).collect();
+        let flat_start = error(&flat_then_varying, &times);
+        assert!(
+            flat_start.contains("which the detector learns normal from") && flat_start.contains("are constant (0)")
+        );
         assert!(error(&[1.0, 2.0, 3.0], &times[..3]).contains("the detector needs at least"));
         let mut backwards = times.clone();
         backwards[10] = 3.0;
