@@ -75,7 +75,8 @@ impl Authenticator {
                     ));
                 }
                 self.record_gateway_seen(&device).await;
-                Ok(Principal::Gateway { device_id: device.id, farm_id: device.farm_id })
+                let credential_sha256 = device.credential_sha256.clone().unwrap_or_default();
+                Ok(Principal::Gateway { device_id: device.id, farm_id: device.farm_id, credential_sha256 })
             }
         }
     }

@@ -17,6 +17,7 @@ use smartfarm_proto::ingestion::v1::{self as pb, connect_request, connect_respon
 /// A farm with a gateway and a sensor, registered through the API.
 struct Farm {
     id: String,
+    gateway: String,
     gateway_credential: String,
     sensor: String,
     admin_key: String,
@@ -40,7 +41,13 @@ async fn farm(cloud: &Cloud, data: &CloudData) -> Farm {
     };
     let gateway = admin.register_device(register("gateway", DeviceKind::Gateway)).await.unwrap().into_inner();
     let sensor = admin.register_device(register("probe", DeviceKind::Sensor)).await.unwrap().into_inner();
-    Farm { id: farm.id, gateway_credential: gateway.credential, sensor: sensor.device.unwrap().id, admin_key }
+    Farm {
+        id: farm.id,
+        gateway: gateway.device.unwrap().id,
+        gateway_credential: gateway.credential,
+        sensor: sensor.device.unwrap().id,
+        admin_key,
+    }
 }
 
 /// An open edge link: what the test sends up, and what comes down.
@@ -276,6 +283,33 @@ async fn exactly_once_over_the_link(backend: Backend) {
     cloud.stop().await;
 }
 
+/// A stream opened with a credential that is replaced before the agent says hello does not become a link: the link
+/// holds on to the credential the stream signed in with, not to the device's current one.
+async fn a_credential_replaced_before_hello_opens_no_link(backend: Backend) {
+    let data = CloudData::new(backend).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let farm = farm(&cloud, &data).await;
+    let mut client = pb::ingestion_service_client::IngestionServiceClient::with_interceptor(
+        cloud.channel().await,
+        Bearer::new(&farm.gateway_credential),
+    );
+    let (up, receiver) = mpsc::channel(4);
+    let mut down = client.connect(ReceiverStream::new(receiver)).await.expect("signed in").into_inner();
+    let mut admin = cloud.device_client(&farm.admin_key).await;
+    let rotate = device_pb::RotateDeviceCredentialRequest { device_id: farm.gateway.clone() };
+    admin.rotate_device_credential(rotate).await.unwrap();
+    let hello = pb::EdgeHello {
+        agent_version: "test".into(),
+        spool_id: uuid::Uuid::now_v7().to_string(),
+        ..Default::default()
+    };
+    up.send(pb::ConnectRequest { body: Some(connect_request::Body::Hello(hello)) }).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), down.message()).await.expect("an answer within 10 s");
+    let status = answer.expect_err("no welcome for a replaced credential");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    cloud.stop().await;
+}
+
 async fn only_gateways_open_links_and_queries_stay_in_the_farm(backend: Backend) {
     let data = CloudData::new(backend).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
@@ -369,3 +403,8 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend!(exactly_once_over_the_link, only_gateways_open_links_and_queries_stay_in_the_farm);
+
+#[tokio::test]
+async fn a_credential_replaced_before_hello_opens_no_link_on_sqlite() {
+    a_credential_replaced_before_hello_opens_no_link(Backend::Sqlite).await;
+}

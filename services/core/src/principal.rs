@@ -14,8 +14,9 @@ pub enum Principal {
     /// A farm API key: may touch only its own farm's resources.
     FarmKey { api_key_id: Uuid, farm_id: Uuid },
     /// A gateway device's credential, used by the farm's edge agent: may use the edge link of its own farm and read
-    /// what the agent needs.
-    Gateway { device_id: Uuid, farm_id: Uuid },
+    /// what the agent needs. `credential_sha256` is the hash the call signed in with: a stream that outlives the call
+    /// (the edge link) ends once the device's hash is another.
+    Gateway { device_id: Uuid, farm_id: Uuid, credential_sha256: String },
 }
 
 impl Principal {
@@ -44,7 +45,7 @@ impl Principal {
     /// For calls meant for edge agents: the gateway device and its farm, or `PermissionDenied` for API keys.
     pub fn gateway_of(&self) -> Result<(Uuid, Uuid)> {
         match self {
-            Principal::Gateway { device_id, farm_id } => Ok((*device_id, *farm_id)),
+            Principal::Gateway { device_id, farm_id, .. } => Ok((*device_id, *farm_id)),
             _ => Err(Error::PermissionDenied("this call is for edge agents, with their gateway credential".into())),
         }
     }
@@ -109,7 +110,7 @@ mod tests {
         assert!(key.gateway_of().is_err());
 
         let device_id = Uuid::now_v7();
-        let gateway = Principal::Gateway { device_id, farm_id: farm };
+        let gateway = Principal::Gateway { device_id, farm_id: farm, credential_sha256: "00".repeat(32) };
         assert!(gateway.authorize_farm(farm).is_err(), "gateways are refused unless a call is meant for them");
         assert!(gateway.require_api_key().is_err());
         assert_eq!(gateway.gateway_of().unwrap(), (device_id, farm));

@@ -76,7 +76,8 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     tokio::spawn(api.clone().run_thumbnails());
 
     // The gateway's authentication layer is what attaches principals; here an interceptor stands in for it.
-    let gateway = Principal::Gateway { device_id: Uuid::now_v7(), farm_id: farm.id };
+    let gateway =
+        Principal::Gateway { device_id: Uuid::now_v7(), farm_id: farm.id, credential_sha256: "00".repeat(32) };
     let server = ImageServiceServer::with_interceptor(api.clone(), move |mut request: tonic::Request<()>| {
         request.extensions_mut().insert(gateway.clone());
         Ok(request)

@@ -154,10 +154,15 @@ impl IngestionService for IngestionApi {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let principal = Principal::of(&request)?;
         let (gateway_id, farm_id) = principal.gateway_of()?;
+        // (Only a gateway gets here; an empty hash matches no device's.)
+        let credential_sha256 = match principal {
+            Principal::Gateway { credential_sha256, .. } => credential_sha256,
+            _ => String::new(),
+        };
         let inbound = request.into_inner();
         // Enough room for a registry snapshot and the acks of the agent's in-flight window.
         let (outbound, receiver) = mpsc::channel(self.settings.max_in_flight_batches as usize + 8);
-        tokio::spawn(link::run(self.clone(), gateway_id, farm_id, inbound, outbound));
+        tokio::spawn(link::run(self.clone(), (gateway_id, farm_id, credential_sha256), inbound, outbound));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }

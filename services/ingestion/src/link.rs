@@ -48,13 +48,12 @@ fn down(body: pb::connect_response::Body) -> pb::ConnectResponse {
 /// with a status; the agent reconnects and resends whatever was not acknowledged.
 pub(crate) async fn run(
     api: IngestionApi,
-    gateway_id: Uuid,
-    farm_id: Uuid,
+    (gateway_id, farm_id, signed_in_with): (Uuid, Uuid, String),
     inbound: Streaming<pb::ConnectRequest>,
     outbound: Outbound,
 ) {
     metrics::gauge!("smartfarm_edge_links").increment(1.0);
-    let result = serve(&api, gateway_id, farm_id, inbound, &outbound).await;
+    let result = serve(&api, (gateway_id, farm_id, signed_in_with), inbound, &outbound).await;
     metrics::gauge!("smartfarm_edge_links").decrement(1.0);
     match result {
         Ok(()) => tracing::info!(%gateway_id, %farm_id, "edge link closed by the agent"),
@@ -68,8 +67,7 @@ pub(crate) async fn run(
 
 async fn serve(
     api: &IngestionApi,
-    gateway_id: Uuid,
-    farm_id: Uuid,
+    (gateway_id, farm_id, signed_in_with): (Uuid, Uuid, String),
     mut inbound: Streaming<pb::ConnectRequest>,
     outbound: &Outbound,
 ) -> Result<()> {
@@ -81,8 +79,13 @@ async fn serve(
         Ok(Ok(Some(_))) => return Err(Error::invalid("hello", "the first message on the edge link must be hello")),
     };
     let spool_id = smartfarm_core::validate::id("hello.spool_id", &hello.spool_id)?;
+    // The hash the stream signed in with, not the device's hash now: a credential replaced while the agent took its
+    // time to say hello must not carry the link over to the new one.
     let gateway = api.registry.get_device(gateway_id).await?;
-    let credential_at_connect = gateway.credential_sha256.clone();
+    if gateway.state == DeviceState::Decommissioned || gateway.credential_sha256.as_deref() != Some(&signed_in_with) {
+        return Err(Error::Unauthenticated("the gateway was decommissioned or its credential replaced".into()));
+    }
+    let credential_at_connect = Some(signed_in_with);
     let committed = api.telemetry.committed_sequence(gateway_id, spool_id).await?;
     tracing::info!(
         %gateway_id, %farm_id, %spool_id, agent_version = %hello.agent_version, committed,
