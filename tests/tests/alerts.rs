@@ -226,6 +226,33 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
     cloud.stop().await;
 }
 
+/// A Subscribe stream lives on after the call that opened it was checked: it ends once its API key is revoked.
+#[tokio::test]
+async fn a_subscription_ends_when_its_api_key_is_revoked() {
+    use smartfarm_proto::device::v1 as device_pb;
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let admin_key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &admin_key, "revocation", 1).await;
+    let mut admin = cloud.device_client(&admin_key).await;
+    let farm_key = admin
+        .create_api_key(device_pb::CreateApiKeyRequest { name: "dashboard".into(), farm_id: fleet.farm_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut alerts = cloud.alert_client(&farm_key.secret).await;
+    let request = pb::SubscribeRequest { farm_id: fleet.farm_id.clone(), ..Default::default() };
+    let mut stream = alerts.subscribe(request).await.unwrap().into_inner();
+    let revoked = std::time::Instant::now();
+    let key_id = farm_key.api_key.unwrap().id;
+    admin.revoke_api_key(device_pb::RevokeApiKeyRequest { api_key_id: key_id }).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), stream.message()).await.expect("the stream ends");
+    let status = ended.expect_err("ended by the revocation");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(revoked.elapsed() < Duration::from_secs(10), "within the recheck interval: {:?}", revoked.elapsed());
+    cloud.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rules_and_webhooks_are_refused_and_a_failing_webhook_is_marked_then_recovers() {
     let data = CloudData::new(Backend::Sqlite).await;

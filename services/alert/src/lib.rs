@@ -292,7 +292,13 @@ impl AlertService for AlertApi {
                 cursor.parse::<u64>().map_err(|_| Error::invalid("cursor", "is not a cursor this stream returned"))?,
             ),
         };
-        let stream = subscribe::open(self.alerts.clone(), &self.bus, farm_id, min_severity, cursor).await?;
+        let api_key_id = match principal {
+            Principal::Admin { api_key_id } | Principal::FarmKey { api_key_id, .. } => api_key_id,
+            Principal::Gateway { .. } => return Err(principal.require_api_key().unwrap_err().into()),
+        };
+        let opened_with = subscribe::OpenedWith { registry: self.registry.clone(), api_key_id };
+        let stream =
+            subscribe::open(self.alerts.clone(), opened_with, &self.bus, farm_id, min_severity, cursor).await?;
         Ok(Response::new(stream))
     }
 

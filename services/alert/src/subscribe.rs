@@ -4,7 +4,8 @@
 //! process, a bus that lagged) is filled from the log; and the log is read a second after the last event in order
 //! anyway, so nothing committed waits much longer than that even if a bus message is lost. A cursor older than what
 //! retention kept is refused (`FAILED_PRECONDITION`) rather than resumed with a silent gap, and a stream that retention
-//! overtakes while it reads ends the same way.
+//! overtakes while it reads ends the same way. A stream whose API key is revoked ends (`UNAUTHENTICATED`) within
+//! seconds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +30,32 @@ const CATCH_UP_PAGE: usize = 500;
 /// How long after the last event in order the log is read, even without news on the bus.
 const POLL: Duration = Duration::from_secs(1);
 
+/// How often a stream checks that the API key it was opened with is still valid: a revoked key's stream ends within
+/// this time (unary calls are checked on every call; a stream lives on after its call was checked).
+const CREDENTIAL_RECHECK: Duration = Duration::from_secs(5);
+
+/// The API key a stream was opened with, to look up again.
+pub(crate) struct OpenedWith {
+    pub registry: Arc<dyn smartfarm_store::RegistryStore>,
+    pub api_key_id: Uuid,
+}
+
+impl OpenedWith {
+    /// `Unauthenticated` once the key is revoked or gone.
+    async fn still_valid(&self) -> Result<()> {
+        match self.registry.get_api_key(self.api_key_id).await {
+            Ok(key) if key.revoke_time.is_none() => Ok(()),
+            Ok(_) | Err(Error::NotFound { .. }) => {
+                Err(Error::Unauthenticated("the API key this stream was opened with was revoked".into()))
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
 struct Follower {
     alerts: Arc<dyn AlertStore>,
+    opened_with: OpenedWith,
     farm_id: Option<Uuid>,
     min_severity: Severity,
     /// The last event sent (or passed over).
@@ -39,8 +64,9 @@ struct Follower {
 }
 
 /// Opens a stream of the events after `cursor` (after the newest event when `None`).
-pub async fn open(
+pub(crate) async fn open(
     alerts: Arc<dyn AlertStore>,
+    opened_with: OpenedWith,
     bus: &Bus,
     farm_id: Option<Uuid>,
     min_severity: Severity,
@@ -66,7 +92,7 @@ pub async fn open(
         None => newest,
     };
     let (sender, receiver) = mpsc::channel(256);
-    let follower = Follower { alerts, farm_id, min_severity, last, sender };
+    let follower = Follower { alerts, opened_with, farm_id, min_severity, last, sender };
     tokio::spawn(follower.run(changes));
     Ok(ReceiverStream::new(receiver))
 }
@@ -95,9 +121,16 @@ impl Follower {
             return Ok(());
         }
         let mut poll = tokio::time::interval(POLL);
+        // The call that opened the stream was checked just now.
+        let mut recheck =
+            tokio::time::interval_at(tokio::time::Instant::now() + CREDENTIAL_RECHECK, CREDENTIAL_RECHECK);
         loop {
             let open = tokio::select! {
                 _ = self.sender.closed() => return Ok(()),
+                _ = recheck.tick() => {
+                    self.opened_with.still_valid().await?;
+                    true
+                }
                 change = changes.recv() => match change {
                     Ok(Event::AlertChanged(changed)) if changed.sequence <= self.last => true,
                     Ok(Event::AlertChanged(changed)) if changed.sequence == self.last + 1 => {
