@@ -22,6 +22,16 @@ pub fn known_service(name: &str) -> bool {
     smartfarm_proto::SERVICE_NAMES.contains(&name) || crate::INFRASTRUCTURE_SERVICES.contains(&name)
 }
 
+/// The RPCs of the health and reflection services (not in smartfarm's contracts).
+const INFRASTRUCTURE_METHODS: &[&str] = &["Check", "Watch", "List", "ServerReflectionInfo"];
+
+/// Whether `method` is an RPC of the known `service`: only those name a label value, so calls to made-up methods
+/// (which need no credentials on the health and reflection services) cannot grow the metrics either.
+fn known_method(service: &str, method: &str) -> bool {
+    smartfarm_proto::has_method(service, method)
+        || crate::INFRASTRUCTURE_SERVICES.contains(&service) && INFRASTRUCTURE_METHODS.contains(&method)
+}
+
 /// The axum middleware.
 pub async fn record_rpc(request: Request, next: Next) -> Response {
     let (service, method) = split_path(request.uri().path());
@@ -41,10 +51,10 @@ fn split_path(path: &str) -> (String, String) {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let service = parts.next().unwrap_or_default();
     let method = parts.next().unwrap_or_default();
-    if known_service(service) && !method.is_empty() && method.len() <= 64 && !method.contains('/') {
-        (service.to_string(), method.to_string())
-    } else {
-        ("unknown".to_string(), "unknown".to_string())
+    match (known_service(service), known_method(service, method)) {
+        (true, true) => (service.to_string(), method.to_string()),
+        (true, false) => (service.to_string(), "unknown".to_string()),
+        _ => ("unknown".to_string(), "unknown".to_string()),
     }
 }
 
@@ -149,6 +159,16 @@ mod tests {
         );
         assert_eq!(split_path("/evil.Service/x"), ("unknown".to_string(), "unknown".to_string()));
         assert_eq!(split_path("/metrics"), ("unknown".to_string(), "unknown".to_string()));
+        assert_eq!(
+            split_path("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health".to_string(), "Check".to_string())
+        );
+        // Made-up methods, on services that need no credentials too: one label value for all of them.
+        for made_up in
+            ["/grpc.health.v1.Health/x1", "/smartfarm.device.v1.DeviceService/Nope", "/grpc.health.v1.Health/"]
+        {
+            assert_eq!(split_path(made_up).1, "unknown", "{made_up}");
+        }
     }
 
     #[test]

@@ -67,6 +67,24 @@ pub const SERVICE_NAMES: &[&str] = &[
     "smartfarm.command.v1.CommandService",
 ];
 
+/// Whether the contracts give `service` (fully qualified) an RPC named `method`.
+pub fn has_method(service: &str, method: &str) -> bool {
+    static METHODS: std::sync::LazyLock<std::collections::HashSet<String>> = std::sync::LazyLock::new(|| {
+        let set = <pbjson_types::FileDescriptorSet as prost::Message>::decode(FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set built into this crate decodes");
+        let mut methods = std::collections::HashSet::new();
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.insert(format!("{}.{}/{}", file.package(), service.name(), method.name()));
+                }
+            }
+        }
+        methods
+    });
+    METHODS.contains(&format!("{service}/{method}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
