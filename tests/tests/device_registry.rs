@@ -225,7 +225,19 @@ async fn api_keys_isolate_farms(backend: Backend) {
     assert_eq!(listed.devices.len(), 3);
     let farms = as_a.list_farms(pb::ListFarmsRequest::default()).await.unwrap().into_inner();
     assert_eq!(farms.farms.iter().map(|f| f.id.clone()).collect::<Vec<_>>(), vec![farm_a.id.clone()]);
-    // Only admins mint keys, even for the caller's own farm: a leaked farm key must not outlive its revocation.
+    // Only admins mint keys, even for the caller's own farm: a leaked farm key must not outlive its revocation. A
+    // gateway's credential is such a key (it opens the farm's edge link).
+    assert_code(
+        as_a.register_device(register(&farm_a.id, "gateway 2", DeviceKind::Gateway)).await,
+        Code::PermissionDenied,
+        "only admin keys register gateways",
+    );
+    assert_code(
+        as_a.rotate_device_credential(pb::RotateDeviceCredentialRequest { device_id: gateway_a.id.clone() }).await,
+        Code::PermissionDenied,
+        "only admin keys register gateways or rotate their credentials",
+    );
+    as_a.rotate_device_credential(pb::RotateDeviceCredentialRequest { device_id: own.id.clone() }).await.unwrap();
     assert_code(
         as_a.create_api_key(pb::CreateApiKeyRequest { name: "second a key".into(), farm_id: farm_a.id.clone() }).await,
         Code::PermissionDenied,

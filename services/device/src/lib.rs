@@ -18,7 +18,7 @@ use smartfarm_core::{Error, Principal, time, validate};
 use smartfarm_proto::device::v1 as pb;
 use smartfarm_proto::device::v1::device_service_server::{DeviceService, DeviceServiceServer};
 use smartfarm_store::RegistryStore;
-use smartfarm_store::model::{Device, DeviceFilter, DeviceUpdate, KeysetPage, NewDevice};
+use smartfarm_store::model::{Device, DeviceFilter, DeviceKind, DeviceUpdate, KeysetPage, NewDevice};
 
 pub use keys::{create_api_key, new_api_key};
 
@@ -73,6 +73,18 @@ fn filter_fingerprint<'a>(parts: impl IntoIterator<Item = (&'a str, String)>) ->
     parts.into_iter().map(|(name, value)| format!("{name}={value};")).collect()
 }
 
+/// A gateway's credential opens its farm's edge link (commands, rules, alerts, readings): like an API key, it would
+/// let a leaked farm key outlive its revocation, so only admin keys make one.
+fn require_admin_for_gateways(principal: &Principal) -> smartfarm_core::Result<()> {
+    principal.require_admin().map_err(|_| {
+        Error::PermissionDenied(
+            "only admin keys register gateways or rotate their credentials: a gateway credential would outlive a \
+             farm key's revocation"
+                .into(),
+        )
+    })
+}
+
 #[tonic::async_trait]
 impl DeviceService for DeviceApi {
     async fn create_farm(
@@ -122,6 +134,9 @@ impl DeviceService for DeviceApi {
         let kind = convert::kind_from_proto(message.kind)?.ok_or_else(|| Error::invalid("kind", "is required"))?;
         let labels = validate::labels("labels", &message.labels)?;
         principal.authorize_farm(farm_id)?;
+        if kind == DeviceKind::Gateway {
+            require_admin_for_gateways(&principal)?;
+        }
 
         let id = Uuid::now_v7();
         let secret = credential::generate(SecretKind::Device, id)?;
@@ -236,7 +251,11 @@ impl DeviceService for DeviceApi {
         request: Request<pb::RotateDeviceCredentialRequest>,
     ) -> Result<Response<pb::RotateDeviceCredentialResponse>, Status> {
         let principal = api_caller(&request)?;
-        let device_id = self.authorized_device(&principal, "device_id", &request.get_ref().device_id).await?.id;
+        let device = self.authorized_device(&principal, "device_id", &request.get_ref().device_id).await?;
+        if device.kind == DeviceKind::Gateway {
+            require_admin_for_gateways(&principal)?;
+        }
+        let device_id = device.id;
         let secret = credential::generate(SecretKind::Device, device_id)?;
         let device = self.registry.set_device_credential(device_id, &secret.hash, time::now()).await?;
         tracing::info!(device_id = %device_id, by = %principal.describe(), "device credential rotated");
