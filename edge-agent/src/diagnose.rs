@@ -135,28 +135,50 @@ impl Diagnoser {
         }
     }
 
-    /// Follows the cloud's model updates: fetches, checks, keeps and switches to each new version.
+    /// Follows the cloud's model updates: fetches, checks, keeps and switches to each new version. A fetch that
+    /// fails is tried again with backoff (30 s, doubling, at most 10 min) until it works or a newer update comes:
+    /// the cloud says which version serves only when it changes, so waiting for its next word could take forever.
+    /// The current model keeps working meanwhile.
     pub async fn follow_updates(self, mut updates: mpsc::Receiver<Vec<ModelRef>>, mut stopping: watch::Receiver<bool>) {
+        const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(30);
+        const RETRY_LONGEST: std::time::Duration = std::time::Duration::from_secs(600);
+        let mut wanted: Vec<ModelRef> = Vec::new();
+        let mut retry_in = RETRY_FIRST;
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
-            let models = tokio::select! {
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
                 update = updates.recv() => match update {
-                    Some(models) => models,
+                    Some(models) => {
+                        wanted = models;
+                        retry_in = RETRY_FIRST;
+                    }
                     None => return,
                 },
+                () = retry => {}
                 _ = stopping.wait_for(|stop| *stop) => return,
-            };
-            for wanted in models {
+            }
+            retry_at = None;
+            let mut failed = false;
+            for model in &wanted {
                 let card = self.current().card().clone();
-                if card.name == wanted.name && card.version == wanted.version {
+                if card.name == model.name && card.version == model.version {
                     continue;
                 }
-                match self.fetch(&wanted).await {
-                    Ok(()) => {}
-                    // The next update (at the next connection) tries again; the current model keeps working.
-                    Err(error) => {
-                        tracing::warn!(model = %format!("{}@{}", wanted.name, wanted.version), %error, "cannot switch to the cloud's model")
-                    }
+                if let Err(error) = self.fetch(model).await {
+                    let model = format!("{}@{}", model.name, model.version);
+                    tracing::warn!(%model, %error, retry_in_s = retry_in.as_secs(), "cannot switch to the cloud's model");
+                    failed = true;
                 }
+            }
+            if failed {
+                retry_at = Some(tokio::time::Instant::now() + retry_in);
+                retry_in = (retry_in * 2).min(RETRY_LONGEST);
             }
         }
     }
