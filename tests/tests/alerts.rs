@@ -226,6 +226,43 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
     cloud.stop().await;
 }
 
+/// A farm key is refused another farm's rules and its devices' commands with PERMISSION_DENIED, as it is
+/// another farm's devices.
+#[tokio::test]
+async fn a_farm_key_is_denied_another_farm_s_rules_and_commands() {
+    use smartfarm_proto::command::v1 as command_pb;
+    use smartfarm_proto::device::v1 as device_pb;
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let admin_key = bootstrap_admin_key(&data);
+    let (ours, theirs) =
+        (Fleet::register(&cloud, &admin_key, "ours", 1).await, Fleet::register(&cloud, &admin_key, "theirs", 1).await);
+    let mut admin = cloud.device_client(&admin_key).await;
+    let farm_key = admin
+        .create_api_key(device_pb::CreateApiKeyRequest { name: "ours".into(), farm_id: ours.farm_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut as_admin = cloud.alert_client(&admin_key).await;
+    let their_rule = as_admin.create_rule(pb::CreateRuleRequest { rule: Some(hot_rule(&theirs.farm_id)) }).await;
+    let their_rule = their_rule.unwrap().into_inner().rule.unwrap().id;
+    let mut as_ours = cloud.alert_client(&farm_key).await;
+    let denied = as_ours.delete_rule(pb::DeleteRuleRequest { rule_id: their_rule }).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let mut commands = cloud.command_client(&farm_key).await;
+    let send = command_pb::SendCommandRequest {
+        device_id: theirs.sensors[0].device_id.clone(),
+        name: "open_valve".into(),
+        parameters: None,
+        ttl: Some(pbjson_types::Duration { seconds: 60, nanos: 0 }),
+        request_id: String::new(),
+    };
+    let denied = commands.send_command(send).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    cloud.stop().await;
+}
+
 /// A Subscribe stream lives on after the call that opened it was checked: it ends once its API key is revoked.
 #[tokio::test]
 async fn a_subscription_ends_when_its_api_key_is_revoked() {

@@ -128,7 +128,7 @@ impl AlertApi {
 
     async fn authorized_alert(&self, principal: &Principal, id: &str) -> Result<Alert> {
         let alert = self.alerts.get_alert(validate::id("alert_id", id)?).await?;
-        principal.authorize_farm(alert.farm_id).map_err(|_| Error::not_found("alert", id))?;
+        principal.authorize_farm(alert.farm_id)?;
         Ok(alert)
     }
 
@@ -206,7 +206,7 @@ impl AlertService for AlertApi {
         let principal = api_caller(&request)?;
         let id = validate::id("rule_id", &request.get_ref().rule_id)?;
         let rule = self.alerts.get_rule(id).await?;
-        principal.authorize_farm(rule.farm_id).map_err(|_| Error::not_found("rule", id))?;
+        principal.authorize_farm(rule.farm_id)?;
         self.alerts.delete_rule(id).await?;
         self.bus.publish(Event::RulesChanged { farm_id: rule.farm_id });
         tracing::info!(rule_id = %id, farm_id = %rule.farm_id, by = %principal.describe(), "rule deleted");
@@ -361,7 +361,7 @@ impl AlertService for AlertApi {
         let principal = api_caller(&request)?;
         let id = validate::id("webhook_id", &request.get_ref().webhook_id)?;
         let webhook = self.alerts.get_webhook(id).await?;
-        principal.authorize_farm(webhook.farm_id).map_err(|_| Error::not_found("webhook", id))?;
+        principal.authorize_farm(webhook.farm_id)?;
         self.alerts.delete_webhook(id).await?;
         tracing::info!(webhook_id = %id, by = %principal.describe(), "webhook deleted");
         Ok(Response::new(pb::DeleteWebhookResponse {}))

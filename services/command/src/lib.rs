@@ -126,7 +126,7 @@ impl CommandApi {
 
     async fn authorized_command(&self, principal: &Principal, id: &str) -> Result<StoredCommand> {
         let command = self.commands.get_command(validate::id("command_id", id)?).await?;
-        principal.authorize_farm(command.farm_id).map_err(|_| Error::not_found("command", id))?;
+        principal.authorize_farm(command.farm_id)?;
         Ok(command)
     }
 }
@@ -180,7 +180,7 @@ impl CommandService for CommandApi {
             id => Some(id.to_string()),
         };
         let device = self.registry.get_device(device_id).await?;
-        principal.authorize_farm(device.farm_id).map_err(|_| Error::not_found("device", device_id))?;
+        principal.authorize_farm(device.farm_id)?;
         if device.state == DeviceState::Decommissioned {
             return Err(Error::FailedPrecondition(format!("device {device_id} is decommissioned")).into());
         }
