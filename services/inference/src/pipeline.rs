@@ -333,10 +333,7 @@ impl InferenceApi {
             end: span.first_time,
         };
         // The newest readings of the history teach it (a fast sensor's two weeks hold more than it learns from).
-        let (mut times, mut values) = read_series(self.telemetry.as_ref(), &filter, 4 * MAX_HISTORY_POINTS).await?;
-        let skip = times.len().saturating_sub(MAX_HISTORY_POINTS);
-        times.drain(..skip);
-        values.drain(..skip);
+        let (times, values) = newest_history(self.telemetry.as_ref(), &filter, MAX_HISTORY_POINTS).await?;
         let unfit = |reason: &str| {
             tracing::debug!(device_id = %span.device_id, metric = %span.metric, reason, "cannot learn this series' normal yet; trying again later");
             self.detectors.unfit_until.lock().expect("unfit series").insert(key.clone(), Instant::now() + UNFIT_RETRY);
@@ -369,5 +366,103 @@ impl InferenceApi {
             FittedEntry { detector: detector.clone(), model: version.clone(), fitted_at: Instant::now() },
         );
         Ok(Some(detector))
+    }
+}
+
+/// The newest `keep` readings of `filter`'s range (all of them when it holds fewer), in time order. Readings are
+/// read forward, at most four times `keep` at once; when the range holds more, the read starts again later in it,
+/// where the density just read says about twice `keep` remain (a few rounds at most), so a fast sensor's detector
+/// learns from its latest weeks, not its oldest.
+async fn newest_history(
+    telemetry: &dyn smartfarm_store::TelemetryStore,
+    filter: &ReadingFilter,
+    keep: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let limit = 4 * keep.max(1);
+    let end = seconds(filter.end);
+    let mut filter = filter.clone();
+    let mut rounds = 0;
+    loop {
+        let (mut times, mut values) = read_series(telemetry, &filter, limit).await?;
+        rounds += 1;
+        if times.len() >= limit && rounds < 8 {
+            let (first, last) = (times[0], times[times.len() - 1]);
+            let per_second = times.len() as f64 / (last - first).max(1e-6);
+            let later = from_seconds(end - 2.0 * keep as f64 / per_second);
+            if later > filter.start {
+                filter.start = later;
+                continue;
+            }
+        }
+        let skip = times.len().saturating_sub(keep);
+        times.drain(..skip);
+        values.drain(..skip);
+        return Ok((times, values));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use smartfarm_store::model::{DeviceKind, NewDevice};
+    use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
+
+    use super::*;
+
+    /// A history longer than what is read at once gives its newest readings, not its oldest.
+    #[tokio::test]
+    async fn the_newest_history_is_read_however_long_the_range() {
+        let test = smartfarm_store::testing::TestDatabase::sqlite().await;
+        let registry = test.registry();
+        let farm = registry.create_farm(Uuid::now_v7(), "farm", smartfarm_core::time::now()).await.unwrap();
+        let mut devices = Vec::new();
+        for (name, kind) in [("gateway", DeviceKind::Gateway), ("probe", DeviceKind::Sensor)] {
+            let device = NewDevice {
+                id: Uuid::now_v7(),
+                farm_id: farm.id,
+                name: name.into(),
+                kind,
+                labels: Default::default(),
+                credential_sha256: "00".repeat(32),
+                create_time: smartfarm_core::time::now(),
+            };
+            devices.push(registry.create_device(device).await.unwrap().id);
+        }
+        let start = smartfarm_core::time::now() - Duration::from_secs(86_400);
+        let readings: Vec<ReadingRow> = (0..2_000u64)
+            .map(|i| ReadingRow {
+                sequence: i + 1,
+                device_id: devices[1],
+                metric: "flow".into(),
+                value: i as f64,
+                measure_time: start + Duration::from_secs(i * 10),
+            })
+            .collect();
+        let batch = EdgeBatch {
+            gateway_id: devices[0],
+            spool_id: Uuid::now_v7(),
+            farm_id: farm.id,
+            first_sequence: 1,
+            last_sequence: 2_000,
+            readings,
+            aggregates: Vec::new(),
+            receive_time: smartfarm_core::time::now(),
+        };
+        let telemetry = test.database.telemetry();
+        telemetry.commit_batch(&batch, &[]).await.unwrap();
+        let filter = ReadingFilter {
+            farm_id: farm.id,
+            device_ids: vec![devices[1]],
+            metrics: vec!["flow".into()],
+            start,
+            end: start + Duration::from_secs(20_000),
+        };
+        let (times, values) = newest_history(telemetry.as_ref(), &filter, 100).await.unwrap();
+        assert_eq!(values, (1_900..2_000).map(|i| i as f64).collect::<Vec<_>>(), "the newest 100");
+        assert!(times.windows(2).all(|pair| pair[0] < pair[1]));
+        // A range that holds fewer than asked gives all of it.
+        let (_, all) = newest_history(telemetry.as_ref(), &filter, 5_000).await.unwrap();
+        assert_eq!(all.len(), 2_000);
     }
 }
