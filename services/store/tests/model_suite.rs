@@ -67,6 +67,10 @@ async fn one_version_per_model_serves_and_rollback_is_an_activation(database: &D
     assert_eq!(models.active_model("plant_disease").await.unwrap().unwrap().name, "mobilenet");
     assert_eq!(models.get_model("leafnet", "1").await.unwrap().activate_time, Some(at(200)));
     assert!(matches!(models.activate_model("leafnet", "9", at(400)).await, Err(Error::NotFound { .. })));
+    // Activated through a replica whose clock is behind: still the latest activation, so it serves.
+    let behind = models.activate_model("leafnet", "2", at(250)).await.unwrap();
+    assert!(behind.activate_time.unwrap() > at(300), "{:?}", behind.activate_time);
+    assert_eq!(models.active_model("plant_disease").await.unwrap().unwrap().name, "leafnet");
     assert_eq!(models.active_model("sensor_anomaly").await.unwrap(), None);
 }
 

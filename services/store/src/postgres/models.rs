@@ -125,7 +125,11 @@ impl ModelStore for PostgresStore {
         let row = transaction
             .query_one(
                 &format!(
-                    "UPDATE models SET activate_time = $3 WHERE name = $1 AND version = $2 RETURNING {MODEL_COLUMNS}"
+                    // Never before the kind's latest activation: the kind's serving model is the latest activated,
+                    // and replicas' clocks may differ.
+                    "UPDATE models SET activate_time = GREATEST($3, (SELECT max(m.activate_time) + interval '1 microsecond'
+                                                                  FROM models m WHERE m.kind = models.kind AND m.name <> $1))
+                     WHERE name = $1 AND version = $2 RETURNING {MODEL_COLUMNS}"
                 ),
                 &[&name, &version, &at],
             )

@@ -111,7 +111,11 @@ impl ModelStore for SqliteStore {
                 .map_err(sql_error("deactivate models"))?;
             transaction
                 .execute(
-                    "UPDATE models SET activate_time = ?3 WHERE name = ?1 AND version = ?2",
+                    // Never before the kind's latest activation: the kind's serving model is the latest activated,
+                    // and replicas' clocks may differ.
+                    "UPDATE models SET activate_time = MAX(?3, COALESCE((SELECT MAX(m.activate_time) + 1 FROM models m
+                                                             WHERE m.kind = models.kind AND m.name <> ?1), ?3))
+                     WHERE name = ?1 AND version = ?2",
                     params![name, version, to_unix_micros(at)],
                 )
                 .map_err(sql_error("activate model"))?;
