@@ -92,12 +92,17 @@ impl ImageApi {
         if let Some(before) = now.checked_sub(self.settings.upload_expiry) {
             loop {
                 let uploads = self.images.stale_uploads(before, BATCH).await?;
+                let mut forgotten = 0;
                 for upload in &uploads {
-                    self.delete_prefix(&upload.part_prefix()).await;
-                    self.images.delete_upload(upload.device_id, &upload.upload_id).await?;
+                    // Its row is how a later sweep finds parts left behind: it goes only once they are gone.
+                    if self.delete_prefix(&upload.part_prefix()).await {
+                        self.images.delete_upload(upload.device_id, &upload.upload_id).await?;
+                        forgotten += 1;
+                    }
                 }
-                report.uploads_expired += uploads.len() as u64;
-                if uploads.len() < BATCH {
+                report.uploads_expired += forgotten;
+                // A batch with uploads left behind would come back whole: the next sweep tries them again.
+                if uploads.len() < BATCH || forgotten < uploads.len() as u64 {
                     break;
                 }
             }

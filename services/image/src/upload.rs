@@ -312,6 +312,7 @@ impl ImageApi {
         let prefix = finished.part_prefix();
         let inserted = self.images.insert_image(record, Some(finished)).await?;
         if had_parts {
+            // Parts left behind (a blob store error) go when the sweeper expires the finished upload.
             self.delete_prefix(&prefix).await;
         }
         let (image, duplicate) = match inserted {
@@ -394,23 +395,34 @@ impl ImageApi {
         Ok(bytes)
     }
 
+    /// Deletes an upload's parts, then its row. The row is what lets the sweeper find the parts: while a part is
+    /// left (a blob store error), the row stays, and the next resume or the sweeper tries again.
     async fn forget_upload(&self, device_id: Uuid, upload_id: &str) {
-        self.delete_prefix(&smartfarm_store::image::upload_part_prefix(device_id, upload_id)).await;
+        if !self.delete_prefix(&smartfarm_store::image::upload_part_prefix(device_id, upload_id)).await {
+            return;
+        }
         if let Err(error) = self.images.delete_upload(device_id, upload_id).await {
             tracing::warn!(upload_id, %error, "cannot forget an upload; the sweeper will");
         }
     }
 
-    pub(crate) async fn delete_prefix(&self, prefix: &str) {
+    /// Deletes the blobs under `prefix`; whether every one is gone.
+    pub(crate) async fn delete_prefix(&self, prefix: &str) -> bool {
         let keys = match self.blobs.list(prefix).await {
             Ok(keys) => keys,
-            Err(error) => return tracing::warn!(prefix, %error, "cannot list blobs to delete; the sweeper will"),
+            Err(error) => {
+                tracing::warn!(prefix, %error, "cannot list blobs to delete; trying again later");
+                return false;
+            }
         };
+        let mut all_gone = true;
         for key in keys {
             if let Err(error) = self.blobs.delete(&key).await {
-                tracing::warn!(key, %error, "cannot delete a blob; the sweeper will");
+                tracing::warn!(key, %error, "cannot delete a blob; trying again later");
+                all_gone = false;
             }
         }
+        all_gone
     }
 }
 
