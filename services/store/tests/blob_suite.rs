@@ -15,6 +15,14 @@ async fn objects_round_trip(store: &dyn BlobStore) {
     store.put("models/plant/1", b"weights").await.unwrap();
     assert_eq!(store.list("images/").await.unwrap(), vec!["images/ab/abcdef".to_string()]);
     assert_eq!(store.list("").await.unwrap().len(), 2);
+    // A prefix that ends inside a name, and one that names a directory: only keys that start with it.
+    store.put("uploads/ab/photo-1/000", b"part").await.unwrap();
+    store.put("uploads/ac/photo-2/000", b"part").await.unwrap();
+    assert_eq!(store.list("uploads/ab/").await.unwrap(), vec!["uploads/ab/photo-1/000".to_string()]);
+    assert_eq!(store.list("uploads/a").await.unwrap().len(), 2);
+    assert_eq!(store.list("uploads/ab/photo-1/0").await.unwrap(), vec!["uploads/ab/photo-1/000".to_string()]);
+    store.delete("uploads/ab/photo-1/000").await.unwrap();
+    store.delete("uploads/ac/photo-2/000").await.unwrap();
     store.delete("images/ab/abcdef").await.unwrap();
     store.delete("images/ab/abcdef").await.unwrap();
     assert!(matches!(store.get("images/ab/abcdef").await, Err(Error::NotFound { .. })));
@@ -64,6 +72,25 @@ async fn s3_store_with_prefix() -> (std::sync::Arc<dyn BlobStore>, TestS3) {
 }
 
 blob_suite!(file, file_store());
+
+/// A temporary file that a write cut by a crash left is removed when the store opens again; one of a write that may
+/// still be going on is left alone.
+#[tokio::test]
+async fn file_store_removes_what_interrupted_writes_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    blob::open(&url).await.unwrap();
+    let (abandoned, recent) = (dir.path().join(".tmp/abandoned"), dir.path().join(".tmp/recent"));
+    for path in [&abandoned, &recent] {
+        std::fs::write(path, b"half a photo").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&abandoned).unwrap().set_modified(two_hours_ago).unwrap();
+    let store = blob::open(&url).await.unwrap();
+    assert!(!abandoned.exists(), "the abandoned temporary file is gone");
+    assert!(recent.exists(), "a recent one may belong to a write in progress");
+    assert!(store.list("").await.unwrap().is_empty(), "temporary files are never objects");
+}
 blob_suite!(s3, s3_store());
 blob_suite!(s3_prefixed, s3_store_with_prefix());
 

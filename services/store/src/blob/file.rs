@@ -13,6 +13,10 @@ use super::{BlobStore, check_key};
 /// Where temporary files are written; never listed as objects.
 const TEMP_DIR: &str = ".tmp";
 
+/// A temporary file older than this is what a write cut by a crash left: removed when the store opens. (No write
+/// takes this long; another process writing to the same directory is not cut short.)
+const ABANDONED_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A directory of blobs.
 #[derive(Clone, Debug)]
 pub struct FileBlobStore {
@@ -20,11 +24,18 @@ pub struct FileBlobStore {
 }
 
 impl FileBlobStore {
-    /// Opens (creating if needed) the directory.
+    /// Opens (creating if needed) the directory, and removes the temporary files that writes cut by a crash left.
     pub async fn open(root: &Path) -> Result<FileBlobStore> {
-        tokio::fs::create_dir_all(root.join(TEMP_DIR))
+        let temp = root.join(TEMP_DIR);
+        tokio::fs::create_dir_all(&temp)
             .await
             .map_err(|error| Error::Unavailable(format!("cannot create blob directory {}: {error}", root.display())))?;
+        let removed = tokio::task::spawn_blocking(move || remove_abandoned(&temp))
+            .await
+            .map_err(|error| Error::internal("clean the blob directory", error))?;
+        if removed > 0 {
+            tracing::info!(removed, "removed temporary files left by interrupted blob writes");
+        }
         Ok(FileBlobStore { root: root.to_path_buf() })
     }
 
@@ -32,6 +43,32 @@ impl FileBlobStore {
         check_key(key)?;
         Ok(self.root.join(key))
     }
+}
+
+/// Removes the files in `temp` older than [`ABANDONED_TEMP_AGE`]; returns how many. Best effort: what cannot be read
+/// or removed stays for the next start.
+fn remove_abandoned(temp: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(temp) else { return 0 };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|metadata| metadata.modified())
+            .is_ok_and(|modified| now.duration_since(modified).is_ok_and(|age| age > ABANDONED_TEMP_AGE));
+        if old && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether the directory at `relative` (below the root) can hold keys that start with `prefix`: the listing walks
+/// only those, not the whole store.
+fn may_hold(relative: &Path, prefix: &str) -> bool {
+    let Some(directory) = relative.to_str() else { return false };
+    let directory = format!("{directory}/");
+    prefix.starts_with(&directory) || directory.starts_with(prefix)
 }
 
 fn io_error(context: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -100,7 +137,9 @@ impl BlobStore for FileBlobStore {
                     }
                     let file_type = entry.file_type().map_err(io_error(format!("stat {}", path.display())))?;
                     if file_type.is_dir() {
-                        pending.push(path);
+                        if may_hold(relative, &prefix) {
+                            pending.push(path);
+                        }
                     } else if let Some(key) = relative.to_str().filter(|key| key.starts_with(&prefix)) {
                         keys.push(key.to_string());
                     }
