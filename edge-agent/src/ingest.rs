@@ -107,6 +107,14 @@ impl Writing {
 
     /// Appends a group of writes in one go and answers each; what was written is counted in the windows.
     fn write_group(&mut self, group: Vec<Write>) {
+        // Closed windows that could not be written go first; while they cannot be (a full disk), nothing is taken:
+        // no publish is acknowledged, so sensors hold back, and the windows in memory stop growing.
+        if let Err(error) = self.write_closed_windows() {
+            for Write { done, .. } in group {
+                let _ = done.send(Err(error.clone()));
+            }
+            return;
+        }
         let mut bodies = Vec::new();
         let mut rest = Vec::with_capacity(group.len());
         for Write { bodies: mine, count, done } in group {
@@ -505,6 +513,19 @@ mod tests {
         decide.send(false).unwrap();
         // A reading of the next window closes the first; writing its aggregate fails.
         writer.submit(Vec::new(), Some((device, vec![measurement(2.0, 300)]))).await.unwrap().await.unwrap().unwrap();
+        // While it cannot be written, nothing more is taken: the publish is refused (its sensor holds back and sends
+        // it again), not counted.
+        for _ in 0..500 {
+            if spool.hold_next_append.lock().unwrap().is_none() {
+                break; // The first try (after the acknowledgement above) has taken its failure.
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (decide, held) = std::sync::mpsc::channel();
+        *spool.hold_next_append.lock().unwrap() = Some(held);
+        decide.send(false).unwrap();
+        let refused = writer.submit(Vec::new(), Some((device, vec![measurement(9.0, 350)]))).await.unwrap();
+        assert!(refused.await.unwrap().is_err(), "refused while a closed window waits for the disk");
         // The next try writes it (the 300-600 window is still open at 400).
         writer.close_windows(Some(at(400))).await.unwrap();
         assert!(spool.hold_next_append.lock().unwrap().is_none(), "the first write of the closed window was tried");

@@ -701,6 +701,15 @@ impl Session {
         match packet {
             Inbound::Publish { topic, qos, pkid, payload } => {
                 let received = std::time::Instant::now();
+                // A resend on this very connection (a client that retries without reconnecting): its first copy is
+                // settled by this task, so it cannot be waited for here; its PUBREC queues behind the first's.
+                let owed_here = qos == Qos::ExactlyOnce
+                    && owed.iter().any(|ack| ack.pkid == pkid && ack.qos == Qos::ExactlyOnce && ack.settles.is_some());
+                if owed_here {
+                    let outcome = PublishOutcome::Accepted;
+                    owed.push_back(OwedAck { pkid, qos, outcome, durable: None, settles: None, received });
+                    return Ok(false);
+                }
                 let first_copy = (qos == Qos::ExactlyOnce)
                     .then(|| self.awaiting_release.lock().expect("release lock").get(&pkid).cloned())
                     .flatten();
@@ -1018,6 +1027,28 @@ mod tests {
             assert!(matches!(second.receive().await, v4::Packet::PubComp(comp) if comp.pkid == pkid));
             assert_eq!(spool.stats().last_sequence, before + 1, "publish {pkid} is stored once");
         }
+    }
+
+    /// A client that resends a QoS 2 publish on the same connection while the first copy is being written gets a
+    /// PUBREC for each once the copy is stored, which is stored once.
+    #[tokio::test]
+    async fn a_qos2_resend_on_the_same_connection_is_acknowledged_behind_the_first() {
+        let farm = Farm::new();
+        let (_broker, address, spool, _stop) = farm.start().await;
+        let (decide, held) = std::sync::mpsc::channel();
+        *spool.hold_next_append.lock().unwrap() = Some(held);
+        let (mut client, _) = Client::connect(address, &farm, false).await;
+        client.publish_qos2(&farm, 5, 5.0).await;
+        assert!(eventually(|| spool.hold_next_append.lock().unwrap().is_none()).await);
+        client.publish_qos2(&farm, 5, 5.0).await;
+        decide.send(true).unwrap();
+        for _ in 0..2 {
+            let packet = tokio::time::timeout(Duration::from_secs(3), client.receive()).await.expect("in time");
+            assert!(matches!(&packet, v4::Packet::PubRec(rec) if rec.pkid == 5), "{packet:?}");
+        }
+        client.send(v4::Packet::PubRel(v4::PubRel::new(5))).await;
+        assert!(matches!(client.receive().await, v4::Packet::PubComp(comp) if comp.pkid == 5));
+        assert_eq!(spool.stats().last_sequence, 1, "stored once");
     }
 
     /// Polls `condition` for up to 5 s.

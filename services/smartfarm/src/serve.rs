@@ -32,10 +32,13 @@ pub async fn run(
     if !report.applied.is_empty() {
         tracing::info!(applied = ?report.applied, schema_version = report.current_version, "database migrated");
     }
-    // Before this process commits anything: a rollup width new to the database starts complete.
-    let rollups = database.telemetry().align_rollups(&config.telemetry.rollup_widths).await?;
-    if rollups != Default::default() {
-        tracing::info!(added = ?rollups.added, removed = ?rollups.removed, "rollup widths changed");
+    // Before this process commits anything: a rollup width new to the database starts complete. Only processes
+    // that commit readings say which widths are kept; the others' settings may be the defaults.
+    if config.target.roles().contains(&smartfarm_core::role::Role::Ingestion) {
+        let rollups = database.telemetry().align_rollups(&config.telemetry.rollup_widths).await?;
+        if rollups != Default::default() {
+            tracing::info!(added = ?rollups.added, dropped = ?rollups.removed, "rollup widths changed");
+        }
     }
     // Opened now so that a wrong blob URL fails at start, not at the first upload.
     let blobs = blob::open(&config.effective_blob_url()).await?;

@@ -176,11 +176,12 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// Deletes what is older than the retention allows; returns how many raw rows went.
     async fn apply_retention(&self, retention: Retention, now: SystemTime) -> Result<u64>;
 
-    /// Makes the stored rollups those of `widths` (the configured ones), before any commit of this process: a width
-    /// new to the database is filled from the raw readings it holds (commits wait meanwhile), and the rollups of a
-    /// width no longer configured are deleted, so that a width configured again later starts complete. Without
-    /// this, a new width would answer aligned queries with only what was committed since. Raw readings past their
-    /// retention are gone, so a new width covers what is still kept. Returns the widths added and removed.
+    /// Records `widths` (the configured ones) as the widths kept, before any commit of this process: a width new to
+    /// the database is filled from the raw readings it holds (commits wait meanwhile); one no longer configured is
+    /// no longer recorded (its rows stay, unused), so that if it is configured again it is filled anew rather than
+    /// trusted with the gap. Without this, a new width would answer aligned queries with only what was committed
+    /// since. Raw readings past their retention are gone, so a new width covers what is still kept. Returns the
+    /// widths added and dropped.
     async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned>;
 }
 

@@ -669,10 +669,8 @@ impl TelemetryStore for PostgresStore {
             .await
             .map_err(pg_error("lock the rollups"))?;
         for width in recorded.difference(&wanted) {
-            transaction
-                .execute("DELETE FROM reading_rollups WHERE width = $1", &[width])
-                .await
-                .map_err(pg_error("delete a width's rollups"))?;
+            // Its rows stay (a replica with another configuration must not destroy what it does not know); they are
+            // replaced if the width is configured again.
             transaction
                 .execute("DELETE FROM rollup_widths WHERE width = $1", &[width])
                 .await
@@ -680,7 +678,7 @@ impl TelemetryStore for PostgresStore {
             aligned.removed.push(*width as u64);
         }
         for width in wanted.difference(&recorded) {
-            // Left over from a width removed without this table (before it existed): replaced, not added to.
+            // Left over from when the width was kept before (or from before this table): replaced, not added to.
             transaction
                 .execute("DELETE FROM reading_rollups WHERE width = $1", &[width])
                 .await

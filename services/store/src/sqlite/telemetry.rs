@@ -411,16 +411,15 @@ impl TelemetryStore for SqliteStore {
             };
             let mut aligned = RollupsAligned::default();
             for width in recorded.difference(&wanted) {
-                transaction
-                    .execute("DELETE FROM reading_rollups WHERE width = ?1", [width])
-                    .map_err(sql_error("delete a width's rollups"))?;
+                // Its rows stay (a replica with another configuration must not destroy what it does not know); they
+                // are replaced if the width is configured again.
                 transaction
                     .execute("DELETE FROM rollup_widths WHERE width = ?1", [width])
                     .map_err(sql_error("forget a rollup width"))?;
                 aligned.removed.push(*width as u64);
             }
             for width in wanted.difference(&recorded) {
-                // Left over from a width removed without this table (before it existed): replaced, not added to.
+                // Left over from when the width was kept before (or from before this table): replaced, not added to.
                 transaction
                     .execute("DELETE FROM reading_rollups WHERE width = ?1", [width])
                     .map_err(sql_error("delete a width's rollups"))?;
