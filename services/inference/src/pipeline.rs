@@ -371,34 +371,55 @@ impl InferenceApi {
 
 /// The newest `keep` readings of `filter`'s range (all of them when it holds fewer), in time order. Readings are
 /// read forward, at most four times `keep` at once; when the range holds more, the read starts again later in it,
-/// where the density just read says about twice `keep` remain (a few rounds at most), so a fast sensor's detector
-/// learns from its latest weeks, not its oldest.
+/// where the density just read says about twice `keep` remain, and when that later start holds too few (the
+/// sensor slowed down), earlier again, doubling the span each time: a few rounds at most. So a fast sensor's
+/// detector learns from its latest weeks, not its oldest.
 async fn newest_history(
     telemetry: &dyn smartfarm_store::TelemetryStore,
     filter: &ReadingFilter,
     keep: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let limit = 4 * keep.max(1);
-    let end = seconds(filter.end);
+    let (start, end) = (filter.start, seconds(filter.end));
     let mut filter = filter.clone();
-    let mut rounds = 0;
-    loop {
-        let (mut times, mut values) = read_series(telemetry, &filter, limit).await?;
-        rounds += 1;
-        if times.len() >= limit && rounds < 8 {
-            let (first, last) = (times[0], times[times.len() - 1]);
-            let per_second = times.len() as f64 / (last - first).max(1e-6);
-            let later = from_seconds(end - 2.0 * keep as f64 / per_second);
-            if later > filter.start {
-                filter.start = later;
-                continue;
-            }
+    // The newest complete read (one that reached the end of the range), while looking for enough readings.
+    let mut best: Option<(Vec<f64>, Vec<f64>)> = None;
+    for _ in 0..16 {
+        let (times, values) = read_series(telemetry, &filter, limit).await?;
+        let complete = times.len() < limit;
+        let span = end - seconds(filter.start);
+        if complete && (times.len() >= keep || filter.start <= start) {
+            best = Some((times, values));
+            break;
         }
-        let skip = times.len().saturating_sub(keep);
-        times.drain(..skip);
-        values.drain(..skip);
-        return Ok((times, values));
+        if complete {
+            // Too few this late in the range: look twice as far back.
+            best = Some((times, values));
+            filter.start = from_seconds(end - 2.0 * span).max(start);
+            continue;
+        }
+        if best.is_some() {
+            // Twice as far back holds more than a read takes: the last complete read is the newest there is.
+            break;
+        }
+        let (first, last) = (times[0], times[times.len() - 1]);
+        let per_second = times.len() as f64 / (last - first).max(1e-6);
+        // At least halfway to the end: a burst at the start of the range must not stall the search.
+        let later = from_seconds((end - 2.0 * keep as f64 / per_second).max((seconds(filter.start) + end) / 2.0));
+        if later <= filter.start {
+            best = Some((times, values));
+            break;
+        }
+        filter.start = later;
     }
+    let (mut times, mut values) = match best {
+        Some(found) => found,
+        None => read_series(telemetry, &filter, limit).await?,
+    };
+    let skip = times.len().saturating_sub(keep);
+    times.drain(..skip);
+    values.drain(..skip);
+    Ok((times, values))
 }
 
 #[cfg(test)]
@@ -451,6 +472,19 @@ mod tests {
         };
         let telemetry = test.database.telemetry();
         telemetry.commit_batch(&batch, &[]).await.unwrap();
+        // Then the sensor slows down: 150 readings 100 s apart, the newest of the range.
+        let slow_start = start + Duration::from_secs(20_000);
+        let slow: Vec<ReadingRow> = (0..150u64)
+            .map(|i| ReadingRow {
+                sequence: 2_001 + i,
+                device_id: devices[1],
+                metric: "flow".into(),
+                value: 10_000.0 + i as f64,
+                measure_time: slow_start + Duration::from_secs(i * 100),
+            })
+            .collect();
+        let later_batch = EdgeBatch { first_sequence: 2_001, last_sequence: 2_150, readings: slow, ..batch.clone() };
+        telemetry.commit_batch(&later_batch, &[]).await.unwrap();
         let filter = ReadingFilter {
             farm_id: farm.id,
             device_ids: vec![devices[1]],
@@ -458,6 +492,9 @@ mod tests {
             start,
             end: start + Duration::from_secs(20_000),
         };
+        let slowed = ReadingFilter { end: slow_start + Duration::from_secs(15_000), ..filter.clone() };
+        let (_, values) = newest_history(telemetry.as_ref(), &slowed, 100).await.unwrap();
+        assert_eq!(values, (50..150).map(|i| 10_000.0 + i as f64).collect::<Vec<_>>(), "the newest 100, sparse ones");
         let (times, values) = newest_history(telemetry.as_ref(), &filter, 100).await.unwrap();
         assert_eq!(values, (1_900..2_000).map(|i| i as f64).collect::<Vec<_>>(), "the newest 100");
         assert!(times.windows(2).all(|pair| pair[0] < pair[1]));

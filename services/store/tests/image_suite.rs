@@ -256,6 +256,8 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     assert!(matches!(&error, smartfarm_core::Error::Unavailable(_)), "{error:?}");
     images.add_blob_intent("thumbnails/old", at(1)).await.unwrap();
     images.set_thumbnail(old.id, Some("thumbnails/old")).await.unwrap();
+    // Another replica made the same thumbnail meanwhile: its intent went with the first record, and the row has it.
+    images.set_thumbnail(old.id, Some("thumbnails/old")).await.unwrap();
     images.set_thumbnail(new.id, None).await.unwrap();
     assert!(images.pending_thumbnails(10).await.unwrap().is_empty());
     assert!(images.stale_blob_intents(at(100), 10).await.unwrap().is_empty(), "the thumbnail's intent is gone");

@@ -375,6 +375,24 @@ impl ImageStore for PostgresStore {
     async fn set_thumbnail(&self, id: Uuid, thumbnail_key: Option<&str>) -> Result<()> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error("begin thumbnail update"))?;
+        if let Some(key) = thumbnail_key {
+            let removed = transaction
+                .execute("DELETE FROM blob_intents WHERE key = $1 AND NOT claimed", &[&key])
+                .await
+                .map_err(pg_error("delete blob intent"))?;
+            if removed == 0 {
+                // Another replica made the same thumbnail and recorded it (its commit removed the intent): the
+                // row references the key, so the sweeper keeps the blob.
+                let row = transaction
+                    .query_opt("SELECT 1 FROM images WHERE id = $1 AND thumbnail_key = $2", &[&id, &key])
+                    .await
+                    .map_err(pg_error("read thumbnail"))?;
+                if row.is_some() {
+                    return Ok(());
+                }
+                return Err(crate::image::swept_under_the_writer(key));
+            }
+        }
         let state = if thumbnail_key.is_some() { ThumbnailState::Done } else { ThumbnailState::Failed };
         transaction
             .execute(
@@ -383,15 +401,6 @@ impl ImageStore for PostgresStore {
             )
             .await
             .map_err(pg_error("update thumbnail"))?;
-        if let Some(key) = thumbnail_key {
-            let removed = transaction
-                .execute("DELETE FROM blob_intents WHERE key = $1 AND NOT claimed", &[&key])
-                .await
-                .map_err(pg_error("delete blob intent"))?;
-            if removed == 0 {
-                return Err(crate::image::swept_under_the_writer(key));
-            }
-        }
         transaction.commit().await.map_err(pg_error("commit thumbnail update"))
     }
 

@@ -115,9 +115,15 @@ impl ModelStore for PostgresStore {
             .query(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = $1 FOR UPDATE"), &[&name])
             .await
             .map_err(pg_error("lock model"))?;
-        if !rows.iter().any(|row| row.get::<_, String>(1) == version) {
+        let Some(kind) = rows.iter().find(|row| row.get::<_, String>(1) == version).map(|row| row.get::<_, String>(2))
+        else {
             return Err(Error::not_found("model", format!("{name}@{version}")));
-        }
+        };
+        // Activations of one kind take turns, so each is dated after the one before (see below).
+        transaction
+            .execute("SELECT pg_advisory_xact_lock(hashtext('smartfarm-model-kind:' || $1))", &[&kind])
+            .await
+            .map_err(pg_error("take the model kind's lock"))?;
         transaction
             .execute("UPDATE models SET activate_time = NULL WHERE name = $1 AND version <> $2", &[&name, &version])
             .await

@@ -437,6 +437,26 @@ impl ImageStore for SqliteStore {
         let thumbnail_key = thumbnail_key.map(str::to_string);
         self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin thumbnail update"))?;
+            if let Some(key) = &thumbnail_key {
+                let removed = transaction
+                    .execute("DELETE FROM blob_intents WHERE key = ?1 AND NOT claimed", [key])
+                    .map_err(sql_error("delete blob intent"))?;
+                if removed == 0 {
+                    // Another replica made the same thumbnail and recorded it (its commit removed the intent): the
+                    // row references the key, so the sweeper keeps the blob.
+                    let recorded: bool = transaction
+                        .query_row(
+                            "SELECT EXISTS (SELECT 1 FROM images WHERE id = ?1 AND thumbnail_key = ?2)",
+                            params![id.to_string(), key],
+                            |row| row.get(0),
+                        )
+                        .map_err(sql_error("read thumbnail"))?;
+                    if recorded {
+                        return Ok(());
+                    }
+                    return Err(crate::image::swept_under_the_writer(key));
+                }
+            }
             let state = if thumbnail_key.is_some() { ThumbnailState::Done } else { ThumbnailState::Failed };
             transaction
                 .execute(
@@ -444,14 +464,6 @@ impl ImageStore for SqliteStore {
                     params![id.to_string(), state.as_str(), thumbnail_key],
                 )
                 .map_err(sql_error("update thumbnail"))?;
-            if let Some(key) = &thumbnail_key {
-                let removed = transaction
-                    .execute("DELETE FROM blob_intents WHERE key = ?1 AND NOT claimed", [key])
-                    .map_err(sql_error("delete blob intent"))?;
-                if removed == 0 {
-                    return Err(crate::image::swept_under_the_writer(key));
-                }
-            }
             transaction.commit().map_err(sql_error("commit thumbnail update"))
         })
         .await
