@@ -426,7 +426,7 @@ async fn newest_history(
 mod tests {
     use std::time::Duration;
 
-    use smartfarm_store::model::{DeviceKind, NewDevice};
+    use smartfarm_store::model::DeviceKind;
     use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
 
     use super::*;
@@ -435,21 +435,7 @@ mod tests {
     #[tokio::test]
     async fn the_newest_history_is_read_however_long_the_range() {
         let test = smartfarm_store::testing::TestDatabase::sqlite().await;
-        let registry = test.registry();
-        let farm = registry.create_farm(Uuid::now_v7(), "farm", smartfarm_core::time::now()).await.unwrap();
-        let mut devices = Vec::new();
-        for (name, kind) in [("gateway", DeviceKind::Gateway), ("probe", DeviceKind::Sensor)] {
-            let device = NewDevice {
-                id: Uuid::now_v7(),
-                farm_id: farm.id,
-                name: name.into(),
-                kind,
-                labels: Default::default(),
-                credential_sha256: "00".repeat(32),
-                create_time: smartfarm_core::time::now(),
-            };
-            devices.push(registry.create_device(device).await.unwrap().id);
-        }
+        let (farm_id, devices) = test.farm_with_devices(&[DeviceKind::Gateway, DeviceKind::Sensor]).await;
         let start = smartfarm_core::time::now() - Duration::from_secs(86_400);
         let readings: Vec<ReadingRow> = (0..2_000u64)
             .map(|i| ReadingRow {
@@ -463,7 +449,7 @@ mod tests {
         let batch = EdgeBatch {
             gateway_id: devices[0],
             spool_id: Uuid::now_v7(),
-            farm_id: farm.id,
+            farm_id,
             first_sequence: 1,
             last_sequence: 2_000,
             readings,
@@ -486,7 +472,7 @@ mod tests {
         let later_batch = EdgeBatch { first_sequence: 2_001, last_sequence: 2_150, readings: slow, ..batch.clone() };
         telemetry.commit_batch(&later_batch, &[]).await.unwrap();
         let filter = ReadingFilter {
-            farm_id: farm.id,
+            farm_id,
             device_ids: vec![devices[1]],
             metrics: vec!["flow".into()],
             start,

@@ -620,7 +620,6 @@ fn stored_precision(time: std::time::SystemTime) -> std::time::SystemTime {
 mod tests {
     use std::time::Duration;
 
-    use smartfarm_store::model::NewDevice;
     use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
 
     use super::*;
@@ -630,24 +629,10 @@ mod tests {
     #[tokio::test]
     async fn a_batch_committed_as_the_agent_hangs_up_is_still_announced() {
         let test = smartfarm_store::testing::TestDatabase::sqlite().await;
-        let registry = test.registry();
-        let farm = registry.create_farm(Uuid::now_v7(), "farm", time::now()).await.unwrap();
-        let mut devices = Vec::new();
-        for (name, kind) in [("gateway", DeviceKind::Gateway), ("probe", DeviceKind::Sensor)] {
-            let device = NewDevice {
-                id: Uuid::now_v7(),
-                farm_id: farm.id,
-                name: name.into(),
-                kind,
-                labels: Default::default(),
-                credential_sha256: "00".repeat(32),
-                create_time: time::now(),
-            };
-            devices.push(registry.create_device(device).await.unwrap().id);
-        }
+        let (farm_id, devices) = test.farm_with_devices(&[DeviceKind::Gateway, DeviceKind::Sensor]).await;
         let bus = smartfarm_bus::Bus::in_process();
         let mut announcements = bus.subscribe();
-        let api = IngestionApi::new(registry, test.database.telemetry(), Default::default()).with_bus(bus);
+        let api = IngestionApi::new(test.registry(), test.database.telemetry(), Default::default()).with_bus(bus);
         let reading = ReadingRow {
             sequence: 1,
             device_id: devices[1],
@@ -658,7 +643,7 @@ mod tests {
         let batch = EdgeBatch {
             gateway_id: devices[0],
             spool_id: Uuid::now_v7(),
-            farm_id: farm.id,
+            farm_id,
             first_sequence: 1,
             last_sequence: 1,
             readings: vec![reading],
@@ -671,7 +656,7 @@ mod tests {
         drop(ready);
         let (outbound, hung_up) = mpsc::channel(1);
         drop(hung_up);
-        let rules = FarmRules::new(&api, farm.id);
+        let rules = FarmRules::new(&api, farm_id);
         let ended = commit_in_order(api.clone(), devices[0], rules, in_order, outbound).await;
         assert!(ended.unwrap_err().to_string().contains("went away"), "the acknowledgement could not go");
         match announcements.try_recv() {

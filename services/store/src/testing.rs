@@ -103,6 +103,28 @@ impl TestDatabase {
         self.database.registry()
     }
 
+    /// A new farm with one device of each of `kinds` (named after their kind); returns the farm's id and the
+    /// devices' ids, in order.
+    pub async fn farm_with_devices(&self, kinds: &[crate::model::DeviceKind]) -> (uuid::Uuid, Vec<uuid::Uuid>) {
+        let registry = self.registry();
+        let now = smartfarm_core::time::now();
+        let farm = registry.create_farm(uuid::Uuid::now_v7(), "farm", now).await.expect("create a farm");
+        let mut devices = Vec::new();
+        for kind in kinds {
+            let device = crate::model::NewDevice {
+                id: uuid::Uuid::now_v7(),
+                farm_id: farm.id,
+                name: kind.as_str().to_string(),
+                kind: *kind,
+                labels: Default::default(),
+                credential_sha256: "00".repeat(32),
+                create_time: now,
+            };
+            devices.push(registry.create_device(device).await.expect("create a device").id);
+        }
+        (farm.id, devices)
+    }
+
     /// A second connection to the same database, as after a restart.
     pub async fn reopen(&self) -> crate::Database {
         crate::Database::connect(&self.url, &smartfarm_core::config::PostgresConfig::default())
