@@ -76,12 +76,23 @@ impl ImageApi {
                     let Some(claim) = self.images.claim_blob_intent(key, before, time::now()).await? else {
                         continue;
                     };
-                    if !self.images.blob_referenced(key).await? {
-                        self.blobs.delete(key).await?;
-                        report.orphans_deleted += 1;
-                        tracing::info!(key, "orphaned blob deleted");
+                    let swept = async {
+                        if !self.images.blob_referenced(key).await? {
+                            self.blobs.delete(key).await?;
+                            report.orphans_deleted += 1;
+                            tracing::info!(key, "orphaned blob deleted");
+                        }
+                        self.images.delete_claimed_blob_intent(key, claim).await
                     }
-                    self.images.delete_claimed_blob_intent(key, claim).await?;
+                    .await;
+                    if let Err(error) = swept {
+                        // Writers of this key are not held up for the claim's whole lifetime: the claim goes, and
+                        // the next sweep tries again.
+                        if let Err(release) = self.images.release_blob_intent_claim(key, claim).await {
+                            tracing::warn!(key, error = %release, "cannot release a blob intent's claim; it lapses");
+                        }
+                        return Err(error);
+                    }
                 }
                 if keys.len() < BATCH {
                     break;

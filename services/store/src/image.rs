@@ -218,6 +218,8 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn delete_blob_intent(&self, key: &str) -> Result<()>;
     /// Removes the intent `claim` holds; false when it holds none any more (taken over, or the intent is gone).
     async fn delete_claimed_blob_intent(&self, key: &str, claim: Uuid) -> Result<bool>;
+    /// Gives up `claim` without removing the intent (the sweep could not finish): writers may renew it again.
+    async fn release_blob_intent_claim(&self, key: &str, claim: Uuid) -> Result<()>;
 
     /// Photos whose thumbnail is not made yet, oldest first.
     async fn pending_thumbnails(&self, limit: usize) -> Result<Vec<ImageRecord>>;

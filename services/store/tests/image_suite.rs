@@ -221,6 +221,14 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     let second = images.claim_blob_intent("images/orphan", at(5), late).await.unwrap().expect("taken over");
     assert!(!images.delete_claimed_blob_intent("images/orphan", first).await.unwrap());
     assert!(images.delete_claimed_blob_intent("images/orphan", second).await.unwrap());
+    // A sweep that cannot finish gives its claim up: writers may renew the intent at once, not after its lifetime.
+    images.add_blob_intent("images/released", at(0)).await.unwrap();
+    let claim = images.claim_blob_intent("images/released", at(1), at(2)).await.unwrap().expect("claimed");
+    assert!(images.add_blob_intent("images/released", at(3)).await.is_err(), "claimed");
+    images.release_blob_intent_claim("images/released", claim).await.unwrap();
+    images.add_blob_intent("images/released", at(3)).await.unwrap();
+    assert!(!images.delete_claimed_blob_intent("images/released", claim).await.unwrap(), "the claim is gone");
+    images.delete_blob_intent("images/released").await.unwrap();
     // A writer that renewed its intent first keeps it: the claim of the old one fails.
     images.add_blob_intent("images/renewed", at(0)).await.unwrap();
     images.add_blob_intent("images/renewed", at(5)).await.unwrap();

@@ -348,6 +348,19 @@ impl ImageStore for PostgresStore {
         Ok(())
     }
 
+    async fn release_blob_intent_claim(&self, key: &str, claim: Uuid) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE blob_intents SET claimed = false, claim_id = NULL, claim_time = NULL
+                 WHERE key = $1 AND claim_id = $2",
+                &[&key, &claim],
+            )
+            .await
+            .map_err(pg_error("release a claimed intent"))?;
+        Ok(())
+    }
+
     async fn delete_claimed_blob_intent(&self, key: &str, claim: Uuid) -> Result<bool> {
         let client = self.client().await?;
         let removed = client

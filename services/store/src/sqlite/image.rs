@@ -411,6 +411,21 @@ impl ImageStore for SqliteStore {
         .await
     }
 
+    async fn release_blob_intent_claim(&self, key: &str, claim: Uuid) -> Result<()> {
+        let key = key.to_string();
+        self.run(move |connection| {
+            connection
+                .execute(
+                    "UPDATE blob_intents SET claimed = 0, claim_id = NULL, claim_time = NULL
+                     WHERE key = ?1 AND claim_id = ?2",
+                    params![key, claim.to_string()],
+                )
+                .map_err(sql_error("release a claimed intent"))?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn delete_claimed_blob_intent(&self, key: &str, claim: Uuid) -> Result<bool> {
         let key = key.to_string();
         self.run(move |connection| {
