@@ -76,23 +76,22 @@ impl ImageApi {
                     let Some(claim) = self.images.claim_blob_intent(key, before, time::now()).await? else {
                         continue;
                     };
-                    let swept = async {
-                        if !self.images.blob_referenced(key).await? {
-                            self.blobs.delete(key).await?;
-                            report.orphans_deleted += 1;
-                            tracing::info!(key, "orphaned blob deleted");
+                    let referenced = match self.images.blob_referenced(key).await {
+                        Ok(referenced) => referenced,
+                        Err(error) => {
+                            // Nothing was deleted: writers of this key need not wait for the claim to lapse.
+                            self.release_claim(key, claim).await;
+                            return Err(error);
                         }
-                        self.images.delete_claimed_blob_intent(key, claim).await
+                    };
+                    if !referenced {
+                        // A failed delete keeps the claim until it lapses: the request may still land (an S3 call
+                        // that timed out), and no writer may put a blob under the key before it has.
+                        self.blobs.delete(key).await?;
+                        report.orphans_deleted += 1;
+                        tracing::info!(key, "orphaned blob deleted");
                     }
-                    .await;
-                    if let Err(error) = swept {
-                        // Writers of this key are not held up for the claim's whole lifetime: the claim goes, and
-                        // the next sweep tries again.
-                        if let Err(release) = self.images.release_blob_intent_claim(key, claim).await {
-                            tracing::warn!(key, error = %release, "cannot release a blob intent's claim; it lapses");
-                        }
-                        return Err(error);
-                    }
+                    self.images.delete_claimed_blob_intent(key, claim).await?;
                 }
                 if keys.len() < BATCH {
                     break;
@@ -132,6 +131,13 @@ impl ImageApi {
         metrics::counter!("smartfarm_image_orphans_deleted_total").increment(report.orphans_deleted);
         metrics::counter!("smartfarm_image_originals_expired_total").increment(report.originals_expired);
         Ok(report)
+    }
+
+    /// Gives up a claim the sweep could not use; one that cannot be given up lapses with its lifetime.
+    async fn release_claim(&self, key: &str, claim: uuid::Uuid) {
+        if let Err(error) = self.images.release_blob_intent_claim(key, claim).await {
+            tracing::warn!(key, %error, "cannot release a blob intent's claim; it lapses");
+        }
     }
 
     async fn farms(&self) -> Result<Vec<uuid::Uuid>> {

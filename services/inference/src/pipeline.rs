@@ -369,57 +369,60 @@ impl InferenceApi {
     }
 }
 
-/// The newest `keep` readings of `filter`'s range (all of them when it holds fewer), in time order. Readings are
-/// read forward, at most four times `keep` at once; when the range holds more, the read starts again later in it,
-/// where the density just read says about twice `keep` remain, and when that later start holds too few (the
-/// sensor slowed down), earlier again, doubling the span each time: a few rounds at most. So a fast sensor's
-/// detector learns from its latest weeks, not its oldest.
+/// The newest `keep` readings of `filter`'s range (all of them when it holds fewer), in time order, so that a fast
+/// sensor's detector learns from its latest weeks, not its oldest. Readings are read forward, at most four times
+/// `keep` at once, so the search is for a start from which the rest of the range holds between `keep` and four
+/// times that: a start whose read comes back full is too early, one whose read holds fewer than `keep` too late.
+/// Each next start is where the density just read puts it, kept strictly between the two bounds (halfway when the
+/// guess falls outside), so bursts and sensors that changed pace cannot lead it astray; a few reads at most.
 async fn newest_history(
     telemetry: &dyn smartfarm_store::TelemetryStore,
     filter: &ReadingFilter,
     keep: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let limit = 4 * keep.max(1);
-    let (start, end) = (filter.start, seconds(filter.end));
+    let keep = keep.max(1);
+    let limit = 4 * keep;
+    let end = seconds(filter.end);
     let mut filter = filter.clone();
-    // The newest complete read (one that reached the end of the range), while looking for enough readings.
-    let mut best: Option<(Vec<f64>, Vec<f64>)> = None;
-    for _ in 0..16 {
-        let (times, values) = read_series(telemetry, &filter, limit).await?;
-        let complete = times.len() < limit;
-        let span = end - seconds(filter.start);
-        if complete && (times.len() >= keep || filter.start <= start) {
-            best = Some((times, values));
-            break;
-        }
-        if complete {
-            // Too few this late in the range: look twice as far back.
-            best = Some((times, values));
-            filter.start = from_seconds(end - 2.0 * span).max(start);
-            continue;
-        }
-        if best.is_some() {
-            // Twice as far back holds more than a read takes: the last complete read is the newest there is.
-            break;
-        }
-        let (first, last) = (times[0], times[times.len() - 1]);
-        let per_second = times.len() as f64 / (last - first).max(1e-6);
-        // At least halfway to the end: a burst at the start of the range must not stall the search.
-        let later = from_seconds((end - 2.0 * keep as f64 / per_second).max((seconds(filter.start) + end) / 2.0));
-        if later <= filter.start {
-            best = Some((times, values));
-            break;
-        }
-        filter.start = later;
-    }
-    let (mut times, mut values) = match best {
-        Some(found) => found,
-        None => read_series(telemetry, &filter, limit).await?,
+    // Seconds: the latest start known to be too early (its read was full), the earliest known to be too late.
+    let mut too_early = seconds(filter.start);
+    let mut too_late = end;
+    // The newest read that reached the end of the range, while it holds fewer than `keep`.
+    let mut newest_short: Option<(Vec<f64>, Vec<f64>)> = None;
+    let newest = |(mut times, mut values): (Vec<f64>, Vec<f64>)| {
+        let skip = times.len().saturating_sub(keep);
+        times.drain(..skip);
+        values.drain(..skip);
+        (times, values)
     };
-    let skip = times.len().saturating_sub(keep);
-    times.drain(..skip);
-    values.drain(..skip);
-    Ok((times, values))
+    for round in 0..24 {
+        let (times, values) = read_series(telemetry, &filter, limit).await?;
+        let start = seconds(filter.start);
+        let guess = if times.len() >= limit {
+            // Too early: where about twice `keep` remain at the density read.
+            too_early = start;
+            let per_second = times.len() as f64 / (times[times.len() - 1] - times[0]).max(1e-6);
+            end - 2.0 * keep as f64 / per_second
+        } else if times.len() >= keep || round == 0 {
+            // Between `keep` and the limit, or the whole range holds fewer than a full read.
+            return Ok(newest((times, values)));
+        } else {
+            // Too late: a span long enough for about twice `keep` at the density read.
+            too_late = start;
+            let span = (end - start) * 2.0 * keep as f64 / times.len().max(1) as f64;
+            newest_short = Some((times, values));
+            end - span
+        };
+        if too_late - too_early < 1e-3 {
+            break;
+        }
+        let inside = guess > too_early && guess < too_late;
+        let next = if inside { guess } else { (too_early + too_late) / 2.0 };
+        filter.start = from_seconds(next);
+    }
+    // The bounds met (a burst of more than four times `keep` within a millisecond): the newest read that reached
+    // the end of the range, short as it is.
+    Ok(newest_short.map(newest).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -481,6 +484,41 @@ mod tests {
         let slowed = ReadingFilter { end: slow_start + Duration::from_secs(15_000), ..filter.clone() };
         let (_, values) = newest_history(telemetry.as_ref(), &slowed, 100).await.unwrap();
         assert_eq!(values, (50..150).map(|i| 10_000.0 + i as f64).collect::<Vec<_>>(), "the newest 100, sparse ones");
+        // Fewer sparse readings than asked for: the rest are the newest dense ones.
+        let (_, values) = newest_history(telemetry.as_ref(), &slowed, 200).await.unwrap();
+        let expected: Vec<f64> =
+            (1_950..2_000).map(|i| i as f64).chain((0..150).map(|i| 10_000.0 + i as f64)).collect();
+        assert_eq!(values, expected, "the newest 200: 50 dense, then every sparse one");
+        // The dense readings as a burst at the start of a long range (2,000 in 20,000 s against 150 in 15,000 s is
+        // no burst; with `keep` 10 the first read holds 40 readings over 390 s).
+        let (_, values) = newest_history(telemetry.as_ref(), &slowed, 10).await.unwrap();
+        assert_eq!(values, (140..150).map(|i| 10_000.0 + i as f64).collect::<Vec<_>>());
+
+        // A burst: 1,000 readings a millisecond apart, then 50 an hour apart; the newest 100 straddle the two.
+        let burst_start = slow_start + Duration::from_secs(20_000);
+        let burst: Vec<ReadingRow> = (0..1_050u64)
+            .map(|i| ReadingRow {
+                sequence: 2_151 + i,
+                device_id: devices[1],
+                metric: "burst".into(),
+                value: i as f64,
+                measure_time: if i < 1_000 {
+                    burst_start + Duration::from_millis(i)
+                } else {
+                    burst_start + Duration::from_secs(3_600 * (i - 999))
+                },
+            })
+            .collect();
+        let burst_batch = EdgeBatch { first_sequence: 2_151, last_sequence: 3_200, readings: burst, ..batch.clone() };
+        telemetry.commit_batch(&burst_batch, &[]).await.unwrap();
+        let bursty = ReadingFilter {
+            metrics: vec!["burst".into()],
+            start: burst_start,
+            end: burst_start + Duration::from_secs(3_600 * 51),
+            ..filter.clone()
+        };
+        let (_, values) = newest_history(telemetry.as_ref(), &bursty, 100).await.unwrap();
+        assert_eq!(values, (950..1_050).map(|i| i as f64).collect::<Vec<_>>(), "the burst's last 50, then the rest");
         let (times, values) = newest_history(telemetry.as_ref(), &filter, 100).await.unwrap();
         assert_eq!(values, (1_900..2_000).map(|i| i as f64).collect::<Vec<_>>(), "the newest 100");
         assert!(times.windows(2).all(|pair| pair[0] < pair[1]));
