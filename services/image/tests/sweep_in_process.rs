@@ -1,18 +1,17 @@
 //! The sweeper against a blob store that fails now and then: what it cannot delete it finds again at its next pass.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use smartfarm_bus::Bus;
-use smartfarm_core::config::{ImagesConfig, PostgresConfig};
+use smartfarm_core::config::ImagesConfig;
 use smartfarm_image::{ImageApi, UrlSigner};
+use smartfarm_store::blob;
 use smartfarm_store::blob::BlobStore;
 use smartfarm_store::image::UploadState;
-use smartfarm_store::model::{DeviceKind, NewDevice};
-use smartfarm_store::{Database, blob};
-use uuid::Uuid;
+use smartfarm_store::model::DeviceKind;
+use smartfarm_store::testing::TestDatabase;
 
 /// A blob store whose next delete fails when armed, as a store that is briefly unreachable does.
 struct FlakyDeletes {
@@ -55,32 +54,18 @@ impl BlobStore for FlakyDeletes {
 /// the sweeper finds parts, stays until its parts are gone.
 #[tokio::test]
 async fn a_part_whose_delete_failed_is_deleted_by_the_next_sweep() {
+    let test = TestDatabase::sqlite().await;
+    let (farm_id, devices) = test.farm_with_devices(&[DeviceKind::Camera]).await;
+    let camera = devices[0];
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("db").display());
-    let database = Database::connect(&url, &PostgresConfig::default()).await.unwrap();
-    database.migrate().await.unwrap();
-    let registry = database.registry();
-    let farm = registry.create_farm(Uuid::now_v7(), "farm", SystemTime::now()).await.unwrap();
-    let camera = registry
-        .create_device(NewDevice {
-            id: Uuid::now_v7(),
-            farm_id: farm.id,
-            name: "camera".into(),
-            kind: DeviceKind::Camera,
-            labels: BTreeMap::new(),
-            credential_sha256: "00".repeat(32),
-            create_time: SystemTime::now(),
-        })
-        .await
-        .unwrap();
     let files = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let blobs = Arc::new(FlakyDeletes { inner: files, fail_next_delete: AtomicBool::new(false) });
-    let images = database.images();
+    let images = test.database.images();
     let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
     let abandoned = UploadState {
-        device_id: camera.id,
+        device_id: camera,
         upload_id: "photo-1".into(),
-        farm_id: farm.id,
+        farm_id,
         sha256: "ab".repeat(32),
         size_bytes: 5000,
         received_bytes: 3000,
@@ -94,15 +79,15 @@ async fn a_part_whose_delete_failed_is_deleted_by_the_next_sweep() {
 
     let settings = ImagesConfig { upload_expiry: Duration::from_secs(60), ..ImagesConfig::default() };
     let signer = UrlSigner::new(&[1; 32]).unwrap();
-    let api = ImageApi::new(registry, images.clone(), blobs.clone(), Bus::in_process(), settings, signer);
+    let api = ImageApi::new(test.registry(), images.clone(), blobs.clone(), Bus::in_process(), settings, signer);
     blobs.fail_next_delete.store(true, Ordering::SeqCst);
     let first = api.sweep().await.unwrap();
     assert_eq!(first.uploads_expired, 0, "its part could not be deleted");
     assert!(blobs.exists(&part).await.unwrap());
-    assert!(images.get_upload(camera.id, "photo-1").await.unwrap().is_some(), "the row that finds the part stays");
+    assert!(images.get_upload(camera, "photo-1").await.unwrap().is_some(), "the row that finds the part stays");
 
     let second = api.sweep().await.unwrap();
     assert_eq!(second.uploads_expired, 1);
     assert!(blobs.list("uploads/").await.unwrap().is_empty(), "no part left behind");
-    assert!(images.get_upload(camera.id, "photo-1").await.unwrap().is_none());
+    assert!(images.get_upload(camera, "photo-1").await.unwrap().is_none());
 }
