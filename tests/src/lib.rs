@@ -305,5 +305,20 @@ pub async fn run_smartfarm(args: &[&str]) -> (bool, String, String) {
 
 /// A free TCP port on 127.0.0.1 (for a process that must come back on the same address after a restart).
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    // Below the kernel's ephemeral range: a port it never hands out for port 0, so another test's port-0 bind
+    // cannot take it between this check and the process that listens on it.
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000.min(ephemeral_start.saturating_sub(1_000));
+    for _ in 0..1_000 {
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let port = low + (random % u64::from(ephemeral_start - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local address").port()
 }
