@@ -337,6 +337,15 @@ struct CommandParts {
 
 /// Commands from the cloud to the devices' topics (through the command book, which makes them run at most once),
 /// the devices' acknowledgements to receipts on the urgent lane, and held commands released once a second.
+/// A command that reached nobody when published goes back on hold (see `CommandBook::not_delivered`).
+fn held_again(book: &CommandBook, id: &str) {
+    metrics::counter!("smartfarm_edge_commands_total", "outcome" => "reached_nobody").increment(1);
+    tracing::info!(command_id = %id, "a command reached nobody; held until its device listens");
+    if let Ok(id) = uuid::Uuid::try_parse(id) {
+        let _ = book.not_delivered(id);
+    }
+}
+
 async fn run_commands(
     parts: CommandParts,
     mut commands: mpsc::UnboundedReceiver<smartfarm_proto::command::v1::Command>,
@@ -358,9 +367,12 @@ async fn run_commands(
                 );
                 match arrival {
                     Ok(Some(Arrival::Publish { topic, payload, receipt: delivered })) => {
-                        broker.publish(&topic, payload);
-                        metrics::counter!("smartfarm_edge_commands_total", "outcome" => "published").increment(1);
-                        tracing::info!(command_id = %command.id, %topic, "command published to its device");
+                        if broker.publish(&topic, payload) == 0 {
+                            held_again(&book, &command.id);
+                        } else {
+                            metrics::counter!("smartfarm_edge_commands_total", "outcome" => "published").increment(1);
+                            tracing::info!(command_id = %command.id, %topic, "command published to its device");
+                        }
                         receipt(delivered);
                     }
                     Ok(Some(Arrival::Held { receipt: delivered })) => {
@@ -399,8 +411,10 @@ async fn run_commands(
             }
             _ = release.tick() => match book.release(SystemTime::now(), |topic| broker.has_subscribers(topic)) {
                 Ok((out, receipts)) => {
-                    for (topic, payload) in out {
-                        broker.publish(&topic, payload);
+                    for (id, topic, payload) in out {
+                        if broker.publish(&topic, payload) == 0 {
+                            held_again(&book, &id.to_string());
+                        }
                     }
                     receipts.into_iter().for_each(receipt);
                 }

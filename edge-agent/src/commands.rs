@@ -53,7 +53,7 @@ pub enum Arrival {
 
 /// What [`CommandBook::release`] lets go: messages to publish (topic, payload), and receipts of commands that
 /// expired while held.
-pub type Released = (Vec<(String, Bytes)>, Vec<pb::CommandReceipt>);
+pub type Released = (Vec<(Uuid, String, Bytes)>, Vec<pb::CommandReceipt>);
 
 /// A device's answer, checked.
 #[derive(Debug, PartialEq)]
@@ -300,7 +300,7 @@ impl CommandBook {
             }
             match released {
                 Step::Receipt(receipt) => receipts.push(receipt),
-                Step::Publish(topic, message) => out.push((topic, message)),
+                Step::Publish(topic, message) => out.push((id, topic, message)),
             }
         }
         Ok((out, receipts))
@@ -342,11 +342,34 @@ impl CommandBook {
             let status = CommandStatus::try_from(entry.status).unwrap_or(CommandStatus::Delivered);
             return Ok(AckOutcome::Receipt(receipt(id, status, &entry.detail, entry.change_micros)));
         }
+        let before = entry.clone();
         entry.status = status as i32;
         entry.detail = detail.clone();
         entry.change_micros = now;
-        self.save(&entries, id)?;
+        if let Err(error) = self.save(&entries, id) {
+            // Not on disk, so not confirmed: the device sends its answer again, and it must find the command open.
+            entries.insert(id, before);
+            return Err(error);
+        }
         Ok(AckOutcome::Receipt(receipt(id, status, &detail, now)))
+    }
+
+    /// A command published when nobody got it (its device went away between the check and the publish, or its
+    /// connection's queue was full): it is held again, for [`CommandBook::release`] to publish when its device
+    /// listens. Without this the book would say it went, and it would wait for an answer until its TTL.
+    pub fn not_delivered(&self, id: Uuid) -> std::io::Result<()> {
+        let mut entries = self.entries.lock().expect("command book lock");
+        let Some(entry) = entries.get_mut(&id) else { return Ok(()) };
+        if entry.status != CommandStatus::Delivered as i32 || !entry.published {
+            return Ok(());
+        }
+        entry.published = false;
+        if let Err(error) = self.save(&entries, id) {
+            // On disk it still says published: after a restart it would not go again, but until then it may.
+            tracing::warn!(command_id = %id, %error, "cannot record that a command reached nobody");
+            return Err(error);
+        }
+        Ok(())
     }
 
     /// Every receipt the book holds, to send again at a connection.
@@ -424,6 +447,57 @@ mod tests {
         let (out, receipts) = book.release(SystemTime::now() + Duration::from_secs(5), |_| true).unwrap();
         assert!(out.is_empty());
         assert_eq!(receipts[0].status, CommandStatus::Expired as i32);
+    }
+
+    #[test]
+    fn a_command_that_reached_nobody_is_held_again_until_its_device_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Uuid::now_v7();
+        let book = CommandBook::load(dir.path()).unwrap();
+        let sent = command(device, 60);
+        let arrival = book.arrive(&sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
+        assert!(matches!(arrival, Arrival::Publish { .. }));
+        let id = Uuid::try_parse(&sent.id).unwrap();
+        assert!(book.release(SystemTime::now(), |_| true).unwrap().0.is_empty(), "published already");
+        book.not_delivered(id).unwrap();
+        assert!(book.release(SystemTime::now(), |_| false).unwrap().0.is_empty(), "its device does not listen yet");
+        // Also across a restart: the book on disk says it waits.
+        let book = CommandBook::load(dir.path()).unwrap();
+        let (out, _) = book.release(SystemTime::now(), |_| true).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, id);
+        // An answered command is not held again.
+        let ack = format!(r#"{{"id": "{id}", "status": "ok"}}"#);
+        book.acknowledge(device, ack.as_bytes(), SystemTime::now()).unwrap();
+        book.not_delivered(id).unwrap();
+        assert!(book.release(SystemTime::now(), |_| true).unwrap().0.is_empty());
+    }
+
+    /// An answer the journal cannot take is not confirmed to the device, and the command stays open for its
+    /// answer sent again.
+    #[test]
+    fn an_answer_the_journal_cannot_take_leaves_the_command_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Uuid::now_v7();
+        let book = CommandBook::load(dir.path()).unwrap();
+        let sent = command(device, 60);
+        book.arrive(&sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
+        let journal = dir.path().join("commands.log");
+        std::fs::remove_file(&journal).unwrap();
+        std::fs::create_dir(&journal).unwrap();
+        std::fs::write(journal.join("in-the-way"), b"").unwrap();
+        book.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ack = format!(r#"{{"id": "{}", "status": "ok"}}"#, sent.id);
+        assert!(book.acknowledge(device, ack.as_bytes(), SystemTime::now()).is_err());
+        assert!(book.acknowledge(device, ack.as_bytes(), SystemTime::now()).is_err(), "still open, still unsaved");
+        std::fs::remove_dir_all(&journal).unwrap();
+        let AckOutcome::Receipt(acked) = book.acknowledge(device, ack.as_bytes(), SystemTime::now()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(acked.status, CommandStatus::Acked as i32);
+        let reloaded = CommandBook::load(dir.path()).unwrap();
+        let again = reloaded.arrive(&sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
+        assert!(matches!(again, Arrival::Answer { receipt } if receipt.status == CommandStatus::Acked as i32));
     }
 
     #[test]

@@ -54,7 +54,8 @@ impl EdgeRules {
         });
         let evaluator = cached.farm_id.map(|farm_id| {
             let mut evaluator = Evaluator::new(farm_id, Origin::Edge);
-            evaluator.set_rules(cached.rules, SystemTime::now());
+            // A new evaluator holds no alert yet: nothing ends.
+            let _ = evaluator.set_rules(cached.rules, SystemTime::now());
             if let Some(learnt) = learnt {
                 evaluator.restore(learnt);
             }
@@ -99,8 +100,9 @@ impl EdgeRules {
     }
 
     /// Takes the cloud's snapshot: evaluates it from now on (what was learnt about unchanged rules stays) and writes
-    /// it to disk (atomically). Rules that do not parse are left out and reported.
-    pub fn apply(&self, snapshot: &RuleSnapshot) -> std::io::Result<()> {
+    /// it to disk (atomically). Rules that do not parse are left out and reported. Returns the alerts that were open
+    /// for rules now gone, resolved (see [`Evaluator::set_rules`]), for the caller to announce.
+    pub fn apply(&self, snapshot: &RuleSnapshot) -> std::io::Result<Vec<Alert>> {
         let mut rules = Vec::new();
         for wire in &snapshot.rules {
             match Rule::from_pushed(wire) {
@@ -114,11 +116,17 @@ impl EdgeRules {
         let cached = Cached { version: snapshot.version, farm_id, rules: rules.clone() };
         let bytes = serde_json::to_vec(&cached).map_err(std::io::Error::other)?;
         crate::spool::write_file_durably(&self.path, &bytes)?;
-        if let Some(farm_id) = farm_id {
-            state.1.get_or_insert_with(|| Evaluator::new(farm_id, Origin::Edge)).set_rules(rules, SystemTime::now());
+        let ended = match farm_id {
+            Some(farm_id) => {
+                state.1.get_or_insert_with(|| Evaluator::new(farm_id, Origin::Edge)).set_rules(rules, SystemTime::now())
+            }
+            None => Vec::new(),
+        };
+        if !ended.is_empty() {
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         state.0 = snapshot.version;
-        Ok(())
+        Ok(ended)
     }
 
     /// Evaluates a device's accepted readings; returns the alerts that opened, grew or resolved.
@@ -156,10 +164,12 @@ impl EdgeRules {
     pub fn alerts_to_resend(&self) -> Vec<Alert> {
         let state = self.state.lock().expect("rules lock");
         let Some(evaluator) = &state.1 else { return Vec::new() };
-        // Open ones first: on a new link the cloud looks up an older stored alert of the same condition once per
-        // condition, for the first alert that comes (see `join_open_alert` in the ingestion service).
+        // In the order things happened (an alert by when it last changed state): an alert that resolved during the
+        // outage comes before the next alert of its condition, so the cloud, which still holds the first open,
+        // does not take the second for a copy of it (see `join_open_alert` in the ingestion service).
         let mut alerts = evaluator.open_alerts();
         alerts.extend(evaluator.recently_resolved(SystemTime::now()));
+        alerts.sort_by_key(|alert| alert.resolve_time.unwrap_or(alert.open_time));
         alerts
     }
 
@@ -187,5 +197,89 @@ impl EdgeRules {
             }
             None => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// After a restart the agent sends its alerts again in the order they changed: an alert that resolved during the
+    /// outage before the next one of its condition opened comes first, so the cloud, which still holds the first
+    /// open, does not take the second for a copy of it.
+    #[test]
+    fn alerts_are_sent_again_in_the_order_they_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = Rule {
+            id: Uuid::now_v7(),
+            farm_id: farm,
+            name: "hot".into(),
+            severity: smartfarm_core::rules::Severity::Critical,
+            device_id: None,
+            metric: Some("temperature".into()),
+            cooldown: Duration::ZERO,
+            create_time: SystemTime::now(),
+            condition: smartfarm_core::rules::Condition::Threshold {
+                above: true,
+                limit: 40.0,
+                for_duration: Duration::ZERO,
+            },
+        };
+        let rules = EdgeRules::load(dir.path());
+        assert!(rules.apply(&RuleSnapshot { version: 1, rules: vec![rule.to_proto()] }).unwrap().is_empty());
+        let start = SystemTime::now() - Duration::from_secs(600);
+        let reading = |value: f64, seconds: u64| {
+            let measurement =
+                Measurement { metric: "temperature".into(), value, time: start + Duration::from_secs(seconds) };
+            rules.on_readings(device, &[measurement])
+        };
+        let first = reading(45.0, 0).remove(0);
+        assert_eq!(reading(20.0, 10)[0].state, smartfarm_core::rules::AlertState::Resolved);
+        let second = reading(46.0, 20).remove(0);
+        let resent: Vec<(Uuid, smartfarm_core::rules::AlertState)> =
+            rules.alerts_to_resend().iter().map(|alert| (alert.id, alert.state)).collect();
+        assert_eq!(
+            resent,
+            [
+                (first.id, smartfarm_core::rules::AlertState::Resolved),
+                (second.id, smartfarm_core::rules::AlertState::Open)
+            ]
+        );
+    }
+
+    /// A snapshot without a rule ends the alerts the agent held open for it, for the caller to announce.
+    #[test]
+    fn a_snapshot_without_a_rule_ends_its_open_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = Uuid::now_v7();
+        let rule = Rule {
+            id: Uuid::now_v7(),
+            farm_id: farm,
+            name: "hot".into(),
+            severity: smartfarm_core::rules::Severity::Critical,
+            device_id: None,
+            metric: Some("temperature".into()),
+            cooldown: Duration::ZERO,
+            create_time: SystemTime::now(),
+            condition: smartfarm_core::rules::Condition::Threshold {
+                above: true,
+                limit: 40.0,
+                for_duration: Duration::ZERO,
+            },
+        };
+        let rules = EdgeRules::load(dir.path());
+        assert!(rules.apply(&RuleSnapshot { version: 1, rules: vec![rule.to_proto()] }).unwrap().is_empty());
+        let measurement = Measurement { metric: "temperature".into(), value: 45.0, time: SystemTime::now() };
+        let open = rules.on_readings(Uuid::now_v7(), &[measurement]).remove(0);
+        let ended = rules.apply(&RuleSnapshot { version: 2, rules: Vec::new() }).unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!((ended[0].id, ended[0].state), (open.id, smartfarm_core::rules::AlertState::Resolved));
+        assert!(
+            rules.alerts_to_resend().iter().all(|alert| alert.state == smartfarm_core::rules::AlertState::Resolved)
+        );
     }
 }

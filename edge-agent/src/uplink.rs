@@ -275,7 +275,15 @@ impl Uplink {
                         }
                         connect_response::Body::Rules(snapshot) => match &self.alerting {
                             Some(alerting) => match alerting.rules.apply(&snapshot) {
-                                Ok(()) => {
+                                Ok(ended) => {
+                                    // Alerts of deleted rules: over, on the farm's topic and in the cloud.
+                                    let raised = crate::ingest::RaisedAlerts {
+                                        urgent: alerting.urgent.clone(),
+                                        alerts: self.alerts.clone(),
+                                    };
+                                    for alert in ended {
+                                        raised.raise(alert);
+                                    }
                                     alerting.rules.set_devices(&self.registry.sensors());
                                     metrics::gauge!("smartfarm_edge_rules").set(alerting.rules.len() as f64);
                                     tracing::info!(version = snapshot.version, rules = alerting.rules.len(), "rules updated");

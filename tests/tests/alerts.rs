@@ -73,14 +73,16 @@ async fn agent_with_rules(cloud: &Cloud, fleet: &Fleet, data: &CloudData) -> (Ed
     (edge, options)
 }
 
-fn signature(secret: &str, body: &[u8]) -> String {
-    // HMAC-SHA256 by hand (RFC 2104) so the test does not trust the server's code for it.
+/// What a receiver checks: HMAC-SHA256 of `<timestamp>.<body>`, by hand (RFC 2104) so the test does not trust the
+/// server's code for it.
+fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     let mut key = secret.as_bytes().to_vec();
     key.resize(64, 0);
     let inner: Vec<u8> = key.iter().map(|b| b ^ 0x36).collect();
     let outer: Vec<u8> = key.iter().map(|b| b ^ 0x5c).collect();
-    let inner_hash = Sha256::new().chain_update(&inner).chain_update(body).finalize();
+    let inner_hash =
+        Sha256::new().chain_update(&inner).chain_update(format!("{timestamp}.")).chain_update(body).finalize();
     let mac = Sha256::new().chain_update(&outer).chain_update(inner_hash).finalize();
     format!("sha256={}", hex::encode(mac))
 }
@@ -144,10 +146,13 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
 
     // On the webhook, signed.
     let delivery = receiver.next(Duration::from_secs(10)).await.expect("the webhook is called");
+    let timestamp: u64 = delivery.header("x-smartfarm-timestamp").expect("a timestamp").parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(timestamp.abs_diff(now) < 60, "signed now: {timestamp} against {now}");
     assert_eq!(
         delivery.header("x-smartfarm-signature"),
-        Some(signature(&created.signing_secret, &delivery.body).as_str()),
-        "signed with the secret CreateWebhook returned"
+        Some(signature(&created.signing_secret, timestamp, &delivery.body).as_str()),
+        "the time and the body signed with the secret CreateWebhook returned"
     );
     let body = delivery.json();
     assert_eq!(
@@ -774,6 +779,58 @@ async fn a_condition_that_returns_after_a_resolution_by_hand_is_a_new_alert() {
         "the cloud's record: the resolved alert and the new one (the farm's and the cloud's copies of it merged): {:?}",
         farm_alerts(&alerts, &fleet.farm_id).await
     );
+    farm_topic.stop().await;
+    edge.stop().await;
+    cloud.stop().await;
+}
+
+/// Deleting a rule ends its open alerts, on the farm and in the cloud: nothing would ever evaluate them again, and a
+/// siren must not sound on for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_rule_resolves_its_open_alerts() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&cloud, &key, "rule deleted", 1).await;
+    let mut alerts = cloud.alert_client(&key).await;
+    let rule = alerts.create_rule(pb::CreateRuleRequest { rule: Some(hot_rule(&fleet.farm_id)) }).await.unwrap();
+    let rule_id = rule.into_inner().rule.unwrap().id;
+    let (edge, _) = agent_with_rules(&cloud, &fleet, &data).await;
+    let sensor = &fleet.sensors[0];
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 45}}"#)
+        .await;
+    let opened: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("the alert")).unwrap();
+    let alert_id = opened["id"].as_str().expect("an id").to_string();
+    assert!(
+        eventually(Duration::from_secs(20), || async { farm_alerts(&alerts, &fleet.farm_id).await.len() == 1 }).await,
+        "the cloud has the alert"
+    );
+
+    alerts.delete_rule(pb::DeleteRuleRequest { rule_id }).await.unwrap();
+    let resolved: serde_json::Value =
+        serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("the resolution")).unwrap();
+    assert_eq!(
+        (resolved["id"].as_str(), resolved["state"].as_str()),
+        (Some(alert_id.as_str()), Some("ALERT_STATE_RESOLVED")),
+        "the farm hears it is over: {resolved}"
+    );
+    let listed = farm_alerts(&alerts, &fleet.farm_id).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].id.as_str(), listed[0].state), (alert_id.as_str(), pb::AlertState::Resolved as i32));
+    assert!(listed[0].resolved_by_hand, "a person's doing: {:?}", listed[0]);
+
+    // The agent no longer evaluates the rule.
+    assert!(
+        eventually(Duration::from_secs(20), || async { edge.metric("smartfarm_edge_rules").await == 0.0 }).await,
+        "the snapshot without the rule reached the agent"
+    );
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 47}}"#)
+        .await;
+    let said = farm_topic.next(Duration::from_secs(2)).await;
+    assert!(said.is_none(), "a deleted rule raises nothing: {said:?}");
     farm_topic.stop().await;
     edge.stop().await;
     cloud.stop().await;

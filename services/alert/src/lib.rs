@@ -132,6 +132,33 @@ impl AlertApi {
         Ok(alert)
     }
 
+    /// Resolves, as by hand, the alerts of a deleted rule that are not resolved: no evaluator will ever resolve
+    /// them (the agent and the links drop a deleted rule's state, resolving what they held open; this covers what
+    /// no running evaluator holds, such as the alerts of an agent that is offline). Returns how many it resolved.
+    async fn resolve_alerts_of_deleted_rule(&self, rule: &Rule) -> Result<usize> {
+        let filter = AlertFilter {
+            farm_id: Some(rule.farm_id),
+            states: vec![AlertState::Open, AlertState::Acknowledged],
+            min_severity: None,
+            opened_from: None,
+            opened_before: None,
+        };
+        let mut resolved = 0;
+        let mut after = None;
+        loop {
+            let page = self.alerts.list_alerts(&filter, after, 500).await?;
+            let Some(last) = page.last() else { return Ok(resolved) };
+            after = Some((last.open_time, last.id));
+            for alert in page.iter().filter(|alert| alert.rule_id == rule.id) {
+                let (_, event) = self.alerts.set_alert_state(alert.id, AlertState::Resolved, time::now()).await?;
+                if let Some(event) = &event {
+                    announce(&self.bus, event, true);
+                    resolved += 1;
+                }
+            }
+        }
+    }
+
     async fn change_state(&self, principal: &Principal, id: &str, state: AlertState) -> Result<Alert> {
         let alert = self.authorized_alert(principal, id).await?;
         let (alert, event) = self.alerts.set_alert_state(alert.id, state, time::now()).await?;
@@ -209,7 +236,8 @@ impl AlertService for AlertApi {
         principal.authorize_farm(rule.farm_id)?;
         self.alerts.delete_rule(id).await?;
         self.bus.publish(Event::RulesChanged { farm_id: rule.farm_id });
-        tracing::info!(rule_id = %id, farm_id = %rule.farm_id, by = %principal.describe(), "rule deleted");
+        let resolved = self.resolve_alerts_of_deleted_rule(&rule).await?;
+        tracing::info!(rule_id = %id, farm_id = %rule.farm_id, resolved, by = %principal.describe(), "rule deleted");
         Ok(Response::new(pb::DeleteRuleResponse {}))
     }
 

@@ -98,7 +98,12 @@ async fn evaluate(
         && let Some(evaluator) = evaluators.get_mut(&farm_id)
     {
         match alerts.rules_snapshot(farm_id).await {
-            Ok((_, rules)) => evaluator.set_rules(rules, time::now()),
+            Ok((_, rules)) => {
+                // Verdict alerts of a deleted rule: over (DeleteRule resolved the stored ones already).
+                for ended in evaluator.set_rules(rules, time::now()) {
+                    crate::record(alerts, bus, &ended).await?;
+                }
+            }
             Err(error) => {
                 stale.insert(farm_id);
                 return Err(error);
@@ -110,7 +115,8 @@ async fn evaluate(
         std::collections::hash_map::Entry::Vacant(entry) => {
             let (_, rules) = alerts.rules_snapshot(farm_id).await?;
             let mut evaluator = Evaluator::new(farm_id, Origin::Cloud);
-            evaluator.set_rules(rules, time::now());
+            // A new evaluator holds no alert yet: nothing ends.
+            let _ = evaluator.set_rules(rules, time::now());
             entry.insert(evaluator)
         }
     };

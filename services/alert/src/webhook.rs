@@ -57,10 +57,21 @@ pub fn new_secret() -> Result<String> {
     Ok(hex::encode(key))
 }
 
-/// `sha256=<hex>` of a body under a secret: the value of [`SIGNATURE_HEADER`].
-pub fn signature(secret: &str, body: &[u8]) -> String {
+/// The header that carries when the request was signed (Unix seconds); the signature covers it.
+pub const TIMESTAMP_HEADER: &str = "x-smartfarm-timestamp";
+
+/// `sha256=<hex>` of `<timestamp>.<body>` under a secret (the secret's text as the key): the value of
+/// [`SIGNATURE_HEADER`]. The timestamp is signed so that a receiver can refuse a captured request replayed later
+/// (one older than a few minutes), as Stripe's and Slack's schemes do; each attempt is signed anew.
+pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
+    hmac_sha256_hex(secret, &[timestamp.to_string().as_bytes(), b".", body])
+}
+
+fn hmac_sha256_hex(secret: &str, parts: &[&[u8]]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(body);
+    for part in parts {
+        mac.update(part);
+    }
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
@@ -424,10 +435,12 @@ impl Dispatcher {
             allowed_addresses(host, vec![SocketAddr::new(address, 0)])?;
         }
         let body = body(webhook, event);
+        let timestamp = time::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         let request = http::Request::post(uri)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::USER_AGENT, concat!("smartfarm/", env!("CARGO_PKG_VERSION")))
-            .header(SIGNATURE_HEADER, signature(&webhook.secret, &body))
+            .header(TIMESTAMP_HEADER, timestamp)
+            .header(SIGNATURE_HEADER, signature(&webhook.secret, timestamp, &body))
             .header("x-smartfarm-event", crate::subscribe::event_type(event.kind).as_str_name())
             .body(Full::new(Bytes::from(body)))
             .map_err(|error| format!("cannot build the request: {error}"))?;
@@ -445,10 +458,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_signature_is_hmac_sha256_of_the_body() {
-        // RFC 4231 test case 2.
-        let signed = signature("Jefe", b"what do ya want for nothing?");
+    fn the_signature_is_hmac_sha256_of_the_timestamp_and_the_body() {
+        // RFC 4231 test case 2, its data given in parts.
+        let signed = hmac_sha256_hex("Jefe", &[b"what do ya ", b"want for nothing?"]);
         assert_eq!(signed, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(signature("key", 1700000000, b"{}"), hmac_sha256_hex("key", &[b"1700000000.{}"]));
+        assert_ne!(signature("key", 1700000000, b"{}"), signature("key", 1700000001, b"{}"), "the time is signed");
     }
 
     #[tokio::test]

@@ -530,6 +530,14 @@ impl ServerConfig {
         if self.postgres.max_connections == 0 {
             return Err(Error::invalid("postgres.max_connections", "must be at least 1"));
         }
+        // Replicas that hear each other must share one database: events carry its alert-log sequence numbers, and
+        // a replica on its own SQLite file would number its events over another's (live streams would skip some).
+        if !self.bus_url.is_empty() && !self.effective_database_url().starts_with("postgres") {
+            return Err(Error::invalid(
+                "bus_url",
+                "a bus across replicas needs a database they share: set database_url to postgres://… (SQLite is one process's own)",
+            ));
+        }
         Ok(())
     }
 
@@ -625,6 +633,10 @@ mod tests {
         assert!(error.contains("tls_key must be set together"), "{error}");
         let error = ServerConfig::from_toml("[telemetry]\nrollup_widths = [\"1h\", \"60m\"]").unwrap_err().to_string();
         assert!(error.contains("3600 s is given twice"), "{error}");
+        let error = ServerConfig::from_toml("bus_url = \"nats://127.0.0.1:4222\"").unwrap_err().to_string();
+        assert!(error.starts_with("bus_url:") && error.contains("postgres://"), "{error}");
+        ServerConfig::from_toml("bus_url = \"nats://127.0.0.1:4222\"\ndatabase_url = \"postgres://db/smartfarm\"")
+            .unwrap();
     }
 
     #[test]

@@ -410,11 +410,14 @@ impl Alert {
         *self != before
     }
 
-    /// Becomes `open` when that is an unresolved alert of the same farm, rule, device and metric that began no
-    /// later: a copy raised after an evaluator lost its state (an agent restarted, a link moved) sees the condition
-    /// begin at its first reading since, and gets another id, but it is the same condition, so the same alert.
-    /// Model verdicts (disease alerts, alerts with evidence) are events, not conditions, and never join. Returns
-    /// whether it joined.
+    /// Becomes `open` when that is an unresolved alert of the same farm, rule, device and metric that this one
+    /// overlaps: a copy raised after an evaluator lost its state (an agent restarted, a link moved) sees the condition
+    /// begin at its first reading since, and gets another id, but it is the same condition, so the same alert. The
+    /// copy may also have begun earlier, when the other evaluator is the one that lost what it had seen (an agent's
+    /// rate-of-change window starts over after a restart, while the cloud replays the readings before it); it is the
+    /// same alert unless it resolved before `open` began (one evaluator never holds two overlapping alerts of one
+    /// condition, so overlapping copies are one occurrence). Model verdicts (disease alerts, alerts with evidence)
+    /// are events, not conditions, and never join. Returns whether it joined.
     pub fn join(&mut self, open: &Alert) -> bool {
         let same_condition = self.farm_id == open.farm_id
             && self.rule_id == open.rule_id
@@ -423,7 +426,7 @@ impl Alert {
         if self.id == open.id || !same_condition || self.is_verdict() || open.state == AlertState::Resolved {
             return false;
         }
-        if self.open_time < open.open_time {
+        if self.resolve_time.is_some_and(|resolved| resolved < open.open_time) {
             return false;
         }
         self.id = open.id;
@@ -803,17 +806,33 @@ impl Evaluator {
     }
 
     /// Replaces the rules; what was learnt about rules that remain (identical) is kept. `now` starts the silence
-    /// clock of devices that device-silent rules name and that have not been heard yet.
-    pub fn set_rules(&mut self, rules: Vec<Rule>, now: SystemTime) {
+    /// clock of devices that device-silent rules name and that have not been heard yet. Returns the alerts it held
+    /// open for rules that are gone, resolved at `now` as a person's doing (deleting the rule): nothing would ever
+    /// resolve them otherwise, and a farm's siren must hear that they are over.
+    pub fn set_rules(&mut self, rules: Vec<Rule>, now: SystemTime) -> Vec<Alert> {
         let kept: HashMap<Uuid, &Rule> = rules.iter().map(|rule| (rule.id, rule)).collect();
         let old: HashMap<Uuid, Rule> = self.rules.drain(..).map(|rule| (rule.id, rule)).collect();
-        self.tracks.retain(|(rule, _, _), _| kept.get(rule).is_some_and(|new| old.get(rule) == Some(*new)));
+        let mut ended = Vec::new();
+        self.tracks.retain(|(rule, _, _), track| {
+            let keep = kept.get(rule).is_some_and(|new| old.get(rule) == Some(*new));
+            if !keep && let Some((mut alert, _)) = track.active.take() {
+                alert.state = AlertState::Resolved;
+                alert.resolve_time = Some(truncate(now).max(alert.last_time));
+                alert.resolved_by_hand = true;
+                ended.push(alert);
+            }
+            keep
+        });
+        for alert in &ended {
+            self.remember_resolved(alert.clone());
+        }
         for rule in &rules {
             if let (Condition::DeviceSilent { .. }, Some(device)) = (&rule.condition, rule.device_id) {
                 self.last_seen.entry(device).or_insert(truncate(now));
             }
         }
         self.rules = rules.into_iter().filter(|rule| rule.farm_id == self.farm_id).collect();
+        ended
     }
 
     fn new_alert(&self, rule: &Rule, device: Uuid, metric: &str, began: SystemTime, message: String) -> Alert {
@@ -1240,6 +1259,57 @@ mod tests {
         later_disease.id = Uuid::now_v7();
         later_disease.open_time = at(40);
         assert!(!later_disease.join(&disease));
+    }
+
+    /// An agent's rate-of-change window starts over after a restart, while the cloud replays the readings before
+    /// it: the cloud's copy begins earlier than the agent's alert. Overlapping, they are one occurrence; a copy that
+    /// resolved before the other began is another.
+    #[test]
+    fn a_copy_begun_earlier_joins_the_alert_it_overlaps() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = threshold_rule(farm, 0, 0);
+        let mut edge = Evaluator::new(farm, Origin::Edge);
+        let _ = edge.set_rules(vec![rule.clone()], at(0));
+        let stored = edge.on_reading(device, "temperature", 45.0, at(130)).remove(0);
+        let mut cloud = Evaluator::new(farm, Origin::Cloud);
+        let _ = cloud.set_rules(vec![rule], at(0));
+        let mut earlier = cloud.on_reading(device, "temperature", 45.0, at(120)).remove(0);
+        assert!(earlier.open_time < stored.open_time);
+        let mut resolved_after = earlier.clone();
+        resolved_after.state = AlertState::Resolved;
+        resolved_after.resolve_time = Some(at(140));
+        assert!(earlier.join(&stored), "still open when the stored one began");
+        assert_eq!(earlier.id, stored.id);
+        assert!(resolved_after.join(&stored), "resolved after the stored one began");
+        let mut over_before = cloud.on_reading(device, "temperature", 10.0, at(125)).remove(0);
+        assert_eq!(over_before.resolve_time, Some(at(125)));
+        assert!(!over_before.join(&stored), "resolved before the stored one began: another occurrence");
+    }
+
+    /// A deleted rule's open alerts are over: nothing would ever evaluate them again.
+    #[test]
+    fn deleting_a_rule_resolves_its_open_alerts() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let (hot, other) = (threshold_rule(farm, 0, 0), threshold_rule(farm, 0, 0));
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        assert!(evaluator.set_rules(vec![hot.clone(), other.clone()], at(0)).is_empty());
+        let raised = evaluator.on_reading(device, "temperature", 45.0, at(10));
+        assert_eq!(raised.len(), 2);
+        assert!(evaluator.set_rules(vec![hot.clone(), other.clone()], at(20)).is_empty(), "the same rules: kept");
+        let ended = evaluator.set_rules(vec![hot.clone()], at(30));
+        assert_eq!(ended.len(), 1);
+        let ended = &ended[0];
+        assert_eq!((ended.rule_id, ended.state), (other.id, AlertState::Resolved));
+        assert_eq!((ended.resolve_time, ended.resolved_by_hand), (Some(at(30)), true));
+        assert!(raised.iter().any(|alert| alert.id == ended.id));
+        assert_eq!(evaluator.open_alerts().len(), 1, "the kept rule's alert stays open");
+        assert!(
+            evaluator.recently_resolved(at(40)).iter().any(|alert| alert.id == ended.id),
+            "sent again after a restart"
+        );
+        assert!(evaluator.set_rules(vec![hot], at(50)).is_empty(), "ended once");
     }
 
     #[test]

@@ -108,7 +108,7 @@ async fn serve(
 
     // Listening starts before the rules and the waiting commands are read, so no change falls between the two.
     let changes = api.bus.as_ref().map(|bus| bus.subscribe());
-    let rules = FarmRules::new(api, farm_id);
+    let rules = FarmRules::new(api, farm_id, outbound.clone());
     let mut agent_rules_version = hello.rules_version;
     urgent::refresh_rules(api, &rules, &mut agent_rules_version, outbound).await?;
     urgent::send_pending_commands(api, farm_id, outbound, true).await?;
@@ -656,7 +656,7 @@ mod tests {
         drop(ready);
         let (outbound, hung_up) = mpsc::channel(1);
         drop(hung_up);
-        let rules = FarmRules::new(&api, farm_id);
+        let rules = FarmRules::new(&api, farm_id, outbound.clone());
         let ended = commit_in_order(api.clone(), devices[0], rules, in_order, outbound).await;
         assert!(ended.unwrap_err().to_string().contains("went away"), "the acknowledgement could not go");
         match announcements.try_recv() {

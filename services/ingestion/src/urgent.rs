@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use smartfarm_bus::{AlertChanged, Event};
 use smartfarm_core::commands::CommandStatus;
-use smartfarm_core::rules::{Alert, Evaluator, Origin};
+use smartfarm_core::rules::{Alert, AlertState, Evaluator, Origin};
 use smartfarm_core::{Error, Result, time, validate};
 use smartfarm_proto::command::v1 as command_pb;
 use smartfarm_proto::ingestion::v1 as pb;
@@ -43,11 +43,12 @@ struct Recorder {
 }
 
 impl FarmRules {
-    pub(crate) fn new(api: &IngestionApi, farm_id: Uuid) -> Arc<FarmRules> {
+    /// The rules of the farm whose link sends to `outbound`.
+    pub(crate) fn new(api: &IngestionApi, farm_id: Uuid, outbound: Outbound) -> Arc<FarmRules> {
         let recorder = api.alerts.as_ref().map(|alerts| {
             let (agent, agent_queue) = mpsc::channel(crate::link::URGENT_QUEUE);
             let (copies, copy_queue) = mpsc::unbounded_channel();
-            tokio::spawn(record_forever(api.clone(), alerts.clone(), agent_queue, copy_queue));
+            tokio::spawn(record_forever(api.clone(), alerts.clone(), (agent_queue, copy_queue), outbound));
             Recorder { agent, copies }
         });
         Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)), recorder })
@@ -65,8 +66,8 @@ const MAX_COPIES_AT_ONCE: usize = 16;
 async fn record_forever(
     api: IngestionApi,
     alerts: Arc<dyn smartfarm_store::AlertStore>,
-    mut agent: mpsc::Receiver<(Instant, Alert)>,
-    mut copies: mpsc::UnboundedReceiver<(Instant, Alert)>,
+    (mut agent, mut copies): (mpsc::Receiver<(Instant, Alert)>, mpsc::UnboundedReceiver<(Instant, Alert)>),
+    outbound: Outbound,
 ) {
     let mut known = Known::default();
     loop {
@@ -107,9 +108,13 @@ async fn record_forever(
         let results = alerts.record_alerts(&batch).await;
         metrics::histogram!("smartfarm_alerts_write_seconds").record(writing.elapsed().as_secs_f64());
         for ((alert, result), arrived) in batch.iter().zip(results).zip(arrivals) {
+            let agent_holds_open = alert.origin == Origin::Edge && alert.state != AlertState::Resolved;
             match result {
                 Ok(Some(event)) => {
                     known.recorded(&event.alert);
+                    if agent_holds_open {
+                        tell_agent_if_resolved_by_hand(&outbound, &event.alert).await;
+                    }
                     let origin = if alert.origin == Origin::Edge { "edge" } else { "cloud" };
                     metrics::counter!("smartfarm_alerts_recorded_total", "origin" => origin).increment(1);
                     metrics::histogram!("smartfarm_alerts_record_seconds", "origin" => origin)
@@ -124,7 +129,12 @@ async fn record_forever(
                     }
                 }
                 // The stored alert holds this copy already.
-                Ok(None) => known.recorded(alert),
+                Ok(None) => {
+                    known.recorded(alert);
+                    if agent_holds_open && let Ok(stored) = alerts.get_alert(alert.id).await {
+                        tell_agent_if_resolved_by_hand(&outbound, &stored).await;
+                    }
+                }
                 Err(error) => {
                     known.forget(alert.id);
                     // The readings behind it stay in the database: the alert is not lost for good, only this copy.
@@ -134,6 +144,16 @@ async fn record_forever(
                 }
             }
         }
+    }
+}
+
+/// Sends `stored` down the link when a person resolved it, for an agent that still holds it open: the resolution
+/// was made while the link was down (the agent hears of live ones as they happen), and until it hears of it the
+/// agent folds the condition's later occurrences into the resolved alert, where the cloud opens new ones.
+async fn tell_agent_if_resolved_by_hand(outbound: &Outbound, stored: &Alert) {
+    if stored.state == AlertState::Resolved && stored.resolved_by_hand {
+        tracing::debug!(alert_id = %stored.id, "the agent holds open an alert a person resolved; telling it");
+        let _ = send(outbound, pb::connect_response::Body::Alert(stored.to_proto())).await;
     }
 }
 
@@ -147,7 +167,15 @@ pub(crate) async fn refresh_rules(
 ) -> Result<()> {
     let Some(alerts) = &api.alerts else { return Ok(()) };
     let (version, snapshot) = alerts.rules_snapshot(rules.farm_id).await?;
-    rules.evaluator.lock().expect("evaluator lock").set_rules(snapshot.clone(), time::now());
+    let ended = rules.evaluator.lock().expect("evaluator lock").set_rules(snapshot.clone(), time::now());
+    // This link's copies of alerts of deleted rules: over (DeleteRule resolved the stored ones already; a copy
+    // raised since, from readings uploaded late, ends here).
+    if let Some(recorder) = &rules.recorder {
+        let now = Instant::now();
+        for alert in ended {
+            let _ = recorder.copies.send((now, alert));
+        }
+    }
     if version != *agent_version {
         let pushed = pb::RuleSnapshot { version, rules: snapshot.iter().map(|rule| rule.to_proto()).collect() };
         tracing::debug!(farm_id = %rules.farm_id, version, rules = snapshot.len(), "rules pushed to the edge");
@@ -187,11 +215,13 @@ struct Known {
     targets: std::collections::HashMap<Uuid, Option<Alert>>,
     /// Alerts this link has passed on as resolved: over, even before the database says so.
     resolved: std::collections::HashSet<Uuid>,
-    /// The conditions (origin, rule, device, metric) whose stored alerts were looked up. Only an evaluator's first
-    /// alert of a condition on this link can continue an alert raised before (the agent and this link each run one
-    /// evaluator for the link's life, and a later alert of theirs for the same condition follows one they resolved),
-    /// so one lookup each is enough: a busy farm's alerts cost no query before they are recorded.
-    looked_up: std::collections::HashSet<(Origin, Uuid, Option<Uuid>, String)>,
+    /// The conditions (origin, rule, device, metric) whose stored alerts were looked up, with the unresolved ones
+    /// found. Mostly an evaluator's first alert of a condition on this link continues an alert raised before (the
+    /// agent and this link each run one evaluator for the link's life, and a later alert of theirs for the same
+    /// condition follows one they resolved). But an agent that restarted sends its alerts again in the order they
+    /// changed, so an older alert of the condition may come first; a later one is looked up again only when what was
+    /// found could be what it continues. A busy farm's alerts cost no query before they are recorded.
+    looked_up: std::collections::HashMap<(Origin, Uuid, Option<Uuid>, String), Vec<Alert>>,
     /// Alert ids that belong to a resolved alert they joined on an earlier link (see [`joined_before`]), with that
     /// alert's id and open time.
     rejoined: std::collections::HashMap<Uuid, (Uuid, std::time::SystemTime)>,
@@ -251,25 +281,35 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
     if let Some((id, open_time)) = rejoined.get(&alert.id) {
         alert.id = *id;
         alert.open_time = *open_time;
-        if alert.state == smartfarm_core::rules::AlertState::Resolved {
+        if alert.state == AlertState::Resolved {
             resolved.insert(alert.id);
         }
         return;
     }
+    let condition = (alert.origin, alert.rule_id, alert.device_id, alert.metric.clone());
+    let continues = |alert: &Alert, open: &Alert| !resolved.contains(&open.id) && alert.clone().join(open);
     let open = match targets.entry(alert.id) {
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        // The condition was looked up for an earlier alert on this link, and nothing unresolved then could be
+        // what this one continues: no query.
         std::collections::hash_map::Entry::Vacant(entry)
-            if !looked_up.insert((alert.origin, alert.rule_id, alert.device_id, alert.metric.clone())) =>
+            if looked_up
+                .get(&condition)
+                .is_some_and(|unresolved| !unresolved.iter().any(|open| continues(alert, open))) =>
         {
             entry.insert(None)
         }
         std::collections::hash_map::Entry::Vacant(entry) => {
+            // Asked (again, when an earlier lookup found a candidate: a person may have resolved it since).
             let open = match alerts.unresolved_alerts_of(alert.rule_id, alert.device_id).await {
-                // Itself stored and open: nothing to join (an older one of the same condition is another story).
-                Ok(open) if open.iter().any(|open| open.id == alert.id) => None,
-                Ok(open) => open.into_iter().find(|open| !resolved.contains(&open.id) && alert.clone().join(open)),
+                Ok(open) => {
+                    let itself_open = open.iter().any(|open| open.id == alert.id);
+                    let found = open.iter().find(|open| continues(alert, open)).cloned();
+                    looked_up.insert(condition, open);
+                    // Itself stored and open: nothing to join (an older one of the same condition is another story).
+                    if itself_open { None } else { found }
+                }
                 Err(error) => {
-                    looked_up.remove(&(alert.origin, alert.rule_id, alert.device_id, alert.metric.clone()));
                     tracing::warn!(alert_id = %alert.id, %error, "cannot look for an open alert of the same condition");
                     return;
                 }
@@ -281,7 +321,7 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
                 rejoined.insert(alert.id, (stored.id, stored.open_time));
                 alert.id = stored.id;
                 alert.open_time = stored.open_time;
-                if alert.state == smartfarm_core::rules::AlertState::Resolved {
+                if alert.state == AlertState::Resolved {
                     resolved.insert(alert.id);
                 }
                 return;
@@ -294,7 +334,7 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
     {
         tracing::debug!(joined = %open.id, "an alert joined the one already open for its condition");
     }
-    if alert.state == smartfarm_core::rules::AlertState::Resolved {
+    if alert.state == AlertState::Resolved {
         resolved.insert(alert.id);
     }
 }
@@ -304,9 +344,10 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
 /// holding under a new id, which joins the stored alert. That id comes back after the alert resolved, on a later
 /// link: the agent sends it again after a restart (see `alerts_to_resend` in the agent), and this link's
 /// evaluator, starting over on a batch uploaded late, raises the same id from the same readings. An id the store
-/// does not have whose alert opened while a stored, resolved alert of the same condition was open is that case: a
-/// later alert of a condition opens only after the earlier one resolved. Asked once per condition and evaluator on
-/// a link, when nothing of the condition is open: two queries, one when the store has the id.
+/// does not have whose alert overlaps a stored, resolved alert of the same condition is that case, or a copy begun
+/// earlier than the stored alert by an evaluator that saw more (see [`Alert::join`]): a later alert of a condition
+/// opens only after the earlier one resolved. Asked once per condition and evaluator on a link, when nothing of the
+/// condition is open: two queries, one when the store has the id.
 async fn joined_before(alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) -> Option<Alert> {
     // Model verdicts are events, not conditions: they never joined anything (and may overlap in time).
     let verdict = alert.evidence_image_id.is_some()
@@ -319,21 +360,23 @@ async fn joined_before(alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) 
         Err(Error::NotFound { .. }) => {}
         Ok(_) | Err(_) => return None,
     }
+    // The last moment the alert is known to hold.
+    let end = alert.resolve_time.unwrap_or(alert.last_time).max(alert.open_time);
     let filter = smartfarm_store::alerts::AlertFilter {
         farm_id: Some(alert.farm_id),
-        states: vec![smartfarm_core::rules::AlertState::Resolved],
+        states: vec![AlertState::Resolved],
         min_severity: None,
         opened_from: None,
-        opened_before: Some(alert.open_time + std::time::Duration::from_nanos(1)),
+        opened_before: Some(end + std::time::Duration::from_nanos(1)),
     };
-    // The newest resolved alerts opened up to its opening: the one it joined is among the first of its condition.
+    // The newest resolved alerts opened up to its end: the one it joined is among the first of its condition.
     let candidates = alerts.list_alerts(&filter, None, 500).await.ok()?;
     candidates.into_iter().find(|stored| {
         stored.id != alert.id
             && stored.rule_id == alert.rule_id
             && stored.device_id == alert.device_id
             && stored.metric == alert.metric
-            && stored.open_time <= alert.open_time
+            && stored.open_time <= end
             && stored.resolve_time.is_some_and(|resolved| alert.open_time < resolved)
     })
 }
@@ -433,7 +476,10 @@ pub(crate) async fn send_command(api: &IngestionApi, command: &StoredCommand, ou
 
 /// Sends the farm's unfinished commands down: at connect every one (a command delivered but unanswered when the
 /// last link died goes again, and the agent's command book answers it without running it twice); later, as a
-/// safety net for a lost bus message, those the agent has not confirmed yet.
+/// safety net for a lost bus message, those the agent has not confirmed yet, and those delivered whose TTL has
+/// passed. The agent settles a delivered command by its TTL at the latest, so one still delivered here after it
+/// lost its final receipt (the cloud could not record it, on a link that stayed up): the agent answers again from
+/// its book, before the cloud would expire it as unconfirmed.
 pub(crate) async fn send_pending_commands(
     api: &IngestionApi,
     farm_id: Uuid,
@@ -441,8 +487,9 @@ pub(crate) async fn send_pending_commands(
     include_delivered: bool,
 ) -> Result<()> {
     let Some(commands) = &api.commands else { return Ok(()) };
-    for command in commands.pending_commands(farm_id, time::now()).await? {
-        if include_delivered || command.status != CommandStatus::Delivered {
+    let now = time::now();
+    for command in commands.pending_commands(farm_id, now).await? {
+        if include_delivered || command.status != CommandStatus::Delivered || command.expired_at(now) {
             send_command(api, &command, outbound).await?;
         }
     }
@@ -472,11 +519,238 @@ pub(crate) async fn on_bus_event(
             if changed.alert.farm_id == farm_id && (changed.alert.origin == Origin::Cloud || changed.by_hand) =>
         {
             // A resolution by hand ends the alert for this link's evaluator too (see `Evaluator::resolved_by_hand`).
-            if changed.by_hand && changed.alert.state == smartfarm_core::rules::AlertState::Resolved {
+            if changed.by_hand && changed.alert.state == AlertState::Resolved {
                 rules.evaluator.lock().expect("evaluator lock").resolved_by_hand(&changed.alert);
             }
             send(outbound, pb::connect_response::Body::Alert(changed.alert.to_proto())).await
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use smartfarm_core::rules::Severity;
+    use smartfarm_store::AlertStore;
+    use smartfarm_store::model::DeviceKind;
+
+    use super::*;
+
+    /// A link's recorder on a fresh SQLite database with one farm and sensor; what the link sends down comes out of
+    /// the receiver.
+    struct Link {
+        alerts: Arc<dyn AlertStore>,
+        rules: Arc<FarmRules>,
+        down: mpsc::Receiver<std::result::Result<pb::ConnectResponse, tonic::Status>>,
+        farm_id: Uuid,
+        sensor: Uuid,
+        rule_id: Uuid,
+        _test: smartfarm_store::testing::TestDatabase,
+    }
+
+    impl Link {
+        async fn new() -> Link {
+            let test = smartfarm_store::testing::TestDatabase::sqlite().await;
+            let (farm_id, devices) = test.farm_with_devices(&[DeviceKind::Sensor]).await;
+            let alerts = test.database.alerts();
+            let api = IngestionApi::new(test.registry(), test.database.telemetry(), Default::default())
+                .with_alerts(alerts.clone());
+            let (outbound, down) = mpsc::channel(16);
+            let rules = FarmRules::new(&api, farm_id, outbound);
+            Link { alerts, rules, down, farm_id, sensor: devices[0], rule_id: Uuid::now_v7(), _test: test }
+        }
+
+        fn at(seconds: u64) -> SystemTime {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
+        }
+
+        /// An alert of the link's one condition (rule, sensor, temperature) that opened at `open`.
+        fn alert(&self, origin: Origin, open: u64) -> Alert {
+            let open_time = Link::at(open);
+            Alert {
+                id: smartfarm_core::rules::alert_id(self.rule_id, Some(self.sensor), "temperature", open_time),
+                farm_id: self.farm_id,
+                rule_id: self.rule_id,
+                device_id: Some(self.sensor),
+                metric: "temperature".into(),
+                severity: Severity::Critical,
+                state: AlertState::Open,
+                message: "hot".into(),
+                value: Some(45.0),
+                open_time,
+                last_time: open_time,
+                acknowledge_time: None,
+                resolve_time: None,
+                count: 1,
+                origin,
+                evidence_image_id: None,
+                evidence_window: None,
+                resolved_by_hand: false,
+            }
+        }
+
+        fn resolved(mut alert: Alert, at: u64) -> Alert {
+            alert.state = AlertState::Resolved;
+            alert.resolve_time = Some(Link::at(at));
+            alert.last_time = Link::at(at);
+            alert
+        }
+
+        fn from_agent(&self, alert: Alert) {
+            self.rules.recorder.as_ref().unwrap().agent.try_send((Instant::now(), alert)).unwrap();
+        }
+
+        fn from_batches(&self, alert: Alert) {
+            self.rules.recorder.as_ref().unwrap().copies.send((Instant::now(), alert)).unwrap();
+        }
+
+        /// The farm's stored alerts (id, state), sorted, once the recorder has recorded everything sent through
+        /// `lane` so far: a marker alert of another rule goes after it, in order, and is waited for (and left out).
+        async fn stored_after(&self, lane: Origin) -> Vec<(Uuid, AlertState)> {
+            let mut marker = self.alert(lane, 0);
+            marker.rule_id = Uuid::now_v7();
+            marker.id = Uuid::now_v7();
+            match lane {
+                Origin::Edge => self.from_agent(marker.clone()),
+                Origin::Cloud => self.from_batches(marker.clone()),
+            }
+            let filter = smartfarm_store::alerts::AlertFilter {
+                farm_id: Some(self.farm_id),
+                states: Vec::new(),
+                min_severity: None,
+                opened_from: None,
+                opened_before: None,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let listed = self.alerts.list_alerts(&filter, None, 100).await.unwrap();
+                if listed.iter().any(|alert| alert.id == marker.id) {
+                    let mut stored: Vec<(Uuid, AlertState)> = listed
+                        .iter()
+                        .filter(|alert| alert.id != marker.id)
+                        .map(|alert| (alert.id, alert.state))
+                        .collect();
+                    stored.sort();
+                    return stored;
+                }
+                assert!(Instant::now() < deadline, "the recorder did not get to the marker");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// After a power cut the agent raised a condition still holding under a new id, and sends its alerts again
+    /// oldest first: an old resolved alert of the condition comes before the new one, which still joins the alert
+    /// the cloud holds open for the condition.
+    #[tokio::test]
+    async fn a_copy_after_a_restart_joins_the_open_alert_though_an_older_alert_came_first() {
+        let link = Link::new().await;
+        let old = Link::resolved(link.alert(Origin::Edge, 0), 10);
+        let open = link.alert(Origin::Edge, 100);
+        link.alerts.record_alert(&old).await.unwrap();
+        link.alerts.record_alert(&open).await.unwrap();
+        link.from_agent(old.clone());
+        let mut again = link.alert(Origin::Edge, 150);
+        again.last_time = Link::at(160);
+        link.from_agent(again);
+        link.from_agent(Link::resolved(link.alert(Origin::Edge, 150), 170));
+        let expected = {
+            let mut expected = vec![(old.id, AlertState::Resolved), (open.id, AlertState::Resolved)];
+            expected.sort();
+            expected
+        };
+        assert_eq!(link.stored_after(Origin::Edge).await, expected);
+    }
+
+    /// The cloud replays readings the agent's evaluator no longer had (its rate window starts over after a
+    /// restart): its copy begins earlier than the agent's alert, and is the same alert, open or resolved.
+    #[tokio::test]
+    async fn a_copy_begun_before_the_stored_alert_joins_it() {
+        let link = Link::new().await;
+        let edge = link.alert(Origin::Edge, 130);
+        link.alerts.record_alert(&edge).await.unwrap();
+        link.from_batches(link.alert(Origin::Cloud, 120));
+        assert_eq!(link.stored_after(Origin::Cloud).await, [(edge.id, AlertState::Open)]);
+
+        // The agent's alert resolved before the copy came (it comes with the hourly batch).
+        let link = Link::new().await;
+        let edge = Link::resolved(link.alert(Origin::Edge, 130), 150);
+        link.alerts.record_alert(&edge).await.unwrap();
+        link.from_batches(Link::resolved(link.alert(Origin::Cloud, 120), 160));
+        assert_eq!(link.stored_after(Origin::Cloud).await, [(edge.id, AlertState::Resolved)]);
+    }
+
+    /// A delivered command whose final receipt the cloud failed to record is asked about again once its TTL has
+    /// passed (the agent answers from its book), not left to expire as unconfirmed; one still within its TTL waits
+    /// for the agent.
+    #[tokio::test]
+    async fn a_delivered_command_past_its_ttl_is_asked_about_again() {
+        let test = smartfarm_store::testing::TestDatabase::sqlite().await;
+        let (farm_id, devices) = test.farm_with_devices(&[DeviceKind::Gateway, DeviceKind::Actuator]).await;
+        let commands = test.database.commands();
+        let api = IngestionApi::new(test.registry(), test.database.telemetry(), Default::default())
+            .with_commands(commands.clone());
+        let now = time::now();
+        let mut delivered = Vec::new();
+        for ttl in [Duration::from_millis(300), Duration::from_secs(3600)] {
+            let command = StoredCommand {
+                id: Uuid::now_v7(),
+                farm_id,
+                device_id: devices[1],
+                name: "open_valve".into(),
+                parameters: "{}".into(),
+                request_id: None,
+                create_time: now,
+                expire_time: now + ttl,
+                status: CommandStatus::Queued,
+                status_detail: String::new(),
+                history: Vec::new(),
+            };
+            commands.insert_command(&command).await.unwrap();
+            for status in [CommandStatus::Sent, CommandStatus::Delivered] {
+                commands.update_command_status(command.id, status, "", now).await.unwrap().unwrap();
+            }
+            delivered.push(command.id.to_string());
+        }
+        let (outbound, mut down) = mpsc::channel(16);
+        send_pending_commands(&api, farm_id, &outbound, false).await.unwrap();
+        assert!(down.try_recv().is_err(), "both are within their TTL: the agent has them");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        send_pending_commands(&api, farm_id, &outbound, false).await.unwrap();
+        match down.try_recv().unwrap().unwrap().body {
+            Some(pb::connect_response::Body::Command(command)) => assert_eq!(command.id, delivered[0]),
+            other => panic!("expected the command past its TTL, got {other:?}"),
+        }
+        assert!(down.try_recv().is_err(), "only the one past its TTL");
+    }
+
+    /// A person resolved an alert while the farm's link was down: the agent, which sends it again as open, hears
+    /// of the resolution.
+    #[tokio::test]
+    async fn an_agent_holding_open_an_alert_resolved_by_hand_is_told() {
+        let mut link = Link::new().await;
+        let open = link.alert(Origin::Edge, 100);
+        link.alerts.record_alert(&open).await.unwrap();
+        link.alerts.set_alert_state(open.id, AlertState::Resolved, Link::at(200)).await.unwrap();
+        link.from_agent(open.clone());
+        let sent = tokio::time::timeout(Duration::from_secs(10), link.down.recv())
+            .await
+            .expect("the resolution went down")
+            .unwrap()
+            .unwrap();
+        match sent.body {
+            Some(pb::connect_response::Body::Alert(alert)) => {
+                assert_eq!(alert.id, open.id.to_string());
+                assert!(alert.resolved_by_hand);
+            }
+            other => panic!("expected the alert, got {other:?}"),
+        }
+        // An alert nobody resolved by hand is not sent down.
+        let other = link.alert(Origin::Edge, 300);
+        link.alerts.record_alert(&other).await.unwrap();
+        link.from_agent(other);
+        assert!(tokio::time::timeout(Duration::from_millis(500), link.down.recv()).await.is_err());
     }
 }
