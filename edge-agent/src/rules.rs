@@ -129,12 +129,14 @@ impl EdgeRules {
         Ok(ended)
     }
 
-    /// Evaluates a device's accepted readings; returns the alerts that opened, grew or resolved.
+    /// Evaluates a device's accepted readings, arrived now; returns the alerts that opened, grew or resolved.
     pub fn on_readings(&self, device: Uuid, measurements: &[Measurement]) -> Vec<Alert> {
         let mut state = self.state.lock().expect("rules lock");
         let Some(evaluator) = &mut state.1 else { return Vec::new() };
         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
-        measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)).collect()
+        let mut changed = evaluator.on_heard(device, SystemTime::now());
+        changed.extend(measurements.iter().flat_map(|m| evaluator.on_reading(device, &m.metric, m.value, m.time)));
+        changed
     }
 
     /// An alert the cloud says a person resolved (see [`Evaluator::resolved_by_hand`]).
@@ -249,6 +251,33 @@ mod tests {
                 (second.id, smartfarm_core::rules::AlertState::Open)
             ]
         );
+    }
+
+    /// A sensor whose clock runs an hour behind is not taken for silent: its readings arrive.
+    #[test]
+    fn a_sensor_with_a_slow_clock_is_not_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let rule = Rule {
+            id: Uuid::now_v7(),
+            farm_id: farm,
+            name: "quiet".into(),
+            severity: smartfarm_core::rules::Severity::Warning,
+            // Every device of the farm: the silence clock starts at the device's first reading.
+            device_id: None,
+            metric: None,
+            cooldown: Duration::ZERO,
+            create_time: SystemTime::now(),
+            condition: smartfarm_core::rules::Condition::DeviceSilent { silent_for: Duration::from_secs(300) },
+        };
+        let rules = EdgeRules::load(dir.path());
+        assert!(rules.apply(&RuleSnapshot { version: 1, rules: vec![rule.to_proto()] }).unwrap().is_empty());
+        let an_hour_behind = SystemTime::now() - Duration::from_secs(3600);
+        let measurement = Measurement { metric: "temperature".into(), value: 20.0, time: an_hour_behind };
+        assert!(rules.on_readings(device, &[measurement]).is_empty());
+        assert!(rules.on_tick(SystemTime::now()).is_empty(), "heard just now");
+        assert_eq!(rules.on_tick(SystemTime::now() + Duration::from_secs(301)).len(), 1, "silent five minutes on");
     }
 
     /// A snapshot without a rule ends the alerts the agent held open for it, for the caller to announce.

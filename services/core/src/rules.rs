@@ -835,10 +835,6 @@ impl Evaluator {
         ended
     }
 
-    fn new_alert(&self, rule: &Rule, device: Uuid, metric: &str, began: SystemTime, message: String) -> Alert {
-        new_alert((self.farm_id, self.origin), rule, device, metric, began, message)
-    }
-
     /// Moves one track's state machine by one observation; returns the alert when it opened, grew or resolved.
     fn step(&mut self, rule_index: usize, device: Uuid, metric: &str, seen: Observation<'_>) -> Option<Alert> {
         let rule = self.rules[rule_index].clone();
@@ -950,18 +946,43 @@ impl Evaluator {
                     };
                     changed.extend(self.step(index, device, metric, seen));
                 }
-                // Any reading ends a silence, whatever metric the rule names (rules stored before metrics were
-                // refused here may name one): the silence was raised for the device as a whole.
-                Condition::DeviceSilent { .. } if rule.device_id.is_none_or(|only| only == device) => {
-                    let message = |_: SystemTime| String::new();
-                    let seen =
-                        Observation { time, beyond: false, hold: Duration::ZERO, value: None, message: &message };
-                    changed.extend(self.step(index, device, "", seen));
-                }
+                Condition::DeviceSilent { .. } => changed.extend(self.heard_by(index, device, time)),
                 _ => {}
             }
         }
         changed
+    }
+
+    /// A message from `device` arrived at `at` (the agent's clock): it is not silent. Device-silent rules count
+    /// from arrivals, not from the times readings carry, so a sensor whose clock runs behind (or that sends what
+    /// it buffered) is neither taken for silent nor kept silent for ever: the silence begins and ends on the clock
+    /// that notices it. Call it before [`Evaluator::on_reading`] for the readings that came.
+    pub fn on_heard(&mut self, device: Uuid, at: SystemTime) -> Vec<Alert> {
+        let at = truncate(at);
+        let newest = self.last_seen.entry(device).or_insert(at);
+        *newest = (*newest).max(at);
+        let mut changed = Vec::new();
+        for index in 0..self.rules.len() {
+            if matches!(self.rules[index].condition, Condition::DeviceSilent { .. }) {
+                changed.extend(self.heard_by(index, device, at));
+            }
+        }
+        changed
+    }
+
+    /// Rule `index`, if it is a device-silent rule for `device`, hears from it at `time`. Any reading ends a
+    /// silence, whatever metric the rule names (rules stored before metrics were refused here may name one): the
+    /// silence was raised for the device as a whole.
+    fn heard_by(&mut self, index: usize, device: Uuid, time: SystemTime) -> Option<Alert> {
+        let rule = &self.rules[index];
+        if !matches!(rule.condition, Condition::DeviceSilent { .. })
+            || rule.device_id.is_some_and(|only| only != device)
+        {
+            return None;
+        }
+        let message = |_: SystemTime| String::new();
+        let seen = Observation { time, beyond: false, hold: Duration::ZERO, value: None, message: &message };
+        self.step(index, device, "", seen)
     }
 
     /// Raises device-silent alerts for devices unheard for their rule's time by `now`. Call it every few seconds.
@@ -1054,27 +1075,45 @@ impl Evaluator {
     /// Evaluates a sensor anomaly event. Anomaly alerts stay open until someone resolves them: an event has no
     /// clearing reading.
     pub fn on_anomaly(&mut self, verdict: &AnomalyVerdict) -> Vec<Alert> {
+        let identity = (self.farm_id, self.origin);
+        let start = truncate(verdict.start_time);
+        let end = truncate(verdict.end_time).max(start);
         let mut changed = Vec::new();
         for rule in &self.rules {
             let Condition::ModelVerdict { on_sensor_anomaly: true, .. } = rule.condition else { continue };
             if !rule.applies_to(verdict.device, Some(&verdict.metric)) {
                 continue;
             }
-            let start = truncate(verdict.start_time);
-            let mut alert = self.new_alert(
-                rule,
-                verdict.device,
-                &verdict.metric,
-                start,
-                format!(
-                    "{} anomalous (peak {} at score {:.2})",
-                    verdict.metric, verdict.peak_value, verdict.peak_score
-                ),
-            );
-            alert.value = Some(verdict.peak_value);
-            alert.last_time = truncate(verdict.end_time).max(start);
-            alert.evidence_window = Some((start, truncate(verdict.end_time).max(start)));
-            changed.push(alert);
+            let track = self.tracks.entry((rule.id, verdict.device, verdict.metric.clone())).or_default();
+            // A stretch is an event. One that overlaps the open alert's is that alert (the pipeline reports a
+            // stretch again as it grows); one that begins within the rule's cooldown after it is a repeat, folded in
+            // with its count; a later one is a new alert (nothing clears an anomaly but a person).
+            match &mut track.active {
+                Some((alert, _)) if start <= alert.last_time => {
+                    if end > alert.last_time {
+                        alert.last_time = end;
+                        changed.push(alert.clone());
+                    }
+                }
+                Some((alert, _)) if start.duration_since(alert.last_time).unwrap_or_default() <= rule.cooldown => {
+                    alert.count += 1;
+                    alert.last_time = end;
+                    alert.value = Some(verdict.peak_value);
+                    changed.push(alert.clone());
+                }
+                _ => {
+                    let message = format!(
+                        "{} anomalous (peak {} at score {:.2})",
+                        verdict.metric, verdict.peak_value, verdict.peak_score
+                    );
+                    let mut alert = new_alert(identity, rule, verdict.device, &verdict.metric, start, message);
+                    alert.value = Some(verdict.peak_value);
+                    alert.last_time = end;
+                    alert.evidence_window = Some((start, end));
+                    track.active = Some((alert.clone(), None));
+                    changed.push(alert);
+                }
+            }
         }
         changed
     }
@@ -1331,6 +1370,32 @@ mod tests {
         assert_eq!(heard[0].state, AlertState::Resolved);
     }
 
+    /// A sensor whose clock runs two minutes behind: its silence is judged by when its readings arrive.
+    #[test]
+    fn silence_follows_arrivals_not_the_times_a_sensor_s_clock_gives() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let mut rule = threshold_rule(farm, 0, 0);
+        rule.metric = None;
+        rule.condition = Condition::DeviceSilent { silent_for: Duration::from_secs(60) };
+        let mut evaluator = Evaluator::new(farm, Origin::Edge);
+        let _ = evaluator.set_rules(vec![rule.clone()], at(0));
+        let heard = |evaluator: &mut Evaluator, arrival: u64| {
+            let mut changed = evaluator.on_heard(device, at(arrival));
+            changed.extend(evaluator.on_reading(device, "temperature", 20.0, at(arrival - 120)));
+            changed
+        };
+        assert!(heard(&mut evaluator, 1000).is_empty());
+        assert!(evaluator.on_tick(at(1030)).is_empty(), "heard 30 s ago");
+        let silent = evaluator.on_tick(at(1070));
+        assert_eq!(silent.len(), 1, "a minute after it was last heard");
+        assert_eq!(silent[0].id, alert_id(rule.id, Some(device), "", at(1060)));
+        let back = heard(&mut evaluator, 1080);
+        assert_eq!(back.len(), 1);
+        assert_eq!((back[0].id, back[0].state), (silent[0].id, AlertState::Resolved), "heard again: over");
+        assert!(evaluator.on_tick(at(1100)).is_empty());
+    }
+
     #[test]
     fn a_silence_rule_that_names_a_metric_is_refused_and_a_stored_one_still_clears() {
         let farm = Uuid::now_v7();
@@ -1483,6 +1548,43 @@ mod tests {
         assert!(stored.merge(&by_hand));
         assert_eq!((stored.resolve_time, stored.resolved_by_hand), (Some(at(20)), true));
         assert!(stored.to_proto().resolved_by_hand);
+    }
+
+    /// Anomalous stretches are events: a stretch reported again as it grows is one alert; one that begins within
+    /// the rule's cooldown after it is a repeat, counted; a later one is a new alert.
+    #[test]
+    fn anomalies_within_the_cooldown_fold_into_one_alert() {
+        let (farm, device) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut rule = threshold_rule(farm, 0, 600);
+        rule.condition =
+            Condition::ModelVerdict { disease_labels: vec![], min_confidence: 0.8, on_sensor_anomaly: true };
+        let mut evaluator = Evaluator::new(farm, Origin::Cloud);
+        let _ = evaluator.set_rules(vec![rule.clone()], at(0));
+        let stretch = |start: u64, end: u64| AnomalyVerdict {
+            device,
+            metric: "temperature".into(),
+            start_time: at(start),
+            end_time: at(end),
+            peak_value: 80.0,
+            peak_score: 9.0,
+        };
+        let first = evaluator.on_anomaly(&stretch(200, 260)).remove(0);
+        assert_eq!(first.id, alert_id(rule.id, Some(device), "temperature", at(200)));
+        let grown = evaluator.on_anomaly(&stretch(200, 300)).remove(0);
+        assert_eq!((grown.id, grown.count, grown.last_time), (first.id, 1, at(300)), "the same stretch, grown");
+        assert!(evaluator.on_anomaly(&stretch(200, 300)).is_empty(), "reported again as it was: nothing new");
+        let repeat = evaluator.on_anomaly(&stretch(500, 520)).remove(0);
+        assert_eq!((repeat.id, repeat.count, repeat.last_time), (first.id, 2, at(520)), "within the cooldown");
+        let later = evaluator.on_anomaly(&stretch(2000, 2010)).remove(0);
+        assert_ne!(later.id, first.id, "past the cooldown: a new alert");
+        assert_eq!(later.count, 1);
+        // Resolved by hand: the next stretch, even within the cooldown, is a new alert.
+        let mut resolved = later.clone();
+        resolved.state = AlertState::Resolved;
+        resolved.resolve_time = Some(at(2020));
+        assert!(evaluator.resolved_by_hand(&resolved));
+        let after = evaluator.on_anomaly(&stretch(2030, 2040)).remove(0);
+        assert_ne!(after.id, later.id);
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl FarmRules {
         let recorder = api.alerts.as_ref().map(|alerts| {
             let (agent, agent_queue) = mpsc::channel(crate::link::URGENT_QUEUE);
             let (copies, copy_queue) = mpsc::unbounded_channel();
-            tokio::spawn(record_forever(api.clone(), alerts.clone(), (agent_queue, copy_queue), outbound));
+            tokio::spawn(record_forever(api.clone(), alerts.clone(), agent_queue, copy_queue, outbound));
             Recorder { agent, copies }
         });
         Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)), recorder })
@@ -66,7 +66,8 @@ const MAX_COPIES_AT_ONCE: usize = 16;
 async fn record_forever(
     api: IngestionApi,
     alerts: Arc<dyn smartfarm_store::AlertStore>,
-    (mut agent, mut copies): (mpsc::Receiver<(Instant, Alert)>, mpsc::UnboundedReceiver<(Instant, Alert)>),
+    mut agent: mpsc::Receiver<(Instant, Alert)>,
+    mut copies: mpsc::UnboundedReceiver<(Instant, Alert)>,
     outbound: Outbound,
 ) {
     let mut known = Known::default();
@@ -598,11 +599,11 @@ mod tests {
             alert
         }
 
-        fn from_agent(&self, alert: Alert) {
+        fn send_from_agent(&self, alert: Alert) {
             self.rules.recorder.as_ref().unwrap().agent.try_send((Instant::now(), alert)).unwrap();
         }
 
-        fn from_batches(&self, alert: Alert) {
+        fn send_from_batches(&self, alert: Alert) {
             self.rules.recorder.as_ref().unwrap().copies.send((Instant::now(), alert)).unwrap();
         }
 
@@ -613,8 +614,8 @@ mod tests {
             marker.rule_id = Uuid::now_v7();
             marker.id = Uuid::now_v7();
             match lane {
-                Origin::Edge => self.from_agent(marker.clone()),
-                Origin::Cloud => self.from_batches(marker.clone()),
+                Origin::Edge => self.send_from_agent(marker.clone()),
+                Origin::Cloud => self.send_from_batches(marker.clone()),
             }
             let filter = smartfarm_store::alerts::AlertFilter {
                 farm_id: Some(self.farm_id),
@@ -651,11 +652,11 @@ mod tests {
         let open = link.alert(Origin::Edge, 100);
         link.alerts.record_alert(&old).await.unwrap();
         link.alerts.record_alert(&open).await.unwrap();
-        link.from_agent(old.clone());
+        link.send_from_agent(old.clone());
         let mut again = link.alert(Origin::Edge, 150);
         again.last_time = Link::at(160);
-        link.from_agent(again);
-        link.from_agent(Link::resolved(link.alert(Origin::Edge, 150), 170));
+        link.send_from_agent(again);
+        link.send_from_agent(Link::resolved(link.alert(Origin::Edge, 150), 170));
         let expected = {
             let mut expected = vec![(old.id, AlertState::Resolved), (open.id, AlertState::Resolved)];
             expected.sort();
@@ -671,14 +672,14 @@ mod tests {
         let link = Link::new().await;
         let edge = link.alert(Origin::Edge, 130);
         link.alerts.record_alert(&edge).await.unwrap();
-        link.from_batches(link.alert(Origin::Cloud, 120));
+        link.send_from_batches(link.alert(Origin::Cloud, 120));
         assert_eq!(link.stored_after(Origin::Cloud).await, [(edge.id, AlertState::Open)]);
 
         // The agent's alert resolved before the copy came (it comes with the hourly batch).
         let link = Link::new().await;
         let edge = Link::resolved(link.alert(Origin::Edge, 130), 150);
         link.alerts.record_alert(&edge).await.unwrap();
-        link.from_batches(Link::resolved(link.alert(Origin::Cloud, 120), 160));
+        link.send_from_batches(Link::resolved(link.alert(Origin::Cloud, 120), 160));
         assert_eq!(link.stored_after(Origin::Cloud).await, [(edge.id, AlertState::Resolved)]);
     }
 
@@ -734,7 +735,7 @@ mod tests {
         let open = link.alert(Origin::Edge, 100);
         link.alerts.record_alert(&open).await.unwrap();
         link.alerts.set_alert_state(open.id, AlertState::Resolved, Link::at(200)).await.unwrap();
-        link.from_agent(open.clone());
+        link.send_from_agent(open.clone());
         let sent = tokio::time::timeout(Duration::from_secs(10), link.down.recv())
             .await
             .expect("the resolution went down")
@@ -750,7 +751,7 @@ mod tests {
         // An alert nobody resolved by hand is not sent down.
         let other = link.alert(Origin::Edge, 300);
         link.alerts.record_alert(&other).await.unwrap();
-        link.from_agent(other);
+        link.send_from_agent(other);
         assert!(tokio::time::timeout(Duration::from_millis(500), link.down.recv()).await.is_err());
     }
 }
