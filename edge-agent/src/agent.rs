@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::camera::Cameras;
-use crate::commands::{AckOutcome, Arrival, CommandBook};
+use crate::commands::{AckOutcome, Arrival, CloudClock, CommandBook};
 use crate::config::{EdgeConfig, FsyncMode};
 use crate::image_spool::ImageSpool;
 use crate::image_uplink::ImageUplink;
@@ -120,8 +120,15 @@ pub async fn run(
     let (command_sender, commands) = mpsc::unbounded_channel();
     let (ack_sender, acks) = mpsc::unbounded_channel();
     broker.route_command_acks(ack_sender);
+    let clock = Arc::new(CloudClock::default());
     tasks.spawn(run_commands(
-        CommandParts { book: book.clone(), broker: broker.clone(), registry: registry.clone(), urgent: urgent.clone() },
+        CommandParts {
+            book: book.clone(),
+            broker: broker.clone(),
+            registry: registry.clone(),
+            urgent: urgent.clone(),
+            clock: clock.clone(),
+        },
         commands,
         acks,
         stopping.clone(),
@@ -133,6 +140,7 @@ pub async fn run(
             urgent: urgent.clone(),
             book: book.clone(),
             commands: command_sender,
+            clock: clock.clone(),
         });
     #[allow(unused_mut, reason = "only agents built with the ai feature diagnose")]
     let mut diagnosis = None;
@@ -333,6 +341,8 @@ struct CommandParts {
     broker: Arc<Broker>,
     registry: Arc<Registry>,
     urgent: Arc<UrgentQueue>,
+    /// Commands expire by the cloud's clock.
+    clock: Arc<CloudClock>,
 }
 
 /// Commands from the cloud to the devices' topics (through the command book, which makes them run at most once),
@@ -352,7 +362,7 @@ async fn run_commands(
     mut acks: mpsc::UnboundedReceiver<crate::mqtt::broker::CommandAck>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let CommandParts { book, broker, registry, urgent } = parts;
+    let CommandParts { book, broker, registry, urgent, clock } = parts;
     let mut release = tokio::time::interval(Duration::from_secs(1));
     let receipt = |receipt| urgent.push(UrgentBody::CommandReceipt(receipt));
     loop {
@@ -361,7 +371,7 @@ async fn run_commands(
                 let Some(command) = command else { return };
                 let arrival = book.arrive(
                     &command,
-                    SystemTime::now(),
+                    clock.now(),
                     |device| registry.contains(&device),
                     |topic| broker.has_subscribers(topic),
                 );
@@ -391,14 +401,14 @@ async fn run_commands(
                             command_id: command.id.clone(),
                             status: smartfarm_proto::command::v1::CommandStatus::Failed as i32,
                             detail: format!("the agent cannot record the command: {error}"),
-                            change_time: Some(smartfarm_core::time::to_timestamp(SystemTime::now())),
+                            change_time: Some(smartfarm_core::time::to_timestamp(clock.now())),
                         });
                     }
                 }
             }
             ack = acks.recv() => {
                 let Some(crate::mqtt::broker::CommandAck { device, payload, recorded }) = ack else { return };
-                let outcome = book.acknowledge(device, &payload, SystemTime::now());
+                let outcome = book.acknowledge(device, &payload, clock.now());
                 let _ = recorded.send(outcome.is_ok());
                 match outcome {
                     Ok(AckOutcome::Receipt(answer)) => receipt(answer),
@@ -409,7 +419,7 @@ async fn run_commands(
                     Err(error) => tracing::error!(%device, %error, "cannot record a command acknowledgement"),
                 }
             }
-            _ = release.tick() => match book.release(SystemTime::now(), |topic| broker.has_subscribers(topic)) {
+            _ = release.tick() => match book.release(clock.now(), |topic| broker.has_subscribers(topic)) {
                 Ok((out, receipts)) => {
                     for (id, topic, payload) in out {
                         if broker.publish(&topic, payload) == 0 {

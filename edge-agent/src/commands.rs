@@ -55,6 +55,35 @@ pub enum Arrival {
 /// expired while held.
 pub type Released = (Vec<(Uuid, String, Bytes)>, Vec<pb::CommandReceipt>);
 
+/// The cloud's clock, as the agent last measured its own against it. Command expire times are the cloud's, and a
+/// Pi without a battery-backed clock that booted during an outage runs behind (or ahead) until NTP catches up: a
+/// command must not run after its TTL by the Pi's slow clock, nor expire early by a fast one.
+#[derive(Debug, Default)]
+pub struct CloudClock {
+    ahead_micros: std::sync::atomic::AtomicI64,
+}
+
+impl CloudClock {
+    /// Notes the cloud's time `cloud` (a welcome's), read at `local` on the agent's clock. The link's delay, a few
+    /// milliseconds, is well within what a TTL of a second or more means.
+    pub fn observe(&self, cloud: SystemTime, local: SystemTime) {
+        let ahead = to_unix_micros(cloud).saturating_sub(to_unix_micros(local));
+        if ahead.unsigned_abs() > 5_000_000 {
+            tracing::warn!(
+                cloud_ahead_seconds = ahead as f64 / 1e6,
+                "this agent's clock differs from the cloud's; commands expire by the cloud's"
+            );
+        }
+        self.ahead_micros.store(ahead, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Now, on the cloud's clock (the agent's own until a link has told it the cloud's).
+    pub fn now(&self) -> SystemTime {
+        let ahead = self.ahead_micros.load(std::sync::atomic::Ordering::Relaxed);
+        from_unix_micros(to_unix_micros(SystemTime::now()).saturating_add(ahead))
+    }
+}
+
 /// A device's answer, checked.
 #[derive(Debug, PartialEq)]
 pub enum AckOutcome {
@@ -399,6 +428,26 @@ mod tests {
             expire_time: Some(smartfarm_proto::pbjson_types::Timestamp { seconds: now + ttl_secs, nanos: 0 }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_cloud_clock_follows_the_last_welcome() {
+        let clock = CloudClock::default();
+        let drift = |clock: &CloudClock| {
+            let now = SystemTime::now();
+            let cloud = clock.now();
+            (to_unix_micros(cloud) - to_unix_micros(now)) as f64 / 1e6
+        };
+        assert!(drift(&clock).abs() < 1.0, "the agent's own clock until told");
+        let local = SystemTime::now();
+        clock.observe(local + Duration::from_secs(7200), local);
+        assert!((drift(&clock) - 7200.0).abs() < 1.0, "two hours ahead: {}", drift(&clock));
+        // A command the slow Pi would still take for live has expired by the cloud's clock.
+        let dir = tempfile::tempdir().unwrap();
+        let book = CommandBook::load(dir.path()).unwrap();
+        let expired_an_hour_ago = command(Uuid::now_v7(), 3600 - 7200);
+        let late = book.arrive(&expired_an_hour_ago, clock.now(), |_| true, |_| true).unwrap().unwrap();
+        assert!(matches!(late, Arrival::Answer { receipt } if receipt.status == CommandStatus::Expired as i32));
     }
 
     #[test]

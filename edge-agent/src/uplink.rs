@@ -66,6 +66,8 @@ pub struct Alerting {
     pub urgent: Arc<crate::urgent::UrgentQueue>,
     pub book: Arc<crate::commands::CommandBook>,
     pub commands: mpsc::UnboundedSender<smartfarm_proto::command::v1::Command>,
+    /// Set from each welcome's server time.
+    pub clock: Arc<crate::commands::CloudClock>,
 }
 
 impl Uplink {
@@ -157,6 +159,11 @@ impl Uplink {
             None => return Err(LinkError::Closed),
         };
         self.spool.ack(welcome.committed_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
+        if let (Some(alerting), Some(server_time)) = (&self.alerting, &welcome.server_time)
+            && let Ok(cloud) = smartfarm_core::time::from_timestamp("welcome.server_time", server_time)
+        {
+            alerting.clock.observe(cloud, std::time::SystemTime::now());
+        }
         metrics::gauge!("smartfarm_edge_link_up").set(1.0);
         tracing::info!(
             committed = welcome.committed_sequence,
