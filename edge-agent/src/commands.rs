@@ -55,17 +55,18 @@ pub enum Arrival {
 /// expired while held.
 pub type Released = (Vec<(Uuid, String, Bytes)>, Vec<pb::CommandReceipt>);
 
-/// The cloud's clock, as the agent last measured its own against it. Command expire times are the cloud's, and a
-/// Pi without a battery-backed clock that booted during an outage runs behind (or ahead) until NTP catches up: a
-/// command must not run after its TTL by the Pi's slow clock, nor expire early by a fast one.
+/// The cloud's clock, as the last welcome gave it, carried on by the monotonic clock. Command expire times are the
+/// cloud's, and a Pi without a battery-backed clock that booted during an outage runs behind (or ahead) until NTP
+/// sets it: a command must not run after its TTL by the Pi's slow clock, nor expire early by a fast one. Carried on
+/// by `Instant`, it does not jump when NTP sets the Pi's clock later.
 #[derive(Debug, Default)]
 pub struct CloudClock {
-    ahead_micros: std::sync::atomic::AtomicI64,
+    measured: Mutex<Option<(SystemTime, std::time::Instant)>>,
 }
 
 impl CloudClock {
-    /// Notes the cloud's time `cloud` (a welcome's), read at `local` on the agent's clock. The link's delay, a few
-    /// milliseconds, is well within what a TTL of a second or more means.
+    /// Notes the cloud's time `cloud` (a welcome's), read when the agent's clock said `local`. The link's delay, a
+    /// few milliseconds, is well within what a TTL of a second or more means.
     pub fn observe(&self, cloud: SystemTime, local: SystemTime) {
         let ahead = to_unix_micros(cloud).saturating_sub(to_unix_micros(local));
         if ahead.unsigned_abs() > 5_000_000 {
@@ -74,13 +75,15 @@ impl CloudClock {
                 "this agent's clock differs from the cloud's; commands expire by the cloud's"
             );
         }
-        self.ahead_micros.store(ahead, std::sync::atomic::Ordering::Relaxed);
+        *self.measured.lock().expect("clock lock") = Some((cloud, std::time::Instant::now()));
     }
 
     /// Now, on the cloud's clock (the agent's own until a link has told it the cloud's).
     pub fn now(&self) -> SystemTime {
-        let ahead = self.ahead_micros.load(std::sync::atomic::Ordering::Relaxed);
-        from_unix_micros(to_unix_micros(SystemTime::now()).saturating_add(ahead))
+        match *self.measured.lock().expect("clock lock") {
+            Some((cloud, at)) => cloud + at.elapsed(),
+            None => SystemTime::now(),
+        }
     }
 }
 

@@ -132,10 +132,11 @@ impl AlertApi {
         Ok(alert)
     }
 
-    /// Resolves, as by hand, the alerts of a deleted rule that are not resolved: no evaluator will ever resolve
-    /// them (the agent and the links drop a deleted rule's state, resolving what they held open; this covers what
-    /// no running evaluator holds, such as the alerts of an agent that is offline). Returns how many it resolved.
-    async fn resolve_alerts_of_deleted_rule(&self, rule: &Rule) -> Result<usize> {
+    /// Resolves, as by hand, the alerts of a rule being deleted that are not resolved: no evaluator will resolve
+    /// them once it is gone (the agent and the links drop a deleted rule's state, resolving what they held open;
+    /// this covers what no running evaluator holds, such as the alerts of an agent that is offline). Returns how
+    /// many it resolved.
+    async fn resolve_alerts_of_rule(&self, rule: &Rule) -> Result<usize> {
         let filter = AlertFilter {
             farm_id: Some(rule.farm_id),
             states: vec![AlertState::Open, AlertState::Acknowledged],
@@ -234,9 +235,15 @@ impl AlertService for AlertApi {
         let id = validate::id("rule_id", &request.get_ref().rule_id)?;
         let rule = self.alerts.get_rule(id).await?;
         principal.authorize_farm(rule.farm_id)?;
+        // Resolved before the rule goes, so a failure leaves the rule for the caller to delete again; and after,
+        // for an alert raised meanwhile (the evaluators that hold one end it too, once the change reaches them).
+        let mut resolved = self.resolve_alerts_of_rule(&rule).await?;
         self.alerts.delete_rule(id).await?;
         self.bus.publish(Event::RulesChanged { farm_id: rule.farm_id });
-        let resolved = self.resolve_alerts_of_deleted_rule(&rule).await?;
+        match self.resolve_alerts_of_rule(&rule).await {
+            Ok(more) => resolved += more,
+            Err(error) => tracing::warn!(rule_id = %id, %error, "cannot resolve the alerts a deleted rule raised last"),
+        }
         tracing::info!(rule_id = %id, farm_id = %rule.farm_id, resolved, by = %principal.describe(), "rule deleted");
         Ok(Response::new(pb::DeleteRuleResponse {}))
     }

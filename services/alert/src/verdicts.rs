@@ -28,9 +28,11 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
             Ok(event) => event,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "the verdict listener fell behind the bus; some verdicts raised no alert");
-                // What was missed may have changed rules (read again on each farm's next verdict, not all now:
-                // the listener is behind already).
-                stale.extend(evaluators.keys().copied());
+                // What was missed may have changed rules, or resolved an alert by hand that a later verdict would
+                // otherwise be folded into (and lost with it): every farm starts over, from its rules as they are now,
+                // read on its next verdict. A repeat then opens a new alert rather than joining one.
+                evaluators.clear();
+                stale.clear();
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,

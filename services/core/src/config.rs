@@ -530,6 +530,12 @@ impl ServerConfig {
         if self.postgres.max_connections == 0 {
             return Err(Error::invalid("postgres.max_connections", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// Checks what a serving process needs of settings that may come from several places (file, environment,
+    /// flags): call it once they are all applied.
+    pub fn validate_for_serving(&self) -> Result<()> {
         // Replicas that hear each other must share one database: events carry its alert-log sequence numbers, and
         // a replica on its own SQLite file would number its events over another's (live streams would skip some).
         if !self.bus_url.is_empty() && !self.effective_database_url().starts_with("postgres") {
@@ -633,10 +639,12 @@ mod tests {
         assert!(error.contains("tls_key must be set together"), "{error}");
         let error = ServerConfig::from_toml("[telemetry]\nrollup_widths = [\"1h\", \"60m\"]").unwrap_err().to_string();
         assert!(error.contains("3600 s is given twice"), "{error}");
-        let error = ServerConfig::from_toml("bus_url = \"nats://127.0.0.1:4222\"").unwrap_err().to_string();
+        // The database may come from the environment or a flag: the bus is checked once everything is applied.
+        let mut config = ServerConfig::from_toml("bus_url = \"nats://127.0.0.1:4222\"").unwrap();
+        let error = config.validate_for_serving().unwrap_err().to_string();
         assert!(error.starts_with("bus_url:") && error.contains("postgres://"), "{error}");
-        ServerConfig::from_toml("bus_url = \"nats://127.0.0.1:4222\"\ndatabase_url = \"postgres://db/smartfarm\"")
-            .unwrap();
+        config.database_url = "postgres://db/smartfarm".into();
+        config.validate_for_serving().unwrap();
     }
 
     #[test]

@@ -410,14 +410,11 @@ impl Alert {
         *self != before
     }
 
-    /// Becomes `open` when that is an unresolved alert of the same farm, rule, device and metric that this one
-    /// overlaps: a copy raised after an evaluator lost its state (an agent restarted, a link moved) sees the condition
-    /// begin at its first reading since, and gets another id, but it is the same condition, so the same alert. The
-    /// copy may also have begun earlier, when the other evaluator is the one that lost what it had seen (an agent's
-    /// rate-of-change window starts over after a restart, while the cloud replays the readings before it); it is the
-    /// same alert unless it resolved before `open` began (one evaluator never holds two overlapping alerts of one
-    /// condition, so overlapping copies are one occurrence). Model verdicts (disease alerts, alerts with evidence)
-    /// are events, not conditions, and never join. Returns whether it joined.
+    /// Becomes `open` when that is an unresolved alert of the same farm, rule, device and metric that began no
+    /// later: a copy raised after an evaluator lost its state (an agent restarted, a link moved) sees the condition
+    /// begin at its first reading since, and gets another id, but it is the same condition, so the same alert.
+    /// Model verdicts (disease alerts, alerts with evidence) are events, not conditions, and never join. Returns
+    /// whether it joined.
     pub fn join(&mut self, open: &Alert) -> bool {
         let same_condition = self.farm_id == open.farm_id
             && self.rule_id == open.rule_id
@@ -426,7 +423,9 @@ impl Alert {
         if self.id == open.id || !same_condition || self.is_verdict() || open.state == AlertState::Resolved {
             return false;
         }
-        if self.resolve_time.is_some_and(|resolved| resolved < open.open_time) {
+        // A copy that began earlier is an occurrence of its own (an older one, coming back with a batch uploaded
+        // late): only the evaluator that lost what it had seen sees the condition begin later.
+        if self.open_time < open.open_time {
             return false;
         }
         self.id = open.id;
@@ -894,8 +893,6 @@ impl Evaluator {
     pub fn on_reading(&mut self, device: Uuid, metric: &str, value: f64, time: SystemTime) -> Vec<Alert> {
         let time = truncate(time);
         let mut changed = Vec::new();
-        let newest = self.last_seen.entry(device).or_insert(time);
-        *newest = (*newest).max(time);
         for index in 0..self.rules.len() {
             let rule = &self.rules[index];
             match &rule.condition {
@@ -946,7 +943,7 @@ impl Evaluator {
                     };
                     changed.extend(self.step(index, device, metric, seen));
                 }
-                Condition::DeviceSilent { .. } => changed.extend(self.heard_by(index, device, time)),
+                // Device-silent rules: see on_heard.
                 _ => {}
             }
         }
@@ -954,35 +951,27 @@ impl Evaluator {
     }
 
     /// A message from `device` arrived at `at` (the agent's clock): it is not silent. Device-silent rules count
-    /// from arrivals, not from the times readings carry, so a sensor whose clock runs behind (or that sends what
-    /// it buffered) is neither taken for silent nor kept silent for ever: the silence begins and ends on the clock
-    /// that notices it. Call it before [`Evaluator::on_reading`] for the readings that came.
+    /// from arrivals, not from the times readings carry, so a sensor whose clock is off (or that sends what it
+    /// buffered) is neither taken for silent nor kept silent: the silence begins and ends on the clock that notices
+    /// it. Any message ends a silence, whatever metric the rule names (rules stored before metrics were refused
+    /// here may name one): the silence was raised for the device as a whole.
     pub fn on_heard(&mut self, device: Uuid, at: SystemTime) -> Vec<Alert> {
         let at = truncate(at);
         let newest = self.last_seen.entry(device).or_insert(at);
         *newest = (*newest).max(at);
         let mut changed = Vec::new();
         for index in 0..self.rules.len() {
-            if matches!(self.rules[index].condition, Condition::DeviceSilent { .. }) {
-                changed.extend(self.heard_by(index, device, at));
+            let rule = &self.rules[index];
+            if !matches!(rule.condition, Condition::DeviceSilent { .. })
+                || rule.device_id.is_some_and(|only| only != device)
+            {
+                continue;
             }
+            let message = |_: SystemTime| String::new();
+            let seen = Observation { time: at, beyond: false, hold: Duration::ZERO, value: None, message: &message };
+            changed.extend(self.step(index, device, "", seen));
         }
         changed
-    }
-
-    /// Rule `index`, if it is a device-silent rule for `device`, hears from it at `time`. Any reading ends a
-    /// silence, whatever metric the rule names (rules stored before metrics were refused here may name one): the
-    /// silence was raised for the device as a whole.
-    fn heard_by(&mut self, index: usize, device: Uuid, time: SystemTime) -> Option<Alert> {
-        let rule = &self.rules[index];
-        if !matches!(rule.condition, Condition::DeviceSilent { .. })
-            || rule.device_id.is_some_and(|only| only != device)
-        {
-            return None;
-        }
-        let message = |_: SystemTime| String::new();
-        let seen = Observation { time, beyond: false, hold: Duration::ZERO, value: None, message: &message };
-        self.step(index, device, "", seen)
     }
 
     /// Raises device-silent alerts for devices unheard for their rule's time by `now`. Call it every few seconds.
@@ -1085,11 +1074,12 @@ impl Evaluator {
                 continue;
             }
             let track = self.tracks.entry((rule.id, verdict.device, verdict.metric.clone())).or_default();
-            // A stretch is an event. One that overlaps the open alert's is that alert (the pipeline reports a
-            // stretch again as it grows); one that begins within the rule's cooldown after it is a repeat, folded in
-            // with its count; a later one is a new alert (nothing clears an anomaly but a person).
+            // A stretch is an event. One that overlaps the open alert's is that alert (reported again, as a
+            // pipeline that restarted or another replica's does); one that begins within the rule's cooldown after
+            // it is a repeat, folded in with its count; a later one is a new alert (nothing clears an anomaly but a
+            // person). One older than the alert, come late, is not folded into it.
             match &mut track.active {
-                Some((alert, _)) if start <= alert.last_time => {
+                Some((alert, _)) if start <= alert.last_time && end >= alert.open_time => {
                     if end > alert.last_time {
                         alert.last_time = end;
                         changed.push(alert.clone());
@@ -1300,32 +1290,6 @@ mod tests {
         assert!(!later_disease.join(&disease));
     }
 
-    /// An agent's rate-of-change window starts over after a restart, while the cloud replays the readings before
-    /// it: the cloud's copy begins earlier than the agent's alert. Overlapping, they are one occurrence; a copy that
-    /// resolved before the other began is another.
-    #[test]
-    fn a_copy_begun_earlier_joins_the_alert_it_overlaps() {
-        let farm = Uuid::now_v7();
-        let device = Uuid::now_v7();
-        let rule = threshold_rule(farm, 0, 0);
-        let mut edge = Evaluator::new(farm, Origin::Edge);
-        let _ = edge.set_rules(vec![rule.clone()], at(0));
-        let stored = edge.on_reading(device, "temperature", 45.0, at(130)).remove(0);
-        let mut cloud = Evaluator::new(farm, Origin::Cloud);
-        let _ = cloud.set_rules(vec![rule], at(0));
-        let mut earlier = cloud.on_reading(device, "temperature", 45.0, at(120)).remove(0);
-        assert!(earlier.open_time < stored.open_time);
-        let mut resolved_after = earlier.clone();
-        resolved_after.state = AlertState::Resolved;
-        resolved_after.resolve_time = Some(at(140));
-        assert!(earlier.join(&stored), "still open when the stored one began");
-        assert_eq!(earlier.id, stored.id);
-        assert!(resolved_after.join(&stored), "resolved after the stored one began");
-        let mut over_before = cloud.on_reading(device, "temperature", 10.0, at(125)).remove(0);
-        assert_eq!(over_before.resolve_time, Some(at(125)));
-        assert!(!over_before.join(&stored), "resolved before the stored one began: another occurrence");
-    }
-
     /// A deleted rule's open alerts are over: nothing would ever evaluate them again.
     #[test]
     fn deleting_a_rule_resolves_its_open_alerts() {
@@ -1360,13 +1324,13 @@ mod tests {
         rule.condition = Condition::DeviceSilent { silent_for: Duration::from_secs(60) };
         let mut evaluator = Evaluator::new(farm, Origin::Edge);
         evaluator.set_rules(vec![rule.clone()], at(0));
-        evaluator.on_reading(device, "temperature", 20.0, at(5));
+        evaluator.on_heard(device, at(5));
         assert!(evaluator.on_tick(at(60)).is_empty());
         let silent = evaluator.on_tick(at(66));
         assert_eq!(silent.len(), 1);
         assert_eq!(silent[0].id, alert_id(rule.id, Some(device), "", at(65)));
         assert!(evaluator.on_tick(at(90)).is_empty(), "one alert per silence");
-        let heard = evaluator.on_reading(device, "humidity", 50.0, at(100));
+        let heard = evaluator.on_heard(device, at(100));
         assert_eq!(heard[0].state, AlertState::Resolved);
     }
 
@@ -1394,6 +1358,9 @@ mod tests {
         assert_eq!(back.len(), 1);
         assert_eq!((back[0].id, back[0].state), (silent[0].id, AlertState::Resolved), "heard again: over");
         assert!(evaluator.on_tick(at(1100)).is_empty());
+        // Readings from a clock ahead do not postpone the silence.
+        assert!(evaluator.on_reading(device, "temperature", 20.0, at(5000)).is_empty());
+        assert_eq!(evaluator.on_tick(at(1141)).len(), 1, "a minute after it was last heard (1080)");
     }
 
     #[test]
@@ -1420,9 +1387,9 @@ mod tests {
         assert_eq!(Rule::from_pushed(&rule.to_proto()).unwrap(), rule);
         let mut evaluator = Evaluator::new(farm, Origin::Edge);
         evaluator.set_rules(vec![rule], at(0));
-        evaluator.on_reading(device, "temperature", 20.0, at(5));
+        evaluator.on_heard(device, at(5));
         assert_eq!(evaluator.on_tick(at(66)).len(), 1);
-        let heard = evaluator.on_reading(device, "temperature", 21.0, at(100));
+        let heard = evaluator.on_heard(device, at(100));
         assert_eq!(heard.first().map(|alert| alert.state), Some(AlertState::Resolved), "{heard:?}");
     }
 
@@ -1435,9 +1402,9 @@ mod tests {
         rule.condition = Condition::DeviceSilent { silent_for: Duration::from_secs(60) };
         let mut evaluator = Evaluator::new(farm, Origin::Edge);
         evaluator.set_rules(vec![rule.clone()], at(0));
-        evaluator.on_reading(gone, "temperature", 20.0, at(0));
+        evaluator.on_heard(gone, at(0));
         evaluator.set_devices(&[heard, unheard], at(10));
-        evaluator.on_reading(heard, "temperature", 20.0, at(50));
+        evaluator.on_heard(heard, at(50));
         let silent = evaluator.on_tick(at(75));
         assert_eq!(
             silent.iter().map(|alert| alert.device_id).collect::<Vec<_>>(),

@@ -345,10 +345,9 @@ async fn join_open_alert(alerts: &dyn smartfarm_store::AlertStore, known: &mut K
 /// holding under a new id, which joins the stored alert. That id comes back after the alert resolved, on a later
 /// link: the agent sends it again after a restart (see `alerts_to_resend` in the agent), and this link's
 /// evaluator, starting over on a batch uploaded late, raises the same id from the same readings. An id the store
-/// does not have whose alert overlaps a stored, resolved alert of the same condition is that case, or a copy begun
-/// earlier than the stored alert by an evaluator that saw more (see [`Alert::join`]): a later alert of a condition
-/// opens only after the earlier one resolved. Asked once per condition and evaluator on a link, when nothing of the
-/// condition is open: two queries, one when the store has the id.
+/// does not have whose alert opened while a stored, resolved alert of the same condition was open is that case: a
+/// later alert of a condition opens only after the earlier one resolved. Asked once per condition and evaluator on
+/// a link, when nothing of the condition is open: two queries, one when the store has the id.
 async fn joined_before(alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) -> Option<Alert> {
     // Model verdicts are events, not conditions: they never joined anything (and may overlap in time).
     let verdict = alert.evidence_image_id.is_some()
@@ -361,23 +360,21 @@ async fn joined_before(alerts: &dyn smartfarm_store::AlertStore, alert: &Alert) 
         Err(Error::NotFound { .. }) => {}
         Ok(_) | Err(_) => return None,
     }
-    // The last moment the alert is known to hold.
-    let end = alert.resolve_time.unwrap_or(alert.last_time).max(alert.open_time);
     let filter = smartfarm_store::alerts::AlertFilter {
         farm_id: Some(alert.farm_id),
         states: vec![AlertState::Resolved],
         min_severity: None,
         opened_from: None,
-        opened_before: Some(end + std::time::Duration::from_nanos(1)),
+        opened_before: Some(alert.open_time + std::time::Duration::from_nanos(1)),
     };
-    // The newest resolved alerts opened up to its end: the one it joined is among the first of its condition.
+    // The newest resolved alerts opened up to its opening: the one it joined is among the first of its condition.
     let candidates = alerts.list_alerts(&filter, None, 500).await.ok()?;
     candidates.into_iter().find(|stored| {
         stored.id != alert.id
             && stored.rule_id == alert.rule_id
             && stored.device_id == alert.device_id
             && stored.metric == alert.metric
-            && stored.open_time <= end
+            && stored.open_time <= alert.open_time
             && stored.resolve_time.is_some_and(|resolved| alert.open_time < resolved)
     })
 }
@@ -663,24 +660,6 @@ mod tests {
             expected
         };
         assert_eq!(link.stored_after(Origin::Edge).await, expected);
-    }
-
-    /// The cloud replays readings the agent's evaluator no longer had (its rate window starts over after a
-    /// restart): its copy begins earlier than the agent's alert, and is the same alert, open or resolved.
-    #[tokio::test]
-    async fn a_copy_begun_before_the_stored_alert_joins_it() {
-        let link = Link::new().await;
-        let edge = link.alert(Origin::Edge, 130);
-        link.alerts.record_alert(&edge).await.unwrap();
-        link.send_from_batches(link.alert(Origin::Cloud, 120));
-        assert_eq!(link.stored_after(Origin::Cloud).await, [(edge.id, AlertState::Open)]);
-
-        // The agent's alert resolved before the copy came (it comes with the hourly batch).
-        let link = Link::new().await;
-        let edge = Link::resolved(link.alert(Origin::Edge, 130), 150);
-        link.alerts.record_alert(&edge).await.unwrap();
-        link.send_from_batches(Link::resolved(link.alert(Origin::Cloud, 120), 160));
-        assert_eq!(link.stored_after(Origin::Cloud).await, [(edge.id, AlertState::Resolved)]);
     }
 
     /// A delivered command whose final receipt the cloud failed to record is asked about again once its TTL has

@@ -208,6 +208,7 @@ impl ServeArgs {
             config.tls_key = self.tls_key.clone();
         }
         config.validate()?;
+        config.validate_for_serving()?;
         Ok(config)
     }
 }
