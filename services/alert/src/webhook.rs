@@ -313,8 +313,7 @@ impl Dispatcher {
         // For the store's own failures (it is read again after this).
         let backoff = self.settings.webhook_retry_min;
         loop {
-            let now = time::now();
-            match self.alerts.lease_webhook(id, self.owner, now, now + self.lease()).await {
+            match self.alerts.lease_webhook(id, self.owner, self.lease()).await {
                 Ok(true) => {}
                 Ok(false) => {
                     // Another replica delivers it; look again in a while (it may go away).
@@ -374,8 +373,7 @@ impl Dispatcher {
             for event in events {
                 // Renewed before every post, so the lease never runs out while this process delivers, and the
                 // moment another replica holds it this one stops.
-                let now = time::now();
-                match self.alerts.lease_webhook(id, self.owner, now, now + self.lease()).await {
+                match self.alerts.lease_webhook(id, self.owner, self.lease()).await {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(Error::NotFound { .. }) => return,
@@ -412,10 +410,7 @@ impl Dispatcher {
                         }
                         // The lease covers the wait, so no other replica tries meanwhile (with a pace of its own);
                         // should this one stop, another takes over a lease after the wait.
-                        let now = time::now();
-                        if let Err(error) =
-                            self.alerts.lease_webhook(id, self.owner, now, now + wait + self.lease()).await
-                        {
+                        if let Err(error) = self.alerts.lease_webhook(id, self.owner, wait + self.lease()).await {
                             tracing::warn!(webhook_id = %id, %error, "cannot hold the webhook's lease through the wait");
                         }
                         tokio::time::sleep(wait).await;

@@ -149,8 +149,8 @@ impl AlertStore for RetentionBeforeFirstRead {
     async fn delete_webhook(&self, id: Uuid) -> Result<()> {
         self.inner.delete_webhook(id).await
     }
-    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool> {
-        self.inner.lease_webhook(id, owner, now, until).await
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, lease: Duration) -> Result<bool> {
+        self.inner.lease_webhook(id, owner, lease).await
     }
     async fn record_delivery(&self, id: Uuid, outcome: &DeliveryOutcome) -> Result<Webhook> {
         self.inner.record_delivery(id, outcome).await

@@ -172,9 +172,11 @@ pub trait AlertStore: Send + Sync + 'static {
     async fn list_webhooks(&self, farm_id: Option<Uuid>, after: Option<Uuid>, limit: usize) -> Result<Vec<Webhook>>;
     /// Deletes a webhook, or `NotFound`.
     async fn delete_webhook(&self, id: Uuid) -> Result<()>;
-    /// Makes `owner` (a process) the webhook's deliverer until `until`, if nobody else holds it at `now` (a lease
-    /// that ran out is taken over; the holder renews its own). Returns whether `owner` holds it. `NotFound` if absent.
-    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool>;
+    /// Makes `owner` (a process) the webhook's deliverer for `lease` from now, if nobody else holds it (a lease
+    /// that ran out is taken over; the holder renews its own). Now is the database's clock where replicas share one
+    /// (PostgreSQL), so replicas whose clocks differ still agree on when a lease ran out. Returns whether `owner`
+    /// holds it. `NotFound` if absent.
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, lease: std::time::Duration) -> Result<bool>;
     /// Records a delivery attempt; returns the webhook after it (`NotFound` if it was deleted meanwhile).
     async fn record_delivery(&self, id: Uuid, outcome: &DeliveryOutcome) -> Result<Webhook>;
 }

@@ -579,15 +579,18 @@ async fn webhooks_are_stored_and_track_their_deliveries(database: &Database) {
     assert_eq!(store.get_webhook(first.id).await.unwrap(), late);
     assert_eq!(store.get_webhook(second.id).await.unwrap(), second, "other webhooks are untouched");
 
-    // One deliverer at a time: the holder renews its lease, another process takes it over only once it ran out.
+    // One deliverer at a time: the holder renews its lease, another process takes it over only once it ran out
+    // (by the store's clock).
     let (one, two) = (Uuid::now_v7(), Uuid::now_v7());
-    assert!(store.lease_webhook(first.id, one, at(200), at(230)).await.unwrap());
-    assert!(!store.lease_webhook(first.id, two, at(210), at(240)).await.unwrap(), "held by another");
-    assert!(store.lease_webhook(first.id, one, at(220), at(250)).await.unwrap(), "renewed by its holder");
-    assert!(!store.lease_webhook(first.id, two, at(249), at(279)).await.unwrap());
-    assert!(store.lease_webhook(first.id, two, at(250), at(280)).await.unwrap(), "taken over once it ran out");
-    assert!(!store.lease_webhook(first.id, one, at(260), at(290)).await.unwrap());
-    let missing = store.lease_webhook(Uuid::now_v7(), one, at(260), at(290)).await.unwrap_err();
+    let (long, short) = (Duration::from_secs(30), Duration::from_millis(500));
+    assert!(store.lease_webhook(first.id, one, long).await.unwrap());
+    assert!(!store.lease_webhook(first.id, two, long).await.unwrap(), "held by another");
+    assert!(store.lease_webhook(first.id, one, short).await.unwrap(), "renewed by its holder, for less");
+    assert!(!store.lease_webhook(first.id, two, long).await.unwrap(), "still held");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(store.lease_webhook(first.id, two, long).await.unwrap(), "taken over once it ran out");
+    assert!(!store.lease_webhook(first.id, one, long).await.unwrap());
+    let missing = store.lease_webhook(Uuid::now_v7(), one, long).await.unwrap_err();
     assert!(matches!(missing, Error::NotFound { resource: "webhook", .. }), "{missing:?}");
 
     store.delete_webhook(second.id).await.unwrap();

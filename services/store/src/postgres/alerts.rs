@@ -730,13 +730,13 @@ impl AlertStore for PostgresStore {
         Ok(())
     }
 
-    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool> {
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, lease: std::time::Duration) -> Result<bool> {
         let client = self.client().await?;
         let taken = client
             .execute(
-                "UPDATE webhooks SET lease_owner = $2, lease_until = $4
-                 WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= $3)",
-                &[&id, &owner, &now, &until],
+                "UPDATE webhooks SET lease_owner = $2, lease_until = now() + make_interval(secs => $3)
+                 WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= now())",
+                &[&id, &owner, &lease.as_secs_f64()],
             )
             .await
             .map_err(pg_error("lease webhook"))?;

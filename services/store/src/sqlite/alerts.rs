@@ -592,7 +592,10 @@ impl AlertStore for SqliteStore {
         .await
     }
 
-    async fn lease_webhook(&self, id: Uuid, owner: Uuid, now: SystemTime, until: SystemTime) -> Result<bool> {
+    async fn lease_webhook(&self, id: Uuid, owner: Uuid, lease: std::time::Duration) -> Result<bool> {
+        // One process holds a SQLite file: its clock is the only one.
+        let now = smartfarm_core::time::now();
+        let until = now + lease;
         self.run(move |connection| {
             let taken = connection
                 .execute(
