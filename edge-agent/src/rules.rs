@@ -208,6 +208,34 @@ mod tests {
 
     use super::*;
 
+    /// An agent's rules in `dir`, given one rule of `farm` (on `metric`, every device) by a snapshot.
+    fn agent_with(
+        dir: &Path,
+        farm: Uuid,
+        metric: Option<&str>,
+        condition: smartfarm_core::rules::Condition,
+    ) -> EdgeRules {
+        let rule = Rule {
+            id: Uuid::now_v7(),
+            farm_id: farm,
+            name: "a rule".into(),
+            severity: smartfarm_core::rules::Severity::Critical,
+            device_id: None,
+            metric: metric.map(str::to_string),
+            cooldown: Duration::ZERO,
+            create_time: SystemTime::now(),
+            condition,
+        };
+        let rules = EdgeRules::load(dir);
+        assert!(rules.apply(&RuleSnapshot { version: 1, rules: vec![rule.to_proto()] }).unwrap().is_empty());
+        rules
+    }
+
+    /// Temperature above 40 °C, at once.
+    fn hot() -> smartfarm_core::rules::Condition {
+        smartfarm_core::rules::Condition::Threshold { above: true, limit: 40.0, for_duration: Duration::ZERO }
+    }
+
     /// After a restart the agent sends its alerts again in the order they changed: an alert that resolved during the
     /// outage before the next one of its condition opened comes first, so the cloud, which still holds the first
     /// open, does not take the second for a copy of it.
@@ -216,23 +244,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let farm = Uuid::now_v7();
         let device = Uuid::now_v7();
-        let rule = Rule {
-            id: Uuid::now_v7(),
-            farm_id: farm,
-            name: "hot".into(),
-            severity: smartfarm_core::rules::Severity::Critical,
-            device_id: None,
-            metric: Some("temperature".into()),
-            cooldown: Duration::ZERO,
-            create_time: SystemTime::now(),
-            condition: smartfarm_core::rules::Condition::Threshold {
-                above: true,
-                limit: 40.0,
-                for_duration: Duration::ZERO,
-            },
-        };
-        let rules = EdgeRules::load(dir.path());
-        assert!(rules.apply(&RuleSnapshot { version: 1, rules: vec![rule.to_proto()] }).unwrap().is_empty());
+        let rules = agent_with(dir.path(), farm, Some("temperature"), hot());
         let start = SystemTime::now() - Duration::from_secs(600);
         let reading = |value: f64, seconds: u64| {
             let measurement =
@@ -259,20 +271,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let farm = Uuid::now_v7();
         let device = Uuid::now_v7();
-        let rule = Rule {
-            id: Uuid::now_v7(),
-            farm_id: farm,
-            name: "quiet".into(),
-            severity: smartfarm_core::rules::Severity::Warning,
-            // Every device of the farm: the silence clock starts at the device's first reading.
-            device_id: None,
-            metric: None,
-            cooldown: Duration::ZERO,
-            create_time: SystemTime::now(),
-            condition: smartfarm_core::rules::Condition::DeviceSilent { silent_for: Duration::from_secs(300) },
-        };
-        let rules = EdgeRules::load(dir.path());
-        assert!(rules.apply(&RuleSnapshot { version: 1, rules: vec![rule.to_proto()] }).unwrap().is_empty());
+        // Every device of the farm: the silence clock starts at the device's first reading.
+        let silent = smartfarm_core::rules::Condition::DeviceSilent { silent_for: Duration::from_secs(300) };
+        let rules = agent_with(dir.path(), farm, None, silent);
         let an_hour_behind = SystemTime::now() - Duration::from_secs(3600);
         let measurement = Measurement { metric: "temperature".into(), value: 20.0, time: an_hour_behind };
         assert!(rules.on_readings(device, &[measurement]).is_empty());
@@ -285,23 +286,7 @@ mod tests {
     fn a_snapshot_without_a_rule_ends_its_open_alerts() {
         let dir = tempfile::tempdir().unwrap();
         let farm = Uuid::now_v7();
-        let rule = Rule {
-            id: Uuid::now_v7(),
-            farm_id: farm,
-            name: "hot".into(),
-            severity: smartfarm_core::rules::Severity::Critical,
-            device_id: None,
-            metric: Some("temperature".into()),
-            cooldown: Duration::ZERO,
-            create_time: SystemTime::now(),
-            condition: smartfarm_core::rules::Condition::Threshold {
-                above: true,
-                limit: 40.0,
-                for_duration: Duration::ZERO,
-            },
-        };
-        let rules = EdgeRules::load(dir.path());
-        assert!(rules.apply(&RuleSnapshot { version: 1, rules: vec![rule.to_proto()] }).unwrap().is_empty());
+        let rules = agent_with(dir.path(), farm, Some("temperature"), hot());
         let measurement = Measurement { metric: "temperature".into(), value: 45.0, time: SystemTime::now() };
         let open = rules.on_readings(Uuid::now_v7(), &[measurement]).remove(0);
         let ended = rules.apply(&RuleSnapshot { version: 2, rules: Vec::new() }).unwrap();
