@@ -19,7 +19,6 @@ use uuid::Uuid;
 
 use smartfarm_core::time::{from_unix_micros, to_timestamp, to_unix_micros};
 use smartfarm_proto::command::v1::{self as pb, CommandStatus};
-use smartfarm_proto::ingestion::v1::connect_request::Body;
 
 /// How long the book remembers a command after its expire time (redeliveries come well before).
 const REMEMBER_AFTER_EXPIRY_MICROS: i64 = 24 * 3600 * 1_000_000;
@@ -402,18 +401,6 @@ impl CommandBook {
             return Err(error);
         }
         Ok(())
-    }
-
-    /// Every receipt the book holds, to send again at a connection.
-    pub fn receipts(&self) -> Vec<Body> {
-        let entries = self.entries.lock().expect("command book lock");
-        entries
-            .iter()
-            .map(|(id, entry)| {
-                let status = CommandStatus::try_from(entry.status).unwrap_or(CommandStatus::Delivered);
-                Body::CommandReceipt(receipt(*id, status, &entry.detail, entry.change_micros))
-            })
-            .collect()
     }
 }
 

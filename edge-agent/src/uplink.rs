@@ -179,13 +179,9 @@ impl Uplink {
         let mut upload_timer = tokio::time::interval(self.config.upload_interval);
         upload_timer.tick().await;
         let mut threshold_check = tokio::time::interval(Duration::from_secs(1));
-        // What waited while the link was down goes first; the command book's receipts again (the cloud may have
-        // missed them when the last link died).
-        if let Some(alerting) = &self.alerting {
-            for receipt in alerting.book.receipts() {
-                alerting.urgent.push(receipt);
-            }
-        }
+        // What waited while the link was down goes first. Receipts the cloud may have missed when the last link
+        // died are not sent again wholesale: the cloud sends its unfinished commands down at connect, and the
+        // command book answers each (a busy farm's book would otherwise push queued alerts out of the lane).
         let no_urgent_lane = crate::urgent::UrgentQueue::default();
         let urgent = self.alerting.as_ref().map_or(&no_urgent_lane, |alerting| &*alerting.urgent);
 

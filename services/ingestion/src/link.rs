@@ -184,7 +184,8 @@ async fn read_agent(
     tokio::spawn(async move {
         while let Some(receipt) = receipt_queue.recv().await {
             if let Err(error) = urgent::on_receipt(&receipt_api, farm_id, &receipt).await {
-                // The agent sends its receipts again at its next connection.
+                // The command stays unfinished here: it goes down again at the agent's next connection (or at a
+                // refresh once its TTL passed), and the agent answers again from its command book.
                 tracing::warn!(%farm_id, %error, "cannot record a command receipt");
             }
         }
