@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use smartfarm_proto::alert::v1 as alert_pb;
 use smartfarm_proto::alert::v1::alert_service_client::AlertServiceClient;
 use smartfarm_proto::command::v1::command_service_client::CommandServiceClient;
 
@@ -30,6 +31,22 @@ impl Cloud {
     /// A CommandService client that sends `key` as its bearer token.
     pub async fn command_client(&self, key: &str) -> CommandClient {
         CommandServiceClient::with_interceptor(self.channel().await, Bearer::new(key))
+    }
+}
+
+/// The next alert event on a `Subscribe` stream within `wait`, heartbeats skipped; `None` when none came in time.
+/// A stream error or end panics.
+pub async fn next_alert_event(
+    stream: &mut tonic::Streaming<alert_pb::SubscribeResponse>,
+    wait: Duration,
+) -> Option<alert_pb::SubscribeResponse> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let message = tokio::time::timeout_at(deadline, stream.message()).await.ok()?;
+        let message = message.expect("the alert stream failed").expect("the alert stream ended");
+        if message.event_type != alert_pb::AlertEventType::Heartbeat as i32 {
+            return Some(message);
+        }
     }
 }
 

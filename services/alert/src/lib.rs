@@ -332,8 +332,16 @@ impl AlertService for AlertApi {
             Principal::Gateway { .. } => return Err(principal.require_api_key().unwrap_err().into()),
         };
         let opened_with = subscribe::OpenedWith { registry: self.registry.clone(), api_key_id };
-        let stream =
-            subscribe::open(self.alerts.clone(), opened_with, &self.bus, farm_id, min_severity, cursor).await?;
+        let stream = subscribe::open(
+            self.alerts.clone(),
+            opened_with,
+            &self.bus,
+            farm_id,
+            min_severity,
+            cursor,
+            self.settings.stream_heartbeat,
+        )
+        .await?;
         Ok(Response::new(stream))
     }
 

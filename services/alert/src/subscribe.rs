@@ -4,8 +4,9 @@
 //! process, a bus that lagged) is filled from the log; and the log is read a second after the last event in order
 //! anyway, so nothing committed waits much longer than that even if a bus message is lost. A cursor older than what
 //! retention kept is refused (`FAILED_PRECONDITION`) rather than resumed with a silent gap, and a stream that retention
-//! overtakes while it reads ends the same way. A stream whose API key is revoked ends (`UNAUTHENTICATED`) within
-//! seconds.
+//! overtakes while it reads ends the same way. A stream that sent nothing for `alerts.stream_heartbeat` sends a
+//! heartbeat with its cursor, so that a client filtered to a quiet farm holds a recent cursor, one that retention does
+//! not overtake. A stream whose API key is revoked ends (`UNAUTHENTICATED`) within seconds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,10 @@ struct Follower {
     min_severity: Severity,
     /// The last event sent (or passed over).
     last: u64,
+    /// A heartbeat goes out after this long without a message.
+    heartbeat: Duration,
+    /// When the last message went out (or the stream opened).
+    last_message: tokio::time::Instant,
     sender: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
 }
 
@@ -71,6 +76,7 @@ pub(crate) async fn open(
     farm_id: Option<Uuid>,
     min_severity: Severity,
     cursor: Option<u64>,
+    heartbeat: Duration,
 ) -> Result<Stream> {
     // Listening starts before the starting point is read, so no event falls between the two.
     let changes = bus.subscribe();
@@ -92,7 +98,16 @@ pub(crate) async fn open(
         None => newest,
     };
     let (sender, receiver) = mpsc::channel(256);
-    let follower = Follower { alerts, opened_with, farm_id, min_severity, last, sender };
+    let follower = Follower {
+        alerts,
+        opened_with,
+        farm_id,
+        min_severity,
+        last,
+        heartbeat,
+        last_message: tokio::time::Instant::now(),
+        sender,
+    };
     tokio::spawn(follower.run(changes));
     Ok(ReceiverStream::new(receiver))
 }
@@ -155,6 +170,7 @@ impl Follower {
                     metrics::counter!("smartfarm_alert_stream_log_reads_total", "reason" => "poll").increment(1);
                     self.catch_up().await?
                 }
+                _ = tokio::time::sleep_until(self.last_message + self.heartbeat) => self.send_heartbeat().await,
             };
             if !open {
                 return Ok(());
@@ -211,6 +227,20 @@ impl Follower {
             event_type: event_type(event.kind) as i32,
             alert: Some(event.alert.to_proto()),
         };
+        self.last_message = tokio::time::Instant::now();
+        self.sender.send(Ok(response)).await.is_ok()
+    }
+
+    /// Tells the client where the stream stands: every event up to `last` was sent or left out by the filters (a
+    /// catch-up moves `last` only past events it read). `false` when the client went away.
+    async fn send_heartbeat(&mut self) -> bool {
+        let response = pb::SubscribeResponse {
+            cursor: self.last.to_string(),
+            event_type: pb::AlertEventType::Heartbeat as i32,
+            alert: None,
+        };
+        self.last_message = tokio::time::Instant::now();
+        metrics::counter!("smartfarm_alert_stream_heartbeats_total").increment(1);
         self.sender.send(Ok(response)).await.is_ok()
     }
 }

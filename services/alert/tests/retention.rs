@@ -1,7 +1,8 @@
 //! The alert role's retention through the service: old events and resolved alerts are deleted in chunks, a
 //! retention of zero keeps everything, and a stream that asks to resume from a deleted event is refused with
 //! `FAILED_PRECONDITION` rather than resumed with a silent gap, also when retention deletes the events it resumes
-//! from after the stream opened and before it read them.
+//! from after the stream opened and before it read them; a stream's heartbeats carry a cursor that keeps up with the
+//! log, so a client filtered to a quiet farm can resume after retention.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,58 @@ async fn retention_deletes_old_alerts_and_a_cursor_behind_it_is_refused() {
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("retention"), "{refused:?}");
     assert!(year.subscribe(subscribe_from(5)).await.is_ok(), "the horizon itself resumes");
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_quiet_farms_stream_at_a_cursor_retention_does_not_overtake() {
+    let test = TestDatabase::sqlite().await;
+    let store = test.database.alerts();
+    let now = SystemTime::now();
+    let registry = test.database.registry();
+    let quiet = registry.create_farm(Uuid::now_v7(), "quiet", now - 800 * DAY).await.unwrap().id;
+    let busy = registry.create_farm(Uuid::now_v7(), "busy", now - 800 * DAY).await.unwrap().id;
+    let settings =
+        AlertsConfig { retention: 365 * DAY, stream_heartbeat: Duration::from_millis(100), ..AlertsConfig::default() };
+    let api = AlertApi::new(registry, store.clone(), Bus::in_process(), settings);
+    // The quiet farm's only alert, 400 days ago: events 1 and 2. Its client last heard of event 2.
+    let old = alert(quiet, now - 400 * DAY);
+    store.record_alert(&old).await.unwrap();
+    store.set_alert_state(old.id, AlertState::Resolved, now - 399 * DAY).await.unwrap();
+
+    let mut request = subscribe_from(2);
+    request.get_mut().farm_id = quiet.to_string();
+    let mut stream = api.subscribe(request).await.unwrap().into_inner();
+    // The busy farm's alerts follow (events 3 to 8); the quiet farm's stream sends none of them, only heartbeats,
+    // whose cursor moves past them.
+    for _ in 0..3 {
+        let other = alert(busy, now - 400 * DAY);
+        store.record_alert(&other).await.unwrap();
+        store.set_alert_state(other.id, AlertState::Resolved, now - 399 * DAY).await.unwrap();
+    }
+    let mut cursor = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cursor != "8" {
+        let message = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no heartbeat past event 8 within 10 s; the last cursor was {cursor:?}"))
+            .expect("the stream goes on")
+            .expect("a message, not an error");
+        assert_eq!(message.event_type, pb::AlertEventType::Heartbeat as i32, "only heartbeats: {message:?}");
+        assert_eq!(message.alert, None, "a heartbeat carries no alert");
+        cursor = message.cursor;
+    }
+    drop(stream);
+
+    // Retention a year on deletes events up to 7. The client's last event cursor is refused; its heartbeat's resumes.
+    api.apply_retention(now).await.unwrap();
+    assert_eq!(api.apply_retention(now + 366 * DAY).await.unwrap().events, 7);
+    let mut stale = subscribe_from(2);
+    stale.get_mut().farm_id = quiet.to_string();
+    let refused = api.subscribe(stale).await.expect_err("the last event's cursor is behind the horizon");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    let mut fresh = subscribe_from(8);
+    fresh.get_mut().farm_id = quiet.to_string();
+    assert!(api.subscribe(fresh).await.is_ok(), "the heartbeat's cursor resumes");
 }
 
 /// An alert store whose first read of events is preceded by a step of retention at `now`, a year on: retention

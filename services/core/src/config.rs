@@ -131,6 +131,9 @@ command_retention = "90days"
 # Delete alert events this long after they were recorded, and resolved alerts opened this long ago (checked hourly,
 # so events are aged to the hour); "0s" keeps them forever. An event a webhook has not been given yet is kept.
 retention = "365days"
+# A Subscribe stream that sent nothing for this long sends a heartbeat with its cursor: a client filtered to a quiet
+# farm keeps a cursor retention does not overtake, and proxies do not close the stream as idle.
+stream_heartbeat = "30s"
 
 # PostgreSQL connection pool (used when database_url is postgres://).
 [postgres]
@@ -392,6 +395,9 @@ pub struct AlertsConfig {
     /// How long alert events are kept, and resolved alerts after they opened; zero keeps them forever.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// A `Subscribe` stream that sent nothing for this long sends a heartbeat carrying its cursor.
+    #[serde(with = "humantime_serde")]
+    pub stream_heartbeat: Duration,
 }
 
 impl Default for AlertsConfig {
@@ -404,6 +410,7 @@ impl Default for AlertsConfig {
             command_expiry_interval: Duration::from_secs(1),
             command_retention: Duration::from_secs(90 * 86_400),
             retention: Duration::from_secs(365 * 86_400),
+            stream_heartbeat: Duration::from_secs(30),
         }
     }
 }
@@ -498,10 +505,11 @@ impl ServerConfig {
             || alerts.webhook_retry_max < alerts.webhook_retry_min
             || alerts.webhook_timeout.is_zero()
             || alerts.command_expiry_interval.is_zero()
+            || alerts.stream_heartbeat.is_zero()
         {
             return Err(Error::invalid(
                 "alerts",
-                "webhook_retry_min, webhook_timeout and command_expiry_interval must be above zero, webhook_retry_max at least webhook_retry_min",
+                "webhook_retry_min, webhook_timeout, command_expiry_interval and stream_heartbeat must be above zero, webhook_retry_max at least webhook_retry_min",
             ));
         }
         if alerts.webhook_max_failures == 0 {
