@@ -103,24 +103,26 @@ impl Diagnoser {
                     metrics::counter!("smartfarm_edge_photos_diagnosed_total").increment(1);
                     let confidence = f64::from(prediction.confidence);
                     tracing::info!(%camera, label = %prediction.label, confidence, %model, "photo diagnosed");
-                    if !smartfarm_ml::disease::is_healthy(&prediction.label)
-                        && confidence >= self.config.disease_alert_confidence
-                    {
-                        metrics::counter!("smartfarm_edge_diseases_detected_total").increment(1);
-                        // What the cloud's pipeline hands its rules for the same photo (a disease at the same
-                        // confidence bar), so both raise the same alert.
+                    let healthy = smartfarm_ml::disease::is_healthy(&prediction.label);
+                    if confidence >= self.config.disease_alert_confidence {
+                        // What the cloud's pipeline hands its rules for the same photo (a disease, or a healthy
+                        // class that clears the camera's disease alerts, at the same confidence bar), so both
+                        // raise, and resolve, the same alert.
                         let verdict = DiseaseVerdict {
                             camera,
                             image_id: None,
                             label: prediction.label.clone(),
                             confidence,
-                            healthy: false,
+                            healthy,
                             capture_time,
                         };
                         let (rules, raised) = &self.rules;
                         for alert in rules.on_disease(&verdict) {
                             raised.raise(alert);
                         }
+                    }
+                    if !healthy && confidence >= self.config.disease_alert_confidence {
+                        metrics::counter!("smartfarm_edge_diseases_detected_total").increment(1);
                         let _ = self.alerts.send(LocalAlert::DiseaseDetected {
                             camera,
                             label: prediction.label,

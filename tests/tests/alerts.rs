@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use smartfarm_e2e::alerting::{AlertClient, MqttWatch, WebhookReceiver, mosquitto_pub};
+use smartfarm_e2e::alerting::{AlertClient, MqttWatch, WebhookReceiver, mosquitto_pub, next_alert_event};
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
 use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
 use smartfarm_proto::alert::v1 as pb;
@@ -36,11 +36,27 @@ fn verdict_rule(farm_id: &str) -> pb::Rule {
 
 /// A fixture photo of an apple leaf with black rot (PlantVillage; see services/ml/fixtures).
 fn black_rot_leaf() -> Vec<u8> {
-    let leaf_dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/ml/fixtures/plants/Apple___Black_rot");
+    first_leaf_of("Apple___Black_rot")
+}
+
+/// The first photo (by file name) of a class of the PlantVillage fixtures.
+fn first_leaf_of(class: &str) -> Vec<u8> {
+    let leaf_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/ml/fixtures/plants").join(class);
     let mut leaves: Vec<_> = std::fs::read_dir(leaf_dir).unwrap().map(|entry| entry.unwrap().path()).collect();
     leaves.sort();
     std::fs::read(&leaves[0]).unwrap()
+}
+
+/// The next alert on a farm's `smartfarm/alerts` topic within `wait` (the topic's other messages skipped).
+async fn next_farm_alert(topic: &mut MqttWatch, wait: Duration) -> Option<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let message: serde_json::Value = serde_json::from_str(&topic.next(left).await?).unwrap();
+        if message["kind"] == "alert" {
+            return Some(message);
+        }
+    }
 }
 
 fn hot_rule(farm_id: &str) -> pb::Rule {
@@ -135,11 +151,7 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
     let alert_id = local["id"].as_str().unwrap().to_string();
 
     // On the cloud's stream.
-    let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("the stream says it")
-        .unwrap()
-        .unwrap();
+    let event = next_alert_event(&mut stream, Duration::from_secs(10)).await.expect("the stream says it");
     assert_eq!(event.event_type, pb::AlertEventType::Opened as i32);
     let streamed = event.alert.unwrap();
     assert_eq!((streamed.id.as_str(), streamed.origin), (alert_id.as_str(), pb::AlertOrigin::Edge as i32));
@@ -170,7 +182,7 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(farm_topic.drain(Duration::from_millis(500)).await.is_empty(), "the farm heard it once");
     assert!(receiver.next(Duration::from_millis(500)).await.is_none(), "the webhook was called once");
-    assert!(tokio::time::timeout(Duration::from_millis(500), stream.message()).await.is_err(), "streamed once");
+    assert_eq!(next_alert_event(&mut stream, Duration::from_millis(500)).await, None, "streamed once");
     let listed = farm_alerts(&alerts, &fleet.farm_id).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!((listed[0].id.as_str(), listed[0].count), (alert_id.as_str(), 1));
@@ -181,7 +193,7 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
     let resolved: serde_json::Value =
         serde_json::from_str(&farm_topic.next(Duration::from_secs(10)).await.expect("resolution on the farm")).unwrap();
     assert_eq!(resolved["state"], "ALERT_STATE_RESOLVED", "{resolved}");
-    let event = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    let event = next_alert_event(&mut stream, Duration::from_secs(10)).await.expect("the stream says it resolved");
     assert_eq!(event.event_type, pb::AlertEventType::Resolved as i32);
     let cursor = event.cursor.clone();
 
@@ -208,11 +220,8 @@ async fn a_hot_reading_alerts_the_farm_a_subscriber_and_a_webhook_once_each_link
         .await
         .unwrap()
         .into_inner();
-    let event = tokio::time::timeout(Duration::from_secs(30), stream.message())
-        .await
-        .expect("the stream resumes from its cursor")
-        .unwrap()
-        .unwrap();
+    let event =
+        next_alert_event(&mut stream, Duration::from_secs(30)).await.expect("the stream resumes from its cursor");
     assert_eq!((event.event_type, event.alert.unwrap().id), (pb::AlertEventType::Opened as i32, offline_id.clone()));
     assert!(
         eventually(Duration::from_secs(30), || async {
@@ -437,7 +446,7 @@ async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidenc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays_one_alert_with_the_cloud() {
+async fn an_offline_farms_disease_alert_is_one_alert_with_the_clouds_and_resolves_on_a_healthy_leaf() {
     let data = CloudData::new(Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
     let key = bootstrap_admin_key(&data);
@@ -469,20 +478,15 @@ async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays
     let addr = cloud.addr;
     cloud.stop().await;
     smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf.jpg", &black_rot_leaf())]).unwrap();
-    let mut heard = None;
-    while let Some(message) = farm_topic.next(Duration::from_secs(60)).await {
-        let message: serde_json::Value = serde_json::from_str(&message).unwrap();
-        if message["kind"] == "alert" {
-            heard = Some(message);
-            break;
-        }
-    }
-    let heard = heard.expect("the rule's alert on the farm's topic, with the cloud down");
+    let heard = next_farm_alert(&mut farm_topic, Duration::from_secs(60))
+        .await
+        .expect("the rule's alert on the farm's topic, with the cloud down");
     assert_eq!(heard["ruleId"].as_str(), Some(rule_id.as_str()), "{heard}");
     assert_eq!(heard["deviceId"].as_str(), Some(camera.as_str()), "{heard}");
     assert_eq!(heard["origin"], "ALERT_ORIGIN_EDGE", "{heard}");
     assert!(heard["message"].as_str().is_some_and(|message| message.contains("Apple___Black_rot")), "{heard}");
     let alert_id = heard["id"].as_str().unwrap().to_string();
+    assert_eq!(heard["state"], "ALERT_STATE_OPEN", "{heard}");
 
     // The cloud comes back: the agent's alert goes up, the photo follows, the cloud diagnoses it and raises the same
     // alert, which adds the stored photo as evidence: one alert.
@@ -497,6 +501,33 @@ async fn a_diseased_leaf_seen_by_an_offline_farm_raises_the_rule_there_and_stays
     // gets there first.)
     let listed = farm_alerts(&alerts, &fleet.farm_id).await;
     assert!(one_alert_with_evidence, "the farm's alert and the cloud's diagnosis are one alert: {listed:?}");
+
+    // The link goes down again, and a later photo of the camera is healthy: the farm resolves the alert on its own.
+    cloud.stop().await;
+    smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf-later.jpg", &first_leaf_of("Apple___healthy"))]).unwrap();
+    let healed = loop {
+        let heard =
+            next_farm_alert(&mut farm_topic, Duration::from_secs(60)).await.expect("the resolution on the farm");
+        // (The cloud's copy with the evidence may have come down as an update first.)
+        if heard["state"] != "ALERT_STATE_OPEN" {
+            break heard;
+        }
+    };
+    assert_eq!(
+        (healed["id"].as_str(), healed["state"].as_str()),
+        (Some(alert_id.as_str()), Some("ALERT_STATE_RESOLVED"))
+    );
+
+    // The cloud comes back: the resolution reaches it (up the urgent lane, and from its own diagnosis of the photo).
+    let cloud = Cloud::start(&data, CloudOptions { listen: Some(addr), ..Default::default() }).await;
+    let alerts = cloud.alert_client(&key).await;
+    let resolved = eventually(Duration::from_secs(60), || async {
+        let listed = farm_alerts(&alerts, &fleet.farm_id).await;
+        listed.len() == 1 && listed[0].id == alert_id && listed[0].state == pb::AlertState::Resolved as i32
+    })
+    .await;
+    let listed = farm_alerts(&alerts, &fleet.farm_id).await;
+    assert!(resolved, "still one alert, resolved in the cloud too: {listed:?}");
     edge.stop().await;
     cloud.stop().await;
 }

@@ -4,11 +4,12 @@
 //! notice them only at its next refresh, 30 s later), the device's acknowledgement is seen by a watch on A, an alert
 //! the agent raises through B reaches a subscriber on A, the batch that carried its reading is scored for anomalies
 //! by B alone (both run the inference role), and a command acknowledged by A just before A is killed still reaches
-//! the device.
+//! the device. With three replicas, the batches of one that does not run the inference role are scored once, by
+//! one of the two that do.
 
 use std::time::Duration;
 
-use smartfarm_e2e::alerting::{MqttWatch, mosquitto_pub};
+use smartfarm_e2e::alerting::{MqttWatch, mosquitto_pub, next_alert_event};
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
 use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
 use smartfarm_proto::alert::v1 as alert;
@@ -29,15 +30,26 @@ fn nats_url() -> String {
 }
 
 async fn replica(data: &CloudData, bus: &str) -> Cloud {
+    replica_with_roles(data, bus, None).await
+}
+
+/// A replica running `target`'s roles (`None`: all of them).
+async fn replica_with_roles(data: &CloudData, bus: &str, target: Option<&str>) -> Cloud {
     Cloud::start(
         data,
         CloudOptions {
             // The links re-read rules and commands only every 30 s (the default): what crosses sooner crossed NATS.
             env: vec![("SMARTFARM_BUS_URL".into(), bus.into())],
+            target: target.map(str::to_string),
             ..Default::default()
         },
     )
     .await
+}
+
+/// A counter's value on a `/metrics` page (0 when absent).
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 fn send_request(device_id: &str, name: &str) -> command::SendCommandRequest {
@@ -125,28 +137,21 @@ async fn commands_and_alerts_cross_replicas_over_nats() {
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
     mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": -3}}"#)
         .await;
-    let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("the alert crossed from B to A")
-        .unwrap()
-        .unwrap();
+    let event = next_alert_event(&mut stream, Duration::from_secs(10)).await.expect("the alert crossed from B to A");
     assert_eq!(event.event_type, alert::AlertEventType::Opened as i32);
     assert_eq!(event.alert.unwrap().origin, alert::AlertOrigin::Edge as i32);
 
     // The batch that carried the reading, committed by B, is scored by B; A hears of it and leaves it to B.
-    let count = |page: String, name: &str| -> f64 {
-        page.lines().find_map(|line| line.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
-    };
     let scored_by_b_left_by_a = || async {
-        count(b.http_get("/metrics").await, "smartfarm_inference_batches_scored_total ") >= 1.0
-            && count(a.http_get("/metrics").await, "smartfarm_inference_batches_left_to_their_replica_total ") >= 1.0
+        counter(&b.http_get("/metrics").await, "smartfarm_inference_batches_scored_total") >= 1.0
+            && counter(&a.http_get("/metrics").await, "smartfarm_inference_batches_left_to_their_replica_total") >= 1.0
     };
     assert!(
         eventually(Duration::from_secs(20), scored_by_b_left_by_a).await,
         "B scored its batch and A left it to B\n{}",
         a.http_get("/metrics").await
     );
-    assert_eq!(count(a.http_get("/metrics").await, "smartfarm_inference_batches_scored_total "), 0.0);
+    assert_eq!(counter(&a.http_get("/metrics").await, "smartfarm_inference_batches_scored_total"), 0.0);
 
     // A command A acknowledged to its caller survives A's death right after.
     let last_words = commands_a.send_command(send_request(&sensor.device_id, "close_vent")).await.unwrap();
@@ -159,4 +164,61 @@ async fn commands_and_alerts_cross_replicas_over_nats() {
     device.stop().await;
     edge.stop().await;
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_committed_without_the_inference_role_are_scored_once_by_a_replica_that_runs_it() {
+    let data = CloudData::new(Backend::Postgres).await;
+    let bus = nats_url();
+    let a = replica(&data, &bus).await;
+    let c = replica(&data, &bus).await;
+    let b = replica_with_roles(&data, &bus, Some("device,ingestion,alert,command")).await;
+    let key = bootstrap_admin_key(&data);
+    let fleet = Fleet::register(&a, &key, "ingestion apart", 1).await;
+    let sensor = fleet.sensors[0].clone();
+    let spool = data.data_dir.path().join("spool");
+    let options = EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&b, &fleet, spool) };
+    let edge = Edge::start(&options).await;
+    edge.wait_for_registry(2).await;
+
+    // A few batches, a second apart, committed by B, which does not run the inference role.
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    for value in [20, 21, 22] {
+        let payload = format!(r#"{{"metrics": {{"temperature": {value}}}}}"#);
+        mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, &payload).await;
+        let handed_out = edge.metric("smartfarm_edge_batches_acked_total").await;
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                edge.metric("smartfarm_edge_batches_acked_total").await > handed_out
+            })
+            .await,
+            "the batch was committed\n{}",
+            b.log()
+        );
+    }
+
+    // B handed each out as work; A and C scored each once between them, and each left B's announcement alone.
+    let tally = || async {
+        let (a, b, c) = (a.http_get("/metrics").await, b.http_get("/metrics").await, c.http_get("/metrics").await);
+        let scored = |page: &str| counter(page, "smartfarm_inference_batches_scored_total");
+        let left = |page: &str| counter(page, "smartfarm_inference_batches_left_to_their_replica_total");
+        (counter(&b, "smartfarm_ingest_batches_handed_out_total"), scored(&a), scored(&c), left(&a), left(&c))
+    };
+    let all_scored = || async {
+        let (handed_out, by_a, by_c, left_by_a, left_by_c) = tally().await;
+        handed_out >= 3.0 && by_a + by_c == handed_out && left_by_a == handed_out && left_by_c == handed_out
+    };
+    assert!(
+        eventually(Duration::from_secs(30), all_scored).await,
+        "(handed out, scored by A, by C, left by A, by C) = {:?}",
+        tally().await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (handed_out, by_a, by_c, _, _) = tally().await;
+    assert_eq!(by_a + by_c, handed_out, "nothing was scored twice (A {by_a}, C {by_c})");
+    assert_eq!(counter(&b.http_get("/metrics").await, "smartfarm_inference_batches_scored_total"), 0.0);
+    edge.stop().await;
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
 }

@@ -1,6 +1,6 @@
-//! Model verdicts to alerts: the inference role announces diseases on photos and anomalous stretches of sensor
-//! series on the bus; here each farm's model-verdict rules turn them into alerts (with the photo or the series
-//! window as evidence). The evaluator of a farm is built on first use, and given the farm's rules again before its
+//! Model verdicts to alerts: the inference role announces diseases on photos (and healthy photos, which clear a
+//! camera's disease alerts) and anomalous stretches of sensor series on the bus; here each farm's model-verdict
+//! rules turn them into alerts (with the photo or the series window as evidence). The evaluator of a farm is built on first use, and given the farm's rules again before its
 //! next verdict once they changed (or once the bus may have lost a change), keeping what it learnt about unchanged
 //! rules: a repeat within a rule's cooldown joins the alert it follows even after another rule of the farm changed.
 //! An alert a
@@ -37,6 +37,8 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
+        // A healthy diagnosis clears the camera's disease alerts.
+        let healthy = matches!(event, Event::HealthyDiagnosed(_));
         let result = match event {
             Event::RulesChanged { farm_id } => {
                 stale.insert(farm_id);
@@ -51,13 +53,13 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
                 }
                 Ok(())
             }
-            Event::DiseaseDetected(detected) => {
+            Event::DiseaseDetected(detected) | Event::HealthyDiagnosed(detected) => {
                 let verdict = DiseaseVerdict {
                     camera: detected.device_id,
                     image_id: Some(detected.image_id),
+                    healthy,
                     label: detected.label,
                     confidence: detected.confidence,
-                    healthy: false,
                     capture_time: detected.capture_time,
                 };
                 evaluate(&*alerts, &bus, (&mut evaluators, &mut stale), detected.farm_id, |evaluator| {

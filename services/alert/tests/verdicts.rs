@@ -1,5 +1,6 @@
 //! Model verdicts to alerts through the alert role's verdict listener: a diagnosis repeated within its rule's
-//! cooldown joins the alert it follows, even after another rule of the farm changed in between.
+//! cooldown joins the alert it follows, even after another rule of the farm changed in between, and a healthy photo
+//! of the camera resolves it.
 
 use std::time::{Duration, SystemTime};
 
@@ -7,9 +8,10 @@ use tonic::Request;
 use uuid::Uuid;
 
 use smartfarm_alert::AlertApi;
-use smartfarm_bus::{Bus, DiseaseDetected, Event, ModelVersion};
+use smartfarm_bus::{Bus, Diagnosis, Event, ModelVersion};
 use smartfarm_core::Principal;
 use smartfarm_core::config::AlertsConfig;
+use smartfarm_core::rules::AlertState;
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::alert::v1::alert_service_server::AlertService;
 use smartfarm_proto::pbjson_types;
@@ -53,7 +55,7 @@ async fn a_repeat_within_the_cooldown_joins_its_alert_across_a_change_of_another
 
     let camera = Uuid::now_v7();
     let diagnosis = |capture_time: SystemTime| {
-        Event::DiseaseDetected(DiseaseDetected {
+        Event::DiseaseDetected(Diagnosis {
             farm_id,
             device_id: camera,
             image_id: Uuid::now_v7(),
@@ -93,4 +95,27 @@ async fn a_repeat_within_the_cooldown_joins_its_alert_across_a_change_of_another
     let listed = settled(2).await;
     assert_eq!(listed.len(), 1, "twenty minutes later, within the hour's cooldown: one alert, {listed:?}");
     assert_eq!(listed[0].count, 2, "{listed:?}");
+
+    // A healthy photo of the camera clears the alert; the next disease opens a new one.
+    bus.publish(Event::HealthyDiagnosed(Diagnosis {
+        farm_id,
+        device_id: camera,
+        image_id: Uuid::now_v7(),
+        label: "Apple___healthy".into(),
+        confidence: 0.97,
+        model: ModelVersion { name: "leafnet".into(), version: "1".into() },
+        capture_time: ten + Duration::from_secs(1500),
+    }));
+    let mut resolved = false;
+    for _ in 0..100 {
+        if alerts().await[0].state == AlertState::Resolved {
+            resolved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resolved, "the healthy photo resolved the alert: {:?}", alerts().await);
+    bus.publish(diagnosis(ten + Duration::from_secs(1600)));
+    let listed = settled(3).await;
+    assert_eq!(listed.len(), 2, "a disease after the healthy photo is a new alert: {listed:?}");
 }

@@ -5,6 +5,8 @@
 //! stream that every replica follows, so replicas hear each other. Either way delivery to a subscriber is best
 //! effort: one that falls behind by more than [`CAPACITY`] events is told how many it missed, and the database stays
 //! the record of what happened (every consumer can catch up from it; the bus only says that something moved).
+//! Work is the other kind of message: handed out ([`Bus::hand_out`]) to one of the processes that take it
+//! ([`Bus::take_work`]), so that a job is done once however many replicas could do it.
 
 #![forbid(unsafe_code)]
 
@@ -30,7 +32,9 @@ pub enum Event {
     /// An edge batch's readings were committed (not a duplicate).
     ReadingsCommitted(ReadingsCommitted),
     /// A model diagnosed a disease on a photo with at least the configured confidence.
-    DiseaseDetected(DiseaseDetected),
+    DiseaseDetected(Diagnosis),
+    /// A model found a photo healthy with at least the configured confidence: the camera's disease alerts clear.
+    HealthyDiagnosed(Diagnosis),
     /// The anomaly detector found an anomalous stretch in a device's metric.
     AnomalyDetected(AnomalyDetected),
     /// An alert was recorded: opened, changed, acknowledged or resolved (live streams, webhooks and the farm's edge
@@ -63,9 +67,9 @@ pub struct ReadingsCommitted {
     pub farm_id: Uuid,
     /// Each device's metric the batch touched, with the first and last measurement time it added.
     pub series: Vec<SeriesSpan>,
-    /// The process that committed the batch scores it itself (it runs the inference role): the other replicas'
-    /// pipelines leave it alone, so a batch is scored once however many replicas run the role. Absent (false) in
-    /// events from versions that did not say.
+    /// The process that committed the batch scores it itself (it runs the inference role). Otherwise the batch is
+    /// also handed out as work ([`Bus::hand_out`]), to one of the processes that run the role. Either way the
+    /// announcement is scored nowhere else.
     #[serde(default)]
     pub scored_where_committed: bool,
     /// True in the process that published the event, false where it arrived through NATS (it does not travel).
@@ -105,9 +109,9 @@ pub struct ModelVersion {
     pub version: String,
 }
 
-/// A disease diagnosed on a photo: the evidence is the photo.
+/// A photo's diagnosis (a disease, or a healthy class): the evidence is the photo.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DiseaseDetected {
+pub struct Diagnosis {
     pub farm_id: Uuid,
     /// The camera.
     pub device_id: Uuid,
@@ -143,13 +147,54 @@ pub struct ImageStored {
     pub capture_time: SystemTime,
 }
 
+/// A piece of work taken from the bus (see [`Bus::take_work`]): do it, then say so with [`Work::done`].
+pub struct Work {
+    event: Event,
+    /// With NATS: the message to acknowledge once the work is done (until then NATS may hand it to another
+    /// replica if this one dies).
+    message: Option<async_nats::jetstream::Message>,
+}
+
+impl Work {
+    /// What is to be done.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// Says the work is done: NATS will not hand it out again.
+    pub async fn done(self) {
+        if let Some(message) = self.message
+            && let Err(error) = message.ack().await
+        {
+            tracing::warn!(%error, "cannot acknowledge work to NATS; it may be handed out again");
+        }
+    }
+}
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Work").field("event", &self.event).finish_non_exhaustive()
+    }
+}
+
+/// Work waiting for a taker in one process, at most.
+const WORK_QUEUE: usize = 1024;
+
 /// The bus: cheap to clone, every clone publishes to the same subscribers.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Bus {
     /// This process's subscribers.
     sender: broadcast::Sender<Event>,
-    /// With NATS: where published events go (to the stream, from which the other replicas' subscribers get them).
-    nats: Option<mpsc::Sender<Event>>,
+    /// Without NATS: work handed out in this process, for its takers.
+    local_work: broadcast::Sender<Event>,
+    /// With NATS: where published events and work go, and where work is taken from.
+    nats: Option<Arc<nats::Connected>>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Bus").field("nats", &self.nats.as_ref().map(|nats| &nats.stream_name)).finish()
+    }
 }
 
 impl Default for Bus {
@@ -161,22 +206,22 @@ impl Default for Bus {
 impl Bus {
     /// A bus within this process.
     pub fn in_process() -> Bus {
-        Bus { sender: broadcast::channel(CAPACITY).0, nats: None }
+        Bus { sender: broadcast::channel(CAPACITY).0, local_work: broadcast::channel(WORK_QUEUE).0, nats: None }
     }
 
     /// A bus through NATS JetStream at `url` (`nats://HOST:PORT[/NAME]`): events published here reach the
     /// subscribers of every process connected with the same URL.
     pub async fn connect(url: &str) -> Result<Bus, smartfarm_core::Error> {
         let sender = broadcast::channel(CAPACITY).0;
-        let outbound = nats::connect(url, sender.clone()).await?;
-        Ok(Bus { sender, nats: Some(outbound) })
+        let connected = nats::connect(url, sender.clone()).await?;
+        Ok(Bus { sender, local_work: broadcast::channel(1).0, nats: Some(Arc::new(connected)) })
     }
 
     /// Publishes an event to every current subscriber (of every replica, with NATS); returns how many subscribers
     /// this process has.
     pub fn publish(&self, event: Event) -> usize {
         if let Some(nats) = &self.nats
-            && nats.try_send(event.clone()).is_err()
+            && nats.outbound.try_send(nats::Outgoing::Event(event.clone())).is_err()
         {
             // NATS has been away long enough for the queue to fill: the other replicas catch up from the database.
             metrics::counter!("smartfarm_bus_events_dropped_total").increment(1);
@@ -190,6 +235,65 @@ impl Bus {
     /// Receives every event published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.sender.subscribe()
+    }
+
+    /// Hands `event` out as work: one process of those that take work (every replica's, with NATS; this one's
+    /// without) gets it. With NATS, work handed out while no replica takes any waits in the stream (a day at most)
+    /// for the first one that does; without, it is dropped.
+    pub fn hand_out(&self, event: Event) {
+        match &self.nats {
+            Some(nats) => {
+                if nats.outbound.try_send(nats::Outgoing::Work(event)).is_err() {
+                    metrics::counter!("smartfarm_bus_work_dropped_total").increment(1);
+                    tracing::warn!("NATS has been away too long: work handed out was dropped");
+                }
+            }
+            None => {
+                if self.local_work.send(event).is_err() {
+                    // One process, and it takes no work (it does not run the role that would): nobody can do it.
+                    tracing::debug!("work handed out with no taker in this process");
+                }
+            }
+        }
+    }
+
+    /// Takes work handed out from now on, each piece by one taker (with NATS, by one of the replicas' takers, and
+    /// given again to another when it is not marked done within ten minutes). Works until the receiver is dropped.
+    pub fn take_work(&self) -> mpsc::Receiver<Work> {
+        let (taken, receiver) = mpsc::channel(match &self.nats {
+            // A few, so that what NATS handed this replica is not held while another could do it.
+            Some(_) => 2,
+            None => WORK_QUEUE,
+        });
+        match &self.nats {
+            Some(nats) => {
+                tokio::spawn(nats::take_work(nats.context.clone(), nats.stream_name.clone(), taken));
+            }
+            None => {
+                let mut handed_out = self.local_work.subscribe();
+                tokio::spawn(async move {
+                    loop {
+                        let event = tokio::select! {
+                            _ = taken.closed() => return,
+                            event = handed_out.recv() => event,
+                        };
+                        match event {
+                            Ok(event) => {
+                                if taken.send(Work { event, message: None }).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                                metrics::counter!("smartfarm_bus_work_dropped_total").increment(missed);
+                                tracing::warn!(missed, "work was handed out faster than it was taken; some dropped");
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        }
+                    }
+                });
+            }
+        }
+        receiver
     }
 }
 
@@ -214,5 +318,18 @@ mod tests {
         assert_eq!(bus.publish(event.clone()), 2);
         assert_eq!(first.recv().await.unwrap(), event);
         assert_eq!(second.recv().await.unwrap(), event);
+    }
+
+    #[tokio::test]
+    async fn work_goes_to_a_taker_in_the_process_and_is_dropped_without_one() {
+        let bus = Bus::in_process();
+        let farm = |n: u128| Event::RulesChanged { farm_id: Uuid::from_u128(n) };
+        bus.hand_out(farm(1));
+        let mut taken = bus.take_work();
+        bus.hand_out(farm(2));
+        let work = tokio::time::timeout(std::time::Duration::from_secs(5), taken.recv()).await.unwrap().unwrap();
+        assert_eq!(work.event(), &farm(2), "what was handed out before anyone took work is gone");
+        work.done().await;
+        assert!(taken.try_recv().is_err(), "and nothing else came");
     }
 }

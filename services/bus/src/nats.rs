@@ -4,6 +4,10 @@
 //! an ordered consumer from "new" on, handing the other processes' events to its local subscribers (its own reached
 //! them when published). Events NATS does not take after the retries, or that find the bounded queue full, are
 //! dropped, counted and logged; consumers catch up from the database.
+//!
+//! Work (see [`crate::Bus::hand_out`]) goes on a second subject of the same stream, followed by one durable consumer
+//! that every replica taking work pulls from: NATS gives each message to one of them, and gives it again to another
+//! if it is not acknowledged within [`WORK_ACK_WAIT`] (its taker died).
 
 use std::time::Duration;
 
@@ -19,6 +23,25 @@ use crate::Event;
 const PUBLISH_ATTEMPTS: u32 = 8;
 /// Events waiting for NATS at most.
 const QUEUE: usize = 10_000;
+/// The durable consumer of the work subject, shared by every replica that takes work.
+const WORK_CONSUMER: &str = "work";
+/// How long a taker may hold a piece of work before NATS hands it to another.
+const WORK_ACK_WAIT: Duration = Duration::from_secs(600);
+/// How many times a piece of work is handed out before NATS gives up on it.
+const WORK_MAX_DELIVER: i64 = 3;
+
+/// Where an outgoing event goes: to every replica, or as work to one.
+pub(crate) enum Outgoing {
+    Event(Event),
+    Work(Event),
+}
+
+/// A connected NATS bus: where to publish, and how to take work.
+pub(crate) struct Connected {
+    pub outbound: mpsc::Sender<Outgoing>,
+    pub context: jetstream::Context,
+    pub stream_name: String,
+}
 
 /// An event as it travels: with the process that published it.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -47,7 +70,7 @@ fn parse(url: &str) -> Result<(String, String), Error> {
 }
 
 /// Connects, makes sure the stream exists, starts following it into `local` and returns where to publish.
-pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Result<mpsc::Sender<Event>, Error> {
+pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Result<Connected, Error> {
     let (server, name) = parse(url)?;
     let me = uuid::Uuid::now_v7();
     let client = async_nats::ConnectOptions::new()
@@ -58,10 +81,12 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         .map_err(|error| Error::Unavailable(format!("cannot connect to NATS at {server}: {error}")))?;
     let context = jetstream::new(client);
     let subject = format!("{name}.events");
-    let stream = context
-        .get_or_create_stream(stream::Config {
+    let work_subject = format!("{name}.work");
+    // Created, or updated where an earlier version made it with the events subject alone.
+    context
+        .create_or_update_stream(stream::Config {
             name: name.clone(),
-            subjects: vec![subject.clone()],
+            subjects: vec![subject.clone(), work_subject.clone()],
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(24 * 3600),
             max_bytes: 1 << 30,
@@ -71,6 +96,10 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         .map_err(|error| {
             Error::Unavailable(format!("cannot set up the JetStream stream {name} on {server}: {error}"))
         })?;
+    let stream = context
+        .get_stream(&name)
+        .await
+        .map_err(|error| Error::Unavailable(format!("cannot open the JetStream stream {name} on {server}: {error}")))?;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             deliver_policy: DeliverPolicy::New,
@@ -104,9 +133,14 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         tracing::error!("the bus stream ended: this process no longer hears the others");
     });
 
-    let (outbound, mut queue) = mpsc::channel::<Event>(QUEUE);
+    let (outbound, mut queue) = mpsc::channel::<Outgoing>(QUEUE);
+    let publisher = context.clone();
     tokio::spawn(async move {
-        while let Some(event) = queue.recv().await {
+        while let Some(outgoing) = queue.recv().await {
+            let (subject, event) = match outgoing {
+                Outgoing::Event(event) => (&subject, event),
+                Outgoing::Work(event) => (&work_subject, event),
+            };
             let payload = match serde_json::to_vec(&Envelope { origin: me, event }) {
                 Ok(payload) => bytes::Bytes::from(payload),
                 Err(error) => {
@@ -117,7 +151,7 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
             let mut wait = Duration::from_millis(50);
             let mut attempt = 1;
             loop {
-                let published = match context.publish(subject.clone(), payload.clone()).await {
+                let published = match publisher.publish(subject.clone(), payload.clone()).await {
                     Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
                     Err(error) => Err(error.to_string()),
                 };
@@ -138,7 +172,75 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
             }
         }
     });
-    Ok(outbound)
+    Ok(Connected { outbound, context, stream_name: name })
+}
+
+/// Pulls work from the shared durable consumer into `taken` until the receiver is dropped, setting the consumer up
+/// again (every few seconds) while NATS is away.
+pub(crate) async fn take_work(context: jetstream::Context, stream_name: String, taken: mpsc::Sender<crate::Work>) {
+    let work_subject = format!("{stream_name}.work");
+    let mut wait = Duration::from_secs(1);
+    while !taken.is_closed() {
+        let pulled = async {
+            let stream = context.get_stream(&stream_name).await.map_err(|error| error.to_string())?;
+            let consumer = stream
+                .get_or_create_consumer(
+                    WORK_CONSUMER,
+                    jetstream::consumer::pull::Config {
+                        durable_name: Some(WORK_CONSUMER.into()),
+                        filter_subject: work_subject.clone(),
+                        // Work handed out before any replica took work waits for the first that does.
+                        deliver_policy: DeliverPolicy::All,
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ack_wait: WORK_ACK_WAIT,
+                        max_deliver: WORK_MAX_DELIVER,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+            // A few at a time, so that a busy replica does not hold work an idle one could do.
+            consumer.stream().max_messages_per_batch(2).messages().await.map_err(|error| error.to_string())
+        };
+        let mut messages = match pulled.await {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, stream = %stream_name, "cannot take work from NATS; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        tracing::info!(stream = %stream_name, "taking work from NATS");
+        wait = Duration::from_secs(1);
+        loop {
+            let message = tokio::select! {
+                _ = taken.closed() => return,
+                message = messages.next() => message,
+            };
+            match message {
+                Some(Ok(message)) => match serde_json::from_slice::<Envelope>(&message.payload) {
+                    Ok(envelope) => {
+                        let work = crate::Work { event: envelope.event, message: Some(message) };
+                        if taken.send(work).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
+                        tracing::warn!(%error, "work on the bus is not of a kind this version reads; skipped");
+                        let _ = message.ack_with(jetstream::AckKind::Term).await;
+                    }
+                },
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "taking work from NATS failed; setting the consumer up again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
 }
 
 #[cfg(test)]

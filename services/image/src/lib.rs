@@ -116,16 +116,19 @@ impl ImageApi {
         ImageServiceServer::new(self).max_decoding_message_size(upload::MAX_CHUNK_BYTES + 64 * 1024)
     }
 
-    /// Announces a new photo and asks for its thumbnail.
+    /// Announces a new photo, hands it out to be diagnosed (by one of the processes that run the inference role),
+    /// and asks for its thumbnail.
     fn published(&self, image: &ImageRecord) {
-        self.bus.publish(Event::ImageStored(ImageStored {
+        let stored = Event::ImageStored(ImageStored {
             image_id: image.id,
             farm_id: image.farm_id,
             device_id: image.device_id,
             sha256: image.sha256.clone(),
             content_type: image.content_type.clone(),
             capture_time: image.capture_time,
-        }));
+        });
+        self.bus.hand_out(stored.clone());
+        self.bus.publish(stored);
         self.thumbnails_wanted.notify_one();
     }
 

@@ -1,6 +1,8 @@
-//! The pipeline: the inference role listens on the bus. A new photo is diagnosed with the active plant-disease
-//! model and the diagnosis saved on it; a diagnosis that names a disease with at least
-//! `inference.disease_alert_confidence` is announced (`DiseaseDetected`, evidence: the photo). Committed readings
+//! The pipeline: the inference role listens on the bus and takes work from it. A new photo (handed out as work by
+//! the image role, so one replica diagnoses it) is diagnosed with the active plant-disease model and the diagnosis
+//! saved on it; a diagnosis with at least `inference.disease_alert_confidence` is announced (`DiseaseDetected`
+//! when it names a disease, `HealthyDiagnosed`, which clears the camera's disease alerts, when it does not;
+//! evidence: the photo). Committed readings
 //! are scored with the active anomaly model: each device's metric gets a detector fitted on its own history
 //! (`inference.anomaly_history`, refitted after `inference.anomaly_refit`), the new readings are scored with
 //! enough earlier ones as context, and each anomalous stretch that reaches into them is announced
@@ -8,7 +10,8 @@
 //! committed them; otherwise (another replica, or a queue too deep to hold them) they are read back. The context
 //! before them is what this process scored last for the series, kept while it has seen every batch since; it is
 //! read from the database only when that chain breaks. A batch that another replica committed and scores itself
-//! (it runs this role too) is left to it.
+//! (it runs this role too) is left to it; one committed by a replica without this role is handed out as work on
+//! the bus, and scored by the one replica that takes it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +21,7 @@ use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use smartfarm_bus::{
-    AnomalyDetected, DiseaseDetected, Event, ImageStored, ModelVersion, ReadingsCommitted, SeriesSpan, SpanReadings,
+    AnomalyDetected, Diagnosis, Event, ImageStored, ModelVersion, ReadingsCommitted, SeriesSpan, SpanReadings, Work,
 };
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
@@ -79,28 +82,59 @@ impl InferenceApi {
     /// Diagnoses new photos and scores committed readings until the bus closes: one worker for each, so a slow
     /// detector fit never holds photos back and the bus is always drained.
     pub async fn run_pipeline(self) {
-        let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<ImageStored>(QUEUE);
-        // Each batch goes with the count of times events were missed before it (see `RecentReadings`).
-        let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted)>(QUEUE);
+        let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<(ImageStored, Work)>(QUEUE);
+        // Each batch goes with the count of times events were missed before it (see `RecentReadings`), and when it
+        // was handed out as work, the work to mark done once it is scored.
+        let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted, Option<Work>)>(QUEUE);
         let diagnosing = self.clone();
         tokio::spawn(async move {
-            while let Some(stored) = photo_queue.recv().await {
+            while let Some((stored, work)) = photo_queue.recv().await {
                 if let Err(error) = diagnosing.diagnose_new_image(&stored).await {
                     tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
                 }
+                work.done().await;
             }
         });
         let scoring = self.clone();
         tokio::spawn(async move {
-            while let Some((epoch, committed)) = reading_queue.recv().await {
-                scoring.score_new_readings(&committed, epoch).await;
+            while let Some((epoch, committed, work)) = reading_queue.recv().await {
+                scoring.score_new_readings(&committed, epoch, work.is_some()).await;
+                if let Some(work) = work {
+                    work.done().await;
+                }
             }
         });
         let mut events = self.bus.subscribe();
+        let takes_work = self.settings.score_new_readings || self.settings.diagnose_new_images;
+        let mut work = takes_work.then(|| self.bus.take_work());
         let mut epoch = 0;
         loop {
-            let queued = match events.recv().await {
-                Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images => photos.try_send(stored).is_ok(),
+            let event = tokio::select! {
+                event = events.recv() => event,
+                Some(taken) = async { work.as_mut()?.recv().await } => {
+                    // A full queue leaves the work undone (with NATS, it is handed out again later).
+                    let queued = match taken.event() {
+                        Event::ReadingsCommitted(committed) if self.settings.score_new_readings => {
+                            let committed = committed.clone();
+                            readings.try_send((epoch, committed, Some(taken))).is_ok()
+                        }
+                        Event::ImageStored(stored) if self.settings.diagnose_new_images => {
+                            let stored = stored.clone();
+                            photos.try_send((stored, taken)).is_ok()
+                        }
+                        _ => {
+                            taken.done().await;
+                            true
+                        }
+                    };
+                    if !queued {
+                        metrics::counter!("smartfarm_inference_events_missed_total").increment(1);
+                        tracing::warn!("the inference pipeline's queue is full; work handed to it was not done");
+                    }
+                    continue;
+                }
+            };
+            let queued = match event {
                 Ok(Event::ReadingsCommitted(mut committed)) if self.settings.score_new_readings => {
                     // A batch's readings ride along with its event (up to tens of thousands): past a few waiting,
                     // they are dropped and read back from the database instead, so a slow scorer's queue stays small.
@@ -109,7 +143,7 @@ impl InferenceApi {
                             span.readings = None;
                         }
                     }
-                    readings.try_send((epoch, committed)).is_ok()
+                    readings.try_send((epoch, committed, None)).is_ok()
                 }
                 Ok(_) => true,
                 Err(RecvError::Lagged(missed)) => {
@@ -139,11 +173,9 @@ impl InferenceApi {
         self.images.set_diagnosis(image.id, &diagnosis).await?;
         metrics::counter!("smartfarm_inference_images_diagnosed_total").increment(1);
         tracing::debug!(image_id = %image.id, label = %diagnosis.label, confidence = diagnosis.confidence, "photo diagnosed");
-        if !smartfarm_ml::disease::is_healthy(&diagnosis.label)
-            && diagnosis.confidence >= self.settings.disease_alert_confidence
-        {
-            metrics::counter!("smartfarm_inference_diseases_detected_total").increment(1);
-            self.bus.publish(Event::DiseaseDetected(DiseaseDetected {
+        if diagnosis.confidence >= self.settings.disease_alert_confidence {
+            let healthy = smartfarm_ml::disease::is_healthy(&diagnosis.label);
+            let announced = Diagnosis {
                 farm_id: image.farm_id,
                 device_id: image.device_id,
                 image_id: image.id,
@@ -151,15 +183,25 @@ impl InferenceApi {
                 confidence: diagnosis.confidence,
                 model: ModelVersion { name: model.name, version: model.version },
                 capture_time: image.capture_time,
-            }));
+            };
+            if healthy {
+                self.bus.publish(Event::HealthyDiagnosed(announced));
+            } else {
+                metrics::counter!("smartfarm_inference_diseases_detected_total").increment(1);
+                self.bus.publish(Event::DiseaseDetected(announced));
+            }
         }
         Ok(())
     }
 
-    async fn score_new_readings(&self, committed: &ReadingsCommitted, epoch: u64) {
-        if committed.scored_where_committed && !committed.published_here {
-            // Another replica committed it and scores it itself. What this process kept of those series no longer
-            // ends where they end (forgotten here, in turn with the batches before and after it).
+    /// Scores a batch this process committed, or one it took as work (`handed`); leaves any other to the replica
+    /// that scores it.
+    async fn score_new_readings(&self, committed: &ReadingsCommitted, epoch: u64, handed: bool) {
+        let scored_here = handed || (committed.scored_where_committed && committed.published_here);
+        if !scored_here {
+            // The replica that committed it scores it itself, or one replica takes it as work. What this process
+            // kept of those series no longer ends where they end (forgotten here, in turn with the batches before
+            // and after it).
             let mut recent = self.detectors.recent.lock().expect("recent readings");
             for span in &committed.series {
                 recent.remove(&(span.device_id, span.metric.clone()));

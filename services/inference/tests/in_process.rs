@@ -265,10 +265,10 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
     let saved = setup.database.images().get_image(photo.id).await.unwrap().diagnosis.unwrap();
     assert_eq!((saved.label.as_str(), saved.model_name.as_str()), ("Potato___Early_blight", "leafnet-plantvillage7"));
 
-    // A new photo announced by the image role is diagnosed; a confident disease is announced for alerts.
+    // A new photo handed out by the image role is diagnosed; a confident disease is announced for alerts.
     let mut events = setup.bus.subscribe();
     let photo = store_photo(&setup, &leaf("Apple___Black_rot")).await;
-    setup.bus.publish(Event::ImageStored(ImageStored {
+    setup.bus.hand_out(Event::ImageStored(ImageStored {
         image_id: photo.id,
         farm_id: setup.farm_id,
         device_id: setup.camera,
@@ -291,6 +291,27 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
         setup.database.images().get_image(photo.id).await.unwrap().diagnosis.unwrap().label,
         "Apple___Black_rot"
     );
+    // A confidently healthy photo is announced too: it clears the camera's disease alerts.
+    let photo = store_photo(&setup, &leaf("Apple___healthy")).await;
+    setup.bus.hand_out(Event::ImageStored(ImageStored {
+        image_id: photo.id,
+        farm_id: setup.farm_id,
+        device_id: setup.camera,
+        sha256: photo.sha256.clone(),
+        content_type: "image/jpeg".into(),
+        capture_time: photo.capture_time,
+    }));
+    let healthy = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Event::HealthyDiagnosed(healthy) = events.recv().await.unwrap() {
+                return healthy;
+            }
+        }
+    })
+    .await
+    .expect("a healthy photo is announced");
+    assert_eq!((healthy.image_id, healthy.label.as_str()), (photo.id, "Apple___healthy"));
+    assert!(healthy.confidence >= 0.8);
 
     // Bad photos: each gets its reason, and the service stays up.
     let bad = [

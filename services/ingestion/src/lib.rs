@@ -84,8 +84,8 @@ impl IngestionApi {
         self
     }
 
-    /// Says, in each committed batch's announcement, that this process's own inference pipeline scores it, so
-    /// that the other replicas' pipelines leave it alone.
+    /// Says that this process's own inference pipeline scores what it commits; otherwise each committed batch is
+    /// also handed out as work, to one of the replicas that run the inference role.
     pub fn with_scoring_here(mut self, scoring_here: bool) -> Self {
         self.scoring_here = scoring_here;
         self

@@ -566,12 +566,19 @@ async fn commit_in_order(
             .await
             .map_err(|error| Error::internal("evaluate the rules on a batch", error))?;
             if let Some(bus) = &api.bus {
-                bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
+                let committed = ReadingsCommitted {
                     farm_id,
                     series,
                     scored_where_committed: api.scoring_here,
                     published_here: true,
-                }));
+                };
+                // Without the inference role here, the batch is handed to one of the replicas that run it. The
+                // announcement goes to all: what they kept of these series no longer ends where the series do.
+                if !api.scoring_here {
+                    metrics::counter!("smartfarm_ingest_batches_handed_out_total").increment(1);
+                    bus.hand_out(Event::ReadingsCommitted(committed.clone()));
+                }
+                bus.publish(Event::ReadingsCommitted(committed));
             }
         }
         acknowledged?;
