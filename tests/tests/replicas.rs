@@ -184,12 +184,12 @@ async fn batches_committed_without_the_inference_role_are_scored_once_by_a_repli
     // A few batches, a second apart, committed by B, which does not run the inference role.
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
     for value in [20, 21, 22] {
+        let acked_before = edge.metric("smartfarm_edge_batches_acked_total").await;
         let payload = format!(r#"{{"metrics": {{"temperature": {value}}}}}"#);
         mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, &payload).await;
-        let handed_out = edge.metric("smartfarm_edge_batches_acked_total").await;
         assert!(
             eventually(Duration::from_secs(20), || async {
-                edge.metric("smartfarm_edge_batches_acked_total").await > handed_out
+                edge.metric("smartfarm_edge_batches_acked_total").await > acked_before
             })
             .await,
             "the batch was committed\n{}",

@@ -9,12 +9,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use smartfarm_bus::{Bus, Event};
-use smartfarm_core::rules::{AnomalyVerdict, DiseaseVerdict, Evaluator, Origin};
+use smartfarm_core::rules::{AlertState, AnomalyVerdict, Condition, DISEASE_METRIC, DiseaseVerdict, Evaluator, Origin};
 use smartfarm_core::{Result, time};
 use smartfarm_store::AlertStore;
 
@@ -62,10 +63,23 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
                     confidence: detected.confidence,
                     capture_time: detected.capture_time,
                 };
-                evaluate(&*alerts, &bus, (&mut evaluators, &mut stale), detected.farm_id, |evaluator| {
-                    evaluator.on_disease(&verdict)
-                })
-                .await
+                let evaluated =
+                    evaluate(&*alerts, &bus, (&mut evaluators, &mut stale), detected.farm_id, |evaluator| {
+                        evaluator.on_disease(&verdict)
+                    })
+                    .await;
+                if healthy {
+                    let stored = resolve_stored_disease_alerts(
+                        &*alerts,
+                        &bus,
+                        detected.farm_id,
+                        verdict.camera,
+                        verdict.capture_time,
+                    );
+                    evaluated.and(stored.await)
+                } else {
+                    evaluated
+                }
             }
             Event::AnomalyDetected(detected) => {
                 let verdict = AnomalyVerdict {
@@ -87,6 +101,33 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
             tracing::warn!(%error, "a model verdict could not be turned into an alert");
         }
     }
+}
+
+/// Resolves the camera's disease alerts that are still open in the store and began no later than the healthy
+/// photo: the ones the farm's evaluator does not hold (it was built after they opened: this role restarted, or
+/// started over after the bus lagged), which its healthy verdict could not clear.
+async fn resolve_stored_disease_alerts(
+    alerts: &dyn AlertStore,
+    bus: &Bus,
+    farm_id: Uuid,
+    camera: Uuid,
+    healthy_at: SystemTime,
+) -> Result<()> {
+    let (_, rules) = alerts.rules_snapshot(farm_id).await?;
+    let verdict_rules = rules.iter().filter(|rule| {
+        matches!(rule.condition, Condition::ModelVerdict { .. }) && rule.device_id.is_none_or(|only| only == camera)
+    });
+    for rule in verdict_rules {
+        for mut alert in alerts.unresolved_alerts_of(rule.id, Some(camera)).await? {
+            if alert.metric != DISEASE_METRIC || alert.open_time > healthy_at {
+                continue;
+            }
+            alert.state = AlertState::Resolved;
+            alert.resolve_time = Some(healthy_at);
+            crate::record(alerts, bus, &alert).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs a verdict through the farm's evaluator (built, or given the farm's rules again when they are `stale`) and

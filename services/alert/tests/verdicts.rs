@@ -119,3 +119,64 @@ async fn a_repeat_within_the_cooldown_joins_its_alert_across_a_change_of_another
     let listed = settled(3).await;
     assert_eq!(listed.len(), 2, "a disease after the healthy photo is a new alert: {listed:?}");
 }
+
+#[tokio::test]
+async fn a_healthy_photo_resolves_a_disease_alert_the_listener_learnt_before_it_restarted() {
+    let test = TestDatabase::sqlite().await;
+    let store = test.database.alerts();
+    let farm_id = test.database.registry().create_farm(Uuid::now_v7(), "orchard", SystemTime::now()).await.unwrap().id;
+    let bus = Bus::in_process();
+    let api = AlertApi::new(test.database.registry(), store.clone(), bus.clone(), AlertsConfig::default());
+    let verdict = pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
+        disease_labels: vec![],
+        min_confidence: 0.8,
+        on_sensor_anomaly: false,
+    });
+    api.create_rule(as_admin(rule(farm_id, "disease", verdict))).await.unwrap();
+    let listener = tokio::spawn(api.clone().run_verdicts());
+    tokio::time::sleep(Duration::from_millis(100)).await; // The listener is subscribed.
+
+    let camera = Uuid::now_v7();
+    let diagnosis = |label: &str, capture_time: SystemTime| Diagnosis {
+        farm_id,
+        device_id: camera,
+        image_id: Uuid::now_v7(),
+        label: label.into(),
+        confidence: 0.95,
+        model: ModelVersion { name: "leafnet".into(), version: "1".into() },
+        capture_time,
+    };
+    let alerts = || async {
+        let filter = AlertFilter { farm_id: Some(farm_id), ..AlertFilter::default() };
+        store.list_alerts(&filter, None, 100).await.unwrap()
+    };
+    let opened = SystemTime::now() - Duration::from_secs(600);
+    bus.publish(Event::DiseaseDetected(diagnosis("Apple___Black_rot", opened)));
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = alerts().await;
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((listed.len(), listed[0].state), (1, AlertState::Open), "{listed:?}");
+
+    // The listener restarts (a deploy): its evaluators start empty. A healthy photo still resolves the alert.
+    listener.abort();
+    tokio::spawn(api.clone().run_verdicts());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bus.publish(Event::HealthyDiagnosed(diagnosis("Apple___healthy", opened + Duration::from_secs(300))));
+    let mut resolved = None;
+    for _ in 0..100 {
+        let listed = alerts().await;
+        if listed[0].state == AlertState::Resolved {
+            resolved = Some(listed[0].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resolved = resolved.unwrap_or_else(|| panic!("the healthy photo did not resolve it: {:?}", listed));
+    assert_eq!(resolved.resolve_time, Some(opened + Duration::from_secs(300)), "resolved when the photo was taken");
+    assert!(!resolved.resolved_by_hand);
+}

@@ -5,8 +5,9 @@
 //! stream that every replica follows, so replicas hear each other. Either way delivery to a subscriber is best
 //! effort: one that falls behind by more than [`CAPACITY`] events is told how many it missed, and the database stays
 //! the record of what happened (every consumer can catch up from it; the bus only says that something moved).
-//! Work is the other kind of message: handed out ([`Bus::hand_out`]) to one of the processes that take it
-//! ([`Bus::take_work`]), so that a job is done once however many replicas could do it.
+//! Jobs are the other kind of message: handed out ([`Bus::hand_out`]) to one of the processes that take jobs of
+//! their kind ([`Bus::take_work`]), so that a job is done once however many replicas could do it (at least once:
+//! with NATS, a job whose taker dies is handed to another).
 
 #![forbid(unsafe_code)]
 
@@ -72,6 +73,11 @@ pub struct ReadingsCommitted {
     /// announcement is scored nowhere else.
     #[serde(default)]
     pub scored_where_committed: bool,
+    /// The batch was handed out as a job (`Job::Score`). False in announcements from versions that did not hand
+    /// batches out: when `scored_where_committed` is false too, every replica that runs the role scores it, as
+    /// those versions did.
+    #[serde(default)]
+    pub handed_out: bool,
     /// True in the process that published the event, false where it arrived through NATS (it does not travel).
     #[serde(skip)]
     pub published_here: bool,
@@ -139,6 +145,10 @@ pub struct AnomalyDetected {
 /// A photo newly stored, with what a consumer needs to fetch and diagnose it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageStored {
+    /// The photo was handed out as a job (`Job::Diagnose`) too. False in announcements from versions that did not
+    /// hand photos out: every replica that runs the inference role diagnoses those, as those versions did.
+    #[serde(default)]
+    pub handed_out: bool,
     pub image_id: Uuid,
     pub farm_id: Uuid,
     pub device_id: Uuid,
@@ -147,37 +157,83 @@ pub struct ImageStored {
     pub capture_time: SystemTime,
 }
 
-/// A piece of work taken from the bus (see [`Bus::take_work`]): do it, then say so with [`Work::done`].
+/// A job for one of the replicas that run a role, handed out with [`Bus::hand_out`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Job {
+    /// Diagnose a new photo (the inference role).
+    Diagnose(ImageStored),
+    /// Score a committed batch's readings for anomalies (the inference role).
+    Score(ReadingsCommitted),
+}
+
+/// The kinds of job: each has its own queue, so a process takes only the jobs it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    Diagnose,
+    Score,
+}
+
+impl Job {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Job::Diagnose(_) => JobKind::Diagnose,
+            Job::Score(_) => JobKind::Score,
+        }
+    }
+}
+
+impl JobKind {
+    /// The name of its queue.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Diagnose => "diagnose",
+            JobKind::Score => "score",
+        }
+    }
+}
+
+/// A job taken from the bus (see [`Bus::take_work`]): say when it starts ([`Work::started`]), then that it is done
+/// ([`Work::done`]).
 pub struct Work {
-    event: Event,
-    /// With NATS: the message to acknowledge once the work is done (until then NATS may hand it to another
-    /// replica if this one dies).
+    job: Job,
+    /// With NATS: the message to acknowledge once the job is done (until then NATS hands it to another replica if
+    /// this one does not say within ten minutes of its last word).
     message: Option<async_nats::jetstream::Message>,
 }
 
 impl Work {
     /// What is to be done.
-    pub fn event(&self) -> &Event {
-        &self.event
+    pub fn job(&self) -> &Job {
+        &self.job
     }
 
-    /// Says the work is done: NATS will not hand it out again.
+    /// Says the job has started: NATS waits another ten minutes before it hands the job to another replica (it
+    /// may have waited in this process's queue meanwhile).
+    pub async fn started(&self) {
+        if let Some(message) = &self.message
+            && let Err(error) = message.ack_with(async_nats::jetstream::AckKind::Progress).await
+        {
+            tracing::warn!(%error, "cannot tell NATS that a job started");
+        }
+    }
+
+    /// Says the job is done; with NATS, once the server confirms it, the job is not handed out again.
     pub async fn done(self) {
         if let Some(message) = self.message
-            && let Err(error) = message.ack().await
+            && let Err(error) = message.double_ack().await
         {
-            tracing::warn!(%error, "cannot acknowledge work to NATS; it may be handed out again");
+            tracing::warn!(%error, "NATS did not confirm a job as done; it may be handed out again");
         }
     }
 }
 
 impl std::fmt::Debug for Work {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Work").field("event", &self.event).finish_non_exhaustive()
+        formatter.debug_struct("Work").field("job", &self.job).finish_non_exhaustive()
     }
 }
 
-/// Work waiting for a taker in one process, at most.
+/// Jobs waiting for a taker in one process, at most.
 const WORK_QUEUE: usize = 1024;
 
 /// The bus: cheap to clone, every clone publishes to the same subscribers.
@@ -185,8 +241,8 @@ const WORK_QUEUE: usize = 1024;
 pub struct Bus {
     /// This process's subscribers.
     sender: broadcast::Sender<Event>,
-    /// Without NATS: work handed out in this process, for its takers.
-    local_work: broadcast::Sender<Event>,
+    /// Without NATS: jobs handed out in this process, for its takers.
+    local_work: broadcast::Sender<Job>,
     /// With NATS: where published events and work go, and where work is taken from.
     nats: Option<Arc<nats::Connected>>,
 }
@@ -237,63 +293,67 @@ impl Bus {
         self.sender.subscribe()
     }
 
-    /// Hands `event` out as work: one process of those that take work (every replica's, with NATS; this one's
-    /// without) gets it. With NATS, work handed out while no replica takes any waits in the stream (a day at most)
-    /// for the first one that does; without, it is dropped.
-    pub fn hand_out(&self, event: Event) {
+    /// Hands `job` out: one of the processes that take its kind of job gets it (with NATS, one of the replicas';
+    /// without, this process, whose takers all see it: a process has one taker of each kind). With NATS a job
+    /// handed out while no replica takes its kind waits (a day at most) for the first one that does; without, it
+    /// is dropped.
+    pub fn hand_out(&self, job: Job) {
         match &self.nats {
             Some(nats) => {
-                if nats.outbound.try_send(nats::Outgoing::Work(event)).is_err() {
-                    metrics::counter!("smartfarm_bus_work_dropped_total").increment(1);
-                    tracing::warn!("NATS has been away too long: work handed out was dropped");
+                if nats.outbound.try_send(nats::Outgoing::Job(job)).is_err() {
+                    metrics::counter!("smartfarm_bus_jobs_dropped_total").increment(1);
+                    tracing::warn!("NATS has been away too long: a job handed out was dropped");
                 }
             }
             None => {
-                if self.local_work.send(event).is_err() {
-                    // One process, and it takes no work (it does not run the role that would): nobody can do it.
-                    tracing::debug!("work handed out with no taker in this process");
+                if self.local_work.send(job).is_err() {
+                    // One process, and it takes no jobs (it does not run the role that would): nobody can do it.
+                    tracing::debug!("a job handed out with no taker in this process");
                 }
             }
         }
     }
 
-    /// Takes work handed out from now on, each piece by one taker (with NATS, by one of the replicas' takers, and
-    /// given again to another when it is not marked done within ten minutes). Works until the receiver is dropped.
-    pub fn take_work(&self) -> mpsc::Receiver<Work> {
-        let (taken, receiver) = mpsc::channel(match &self.nats {
-            // A few, so that what NATS handed this replica is not held while another could do it.
-            Some(_) => 2,
-            None => WORK_QUEUE,
-        });
+    /// Takes the jobs of `kind` handed out from now on (with NATS, also those waiting), until the receiver is
+    /// dropped. With NATS the receiver holds at most two at a time, so jobs wait in NATS, where an idle replica can
+    /// take them, rather than here.
+    pub fn take_work(&self, kind: JobKind) -> mpsc::Receiver<Work> {
         match &self.nats {
             Some(nats) => {
-                tokio::spawn(nats::take_work(nats.context.clone(), nats.stream_name.clone(), taken));
+                let (taken, receiver) = mpsc::channel(1);
+                tokio::spawn(nats::take_work(nats.context.clone(), nats.stream_name.clone(), kind, taken));
+                receiver
             }
             None => {
+                let (taken, receiver) = mpsc::channel(WORK_QUEUE);
                 let mut handed_out = self.local_work.subscribe();
                 tokio::spawn(async move {
                     loop {
-                        let event = tokio::select! {
+                        let job = tokio::select! {
                             _ = taken.closed() => return,
-                            event = handed_out.recv() => event,
+                            job = handed_out.recv() => job,
                         };
-                        match event {
-                            Ok(event) => {
-                                if taken.send(Work { event, message: None }).await.is_err() {
+                        match job {
+                            Ok(job) if job.kind() == kind => {
+                                if taken.send(Work { job, message: None }).await.is_err() {
                                     return;
                                 }
                             }
+                            Ok(_) => {}
                             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                                metrics::counter!("smartfarm_bus_work_dropped_total").increment(missed);
-                                tracing::warn!(missed, "work was handed out faster than it was taken; some dropped");
+                                metrics::counter!("smartfarm_bus_jobs_dropped_total").increment(missed);
+                                tracing::warn!(
+                                    missed,
+                                    "jobs were handed out faster than they were taken; some dropped"
+                                );
                             }
                             Err(broadcast::error::RecvError::Closed) => return,
                         }
                     }
                 });
+                receiver
             }
         }
-        receiver
     }
 }
 
@@ -305,6 +365,7 @@ mod tests {
     async fn subscribers_receive_what_is_published_after_they_subscribe() {
         let bus = Bus::in_process();
         let event = Event::ImageStored(ImageStored {
+            handed_out: true,
             image_id: Uuid::now_v7(),
             farm_id: Uuid::now_v7(),
             device_id: Uuid::now_v7(),
@@ -321,15 +382,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn work_goes_to_a_taker_in_the_process_and_is_dropped_without_one() {
+    async fn jobs_go_to_a_taker_of_their_kind_in_the_process_and_are_dropped_without_one() {
         let bus = Bus::in_process();
-        let farm = |n: u128| Event::RulesChanged { farm_id: Uuid::from_u128(n) };
-        bus.hand_out(farm(1));
-        let mut taken = bus.take_work();
-        bus.hand_out(farm(2));
-        let work = tokio::time::timeout(std::time::Duration::from_secs(5), taken.recv()).await.unwrap().unwrap();
-        assert_eq!(work.event(), &farm(2), "what was handed out before anyone took work is gone");
+        let job = |n: u128| {
+            Job::Score(ReadingsCommitted {
+                farm_id: Uuid::from_u128(n),
+                series: Vec::new(),
+                scored_where_committed: false,
+                handed_out: true,
+                published_here: true,
+            })
+        };
+        bus.hand_out(job(1));
+        let mut scoring = bus.take_work(JobKind::Score);
+        let mut diagnosing = bus.take_work(JobKind::Diagnose);
+        bus.hand_out(job(2));
+        let work = tokio::time::timeout(std::time::Duration::from_secs(5), scoring.recv()).await.unwrap().unwrap();
+        assert_eq!(work.job(), &job(2), "what was handed out before anyone took jobs is gone");
         work.done().await;
-        assert!(taken.try_recv().is_err(), "and nothing else came");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(scoring.try_recv().is_err(), "and nothing else came");
+        assert!(diagnosing.try_recv().is_err(), "a job of another kind goes to its own takers only");
     }
 }

@@ -5,9 +5,10 @@
 //! them when published). Events NATS does not take after the retries, or that find the bounded queue full, are
 //! dropped, counted and logged; consumers catch up from the database.
 //!
-//! Work (see [`crate::Bus::hand_out`]) goes on a second subject of the same stream, followed by one durable consumer
-//! that every replica taking work pulls from: NATS gives each message to one of them, and gives it again to another
-//! if it is not acknowledged within [`WORK_ACK_WAIT`] (its taker died).
+//! Jobs (see [`crate::Bus::hand_out`]) go to a second stream, `<NAME>-work`, a work queue (a job is deleted once
+//! done), on a subject per kind of job. Each kind has one durable consumer that every replica taking that kind
+//! pulls from: NATS gives each job to one of them, and gives it again to another if its taker says nothing for
+//! [`WORK_ACK_WAIT`] (it died), at most [`WORK_MAX_DELIVER`] times in all.
 
 use std::time::Duration;
 
@@ -17,23 +18,23 @@ use tokio_stream::StreamExt;
 
 use smartfarm_core::Error;
 
-use crate::Event;
+use crate::{Event, Job, JobKind, Work};
 
 /// How many times a publish is tried before the event is dropped.
 const PUBLISH_ATTEMPTS: u32 = 8;
 /// Events waiting for NATS at most.
 const QUEUE: usize = 10_000;
-/// The durable consumer of the work subject, shared by every replica that takes work.
-const WORK_CONSUMER: &str = "work";
-/// How long a taker may hold a piece of work before NATS hands it to another.
+/// How long a taker may go without a word on a job (taken, started, done) before NATS hands it to another.
 const WORK_ACK_WAIT: Duration = Duration::from_secs(600);
-/// How many times a piece of work is handed out before NATS gives up on it.
+/// How many times a job is handed out before NATS gives up on it (a job that crashes its taker every time).
 const WORK_MAX_DELIVER: i64 = 3;
+/// How long a job this version cannot read waits before NATS offers it again (to a newer replica, perhaps).
+const UNREADABLE_JOB_DELAY: Duration = Duration::from_secs(60);
 
-/// Where an outgoing event goes: to every replica, or as work to one.
+/// Where an outgoing message goes: to every replica, or as a job to one.
 pub(crate) enum Outgoing {
     Event(Event),
-    Work(Event),
+    Job(crate::Job),
 }
 
 /// A connected NATS bus: where to publish, and how to take work.
@@ -63,8 +64,9 @@ fn parse(url: &str) -> Result<(String, String), Error> {
         return Err(Error::invalid("bus_url", "names no NATS server: expected nats://HOST:PORT[/NAME]"));
     }
     let name = if name.is_empty() { "smartfarm" } else { name };
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') || name.len() > 64 {
-        return Err(Error::invalid("bus_url", "the stream name must be 1 to 64 of A-Z, a-z, 0-9, '-', '_'"));
+    // At most 59, so that the jobs' stream, `<NAME>-work`, fits NATS's 64.
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') || name.len() > 59 {
+        return Err(Error::invalid("bus_url", "the stream name must be 1 to 59 of A-Z, a-z, 0-9, '-', '_'"));
     }
     Ok((format!("nats://{server}"), name.to_string()))
 }
@@ -81,12 +83,10 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         .map_err(|error| Error::Unavailable(format!("cannot connect to NATS at {server}: {error}")))?;
     let context = jetstream::new(client);
     let subject = format!("{name}.events");
-    let work_subject = format!("{name}.work");
-    // Created, or updated where an earlier version made it with the events subject alone.
-    context
-        .create_or_update_stream(stream::Config {
+    let stream = context
+        .get_or_create_stream(stream::Config {
             name: name.clone(),
-            subjects: vec![subject.clone(), work_subject.clone()],
+            subjects: vec![subject.clone()],
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(24 * 3600),
             max_bytes: 1 << 30,
@@ -96,10 +96,9 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         .map_err(|error| {
             Error::Unavailable(format!("cannot set up the JetStream stream {name} on {server}: {error}"))
         })?;
-    let stream = context
-        .get_stream(&name)
-        .await
-        .map_err(|error| Error::Unavailable(format!("cannot open the JetStream stream {name} on {server}: {error}")))?;
+    work_stream(&context, &name).await.map_err(|error| {
+        Error::Unavailable(format!("cannot set up the JetStream stream {name}-work on {server}: {error}"))
+    })?;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             deliver_policy: DeliverPolicy::New,
@@ -134,17 +133,17 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
     });
 
     let (outbound, mut queue) = mpsc::channel::<Outgoing>(QUEUE);
-    let publisher = context.clone();
+    let (publisher, stream_name) = (context.clone(), name.clone());
     tokio::spawn(async move {
         while let Some(outgoing) = queue.recv().await {
-            let (subject, event) = match outgoing {
-                Outgoing::Event(event) => (&subject, event),
-                Outgoing::Work(event) => (&work_subject, event),
+            let (subject, payload) = match outgoing {
+                Outgoing::Event(event) => (subject.clone(), serde_json::to_vec(&Envelope { origin: me, event })),
+                Outgoing::Job(job) => (job_subject(&stream_name, job.kind()), serde_json::to_vec(&job)),
             };
-            let payload = match serde_json::to_vec(&Envelope { origin: me, event }) {
+            let payload = match payload {
                 Ok(payload) => bytes::Bytes::from(payload),
                 Err(error) => {
-                    tracing::error!(%error, "an event cannot be written as JSON; dropped");
+                    tracing::error!(%error, "a message cannot be written as JSON; dropped");
                     continue;
                 }
             };
@@ -175,21 +174,42 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
     Ok(Connected { outbound, context, stream_name: name })
 }
 
-/// Pulls work from the shared durable consumer into `taken` until the receiver is dropped, setting the consumer up
-/// again (every few seconds) while NATS is away.
-pub(crate) async fn take_work(context: jetstream::Context, stream_name: String, taken: mpsc::Sender<crate::Work>) {
-    let work_subject = format!("{stream_name}.work");
+/// The subject of a kind of job, in the stream named `name`.
+fn job_subject(name: &str, kind: JobKind) -> String {
+    format!("{name}.work.{}", kind.as_str())
+}
+
+/// Makes sure the jobs' stream of the bus named `name` exists: a work queue, so a job is deleted once done.
+async fn work_stream(context: &jetstream::Context, name: &str) -> Result<stream::Stream, String> {
+    context
+        .get_or_create_stream(stream::Config {
+            name: format!("{name}-work"),
+            subjects: vec![format!("{name}.work.>")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: 1 << 30,
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| error.to_string())
+}
+
+/// Pulls the jobs of `kind` from their durable consumer, shared by every replica that takes them, into `taken`
+/// until the receiver is dropped; sets the stream and the consumer up again (with backoff) while NATS is away.
+pub(crate) async fn take_work(context: jetstream::Context, name: String, kind: JobKind, taken: mpsc::Sender<Work>) {
+    let consumer_name = format!("jobs-{}", kind.as_str());
     let mut wait = Duration::from_secs(1);
     while !taken.is_closed() {
         let pulled = async {
-            let stream = context.get_stream(&stream_name).await.map_err(|error| error.to_string())?;
-            let consumer = stream
+            let consumer = work_stream(&context, &name)
+                .await?
                 .get_or_create_consumer(
-                    WORK_CONSUMER,
+                    &consumer_name,
                     jetstream::consumer::pull::Config {
-                        durable_name: Some(WORK_CONSUMER.into()),
-                        filter_subject: work_subject.clone(),
-                        // Work handed out before any replica took work waits for the first that does.
+                        durable_name: Some(consumer_name.clone()),
+                        filter_subject: job_subject(&name, kind),
+                        // Jobs handed out before any replica took their kind wait for the first that does.
                         deliver_policy: DeliverPolicy::All,
                         ack_policy: jetstream::consumer::AckPolicy::Explicit,
                         ack_wait: WORK_ACK_WAIT,
@@ -199,41 +219,49 @@ pub(crate) async fn take_work(context: jetstream::Context, stream_name: String, 
                 )
                 .await
                 .map_err(|error| error.to_string())?;
-            // A few at a time, so that a busy replica does not hold work an idle one could do.
-            consumer.stream().max_messages_per_batch(2).messages().await.map_err(|error| error.to_string())
+            // One at a time: a job waits in NATS, where any replica may take it, until this one is ready for it.
+            consumer.stream().max_messages_per_batch(1).messages().await.map_err(|error| error.to_string())
         };
         let mut messages = match pulled.await {
             Ok(messages) => messages,
             Err(error) => {
-                tracing::warn!(%error, stream = %stream_name, "cannot take work from NATS; trying again");
+                tracing::warn!(%error, stream = %name, kind = kind.as_str(), "cannot take jobs from NATS; trying again");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
-        tracing::info!(stream = %stream_name, "taking work from NATS");
+        tracing::info!(stream = %name, kind = kind.as_str(), "taking jobs from NATS");
         wait = Duration::from_secs(1);
         loop {
+            // Wait for room first: a job pulled is this replica's until it says otherwise.
+            let permit = tokio::select! {
+                _ = taken.closed() => return,
+                permit = taken.clone().reserve_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
             let message = tokio::select! {
                 _ = taken.closed() => return,
                 message = messages.next() => message,
             };
             match message {
-                Some(Ok(message)) => match serde_json::from_slice::<Envelope>(&message.payload) {
-                    Ok(envelope) => {
-                        let work = crate::Work { event: envelope.event, message: Some(message) };
-                        if taken.send(work).await.is_err() {
-                            return;
-                        }
+                Some(Ok(message)) => match serde_json::from_slice::<Job>(&message.payload) {
+                    Ok(job) if job.kind() == kind => {
+                        permit.send(Work { job, message: Some(message) });
                     }
-                    Err(error) => {
+                    Ok(_) | Err(_) => {
                         metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
-                        tracing::warn!(%error, "work on the bus is not of a kind this version reads; skipped");
-                        let _ = message.ack_with(jetstream::AckKind::Term).await;
+                        tracing::warn!(
+                            kind = kind.as_str(),
+                            "a job is not one this version reads; offered again later"
+                        );
+                        let _ = message.ack_with(jetstream::AckKind::Nak(Some(UNREADABLE_JOB_DELAY))).await;
                     }
                 },
                 Some(Err(error)) => {
-                    tracing::warn!(%error, "taking work from NATS failed; setting the consumer up again");
+                    tracing::warn!(%error, "taking jobs from NATS failed; setting the consumer up again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     break;
                 }
@@ -254,5 +282,7 @@ mod tests {
         assert!(parse("redis://127.0.0.1").unwrap_err().to_string().starts_with("bus_url:"));
         assert!(parse("nats:///x").is_err());
         assert!(parse("nats://h:1/a.b").is_err());
+        assert!(parse(&format!("nats://h:1/{}", "a".repeat(59))).is_ok());
+        assert!(parse(&format!("nats://h:1/{}", "a".repeat(60))).is_err(), "<NAME>-work must fit in 64");
     }
 }

@@ -1,16 +1,18 @@
 //! The NATS JetStream bus against a real server (127.0.0.1:4222 where the project is tested;
-//! `SMARTFARM_TEST_NATS_URL` points elsewhere): events published by one replica reach the others, and work handed
-//! out goes to exactly one of the replicas that take it, including work handed out before any took it.
+//! `SMARTFARM_TEST_NATS_URL` points elsewhere): events published by one replica reach the others; a job handed out
+//! goes to exactly one of the replicas that take its kind, including jobs handed out before any took them, and a
+//! job done is gone from NATS.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use smartfarm_bus::{Bus, Event};
+use smartfarm_bus::{Bus, Event, ImageStored, Job, JobKind, ReadingsCommitted};
 
-/// A stream of the test's own on the test NATS server; fails, saying how to start NATS, when none answers.
-fn nats_url() -> String {
+/// The test NATS server, and a bus URL with a stream of the test's own; fails, saying how to start NATS, when
+/// none answers.
+fn nats_server_and_url() -> (String, String, String) {
     let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let address = server.trim_start_matches("nats://");
     assert!(
@@ -18,48 +20,91 @@ fn nats_url() -> String {
         "no NATS server answers at {server}: the bus tests need NATS with JetStream (Debian package nats-server), \
          e.g. `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or SMARTFARM_TEST_NATS_URL"
     );
-    format!("{server}/bus-test-{}", Uuid::now_v7().simple())
+    let name = format!("bus-test-{}", Uuid::now_v7().simple());
+    let url = format!("{server}/{name}");
+    (server, name, url)
 }
 
-fn numbered(n: u128) -> Event {
-    Event::RulesChanged { farm_id: Uuid::from_u128(n) }
+fn scoring_job(n: u128) -> Job {
+    Job::Score(ReadingsCommitted {
+        farm_id: Uuid::from_u128(n),
+        series: Vec::new(),
+        scored_where_committed: false,
+        handed_out: true,
+        published_here: false,
+    })
+}
+
+/// How many jobs the bus's jobs stream holds (handed out and not done).
+async fn jobs_waiting(server: &str, name: &str) -> u64 {
+    let client = async_nats::connect(server.trim_start_matches("nats://")).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client).get_stream(format!("{name}-work")).await.unwrap();
+    stream.info().await.unwrap().state.messages
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn work_is_taken_once_across_replicas_and_events_reach_every_replica() {
-    let url = nats_url();
+async fn a_job_is_taken_once_across_replicas_and_events_reach_every_replica() {
+    let (server, name, url) = nats_server_and_url();
     let a = Bus::connect(&url).await.unwrap();
     let b = Bus::connect(&url).await.unwrap();
     let c = Bus::connect(&url).await.unwrap();
 
     // Events: A publishes, B hears it.
     let mut heard = b.subscribe();
-    a.publish(numbered(0));
+    a.publish(Event::RulesChanged { farm_id: Uuid::from_u128(0) });
     let event = tokio::time::timeout(Duration::from_secs(10), heard.recv()).await.expect("B hears A").unwrap();
-    assert_eq!(event, numbered(0));
+    assert_eq!(event, Event::RulesChanged { farm_id: Uuid::from_u128(0) });
 
-    // Work: C hands out 40 pieces, the first 10 before anyone takes work; A and B take them, each piece once.
+    // Jobs: C hands out 40 scoring jobs, the first 10 before anyone takes jobs (they wait in NATS); A and B take
+    // them, each once. A photo job goes to the one replica that takes those, not to the scorers.
     for n in 1..=10 {
-        c.hand_out(numbered(n));
+        c.hand_out(scoring_job(n));
     }
-    let mut taken_by_a = a.take_work();
-    let mut taken_by_b = b.take_work();
+    let mut waited = 0;
+    while jobs_waiting(&server, &name).await < 10 {
+        waited += 1;
+        assert!(waited < 100, "the first 10 jobs did not reach NATS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut taken_by_a = a.take_work(JobKind::Score);
+    let mut taken_by_b = b.take_work(JobKind::Score);
+    let mut photos_by_c = c.take_work(JobKind::Diagnose);
     for n in 11..=40 {
-        c.hand_out(numbered(n));
+        c.hand_out(scoring_job(n));
     }
+    let photo = Job::Diagnose(ImageStored {
+        handed_out: true,
+        image_id: Uuid::from_u128(99),
+        farm_id: Uuid::from_u128(99),
+        device_id: Uuid::from_u128(99),
+        sha256: "ab".repeat(32),
+        content_type: "image/jpeg".into(),
+        capture_time: std::time::SystemTime::UNIX_EPOCH,
+    });
+    a.hand_out(photo.clone());
+
     let mut takers: BTreeMap<Uuid, Vec<char>> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while takers.values().map(Vec::len).sum::<usize>() < 40 {
         let (work, taker) = tokio::select! {
             Some(work) = taken_by_a.recv() => (work, 'A'),
             Some(work) = taken_by_b.recv() => (work, 'B'),
-            _ = tokio::time::sleep_until(deadline) => panic!("only {} of 40 pieces of work were taken", takers.len()),
+            _ = tokio::time::sleep_until(deadline) => panic!("only {} of 40 jobs were taken: {takers:?}", takers.len()),
         };
-        let Event::RulesChanged { farm_id } = work.event() else { panic!("not the work handed out: {work:?}") };
-        takers.entry(*farm_id).or_default().push(taker);
+        let Job::Score(committed) = work.job() else { panic!("a scorer was given {work:?}") };
+        takers.entry(committed.farm_id).or_default().push(taker);
+        work.started().await;
         work.done().await;
     }
-    // Done work is not handed out again.
+    let expected: Vec<Uuid> = (1..=40).map(Uuid::from_u128).collect();
+    assert_eq!(takers.keys().copied().collect::<Vec<_>>(), expected, "every job, once: {takers:?}");
+    assert!(takers.values().all(|taken| taken.len() == 1), "a job went to two takers: {takers:?}");
+    let work =
+        tokio::time::timeout(Duration::from_secs(10), photos_by_c.recv()).await.expect("C takes photos").unwrap();
+    assert_eq!(work.job(), &photo);
+    work.done().await;
+
+    // Done jobs are gone: NATS holds none, and hands none out again.
     let again = tokio::time::timeout(Duration::from_secs(2), async {
         tokio::select! {
             Some(work) = taken_by_a.recv() => work,
@@ -67,8 +112,6 @@ async fn work_is_taken_once_across_replicas_and_events_reach_every_replica() {
         }
     })
     .await;
-    assert!(again.is_err(), "work marked done came back: {again:?}");
-    let expected: Vec<Uuid> = (1..=40).map(Uuid::from_u128).collect();
-    assert_eq!(takers.keys().copied().collect::<Vec<_>>(), expected, "every piece, once: {takers:?}");
-    assert!(takers.values().all(|taken| taken.len() == 1), "a piece went to two takers: {takers:?}");
+    assert!(again.is_err(), "a job marked done came back: {again:?}");
+    assert_eq!(jobs_waiting(&server, &name).await, 0, "NATS still holds jobs that were done");
 }

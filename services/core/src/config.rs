@@ -104,7 +104,8 @@ public_url = ""
 [inference]
 # Diagnose every new photo with the active plant-disease model; the diagnosis is saved on the photo.
 diagnose_new_images = true
-# A diagnosis that is not a healthy class and at least this confident is announced for alerts.
+# A diagnosis at least this confident is announced for alerts: a disease raises the farm's model-verdict rules, a
+# healthy class resolves the camera's disease alerts.
 disease_alert_confidence = 0.8
 # Score every committed telemetry batch with the active anomaly model; anomalous stretches are announced.
 score_new_readings = true
@@ -347,7 +348,8 @@ impl ImagesConfig {
 pub struct InferenceConfig {
     /// Diagnose every new photo with the active plant-disease model and save the diagnosis on it.
     pub diagnose_new_images: bool,
-    /// Announce a disease (for alerts) when a photo's diagnosis is not a healthy class and at least this confident.
+    /// Announce a photo's diagnosis (for alerts) when it is at least this confident: a disease raises the farm's
+    /// model-verdict rules, a healthy class resolves the camera's disease alerts.
     pub disease_alert_confidence: f64,
     /// Score every committed telemetry batch with the active anomaly model.
     pub score_new_readings: bool,

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use smartfarm_bus::{Bus, Event, ImageStored};
+use smartfarm_bus::{Bus, Event, ImageStored, Job};
 use smartfarm_core::config::ImagesConfig;
 use smartfarm_core::{Principal, time};
 use smartfarm_proto::common::v1::ModelRef;
@@ -119,16 +119,17 @@ impl ImageApi {
     /// Announces a new photo, hands it out to be diagnosed (by one of the processes that run the inference role),
     /// and asks for its thumbnail.
     fn published(&self, image: &ImageRecord) {
-        let stored = Event::ImageStored(ImageStored {
+        let stored = ImageStored {
+            handed_out: true,
             image_id: image.id,
             farm_id: image.farm_id,
             device_id: image.device_id,
             sha256: image.sha256.clone(),
             content_type: image.content_type.clone(),
             capture_time: image.capture_time,
-        });
-        self.bus.hand_out(stored.clone());
-        self.bus.publish(stored);
+        };
+        self.bus.hand_out(Job::Diagnose(stored.clone()));
+        self.bus.publish(Event::ImageStored(stored));
         self.thumbnails_wanted.notify_one();
     }
 

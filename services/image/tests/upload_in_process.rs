@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-use smartfarm_bus::{Bus, Event};
+use smartfarm_bus::{Bus, Event, Job, JobKind};
 use smartfarm_core::Principal;
 use smartfarm_core::config::{ImagesConfig, PostgresConfig};
 use smartfarm_image::{ImageApi, UrlSigner};
@@ -70,7 +70,7 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let bus = Bus::in_process();
     let mut events = bus.subscribe();
-    let mut work = bus.take_work();
+    let mut jobs = bus.take_work(JobKind::Diagnose);
     // Photos are kept forever, except on this farm, whose originals go a millisecond after they arrive.
     let settings =
         ImagesConfig { farm_retention: [(farm.id.to_string(), "1ms".to_string())].into(), ..ImagesConfig::default() };
@@ -109,8 +109,9 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     assert_eq!(event.image_id.to_string(), image.id);
     assert_eq!((event.farm_id, event.device_id), (farm.id, camera.id));
     assert_eq!((event.sha256.as_str(), event.content_type.as_str()), (image.sha256.as_str(), "image/png"));
-    let handed = tokio::time::timeout(Duration::from_secs(5), work.recv()).await.unwrap().unwrap();
-    assert_eq!(handed.event(), &Event::ImageStored(event.clone()), "handed out to be diagnosed, too");
+    assert!(event.handed_out);
+    let handed = tokio::time::timeout(Duration::from_secs(5), jobs.recv()).await.unwrap().unwrap();
+    assert_eq!(handed.job(), &Job::Diagnose(event.clone()), "handed out to be diagnosed, too");
 
     let again =
         client.upload(tokio_stream::iter(upload_messages(camera.id, "second", &photo))).await.unwrap().into_inner();

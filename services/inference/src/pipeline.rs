@@ -21,7 +21,8 @@ use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use smartfarm_bus::{
-    AnomalyDetected, Diagnosis, Event, ImageStored, ModelVersion, ReadingsCommitted, SeriesSpan, SpanReadings, Work,
+    AnomalyDetected, Diagnosis, Event, ImageStored, Job, JobKind, ModelVersion, ReadingsCommitted, SeriesSpan,
+    SpanReadings,
 };
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
@@ -82,58 +83,74 @@ impl InferenceApi {
     /// Diagnoses new photos and scores committed readings until the bus closes: one worker for each, so a slow
     /// detector fit never holds photos back and the bus is always drained.
     pub async fn run_pipeline(self) {
-        let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<(ImageStored, Work)>(QUEUE);
-        // Each batch goes with the count of times events were missed before it (see `RecentReadings`), and when it
-        // was handed out as work, the work to mark done once it is scored.
-        let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted, Option<Work>)>(QUEUE);
-        let diagnosing = self.clone();
-        tokio::spawn(async move {
-            while let Some((stored, work)) = photo_queue.recv().await {
-                if let Err(error) = diagnosing.diagnose_new_image(&stored).await {
-                    tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
+        // Photos announced by versions that did not hand them out as jobs (every replica diagnoses those, as it
+        // did then).
+        let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<ImageStored>(QUEUE);
+        // Each batch goes with the count of times events were missed before it (see `RecentReadings`).
+        let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted)>(QUEUE);
+        // Jobs are taken only when a worker is free for them: until then they wait in NATS, where another replica
+        // may take them.
+        if self.settings.diagnose_new_images {
+            let diagnosing = self.clone();
+            let mut jobs = self.bus.take_work(JobKind::Diagnose);
+            tokio::spawn(async move {
+                loop {
+                    let (stored, work) = tokio::select! {
+                        biased;
+                        Some(stored) = photo_queue.recv() => (stored, None),
+                        Some(work) = jobs.recv() => match work.job() {
+                            Job::Diagnose(stored) => (stored.clone(), Some(work)),
+                            Job::Score(_) => continue,
+                        },
+                        else => return,
+                    };
+                    if let Some(work) = &work {
+                        work.started().await;
+                    }
+                    if let Err(error) = diagnosing.diagnose_new_image(&stored).await {
+                        tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
+                    }
+                    if let Some(work) = work {
+                        work.done().await;
+                    }
                 }
-                work.done().await;
-            }
-        });
-        let scoring = self.clone();
-        tokio::spawn(async move {
-            while let Some((epoch, committed, work)) = reading_queue.recv().await {
-                scoring.score_new_readings(&committed, epoch, work.is_some()).await;
-                if let Some(work) = work {
-                    work.done().await;
+            });
+        }
+        if self.settings.score_new_readings {
+            let scoring = self.clone();
+            let mut jobs = self.bus.take_work(JobKind::Score);
+            tokio::spawn(async move {
+                loop {
+                    // The announcements first: they carry the readings of this process's own batches, and the
+                    // context kept for the next one.
+                    let (epoch, committed, work) = tokio::select! {
+                        biased;
+                        Some((epoch, committed)) = reading_queue.recv() => (epoch, committed, None),
+                        Some(work) = jobs.recv() => match work.job() {
+                            // Read back from the database: the epoch of a job's readings is not this process's.
+                            Job::Score(committed) => {
+                                let mut committed = committed.clone();
+                                committed.series.iter_mut().for_each(|span| span.readings = None);
+                                (0, committed, Some(work))
+                            }
+                            Job::Diagnose(_) => continue,
+                        },
+                        else => return,
+                    };
+                    if let Some(work) = &work {
+                        work.started().await;
+                    }
+                    scoring.score_new_readings(&committed, epoch, work.is_some()).await;
+                    if let Some(work) = work {
+                        work.done().await;
+                    }
                 }
-            }
-        });
+            });
+        }
         let mut events = self.bus.subscribe();
-        let takes_work = self.settings.score_new_readings || self.settings.diagnose_new_images;
-        let mut work = takes_work.then(|| self.bus.take_work());
         let mut epoch = 0;
         loop {
-            let event = tokio::select! {
-                event = events.recv() => event,
-                Some(taken) = async { work.as_mut()?.recv().await } => {
-                    // A full queue leaves the work undone (with NATS, it is handed out again later).
-                    let queued = match taken.event() {
-                        Event::ReadingsCommitted(committed) if self.settings.score_new_readings => {
-                            let committed = committed.clone();
-                            readings.try_send((epoch, committed, Some(taken))).is_ok()
-                        }
-                        Event::ImageStored(stored) if self.settings.diagnose_new_images => {
-                            let stored = stored.clone();
-                            photos.try_send((stored, taken)).is_ok()
-                        }
-                        _ => {
-                            taken.done().await;
-                            true
-                        }
-                    };
-                    if !queued {
-                        metrics::counter!("smartfarm_inference_events_missed_total").increment(1);
-                        tracing::warn!("the inference pipeline's queue is full; work handed to it was not done");
-                    }
-                    continue;
-                }
-            };
+            let event = events.recv().await;
             let queued = match event {
                 Ok(Event::ReadingsCommitted(mut committed)) if self.settings.score_new_readings => {
                     // A batch's readings ride along with its event (up to tens of thousands): past a few waiting,
@@ -143,7 +160,10 @@ impl InferenceApi {
                             span.readings = None;
                         }
                     }
-                    readings.try_send((epoch, committed, None)).is_ok()
+                    readings.try_send((epoch, committed)).is_ok()
+                }
+                Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images && !stored.handed_out => {
+                    photos.try_send(stored).is_ok()
                 }
                 Ok(_) => true,
                 Err(RecvError::Lagged(missed)) => {
@@ -194,10 +214,12 @@ impl InferenceApi {
         Ok(())
     }
 
-    /// Scores a batch this process committed, or one it took as work (`handed`); leaves any other to the replica
-    /// that scores it.
-    async fn score_new_readings(&self, committed: &ReadingsCommitted, epoch: u64, handed: bool) {
-        let scored_here = handed || (committed.scored_where_committed && committed.published_here);
+    /// Scores a batch this process committed, one it took as a job (`taken`), or one from a version that neither
+    /// scored nor handed out its batches; leaves any other to the replica that scores it.
+    async fn score_new_readings(&self, committed: &ReadingsCommitted, epoch: u64, taken: bool) {
+        let scored_here = taken
+            || (committed.scored_where_committed && committed.published_here)
+            || (!committed.scored_where_committed && !committed.handed_out);
         if !scored_here {
             // The replica that committed it scores it itself, or one replica takes it as work. What this process
             // kept of those series no longer ends where they end (forgotten here, in turn with the batches before

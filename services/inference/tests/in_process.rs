@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tonic::Code;
 use uuid::Uuid;
 
-use smartfarm_bus::{Bus, Event, ImageStored, ReadingsCommitted, SeriesSpan, SpanReadings};
+use smartfarm_bus::{Bus, Event, ImageStored, Job, ReadingsCommitted, SeriesSpan, SpanReadings};
 use smartfarm_core::Principal;
 use smartfarm_core::config::{InferenceConfig, PostgresConfig};
 use smartfarm_core::time::to_timestamp;
@@ -268,7 +268,8 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
     // A new photo handed out by the image role is diagnosed; a confident disease is announced for alerts.
     let mut events = setup.bus.subscribe();
     let photo = store_photo(&setup, &leaf("Apple___Black_rot")).await;
-    setup.bus.hand_out(Event::ImageStored(ImageStored {
+    setup.bus.hand_out(Job::Diagnose(ImageStored {
+        handed_out: true,
         image_id: photo.id,
         farm_id: setup.farm_id,
         device_id: setup.camera,
@@ -293,7 +294,8 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
     );
     // A confidently healthy photo is announced too: it clears the camera's disease alerts.
     let photo = store_photo(&setup, &leaf("Apple___healthy")).await;
-    setup.bus.hand_out(Event::ImageStored(ImageStored {
+    setup.bus.hand_out(Job::Diagnose(ImageStored {
+        handed_out: true,
         image_id: photo.id,
         farm_id: setup.farm_id,
         device_id: setup.camera,
@@ -449,6 +451,7 @@ async fn score_as_committed(
                 readings,
             }],
             scored_where_committed: true,
+            handed_out: false,
             published_here: true,
         }));
         if between == Between::MissedEvents && index == 1 {
@@ -474,6 +477,7 @@ async fn score_as_committed(
                     readings: None,
                 }],
                 scored_where_committed: true,
+                handed_out: false,
                 published_here: false,
             }));
         }

@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
-use smartfarm_bus::{Event, ReadingsCommitted, SeriesSpan, SpanReadings};
+use smartfarm_bus::{Event, Job, ReadingsCommitted, SeriesSpan, SpanReadings};
 use smartfarm_core::{Error, Result, time};
 use smartfarm_proto::device::v1::DeviceKind as ProtoKind;
 use smartfarm_proto::ingestion::v1 as pb;
@@ -570,13 +570,14 @@ async fn commit_in_order(
                     farm_id,
                     series,
                     scored_where_committed: api.scoring_here,
+                    handed_out: !api.scoring_here,
                     published_here: true,
                 };
                 // Without the inference role here, the batch is handed to one of the replicas that run it. The
                 // announcement goes to all: what they kept of these series no longer ends where the series do.
-                if !api.scoring_here {
+                if committed.handed_out {
                     metrics::counter!("smartfarm_ingest_batches_handed_out_total").increment(1);
-                    bus.hand_out(Event::ReadingsCommitted(committed.clone()));
+                    bus.hand_out(Job::Score(committed.clone()));
                 }
                 bus.publish(Event::ReadingsCommitted(committed));
             }
