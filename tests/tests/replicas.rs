@@ -4,8 +4,8 @@
 //! notice them only at its next refresh, 30 s later), the device's acknowledgement is seen by a watch on A, an alert
 //! the agent raises through B reaches a subscriber on A, the batch that carried its reading is scored for anomalies
 //! by B alone (both run the inference role), and a command acknowledged by A just before A is killed still reaches
-//! the device. With three replicas, the batches of one that does not run the inference role are scored once, by
-//! one of the two that do.
+//! the device. With three replicas, the photos and batches of one that does not run the inference role are
+//! diagnosed and scored once, by one of the two that do.
 
 use std::time::Duration;
 
@@ -45,6 +45,14 @@ async fn replica_with_roles(data: &CloudData, bus: &str, target: Option<&str>) -
         },
     )
     .await
+}
+
+/// A leaf photo of the PlantVillage fixtures.
+fn leaf() -> Vec<u8> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/ml/fixtures/plants/Apple___Black_rot");
+    let mut leaves: Vec<_> = std::fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().path()).collect();
+    leaves.sort();
+    std::fs::read(&leaves[0]).unwrap()
 }
 
 /// A counter's value on a `/metrics` page (0 when absent).
@@ -167,19 +175,26 @@ async fn commands_and_alerts_cross_replicas_over_nats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_committed_without_the_inference_role_are_scored_once_by_a_replica_that_runs_it() {
+async fn photos_and_batches_of_a_replica_without_the_inference_role_are_handled_once_by_one_that_runs_it() {
     let data = CloudData::new(Backend::Postgres).await;
     let bus = nats_url();
     let a = replica(&data, &bus).await;
     let c = replica(&data, &bus).await;
-    let b = replica_with_roles(&data, &bus, Some("device,ingestion,alert,command")).await;
+    let b = replica_with_roles(&data, &bus, Some("device,ingestion,image,alert,command")).await;
     let key = bootstrap_admin_key(&data);
     let fleet = Fleet::register(&a, &key, "ingestion apart", 1).await;
+    let camera = fleet.register_camera(&a, &key, "row 1 camera").await;
     let sensor = fleet.sensors[0].clone();
     let spool = data.data_dir.path().join("spool");
-    let options = EdgeOptions { config: "upload_interval = \"1s\"\n".into(), ..EdgeOptions::new(&b, &fleet, spool) };
+    let camera_dir = data.data_dir.path().join("camera-1");
+    let options = EdgeOptions {
+        // The cloud diagnoses the photo, not the agent.
+        config: "upload_interval = \"1s\"\ncamera_poll_interval = \"200ms\"\ndiagnose_photos = false\n".into(),
+        args: vec!["--camera-dir".into(), format!("{camera}={}", camera_dir.display())],
+        ..EdgeOptions::new(&b, &fleet, spool)
+    };
     let edge = Edge::start(&options).await;
-    edge.wait_for_registry(2).await;
+    edge.wait_for_registry(3).await;
 
     // A few batches, a second apart, committed by B, which does not run the inference role.
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
@@ -217,6 +232,25 @@ async fn batches_committed_without_the_inference_role_are_scored_once_by_a_repli
     let (handed_out, by_a, by_c, _, _) = tally().await;
     assert_eq!(by_a + by_c, handed_out, "nothing was scored twice (A {by_a}, C {by_c})");
     assert_eq!(counter(&b.http_get("/metrics").await, "smartfarm_inference_batches_scored_total"), 0.0);
+
+    // A photo stored by B is diagnosed by A or C, not both.
+    smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf.jpg", &leaf())]).unwrap();
+    let diagnosed = || async {
+        let diagnosed = |page: String| counter(&page, "smartfarm_inference_images_diagnosed_total");
+        (diagnosed(a.http_get("/metrics").await), diagnosed(c.http_get("/metrics").await))
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            let (by_a, by_c) = diagnosed().await;
+            by_a + by_c >= 1.0
+        })
+        .await,
+        "the photo was diagnosed\n{}",
+        b.log()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (by_a, by_c) = diagnosed().await;
+    assert_eq!(by_a + by_c, 1.0, "diagnosed once (A {by_a}, C {by_c})");
     edge.stop().await;
     for replica in [a, b, c] {
         replica.stop().await;
