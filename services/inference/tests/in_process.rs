@@ -227,6 +227,37 @@ async fn store_photo(setup: &Setup, bytes: &[u8]) -> ImageRecord {
     record
 }
 
+/// Stores the first fixture photo of `class` and hands it out to be diagnosed, as the image role does; its id.
+async fn hand_out_leaf(setup: &Setup, class: &str) -> Uuid {
+    let photo = store_photo(setup, &leaf(class)).await;
+    setup.bus.hand_out(Job::Diagnose(ImageStored {
+        handed_out: true,
+        image_id: photo.id,
+        farm_id: setup.farm_id,
+        device_id: setup.camera,
+        sha256: photo.sha256.clone(),
+        content_type: "image/jpeg".into(),
+        capture_time: photo.capture_time,
+    }));
+    photo.id
+}
+
+/// The first event on the bus that `pick` takes, within 20 s.
+async fn next_event<T>(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    pick: impl Fn(Event) -> Option<T>,
+) -> Option<T> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(picked) = pick(events.recv().await.unwrap()) {
+                return picked;
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 fn classify(source: pb::classify_image_request::Source) -> pb::ClassifyImageRequest {
     pb::ClassifyImageRequest { source: Some(source), model_name: String::new(), top_k: 0 }
 }
@@ -267,52 +298,25 @@ async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
 
     // A new photo handed out by the image role is diagnosed; a confident disease is announced for alerts.
     let mut events = setup.bus.subscribe();
-    let photo = store_photo(&setup, &leaf("Apple___Black_rot")).await;
-    setup.bus.hand_out(Job::Diagnose(ImageStored {
-        handed_out: true,
-        image_id: photo.id,
-        farm_id: setup.farm_id,
-        device_id: setup.camera,
-        sha256: photo.sha256.clone(),
-        content_type: "image/jpeg".into(),
-        capture_time: photo.capture_time,
-    }));
-    let disease = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Event::DiseaseDetected(disease) = events.recv().await.unwrap() {
-                return disease;
-            }
-        }
+    let photo = hand_out_leaf(&setup, "Apple___Black_rot").await;
+    let disease = next_event(&mut events, |event| match event {
+        Event::DiseaseDetected(disease) => Some(disease),
+        _ => None,
     })
     .await
     .expect("a disease is announced");
-    assert_eq!((disease.image_id, disease.label.as_str()), (photo.id, "Apple___Black_rot"));
+    assert_eq!((disease.image_id, disease.label.as_str()), (photo, "Apple___Black_rot"));
     assert!(disease.confidence >= 0.8);
-    assert_eq!(
-        setup.database.images().get_image(photo.id).await.unwrap().diagnosis.unwrap().label,
-        "Apple___Black_rot"
-    );
+    assert_eq!(setup.database.images().get_image(photo).await.unwrap().diagnosis.unwrap().label, "Apple___Black_rot");
     // A confidently healthy photo is announced too: it clears the camera's disease alerts.
-    let photo = store_photo(&setup, &leaf("Apple___healthy")).await;
-    setup.bus.hand_out(Job::Diagnose(ImageStored {
-        handed_out: true,
-        image_id: photo.id,
-        farm_id: setup.farm_id,
-        device_id: setup.camera,
-        sha256: photo.sha256.clone(),
-        content_type: "image/jpeg".into(),
-        capture_time: photo.capture_time,
-    }));
-    let healthy = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Event::HealthyDiagnosed(healthy) = events.recv().await.unwrap() {
-                return healthy;
-            }
-        }
+    let photo = hand_out_leaf(&setup, "Apple___healthy").await;
+    let healthy = next_event(&mut events, |event| match event {
+        Event::HealthyDiagnosed(healthy) => Some(healthy),
+        _ => None,
     })
     .await
     .expect("a healthy photo is announced");
-    assert_eq!((healthy.image_id, healthy.label.as_str()), (photo.id, "Apple___healthy"));
+    assert_eq!((healthy.image_id, healthy.label.as_str()), (photo, "Apple___healthy"));
     assert!(healthy.confidence >= 0.8);
 
     // Bad photos: each gets its reason, and the service stays up.
