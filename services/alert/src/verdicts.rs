@@ -63,19 +63,23 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
                     confidence: detected.confidence,
                     capture_time: detected.capture_time,
                 };
+                // The camera's disease alerts the farm's evaluator holds: its own verdicts decide when they end.
+                let held: Vec<Uuid> = evaluators.get(&detected.farm_id).map_or_else(Vec::new, |evaluator| {
+                    evaluator
+                        .open_alerts()
+                        .into_iter()
+                        .filter(|alert| alert.device_id == Some(verdict.camera) && alert.metric == DISEASE_METRIC)
+                        .map(|alert| alert.rule_id)
+                        .collect()
+                });
                 let evaluated =
                     evaluate(&*alerts, &bus, (&mut evaluators, &mut stale), detected.farm_id, |evaluator| {
                         evaluator.on_disease(&verdict)
                     })
                     .await;
                 if healthy {
-                    let stored = resolve_stored_disease_alerts(
-                        &*alerts,
-                        &bus,
-                        detected.farm_id,
-                        verdict.camera,
-                        verdict.capture_time,
-                    );
+                    let (farm_id, camera, healthy_at) = (detected.farm_id, verdict.camera, verdict.capture_time);
+                    let stored = resolve_stored_disease_alerts(&*alerts, &bus, farm_id, camera, healthy_at, &held);
                     evaluated.and(stored.await)
                 } else {
                     evaluated
@@ -103,27 +107,32 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
     }
 }
 
-/// Resolves the camera's disease alerts that are still open in the store and began no later than the healthy
-/// photo: the ones the farm's evaluator does not hold (it was built after they opened: this role restarted, or
-/// started over after the bus lagged), which its healthy verdict could not clear.
+/// Resolves the camera's disease alerts that are still open in the store although no disease was seen after the
+/// healthy photo, of the rules whose alert the farm's evaluator did not hold (`held`): it was built after they
+/// opened (this role restarted, or started over after the bus lagged), so its healthy verdict could not clear them.
 async fn resolve_stored_disease_alerts(
     alerts: &dyn AlertStore,
     bus: &Bus,
     farm_id: Uuid,
     camera: Uuid,
     healthy_at: SystemTime,
+    held: &[Uuid],
 ) -> Result<()> {
     let (_, rules) = alerts.rules_snapshot(farm_id).await?;
     let verdict_rules = rules.iter().filter(|rule| {
-        matches!(rule.condition, Condition::ModelVerdict { .. }) && rule.device_id.is_none_or(|only| only == camera)
+        matches!(rule.condition, Condition::ModelVerdict { .. })
+            && rule.device_id.is_none_or(|only| only == camera)
+            && !held.contains(&rule.id)
     });
     for rule in verdict_rules {
         for mut alert in alerts.unresolved_alerts_of(rule.id, Some(camera)).await? {
-            if alert.metric != DISEASE_METRIC || alert.open_time > healthy_at {
+            // A disease seen after the healthy photo (it came late) keeps the alert open.
+            if alert.metric != DISEASE_METRIC || alert.last_time > healthy_at {
                 continue;
             }
             alert.state = AlertState::Resolved;
-            alert.resolve_time = Some(healthy_at);
+            // At the precision the evaluators and the store keep.
+            alert.resolve_time = Some(time::from_unix_micros(time::to_unix_micros(healthy_at)));
             crate::record(alerts, bus, &alert).await?;
         }
     }

@@ -65,7 +65,7 @@ async fn orchard() -> Orchard {
 }
 
 impl Orchard {
-    /// Starts the verdict listener, subscribed once this returns.
+    /// Starts the verdict listener (which subscribes to the bus when it starts: the 100 ms wait gives it time).
     async fn listen(&self) -> tokio::task::JoinHandle<()> {
         let listener = tokio::spawn(self.api.clone().run_verdicts());
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -85,12 +85,12 @@ impl Orchard {
         }
     }
 
-    /// The farm's alerts once `done` holds of them, or as they are after 5 s.
+    /// The farm's alerts once there are some and `done` holds of them, or as they are after 5 s.
     async fn alerts_once(&self, done: impl Fn(&[Alert]) -> bool) -> Vec<Alert> {
         let filter = AlertFilter { farm_id: Some(self.farm_id), ..AlertFilter::default() };
         for _ in 0..100 {
             let listed = self.store.list_alerts(&filter, None, 100).await.unwrap();
-            if done(&listed) {
+            if !listed.is_empty() && done(&listed) {
                 return listed;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -142,14 +142,25 @@ async fn a_healthy_photo_resolves_a_disease_alert_the_listener_learnt_before_it_
     let orchard = orchard().await;
     let listener = orchard.listen().await;
     let camera = Uuid::now_v7();
-    let opened = SystemTime::now() - Duration::from_secs(600);
-    orchard.bus.publish(Event::DiseaseDetected(orchard.diagnosis(camera, "Apple___Black_rot", opened)));
-    let listed = orchard.alerts_once(counted(1)).await;
-    assert_eq!((listed.len(), listed[0].state), (1, AlertState::Open), "{listed:?}");
+    // Whole seconds: times the store keeps as they are.
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let opened = SystemTime::UNIX_EPOCH + Duration::from_secs(now - 600);
+    let seen_again = opened + Duration::from_secs(200);
+    for at in [opened, seen_again] {
+        orchard.bus.publish(Event::DiseaseDetected(orchard.diagnosis(camera, "Apple___Black_rot", at)));
+    }
+    let listed = orchard.alerts_once(counted(2)).await;
+    assert_eq!((listed.len(), listed[0].state, listed[0].count), (1, AlertState::Open, 2), "{listed:?}");
 
-    // The listener restarts (a deploy): its evaluators start empty. A healthy photo still resolves the alert.
+    // The listener restarts (a deploy): its evaluators start empty. A healthy photo taken before the disease was
+    // seen again (it arrives late) leaves the alert open; one taken after resolves it.
     listener.abort();
     orchard.listen().await;
+    let early = opened + Duration::from_secs(100);
+    orchard.bus.publish(Event::HealthyDiagnosed(orchard.diagnosis(camera, "Apple___healthy", early)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listed = orchard.alerts_once(|_| true).await;
+    assert_eq!(listed[0].state, AlertState::Open, "a healthy photo older than the last disease: {listed:?}");
     let healed = opened + Duration::from_secs(300);
     orchard.bus.publish(Event::HealthyDiagnosed(orchard.diagnosis(camera, "Apple___healthy", healed)));
     let listed = orchard.alerts_once(|alerts| alerts[0].state == AlertState::Resolved).await;

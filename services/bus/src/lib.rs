@@ -14,10 +14,10 @@
 mod nats;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use smartfarm_core::rules::{Alert, AlertEventKind};
@@ -192,12 +192,11 @@ impl JobKind {
     }
 }
 
-/// A job taken from the bus (see [`Bus::take_work`]): say when it starts ([`Work::started`]), then that it is done
-/// ([`Work::done`]).
+/// A job taken from the bus (see [`JobTaker`]): do it, then say it is done ([`Work::done`]) or that it should be
+/// tried again later ([`Work::retry_later`]). Dropped without either, it is offered again at once.
 pub struct Work {
     job: Job,
-    /// With NATS: the message to acknowledge once the job is done (until then NATS hands it to another replica if
-    /// this one does not say within ten minutes of its last word).
+    /// With NATS: the message to answer (until then NATS hands the job to another replica after ten minutes).
     message: Option<async_nats::jetstream::Message>,
 }
 
@@ -207,22 +206,35 @@ impl Work {
         &self.job
     }
 
-    /// Says the job has started: NATS waits another ten minutes before it hands the job to another replica (it
-    /// may have waited in this process's queue meanwhile).
-    pub async fn started(&self) {
-        if let Some(message) = &self.message
-            && let Err(error) = message.ack_with(async_nats::jetstream::AckKind::Progress).await
-        {
-            tracing::warn!(%error, "cannot tell NATS that a job started");
-        }
-    }
-
     /// Says the job is done; with NATS, once the server confirms it, the job is not handed out again.
-    pub async fn done(self) {
-        if let Some(message) = self.message
+    pub async fn done(mut self) {
+        if let Some(message) = self.message.take()
             && let Err(error) = message.double_ack().await
         {
             tracing::warn!(%error, "NATS did not confirm a job as done; it may be handed out again");
+        }
+    }
+
+    /// Says the job failed for now: with NATS it is offered again after `delay` (three tries in all); without, it
+    /// is dropped.
+    pub async fn retry_later(mut self, delay: Duration) {
+        if let Some(message) = self.message.take()
+            && let Err(error) = message.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await
+        {
+            tracing::warn!(%error, "cannot hand a failed job back to NATS; it is offered again in ten minutes");
+        }
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // Neither done nor handed back (the taker is stopping): offer it again now rather than in ten minutes.
+        if let Some(message) = self.message.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+            });
         }
     }
 }
@@ -235,6 +247,43 @@ impl std::fmt::Debug for Work {
 
 /// Jobs waiting for a taker in one process, at most.
 const WORK_QUEUE: usize = 1024;
+
+/// Where a process takes the jobs of one kind from ([`Bus::take_work`]).
+pub struct JobTaker {
+    kind: JobKind,
+    source: JobSource,
+}
+
+enum JobSource {
+    /// This process's jobs (the in-process bus).
+    Local(broadcast::Receiver<Job>),
+    /// The kind's durable consumer on NATS (boxed: a consumer's handle is large).
+    Nats(Box<nats::Taker>),
+}
+
+impl JobTaker {
+    /// The next job, if one comes within `wait`. With NATS the job is asked for only now, one at a time, so jobs
+    /// wait in NATS, where any replica may take them, until this one is free.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Work> {
+        match &mut self.source {
+            JobSource::Nats(taker) => taker.next_within(wait).await,
+            JobSource::Local(jobs) => {
+                let deadline = tokio::time::Instant::now() + wait;
+                loop {
+                    match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                        Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+                        Ok(Ok(job)) if job.kind() == self.kind => return Some(Work { job, message: None }),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                            metrics::counter!("smartfarm_bus_jobs_dropped_total").increment(missed);
+                            tracing::warn!(missed, "jobs were handed out faster than they were taken; some dropped");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// The bus: cheap to clone, every clone publishes to the same subscribers.
 #[derive(Clone)]
@@ -314,46 +363,15 @@ impl Bus {
         }
     }
 
-    /// Takes the jobs of `kind` handed out from now on (with NATS, also those waiting), until the receiver is
-    /// dropped. With NATS the receiver holds at most two at a time, so jobs wait in NATS, where an idle replica can
-    /// take them, rather than here.
-    pub fn take_work(&self, kind: JobKind) -> mpsc::Receiver<Work> {
-        match &self.nats {
+    /// Takes the jobs of `kind`: those handed out from now on, and with NATS those waiting there.
+    pub fn take_work(&self, kind: JobKind) -> JobTaker {
+        let source = match &self.nats {
             Some(nats) => {
-                let (taken, receiver) = mpsc::channel(1);
-                tokio::spawn(nats::take_work(nats.context.clone(), nats.stream_name.clone(), kind, taken));
-                receiver
+                JobSource::Nats(Box::new(nats::Taker::new(nats.context.clone(), nats.stream_name.clone(), kind)))
             }
-            None => {
-                let (taken, receiver) = mpsc::channel(WORK_QUEUE);
-                let mut handed_out = self.local_work.subscribe();
-                tokio::spawn(async move {
-                    loop {
-                        let job = tokio::select! {
-                            _ = taken.closed() => return,
-                            job = handed_out.recv() => job,
-                        };
-                        match job {
-                            Ok(job) if job.kind() == kind => {
-                                if taken.send(Work { job, message: None }).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                                metrics::counter!("smartfarm_bus_jobs_dropped_total").increment(missed);
-                                tracing::warn!(
-                                    missed,
-                                    "jobs were handed out faster than they were taken; some dropped"
-                                );
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        }
-                    }
-                });
-                receiver
-            }
-        }
+            None => JobSource::Local(self.local_work.subscribe()),
+        };
+        JobTaker { kind, source }
     }
 }
 
@@ -397,11 +415,13 @@ mod tests {
         let mut scoring = bus.take_work(JobKind::Score);
         let mut diagnosing = bus.take_work(JobKind::Diagnose);
         bus.hand_out(job(2));
-        let work = tokio::time::timeout(std::time::Duration::from_secs(5), scoring.recv()).await.unwrap().unwrap();
+        let work = scoring.next_within(Duration::from_secs(5)).await.expect("the job handed out after taking");
         assert_eq!(work.job(), &job(2), "what was handed out before anyone took jobs is gone");
         work.done().await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(scoring.try_recv().is_err(), "and nothing else came");
-        assert!(diagnosing.try_recv().is_err(), "a job of another kind goes to its own takers only");
+        assert!(scoring.next_within(Duration::from_millis(100)).await.is_none(), "and nothing else came");
+        assert!(
+            diagnosing.next_within(Duration::from_millis(100)).await.is_none(),
+            "a job of another kind goes to its own takers only"
+        );
     }
 }

@@ -64,9 +64,8 @@ fn parse(url: &str) -> Result<(String, String), Error> {
         return Err(Error::invalid("bus_url", "names no NATS server: expected nats://HOST:PORT[/NAME]"));
     }
     let name = if name.is_empty() { "smartfarm" } else { name };
-    // At most 59, so that the jobs' stream, `<NAME>-work`, fits NATS's 64.
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') || name.len() > 59 {
-        return Err(Error::invalid("bus_url", "the stream name must be 1 to 59 of A-Z, a-z, 0-9, '-', '_'"));
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') || name.len() > 64 {
+        return Err(Error::invalid("bus_url", "the stream name must be 1 to 64 of A-Z, a-z, 0-9, '-', '_'"));
     }
     Ok((format!("nats://{server}"), name.to_string()))
 }
@@ -188,85 +187,88 @@ async fn work_stream(context: &jetstream::Context, name: &str) -> Result<stream:
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(24 * 3600),
-            max_bytes: 1 << 30,
+            // Jobs are small (a batch's series, a photo's id): this holds hundreds of thousands.
+            max_bytes: 256 << 20,
             ..Default::default()
         })
         .await
         .map_err(|error| error.to_string())
 }
 
-/// Pulls the jobs of `kind` from their durable consumer, shared by every replica that takes them, into `taken`
-/// until the receiver is dropped; sets the stream and the consumer up again (with backoff) while NATS is away.
-pub(crate) async fn take_work(context: jetstream::Context, name: String, kind: JobKind, taken: mpsc::Sender<Work>) {
-    let consumer_name = format!("jobs-{}", kind.as_str());
-    let mut wait = Duration::from_secs(1);
-    while !taken.is_closed() {
-        let pulled = async {
-            let consumer = work_stream(&context, &name)
-                .await?
-                .get_or_create_consumer(
-                    &consumer_name,
-                    jetstream::consumer::pull::Config {
-                        durable_name: Some(consumer_name.clone()),
-                        filter_subject: job_subject(&name, kind),
-                        // Jobs handed out before any replica took their kind wait for the first that does.
-                        deliver_policy: DeliverPolicy::All,
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ack_wait: WORK_ACK_WAIT,
-                        max_deliver: WORK_MAX_DELIVER,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|error| error.to_string())?;
-            // One at a time: a job waits in NATS, where any replica may take it, until this one is ready for it.
-            consumer.stream().max_messages_per_batch(1).messages().await.map_err(|error| error.to_string())
+/// Takes the jobs of one kind from their durable consumer, which every replica taking that kind shares, one job
+/// at a time when asked; sets the stream and the consumer up again when NATS lost them or was away.
+pub(crate) struct Taker {
+    context: jetstream::Context,
+    name: String,
+    kind: JobKind,
+    consumer: Option<jetstream::consumer::PullConsumer>,
+}
+
+impl Taker {
+    pub(crate) fn new(context: jetstream::Context, name: String, kind: JobKind) -> Taker {
+        Taker { context, name, kind, consumer: None }
+    }
+
+    async fn consumer(&mut self) -> Result<jetstream::consumer::PullConsumer, String> {
+        if let Some(consumer) = &self.consumer {
+            return Ok(consumer.clone());
+        }
+        let consumer_name = format!("jobs-{}", self.kind.as_str());
+        let consumer = work_stream(&self.context, &self.name)
+            .await?
+            .get_or_create_consumer(
+                &consumer_name,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(consumer_name.clone()),
+                    filter_subject: job_subject(&self.name, self.kind),
+                    // Jobs handed out before any replica took their kind wait for the first that does.
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: WORK_ACK_WAIT,
+                    max_deliver: WORK_MAX_DELIVER,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        self.consumer = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    /// One job if NATS has one within `wait` (a single pull request for a single message: nothing is held here
+    /// that another replica could do).
+    pub(crate) async fn next_within(&mut self, wait: Duration) -> Option<Work> {
+        let kind = self.kind.as_str();
+        let pulled = match self.consumer().await {
+            Ok(consumer) => consumer.batch().max_messages(1).expires(wait).messages().await.map_err(|e| e.to_string()),
+            Err(error) => Err(error),
         };
-        let mut messages = match pulled.await {
+        let mut messages = match pulled {
             Ok(messages) => messages,
             Err(error) => {
-                tracing::warn!(%error, stream = %name, kind = kind.as_str(), "cannot take jobs from NATS; trying again");
+                tracing::warn!(%error, stream = %self.name, kind, "cannot take jobs from NATS; trying again");
+                self.consumer = None;
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(30));
-                continue;
+                return None;
             }
         };
-        tracing::info!(stream = %name, kind = kind.as_str(), "taking jobs from NATS");
-        wait = Duration::from_secs(1);
-        loop {
-            // Wait for room first: a job pulled is this replica's until it says otherwise.
-            let permit = tokio::select! {
-                _ = taken.closed() => return,
-                permit = taken.clone().reserve_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let message = tokio::select! {
-                _ = taken.closed() => return,
-                message = messages.next() => message,
-            };
-            match message {
-                Some(Ok(message)) => match serde_json::from_slice::<Job>(&message.payload) {
-                    Ok(job) if job.kind() == kind => {
-                        permit.send(Work { job, message: Some(message) });
-                    }
-                    Ok(_) | Err(_) => {
-                        metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
-                        tracing::warn!(
-                            kind = kind.as_str(),
-                            "a job is not one this version reads; offered again later"
-                        );
-                        let _ = message.ack_with(jetstream::AckKind::Nak(Some(UNREADABLE_JOB_DELAY))).await;
-                    }
-                },
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "taking jobs from NATS failed; setting the consumer up again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    break;
+        match messages.next().await {
+            Some(Ok(message)) => match serde_json::from_slice::<Job>(&message.payload) {
+                Ok(job) if job.kind() == self.kind => Some(Work { job, message: Some(message) }),
+                Ok(_) | Err(_) => {
+                    metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
+                    tracing::warn!(kind, "a job is not one this version reads; offered again later");
+                    let _ = message.ack_with(jetstream::AckKind::Nak(Some(UNREADABLE_JOB_DELAY))).await;
+                    None
                 }
-                None => break,
+            },
+            Some(Err(error)) => {
+                tracing::warn!(%error, stream = %self.name, kind, "taking a job from NATS failed; trying again");
+                self.consumer = None;
+                tokio::time::sleep(wait).await;
+                None
             }
+            None => None,
         }
     }
 }
@@ -282,7 +284,5 @@ mod tests {
         assert!(parse("redis://127.0.0.1").unwrap_err().to_string().starts_with("bus_url:"));
         assert!(parse("nats:///x").is_err());
         assert!(parse("nats://h:1/a.b").is_err());
-        assert!(parse(&format!("nats://h:1/{}", "a".repeat(59))).is_ok());
-        assert!(parse(&format!("nats://h:1/{}", "a".repeat(60))).is_err(), "<NAME>-work must fit in 64");
     }
 }

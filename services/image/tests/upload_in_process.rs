@@ -110,7 +110,7 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     assert_eq!((event.farm_id, event.device_id), (farm.id, camera.id));
     assert_eq!((event.sha256.as_str(), event.content_type.as_str()), (image.sha256.as_str(), "image/png"));
     assert!(event.handed_out);
-    let handed = tokio::time::timeout(Duration::from_secs(5), jobs.recv()).await.unwrap().unwrap();
+    let handed = jobs.next_within(Duration::from_secs(5)).await.expect("a job to diagnose the photo");
     assert_eq!(handed.job(), &Job::Diagnose(event.clone()), "handed out to be diagnosed, too");
 
     let again =

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc::error::TryRecvError;
 use uuid::Uuid;
 
 use smartfarm_bus::{
@@ -69,6 +70,12 @@ const QUEUE: usize = 1024;
 /// Events waiting for the scorer that keep the readings they came with; the others read them from the database.
 const QUEUED_WITH_READINGS: usize = 8;
 
+/// How long a worker waits for a job before it looks at its own process's announcements again.
+const JOB_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a job that failed (a photo that could not be read, say) waits before it is offered again.
+const JOB_RETRY: Duration = Duration::from_secs(30);
+
 /// How long a series that is constant or otherwise unfit to learn from waits before it is tried again.
 const UNFIT_RETRY: Duration = Duration::from_secs(3600);
 
@@ -88,30 +95,33 @@ impl InferenceApi {
         let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<ImageStored>(QUEUE);
         // Each batch goes with the count of times events were missed before it (see `RecentReadings`).
         let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted)>(QUEUE);
-        // Jobs are taken only when a worker is free for them: until then they wait in NATS, where another replica
-        // may take them.
+        // Each worker does what its own process announced first, then asks for one job: jobs are taken only when a
+        // worker is free for them, and until then wait in NATS, where another replica may take them.
         if self.settings.diagnose_new_images {
             let diagnosing = self.clone();
             let mut jobs = self.bus.take_work(JobKind::Diagnose);
             tokio::spawn(async move {
                 loop {
-                    let (stored, work) = tokio::select! {
-                        biased;
-                        Some(stored) = photo_queue.recv() => (stored, None),
-                        Some(work) = jobs.recv() => match work.job() {
-                            Job::Diagnose(stored) => (stored.clone(), Some(work)),
-                            Job::Score(_) => continue,
+                    let (stored, work) = match photo_queue.try_recv() {
+                        Ok(stored) => (stored, None),
+                        Err(TryRecvError::Disconnected) => return,
+                        Err(TryRecvError::Empty) => match jobs.next_within(JOB_WAIT).await {
+                            Some(work) => match work.job() {
+                                Job::Diagnose(stored) => (stored.clone(), Some(work)),
+                                Job::Score(_) => continue,
+                            },
+                            None => continue,
                         },
-                        else => return,
                     };
-                    if let Some(work) = &work {
-                        work.started().await;
-                    }
-                    if let Err(error) = diagnosing.diagnose_new_image(&stored).await {
+                    let diagnosed = diagnosing.diagnose_new_image(&stored).await;
+                    if let Err(error) = &diagnosed {
                         tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
                     }
-                    if let Some(work) = work {
-                        work.done().await;
+                    match (work, diagnosed) {
+                        (Some(work), Ok(())) => work.done().await,
+                        // The blob store or the database may be back by then (three tries in all).
+                        (Some(work), Err(_)) => work.retry_later(JOB_RETRY).await,
+                        (None, _) => {}
                     }
                 }
             });
@@ -123,23 +133,22 @@ impl InferenceApi {
                 loop {
                     // The announcements first: they carry the readings of this process's own batches, and the
                     // context kept for the next one.
-                    let (epoch, committed, work) = tokio::select! {
-                        biased;
-                        Some((epoch, committed)) = reading_queue.recv() => (epoch, committed, None),
-                        Some(work) = jobs.recv() => match work.job() {
+                    let (epoch, committed, work) = match reading_queue.try_recv() {
+                        Ok((epoch, committed)) => (epoch, committed, None),
+                        Err(TryRecvError::Disconnected) => return,
+                        Err(TryRecvError::Empty) => match jobs.next_within(JOB_WAIT).await {
                             // Read back from the database: the epoch of a job's readings is not this process's.
-                            Job::Score(committed) => {
-                                let mut committed = committed.clone();
-                                committed.series.iter_mut().for_each(|span| span.readings = None);
-                                (0, committed, Some(work))
-                            }
-                            Job::Diagnose(_) => continue,
+                            Some(work) => match work.job() {
+                                Job::Score(committed) => {
+                                    let mut committed = committed.clone();
+                                    committed.series.iter_mut().for_each(|span| span.readings = None);
+                                    (0, committed, Some(work))
+                                }
+                                Job::Diagnose(_) => continue,
+                            },
+                            None => continue,
                         },
-                        else => return,
                     };
-                    if let Some(work) = &work {
-                        work.started().await;
-                    }
                     scoring.score_new_readings(&committed, epoch, work.is_some()).await;
                     if let Some(work) = work {
                         work.done().await;
