@@ -69,7 +69,7 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
                         .open_alerts()
                         .into_iter()
                         .filter(|alert| alert.device_id == Some(verdict.camera) && alert.metric == DISEASE_METRIC)
-                        .map(|alert| alert.rule_id)
+                        .map(|alert| alert.id)
                         .collect()
                 });
                 let evaluated =
@@ -108,8 +108,9 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
 }
 
 /// Resolves the camera's disease alerts that are still open in the store although no disease was seen after the
-/// healthy photo, of the rules whose alert the farm's evaluator did not hold (`held`): it was built after they
-/// opened (this role restarted, or started over after the bus lagged), so its healthy verdict could not clear them.
+/// healthy photo, except those the farm's evaluator held (`held`, by id), whose end its own verdicts decide: the
+/// others it never held, or no longer does (it was built after they opened, when this role restarted or started
+/// over after the bus lagged; or a later occurrence replaced them), so its healthy verdict could not clear them.
 async fn resolve_stored_disease_alerts(
     alerts: &dyn AlertStore,
     bus: &Bus,
@@ -120,14 +121,12 @@ async fn resolve_stored_disease_alerts(
 ) -> Result<()> {
     let (_, rules) = alerts.rules_snapshot(farm_id).await?;
     let verdict_rules = rules.iter().filter(|rule| {
-        matches!(rule.condition, Condition::ModelVerdict { .. })
-            && rule.device_id.is_none_or(|only| only == camera)
-            && !held.contains(&rule.id)
+        matches!(rule.condition, Condition::ModelVerdict { .. }) && rule.device_id.is_none_or(|only| only == camera)
     });
     for rule in verdict_rules {
         for mut alert in alerts.unresolved_alerts_of(rule.id, Some(camera)).await? {
             // A disease seen after the healthy photo (it came late) keeps the alert open.
-            if alert.metric != DISEASE_METRIC || alert.last_time > healthy_at {
+            if alert.metric != DISEASE_METRIC || alert.last_time > healthy_at || held.contains(&alert.id) {
                 continue;
             }
             alert.state = AlertState::Resolved;

@@ -168,3 +168,23 @@ async fn a_healthy_photo_resolves_a_disease_alert_the_listener_learnt_before_it_
     assert_eq!(listed[0].resolve_time, Some(healed), "resolved when the photo was taken");
     assert!(!listed[0].resolved_by_hand);
 }
+
+#[tokio::test]
+async fn a_healthy_photo_resolves_an_older_disease_alert_a_later_one_replaced() {
+    let orchard = orchard().await;
+    orchard.listen().await;
+    let camera = Uuid::now_v7();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let first = SystemTime::UNIX_EPOCH + Duration::from_secs(now - 4 * 3600);
+    // Two hours apart, past the rule's hour of cooldown: two alerts, the evaluator holding the second.
+    for at in [first, first + Duration::from_secs(2 * 3600)] {
+        orchard.bus.publish(Event::DiseaseDetected(orchard.diagnosis(camera, "Apple___Black_rot", at)));
+    }
+    let listed = orchard.alerts_once(|alerts| alerts.len() == 2).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    let healed = first + Duration::from_secs(3 * 3600);
+    orchard.bus.publish(Event::HealthyDiagnosed(orchard.diagnosis(camera, "Apple___healthy", healed)));
+    let listed = orchard.alerts_once(|alerts| alerts.iter().all(|alert| alert.state == AlertState::Resolved)).await;
+    assert!(listed.iter().all(|alert| alert.state == AlertState::Resolved), "both resolved: {listed:?}");
+}

@@ -193,7 +193,8 @@ impl JobKind {
 }
 
 /// A job taken from the bus (see [`JobTaker`]): do it, then say it is done ([`Work::done`]) or that it should be
-/// tried again later ([`Work::retry_later`]). Dropped without either, it is offered again at once.
+/// tried again later ([`Work::retry_later`]). Dropped without either while the process runs, it is offered again
+/// at once.
 pub struct Work {
     job: Job,
     /// With NATS: the message to answer (until then NATS hands the job to another replica after ten minutes).
@@ -215,25 +216,35 @@ impl Work {
         }
     }
 
-    /// Says the job failed for now: with NATS it is offered again after `delay` (three tries in all); without, it
-    /// is dropped.
+    /// Says the job failed for now: with NATS it is offered again after `delay`, three tries in all, after which
+    /// it is given up (and logged); without NATS it is dropped.
     pub async fn retry_later(mut self, delay: Duration) {
-        if let Some(message) = self.message.take()
-            && let Err(error) = message.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await
-        {
-            tracing::warn!(%error, "cannot hand a failed job back to NATS; it is offered again in ten minutes");
+        let Some(message) = self.message.take() else { return };
+        let tries = message.info().map_or(0, |info| info.delivered);
+        let answer = if tries >= nats::WORK_MAX_DELIVER {
+            metrics::counter!("smartfarm_bus_jobs_given_up_total").increment(1);
+            tracing::error!(job = ?self.job, tries, "a job failed every time it was tried; given up");
+            async_nats::jetstream::AckKind::Term
+        } else {
+            async_nats::jetstream::AckKind::Nak(Some(delay))
+        };
+        if let Err(error) = message.ack_with(answer).await {
+            tracing::warn!(%error, "cannot answer NATS for a failed job; it is offered again in ten minutes");
         }
     }
 }
 
 impl Drop for Work {
     fn drop(&mut self) {
-        // Neither done nor handed back (the taker is stopping): offer it again now rather than in ten minutes.
+        // Neither done nor handed back: offer it again now rather than in ten minutes, or, when its worker
+        // panicked on it, in a minute (a job that crashes every replica should not go round them at once). When
+        // the process is stopping, the answer may not get out: the job then waits for NATS's ten minutes.
         if let Some(message) = self.message.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            let delay = std::thread::panicking().then_some(Duration::from_secs(60));
             runtime.spawn(async move {
-                let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(delay)).await;
             });
         }
     }
@@ -263,7 +274,8 @@ enum JobSource {
 
 impl JobTaker {
     /// The next job, if one comes within `wait`. With NATS the job is asked for only now, one at a time, so jobs
-    /// wait in NATS, where any replica may take them, until this one is free.
+    /// wait in NATS, where any replica may take them, until this one is free. Not cancel-safe with NATS: let it
+    /// finish (a job sent to a request whose call was dropped waits ten minutes for another replica).
     pub async fn next_within(&mut self, wait: Duration) -> Option<Work> {
         match &mut self.source {
             JobSource::Nats(taker) => taker.next_within(wait).await,
@@ -271,7 +283,11 @@ impl JobTaker {
                 let deadline = tokio::time::Instant::now() + wait;
                 loop {
                     match tokio::time::timeout_at(deadline, jobs.recv()).await {
-                        Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+                        Err(_) => return None,
+                        Ok(Err(broadcast::error::RecvError::Closed)) => {
+                            tokio::time::sleep_until(deadline).await;
+                            return None;
+                        }
                         Ok(Ok(job)) if job.kind() == self.kind => return Some(Work { job, message: None }),
                         Ok(Ok(_)) => {}
                         Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {

@@ -27,7 +27,9 @@ const QUEUE: usize = 10_000;
 /// How long a taker may go without a word on a job (taken, started, done) before NATS hands it to another.
 const WORK_ACK_WAIT: Duration = Duration::from_secs(600);
 /// How many times a job is handed out before NATS gives up on it (a job that crashes its taker every time).
-const WORK_MAX_DELIVER: i64 = 3;
+pub(crate) const WORK_MAX_DELIVER: i64 = 3;
+/// The longest wait between attempts to take jobs while NATS fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a job this version cannot read waits before NATS offers it again (to a newer replica, perhaps).
 const UNREADABLE_JOB_DELAY: Duration = Duration::from_secs(60);
 
@@ -202,11 +204,21 @@ pub(crate) struct Taker {
     name: String,
     kind: JobKind,
     consumer: Option<jetstream::consumer::PullConsumer>,
+    /// After a failure, no pull before this (the wait doubles per failure in a row, up to 30 s).
+    retry_at: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl Taker {
     pub(crate) fn new(context: jetstream::Context, name: String, kind: JobKind) -> Taker {
-        Taker { context, name, kind, consumer: None }
+        Taker { context, name, kind, consumer: None, retry_at: None }
+    }
+
+    /// Notes a failure: the consumer is set up again, after a wait that grows while failures go on.
+    fn failed(&mut self, error: &str) {
+        let backoff = self.retry_at.map_or(Duration::from_secs(1), |(_, backoff)| (backoff * 2).min(MAX_BACKOFF));
+        tracing::warn!(%error, stream = %self.name, kind = self.kind.as_str(), ?backoff, "cannot take jobs from NATS");
+        self.consumer = None;
+        self.retry_at = Some((tokio::time::Instant::now() + backoff, backoff));
     }
 
     async fn consumer(&mut self) -> Result<jetstream::consumer::PullConsumer, String> {
@@ -236,9 +248,19 @@ impl Taker {
     }
 
     /// One job if NATS has one within `wait` (a single pull request for a single message: nothing is held here
-    /// that another replica could do).
+    /// that another replica could do). Not to be cut short: a job NATS sends to a request whose call was dropped
+    /// waits ten minutes for another replica.
     pub(crate) async fn next_within(&mut self, wait: Duration) -> Option<Work> {
+        // NATS counts zero as "never expires".
+        let wait = wait.max(Duration::from_millis(100));
         let kind = self.kind.as_str();
+        // While NATS is away, or after a failure, no pull at all: requests queued now would go out together on
+        // reconnecting, and a job sent to one given up on meanwhile would wait ten minutes.
+        let connected = self.context.client().connection_state() == async_nats::connection::State::Connected;
+        if !connected || self.retry_at.is_some_and(|(at, _)| tokio::time::Instant::now() < at) {
+            tokio::time::sleep(wait).await;
+            return None;
+        }
         let pulled = match self.consumer().await {
             Ok(consumer) => consumer.batch().max_messages(1).expires(wait).messages().await.map_err(|e| e.to_string()),
             Err(error) => Err(error),
@@ -246,15 +268,16 @@ impl Taker {
         let mut messages = match pulled {
             Ok(messages) => messages,
             Err(error) => {
-                tracing::warn!(%error, stream = %self.name, kind, "cannot take jobs from NATS; trying again");
-                self.consumer = None;
-                tokio::time::sleep(wait).await;
+                self.failed(&error);
                 return None;
             }
         };
         match messages.next().await {
             Some(Ok(message)) => match serde_json::from_slice::<Job>(&message.payload) {
-                Ok(job) if job.kind() == self.kind => Some(Work { job, message: Some(message) }),
+                Ok(job) if job.kind() == self.kind => {
+                    self.retry_at = None;
+                    Some(Work { job, message: Some(message) })
+                }
                 Ok(_) | Err(_) => {
                     metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
                     tracing::warn!(kind, "a job is not one this version reads; offered again later");
@@ -263,12 +286,13 @@ impl Taker {
                 }
             },
             Some(Err(error)) => {
-                tracing::warn!(%error, stream = %self.name, kind, "taking a job from NATS failed; trying again");
-                self.consumer = None;
-                tokio::time::sleep(wait).await;
+                self.failed(&error.to_string());
                 None
             }
-            None => None,
+            None => {
+                self.retry_at = None;
+                None
+            }
         }
     }
 }
