@@ -25,9 +25,9 @@ use crate::validate;
 
 /// The longest cooldown, hold or window a rule may name: longer ones are typos, and evaluators keep state that long.
 pub const MAX_RULE_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Most readings a rate-of-change rule keeps per series (a window of a day at one reading a second stays exact up
-/// to here; beyond it the oldest are forgotten).
-const MAX_RATE_WINDOW_READINGS: usize = 4096;
+/// Most readings a rate-of-change window spans per series: beyond, the oldest leave it early (a window of an hour
+/// at one reading a second is exact).
+const MAX_RATE_WINDOW_READINGS: u64 = 4096;
 
 /// How bad an alert is; ordered, so "at least warning" is a comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -638,9 +638,58 @@ struct Track {
     newest: Option<SystemTime>,
     /// The alert raised and not yet resolved, and since when its condition is clear.
     active: Option<(Alert, Option<SystemTime>)>,
-    /// Recent readings, for rate-of-change rules (not kept across restarts: a window starts over).
-    #[serde(skip)]
-    window: VecDeque<(SystemTime, f64)>,
+    /// The extremes of the recent readings, for rate-of-change rules (absent in state written before they were
+    /// kept: such a window starts over).
+    #[serde(default)]
+    window: RateWindow,
+}
+
+/// The smallest and largest of a series' readings within a rate-of-change rule's window (at most
+/// [`MAX_RATE_WINDOW_READINGS`] of them), kept as the two queues of a sliding-window minimum and maximum: each
+/// reading that may still become the smallest (or largest) once older ones leave the window, in time order. The
+/// extremes are those of every reading in the window, found in constant time per reading. Readings that go up and
+/// down leave a few entries rather than the whole window, which is what makes it cheap to keep across restarts.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct RateWindow {
+    /// How many readings it was given: numbers them, for the cap on how many the window spans.
+    taken: u64,
+    /// (number, time, value) with values rising from the front: the front is the smallest in the window.
+    lows: VecDeque<(u64, SystemTime, f64)>,
+    /// The same with values falling from the front: the front is the largest.
+    highs: VecDeque<(u64, SystemTime, f64)>,
+}
+
+impl RateWindow {
+    /// Adds a reading (measured at `time`, no earlier than the last) and returns the largest minus the smallest of
+    /// the readings within `window` of it, or minus infinity when none is a number.
+    fn push(&mut self, time: SystemTime, value: f64, window: Duration) -> f64 {
+        let number = self.taken;
+        self.taken += 1;
+        // A value that is not a number is neither smallest nor largest (as with f64::min and max).
+        if !value.is_nan() {
+            // An older reading no smaller than this one can never be the smallest again: this one outlives it.
+            while self.lows.back().is_some_and(|(_, _, low)| *low >= value) {
+                self.lows.pop_back();
+            }
+            self.lows.push_back((number, time, value));
+            while self.highs.back().is_some_and(|(_, _, high)| *high <= value) {
+                self.highs.pop_back();
+            }
+            self.highs.push_back((number, time, value));
+        }
+        let left_the_window = |(taken, at, _): &(u64, SystemTime, f64)| {
+            number - taken >= MAX_RATE_WINDOW_READINGS || time.duration_since(*at).unwrap_or_default() > window
+        };
+        while self.lows.front().is_some_and(left_the_window) {
+            self.lows.pop_front();
+        }
+        while self.highs.front().is_some_and(left_the_window) {
+            self.highs.pop_front();
+        }
+        let low = self.lows.front().map_or(f64::INFINITY, |(_, _, low)| *low);
+        let high = self.highs.front().map_or(f64::NEG_INFINITY, |(_, _, high)| *high);
+        high - low
+    }
 }
 
 /// What an evaluator has learnt (when conditions began, the alerts open, when devices were last heard), to carry it
@@ -917,20 +966,7 @@ impl Evaluator {
                     if track.newest.is_some_and(|newest| time < newest) {
                         continue;
                     }
-                    track.window.push_back((time, value));
-                    while track.window.len() > MAX_RATE_WINDOW_READINGS
-                        || track
-                            .window
-                            .front()
-                            .is_some_and(|(t, _)| time.duration_since(*t).unwrap_or_default() > window)
-                    {
-                        track.window.pop_front();
-                    }
-                    let (low, high) = track
-                        .window
-                        .iter()
-                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), (_, v)| (low.min(*v), high.max(*v)));
-                    let change = high - low;
+                    let change = track.window.push(time, value, window);
                     let message = move |_: SystemTime| {
                         format!("{metric} moved by {change} within {} (limit {max_change})", format_duration(window))
                     };
@@ -1220,6 +1256,71 @@ mod tests {
         assert!(after.on_reading(device, "temperature", 46.0, at(20)).is_empty(), "still the same alert");
         let resolved = after.on_reading(device, "temperature", 20.0, at(30)).remove(0);
         assert_eq!((resolved.id, resolved.state), (open.id, AlertState::Resolved));
+    }
+
+    #[test]
+    fn a_rate_window_gives_the_extremes_of_every_reading_in_it() {
+        // Readings going up and down, a step of 1 to 4 s, some not numbers; checked against the whole window kept
+        // (as evaluators kept it before), the short window by time and the long one by the cap on readings.
+        let mut seed = 7_u64;
+        let mut random = move || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            seed >> 33
+        };
+        for window in [Duration::from_secs(60), Duration::from_secs(24 * 3600)] {
+            let mut kept = RateWindow::default();
+            let mut whole: VecDeque<(SystemTime, f64)> = VecDeque::new();
+            let mut time = at(0);
+            let mut largest_kept = 0;
+            for step in 0..10_000 {
+                time += Duration::from_secs(1 + random() % 4);
+                let value = if step % 97 == 0 { f64::NAN } else { (random() % 1000) as f64 / 10.0 };
+                whole.push_back((time, value));
+                while whole.len() as u64 > MAX_RATE_WINDOW_READINGS
+                    || whole.front().is_some_and(|(t, _)| time.duration_since(*t).unwrap() > window)
+                {
+                    whole.pop_front();
+                }
+                let (low, high) = whole
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), (_, v)| (low.min(*v), high.max(*v)));
+                assert_eq!(kept.push(time, value, window), high - low, "reading {step}, window {window:?}");
+                largest_kept = largest_kept.max(kept.lows.len() + kept.highs.len());
+            }
+            assert!(largest_kept < 100, "kept {largest_kept} entries for a window of up to 4096 readings");
+        }
+    }
+
+    #[test]
+    fn a_rate_condition_that_holds_across_a_restart_stays_one_alert() {
+        let farm = Uuid::now_v7();
+        let device = Uuid::now_v7();
+        let mut rule = threshold_rule(farm, 0, 0);
+        rule.condition = Condition::RateOfChange { max_change: 5.0, window: Duration::from_secs(120) };
+        // Warming fast, then steady: the change within two minutes stays over 5 until the rise leaves the window.
+        let readings: Vec<(u64, f64)> =
+            (0..40).map(|n| (n * 10, if n < 15 { 20.0 + n as f64 } else { 34.0 })).collect();
+        let mut never_stopped = Evaluator::new(farm, Origin::Edge);
+        never_stopped.set_rules(vec![rule.clone()], at(0));
+        let mut restarted = Evaluator::new(farm, Origin::Edge);
+        restarted.set_rules(vec![rule.clone()], at(0));
+        let (mut expected, mut got) = (Vec::new(), Vec::new());
+        for (index, (second, value)) in readings.into_iter().enumerate() {
+            expected.extend(never_stopped.on_reading(device, "temperature", value, at(second)));
+            if index == 12 || index == 20 {
+                // The agent restarts with the condition holding, its state written and read back.
+                let state = serde_json::to_string(&restarted.state()).unwrap();
+                restarted = Evaluator::new(farm, Origin::Edge);
+                restarted.set_rules(vec![rule.clone()], at(0));
+                restarted.restore(serde_json::from_str(&state).unwrap());
+            }
+            got.extend(restarted.on_reading(device, "temperature", value, at(second)));
+        }
+        let states: Vec<_> = expected.iter().map(|alert| (alert.id, alert.state)).collect();
+        assert_eq!(states.len(), 2, "one alert opened and resolved: {expected:?}");
+        assert_eq!((states[0].1, states[1].1), (AlertState::Open, AlertState::Resolved));
+        assert_eq!(states[0].0, states[1].0);
+        assert_eq!(got, expected, "the restarted evaluator raised what the one that never stopped did");
     }
 
     #[test]
