@@ -234,6 +234,21 @@ impl Work {
     }
 }
 
+impl Work {
+    /// Gives the job back undone (this process is stopping): with NATS it is offered to another replica at once.
+    /// The answer is flushed before this returns, so it gets out before the runtime stops. It counts as a try.
+    pub async fn hand_back(mut self) {
+        let Some(message) = self.message.take() else { return };
+        let answered = match message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await {
+            Ok(()) => message.context.client().flush().await.map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = answered {
+            tracing::warn!(%error, "cannot hand a job back to NATS; it is offered again in ten minutes");
+        }
+    }
+}
+
 impl Drop for Work {
     fn drop(&mut self) {
         // Neither done nor handed back: offer it again now rather than in ten minutes, or, when its worker
@@ -274,8 +289,9 @@ enum JobSource {
 
 impl JobTaker {
     /// The next job, if one comes within `wait`. With NATS the job is asked for only now, one at a time, so jobs
-    /// wait in NATS, where any replica may take them, until this one is free. Not cancel-safe with NATS: let it
-    /// finish (a job sent to a request whose call was dropped waits ten minutes for another replica).
+    /// wait in NATS, where any replica may take them, until this one is free. Cancel-safe: with NATS a call cut
+    /// short leaves its request open until `wait` has passed, and a job that answers it is returned by the next
+    /// call (so a worker that leaves the wait for other work holds one job at most, until it asks again).
     pub async fn next_within(&mut self, wait: Duration) -> Option<Work> {
         match &mut self.source {
             JobSource::Nats(taker) => taker.next_within(wait).await,
@@ -376,6 +392,16 @@ impl Bus {
                     tracing::debug!("a job handed out with no taker in this process");
                 }
             }
+        }
+    }
+
+    /// Deletes this bus's NATS streams, with the events and jobs they hold: for an installation taken down for
+    /// good, and for tests, whose streams would otherwise go on reserving their room in NATS (a gigabyte and a
+    /// quarter each). Without NATS there is nothing to delete.
+    pub async fn remove_streams(&self) -> Result<(), smartfarm_core::Error> {
+        match &self.nats {
+            Some(nats) => nats::remove_streams(&nats.context, &nats.stream_name).await,
+            None => Ok(()),
         }
     }
 

@@ -197,6 +197,23 @@ async fn work_stream(context: &jetstream::Context, name: &str) -> Result<stream:
         .map_err(|error| error.to_string())
 }
 
+/// Deletes the events stream `name` and its work stream (what is missing already is not an error).
+pub(crate) async fn remove_streams(context: &jetstream::Context, name: &str) -> Result<(), Error> {
+    for stream in [name.to_string(), format!("{name}-work")] {
+        match context.delete_stream(&stream).await {
+            Ok(_) => {}
+            // A stream already gone is what was asked for.
+            Err(error)
+                if matches!(error.kind(), jetstream::context::DeleteStreamErrorKind::JetStream(refused)
+                    if refused.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+            Err(error) => {
+                return Err(Error::Unavailable(format!("cannot delete the JetStream stream {stream}: {error}")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Takes the jobs of one kind from their durable consumer, which every replica taking that kind shares, one job
 /// at a time when asked; sets the stream and the consumer up again when NATS lost them or was away.
 pub(crate) struct Taker {
@@ -204,13 +221,16 @@ pub(crate) struct Taker {
     name: String,
     kind: JobKind,
     consumer: Option<jetstream::consumer::PullConsumer>,
+    /// The pull asked for and not yet answered: kept when a call is cut short, so that a job NATS sends it is
+    /// read by the next call instead of lost to a closed inbox (where it would wait for [`WORK_ACK_WAIT`]).
+    open_pull: Option<jetstream::consumer::pull::Batch>,
     /// After a failure, no pull before this (the wait doubles per failure in a row, up to 30 s).
     retry_at: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl Taker {
     pub(crate) fn new(context: jetstream::Context, name: String, kind: JobKind) -> Taker {
-        Taker { context, name, kind, consumer: None, retry_at: None }
+        Taker { context, name, kind, consumer: None, open_pull: None, retry_at: None }
     }
 
     /// Notes a failure: the consumer is set up again, after a wait that grows while failures go on.
@@ -248,31 +268,40 @@ impl Taker {
     }
 
     /// One job if NATS has one within `wait` (a single pull request for a single message: nothing is held here
-    /// that another replica could do). Not to be cut short: a job NATS sends to a request whose call was dropped
-    /// waits ten minutes for another replica.
+    /// that another replica could do). Cancel-safe: a call cut short leaves its pull open, and the next call reads
+    /// its answer first (a job that came meanwhile waited at most for that call; the pull expires after `wait`).
     pub(crate) async fn next_within(&mut self, wait: Duration) -> Option<Work> {
-        // NATS counts zero as "never expires".
-        let wait = wait.max(Duration::from_millis(100));
-        let kind = self.kind.as_str();
-        // While NATS is away, or after a failure, no pull at all: requests queued now would go out together on
-        // reconnecting, and a job sent to one given up on meanwhile would wait ten minutes.
-        let connected = self.context.client().connection_state() == async_nats::connection::State::Connected;
-        if !connected || self.retry_at.is_some_and(|(at, _)| tokio::time::Instant::now() < at) {
-            tokio::time::sleep(wait).await;
-            return None;
-        }
-        let pulled = match self.consumer().await {
-            Ok(consumer) => consumer.batch().max_messages(1).expires(wait).messages().await.map_err(|e| e.to_string()),
-            Err(error) => Err(error),
-        };
-        let mut messages = match pulled {
-            Ok(messages) => messages,
-            Err(error) => {
-                self.failed(&error);
+        if self.open_pull.is_none() {
+            // NATS counts zero as "never expires".
+            let wait = wait.max(Duration::from_millis(100));
+            // While NATS is away, or after a failure, no pull at all: requests queued now would go out together on
+            // reconnecting, and a job sent to one given up on meanwhile would wait ten minutes.
+            let connected = self.context.client().connection_state() == async_nats::connection::State::Connected;
+            if !connected || self.retry_at.is_some_and(|(at, _)| tokio::time::Instant::now() < at) {
+                tokio::time::sleep(wait).await;
                 return None;
             }
-        };
-        match messages.next().await {
+            // Each step is all or nothing when cut short: the inbox is subscribed before the request goes out,
+            // and the request is queued whole or not at all.
+            let pulled = match self.consumer().await {
+                Ok(consumer) => {
+                    consumer.batch().max_messages(1).expires(wait).messages().await.map_err(|e| e.to_string())
+                }
+                Err(error) => Err(error),
+            };
+            match pulled {
+                Ok(pull) => self.open_pull = Some(pull),
+                Err(error) => {
+                    self.failed(&error);
+                    return None;
+                }
+            }
+        }
+        let answer = self.open_pull.as_mut()?.next().await;
+        // One message at most per pull: after it, or the end of the pull, the pull is over.
+        self.open_pull = None;
+        let kind = self.kind.as_str();
+        match answer {
             Some(Ok(message)) => match serde_json::from_slice::<Job>(&message.payload) {
                 Ok(job) if job.kind() == self.kind => {
                     self.retry_at = None;

@@ -1,7 +1,8 @@
 //! The NATS JetStream bus against a real server (127.0.0.1:4222 where the project is tested;
 //! `SMARTFARM_TEST_NATS_URL` points elsewhere): events published by one replica reach the others; a job handed out
 //! goes to exactly one of the replicas that take its kind, including jobs handed out before any took them; a job
-//! dropped undone is offered again at once, and a job done is gone from NATS.
+//! dropped undone or handed back is offered again at once, one sent to a wait that was cut short is returned by the
+//! taker's next wait, and a job done is gone from NATS.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -111,14 +112,69 @@ async fn a_job_is_taken_once_across_replicas_and_events_reach_every_replica() {
     // Done jobs are gone: NATS holds none.
     assert!(taken_by_a.next_within(Duration::from_millis(500)).await.is_none(), "a job marked done came back");
     assert_eq!(jobs_waiting(&server, &name).await, 0, "NATS still holds jobs that were done");
-    remove_streams(&server, &name).await;
+
+    // The test's streams go, so that NATS does not go on reserving their room; a second removal finds nothing.
+    assert!(streams_left(&server, &name).await);
+    a.remove_streams().await.unwrap();
+    assert!(!streams_left(&server, &name).await, "the streams are still there");
+    b.remove_streams().await.unwrap();
 }
 
-/// Deletes the test's streams, so that NATS does not keep reserving their room.
-async fn remove_streams(server: &str, name: &str) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sent_to_a_wait_cut_short_is_kept_and_a_job_handed_back_goes_to_another_replica_at_once() {
+    let (server, name, url) = nats_server_and_url();
+    let a = Bus::connect(&url).await.unwrap();
+    let b = Bus::connect(&url).await.unwrap();
+    let mut taken_by_a = a.take_work(JobKind::Score);
+    let mut taken_by_b = b.take_work(JobKind::Score);
+
+    // A waits for a job, and leaves the wait (for work of its own, say) after NATS sent it one.
+    {
+        let wait = taken_by_a.next_within(Duration::from_secs(20));
+        tokio::pin!(wait);
+        // A's wait runs until its request is open in NATS.
+        let mut waited = 0;
+        while scoring_consumer(&server, &name).await.is_none_or(|consumer| consumer.num_waiting < 1) {
+            waited += 1;
+            assert!(waited < 200, "A's request for a job did not reach NATS");
+            tokio::select! {
+                _ = &mut wait => panic!("a job came before any was handed out"),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        b.hand_out(scoring_job(1));
+        let mut waited = 0;
+        while scoring_consumer(&server, &name).await.is_none_or(|consumer| consumer.num_ack_pending < 1) {
+            waited += 1;
+            assert!(waited < 200, "NATS did not send the job to A's open request");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A's next wait returns it at once: the job was not sent into a closed inbox, to wait ten minutes there.
+    let work = taken_by_a.next_within(Duration::from_millis(100)).await.expect("A's next wait returns the job");
+    assert_eq!(work.job(), &scoring_job(1));
+
+    // A is stopping: it hands the job back, and B, which asks now, gets it at once.
+    work.hand_back().await;
+    let again = taken_by_b.next_within(Duration::from_secs(5)).await.expect("B gets the job A handed back");
+    assert_eq!(again.job(), &scoring_job(1));
+    again.done().await;
+    assert_eq!(jobs_waiting(&server, &name).await, 0, "NATS still holds the job that was done");
+    a.remove_streams().await.unwrap();
+}
+
+/// What NATS says of the consumer of scoring jobs (requests for jobs open, jobs sent and not answered), once a
+/// taker has asked for a job.
+async fn scoring_consumer(server: &str, name: &str) -> Option<async_nats::jetstream::consumer::Info> {
+    let client = async_nats::connect(server.trim_start_matches("nats://")).await.unwrap();
+    let stream = async_nats::jetstream::new(client).get_stream(format!("{name}-work")).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream.get_consumer("jobs-score").await.ok()?;
+    Some(consumer.info().await.unwrap().clone())
+}
+
+/// Whether NATS still has the events stream `name` or its work stream.
+async fn streams_left(server: &str, name: &str) -> bool {
     let client = async_nats::connect(server.trim_start_matches("nats://")).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
-    for stream in [name.to_string(), format!("{name}-work")] {
-        jetstream.delete_stream(&stream).await.unwrap();
-    }
+    jetstream.get_stream(name).await.is_ok() || jetstream.get_stream(format!("{name}-work")).await.is_ok()
 }

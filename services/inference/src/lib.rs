@@ -54,6 +54,9 @@ pub struct InferenceApi {
     /// Photos being decoded: at most one per core. A photo of a few hundred kB can decode to hundreds of MB, so
     /// without a bound concurrent requests could take the process's memory.
     decoding: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the process begins to shut down: the pipeline hands back the jobs it holds and ends.
+    shutting_down: tokio::sync::watch::Receiver<bool>,
+    shutdown_sender: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The cores this process may use.
@@ -79,6 +82,7 @@ pub struct Stores {
 impl InferenceApi {
     /// The service over the given stores; call [`InferenceApi::ensure_builtin_models`] before serving.
     pub fn new(stores: Stores, bus: Bus, settings: InferenceConfig) -> Self {
+        let (shutdown_sender, shutting_down) = tokio::sync::watch::channel(false);
         InferenceApi {
             serving: Serving::new(stores.models.clone(), stores.blobs.clone()),
             registry: stores.registry,
@@ -91,7 +95,15 @@ impl InferenceApi {
             detectors: pipeline::Detectors::default(),
             detecting: Arc::new(tokio::sync::Semaphore::new(cores())),
             decoding: Arc::new(tokio::sync::Semaphore::new(cores())),
+            shutting_down,
+            shutdown_sender: Arc::new(shutdown_sender),
         }
+    }
+
+    /// Tells the pipeline the process is stopping ([`InferenceApi::run_pipeline`] then returns once it has handed
+    /// back what it holds).
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown_sender.send(true);
     }
 
     /// The tonic server for this service: it takes photos up to the models' limit and 2 MiB more, so a

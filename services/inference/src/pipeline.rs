@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc::error::TryRecvError;
 use uuid::Uuid;
 
 use smartfarm_bus::{
@@ -31,6 +30,20 @@ use smartfarm_ml::artifact::ModelKind;
 use smartfarm_store::telemetry::ReadingFilter;
 
 use crate::{InferenceApi, from_seconds, read_series, seconds};
+
+/// Resolves once the process begins to shut down (never, when nothing can tell it to any more).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    if stopping.wait_for(|stopping| *stopping).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Gives back the job a stopping worker holds, if it holds one.
+async fn hand_back(work: Option<smartfarm_bus::Work>) {
+    if let Some(work) = work {
+        work.hand_back().await;
+    }
+}
 
 /// Most readings a series' detector learns from.
 const MAX_HISTORY_POINTS: usize = 50_000;
@@ -70,7 +83,9 @@ const QUEUE: usize = 1024;
 /// Events waiting for the scorer that keep the readings they came with; the others read them from the database.
 const QUEUED_WITH_READINGS: usize = 8;
 
-/// How long a worker waits for a job before it looks at its own process's announcements again.
+/// How long a worker's request for a job stays open (with NATS): it asks again when it expires. Short, because a
+/// worker that turns to its own process's work meanwhile may receive a job on it, and holds that job until it asks
+/// again.
 const JOB_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a job that failed (a photo that could not be read, say) waits before it is offered again.
@@ -87,25 +102,34 @@ struct FittedEntry {
 }
 
 impl InferenceApi {
-    /// Diagnoses new photos and scores committed readings until the bus closes: one worker for each, so a slow
-    /// detector fit never holds photos back and the bus is always drained.
+    /// Diagnoses new photos and scores committed readings until the bus closes or the process begins to shut
+    /// down ([`InferenceApi::begin_shutdown`]): one worker for each, so a slow detector fit never holds photos back
+    /// and the bus is always drained. On shutdown a worker stops what it is doing and hands back the job it holds,
+    /// so that another replica does it now rather than after NATS's ten minutes; this returns once both have.
     pub async fn run_pipeline(self) {
         // Photos announced by versions that did not hand them out as jobs (every replica diagnoses those, as it
         // did then).
         let (photos, mut photo_queue) = tokio::sync::mpsc::channel::<ImageStored>(QUEUE);
         // Each batch goes with the count of times events were missed before it (see `RecentReadings`).
         let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted)>(QUEUE);
-        // Each worker does what its own process announced first, then asks for one job: jobs are taken only when a
-        // worker is free for them, and until then wait in NATS, where another replica may take them.
+        let mut workers = Vec::new();
+        // Each worker does what its own process announced first, and otherwise waits for one job: jobs are taken
+        // only when a worker is free for them, and until then wait in NATS, where another replica may take them.
+        // What its process announces cuts the wait short (the wait is cancel-safe).
         if self.settings.diagnose_new_images {
             let diagnosing = self.clone();
             let mut jobs = self.bus.take_work(JobKind::Diagnose);
-            tokio::spawn(async move {
+            let mut stopping = self.shutting_down.clone();
+            workers.push(tokio::spawn(async move {
                 loop {
-                    let (stored, work) = match photo_queue.try_recv() {
-                        Ok(stored) => (stored, None),
-                        Err(TryRecvError::Disconnected) => return,
-                        Err(TryRecvError::Empty) => match jobs.next_within(JOB_WAIT).await {
+                    let (stored, work) = tokio::select! {
+                        biased;
+                        () = stopped(&mut stopping) => return,
+                        stored = photo_queue.recv() => match stored {
+                            Some(stored) => (stored, None),
+                            None => return,
+                        },
+                        work = jobs.next_within(JOB_WAIT) => match work {
                             Some(work) => match work.job() {
                                 Job::Diagnose(stored) => (stored.clone(), Some(work)),
                                 Job::Score(_) => continue,
@@ -113,7 +137,11 @@ impl InferenceApi {
                             None => continue,
                         },
                     };
-                    let diagnosed = diagnosing.diagnose_new_image(&stored).await;
+                    let diagnosed = tokio::select! {
+                        biased;
+                        () = stopped(&mut stopping) => return hand_back(work).await,
+                        diagnosed = diagnosing.diagnose_new_image(&stored) => diagnosed,
+                    };
                     if let Err(error) = &diagnosed {
                         tracing::warn!(image_id = %stored.image_id, %error, "cannot diagnose a new photo");
                     }
@@ -124,19 +152,24 @@ impl InferenceApi {
                         (None, _) => {}
                     }
                 }
-            });
+            }));
         }
         if self.settings.score_new_readings {
             let scoring = self.clone();
             let mut jobs = self.bus.take_work(JobKind::Score);
-            tokio::spawn(async move {
+            let mut stopping = self.shutting_down.clone();
+            workers.push(tokio::spawn(async move {
                 loop {
                     // The announcements first: they carry the readings of this process's own batches, and the
                     // context kept for the next one.
-                    let (epoch, committed, work) = match reading_queue.try_recv() {
-                        Ok((epoch, committed)) => (epoch, committed, None),
-                        Err(TryRecvError::Disconnected) => return,
-                        Err(TryRecvError::Empty) => match jobs.next_within(JOB_WAIT).await {
+                    let (epoch, committed, work) = tokio::select! {
+                        biased;
+                        () = stopped(&mut stopping) => return,
+                        announced = reading_queue.recv() => match announced {
+                            Some((epoch, committed)) => (epoch, committed, None),
+                            None => return,
+                        },
+                        work = jobs.next_within(JOB_WAIT) => match work {
                             // Read back from the database: the epoch of a job's readings is not this process's.
                             Some(work) => match work.job() {
                                 Job::Score(committed) => {
@@ -149,17 +182,26 @@ impl InferenceApi {
                             None => continue,
                         },
                     };
-                    scoring.score_new_readings(&committed, epoch, work.is_some()).await;
+                    tokio::select! {
+                        biased;
+                        () = stopped(&mut stopping) => return hand_back(work).await,
+                        () = scoring.score_new_readings(&committed, epoch, work.is_some()) => {}
+                    }
                     if let Some(work) = work {
                         work.done().await;
                     }
                 }
-            });
+            }));
         }
         let mut events = self.bus.subscribe();
+        let mut stopping = self.shutting_down.clone();
         let mut epoch = 0;
         loop {
-            let event = events.recv().await;
+            let event = tokio::select! {
+                biased;
+                () = stopped(&mut stopping) => break,
+                event = events.recv() => event,
+            };
             let queued = match event {
                 Ok(Event::ReadingsCommitted(mut committed)) if self.settings.score_new_readings => {
                     // A batch's readings ride along with its event (up to tens of thousands): past a few waiting,
@@ -184,13 +226,18 @@ impl InferenceApi {
                     );
                     true
                 }
-                Err(RecvError::Closed) => return,
+                Err(RecvError::Closed) => break,
             };
             if !queued {
                 epoch += 1;
                 metrics::counter!("smartfarm_inference_events_missed_total").increment(1);
                 tracing::warn!("the inference pipeline's queue is full; an event was not processed");
             }
+        }
+        // The workers end when their queues close or the process stops, whichever comes first.
+        drop((photos, readings));
+        for worker in workers {
+            let _ = worker.await;
         }
     }
 

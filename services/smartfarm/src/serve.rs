@@ -50,7 +50,7 @@ pub async fn run(
     bootstrap_admin_key(&*registry, &config.data_dir).await?;
 
     let signer = smartfarm_image::UrlSigner::new(&url_signing_key(&config.data_dir)?)?;
-    let (services, ingestion) = services_for(&config, &database, &blobs, signer).await?;
+    let (services, Running { ingestion, pipeline }) = services_for(&config, &database, &blobs, signer).await?;
     let service_names = services.names().to_vec();
     let (app, health) = smartfarm_gateway::app(services, Authenticator::new(registry), metrics).await?;
 
@@ -77,10 +77,14 @@ pub async fn run(
             .with_context(|| format!("cannot write the address file {}", path.display()))?;
     }
 
+    let inference = pipeline.as_ref().map(|(inference, _)| inference.clone());
     let shutdown = async move {
         stop.await;
         if let Some(ingestion) = &ingestion {
             ingestion.begin_shutdown();
+        }
+        if let Some(inference) = &inference {
+            inference.begin_shutdown();
         }
         // Health watchers see NOT_SERVING first; then the listener closes and open calls drain.
         health.set_service_status("", ServingStatus::NotServing).await;
@@ -89,26 +93,42 @@ pub async fn run(
         }
     };
     smartfarm_gateway::server::serve(listener, tls, app, shutdown).await;
+    // The pipeline hands back the jobs it holds (another replica does them now, not after NATS's ten minutes):
+    // the answers must get out before the runtime stops.
+    if let Some((_, pipeline)) = pipeline
+        && tokio::time::timeout(PIPELINE_DRAIN, pipeline).await.is_err()
+    {
+        tracing::warn!(?PIPELINE_DRAIN, "the inference pipeline did not stop in time; jobs it holds wait for NATS");
+    }
     tracing::info!("smartfarm stopped");
     Ok(())
 }
 
-/// The services of the roles this process runs (their background tasks started), and the ingestion service when
-/// it runs, so shutdown can close its edge links. The inference role stores and activates the built-in models
-/// first where none are active.
+/// How long a stopping process waits for its inference pipeline to hand back its jobs.
+const PIPELINE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What shutdown tells that it is stopping: the ingestion service, which closes its edge links, and the inference
+/// service with its pipeline, which hands back its jobs.
+struct Running {
+    ingestion: Option<smartfarm_ingestion::IngestionApi>,
+    pipeline: Option<(smartfarm_inference::InferenceApi, tokio::task::JoinHandle<()>)>,
+}
+
+/// The services of the roles this process runs (their background tasks started), and what shutdown tells it is
+/// stopping. The inference role stores and activates the built-in models first where none are active.
 async fn services_for(
     config: &ServerConfig,
     database: &Database,
     blobs: &Arc<dyn BlobStore>,
     signer: smartfarm_image::UrlSigner,
-) -> anyhow::Result<(Services, Option<smartfarm_ingestion::IngestionApi>)> {
+) -> anyhow::Result<(Services, Running)> {
     let registry = database.registry();
     let bus = match config.bus_url.as_str() {
         "" => Bus::in_process(),
         url => Bus::connect(url).await?,
     };
     let mut services = Services::default();
-    let mut ingestion_running = None;
+    let mut running = Running { ingestion: None, pipeline: None };
     for role in config.target.roles() {
         services = match role {
             Role::Device => services.with_service(smartfarm_device::DeviceApi::new(registry.clone()).into_server()),
@@ -126,7 +146,7 @@ async fn services_for(
                 .with_alerts(database.alerts())
                 .with_commands(database.commands());
                 tokio::spawn(ingestion.clone().run_retention());
-                ingestion_running = Some(ingestion.clone());
+                running.ingestion = Some(ingestion.clone());
                 services.with_service(ingestion.clone().ingestion_server()).with_service(ingestion.telemetry_server())
             }
             Role::Image => {
@@ -157,7 +177,8 @@ async fn services_for(
                     config.inference.clone(),
                 );
                 inference.ensure_builtin_models().await?;
-                tokio::spawn(inference.clone().run_pipeline());
+                let pipeline = tokio::spawn(inference.clone().run_pipeline());
+                running.pipeline = Some((inference.clone(), pipeline));
                 services.with_service(inference.into_server())
             }
             Role::Alert => {
@@ -185,7 +206,7 @@ async fn services_for(
             }
         };
     }
-    Ok((services, ingestion_running))
+    Ok((services, running))
 }
 
 /// On a fresh installation (no API key at all), creates an admin key and writes it to a 0600 file in the data dir,

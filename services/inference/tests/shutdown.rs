@@ -1,0 +1,179 @@
+//! An inference replica that stops while it diagnoses a photo taken as a job from NATS JetStream (127.0.0.1:4222
+//! where the project is tested; `SMARTFARM_TEST_NATS_URL` points elsewhere) hands the job back: its pipeline ends
+//! at once, and another replica gets the job then, not after NATS's ten minutes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use smartfarm_bus::{Bus, ImageStored, Job, JobKind};
+use smartfarm_core::config::{InferenceConfig, PostgresConfig};
+use smartfarm_inference::{InferenceApi, Stores};
+use smartfarm_store::image::{ImageRecord, ThumbnailState};
+use smartfarm_store::model::{DeviceKind, NewDevice};
+use smartfarm_store::{BlobStore, Database, blob};
+
+/// A blob store whose photos never finish reading (a stalled S3, say): a diagnosis waits on it for ever. Model
+/// weights read as usual.
+struct StalledPhotos {
+    store: Arc<dyn BlobStore>,
+    /// Set once a photo's read has begun.
+    reading: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl BlobStore for StalledPhotos {
+    async fn put(&self, key: &str, bytes: &[u8]) -> smartfarm_core::Result<()> {
+        self.store.put(key, bytes).await
+    }
+
+    async fn get(&self, key: &str) -> smartfarm_core::Result<Vec<u8>> {
+        if key.starts_with("images/") {
+            self.reading.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.store.get(key).await
+    }
+
+    async fn exists(&self, key: &str) -> smartfarm_core::Result<bool> {
+        self.store.exists(key).await
+    }
+
+    async fn delete(&self, key: &str) -> smartfarm_core::Result<()> {
+        self.store.delete(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> smartfarm_core::Result<Vec<String>> {
+        self.store.list(prefix).await
+    }
+
+    async fn presigned_url(&self, key: &str, expires_in: Duration) -> smartfarm_core::Result<Option<String>> {
+        self.store.presigned_url(key, expires_in).await
+    }
+
+    async fn set_storage_class(&self, key: &str, storage_class: &str) -> smartfarm_core::Result<()> {
+        self.store.set_storage_class(key, storage_class).await
+    }
+
+    fn describe(&self) -> String {
+        "stalled photos".into()
+    }
+}
+
+/// A bus URL on the test NATS server with a stream of the test's own; fails, saying how to start NATS, when none
+/// answers.
+fn nats_bus_url() -> String {
+    let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let address = server.trim_start_matches("nats://");
+    assert!(
+        std::net::TcpStream::connect(address).is_ok(),
+        "no NATS server answers at {server}: this test needs NATS with JetStream (Debian package nats-server), \
+         e.g. `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or SMARTFARM_TEST_NATS_URL"
+    );
+    format!("{server}/inference-test-{}", Uuid::now_v7().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_hands_back_the_photo_it_is_diagnosing() {
+    let dir = tempfile::tempdir().unwrap();
+    let database =
+        Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
+            .await
+            .unwrap();
+    database.migrate().await.unwrap();
+    let registry = database.registry();
+    let farm = registry.create_farm(Uuid::now_v7(), "farm", SystemTime::now()).await.unwrap();
+    let camera = registry
+        .create_device(NewDevice {
+            id: Uuid::now_v7(),
+            farm_id: farm.id,
+            name: "camera".into(),
+            kind: DeviceKind::Camera,
+            labels: BTreeMap::new(),
+            credential_sha256: "00".repeat(32),
+            create_time: SystemTime::now(),
+        })
+        .await
+        .unwrap();
+    let files = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
+    let reading = Arc::new(AtomicBool::new(false));
+    let blobs: Arc<dyn BlobStore> = Arc::new(StalledPhotos { store: files.clone(), reading: reading.clone() });
+
+    // A photo, stored as the image role stores one.
+    let bytes = b"a photo whose read never ends".to_vec();
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let key = format!("images/{}/{sha256}", farm.id.simple());
+    files.put(&key, &bytes).await.unwrap();
+    let photo = ImageRecord {
+        id: Uuid::now_v7(),
+        farm_id: farm.id,
+        device_id: camera.id,
+        capture_time: SystemTime::now(),
+        receive_time: SystemTime::now(),
+        original_key: key,
+        sha256: sha256.clone(),
+        size_bytes: bytes.len() as u64,
+        content_type: "image/jpeg".into(),
+        width: 256,
+        height: 256,
+        labels: BTreeMap::new(),
+        original_available: true,
+        thumbnail_state: ThumbnailState::Pending,
+        thumbnail_key: None,
+        storage_class: None,
+        diagnosis: None,
+    };
+    let images = database.images();
+    images.add_blob_intent(&photo.original_key, photo.receive_time).await.unwrap();
+    images.insert_image(photo.clone(), None).await.unwrap();
+
+    // Replica A runs the pipeline and takes the photo's job; replica B takes jobs only later.
+    let url = nats_bus_url();
+    let bus_a = Bus::connect(&url).await.unwrap();
+    let bus_b = Bus::connect(&url).await.unwrap();
+    let api = InferenceApi::new(
+        Stores {
+            registry,
+            images: database.images(),
+            telemetry: database.telemetry(),
+            models: database.models(),
+            blobs,
+        },
+        bus_a.clone(),
+        InferenceConfig::default(),
+    );
+    api.ensure_builtin_models().await.unwrap();
+    let pipeline = tokio::spawn(api.clone().run_pipeline());
+    let job = Job::Diagnose(ImageStored {
+        handed_out: true,
+        image_id: photo.id,
+        farm_id: farm.id,
+        device_id: camera.id,
+        sha256,
+        content_type: "image/jpeg".into(),
+        capture_time: photo.capture_time,
+    });
+    bus_b.hand_out(job.clone());
+    let mut waited = 0;
+    while !reading.load(Ordering::SeqCst) {
+        waited += 1;
+        assert!(waited < 300, "replica A did not start on the photo's job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A stops mid-diagnosis: its pipeline ends at once, and B gets the job at once.
+    api.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(5), pipeline)
+        .await
+        .expect("the pipeline ends when the process stops, without waiting for the diagnosis")
+        .unwrap();
+    let mut taken_by_b = bus_b.take_work(JobKind::Diagnose);
+    let work = taken_by_b.next_within(Duration::from_secs(5)).await.expect("B gets the job A handed back");
+    assert_eq!(work.job(), &job);
+    work.done().await;
+    bus_b.remove_streams().await.unwrap();
+}
