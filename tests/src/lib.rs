@@ -287,6 +287,13 @@ pub fn bootstrap_admin_key(data: &CloudData) -> String {
     key.trim().to_string()
 }
 
+/// Deletes the NATS streams of a bus URL that replicas used (`nats://HOST:PORT/NAME`), so that NATS does not go on
+/// reserving their room after the test.
+pub async fn remove_nats_streams(bus_url: &str) {
+    let bus = smartfarm_bus::Bus::connect(bus_url).await.expect("connect to NATS to remove the test's streams");
+    bus.remove_streams().await.expect("remove the test's NATS streams");
+}
+
 /// Runs the smartfarm binary with `args` to completion; returns (success, stdout, stderr).
 pub async fn run_smartfarm(args: &[&str]) -> (bool, String, String) {
     let output = tokio::process::Command::new(smartfarm_binary())

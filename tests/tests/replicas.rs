@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use smartfarm_e2e::alerting::{MqttWatch, mosquitto_pub, next_alert_event};
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
-use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
+use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key, remove_nats_streams};
 use smartfarm_proto::alert::v1 as alert;
 use smartfarm_proto::command::v1 as command;
 use smartfarm_proto::pbjson_types;
@@ -172,6 +172,7 @@ async fn commands_and_alerts_cross_replicas_over_nats() {
     device.stop().await;
     edge.stop().await;
     b.stop().await;
+    remove_nats_streams(&bus).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,4 +256,5 @@ async fn photos_and_batches_of_a_replica_without_the_inference_role_are_handled_
     for replica in [a, b, c] {
         replica.stop().await;
     }
+    remove_nats_streams(&bus).await;
 }

@@ -558,7 +558,7 @@ pub async fn commands(count: usize) -> anyhow::Result<()> {
     let data = CloudData::new(Backend::Postgres).await;
     let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let bus = format!("{server}/bench-{}", uuid::Uuid::now_v7().simple());
-    let options = CloudOptions { env: vec![("SMARTFARM_BUS_URL".into(), bus)], ..Default::default() };
+    let options = CloudOptions { env: vec![("SMARTFARM_BUS_URL".into(), bus.clone())], ..Default::default() };
     let a = Cloud::start(&data, options.clone()).await;
     let b = Cloud::start(&data, options).await;
     let key = bootstrap_admin_key(&data);
@@ -570,6 +570,7 @@ pub async fn commands(count: usize) -> anyhow::Result<()> {
     edge.stop().await;
     a.stop().await;
     b.stop().await;
+    smartfarm_e2e::remove_nats_streams(&bus).await;
     for (setup, (latencies, breakdown)) in [("one process", &one), ("two replicas over NATS", &two)] {
         emit(serde_json::json!({
             "benchmark": "command_round_trip", "machine": machine(), "setup": setup, "database": "postgresql",
