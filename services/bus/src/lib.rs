@@ -220,33 +220,43 @@ impl Work {
     /// it is given up (and logged); without NATS it is dropped.
     pub async fn retry_later(mut self, delay: Duration) {
         let Some(message) = self.message.take() else { return };
-        let tries = message.info().map_or(0, |info| info.delivered);
-        let answer = if tries >= nats::WORK_MAX_DELIVER {
-            metrics::counter!("smartfarm_bus_jobs_given_up_total").increment(1);
-            tracing::error!(job = ?self.job, tries, "a job failed every time it was tried; given up");
-            async_nats::jetstream::AckKind::Term
-        } else {
-            async_nats::jetstream::AckKind::Nak(Some(delay))
-        };
-        if let Err(error) = message.ack_with(answer).await {
+        if let Err(error) = answer_undone(&message, &self.job, Some(delay), "it failed").await {
             tracing::warn!(%error, "cannot answer NATS for a failed job; it is offered again in ten minutes");
         }
     }
-}
 
-impl Work {
     /// Gives the job back undone (this process is stopping): with NATS it is offered to another replica at once.
-    /// The answer is flushed before this returns, so it gets out before the runtime stops. It counts as a try.
+    /// The answer is flushed before this returns, so it gets out before the runtime stops. It counts as a try, so
+    /// a job handed back on its third is given up (and logged).
     pub async fn hand_back(mut self) {
         let Some(message) = self.message.take() else { return };
-        let answered = match message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await {
+        let answered = match answer_undone(&message, &self.job, None, "its replicas stopped").await {
             Ok(()) => message.context.client().flush().await.map_err(|error| error.to_string()),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error),
         };
         if let Err(error) = answered {
             tracing::warn!(%error, "cannot hand a job back to NATS; it is offered again in ten minutes");
         }
     }
+}
+
+/// Answers NATS for a job not done: offered again after `delay` (at once for `None`), or, when this was its last
+/// try, given up, counted and logged with `why` it was not done.
+async fn answer_undone(
+    message: &async_nats::jetstream::Message,
+    job: &Job,
+    delay: Option<Duration>,
+    why: &str,
+) -> Result<(), String> {
+    let tries = message.info().map_or(0, |info| info.delivered);
+    let answer = if tries >= nats::WORK_MAX_DELIVER {
+        metrics::counter!("smartfarm_bus_jobs_given_up_total").increment(1);
+        tracing::error!(?job, tries, why, "a job was not done in any of its tries; given up");
+        async_nats::jetstream::AckKind::Term
+    } else {
+        async_nats::jetstream::AckKind::Nak(delay)
+    };
+    message.ack_with(answer).await.map_err(|error| error.to_string())
 }
 
 impl Drop for Work {
@@ -313,6 +323,26 @@ impl JobTaker {
                     }
                 }
             }
+        }
+    }
+
+    /// A job NATS already sent to this taker's open request (one a cut-short wait left open), without waiting or
+    /// asking for one: take it before other work, rather than hold it while NATS's clock runs.
+    pub async fn arrived(&mut self) -> Option<Work> {
+        match &mut self.source {
+            JobSource::Nats(taker) => taker.arrived().await,
+            // In-process jobs wait in the queue, where nothing holds them from anyone.
+            JobSource::Local(_) => None,
+        }
+    }
+
+    /// Ends taking (this process is stopping): waits for the end of the request a cut-short wait left open (at
+    /// most the wait it was asked with), and hands back a job that comes on it, so none waits ten minutes.
+    pub async fn close(&mut self) {
+        if let JobSource::Nats(taker) = &mut self.source
+            && let Some(work) = taker.close().await
+        {
+            work.hand_back().await;
         }
     }
 }

@@ -221,9 +221,10 @@ pub(crate) struct Taker {
     name: String,
     kind: JobKind,
     consumer: Option<jetstream::consumer::PullConsumer>,
-    /// The pull asked for and not yet answered: kept when a call is cut short, so that a job NATS sends it is
-    /// read by the next call instead of lost to a closed inbox (where it would wait for [`WORK_ACK_WAIT`]).
-    open_pull: Option<jetstream::consumer::pull::Batch>,
+    /// The pull asked for and not yet answered, and when it expires: kept when a call is cut short, so that a job
+    /// NATS sends it is read by the next call instead of lost to a closed inbox (where it would wait for
+    /// [`WORK_ACK_WAIT`]).
+    open_pull: Option<(jetstream::consumer::pull::Batch, tokio::time::Instant)>,
     /// After a failure, no pull before this (the wait doubles per failure in a row, up to 30 s).
     retry_at: Option<(tokio::time::Instant, Duration)>,
 }
@@ -267,9 +268,9 @@ impl Taker {
         Ok(consumer)
     }
 
-    /// One job if NATS has one within `wait` (a single pull request for a single message: nothing is held here
-    /// that another replica could do). Cancel-safe: a call cut short leaves its pull open, and the next call reads
-    /// its answer first (a job that came meanwhile waited at most for that call; the pull expires after `wait`).
+    /// One job if NATS has one within `wait` (a single pull request for a single message, asked only now).
+    /// Cancel-safe: a call cut short leaves its pull open, and the next call reads its answer first (a job that came
+    /// meanwhile waited at most for that call; the pull expires after `wait`).
     pub(crate) async fn next_within(&mut self, wait: Duration) -> Option<Work> {
         if self.open_pull.is_none() {
             // NATS counts zero as "never expires".
@@ -283,6 +284,7 @@ impl Taker {
             }
             // Each step is all or nothing when cut short: the inbox is subscribed before the request goes out,
             // and the request is queued whole or not at all.
+            let expires = tokio::time::Instant::now() + wait;
             let pulled = match self.consumer().await {
                 Ok(consumer) => {
                     consumer.batch().max_messages(1).expires(wait).messages().await.map_err(|e| e.to_string())
@@ -290,15 +292,35 @@ impl Taker {
                 Err(error) => Err(error),
             };
             match pulled {
-                Ok(pull) => self.open_pull = Some(pull),
+                Ok(pull) => self.open_pull = Some((pull, expires)),
                 Err(error) => {
                     self.failed(&error);
                     return None;
                 }
             }
         }
-        let answer = self.open_pull.as_mut()?.next().await;
-        // One message at most per pull: after it, or the end of the pull, the pull is over.
+        let answer = self.open_pull.as_mut()?.0.next().await;
+        self.take_answer(answer).await
+    }
+
+    /// The job that already came on the open pull, if one did; never waits, never asks.
+    pub(crate) async fn arrived(&mut self) -> Option<Work> {
+        let (pull, _) = self.open_pull.as_mut()?;
+        // A zero timeout polls the pull once: what is in its inbox now, or nothing.
+        let answer = tokio::time::timeout(Duration::ZERO, pull.next()).await.ok()?;
+        self.take_answer(answer).await
+    }
+
+    /// Waits for the open pull's end (its expiry, and a second for NATS's word on it) and returns the job that
+    /// came on it, if one did.
+    pub(crate) async fn close(&mut self) -> Option<Work> {
+        let (pull, expires) = self.open_pull.as_mut()?;
+        let answer = tokio::time::timeout_at(*expires + Duration::from_secs(1), pull.next()).await.ok()?;
+        self.take_answer(answer).await
+    }
+
+    /// What the open pull answered: a job, or its end (one message at most per pull, so it is over either way).
+    async fn take_answer(&mut self, answer: Option<Result<jetstream::Message, async_nats::Error>>) -> Option<Work> {
         self.open_pull = None;
         let kind = self.kind.as_str();
         match answer {

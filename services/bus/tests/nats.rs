@@ -1,15 +1,15 @@
 //! The NATS JetStream bus against a real server (127.0.0.1:4222 where the project is tested;
 //! `SMARTFARM_TEST_NATS_URL` points elsewhere): events published by one replica reach the others; a job handed out
 //! goes to exactly one of the replicas that take its kind, including jobs handed out before any took them; a job
-//! dropped undone or handed back is offered again at once, one sent to a wait that was cut short is returned by the
-//! taker's next wait, and a job done is gone from NATS.
+//! dropped undone or handed back is offered again at once, one sent to a wait that was cut short is kept for the
+//! taker (or handed back when it stops), and a job done is gone from NATS.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use smartfarm_bus::{Bus, Event, ImageStored, Job, JobKind, ReadingsCommitted};
+use smartfarm_bus::{Bus, Event, ImageStored, Job, JobKind, JobTaker, ReadingsCommitted};
 
 /// The test NATS server, and a bus URL with a stream of the test's own; fails, saying how to start NATS, when
 /// none answers.
@@ -128,39 +128,50 @@ async fn a_job_sent_to_a_wait_cut_short_is_kept_and_a_job_handed_back_goes_to_an
     let mut taken_by_a = a.take_work(JobKind::Score);
     let mut taken_by_b = b.take_work(JobKind::Score);
 
-    // A waits for a job, and leaves the wait (for work of its own, say) after NATS sent it one.
-    {
-        let wait = taken_by_a.next_within(Duration::from_secs(20));
-        tokio::pin!(wait);
-        // A's wait runs until its request is open in NATS.
-        let mut waited = 0;
-        while scoring_consumer(&server, &name).await.is_none_or(|consumer| consumer.num_waiting < 1) {
-            waited += 1;
-            assert!(waited < 200, "A's request for a job did not reach NATS");
-            tokio::select! {
-                _ = &mut wait => panic!("a job came before any was handed out"),
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        b.hand_out(scoring_job(1));
-        let mut waited = 0;
-        while scoring_consumer(&server, &name).await.is_none_or(|consumer| consumer.num_ack_pending < 1) {
-            waited += 1;
-            assert!(waited < 200, "NATS did not send the job to A's open request");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    // A's next wait returns it at once: the job was not sent into a closed inbox, to wait ten minutes there.
-    let work = taken_by_a.next_within(Duration::from_millis(100)).await.expect("A's next wait returns the job");
+    // A leaves a wait (for work of its own, say) after NATS sent it a job: the job is there without waiting, not
+    // sent into a closed inbox to wait ten minutes there.
+    send_to_a_wait_cut_short(&server, &name, &mut taken_by_a, &b, 1).await;
+    let work = taken_by_a.arrived().await.expect("the job that came on A's wait");
     assert_eq!(work.job(), &scoring_job(1));
+    assert!(taken_by_a.arrived().await.is_none(), "one job came, once");
 
     // A is stopping: it hands the job back, and B, which asks now, gets it at once.
     work.hand_back().await;
     let again = taken_by_b.next_within(Duration::from_secs(5)).await.expect("B gets the job A handed back");
     assert_eq!(again.job(), &scoring_job(1));
     again.done().await;
-    assert_eq!(jobs_waiting(&server, &name).await, 0, "NATS still holds the job that was done");
+
+    // A stops with a wait left open, on which a job comes: closing hands it back, and B gets it at once.
+    send_to_a_wait_cut_short(&server, &name, &mut taken_by_a, &b, 2).await;
+    taken_by_a.close().await;
+    let again = taken_by_b.next_within(Duration::from_secs(5)).await.expect("B gets the job that came as A stopped");
+    assert_eq!(again.job(), &scoring_job(2));
+    again.done().await;
+    assert_eq!(jobs_waiting(&server, &name).await, 0, "NATS still holds a job that was done");
     a.remove_streams().await.unwrap();
+}
+
+/// A waits for a job, B hands job `n` out, and A leaves the wait once NATS has sent the job to it.
+async fn send_to_a_wait_cut_short(server: &str, name: &str, a: &mut JobTaker, b: &Bus, n: u128) {
+    let wait = a.next_within(Duration::from_secs(20));
+    tokio::pin!(wait);
+    // A's wait runs until its request is open in NATS.
+    let mut waited = 0;
+    while scoring_consumer(server, name).await.is_none_or(|consumer| consumer.num_waiting < 1) {
+        waited += 1;
+        assert!(waited < 200, "A's request for a job did not reach NATS");
+        tokio::select! {
+            _ = &mut wait => panic!("a job came before any was handed out"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    b.hand_out(scoring_job(n));
+    let mut waited = 0;
+    while scoring_consumer(server, name).await.is_none_or(|consumer| consumer.num_ack_pending < 1) {
+        waited += 1;
+        assert!(waited < 200, "NATS did not send the job to A's open request");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What NATS says of the consumer of scoring jobs (requests for jobs open, jobs sent and not answered), once a

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use smartfarm_bus::{
     AnomalyDetected, Diagnosis, Event, ImageStored, Job, JobKind, ModelVersion, ReadingsCommitted, SeriesSpan,
-    SpanReadings,
+    SpanReadings, Work,
 };
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
@@ -38,8 +38,23 @@ async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// A photo to diagnose from a job (`None` for another kind of job, which goes back to NATS).
+fn photo_job(work: Work) -> Option<(ImageStored, Option<Work>)> {
+    let Job::Diagnose(stored) = work.job() else { return None };
+    Some((stored.clone(), Some(work)))
+}
+
+/// A batch to score from a job, its readings to be read back from the database: the epoch of a job's readings is
+/// not this process's (`None` for another kind of job, which goes back to NATS).
+fn scoring_job(work: Work) -> Option<(u64, ReadingsCommitted, Option<Work>)> {
+    let Job::Score(committed) = work.job() else { return None };
+    let mut committed = committed.clone();
+    committed.series.iter_mut().for_each(|span| span.readings = None);
+    Some((0, committed, Some(work)))
+}
+
 /// Gives back the job a stopping worker holds, if it holds one.
-async fn hand_back(work: Option<smartfarm_bus::Work>) {
+async fn hand_back(work: Option<Work>) {
     if let Some(work) = work {
         work.hand_back().await;
     }
@@ -84,8 +99,8 @@ const QUEUE: usize = 1024;
 const QUEUED_WITH_READINGS: usize = 8;
 
 /// How long a worker's request for a job stays open (with NATS): it asks again when it expires. Short, because a
-/// worker that turns to its own process's work meanwhile may receive a job on it, and holds that job until it asks
-/// again.
+/// worker that turns to its own process's work meanwhile may receive a job on it, which then waits until that
+/// work is done.
 const JOB_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a job that failed (a photo that could not be read, say) waits before it is offered again.
@@ -104,8 +119,9 @@ struct FittedEntry {
 impl InferenceApi {
     /// Diagnoses new photos and scores committed readings until the bus closes or the process begins to shut
     /// down ([`InferenceApi::begin_shutdown`]): one worker for each, so a slow detector fit never holds photos back
-    /// and the bus is always drained. On shutdown a worker stops what it is doing and hands back the job it holds,
-    /// so that another replica does it now rather than after NATS's ten minutes; this returns once both have.
+    /// and the bus is always drained. On shutdown a worker stops what it is doing and hands back the job it holds
+    /// and one that comes on its open request, so that another replica does them now rather than after NATS's ten
+    /// minutes; this returns once both workers have (within a second of the request's expiry).
     pub async fn run_pipeline(self) {
         // Photos announced by versions that did not hand them out as jobs (every replica diagnoses those, as it
         // did then).
@@ -122,24 +138,33 @@ impl InferenceApi {
             let mut stopping = self.shutting_down.clone();
             workers.push(tokio::spawn(async move {
                 loop {
-                    let (stored, work) = tokio::select! {
-                        biased;
-                        () = stopped(&mut stopping) => return,
-                        stored = photo_queue.recv() => match stored {
-                            Some(stored) => (stored, None),
-                            None => return,
-                        },
-                        work = jobs.next_within(JOB_WAIT) => match work {
-                            Some(work) => match work.job() {
-                                Job::Diagnose(stored) => (stored.clone(), Some(work)),
-                                Job::Score(_) => continue,
-                            },
+                    // A job that already came (on a request a cut-short wait left open) goes first: NATS's clock
+                    // runs on it.
+                    let (stored, work) = if let Some(work) = jobs.arrived().await {
+                        match photo_job(work) {
+                            Some(taken) => taken,
                             None => continue,
-                        },
+                        }
+                    } else {
+                        tokio::select! {
+                            biased;
+                            () = stopped(&mut stopping) => return jobs.close().await,
+                            stored = photo_queue.recv() => match stored {
+                                Some(stored) => (stored, None),
+                                None => return jobs.close().await,
+                            },
+                            work = jobs.next_within(JOB_WAIT) => match work.and_then(photo_job) {
+                                Some(taken) => taken,
+                                None => continue,
+                            },
+                        }
                     };
                     let diagnosed = tokio::select! {
                         biased;
-                        () = stopped(&mut stopping) => return hand_back(work).await,
+                        () = stopped(&mut stopping) => {
+                            hand_back(work).await;
+                            return jobs.close().await;
+                        }
                         diagnosed = diagnosing.diagnose_new_image(&stored) => diagnosed,
                     };
                     if let Err(error) = &diagnosed {
@@ -160,35 +185,44 @@ impl InferenceApi {
             let mut stopping = self.shutting_down.clone();
             workers.push(tokio::spawn(async move {
                 loop {
-                    // The announcements first: they carry the readings of this process's own batches, and the
-                    // context kept for the next one.
-                    let (epoch, committed, work) = tokio::select! {
-                        biased;
-                        () = stopped(&mut stopping) => return,
-                        announced = reading_queue.recv() => match announced {
-                            Some((epoch, committed)) => (epoch, committed, None),
-                            None => return,
-                        },
-                        work = jobs.next_within(JOB_WAIT) => match work {
-                            // Read back from the database: the epoch of a job's readings is not this process's.
-                            Some(work) => match work.job() {
-                                Job::Score(committed) => {
-                                    let mut committed = committed.clone();
-                                    committed.series.iter_mut().for_each(|span| span.readings = None);
-                                    (0, committed, Some(work))
-                                }
-                                Job::Diagnose(_) => continue,
-                            },
+                    // A job that already came goes first (see above); then the announcements: they carry the
+                    // readings of this process's own batches, and the context kept for the next one.
+                    let (epoch, committed, work) = if let Some(work) = jobs.arrived().await {
+                        match scoring_job(work) {
+                            Some(taken) => taken,
                             None => continue,
-                        },
+                        }
+                    } else {
+                        tokio::select! {
+                            biased;
+                            () = stopped(&mut stopping) => {
+                                jobs.close().await;
+                                return scoring.score_queued(&mut reading_queue).await;
+                            }
+                            announced = reading_queue.recv() => match announced {
+                                Some((epoch, committed)) => (epoch, committed, None),
+                                None => return jobs.close().await,
+                            },
+                            work = jobs.next_within(JOB_WAIT) => match work.and_then(scoring_job) {
+                                Some(taken) => taken,
+                                None => continue,
+                            },
+                        }
+                    };
+                    // This process's own batches are scored to the end; a job is given back when the process
+                    // stops, for another replica to do.
+                    let Some(work) = work else {
+                        scoring.score_new_readings(&committed, epoch, false).await;
+                        continue;
                     };
                     tokio::select! {
                         biased;
-                        () = stopped(&mut stopping) => return hand_back(work).await,
-                        () = scoring.score_new_readings(&committed, epoch, work.is_some()) => {}
-                    }
-                    if let Some(work) = work {
-                        work.done().await;
+                        () = stopped(&mut stopping) => {
+                            work.hand_back().await;
+                            jobs.close().await;
+                            return scoring.score_queued(&mut reading_queue).await;
+                        }
+                        () = scoring.score_new_readings(&committed, epoch, true) => work.done().await,
                     }
                 }
             }));
@@ -238,6 +272,13 @@ impl InferenceApi {
         drop((photos, readings));
         for worker in workers {
             let _ = worker.await;
+        }
+    }
+
+    /// Scores this process's batches still waiting (the process is stopping: no other replica would score them).
+    async fn score_queued(&self, queue: &mut tokio::sync::mpsc::Receiver<(u64, ReadingsCommitted)>) {
+        while let Ok((epoch, committed)) = queue.try_recv() {
+            self.score_new_readings(&committed, epoch, false).await;
         }
     }
 
