@@ -221,17 +221,16 @@ pub(crate) struct Taker {
     name: String,
     kind: JobKind,
     consumer: Option<jetstream::consumer::PullConsumer>,
-    /// The pull asked for and not yet answered, and when it expires: kept when a call is cut short, so that a job
-    /// NATS sends it is read by the next call instead of lost to a closed inbox (where it would wait for
-    /// [`WORK_ACK_WAIT`]).
-    open_pull: Option<(jetstream::consumer::pull::Batch, tokio::time::Instant)>,
+    /// The request for a job not yet answered: kept when a call is cut short, so that a job NATS sends it is read
+    /// later instead of lost to a closed inbox (where it would wait for [`WORK_ACK_WAIT`]).
+    open_request: Option<OpenRequest>,
     /// After a failure, no pull before this (the wait doubles per failure in a row, up to 30 s).
     retry_at: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl Taker {
     pub(crate) fn new(context: jetstream::Context, name: String, kind: JobKind) -> Taker {
-        Taker { context, name, kind, consumer: None, open_pull: None, retry_at: None }
+        Taker { context, name, kind, consumer: None, open_request: None, retry_at: None }
     }
 
     /// Notes a failure: the consumer is set up again, after a wait that grows while failures go on.
@@ -268,84 +267,127 @@ impl Taker {
         Ok(consumer)
     }
 
-    /// One job if NATS has one within `wait` (a single pull request for a single message, asked only now).
-    /// Cancel-safe: a call cut short leaves its pull open, and the next call reads its answer first (a job that came
-    /// meanwhile waited at most for that call; the pull expires after `wait`).
+    /// One job if NATS has one within `wait` (a request for a single job, asked only now). Cancel-safe: a call
+    /// cut short leaves its request open, and the next call (or [`Taker::arrived`], or [`Taker::close`]) reads its
+    /// answer (the request expires after `wait`).
     pub(crate) async fn next_within(&mut self, wait: Duration) -> Option<Work> {
-        if self.open_pull.is_none() {
+        if self.open_request.is_none() {
             // NATS counts zero as "never expires".
             let wait = wait.max(Duration::from_millis(100));
-            // While NATS is away, or after a failure, no pull at all: requests queued now would go out together on
-            // reconnecting, and a job sent to one given up on meanwhile would wait ten minutes.
+            // While NATS is away, or after a failure, no request at all: requests queued now would go out together
+            // on reconnecting, and a job sent to one given up on meanwhile would wait ten minutes.
             let connected = self.context.client().connection_state() == async_nats::connection::State::Connected;
             if !connected || self.retry_at.is_some_and(|(at, _)| tokio::time::Instant::now() < at) {
                 tokio::time::sleep(wait).await;
                 return None;
             }
-            // Each step is all or nothing when cut short: the inbox is subscribed before the request goes out,
-            // and the request is queued whole or not at all.
-            let expires = tokio::time::Instant::now() + wait;
-            let pulled = match self.consumer().await {
-                Ok(consumer) => {
-                    consumer.batch().max_messages(1).expires(wait).messages().await.map_err(|e| e.to_string())
-                }
-                Err(error) => Err(error),
-            };
-            match pulled {
-                Ok(pull) => self.open_pull = Some((pull, expires)),
+            match self.request(wait).await {
+                Ok(request) => self.open_request = Some(request),
                 Err(error) => {
                     self.failed(&error);
                     return None;
                 }
             }
         }
-        let answer = self.open_pull.as_mut()?.0.next().await;
-        self.take_answer(answer).await
+        // NATS ends the request at its expiry (a 408); a second more in case that word is lost.
+        let deadline = self.open_request.as_ref()?.expires + Duration::from_secs(1);
+        self.answer(Some(deadline)).await
     }
 
-    /// The job that already came on the open pull, if one did; never waits, never asks.
+    /// Asks NATS for one job within `wait`, on an inbox of this taker's own (read only by it, whenever it comes
+    /// back for the answer). Each step is all or nothing when cut short: the inbox is subscribed before the
+    /// request goes out, and the request is queued whole or not at all.
+    async fn request(&mut self, wait: Duration) -> Result<OpenRequest, String> {
+        let consumer = self.consumer().await?;
+        let client = self.context.client();
+        let subject = client.new_inbox();
+        let inbox = client.subscribe(subject.clone()).await.map_err(|error| error.to_string())?;
+        let one_job = jetstream::consumer::pull::BatchConfig { batch: 1, expires: Some(wait), ..Default::default() };
+        consumer.request_batch(one_job, subject.into()).await.map_err(|error| error.to_string())?;
+        Ok(OpenRequest { inbox, expires: tokio::time::Instant::now() + wait })
+    }
+
+    /// The job that already came on the open request, if one did; never waits, never asks.
     pub(crate) async fn arrived(&mut self) -> Option<Work> {
-        let (pull, _) = self.open_pull.as_mut()?;
-        // A zero timeout polls the pull once: what is in its inbox now, or nothing.
-        let answer = tokio::time::timeout(Duration::ZERO, pull.next()).await.ok()?;
-        self.take_answer(answer).await
+        self.answer(None).await
     }
 
-    /// Waits for the open pull's end (its expiry, and a second for NATS's word on it) and returns the job that
+    /// Waits for the open request's end (its expiry, and a second for NATS's word on it) and returns the job that
     /// came on it, if one did.
     pub(crate) async fn close(&mut self) -> Option<Work> {
-        let (pull, expires) = self.open_pull.as_mut()?;
-        let answer = tokio::time::timeout_at(*expires + Duration::from_secs(1), pull.next()).await.ok()?;
-        self.take_answer(answer).await
+        let deadline = self.open_request.as_ref()?.expires + Duration::from_secs(1);
+        self.answer(Some(deadline)).await
     }
 
-    /// What the open pull answered: a job, or its end (one message at most per pull, so it is over either way).
-    async fn take_answer(&mut self, answer: Option<Result<jetstream::Message, async_nats::Error>>) -> Option<Work> {
-        self.open_pull = None;
-        let kind = self.kind.as_str();
-        match answer {
-            Some(Ok(message)) => match serde_json::from_slice::<Job>(&message.payload) {
-                Ok(job) if job.kind() == self.kind => {
+    /// The open request's answer: waiting for it until `deadline`, or only reading what is already there (`None`).
+    /// What came is read even past the deadline. A job, or the request's end, closes the request.
+    async fn answer(&mut self, deadline: Option<tokio::time::Instant>) -> Option<Work> {
+        loop {
+            let request = self.open_request.as_mut()?;
+            let message = match deadline {
+                // No word from NATS by the deadline: the request is taken for over.
+                Some(deadline) => tokio::time::timeout_at(deadline, request.inbox.next()).await.ok().flatten(),
+                None => {
+                    let ready = std::future::poll_fn(|context| {
+                        std::task::Poll::Ready(tokio_stream::Stream::poll_next(
+                            std::pin::Pin::new(&mut request.inbox),
+                            context,
+                        ))
+                    })
+                    .await;
+                    match ready {
+                        std::task::Poll::Ready(message) => message,
+                        std::task::Poll::Pending => return None,
+                    }
+                }
+            };
+            let Some(message) = message else {
+                // Over without a word, or the connection's inbox closed.
+                self.open_request = None;
+                return None;
+            };
+            match message.status {
+                None | Some(async_nats::StatusCode::OK) => {
+                    self.open_request = None;
                     self.retry_at = None;
-                    Some(Work { job, message: Some(message) })
+                    let message = jetstream::Message { context: self.context.clone(), message };
+                    return self.job_from(message).await;
                 }
-                Ok(_) | Err(_) => {
-                    metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
-                    tracing::warn!(kind, "a job is not one this version reads; offered again later");
-                    let _ = message.ack_with(jetstream::AckKind::Nak(Some(UNREADABLE_JOB_DELAY))).await;
-                    None
+                Some(async_nats::StatusCode::IDLE_HEARTBEAT) => continue,
+                // Expired with no job for it.
+                Some(async_nats::StatusCode::TIMEOUT | async_nats::StatusCode::NOT_FOUND) => {
+                    self.open_request = None;
+                    self.retry_at = None;
+                    return None;
                 }
-            },
-            Some(Err(error)) => {
-                self.failed(&error.to_string());
-                None
+                Some(status) => {
+                    self.open_request = None;
+                    let description = message.description.unwrap_or_default();
+                    self.failed(&format!("NATS ended a request for a job: {status} {description}"));
+                    return None;
+                }
             }
-            None => {
-                self.retry_at = None;
+        }
+    }
+
+    /// The job a message carries; one this version cannot read goes back to NATS for a newer replica.
+    async fn job_from(&self, message: jetstream::Message) -> Option<Work> {
+        match serde_json::from_slice::<Job>(&message.payload) {
+            Ok(job) if job.kind() == self.kind => Some(Work { job, message: Some(message) }),
+            Ok(_) | Err(_) => {
+                metrics::counter!("smartfarm_bus_events_unreadable_total").increment(1);
+                tracing::warn!(kind = self.kind.as_str(), "a job is not one this version reads; offered again later");
+                let _ = message.ack_with(jetstream::AckKind::Nak(Some(UNREADABLE_JOB_DELAY))).await;
                 None
             }
         }
     }
+}
+
+/// A request for one job, open in NATS: the inbox its answer comes to, and when NATS lets it expire.
+pub(crate) struct OpenRequest {
+    inbox: async_nats::Subscriber,
+    expires: tokio::time::Instant,
 }
 
 #[cfg(test)]

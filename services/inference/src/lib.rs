@@ -54,9 +54,20 @@ pub struct InferenceApi {
     /// Photos being decoded: at most one per core. A photo of a few hundred kB can decode to hundreds of MB, so
     /// without a bound concurrent requests could take the process's memory.
     decoding: Arc<tokio::sync::Semaphore>,
-    /// Turns true when the process begins to shut down: the pipeline hands back the jobs it holds and ends.
-    shutting_down: tokio::sync::watch::Receiver<bool>,
-    shutdown_sender: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How far the process is in shutting down: the pipeline takes no new jobs once it is draining, and hands
+    /// back what it holds and ends once it is stopping.
+    shutting_down: tokio::sync::watch::Receiver<Shutdown>,
+    shutdown_sender: Arc<tokio::sync::watch::Sender<Shutdown>>,
+}
+
+/// How far a process is in shutting down, as the pipeline sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Shutdown {
+    Running,
+    /// About to stop: no new jobs.
+    Draining,
+    /// Stopping: jobs held go back, and the pipeline ends.
+    Stopping,
 }
 
 /// The cores this process may use.
@@ -82,7 +93,7 @@ pub struct Stores {
 impl InferenceApi {
     /// The service over the given stores; call [`InferenceApi::ensure_builtin_models`] before serving.
     pub fn new(stores: Stores, bus: Bus, settings: InferenceConfig) -> Self {
-        let (shutdown_sender, shutting_down) = tokio::sync::watch::channel(false);
+        let (shutdown_sender, shutting_down) = tokio::sync::watch::channel(Shutdown::Running);
         InferenceApi {
             serving: Serving::new(stores.models.clone(), stores.blobs.clone()),
             registry: stores.registry,
@@ -100,10 +111,20 @@ impl InferenceApi {
         }
     }
 
+    /// Tells the pipeline the process is about to stop (its edge links are closing): it takes no new jobs, hands
+    /// back one that comes on a request still open, and goes on with the jobs it holds and this process's own work.
+    pub fn stop_taking_jobs(&self) {
+        self.shutdown_sender.send_if_modified(|stage| {
+            let earlier = *stage < Shutdown::Draining;
+            *stage = (*stage).max(Shutdown::Draining);
+            earlier
+        });
+    }
+
     /// Tells the pipeline the process is stopping ([`InferenceApi::run_pipeline`] then returns once it has handed
-    /// back what it holds).
+    /// back the job it holds and scored this process's batches still waiting).
     pub fn begin_shutdown(&self) {
-        let _ = self.shutdown_sender.send(true);
+        let _ = self.shutdown_sender.send(Shutdown::Stopping);
     }
 
     /// The tonic server for this service: it takes photos up to the models' limit and 2 MiB more, so a

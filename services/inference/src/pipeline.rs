@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use uuid::Uuid;
 
 use smartfarm_bus::{
@@ -29,11 +29,11 @@ use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
 use smartfarm_ml::artifact::ModelKind;
 use smartfarm_store::telemetry::ReadingFilter;
 
-use crate::{InferenceApi, from_seconds, read_series, seconds};
+use crate::{InferenceApi, Shutdown, from_seconds, read_series, seconds};
 
-/// Resolves once the process begins to shut down (never, when nothing can tell it to any more).
-async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
-    if stopping.wait_for(|stopping| *stopping).await.is_err() {
+/// Resolves once the process has reached `stage` of its shutdown (never, when nothing can tell it any more).
+async fn reached(shutdown: &mut tokio::sync::watch::Receiver<Shutdown>, stage: Shutdown) {
+    if shutdown.wait_for(|now| *now >= stage).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
@@ -51,13 +51,6 @@ fn scoring_job(work: Work) -> Option<(u64, ReadingsCommitted, Option<Work>)> {
     let mut committed = committed.clone();
     committed.series.iter_mut().for_each(|span| span.readings = None);
     Some((0, committed, Some(work)))
-}
-
-/// Gives back the job a stopping worker holds, if it holds one.
-async fn hand_back(work: Option<Work>) {
-    if let Some(work) = work {
-        work.hand_back().await;
-    }
 }
 
 /// Most readings a series' detector learns from.
@@ -117,11 +110,13 @@ struct FittedEntry {
 }
 
 impl InferenceApi {
-    /// Diagnoses new photos and scores committed readings until the bus closes or the process begins to shut
-    /// down ([`InferenceApi::begin_shutdown`]): one worker for each, so a slow detector fit never holds photos back
-    /// and the bus is always drained. On shutdown a worker stops what it is doing and hands back the job it holds
-    /// and one that comes on its open request, so that another replica does them now rather than after NATS's ten
-    /// minutes; this returns once both workers have (within a second of the request's expiry).
+    /// Diagnoses new photos and scores committed readings until the bus closes or the process stops: one worker
+    /// for each, so a slow detector fit never holds photos back and the bus is always drained. Shutting down comes
+    /// in two steps (see [`InferenceApi::stop_taking_jobs`] and [`InferenceApi::begin_shutdown`]): first the
+    /// workers take no new jobs and hand back one that comes on a request still open; then they stop, the
+    /// diagnoser handing back the job it holds, the scorer the job it holds after scoring this process's own
+    /// batches still waiting (no other replica would score those). Another replica so gets each job at once
+    /// rather than after NATS's ten minutes. This returns once both workers have.
     pub async fn run_pipeline(self) {
         // Photos announced by versions that did not hand them out as jobs (every replica diagnoses those, as it
         // did then).
@@ -131,16 +126,17 @@ impl InferenceApi {
         let mut workers = Vec::new();
         // Each worker does what its own process announced first, and otherwise waits for one job: jobs are taken
         // only when a worker is free for them, and until then wait in NATS, where another replica may take them.
-        // What its process announces cuts the wait short (the wait is cancel-safe).
+        // What its process announces cuts the wait short (the wait is cancel-safe); a job that came on the request
+        // the wait left open goes first the next time round.
         if self.settings.diagnose_new_images {
             let diagnosing = self.clone();
             let mut jobs = self.bus.take_work(JobKind::Diagnose);
-            let mut stopping = self.shutting_down.clone();
+            let (mut shutdown, mut draining) = (self.shutting_down.clone(), self.shutting_down.clone());
             workers.push(tokio::spawn(async move {
+                let mut taking = true;
                 loop {
-                    // A job that already came (on a request a cut-short wait left open) goes first: NATS's clock
-                    // runs on it.
-                    let (stored, work) = if let Some(work) = jobs.arrived().await {
+                    let arrived = if taking { jobs.arrived().await } else { None };
+                    let (stored, work) = if let Some(work) = arrived {
                         match photo_job(work) {
                             Some(taken) => taken,
                             None => continue,
@@ -148,12 +144,17 @@ impl InferenceApi {
                     } else {
                         tokio::select! {
                             biased;
-                            () = stopped(&mut stopping) => return jobs.close().await,
+                            () = reached(&mut shutdown, Shutdown::Stopping) => return jobs.close().await,
+                            () = reached(&mut draining, Shutdown::Draining), if taking => {
+                                taking = false;
+                                jobs.close().await;
+                                continue;
+                            }
                             stored = photo_queue.recv() => match stored {
                                 Some(stored) => (stored, None),
                                 None => return jobs.close().await,
                             },
-                            work = jobs.next_within(JOB_WAIT) => match work.and_then(photo_job) {
+                            work = jobs.next_within(JOB_WAIT), if taking => match work.and_then(photo_job) {
                                 Some(taken) => taken,
                                 None => continue,
                             },
@@ -161,8 +162,10 @@ impl InferenceApi {
                     };
                     let diagnosed = tokio::select! {
                         biased;
-                        () = stopped(&mut stopping) => {
-                            hand_back(work).await;
+                        () = reached(&mut shutdown, Shutdown::Stopping) => {
+                            if let Some(work) = work {
+                                work.hand_back().await;
+                            }
                             return jobs.close().await;
                         }
                         diagnosed = diagnosing.diagnose_new_image(&stored) => diagnosed,
@@ -182,12 +185,14 @@ impl InferenceApi {
         if self.settings.score_new_readings {
             let scoring = self.clone();
             let mut jobs = self.bus.take_work(JobKind::Score);
-            let mut stopping = self.shutting_down.clone();
+            let (mut shutdown, mut draining) = (self.shutting_down.clone(), self.shutting_down.clone());
             workers.push(tokio::spawn(async move {
+                let mut taking = true;
                 loop {
                     // A job that already came goes first (see above); then the announcements: they carry the
                     // readings of this process's own batches, and the context kept for the next one.
-                    let (epoch, committed, work) = if let Some(work) = jobs.arrived().await {
+                    let arrived = if taking { jobs.arrived().await } else { None };
+                    let (epoch, committed, work) = if let Some(work) = arrived {
                         match scoring_job(work) {
                             Some(taken) => taken,
                             None => continue,
@@ -195,15 +200,20 @@ impl InferenceApi {
                     } else {
                         tokio::select! {
                             biased;
-                            () = stopped(&mut stopping) => {
+                            () = reached(&mut shutdown, Shutdown::Stopping) => {
+                                tokio::join!(jobs.close(), scoring.score_queued(&mut reading_queue));
+                                return;
+                            }
+                            () = reached(&mut draining, Shutdown::Draining), if taking => {
+                                taking = false;
                                 jobs.close().await;
-                                return scoring.score_queued(&mut reading_queue).await;
+                                continue;
                             }
                             announced = reading_queue.recv() => match announced {
                                 Some((epoch, committed)) => (epoch, committed, None),
                                 None => return jobs.close().await,
                             },
-                            work = jobs.next_within(JOB_WAIT) => match work.and_then(scoring_job) {
+                            work = jobs.next_within(JOB_WAIT), if taking => match work.and_then(scoring_job) {
                                 Some(taken) => taken,
                                 None => continue,
                             },
@@ -217,10 +227,10 @@ impl InferenceApi {
                     };
                     tokio::select! {
                         biased;
-                        () = stopped(&mut stopping) => {
+                        () = reached(&mut shutdown, Shutdown::Stopping) => {
                             work.hand_back().await;
-                            jobs.close().await;
-                            return scoring.score_queued(&mut reading_queue).await;
+                            tokio::join!(jobs.close(), scoring.score_queued(&mut reading_queue));
+                            return;
                         }
                         () = scoring.score_new_readings(&committed, epoch, true) => work.done().await,
                     }
@@ -228,13 +238,27 @@ impl InferenceApi {
             }));
         }
         let mut events = self.bus.subscribe();
-        let mut stopping = self.shutting_down.clone();
+        let mut shutdown = self.shutting_down.clone();
+        let mut stopping = false;
         let mut epoch = 0;
         loop {
-            let event = tokio::select! {
-                biased;
-                () = stopped(&mut stopping) => break,
-                event = events.recv() => event,
+            let event = if stopping {
+                // What was published before the stop still goes to the workers (the last batches the links
+                // committed among it).
+                match events.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(TryRecvError::Lagged(missed)) => Err(RecvError::Lagged(missed)),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    () = reached(&mut shutdown, Shutdown::Stopping) => {
+                        stopping = true;
+                        continue;
+                    }
+                    event = events.recv() => event,
+                }
             };
             let queued = match event {
                 Ok(Event::ReadingsCommitted(mut committed)) if self.settings.score_new_readings => {
@@ -275,9 +299,10 @@ impl InferenceApi {
         }
     }
 
-    /// Scores this process's batches still waiting (the process is stopping: no other replica would score them).
+    /// Scores this process's batches still waiting, until the queue closes (the process is stopping: no other
+    /// replica would score them).
     async fn score_queued(&self, queue: &mut tokio::sync::mpsc::Receiver<(u64, ReadingsCommitted)>) {
-        while let Ok((epoch, committed)) = queue.try_recv() {
+        while let Some((epoch, committed)) = queue.recv().await {
             self.score_new_readings(&committed, epoch, false).await;
         }
     }

@@ -1,6 +1,7 @@
-//! An inference replica that stops while it diagnoses a photo taken as a job from NATS JetStream (127.0.0.1:4222
-//! where the project is tested; `SMARTFARM_TEST_NATS_URL` points elsewhere) hands the job back: its pipeline ends
-//! at once, and another replica gets the job then, not after NATS's ten minutes.
+//! Inference replicas that stop, on NATS JetStream (127.0.0.1:4222 where the project is tested;
+//! `SMARTFARM_TEST_NATS_URL` points elsewhere): one about to stop takes no new job, and goes on with the photo it
+//! diagnoses; stopped, it hands that job back, its pipeline ends at once, and another replica gets the job then,
+//! not after NATS's ten minutes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -77,8 +78,19 @@ fn nats_bus_url() -> String {
     format!("{server}/inference-test-{}", Uuid::now_v7().simple())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_replica_hands_back_the_photo_it_is_diagnosing() {
+/// Replica A's inference service (not started), with a stalled photo stored, and replica B's bus, on a NATS stream
+/// of the test's own.
+struct Replicas {
+    _dir: tempfile::TempDir,
+    a: InferenceApi,
+    b: Bus,
+    /// The photo's job, as the image role hands it out.
+    job: Job,
+    /// Set once A has begun to read the photo.
+    reading: Arc<AtomicBool>,
+}
+
+async fn replicas() -> Replicas {
     let dir = tempfile::tempdir().unwrap();
     let database =
         Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
@@ -131,11 +143,8 @@ async fn a_stopping_replica_hands_back_the_photo_it_is_diagnosing() {
     images.add_blob_intent(&photo.original_key, photo.receive_time).await.unwrap();
     images.insert_image(photo.clone(), None).await.unwrap();
 
-    // Replica A runs the pipeline and takes the photo's job; replica B takes jobs only later.
     let url = nats_bus_url();
-    let bus_a = Bus::connect(&url).await.unwrap();
-    let bus_b = Bus::connect(&url).await.unwrap();
-    let api = InferenceApi::new(
+    let a = InferenceApi::new(
         Stores {
             registry,
             images: database.images(),
@@ -143,11 +152,10 @@ async fn a_stopping_replica_hands_back_the_photo_it_is_diagnosing() {
             models: database.models(),
             blobs,
         },
-        bus_a.clone(),
+        Bus::connect(&url).await.unwrap(),
         InferenceConfig::default(),
     );
-    api.ensure_builtin_models().await.unwrap();
-    let pipeline = tokio::spawn(api.clone().run_pipeline());
+    a.ensure_builtin_models().await.unwrap();
     let job = Job::Diagnose(ImageStored {
         handed_out: true,
         image_id: photo.id,
@@ -157,7 +165,14 @@ async fn a_stopping_replica_hands_back_the_photo_it_is_diagnosing() {
         content_type: "image/jpeg".into(),
         capture_time: photo.capture_time,
     });
-    bus_b.hand_out(job.clone());
+    Replicas { _dir: dir, a, b: Bus::connect(&url).await.unwrap(), job, reading }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_hands_back_the_photo_it_is_diagnosing() {
+    let Replicas { _dir, a, b, job, reading } = replicas().await;
+    let pipeline = tokio::spawn(a.clone().run_pipeline());
+    b.hand_out(job.clone());
     let mut waited = 0;
     while !reading.load(Ordering::SeqCst) {
         waited += 1;
@@ -165,15 +180,38 @@ async fn a_stopping_replica_hands_back_the_photo_it_is_diagnosing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A is about to stop: it goes on with the job it holds.
+    a.stop_taking_jobs();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!pipeline.is_finished(), "the pipeline goes on while the links drain");
     // A stops mid-diagnosis: its pipeline ends at once, and B gets the job at once.
-    api.begin_shutdown();
+    a.begin_shutdown();
     tokio::time::timeout(Duration::from_secs(5), pipeline)
         .await
         .expect("the pipeline ends when the process stops, without waiting for the diagnosis")
         .unwrap();
-    let mut taken_by_b = bus_b.take_work(JobKind::Diagnose);
+    let mut taken_by_b = b.take_work(JobKind::Diagnose);
     let work = taken_by_b.next_within(Duration::from_secs(5)).await.expect("B gets the job A handed back");
     assert_eq!(work.job(), &job);
     work.done().await;
-    bus_b.remove_streams().await.unwrap();
+    b.remove_streams().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_about_to_stop_takes_no_new_job() {
+    let Replicas { _dir, a, b, job, reading } = replicas().await;
+    let pipeline = tokio::spawn(a.clone().run_pipeline());
+    // A's diagnoser waits for jobs; then its process is about to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.stop_taking_jobs();
+    b.hand_out(job.clone());
+    // B gets the job (at once, even if it came on a request A still had open), and A never started on it.
+    let mut taken_by_b = b.take_work(JobKind::Diagnose);
+    let work = taken_by_b.next_within(Duration::from_secs(5)).await.expect("B gets the job A did not take");
+    assert_eq!(work.job(), &job);
+    assert!(!reading.load(Ordering::SeqCst), "A took a job while about to stop");
+    work.done().await;
+    a.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(5), pipeline).await.expect("the pipeline ends").unwrap();
+    b.remove_streams().await.unwrap();
 }

@@ -77,10 +77,14 @@ pub async fn run(
             .with_context(|| format!("cannot write the address file {}", path.display()))?;
     }
 
+    let inference = pipeline.as_ref().map(|(inference, _)| inference.clone());
     let shutdown = async move {
         stop.await;
         if let Some(ingestion) = &ingestion {
             ingestion.begin_shutdown();
+        }
+        if let Some(inference) = &inference {
+            inference.stop_taking_jobs();
         }
         // Health watchers see NOT_SERVING first; then the listener closes and open calls drain.
         health.set_service_status("", ServingStatus::NotServing).await;
@@ -89,24 +93,30 @@ pub async fn run(
         }
     };
     smartfarm_gateway::server::serve(listener, tls, app, shutdown).await;
-    // The pipeline ran on while the links drained (what they committed is scored); now it hands back the jobs it
-    // holds, so that another replica does them now rather than after NATS's ten minutes: the answers must get out
-    // before the runtime stops.
+    // The pipeline took no new jobs while the links drained, and went on with what they committed; now it hands
+    // back the jobs it holds, so that another replica does them now rather than after NATS's ten minutes (the
+    // answers must get out before the runtime stops), and scores this process's batches still waiting.
     if let Some((inference, pipeline)) = pipeline {
         inference.begin_shutdown();
         if tokio::time::timeout(PIPELINE_DRAIN, pipeline).await.is_err() {
-            tracing::warn!(?PIPELINE_DRAIN, "the inference pipeline did not stop in time; jobs it holds wait for NATS");
+            tracing::warn!(
+                ?PIPELINE_DRAIN,
+                "the inference pipeline did not finish in time: batches of this process left unscored, or a job \
+                 left to NATS's ten minutes"
+            );
         }
     }
     tracing::info!("smartfarm stopped");
     Ok(())
 }
 
-/// How long a stopping process waits for its inference pipeline to hand back its jobs.
+/// How long a stopping process waits for its inference pipeline to hand back its jobs and score its own batches
+/// still waiting.
 const PIPELINE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What shutdown tells that the process is stopping: the ingestion service, which closes its edge links, and once
-/// they are closed the inference service with its pipeline, which hands back its jobs.
+/// What shutdown tells that the process is stopping: the ingestion service, which closes its edge links, and the
+/// inference service with its pipeline, which takes no new jobs meanwhile and, once the links are closed, hands
+/// back its jobs.
 struct Running {
     ingestion: Option<smartfarm_ingestion::IngestionApi>,
     pipeline: Option<(smartfarm_inference::InferenceApi, tokio::task::JoinHandle<()>)>,
