@@ -336,8 +336,9 @@ impl JobTaker {
         }
     }
 
-    /// Ends taking (this process is stopping): waits for the end of the request a cut-short wait left open (at
-    /// most the wait it was asked with), and hands back a job that comes on it, so none waits ten minutes.
+    /// Ends taking (this process is about to stop, or stopping): waits for the end of the request a cut-short wait
+    /// left open (at most the wait it was asked with, and a second), and hands back a job that comes on it, so
+    /// none waits ten minutes.
     pub async fn close(&mut self) {
         if let JobSource::Nats(taker) = &mut self.source
             && let Some(work) = taker.close().await

@@ -30,6 +30,8 @@ const WORK_ACK_WAIT: Duration = Duration::from_secs(600);
 pub(crate) const WORK_MAX_DELIVER: i64 = 3;
 /// The longest wait between attempts to take jobs while NATS fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long past its expiry a request for a job is waited on for NATS's word that it is over (as async-nats does).
+const REQUEST_GRACE: Duration = Duration::from_secs(5);
 /// How long a job this version cannot read waits before NATS offers it again (to a newer replica, perhaps).
 const UNREADABLE_JOB_DELAY: Duration = Duration::from_secs(60);
 
@@ -289,8 +291,9 @@ impl Taker {
                 }
             }
         }
-        // NATS ends the request at its expiry (a 408); a second more in case that word is lost.
-        let deadline = self.open_request.as_ref()?.expires + Duration::from_secs(1);
+        // NATS ends the request at its expiry (a 408); some time more for that word to come (a job NATS sends after
+        // the inbox is gone would wait ten minutes).
+        let deadline = self.open_request.as_ref()?.expires + REQUEST_GRACE;
         self.answer(Some(deadline)).await
     }
 
@@ -312,8 +315,8 @@ impl Taker {
         self.answer(None).await
     }
 
-    /// Waits for the open request's end (its expiry, and a second for NATS's word on it) and returns the job that
-    /// came on it, if one did.
+    /// Waits for the open request's end (its expiry, and a second for NATS's word on it: shorter than
+    /// [`REQUEST_GRACE`], as the process is stopping) and returns the job that came on it, if one did.
     pub(crate) async fn close(&mut self) -> Option<Work> {
         let deadline = self.open_request.as_ref()?.expires + Duration::from_secs(1);
         self.answer(Some(deadline)).await

@@ -38,6 +38,11 @@ async fn reached(shutdown: &mut tokio::sync::watch::Receiver<Shutdown>, stage: S
     }
 }
 
+/// Whether a worker still takes jobs: it has not stopped, and the process is not about to stop.
+fn taking_now(taking: bool, shutdown: &tokio::sync::watch::Receiver<Shutdown>) -> bool {
+    taking && *shutdown.borrow() < Shutdown::Draining
+}
+
 /// A photo to diagnose from a job (`None` for another kind of job, which goes back to NATS).
 fn photo_job(work: Work) -> Option<(ImageStored, Option<Work>)> {
     let Job::Diagnose(stored) = work.job() else { return None };
@@ -113,10 +118,10 @@ impl InferenceApi {
     /// Diagnoses new photos and scores committed readings until the bus closes or the process stops: one worker
     /// for each, so a slow detector fit never holds photos back and the bus is always drained. Shutting down comes
     /// in two steps (see [`InferenceApi::stop_taking_jobs`] and [`InferenceApi::begin_shutdown`]): first the
-    /// workers take no new jobs and hand back one that comes on a request still open; then they stop, the
-    /// diagnoser handing back the job it holds, the scorer the job it holds after scoring this process's own
-    /// batches still waiting (no other replica would score those). Another replica so gets each job at once
-    /// rather than after NATS's ten minutes. This returns once both workers have.
+    /// workers take no new jobs and hand back one that comes on a request still open; then they stop and hand back
+    /// the job they hold, and the scorer scores this process's own batches still waiting (no other replica would
+    /// score those). Another replica so gets each job at once rather than after NATS's ten minutes. This returns
+    /// once both workers have.
     pub async fn run_pipeline(self) {
         // Photos announced by versions that did not hand them out as jobs (every replica diagnoses those, as it
         // did then).
@@ -135,7 +140,9 @@ impl InferenceApi {
             workers.push(tokio::spawn(async move {
                 let mut taking = true;
                 loop {
-                    let arrived = if taking { jobs.arrived().await } else { None };
+                    // A job that already came (on a request a cut-short wait left open) goes first, unless the
+                    // process is about to stop: the select then hands it back.
+                    let arrived = if taking_now(taking, &draining) { jobs.arrived().await } else { None };
                     let (stored, work) = if let Some(work) = arrived {
                         match photo_job(work) {
                             Some(taken) => taken,
@@ -189,9 +196,10 @@ impl InferenceApi {
             workers.push(tokio::spawn(async move {
                 let mut taking = true;
                 loop {
-                    // A job that already came goes first (see above); then the announcements: they carry the
-                    // readings of this process's own batches, and the context kept for the next one.
-                    let arrived = if taking { jobs.arrived().await } else { None };
+                    // A job that already came goes first (unless the process is about to stop: the select then
+                    // hands it back); then the announcements: they carry the readings of this process's own
+                    // batches, and the context kept for the next one.
+                    let arrived = if taking_now(taking, &draining) { jobs.arrived().await } else { None };
                     let (epoch, committed, work) = if let Some(work) = arrived {
                         match scoring_job(work) {
                             Some(taken) => taken,
