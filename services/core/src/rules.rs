@@ -653,10 +653,11 @@ struct Track {
 struct RateWindow {
     /// How many readings it was given: numbers them, for the cap on how many the window spans.
     taken: u64,
-    /// (number, time, value) with values rising from the front: the front is the smallest in the window.
-    lows: VecDeque<(u64, SystemTime, f64)>,
+    /// (number, time in Unix microseconds, value) with values rising from the front: the front is the smallest in
+    /// the window. Times as plain numbers keep the state written every second small.
+    lows: VecDeque<(u64, i64, f64)>,
     /// The same with values falling from the front: the front is the largest.
-    highs: VecDeque<(u64, SystemTime, f64)>,
+    highs: VecDeque<(u64, i64, f64)>,
 }
 
 impl RateWindow {
@@ -665,6 +666,7 @@ impl RateWindow {
     fn push(&mut self, time: SystemTime, value: f64, window: Duration) -> f64 {
         let number = self.taken;
         self.taken += 1;
+        let (time, window) = (to_unix_micros(time), i64::try_from(window.as_micros()).unwrap_or(i64::MAX));
         // A value that is not a number is neither smallest nor largest (as with f64::min and max).
         if !value.is_nan() {
             // An older reading no smaller than this one can never be the smallest again: this one outlives it.
@@ -677,8 +679,8 @@ impl RateWindow {
             }
             self.highs.push_back((number, time, value));
         }
-        let left_the_window = |(taken, at, _): &(u64, SystemTime, f64)| {
-            number - taken >= MAX_RATE_WINDOW_READINGS || time.duration_since(*at).unwrap_or_default() > window
+        let left_the_window = |(taken, at, _): &(u64, i64, f64)| {
+            number - taken >= MAX_RATE_WINDOW_READINGS || time.saturating_sub(*at) > window
         };
         while self.lows.front().is_some_and(left_the_window) {
             self.lows.pop_front();
