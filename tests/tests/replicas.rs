@@ -16,17 +16,10 @@ use smartfarm_proto::alert::v1 as alert;
 use smartfarm_proto::command::v1 as command;
 use smartfarm_proto::pbjson_types;
 
-/// The test NATS server's URL with a stream of the test's own; fails, saying how to start NATS, when none answers.
+/// A bus URL on the test NATS server with a stream of the test's own, so tests sharing the server do not hear each
+/// other.
 fn nats_url() -> String {
-    let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let address = server.trim_start_matches("nats://");
-    assert!(
-        std::net::TcpStream::connect(address).is_ok(),
-        "no NATS server answers at {server}: the replica tests need NATS with JetStream (Debian package nats-server), \
-         e.g. `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or SMARTFARM_TEST_NATS_URL"
-    );
-    // A stream of its own, so tests sharing the server do not hear each other.
-    format!("{server}/e2e-{}", uuid::Uuid::now_v7().simple())
+    smartfarm_bus::testing::bus_url("e2e")
 }
 
 async fn replica(data: &CloudData, bus: &str) -> Cloud {

@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 
 mod nats;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

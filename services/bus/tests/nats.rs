@@ -11,16 +11,9 @@ use uuid::Uuid;
 
 use smartfarm_bus::{Bus, Event, ImageStored, Job, JobKind, JobTaker, ReadingsCommitted};
 
-/// The test NATS server, and a bus URL with a stream of the test's own; fails, saying how to start NATS, when
-/// none answers.
+/// The test NATS server, and a bus URL with a stream of the test's own.
 fn nats_server_and_url() -> (String, String, String) {
-    let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let address = server.trim_start_matches("nats://");
-    assert!(
-        std::net::TcpStream::connect(address).is_ok(),
-        "no NATS server answers at {server}: the bus tests need NATS with JetStream (Debian package nats-server), \
-         e.g. `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or SMARTFARM_TEST_NATS_URL"
-    );
+    let server = smartfarm_bus::testing::nats_server();
     let name = format!("bus-test-{}", Uuid::now_v7().simple());
     let url = format!("{server}/{name}");
     (server, name, url)

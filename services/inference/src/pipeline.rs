@@ -21,8 +21,8 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use uuid::Uuid;
 
 use smartfarm_bus::{
-    AnomalyDetected, Diagnosis, Event, ImageStored, Job, JobKind, ModelVersion, ReadingsCommitted, SeriesSpan,
-    SpanReadings, Work,
+    AnomalyDetected, Diagnosis, Event, ImageStored, Job, JobKind, JobTaker, ModelVersion, ReadingsCommitted,
+    SeriesSpan, SpanReadings, Work,
 };
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
@@ -38,24 +38,68 @@ async fn reached(shutdown: &mut tokio::sync::watch::Receiver<Shutdown>, stage: S
     }
 }
 
-/// Whether a worker still takes jobs: it has not stopped, and the process is not about to stop.
-fn taking_now(taking: bool, shutdown: &tokio::sync::watch::Receiver<Shutdown>) -> bool {
-    taking && *shutdown.borrow() < Shutdown::Draining
+/// What a pipeline worker does next.
+enum Next<T> {
+    /// Its own process's work.
+    Own(T),
+    /// A job taken from the bus (boxed: a NATS message is large).
+    Job(T, Box<Work>),
+    /// Nothing more: the process is stopping, or its own queue closed.
+    Stop,
+}
+
+/// A worker's next piece of work. A job that already came (on a request a cut-short wait left open) goes first,
+/// unless the process is about to stop; otherwise whichever comes first of the process stopping, the process being
+/// about to stop (from then on the worker takes no jobs, and hands back one that comes on a request still open),
+/// its own process's work (preferred to a job), and a job (the wait is cancel-safe).
+async fn next_work<T>(
+    jobs: &mut JobTaker,
+    own: &mut tokio::sync::mpsc::Receiver<T>,
+    shutdown: &mut tokio::sync::watch::Receiver<Shutdown>,
+    draining: &mut tokio::sync::watch::Receiver<Shutdown>,
+    taking: &mut bool,
+    from_job: fn(Work) -> Option<(T, Work)>,
+) -> Next<T> {
+    loop {
+        if *taking
+            && *draining.borrow() < Shutdown::Draining
+            && let Some(work) = jobs.arrived().await
+        {
+            match from_job(work) {
+                Some((item, work)) => return Next::Job(item, Box::new(work)),
+                None => continue,
+            }
+        }
+        tokio::select! {
+            biased;
+            () = reached(shutdown, Shutdown::Stopping) => return Next::Stop,
+            () = reached(draining, Shutdown::Draining), if *taking => {
+                *taking = false;
+                jobs.close().await;
+            }
+            item = own.recv() => return item.map_or(Next::Stop, Next::Own),
+            work = jobs.next_within(JOB_WAIT), if *taking => {
+                if let Some((item, work)) = work.and_then(from_job) {
+                    return Next::Job(item, Box::new(work));
+                }
+            }
+        }
+    }
 }
 
 /// A photo to diagnose from a job (`None` for another kind of job, which goes back to NATS).
-fn photo_job(work: Work) -> Option<(ImageStored, Option<Work>)> {
+fn photo_job(work: Work) -> Option<(ImageStored, Work)> {
     let Job::Diagnose(stored) = work.job() else { return None };
-    Some((stored.clone(), Some(work)))
+    Some((stored.clone(), work))
 }
 
 /// A batch to score from a job, its readings to be read back from the database: the epoch of a job's readings is
 /// not this process's (`None` for another kind of job, which goes back to NATS).
-fn scoring_job(work: Work) -> Option<(u64, ReadingsCommitted, Option<Work>)> {
+fn scoring_job(work: Work) -> Option<((u64, ReadingsCommitted), Work)> {
     let Job::Score(committed) = work.job() else { return None };
     let mut committed = committed.clone();
     committed.series.iter_mut().for_each(|span| span.readings = None);
-    Some((0, committed, Some(work)))
+    Some(((0, committed), work))
 }
 
 /// Most readings a series' detector learns from.
@@ -129,10 +173,9 @@ impl InferenceApi {
         // Each batch goes with the count of times events were missed before it (see `RecentReadings`).
         let (readings, mut reading_queue) = tokio::sync::mpsc::channel::<(u64, ReadingsCommitted)>(QUEUE);
         let mut workers = Vec::new();
-        // Each worker does what its own process announced first, and otherwise waits for one job: jobs are taken
-        // only when a worker is free for them, and until then wait in NATS, where another replica may take them.
-        // What its process announces cuts the wait short (the wait is cancel-safe); a job that came on the request
-        // the wait left open goes first the next time round.
+        // Each worker does what its own process announced first, and otherwise waits for one job (see
+        // `next_work`): jobs are taken only when a worker is free for them, and until then wait in NATS, where
+        // another replica may take them.
         if self.settings.diagnose_new_images {
             let diagnosing = self.clone();
             let mut jobs = self.bus.take_work(JobKind::Diagnose);
@@ -140,32 +183,12 @@ impl InferenceApi {
             workers.push(tokio::spawn(async move {
                 let mut taking = true;
                 loop {
-                    // A job that already came (on a request a cut-short wait left open) goes first, unless the
-                    // process is about to stop: the select then hands it back.
-                    let arrived = if taking_now(taking, &draining) { jobs.arrived().await } else { None };
-                    let (stored, work) = if let Some(work) = arrived {
-                        match photo_job(work) {
-                            Some(taken) => taken,
-                            None => continue,
-                        }
-                    } else {
-                        tokio::select! {
-                            biased;
-                            () = reached(&mut shutdown, Shutdown::Stopping) => return jobs.close().await,
-                            () = reached(&mut draining, Shutdown::Draining), if taking => {
-                                taking = false;
-                                jobs.close().await;
-                                continue;
-                            }
-                            stored = photo_queue.recv() => match stored {
-                                Some(stored) => (stored, None),
-                                None => return jobs.close().await,
-                            },
-                            work = jobs.next_within(JOB_WAIT), if taking => match work.and_then(photo_job) {
-                                Some(taken) => taken,
-                                None => continue,
-                            },
-                        }
+                    let next =
+                        next_work(&mut jobs, &mut photo_queue, &mut shutdown, &mut draining, &mut taking, photo_job);
+                    let (stored, work) = match next.await {
+                        Next::Own(stored) => (stored, None),
+                        Next::Job(stored, work) => (stored, Some(*work)),
+                        Next::Stop => return jobs.close().await,
                     };
                     let diagnosed = tokio::select! {
                         biased;
@@ -196,35 +219,23 @@ impl InferenceApi {
             workers.push(tokio::spawn(async move {
                 let mut taking = true;
                 loop {
-                    // A job that already came goes first (unless the process is about to stop: the select then
-                    // hands it back); then the announcements: they carry the readings of this process's own
-                    // batches, and the context kept for the next one.
-                    let arrived = if taking_now(taking, &draining) { jobs.arrived().await } else { None };
-                    let (epoch, committed, work) = if let Some(work) = arrived {
-                        match scoring_job(work) {
-                            Some(taken) => taken,
-                            None => continue,
-                        }
-                    } else {
-                        tokio::select! {
-                            biased;
-                            () = reached(&mut shutdown, Shutdown::Stopping) => {
-                                tokio::join!(jobs.close(), scoring.score_queued(&mut reading_queue));
-                                return;
-                            }
-                            () = reached(&mut draining, Shutdown::Draining), if taking => {
-                                taking = false;
-                                jobs.close().await;
-                                continue;
-                            }
-                            announced = reading_queue.recv() => match announced {
-                                Some((epoch, committed)) => (epoch, committed, None),
-                                None => return jobs.close().await,
-                            },
-                            work = jobs.next_within(JOB_WAIT), if taking => match work.and_then(scoring_job) {
-                                Some(taken) => taken,
-                                None => continue,
-                            },
+                    // The announcements carry the readings of this process's own batches, and the context kept for
+                    // the next one.
+                    let next = next_work(
+                        &mut jobs,
+                        &mut reading_queue,
+                        &mut shutdown,
+                        &mut draining,
+                        &mut taking,
+                        scoring_job,
+                    );
+                    let ((epoch, committed), work) = match next.await {
+                        Next::Own(announced) => (announced, None),
+                        Next::Job(job, work) => (job, Some(*work)),
+                        // Closing the taker while the batches still waiting are scored (a closed queue has none).
+                        Next::Stop => {
+                            tokio::join!(jobs.close(), scoring.score_queued(&mut reading_queue));
+                            return;
                         }
                     };
                     // This process's own batches are scored to the end; a job is given back when the process

@@ -65,19 +65,6 @@ impl BlobStore for StalledPhotos {
     }
 }
 
-/// A bus URL on the test NATS server with a stream of the test's own; fails, saying how to start NATS, when none
-/// answers.
-fn nats_bus_url() -> String {
-    let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let address = server.trim_start_matches("nats://");
-    assert!(
-        std::net::TcpStream::connect(address).is_ok(),
-        "no NATS server answers at {server}: this test needs NATS with JetStream (Debian package nats-server), \
-         e.g. `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or SMARTFARM_TEST_NATS_URL"
-    );
-    format!("{server}/inference-test-{}", Uuid::now_v7().simple())
-}
-
 /// Replica A's inference service (not started), with a stalled photo stored, and replica B's bus, on a NATS stream
 /// of the test's own.
 struct Replicas {
@@ -143,7 +130,7 @@ async fn replicas() -> Replicas {
     images.add_blob_intent(&photo.original_key, photo.receive_time).await.unwrap();
     images.insert_image(photo.clone(), None).await.unwrap();
 
-    let url = nats_bus_url();
+    let url = smartfarm_bus::testing::bus_url("inference-test");
     let a = InferenceApi::new(
         Stores {
             registry,

@@ -556,8 +556,7 @@ pub async fn commands(count: usize) -> anyhow::Result<()> {
 
     // Two replicas on PostgreSQL and NATS JetStream: sent and watched on A, the agent on B.
     let data = CloudData::new(Backend::Postgres).await;
-    let server = std::env::var("SMARTFARM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let bus = format!("{server}/bench-{}", uuid::Uuid::now_v7().simple());
+    let bus = smartfarm_bus::testing::bus_url("bench");
     let options = CloudOptions { env: vec![("SMARTFARM_BUS_URL".into(), bus.clone())], ..Default::default() };
     let a = Cloud::start(&data, options.clone()).await;
     let b = Cloud::start(&data, options).await;
