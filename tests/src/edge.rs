@@ -228,8 +228,8 @@ pub async fn tally(database_url: &str, farm_id: &str) -> Tally {
     let farm: uuid::Uuid = farm_id.parse().expect("a farm id");
     let row = client
         .query_one(
-            "SELECT count(*), count(DISTINCT sequence), count(DISTINCT (device_id, metric_id, time)), COALESCE(max(sequence), 0)
-             FROM readings WHERE farm_id = $1",
+            "SELECT count(*), count(DISTINCT sequence), count(DISTINCT (s.device_id, s.metric_id, r.time)), COALESCE(max(sequence), 0)
+             FROM readings r JOIN reading_series s ON s.id = r.series_id WHERE s.farm_id = $1",
             &[&farm],
         )
         .await
@@ -244,7 +244,8 @@ pub async fn readings_per_device(database_url: &str, farm_id: &str) -> std::coll
     let farm: uuid::Uuid = farm_id.parse().expect("a farm id");
     let rows = client
         .query(
-            "SELECT device_id, count(DISTINCT (metric_id, time)) FROM readings WHERE farm_id = $1 GROUP BY device_id",
+            "SELECT s.device_id, count(DISTINCT (s.metric_id, r.time))
+             FROM readings r JOIN reading_series s ON s.id = r.series_id WHERE s.farm_id = $1 GROUP BY s.device_id",
             &[&farm],
         )
         .await

@@ -40,6 +40,11 @@ pub const SQLITE: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0008_blob_intent_claims.sql"),
     },
     Migration { version: 9, name: "rollup_widths", sql: include_str!("../migrations/sqlite/0009_rollup_widths.sql") },
+    Migration {
+        version: 10,
+        name: "reading_series",
+        sql: include_str!("../migrations/sqlite/0010_reading_series.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -69,6 +74,11 @@ pub const POSTGRES: &[Migration] = &[
         sql: include_str!("../migrations/postgres/0008_blob_intent_claims.sql"),
     },
     Migration { version: 9, name: "rollup_widths", sql: include_str!("../migrations/postgres/0009_rollup_widths.sql") },
+    Migration {
+        version: 10,
+        name: "reading_series",
+        sql: include_str!("../migrations/postgres/0010_reading_series.sql"),
+    },
 ];
 
 /// What a migration run did.

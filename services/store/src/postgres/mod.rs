@@ -82,8 +82,9 @@ impl PostgresStore {
         })
     }
 
-    /// Applies the migrations this database lacks, all in one transaction under an advisory lock.
-    pub async fn migrate(&self) -> Result<MigrationReport> {
+    /// Applies the migrations this database lacks up to schema `version`, all in one transaction under an advisory
+    /// lock.
+    pub async fn migrate_to(&self, version: i64) -> Result<MigrationReport> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error("begin migration"))?;
         transaction
@@ -110,7 +111,7 @@ impl PostgresStore {
             return Err(migrate::too_new(current, known));
         }
         let mut report = MigrationReport { applied: Vec::new(), current_version: current };
-        for migration in migrate::POSTGRES.iter().filter(|m| m.version > current) {
+        for migration in migrate::POSTGRES.iter().filter(|m| m.version > current && m.version <= version) {
             transaction
                 .batch_execute(migration.sql)
                 .await
@@ -160,6 +161,9 @@ impl PostgresStore {
 struct TelemetryCaches {
     /// Interned metric names (never deleted).
     metric_ids: std::sync::Mutex<std::collections::HashMap<String, i32>>,
+    /// Reading series ids by (farm, device, metric id) (never deleted); cleared when it grows past
+    /// `SERIES_CACHE_LIMIT`, so that a cloud with millions of series does not keep them all in memory.
+    series_ids: std::sync::Mutex<std::collections::HashMap<(uuid::Uuid, uuid::Uuid, i32), i32>>,
     /// Monthly readings partitions known to exist (removed again when retention drops one).
     partitions: std::sync::Mutex<std::collections::BTreeSet<(i32, u32)>>,
     /// How often the partition cache was found wrong and cleared (a commit that saw it happen tries again).

@@ -1,5 +1,6 @@
 //! [`TelemetryStore`] on PostgreSQL: binary COPY into the readings table (monthly partitions on plain PostgreSQL,
-//! a hypertable with TimescaleDB), the gateway's mark, rollups and latest values, all in one transaction.
+//! a hypertable with TimescaleDB), the gateway's mark, rollups and latest values, all in one transaction. A reading
+//! row names its series (farm, device, metric) by a small integer from `reading_series`, interned like metric names.
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::pin;
@@ -84,6 +85,60 @@ impl PostgresStore {
         Ok(ids)
     }
 
+    /// The ids of these series of a farm (device, metric id), interning the new ones.
+    async fn series_ids(&self, farm_id: Uuid, series: &BTreeSet<(Uuid, i32)>) -> Result<HashMap<(Uuid, i32), i32>> {
+        let mut ids = HashMap::new();
+        let mut missing_devices = Vec::new();
+        let mut missing_metrics = Vec::new();
+        {
+            let cache = self.telemetry.series_ids.lock().expect("series cache lock");
+            for &(device_id, metric_id) in series {
+                match cache.get(&(farm_id, device_id, metric_id)) {
+                    Some(id) => {
+                        ids.insert((device_id, metric_id), *id);
+                    }
+                    None => {
+                        missing_devices.push(device_id);
+                        missing_metrics.push(metric_id);
+                    }
+                }
+            }
+        }
+        if missing_devices.is_empty() {
+            return Ok(ids);
+        }
+        let client = self.client().await?;
+        // Sorted (a BTreeSet), so that two writers interning overlapping series take their row locks in one order.
+        client
+            .execute(
+                "INSERT INTO reading_series (farm_id, device_id, metric_id)
+                 SELECT $1, d, m FROM unnest($2::uuid[], $3::int[]) AS t(d, m)
+                 ON CONFLICT (device_id, metric_id, farm_id) DO NOTHING",
+                &[&farm_id, &missing_devices, &missing_metrics],
+            )
+            .await
+            .map_err(pg_error("intern reading series"))?;
+        let rows = client
+            .query(
+                "SELECT s.id, s.device_id, s.metric_id
+                 FROM reading_series s JOIN unnest($2::uuid[], $3::int[]) AS t(d, m) ON s.device_id = t.d AND s.metric_id = t.m
+                 WHERE s.farm_id = $1",
+                &[&farm_id, &missing_devices, &missing_metrics],
+            )
+            .await
+            .map_err(pg_error("read reading series ids"))?;
+        let mut cache = self.telemetry.series_ids.lock().expect("series cache lock");
+        if cache.len() + rows.len() > SERIES_CACHE_LIMIT {
+            cache.clear();
+        }
+        for row in rows {
+            let (id, device_id, metric_id): (i32, Uuid, i32) = (row.get(0), row.get(1), row.get(2));
+            cache.insert((farm_id, device_id, metric_id), id);
+            ids.insert((device_id, metric_id), id);
+        }
+        Ok(ids)
+    }
+
     /// One try at [`TelemetryStore::commit_batch`].
     async fn commit_batch_attempt(&self, batch: &EdgeBatch, rollup_widths: &[Duration]) -> Result<BatchOutcome> {
         let names: BTreeSet<&str> = batch
@@ -99,6 +154,16 @@ impl PostgresStore {
                 .get(name)
                 .copied()
                 .ok_or_else(|| Error::Internal { context: format!("metric {name:?} was not interned"), source: None })
+        };
+        let series: BTreeSet<(Uuid, i32)> =
+            batch.readings.iter().map(|r| Ok((r.device_id, metric_id(&r.metric)?))).collect::<Result<_>>()?;
+        let series_ids = self.series_ids(batch.farm_id, &series).await?;
+        let series_id = |device_id: Uuid, metric: &str| -> Result<i32> {
+            let metric = metric_id(metric)?;
+            series_ids.get(&(device_id, metric)).copied().ok_or_else(|| Error::Internal {
+                context: format!("series ({device_id}, {metric}) was not interned"),
+                source: None,
+            })
         };
         // The rollup and latest-value rows are worked out before the transaction opens, so the database does not
         // wait on them inside it; only a resend that overlaps the mark needs them again, from the rows it keeps.
@@ -137,28 +202,17 @@ impl PostgresStore {
 
         if !readings.is_empty() {
             let sink = transaction
-                .copy_in(
-                    "COPY readings (time, farm_id, device_id, metric_id, value, sequence, receive_time) FROM STDIN (FORMAT binary)",
-                )
+                .copy_in("COPY readings (time, series_id, value, sequence, receive_time) FROM STDIN (FORMAT binary)")
                 .await
                 .map_err(pg_error("start copying readings"))?;
-            let types =
-                [Type::TIMESTAMPTZ, Type::UUID, Type::UUID, Type::INT4, Type::FLOAT8, Type::INT8, Type::TIMESTAMPTZ];
+            let types = [Type::TIMESTAMPTZ, Type::INT4, Type::FLOAT8, Type::INT8, Type::TIMESTAMPTZ];
             let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
             for reading in &readings {
-                let metric = metric_id(&reading.metric)?;
+                let series = series_id(reading.device_id, &reading.metric)?;
                 let sequence = reading.sequence as i64;
                 writer
                     .as_mut()
-                    .write(&[
-                        &reading.measure_time,
-                        &batch.farm_id,
-                        &reading.device_id,
-                        &metric,
-                        &reading.value,
-                        &sequence,
-                        &batch.receive_time,
-                    ])
+                    .write(&[&reading.measure_time, &series, &reading.value, &sequence, &batch.receive_time])
                     .await
                     .map_err(|error| self.copy_failed("copy a reading", error))?;
             }
@@ -412,6 +466,10 @@ fn month_start(year: i32, month: u32) -> SystemTime {
 
 const READING_COLUMNS: &str = "r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence";
 
+/// How many series ids a process remembers before it starts over: about 50 bytes each, so 12 MB at most. Past that,
+/// a batch's series are looked up again (one round trip) until the cache holds them.
+const SERIES_CACHE_LIMIT: usize = 250_000;
+
 fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {
     StoredReading {
         measure_time: row.get(0),
@@ -474,16 +532,15 @@ impl TelemetryStore for PostgresStore {
         ];
         let rows = client
             .query(
-                &format!(
-                    "SELECT {READING_COLUMNS} FROM readings r JOIN metric_names m ON m.id = r.metric_id
-                     WHERE r.farm_id = $1 AND r.time >= $2 AND r.time < $3
-                       AND (cardinality($4::uuid[]) = 0 OR r.device_id = ANY($4))
-                       AND (cardinality($5::text[]) = 0 OR m.name = ANY($5))
-                       AND ($6::timestamptz IS NULL
-                            OR (r.time, r.device_id, m.name COLLATE \"C\", r.sequence) > ($6, $7::uuid, $8::text COLLATE \"C\", $9::bigint))
-                     ORDER BY r.time, r.device_id, m.name COLLATE \"C\", r.sequence
-                     LIMIT $10"
-                ),
+                r#"SELECT r.time, s.device_id, m.name, r.value, r.receive_time, r.sequence
+                 FROM readings r JOIN reading_series s ON s.id = r.series_id JOIN metric_names m ON m.id = s.metric_id
+                 WHERE s.farm_id = $1 AND r.time >= $2 AND r.time < $3
+                   AND (cardinality($4::uuid[]) = 0 OR s.device_id = ANY($4))
+                   AND (cardinality($5::text[]) = 0 OR m.name = ANY($5))
+                   AND ($6::timestamptz IS NULL
+                        OR (r.time, s.device_id, m.name COLLATE "C", r.sequence) > ($6, $7::uuid, $8::text COLLATE "C", $9::bigint))
+                 ORDER BY r.time, s.device_id, m.name COLLATE "C", r.sequence
+                 LIMIT $10"#,
                 &params,
             )
             .await
@@ -517,7 +574,7 @@ impl TelemetryStore for PostgresStore {
             ),
             None => format!(
                 "SELECT device_id, m.name, {bucket} AS b, count(*), min(value), max(value), avg(value)
-                 FROM readings JOIN metric_names m ON m.id = metric_id
+                 FROM readings JOIN reading_series s ON s.id = series_id JOIN metric_names m ON m.id = s.metric_id
                  WHERE {filters} AND time >= $2 AND time < $3
                  GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT $7",
                 bucket = bucket_expr("time")
@@ -687,8 +744,8 @@ impl TelemetryStore for PostgresStore {
                 .execute(
                     "INSERT INTO reading_rollups (width, bucket, farm_id, device_id, metric_id, count, sum, min, max)
                      SELECT $1::integer, to_timestamp((floor(extract(epoch FROM time) / $1::integer) * $1::integer)::float8),
-                            farm_id, device_id, metric_id, count(*), sum(value), min(value), max(value)
-                     FROM readings GROUP BY 2, 3, 4, 5",
+                            s.farm_id, s.device_id, s.metric_id, count(*), sum(r.value), min(r.value), max(r.value)
+                     FROM readings r JOIN reading_series s ON s.id = r.series_id GROUP BY 2, 3, 4, 5",
                     &[width],
                 )
                 .await

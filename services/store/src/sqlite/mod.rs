@@ -66,9 +66,9 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Applies the migrations this database lacks.
-    pub async fn migrate(&self) -> Result<MigrationReport> {
-        self.run(|connection| {
+    /// Applies the migrations this database lacks, up to schema `version`.
+    pub async fn migrate_to(&self, version: i64) -> Result<MigrationReport> {
+        self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin migration"))?;
             transaction
                 .execute_batch(
@@ -87,7 +87,7 @@ impl SqliteStore {
                 return Err(migrate::too_new(current, known));
             }
             let mut report = MigrationReport { applied: Vec::new(), current_version: current };
-            for migration in migrate::SQLITE.iter().filter(|m| m.version > current) {
+            for migration in migrate::SQLITE.iter().filter(|m| m.version > current && m.version <= version) {
                 transaction
                     .execute_batch(migration.sql)
                     .map_err(sql_error(&format!("apply migration {} ({})", migration.version, migration.name)))?;

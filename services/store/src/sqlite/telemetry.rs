@@ -1,5 +1,6 @@
 //! [`TelemetryStore`] on SQLite: the batch's rows, the gateway's mark, rollups and latest values in one
-//! transaction; times as microseconds since the epoch.
+//! transaction; times as microseconds since the epoch. A reading row names its series (farm, device, metric) by a
+//! small integer from `reading_series`, interned like metric names.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -29,6 +30,35 @@ fn metric_id(transaction: &Transaction<'_>, cache: &mut HashMap<String, i64>, na
         .query_row("SELECT id FROM metric_names WHERE name = ?1", [name], |row| row.get(0))
         .map_err(sql_error("read a metric id"))?;
     cache.insert(name.to_string(), id);
+    Ok(id)
+}
+
+/// The id of a farm's series (device, metric id), interning it if new.
+fn series_id(
+    transaction: &Transaction<'_>,
+    cache: &mut HashMap<(Uuid, i64), i64>,
+    farm: &str,
+    device_id: Uuid,
+    metric_id: i64,
+) -> Result<i64> {
+    if let Some(id) = cache.get(&(device_id, metric_id)) {
+        return Ok(*id);
+    }
+    let device = device_id.to_string();
+    transaction
+        .execute(
+            "INSERT OR IGNORE INTO reading_series (farm_id, device_id, metric_id) VALUES (?1, ?2, ?3)",
+            params![farm, device, metric_id],
+        )
+        .map_err(sql_error("intern a reading series"))?;
+    let id: i64 = transaction
+        .query_row(
+            "SELECT id FROM reading_series WHERE device_id = ?1 AND metric_id = ?2 AND farm_id = ?3",
+            params![device, metric_id, farm],
+            |row| row.get(0),
+        )
+        .map_err(sql_error("read a reading series id"))?;
+    cache.insert((device_id, metric_id), id);
     Ok(id)
 }
 
@@ -118,21 +148,21 @@ impl TelemetryStore for SqliteStore {
             let readings: Vec<&ReadingRow> = batch.readings.iter().filter(|r| r.sequence > committed).collect();
             let aggregates: Vec<_> = batch.aggregates.iter().filter(|a| a.sequence > committed).collect();
             let mut metric_ids = HashMap::new();
+            let mut series_ids = HashMap::new();
             {
                 let mut insert = transaction
                     .prepare_cached(
-                        "INSERT INTO readings (time, farm_id, device_id, metric_id, value, sequence, receive_time)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        "INSERT INTO readings (time, series_id, value, sequence, receive_time)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
                     )
                     .map_err(sql_error("prepare the reading insert"))?;
                 for reading in &readings {
                     let metric = metric_id(&transaction, &mut metric_ids, &reading.metric)?;
+                    let series = series_id(&transaction, &mut series_ids, &farm, reading.device_id, metric)?;
                     insert
                         .execute(params![
                             to_unix_micros(reading.measure_time),
-                            farm,
-                            reading.device_id.to_string(),
-                            metric,
+                            series,
                             reading.value,
                             reading.sequence as i64,
                             receive
@@ -244,11 +274,11 @@ impl TelemetryStore for SqliteStore {
                 Value::Integer(to_unix_micros(filter.end)),
             ];
             let mut sql = String::from(
-                "SELECT r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence
-                 FROM readings r JOIN metric_names m ON m.id = r.metric_id
-                 WHERE r.farm_id = ?1 AND r.time >= ?2 AND r.time < ?3",
+                "SELECT r.time, s.device_id, m.name, r.value, r.receive_time, r.sequence
+                 FROM readings r JOIN reading_series s ON s.id = r.series_id JOIN metric_names m ON m.id = s.metric_id
+                 WHERE s.farm_id = ?1 AND r.time >= ?2 AND r.time < ?3",
             );
-            sql.push_str(&filter_clause(&filter, &mut values).replace("device_id", "r.device_id"));
+            sql.push_str(&filter_clause(&filter, &mut values).replace("device_id", "s.device_id"));
             if let Some(cursor) = &cursor {
                 let base = values.len();
                 values.push(Value::Integer(to_unix_micros(cursor.measure_time)));
@@ -256,7 +286,7 @@ impl TelemetryStore for SqliteStore {
                 values.push(Value::Text(cursor.metric.clone()));
                 values.push(Value::Integer(cursor.sequence as i64));
                 sql.push_str(&format!(
-                    " AND (r.time, r.device_id, m.name, r.sequence) > (?{}, ?{}, ?{}, ?{})",
+                    " AND (r.time, s.device_id, m.name, r.sequence) > (?{}, ?{}, ?{}, ?{})",
                     base + 1,
                     base + 2,
                     base + 3,
@@ -264,7 +294,7 @@ impl TelemetryStore for SqliteStore {
                 ));
             }
             values.push(Value::Integer(limit as i64));
-            sql.push_str(&format!(" ORDER BY r.time, r.device_id, m.name, r.sequence LIMIT ?{}", values.len()));
+            sql.push_str(&format!(" ORDER BY r.time, s.device_id, m.name, r.sequence LIMIT ?{}", values.len()));
             let mut statement = connection.prepare(&sql).map_err(sql_error("prepare the reading query"))?;
             let rows =
                 statement.query_map(params_from_iter(values), stored_reading).map_err(sql_error("query readings"))?;
@@ -334,8 +364,8 @@ impl TelemetryStore for SqliteStore {
                 ),
                 None => format!(
                     "SELECT device_id, m.name, {b} AS b, COUNT(*), MIN(value), MAX(value), AVG(value)
-                     FROM readings JOIN metric_names m ON m.id = metric_id
-                     WHERE farm_id = ?1 AND time >= ?2 AND time < ?3 {{filters}}
+                     FROM readings JOIN reading_series s ON s.id = series_id JOIN metric_names m ON m.id = s.metric_id
+                     WHERE s.farm_id = ?1 AND time >= ?2 AND time < ?3 {{filters}}
                      GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT {rows_wanted}",
                     b = bucket("time")
                 ),
@@ -429,8 +459,8 @@ impl TelemetryStore for SqliteStore {
                         "INSERT INTO reading_rollups (width, bucket, farm_id, device_id, metric_id, count, sum, min, max)
                          SELECT ?1, (CASE WHEN time >= 0 THEN time / (?1 * 1000000)
                                           ELSE -((-time - 1) / (?1 * 1000000)) - 1 END) * ?1 * 1000000,
-                                farm_id, device_id, metric_id, COUNT(*), SUM(value), MIN(value), MAX(value)
-                         FROM readings GROUP BY 2, 3, 4, 5",
+                                s.farm_id, s.device_id, s.metric_id, COUNT(*), SUM(value), MIN(value), MAX(value)
+                         FROM readings JOIN reading_series s ON s.id = series_id GROUP BY 2, 3, 4, 5",
                         [width],
                     )
                     .map_err(sql_error("fill a new width's rollups"))?;

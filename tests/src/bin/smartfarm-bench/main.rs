@@ -273,6 +273,19 @@ async fn raw_copy(
     }
     let farm: uuid::Uuid = fleet.farm_id.parse()?;
     let device_ids: Vec<uuid::Uuid> = fleet.sensors.iter().map(|s| s.device_id.parse().unwrap()).collect();
+    // Each device's series, interned as the store interns them.
+    let mut series_ids = Vec::with_capacity(device_ids.len());
+    for device in &device_ids {
+        let id: i32 = client
+            .query_one(
+                "INSERT INTO reading_series (farm_id, device_id, metric_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (device_id, metric_id, farm_id) DO UPDATE SET farm_id = excluded.farm_id RETURNING id",
+                &[&farm, device, &metric],
+            )
+            .await?
+            .get(0);
+        series_ids.push(id);
+    }
     let receive = SystemTime::now();
     let started = Instant::now();
     let mut next = 0u64;
@@ -280,17 +293,16 @@ async fn raw_copy(
         let chunk = (rows - next).min(50_000);
         let transaction = client.transaction().await?;
         let sink = transaction
-            .copy_in("COPY readings (time, farm_id, device_id, metric_id, value, sequence, receive_time) FROM STDIN (FORMAT binary)")
+            .copy_in("COPY readings (time, series_id, value, sequence, receive_time) FROM STDIN (FORMAT binary)")
             .await?;
-        let types =
-            [Type::TIMESTAMPTZ, Type::UUID, Type::UUID, Type::INT4, Type::FLOAT8, Type::INT8, Type::TIMESTAMPTZ];
+        let types = [Type::TIMESTAMPTZ, Type::INT4, Type::FLOAT8, Type::INT8, Type::TIMESTAMPTZ];
         let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
         for i in next..next + chunk {
             let time = base + Duration::from_secs(i / devices as u64);
-            let device = device_ids[(i % devices as u64) as usize];
+            let series = series_ids[(i % devices as u64) as usize];
             let value = (i % 1000) as f64 / 10.0;
             let sequence = sequence_base + i as i64;
-            writer.as_mut().write(&[&time, &farm, &device, &metric, &value, &sequence, &receive]).await?;
+            writer.as_mut().write(&[&time, &series, &value, &sequence, &receive]).await?;
         }
         writer.finish().await?;
         transaction.commit().await?;
@@ -305,13 +317,15 @@ async fn server_side_copy(client: &tokio_postgres::Client, rows: u64) -> anyhow:
     let file = format!("/tmp/smartfarm-bench-{}.bin", uuid::Uuid::now_v7().simple());
     client
         .batch_execute(&format!(
-            "COPY (SELECT time, farm_id, device_id, metric_id, value, sequence + 30000000000, receive_time FROM readings
+            "COPY (SELECT time, series_id, value, sequence + 30000000000, receive_time FROM readings
                    WHERE sequence <= {rows} ORDER BY sequence) TO '{file}' (FORMAT binary)"
         ))
         .await?;
     let started = Instant::now();
     client
-        .batch_execute(&format!("COPY readings (time, farm_id, device_id, metric_id, value, sequence, receive_time) FROM '{file}' (FORMAT binary)"))
+        .batch_execute(&format!(
+            "COPY readings (time, series_id, value, sequence, receive_time) FROM '{file}' (FORMAT binary)"
+        ))
         .await?;
     let rate = rows as f64 / started.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&file);
