@@ -445,3 +445,36 @@ async fn a_partition_dropped_by_another_replica_is_made_again() {
     let left = telemetry.query_readings(&everything(&farm), None, 10).await.unwrap();
     assert_eq!(left.iter().map(|r| r.value).collect::<Vec<_>>(), vec![2.0]);
 }
+
+/// A process starting with no series cached reads the series it finds instead of inserting them again: an insert
+/// that meets a conflict would take a series id each time, and a cloud restarting or cycling its cache through
+/// millions of series would run out of them.
+#[tokio::test]
+async fn series_ids_are_not_used_up_by_a_restart() {
+    let harness = Harness::postgres().await;
+    let farm = farm(&*harness.database.registry(), "restarts").await;
+    let [a, b] = farm.sensors;
+    let first = batch(&farm, 1, 2, vec![reading(1, a, "temperature", 1.0, 0), reading(2, b, "temperature", 2.0, 0)]);
+    harness.database.telemetry().commit_batch(&first, &ROLLUPS).await.unwrap();
+
+    let restarted = harness.reopen().await;
+    let second = batch(
+        &farm,
+        3,
+        5,
+        vec![
+            reading(3, a, "temperature", 3.0, 60),
+            reading(4, b, "temperature", 4.0, 60),
+            reading(5, a, "humidity", 5.0, 60),
+        ],
+    );
+    restarted.telemetry().commit_batch(&second, &ROLLUPS).await.unwrap();
+
+    let (client, connection) = tokio_postgres::connect(&harness.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client.query_one("SELECT count(*), max(id)::bigint FROM reading_series", &[]).await.unwrap();
+    let (series, highest_id): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((series, highest_id), (3, 3), "three series, and no id taken but theirs");
+    let readings = restarted.telemetry().query_readings(&everything(&farm), None, 10).await.unwrap();
+    assert_eq!(readings.iter().map(|r| r.value).collect::<Vec<_>>(), vec![1.0, 2.0, 5.0, 3.0, 4.0]);
+}

@@ -61,6 +61,9 @@ BEGIN
 END
 $$;
 
+-- In the migration's one transaction the new rows sit beside the old until it commits: the database needs room for
+-- the readings again while it runs. Under TimescaleDB that copy is uncompressed until the chunks older than the
+-- compression policy's 7 days are compressed below, so the room needed is the readings' uncompressed size.
 INSERT INTO readings (time, series_id, value, sequence, receive_time)
 SELECT r.time, s.id, r.value, r.sequence, r.receive_time
 FROM readings_v1 r JOIN reading_series s USING (farm_id, device_id, metric_id);
@@ -69,3 +72,16 @@ DROP TABLE readings_v1;
 
 CREATE INDEX readings_series_time ON readings (series_id, time);
 CREATE INDEX readings_time_brin ON readings USING brin (time);
+
+DO $$
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = 'readings'::regclass) <> 'p' THEN
+        PERFORM compress_chunk(chunk, if_not_compressed => true)
+        FROM show_chunks('readings', older_than => interval '7 days') AS chunk;
+    END IF;
+END
+$$;
+
+-- Planner statistics now, not when autovacuum comes by: until then a query over a farm's series picks poor plans.
+ANALYZE reading_series;
+ANALYZE readings;

@@ -108,31 +108,34 @@ impl PostgresStore {
             return Ok(ids);
         }
         let client = self.client().await?;
-        // Sorted (a BTreeSet), so that two writers interning overlapping series take their row locks in one order.
-        client
-            .execute(
-                "INSERT INTO reading_series (farm_id, device_id, metric_id)
-                 SELECT $1, d, m FROM unnest($2::uuid[], $3::int[]) AS t(d, m)
-                 ON CONFLICT (device_id, metric_id, farm_id) DO NOTHING",
-                &[&farm_id, &missing_devices, &missing_metrics],
-            )
-            .await
-            .map_err(pg_error("intern reading series"))?;
-        let rows = client
-            .query(
-                "SELECT s.id, s.device_id, s.metric_id
-                 FROM reading_series s JOIN unnest($2::uuid[], $3::int[]) AS t(d, m) ON s.device_id = t.d AND s.metric_id = t.m
-                 WHERE s.farm_id = $1",
-                &[&farm_id, &missing_devices, &missing_metrics],
-            )
-            .await
-            .map_err(pg_error("read reading series ids"))?;
+        let mut found = read_series_ids(&client, farm_id, &missing_devices, &missing_metrics).await?;
+        if found.len() < missing_devices.len() {
+            // Only the series not found are inserted: an insert that meets a conflict still takes an id from the
+            // sequence, and a process reading its series again (after a restart, or once its cache is full) must not
+            // use the ids up. The conflict clause is for another writer interning the same series meanwhile; sorted
+            // (from a BTreeSet), two such writers take their row locks in one order.
+            let (new_devices, new_metrics): (Vec<Uuid>, Vec<i32>) = missing_devices
+                .iter()
+                .zip(&missing_metrics)
+                .filter(|(device_id, metric_id)| !found.contains_key(&(**device_id, **metric_id)))
+                .map(|(device_id, metric_id)| (*device_id, *metric_id))
+                .unzip();
+            client
+                .execute(
+                    "INSERT INTO reading_series (farm_id, device_id, metric_id)
+                     SELECT $1, d, m FROM unnest($2::uuid[], $3::int[]) AS t(d, m)
+                     ON CONFLICT (device_id, metric_id, farm_id) DO NOTHING",
+                    &[&farm_id, &new_devices, &new_metrics],
+                )
+                .await
+                .map_err(pg_error("intern reading series"))?;
+            found.extend(read_series_ids(&client, farm_id, &new_devices, &new_metrics).await?);
+        }
         let mut cache = self.telemetry.series_ids.lock().expect("series cache lock");
-        if cache.len() + rows.len() > SERIES_CACHE_LIMIT {
+        if cache.len() + found.len() > SERIES_CACHE_LIMIT {
             cache.clear();
         }
-        for row in rows {
-            let (id, device_id, metric_id): (i32, Uuid, i32) = (row.get(0), row.get(1), row.get(2));
+        for ((device_id, metric_id), id) in found {
             cache.insert((farm_id, device_id, metric_id), id);
             ids.insert((device_id, metric_id), id);
         }
@@ -431,6 +434,25 @@ impl DerivedRows {
     }
 }
 
+/// The ids of a farm's series among these (device, metric id) pairs, those that exist.
+async fn read_series_ids(
+    client: &tokio_postgres::Client,
+    farm_id: Uuid,
+    devices: &[Uuid],
+    metrics: &[i32],
+) -> Result<HashMap<(Uuid, i32), i32>> {
+    let rows = client
+        .query(
+            "SELECT s.id, s.device_id, s.metric_id
+             FROM reading_series s JOIN unnest($2::uuid[], $3::int[]) AS t(d, m) ON s.device_id = t.d AND s.metric_id = t.m
+             WHERE s.farm_id = $1",
+            &[&farm_id, &devices, &metrics],
+        )
+        .await
+        .map_err(pg_error("read reading series ids"))?;
+    Ok(rows.iter().map(|row| ((row.get(1), row.get(2)), row.get(0))).collect())
+}
+
 /// (year, month) of a time, in UTC; times before year 1 or after 9999 are clamped into that range.
 fn month_of(time: SystemTime) -> (i32, u32) {
     let days = to_unix_micros(time).div_euclid(86_400_000_000);
@@ -466,8 +488,8 @@ fn month_start(year: i32, month: u32) -> SystemTime {
 
 const READING_COLUMNS: &str = "r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence";
 
-/// How many series ids a process remembers before it starts over: about 50 bytes each, so 12 MB at most. Past that,
-/// a batch's series are looked up again (one round trip) until the cache holds them.
+/// How many series ids a process remembers before it starts over: about 100 bytes each with the table's overhead,
+/// so about 25 MB at most. Past that, a batch's series are read again (one round trip) until the cache holds them.
 const SERIES_CACHE_LIMIT: usize = 250_000;
 
 fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {

@@ -46,17 +46,12 @@ fn series_id(
     }
     let device = device_id.to_string();
     transaction
-        .execute(
-            "INSERT OR IGNORE INTO reading_series (farm_id, device_id, metric_id) VALUES (?1, ?2, ?3)",
-            params![farm, device, metric_id],
-        )
+        .prepare_cached("INSERT OR IGNORE INTO reading_series (farm_id, device_id, metric_id) VALUES (?1, ?2, ?3)")
+        .and_then(|mut insert| insert.execute(params![farm, device, metric_id]))
         .map_err(sql_error("intern a reading series"))?;
     let id: i64 = transaction
-        .query_row(
-            "SELECT id FROM reading_series WHERE device_id = ?1 AND metric_id = ?2 AND farm_id = ?3",
-            params![device, metric_id, farm],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT id FROM reading_series WHERE device_id = ?1 AND metric_id = ?2 AND farm_id = ?3")
+        .and_then(|mut select| select.query_row(params![device, metric_id, farm], |row| row.get(0)))
         .map_err(sql_error("read a reading series id"))?;
     cache.insert((device_id, metric_id), id);
     Ok(id)
