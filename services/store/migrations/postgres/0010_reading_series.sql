@@ -26,16 +26,17 @@ DROP INDEX readings_time_brin;
 
 DO $$
 DECLARE
+    partitioned boolean := (SELECT relkind FROM pg_class WHERE oid = 'readings_v1'::regclass) = 'p';
     partition record;
 BEGIN
-    IF (SELECT relkind FROM pg_class WHERE oid = 'readings_v1'::regclass) = 'p' THEN
-        CREATE TABLE readings (
-            time         timestamptz NOT NULL,
-            value        double precision NOT NULL,
-            sequence     bigint NOT NULL,
-            receive_time timestamptz NOT NULL,
-            series_id    integer NOT NULL
-        ) PARTITION BY RANGE (time);
+    EXECUTE 'CREATE TABLE readings (
+                 time         timestamptz NOT NULL,
+                 value        double precision NOT NULL,
+                 sequence     bigint NOT NULL,
+                 receive_time timestamptz NOT NULL,
+                 series_id    integer NOT NULL
+             )' || CASE WHEN partitioned THEN ' PARTITION BY RANGE (time)' ELSE '' END;
+    IF partitioned THEN
         FOR partition IN
             SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -46,13 +47,6 @@ BEGIN
         END LOOP;
     ELSE
         -- TimescaleDB (0002 made a hypertable): the new one is compressed per series.
-        CREATE TABLE readings (
-            time         timestamptz NOT NULL,
-            value        double precision NOT NULL,
-            sequence     bigint NOT NULL,
-            receive_time timestamptz NOT NULL,
-            series_id    integer NOT NULL
-        );
         PERFORM create_hypertable('readings', 'time', chunk_time_interval => interval '1 day');
         EXECUTE 'ALTER TABLE readings SET (timescaledb.compress, '
             'timescaledb.compress_segmentby = ''series_id'', timescaledb.compress_orderby = ''time'')';
