@@ -41,7 +41,7 @@ impl BackgroundThread {
         }
         let (sender, receiver) = mpsc::channel::<Job>();
         std::thread::Builder::new()
-            .name("smartfarm-models".into())
+            .name("model-pipeline".into())
             .spawn(move || {
                 lower_priority();
                 while let Ok(job) = receiver.recv() {
