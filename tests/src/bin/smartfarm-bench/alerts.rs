@@ -160,12 +160,21 @@ pub enum Maximum {
     Agent,
 }
 
+/// How much background load runs while the probes are timed.
+#[derive(Clone, Copy, Debug)]
+pub enum Background {
+    /// This share of the measured maximum (the goal is stated at half).
+    ShareOfMaximum(f64),
+    /// This many messages a second, whatever the maximum.
+    Rate(f64),
+}
+
 pub async fn alerts(
     probes: usize,
     events: u64,
     publishers: usize,
     rounds_per_second: f64,
-    background_share: f64,
+    load_kind: Background,
     load_nice: i32,
     maximum_kind: Maximum,
 ) -> anyhow::Result<()> {
@@ -216,7 +225,10 @@ pub async fn alerts(
         Maximum::Agent => agent_maximum,
     };
     let port = edge.mqtt.port();
-    let half = maximum * background_share;
+    let (half, background_share) = match load_kind {
+        Background::ShareOfMaximum(share) => (maximum * share, share),
+        Background::Rate(rate) => (rate, rate / maximum),
+    };
     let rounds = events.div_ceil(2 * probes as u64);
     let duration = rounds as f64 * probes as f64 / rounds_per_second + 30.0;
     let per_publisher = (half * duration / background.len() as f64) as u64;

@@ -91,6 +91,10 @@ enum Command {
         /// the cloud has committed them) or `agent` (what the agent acknowledged per second during the burst).
         #[arg(long, value_enum, default_value_t = alerts::Maximum::EndToEnd)]
         maximum: alerts::Maximum,
+        /// A fixed background load, in messages/s, instead of a share of the maximum: two builds compared at the
+        /// same load (the maximum is still measured and printed).
+        #[arg(long)]
+        background_rate: Option<f64>,
     },
     /// Command round trips (SendCommand → device → ack → WatchCommand), on one process and across two replicas.
     Commands {
@@ -132,8 +136,21 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Footprint { sensors, rate, seconds } => footprint(sensors, rate, seconds).await,
         Command::Images { photos, cameras, hours } => images::images(photos, cameras, hours).await,
-        Command::Alerts { probes, events, publishers, rounds_per_second, background_share, load_nice, maximum } => {
-            alerts::alerts(probes, events, publishers, rounds_per_second, background_share, load_nice, maximum).await
+        Command::Alerts {
+            probes,
+            events,
+            publishers,
+            rounds_per_second,
+            background_share,
+            load_nice,
+            maximum,
+            background_rate,
+        } => {
+            let background = match background_rate {
+                Some(rate) => alerts::Background::Rate(rate),
+                None => alerts::Background::ShareOfMaximum(background_share),
+            };
+            alerts::alerts(probes, events, publishers, rounds_per_second, background, load_nice, maximum).await
         }
         Command::Commands { count } => alerts::commands(count).await,
     }
