@@ -6,7 +6,6 @@
 
 #![forbid(unsafe_code)]
 
-mod background;
 pub mod pipeline;
 pub mod serving;
 

@@ -24,12 +24,11 @@ use smartfarm_bus::{
     AnomalyDetected, Diagnosis, Event, ImageStored, Job, JobKind, JobTaker, ModelVersion, ReadingsCommitted,
     SeriesSpan, SpanReadings, Work,
 };
-use smartfarm_core::Result;
+use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
 use smartfarm_ml::artifact::ModelKind;
 use smartfarm_store::telemetry::ReadingFilter;
 
-use crate::background::BackgroundThread;
 use crate::{InferenceApi, Shutdown, from_seconds, read_series, seconds};
 
 /// Resolves once the process has reached `stage` of its shutdown (never, when nothing can tell it any more).
@@ -115,8 +114,6 @@ pub(crate) struct Detectors {
     unfit_until: Arc<Mutex<HashMap<SeriesKey, Instant>>>,
     announced_until: Arc<Mutex<HashMap<SeriesKey, f64>>>,
     recent: Arc<Mutex<HashMap<SeriesKey, RecentReadings>>>,
-    /// Where detectors are fitted and readings scored: a thread of lower priority (see [`BackgroundThread`]).
-    thread: BackgroundThread,
 }
 
 type SeriesKey = (Uuid, String);
@@ -466,14 +463,12 @@ impl InferenceApi {
         }
         let scoring = detector.clone();
         let (scores_times, scores_values) = (times.clone(), values.clone());
-        let events = self
-            .detectors
-            .thread
-            .run(move || {
-                let scores = scoring.score(&scores_times, &scores_values);
-                anomaly::events(&scores, 0, scoring.params())
-            })
-            .await?;
+        let events = tokio::task::spawn_blocking(move || {
+            let scores = scoring.score(&scores_times, &scores_values);
+            anomaly::events(&scores, 0, scoring.params())
+        })
+        .await
+        .map_err(|error| Error::internal("score readings", error))?;
         if complete {
             // What the next batch's context can need: the last context's worth before where this one ends.
             let from = times[times.len() - 1] - context_seconds;
@@ -558,11 +553,11 @@ impl InferenceApi {
             unfit("a constant history");
             return Ok(None);
         }
-        let fitted = self
-            .detectors
-            .thread
-            .run(move || FittedDetector::fit(&times, &values, &params, &smartfarm_ml::training_device()))
-            .await?;
+        let fitted = tokio::task::spawn_blocking(move || {
+            FittedDetector::fit(&times, &values, &params, &smartfarm_ml::training_device())
+        })
+        .await
+        .map_err(|error| Error::internal("fit an anomaly detector", error))?;
         let detector = match fitted {
             Ok(detector) => detector,
             Err(error) => {

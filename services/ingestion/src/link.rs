@@ -1,9 +1,8 @@
 //! One edge link: the `Connect` stream of one farm's gateway. The session answers `hello` with the committed mark,
 //! pushes the farm's registry down (again whenever it changes), and commits each batch before acknowledging it.
-//! A link is a three-stage pipeline: the session decodes the next batches while a commit task writes earlier ones
-//! (those already waiting share one transaction), and an announcer hands what was committed to the rules and the bus
-//! while the next group commits. The commit task commits, acknowledges and refuses strictly in arrival order, and
-//! the announcer follows the same order. So a link never has more work in the cloud than the agent's window of batches plus what HTTP/2
+//! A link is a two-stage pipeline: the session decodes the next batches while a commit task writes earlier ones
+//! (those already waiting share one transaction), and the commit task commits, acknowledges and refuses strictly in
+//! arrival order. So a link never has more work in the cloud than the agent's window of batches plus what HTTP/2
 //! flow control lets it buffer; a global semaphore bounds the batches decoded or committing across links.
 //!
 //! A reader task takes the agent's messages off the stream as they come: alerts and command receipts (the urgent
@@ -464,53 +463,21 @@ async fn prepare(
     Ok(Ready::Commit { batch, started, permit })
 }
 
+/// Most records committed in one transaction when several decoded batches are waiting.
+const MAX_GROUP_RECORDS: usize = 50_000;
+
 /// Commits decoded batches in arrival order, acknowledging each after its commit. Batches that are already waiting
 /// when a commit starts go into the same transaction (the mark moves to the last of them): under a backlog, the
 /// transaction's fixed costs (the mark's lock, rollups, latest values, the WAL flush) are paid once for several
 /// batches. Stops when the session stops sending, at the first failure (the agent resends what was not
 /// acknowledged), or after refusing a batch: nothing behind a refused batch commits, because the mark would pass
 /// over it and the agent, told that mark at its next connection, would delete the refused records as stored.
-///
-/// What follows a commit (the devices' last-seen times, the rules' evaluation, the announcement for scoring) is done
-/// by a task of its own, in commit order, while the next group commits: the database then copies rows nearly all
-/// the time instead of waiting for the cloud's work between two commits. Everything committed is announced before
-/// this returns, whatever way it ends.
 async fn commit_in_order(
     api: IngestionApi,
     gateway_id: Uuid,
     rules: Arc<FarmRules>,
-    in_order: mpsc::Receiver<Ready>,
-    outbound: Outbound,
-) -> Result<()> {
-    // One group waits while another is announced: the overlap is all the commits need, and a link holds at most
-    // two committed groups' readings beyond what its commit permits bound.
-    let (news, news_queue) = mpsc::channel(1);
-    let announcer = tokio::spawn(announce_in_order(api.clone(), gateway_id, rules, news_queue));
-    let committed = commit_groups(&api, gateway_id, in_order, &outbound, news).await;
-    let announced = announcer.await.map_err(|error| Error::internal("the announcer of an edge link", error))?;
-    committed.and(announced)
-}
-
-/// What a committed group leaves for [`announce_in_order`].
-struct Committed {
-    farm_id: Uuid,
-    /// The readings this commit wrote, in sequence order.
-    readings: Vec<smartfarm_store::telemetry::ReadingRow>,
-    /// The devices of the aggregates this commit wrote.
-    aggregate_devices: Vec<Uuid>,
-    receive_time: SystemTime,
-}
-
-/// Most records committed in one transaction when several decoded batches are waiting.
-const MAX_GROUP_RECORDS: usize = 50_000;
-
-/// The commit loop of [`commit_in_order`]; hands each new group to `news` once it is acknowledged (or could not be).
-async fn commit_groups(
-    api: &IngestionApi,
-    gateway_id: Uuid,
     mut in_order: mpsc::Receiver<Ready>,
-    outbound: &Outbound,
-    news: mpsc::Sender<Committed>,
+    outbound: Outbound,
 ) -> Result<()> {
     let mut next = in_order.recv().await;
     while let Some(ready) = next.take() {
@@ -518,7 +485,7 @@ async fn commit_groups(
             Ready::Commit { batch, started, permit } => (batch, started, permit),
             Ready::Refuse(refusal) => {
                 let (first, last) = (refusal.first_sequence, refusal.last_sequence);
-                send(outbound, pb::connect_response::Body::BatchReject(refusal)).await?;
+                send(&outbound, pb::connect_response::Body::BatchReject(refusal)).await?;
                 return Err(Error::FailedPrecondition(format!(
                     "batch {first}..={last} was refused; the link ends so that nothing after it commits"
                 )));
@@ -561,6 +528,17 @@ async fn commit_groups(
                 .increment(ranges.len() as u64);
             metrics::counter!("smartfarm_ingest_readings_total").increment(readings as u64);
             metrics::counter!("smartfarm_ingest_aggregates_total").increment(aggregates as u64);
+            let mut seen: Vec<Uuid> = group.readings.iter().map(|r| r.device_id).collect();
+            seen.extend(group.aggregates.iter().map(|a| a.device_id));
+            seen.sort();
+            seen.dedup();
+            // The batches are committed: a failure here must not hold back their acknowledgements (the agent would
+            // resend them, only to be told they are duplicates).
+            if !seen.is_empty()
+                && let Err(error) = api.registry.record_devices_seen(&seen, group.receive_time).await
+            {
+                tracing::warn!(%gateway_id, %error, "cannot record when the batch's devices were last seen");
+            }
         } else {
             metrics::counter!("smartfarm_ingest_batches_total", "outcome" => "duplicate")
                 .increment(ranges.len() as u64);
@@ -570,76 +548,43 @@ async fn commit_groups(
             for (first, last) in ranges {
                 tracing::debug!(%gateway_id, first, last, duplicate, "batch acknowledged");
                 let ack = pb::BatchAck { last_sequence: last, duplicate };
-                send(outbound, pb::connect_response::Body::BatchAck(ack)).await?;
+                send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
             }
             Ok::<_, Error>(())
         }
         .await;
         // After the acknowledgements, which do not wait for it, and whether or not they could go: the batches are
-        // committed, and a resend would be a duplicate, never evaluated or announced.
+        // committed, and a resend would be a duplicate, never evaluated or announced. The rules see new readings
+        // once, in sequence order, and the readings are announced with their series for scoring. Off the async
+        // workers: sorting and evaluating tens of thousands of readings must not hold up the agent's alerts.
         if !duplicate {
-            let committed = Committed {
-                farm_id: group.farm_id,
-                readings: group.readings,
-                aggregate_devices: group.aggregates.iter().map(|aggregate| aggregate.device_id).collect(),
-                receive_time: group.receive_time,
-            };
-            if news.send(committed).await.is_err() {
-                // It stops only on a failure, which `commit_in_order` reports.
-                return Ok(());
+            let (rules, readings, farm_id) = (rules.clone(), group.readings, group.farm_id);
+            let series = tokio::task::spawn_blocking(move || {
+                urgent::evaluate_committed(&rules, &readings);
+                series_spans(&readings)
+            })
+            .await
+            .map_err(|error| Error::internal("evaluate the rules on a batch", error))?;
+            if let Some(bus) = &api.bus {
+                let committed = ReadingsCommitted {
+                    farm_id,
+                    series,
+                    scored_where_committed: api.scoring_here,
+                    handed_out: !api.scoring_here,
+                    published_here: true,
+                };
+                // Without the inference role here, the batch is handed to one of the replicas that run it. The
+                // announcement goes to all: what they kept of these series no longer ends where the series do.
+                if committed.handed_out {
+                    metrics::counter!("smartfarm_ingest_batches_handed_out_total").increment(1);
+                    bus.hand_out(Job::Score(committed.clone()));
+                }
+                bus.publish(Event::ReadingsCommitted(committed));
             }
         }
         acknowledged?;
         if next.is_none() {
             next = in_order.recv().await;
-        }
-    }
-    Ok(())
-}
-
-/// Takes each committed group in commit order: records when its devices were last seen, lets the rules see its
-/// new readings (once, in sequence order), and announces the readings with their series for scoring. Ends once the
-/// commit loop has stopped and everything it committed is announced.
-async fn announce_in_order(
-    api: IngestionApi,
-    gateway_id: Uuid,
-    rules: Arc<FarmRules>,
-    mut news: mpsc::Receiver<Committed>,
-) -> Result<()> {
-    while let Some(Committed { farm_id, readings, aggregate_devices, receive_time }) = news.recv().await {
-        let mut seen: Vec<Uuid> = readings.iter().map(|r| r.device_id).chain(aggregate_devices).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        // The batches are committed and acknowledged: a failure here is only logged.
-        if !seen.is_empty()
-            && let Err(error) = api.registry.record_devices_seen(&seen, receive_time).await
-        {
-            tracing::warn!(%gateway_id, %error, "cannot record when the batch's devices were last seen");
-        }
-        // Off the async workers: sorting and evaluating tens of thousands of readings must not hold up the agent's
-        // alerts.
-        let rules = rules.clone();
-        let series = tokio::task::spawn_blocking(move || {
-            urgent::evaluate_committed(&rules, &readings);
-            series_spans(&readings)
-        })
-        .await
-        .map_err(|error| Error::internal("evaluate the rules on a batch", error))?;
-        if let Some(bus) = &api.bus {
-            let committed = ReadingsCommitted {
-                farm_id,
-                series,
-                scored_where_committed: api.scoring_here,
-                handed_out: !api.scoring_here,
-                published_here: true,
-            };
-            // Without the inference role here, the batch is handed to one of the replicas that run it. The
-            // announcement goes to all: what they kept of these series no longer ends where the series do.
-            if committed.handed_out {
-                metrics::counter!("smartfarm_ingest_batches_handed_out_total").increment(1);
-                bus.hand_out(Job::Score(committed.clone()));
-            }
-            bus.publish(Event::ReadingsCommitted(committed));
         }
     }
     Ok(())
