@@ -161,9 +161,9 @@ impl PostgresStore {
 struct TelemetryCaches {
     /// Interned metric names (never deleted).
     metric_ids: std::sync::Mutex<std::collections::HashMap<String, i32>>,
-    /// Reading series ids by (farm, device, metric id) (never deleted); cleared when it grows past
-    /// `SERIES_CACHE_LIMIT`, so that a cloud with millions of series does not keep them all in memory.
-    series_ids: std::sync::Mutex<std::collections::HashMap<(uuid::Uuid, uuid::Uuid, i32), i32>>,
+    /// Reading series ids by (farm, device, metric id) (never deleted), the most recently used of them: a cloud
+    /// with millions of series does not keep them all in memory.
+    series_ids: std::sync::Mutex<telemetry::SeriesCache>,
     /// Monthly readings partitions known to exist (removed again when retention drops one).
     partitions: std::sync::Mutex<std::collections::BTreeSet<(i32, u32)>>,
     /// How often the partition cache was found wrong and cleared (a commit that saw it happen tries again).

@@ -91,7 +91,7 @@ impl PostgresStore {
         let mut missing_devices = Vec::new();
         let mut missing_metrics = Vec::new();
         {
-            let cache = self.telemetry.series_ids.lock().expect("series cache lock");
+            let mut cache = self.telemetry.series_ids.lock().expect("series cache lock");
             for &(device_id, metric_id) in series {
                 match cache.get(&(farm_id, device_id, metric_id)) {
                     Some(id) => {
@@ -132,9 +132,6 @@ impl PostgresStore {
             found.extend(read_series_ids(&client, farm_id, &new_devices, &new_metrics).await?);
         }
         let mut cache = self.telemetry.series_ids.lock().expect("series cache lock");
-        if cache.len() + found.len() > SERIES_CACHE_LIMIT {
-            cache.clear();
-        }
         for ((device_id, metric_id), id) in found {
             cache.insert((farm_id, device_id, metric_id), id);
             ids.insert((device_id, metric_id), id);
@@ -488,9 +485,41 @@ fn month_start(year: i32, month: u32) -> SystemTime {
 
 const READING_COLUMNS: &str = "r.time, r.device_id, m.name, r.value, r.receive_time, r.sequence";
 
-/// How many series ids a process remembers before it starts over: about 100 bytes each with the table's overhead,
-/// so about 25 MB at most. Past that, a batch's series are read again (one round trip) until the cache holds them.
+/// How many series ids a process remembers at most: about 100 bytes each with the tables' overhead, so about 25 MB.
 const SERIES_CACHE_LIMIT: usize = 250_000;
+
+/// Series ids by (farm, device, metric id), the most recently used up to [`SERIES_CACHE_LIMIT`] (two generations
+/// of half the limit each). A lookup moves what it finds into the current generation; when that is full, the older
+/// generation is dropped and the current one becomes it. So the series in use stay cached whatever the number of
+/// series known, and only those not used for a generation are read again (one round trip for a batch's misses),
+/// where clearing everything at the limit would make every batch of every farm miss at once.
+#[derive(Default)]
+pub(crate) struct SeriesCache {
+    current: HashMap<(Uuid, Uuid, i32), i32>,
+    older: HashMap<(Uuid, Uuid, i32), i32>,
+}
+
+impl SeriesCache {
+    fn get(&mut self, key: &(Uuid, Uuid, i32)) -> Option<&i32> {
+        if !self.current.contains_key(key) {
+            let id = self.older.remove(key)?;
+            self.insert(*key, id);
+        }
+        self.current.get(key)
+    }
+
+    fn insert(&mut self, key: (Uuid, Uuid, i32), id: i32) {
+        if self.current.len() >= SERIES_CACHE_LIMIT / 2 {
+            self.older = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, id);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.current.len() + self.older.len()
+    }
+}
 
 fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {
     StoredReading {
@@ -797,6 +826,25 @@ fn parse_partition_name(name: &str) -> Option<(i32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_series_cache_keeps_the_series_in_use_and_stays_bounded() {
+        let mut cache = SeriesCache::default();
+        let farm = Uuid::now_v7();
+        let key = |n: u32| (farm, Uuid::from_u128(n as u128), 1);
+        let hot = key(u32::MAX);
+        cache.insert(hot, 7);
+        // Four times the limit of series seen once each, the hot one used every thousand.
+        for n in 0..4 * SERIES_CACHE_LIMIT as u32 {
+            cache.insert(key(n), n as i32);
+            if n % 1000 == 0 {
+                assert_eq!(cache.get(&hot), Some(&7), "after {n} others");
+            }
+            assert!(cache.len() <= SERIES_CACHE_LIMIT);
+        }
+        assert_eq!(cache.get(&key(4 * SERIES_CACHE_LIMIT as u32 - 1)), Some(&(4 * SERIES_CACHE_LIMIT as i32 - 1)));
+        assert_eq!(cache.get(&key(0)), None, "one not used for a generation is read again");
+    }
 
     #[test]
     fn months_and_their_starts_agree() {
