@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use smartfarm_core::batch::BatchKey;
 use smartfarm_core::rules::{Alert, AlertEventKind};
 
 /// Events a subscriber may fall behind by before it misses some.
@@ -83,6 +84,10 @@ pub struct ReadingsCommitted {
     /// True in the process that published the event, false where it arrived through NATS (it does not travel).
     #[serde(skip)]
     pub published_here: bool,
+    /// The batch as listed among those still to score: the scorer confirms it there once scored. `None` when the
+    /// commit did not list it (nothing scores, or a version that did not list batches).
+    #[serde(default)]
+    pub batch: Option<BatchKey>,
 }
 
 /// A device's metric and a time span of new readings in it.
@@ -484,6 +489,7 @@ mod tests {
                 scored_where_committed: false,
                 handed_out: true,
                 published_here: true,
+                batch: None,
             })
         };
         bus.hand_out(job(1));

@@ -26,6 +26,7 @@ fn scoring_job(n: u128) -> Job {
         scored_where_committed: false,
         handed_out: true,
         published_here: false,
+        batch: None,
     })
 }
 

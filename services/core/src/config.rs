@@ -113,6 +113,9 @@ score_new_readings = true
 anomaly_history = "14days"
 # A series' learned detector is relearned after this long.
 anomaly_refit = "1day"
+# A committed batch not confirmed scored this long after it arrived (its process died or stopped first, or its
+# pipeline fell behind) is scored late by a replica that runs this role.
+late_scoring_after = "5m"
 
 # Alerts and commands (the alert and command roles).
 [alerts]
@@ -359,6 +362,10 @@ pub struct InferenceConfig {
     /// A series' fitted detector is relearned when older than this.
     #[serde(with = "humantime_serde")]
     pub anomaly_refit: Duration,
+    /// A committed batch still unconfirmed this long after it arrived is scored late (see
+    /// `TelemetryStore::claim_unscored`).
+    #[serde(with = "humantime_serde")]
+    pub late_scoring_after: Duration,
 }
 
 impl Default for InferenceConfig {
@@ -369,6 +376,7 @@ impl Default for InferenceConfig {
             score_new_readings: true,
             anomaly_history: Duration::from_secs(14 * 86_400),
             anomaly_refit: Duration::from_secs(86_400),
+            late_scoring_after: Duration::from_secs(300),
         }
     }
 }
@@ -501,6 +509,9 @@ impl ServerConfig {
         }
         if inference.anomaly_history.is_zero() || inference.anomaly_refit.is_zero() {
             return Err(Error::invalid("inference", "anomaly_history and anomaly_refit must be above zero"));
+        }
+        if inference.late_scoring_after < Duration::from_secs(1) {
+            return Err(Error::invalid("inference.late_scoring_after", "must be at least 1s"));
         }
         let alerts = &self.alerts;
         if alerts.webhook_retry_min.is_zero()

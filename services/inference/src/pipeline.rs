@@ -11,9 +11,11 @@
 //! before them is what this process scored last for the series, kept while it has seen every batch since; it is
 //! read from the database only when that chain breaks. A batch that another replica committed and scores itself
 //! (it runs this role too) is left to it; one committed by a replica without this role is handed out as work on
-//! the bus, and scored by the one replica that takes it.
+//! the bus, and scored by the one replica that takes it. Each commit also lists its batch in the store, and the
+//! scorer takes it off; one still listed after `inference.late_scoring_after` (its announcement was lost) is scored
+//! late from there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +26,7 @@ use smartfarm_bus::{
     AnomalyDetected, Diagnosis, Event, ImageStored, Job, JobKind, JobTaker, ModelVersion, ReadingsCommitted,
     SeriesSpan, SpanReadings, Work,
 };
+use smartfarm_core::batch::BatchKey;
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
 use smartfarm_ml::artifact::ModelKind;
@@ -114,6 +117,8 @@ pub(crate) struct Detectors {
     unfit_until: Arc<Mutex<HashMap<SeriesKey, Instant>>>,
     announced_until: Arc<Mutex<HashMap<SeriesKey, f64>>>,
     recent: Arc<Mutex<HashMap<SeriesKey, RecentReadings>>>,
+    /// This process's own batches queued for the scorer and not yet scored: the late scorer leaves them to it.
+    queued: Arc<Mutex<HashSet<BatchKey>>>,
 }
 
 type SeriesKey = (Uuid, String);
@@ -147,6 +152,14 @@ const JOB_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a job that failed (a photo that could not be read, say) waits before it is offered again.
 const JOB_RETRY: Duration = Duration::from_secs(30);
+
+/// Most batches a late scorer claims at once, and how long it holds them: another replica takes them once the claim
+/// ends (this one died, say).
+const LATE_BATCHES_AT_ONCE: usize = 16;
+const LATE_LEASE: Duration = Duration::from_secs(600);
+
+/// Late scorings of one batch before it is given up (logged): a batch that keeps failing is not retried forever.
+const LATE_ATTEMPTS: u32 = 3;
 
 /// How long a series that is constant or otherwise unfit to learn from waits before it is tried again.
 const UNFIT_RETRY: Duration = Duration::from_secs(3600);
@@ -256,6 +269,9 @@ impl InferenceApi {
                 }
             }));
         }
+        if self.settings.score_new_readings {
+            workers.push(tokio::spawn(self.clone().score_late_batches()));
+        }
         let mut events = self.bus.subscribe();
         let mut shutdown = self.shutting_down.clone();
         let mut stopping = false;
@@ -288,7 +304,12 @@ impl InferenceApi {
                             span.readings = None;
                         }
                     }
-                    readings.try_send((epoch, committed)).is_ok()
+                    let key = committed.batch.filter(|_| committed.published_here);
+                    let queued = readings.try_send((epoch, committed)).is_ok();
+                    if queued && let Some(key) = key {
+                        self.detectors.queued.lock().expect("queued batches").insert(key);
+                    }
+                    queued
                 }
                 Ok(Event::ImageStored(stored)) if self.settings.diagnose_new_images && !stored.handed_out => {
                     photos.try_send(stored).is_ok()
@@ -315,6 +336,84 @@ impl InferenceApi {
         drop((photos, readings));
         for worker in workers {
             let _ = worker.await;
+        }
+    }
+
+    /// Until the process stops: scores the committed batches that nobody confirmed scored within
+    /// `inference.late_scoring_after` of their arrival (their announcement was lost: the process that committed them
+    /// died, or stopped before it scored them, or its pipeline fell behind the bus and skipped them). Each is
+    /// claimed first, so replicas share them out; their readings are read back from the database. This process's
+    /// own batches still queued for its scorer are left to it. A batch scored twice (its scorer was slower than
+    /// the wait) announces its anomalies again, which the alert role takes for the open alerts they overlap.
+    async fn score_late_batches(self) {
+        let mut shutdown = self.shutting_down.clone();
+        let wait = self.settings.late_scoring_after;
+        let every = (wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                biased;
+                () = reached(&mut shutdown, Shutdown::Draining) => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let now = SystemTime::now();
+            let received_before = now.checked_sub(wait).unwrap_or(SystemTime::UNIX_EPOCH);
+            let claimed =
+                match self.telemetry.claim_unscored(received_before, now, LATE_LEASE, LATE_BATCHES_AT_ONCE).await {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the batches left unscored");
+                        continue;
+                    }
+                };
+            for batch in claimed {
+                if self.detectors.queued.lock().expect("queued batches").contains(&batch.key) {
+                    continue;
+                }
+                if batch.attempts > LATE_ATTEMPTS {
+                    metrics::counter!("smartfarm_inference_late_batches_given_up_total").increment(1);
+                    tracing::warn!(
+                        gateway_id = %batch.key.gateway_id,
+                        last_sequence = batch.key.last_sequence,
+                        attempts = batch.attempts - 1,
+                        "a committed batch could not be scored; given up"
+                    );
+                    self.confirm_scored(batch.key).await;
+                    continue;
+                }
+                let committed = ReadingsCommitted {
+                    farm_id: batch.farm_id,
+                    series: batch
+                        .series
+                        .into_iter()
+                        .map(|span| SeriesSpan {
+                            device_id: span.device_id,
+                            metric: span.metric,
+                            first_time: span.first_time,
+                            last_time: span.last_time,
+                            readings: None,
+                        })
+                        .collect(),
+                    scored_where_committed: false,
+                    handed_out: false,
+                    published_here: false,
+                    batch: Some(batch.key),
+                };
+                metrics::counter!("smartfarm_inference_late_batches_total").increment(1);
+                tracing::info!(
+                    gateway_id = %batch.key.gateway_id,
+                    last_sequence = batch.key.last_sequence,
+                    "scoring a committed batch nobody confirmed scored"
+                );
+                self.score_new_readings(&committed, 0, true).await;
+            }
+        }
+    }
+
+    /// Takes `key` off the list of batches still to score.
+    async fn confirm_scored(&self, key: BatchKey) {
+        if let Err(error) = self.telemetry.forget_unscored(&[key]).await {
+            // It stays listed: a late scorer scores it again.
+            tracing::warn!(gateway_id = %key.gateway_id, last_sequence = key.last_sequence, %error, "cannot confirm a scored batch");
         }
     }
 
@@ -375,18 +474,31 @@ impl InferenceApi {
         let model = match self.serving.active(ModelKind::SensorAnomaly, "").await {
             Ok(model) => model,
             Err(error) => {
+                // It stays listed: the late scorer tries it again, and gives it up after a few tries.
                 tracing::warn!(%error, "no anomaly model to score new readings with");
+                if let Some(key) = committed.batch {
+                    self.detectors.queued.lock().expect("queued batches").remove(&key);
+                }
                 return;
             }
         };
         metrics::counter!("smartfarm_inference_batches_scored_total").increment(1);
+        let mut failed = false;
         for span in &committed.series {
             match self.score_span(committed.farm_id, span, &model, epoch).await {
                 Ok(found) => metrics::counter!("smartfarm_inference_anomalies_detected_total").increment(found as u64),
                 Err(error) => {
+                    failed = true;
                     tracing::warn!(device_id = %span.device_id, metric = %span.metric, %error, "cannot score new readings")
                 }
             }
+        }
+        // A batch that failed stays listed: the late scorer tries it again (the database may be back by then).
+        if let Some(key) = committed.batch {
+            if !failed {
+                self.confirm_scored(key).await;
+            }
+            self.detectors.queued.lock().expect("queued batches").remove(&key);
         }
     }
 
@@ -663,6 +775,7 @@ mod tests {
             readings,
             aggregates: Vec::new(),
             receive_time: smartfarm_core::time::now(),
+            score_later: false,
         };
         let telemetry = test.database.telemetry();
         telemetry.commit_batch(&batch, &[]).await.unwrap();

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use smartfarm_bus::{Bus, Event, ImageStored, Job, ReadingsCommitted, SeriesSpan, SpanReadings};
 use smartfarm_core::Principal;
+use smartfarm_core::batch::BatchKey;
 use smartfarm_core::config::{InferenceConfig, PostgresConfig};
 use smartfarm_core::time::to_timestamp;
 use smartfarm_inference::{InferenceApi, Stores};
@@ -29,7 +30,7 @@ use smartfarm_store::image::{ImageRecord, ThumbnailState};
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::telemetry::{
     BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
-    StoredReading, TelemetryStore,
+    StoredReading, TelemetryStore, UnscoredBatch,
 };
 use smartfarm_store::{Database, blob};
 
@@ -101,6 +102,20 @@ impl TelemetryStore for NotingReads {
     async fn align_rollups(&self, widths: &[Duration]) -> smartfarm_core::Result<RollupsAligned> {
         self.store.align_rollups(widths).await
     }
+
+    async fn claim_unscored(
+        &self,
+        received_before: SystemTime,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> smartfarm_core::Result<Vec<UnscoredBatch>> {
+        self.store.claim_unscored(received_before, now, lease, limit).await
+    }
+
+    async fn forget_unscored(&self, keys: &[BatchKey]) -> smartfarm_core::Result<()> {
+        self.store.forget_unscored(keys).await
+    }
 }
 
 struct Setup {
@@ -139,6 +154,10 @@ async fn serve(api: InferenceApi, principal: Principal) -> Client {
 }
 
 async fn setup() -> Setup {
+    setup_with(InferenceConfig::default()).await
+}
+
+async fn setup_with(settings: InferenceConfig) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let database =
         Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
@@ -175,7 +194,7 @@ async fn setup() -> Setup {
         models: database.models(),
         blobs,
     };
-    let api = InferenceApi::new(stores, bus.clone(), InferenceConfig::default());
+    let api = InferenceApi::new(stores, bus.clone(), settings);
     api.ensure_builtin_models().await.unwrap();
     tokio::spawn(api.clone().run_pipeline());
     let admin = serve(api.clone(), Principal::Admin { api_key_id: Uuid::now_v7() }).await;
@@ -439,6 +458,7 @@ async fn score_as_committed(
             readings: part.to_vec(),
             aggregates: Vec::new(),
             receive_time: SystemTime::now(),
+            score_later: false,
         };
         if !(readings_in_the_events && index == 2) {
             telemetry.commit_batch(&batch, &[]).await.unwrap();
@@ -457,6 +477,7 @@ async fn score_as_committed(
             scored_where_committed: true,
             handed_out: false,
             published_here: true,
+            batch: None,
         }));
         if between == Between::MissedEvents && index == 1 {
             // Once the second batch is scored, more events than the bus holds for a subscriber, at once: the
@@ -483,6 +504,7 @@ async fn score_as_committed(
                 scored_where_committed: true,
                 handed_out: false,
                 published_here: false,
+                batch: None,
             }));
         }
     }
@@ -551,6 +573,101 @@ async fn after_missed_events_the_context_is_read_again() {
     let mut stretches: Vec<SystemTime> = announced.iter().map(|anomaly| anomaly.start_time).collect();
     stretches.dedup();
     assert_eq!(stretches.len(), announced.len(), "each stretch announced once: {announced:#?}");
+}
+
+/// A committed batch whose announcement was lost (the process that committed it died before publishing it) is
+/// scored late, from the list its commit wrote, and each batch leaves the list once scored: the two announced ones
+/// by the pipeline as they came (the late scorer leaves them to it while they wait in its queue), the lost one by
+/// the late scorer. The lost batch is committed once the first two are scored, so the detector is the one the
+/// other tests fit (on the first batch).
+#[tokio::test]
+async fn a_batch_whose_announcement_was_lost_is_scored_late() {
+    let late_scoring_after = Duration::from_secs(1);
+    let setup = setup_with(InferenceConfig { late_scoring_after, ..InferenceConfig::default() }).await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
+    let rows: Vec<ReadingRow> = series
+        .times
+        .iter()
+        .zip(&series.values)
+        .enumerate()
+        .map(|(i, (&t, &value))| ReadingRow {
+            sequence: i as u64 + 1,
+            device_id: setup.sensor,
+            metric: "latency".into(),
+            value,
+            measure_time: at(t),
+        })
+        .collect();
+    let split = rows.len() * 3 / 10;
+    let third = series.times.partition_point(|&t| t < nab::parse_time("2014-03-18 22:53:00").unwrap());
+    let spool_id = Uuid::now_v7();
+    let telemetry = setup.database.telemetry();
+    // Nothing is listed for scoring any more (polled for up to two minutes: the first fit can take a while). The
+    // check's own claim lasts no time, so a batch it sees stays claimable for the next look.
+    let nothing_listed = || async {
+        for _ in 0..1200 {
+            let later = SystemTime::now() + Duration::from_secs(3600);
+            if telemetry.claim_unscored(later, later, Duration::ZERO, 10).await.unwrap().is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    let mut events = setup.bus.subscribe();
+    for (index, part) in [&rows[..split], &rows[split..third], &rows[third..]].into_iter().enumerate() {
+        if index == 2 {
+            assert!(nothing_listed().await, "the announced batches were not confirmed scored");
+        }
+        let batch = EdgeBatch {
+            gateway_id: setup.gateway,
+            spool_id,
+            farm_id: setup.farm_id,
+            first_sequence: part[0].sequence,
+            last_sequence: part[part.len() - 1].sequence,
+            readings: part.to_vec(),
+            aggregates: Vec::new(),
+            receive_time: SystemTime::now(),
+            score_later: true,
+        };
+        telemetry.commit_batch(&batch, &[]).await.unwrap();
+        if index == 2 {
+            break;
+        }
+        let key = BatchKey { gateway_id: setup.gateway, spool_id, last_sequence: batch.last_sequence };
+        setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
+            farm_id: setup.farm_id,
+            series: vec![SeriesSpan {
+                device_id: setup.sensor,
+                metric: "latency".into(),
+                first_time: part[0].measure_time,
+                last_time: part[part.len() - 1].measure_time,
+                readings: Some(SpanReadings(part.iter().map(|row| (row.measure_time, row.value)).collect())),
+            }],
+            scored_where_committed: true,
+            handed_out: false,
+            published_here: true,
+            batch: Some(key),
+        }));
+    }
+    // The lost batch's anomaly, announced once it is scored late (the first batch's fit can take a while).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut announced = Vec::new();
+    let in_the_third = |anomaly: &&smartfarm_bus::AnomalyDetected| anomaly.start_time >= rows[third].measure_time;
+    while !announced.iter().any(|anomaly| in_the_third(&anomaly)) {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(Event::AnomalyDetected(anomaly))) => announced.push(anomaly),
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(_)) | Err(_) => panic!("the batch whose announcement was lost was not scored: {announced:#?}"),
+        }
+    }
+    assert_eq!(announced.iter().filter(in_the_third).count(), 1, "{announced:#?}");
+    // It was read back from the database: the late scorer has no readings but the stored ones.
+    let reads = setup.reads.lock().unwrap().clone();
+    let past_its_end = rows[rows.len() - 1].measure_time + Duration::from_micros(1);
+    assert!(reads.iter().any(|read| read.end == past_its_end), "{reads:#?}");
+    assert!(nothing_listed().await, "the batch scored late is still listed for scoring");
 }
 
 #[tokio::test]

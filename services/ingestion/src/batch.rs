@@ -209,6 +209,8 @@ pub fn decode(
         readings,
         aggregates,
         receive_time,
+        // Set by the link, which knows whether anything scores its commits.
+        score_later: false,
     };
     Ok((batch, dropped))
 }

@@ -42,6 +42,9 @@ pub struct IngestionApi {
     /// This process runs the inference pipeline, which scores what this process commits (see
     /// [`IngestionApi::with_scoring_here`]).
     scoring_here: bool,
+    /// Something scores committed readings (this process or another replica): each commit lists its batch for
+    /// scoring, so that one whose announcement is lost is scored late (see [`IngestionApi::with_batches_listed`]).
+    batches_listed: bool,
     /// Which model versions serve: pushed to agents so they run the same plant-disease model.
     models: Option<Arc<dyn ModelStore>>,
     /// The farms' rules (pushed to agents and evaluated on committed readings) and their alerts (raised by agents
@@ -69,6 +72,7 @@ impl IngestionApi {
             settings: Arc::new(settings),
             bus: None,
             scoring_here: false,
+            batches_listed: false,
             models: None,
             alerts: None,
             commands: None,
@@ -88,6 +92,15 @@ impl IngestionApi {
     /// also handed out as work, to one of the replicas that run the inference role.
     pub fn with_scoring_here(mut self, scoring_here: bool) -> Self {
         self.scoring_here = scoring_here;
+        self
+    }
+
+    /// Says that the inference role scores committed readings (here or on other replicas): each commit then also
+    /// lists its batch among those still to score, in the same transaction, and the scorer confirms it. A batch
+    /// whose announcement was lost (the process died or stopped first, or its pipeline fell behind) is so scored
+    /// late rather than never. Leave it off when nothing scores: the list would only grow until retention.
+    pub fn with_batches_listed(mut self, listed: bool) -> Self {
+        self.batches_listed = listed;
         self
     }
 

@@ -21,6 +21,7 @@ use tonic::{Status, Streaming};
 use uuid::Uuid;
 
 use smartfarm_bus::{Event, Job, ReadingsCommitted, SeriesSpan, SpanReadings};
+use smartfarm_core::batch::BatchKey;
 use smartfarm_core::{Error, Result, time};
 use smartfarm_proto::device::v1::DeviceKind as ProtoKind;
 use smartfarm_proto::ingestion::v1 as pb;
@@ -513,6 +514,7 @@ async fn commit_in_order(
                 Err(_) => break,
             }
         }
+        group.score_later = api.batches_listed;
         let outcome = api.telemetry.commit_batch(&group, &api.settings.rollup_widths).await?;
         drop(permits);
         // A group is a duplicate as a whole or not at all: a batch resent after a reconnect together with new ones
@@ -558,6 +560,12 @@ async fn commit_in_order(
         // once, in sequence order, and the readings are announced with their series for scoring. Off the async
         // workers: sorting and evaluating tens of thousands of readings must not hold up the agent's alerts.
         if !duplicate {
+            // As the store listed it: only a commit that wrote readings is scored.
+            let listed = (group.score_later && !group.readings.is_empty()).then_some(BatchKey {
+                gateway_id: group.gateway_id,
+                spool_id: group.spool_id,
+                last_sequence: group.last_sequence,
+            });
             let (rules, readings, farm_id) = (rules.clone(), group.readings, group.farm_id);
             let series = tokio::task::spawn_blocking(move || {
                 urgent::evaluate_committed(&rules, &readings);
@@ -572,6 +580,7 @@ async fn commit_in_order(
                     scored_where_committed: api.scoring_here,
                     handed_out: !api.scoring_here,
                     published_here: true,
+                    batch: listed,
                 };
                 // Without the inference role here, the batch is handed to one of the replicas that run it. The
                 // announcement goes to all: what they kept of these series no longer ends where the series do.
@@ -658,6 +667,7 @@ mod tests {
             readings: vec![reading],
             aggregates: Vec::new(),
             receive_time: time::now(),
+            score_later: false,
         };
         let permit = api.commit_permits.clone().acquire_owned().await.unwrap();
         let (ready, in_order) = mpsc::channel(1);

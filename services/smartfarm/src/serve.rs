@@ -150,6 +150,7 @@ async fn services_for(
                 .with_scoring_here(
                     config.target.roles().contains(&Role::Inference) && config.inference.score_new_readings,
                 )
+                .with_batches_listed(config.inference.score_new_readings)
                 .with_models(database.models())
                 .with_alerts(database.alerts())
                 .with_commands(database.commands());

@@ -45,6 +45,11 @@ pub const SQLITE: &[Migration] = &[
         name: "reading_series",
         sql: include_str!("../migrations/sqlite/0010_reading_series.sql"),
     },
+    Migration {
+        version: 11,
+        name: "unscored_batches",
+        sql: include_str!("../migrations/sqlite/0011_unscored_batches.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -78,6 +83,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 10,
         name: "reading_series",
         sql: include_str!("../migrations/postgres/0010_reading_series.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "unscored_batches",
+        sql: include_str!("../migrations/postgres/0011_unscored_batches.sql"),
     },
 ];
 

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
-use smartfarm_core::Result;
+use smartfarm_core::batch::BatchKey;
+use smartfarm_core::{Error, Result};
 
 /// What [`TelemetryStore::align_rollups`] changed, in seconds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,6 +57,29 @@ pub struct EdgeBatch {
     pub aggregates: Vec<AggregateRow>,
     /// When the cloud received the batch; stored with every row.
     pub receive_time: SystemTime,
+    /// The inference role scores the readings: the commit also lists the batch among those still to score (see
+    /// [`TelemetryStore::claim_unscored`]), until a scorer confirms it.
+    pub score_later: bool,
+}
+
+/// A device's metric in a committed batch, with the first and last measurement time (as stored) it added.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchSeries {
+    pub device_id: Uuid,
+    pub metric: String,
+    pub first_time: SystemTime,
+    pub last_time: SystemTime,
+}
+
+/// A committed batch that no scorer has confirmed yet, claimed by a late scorer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnscoredBatch {
+    pub key: BatchKey,
+    pub farm_id: Uuid,
+    pub series: Vec<BatchSeries>,
+    pub receive_time: SystemTime,
+    /// Late scorings begun, this one included.
+    pub attempts: u32,
 }
 
 /// What committing a batch did.
@@ -183,6 +207,84 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// since. Raw readings past their retention are gone, so a new width covers what is still kept. Returns the
     /// widths added and dropped.
     async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned>;
+
+    /// Batches committed with `score_later` that no scorer has confirmed ([`TelemetryStore::forget_unscored`]),
+    /// received before `received_before` and not claimed at `now` (never, or the claim has ended), oldest first, at
+    /// most `limit`. Each is claimed until `now + lease`, so no other caller takes it meanwhile, and its attempts
+    /// counted. Retention deletes those older than the raw readings kept.
+    async fn claim_unscored(
+        &self,
+        received_before: SystemTime,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<UnscoredBatch>>;
+
+    /// Confirms that these batches were scored (or given up): they leave the list. Unknown keys are ignored.
+    async fn forget_unscored(&self, keys: &[BatchKey]) -> Result<()>;
+}
+
+/// Each device's metric in `readings` with the first and last measurement time as stored (microseconds), for the
+/// list of batches to score.
+pub(crate) fn batch_series(readings: &[&ReadingRow]) -> Vec<BatchSeries> {
+    let mut spans: BTreeMap<(Uuid, &str), (SystemTime, SystemTime)> = BTreeMap::new();
+    for reading in readings {
+        let time = smartfarm_core::time::from_unix_micros(smartfarm_core::time::to_unix_micros(reading.measure_time));
+        spans
+            .entry((reading.device_id, reading.metric.as_str()))
+            .and_modify(|(first, last)| {
+                *first = (*first).min(time);
+                *last = (*last).max(time);
+            })
+            .or_insert((time, time));
+    }
+    spans
+        .into_iter()
+        .map(|((device_id, metric), (first_time, last_time))| BatchSeries {
+            device_id,
+            metric: metric.to_string(),
+            first_time,
+            last_time,
+        })
+        .collect()
+}
+
+/// `series` as stored in the list of batches to score: `[{"device_id", "metric", "first", "last"}]`, times in
+/// microseconds since the epoch.
+pub(crate) fn series_to_json(series: &[BatchSeries]) -> serde_json::Value {
+    series
+        .iter()
+        .map(|span| {
+            serde_json::json!({
+                "device_id": span.device_id.to_string(),
+                "metric": span.metric,
+                "first": smartfarm_core::time::to_unix_micros(span.first_time),
+                "last": smartfarm_core::time::to_unix_micros(span.last_time),
+            })
+        })
+        .collect()
+}
+
+/// The reverse of [`series_to_json`].
+pub(crate) fn series_from_json(value: &serde_json::Value) -> Result<Vec<BatchSeries>> {
+    let bad = || Error::Internal { context: "a stored batch's series list is malformed".into(), source: None };
+    value
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|span| {
+            let device_id = span["device_id"].as_str().and_then(|id| Uuid::try_parse(id).ok()).ok_or_else(bad)?;
+            let metric = span["metric"].as_str().ok_or_else(bad)?.to_string();
+            let first = span["first"].as_i64().ok_or_else(bad)?;
+            let last = span["last"].as_i64().ok_or_else(bad)?;
+            Ok(BatchSeries {
+                device_id,
+                metric,
+                first_time: smartfarm_core::time::from_unix_micros(first),
+                last_time: smartfarm_core::time::from_unix_micros(last),
+            })
+        })
+        .collect()
 }
 
 /// Sums a batch's readings per (width, device, metric, bucket start in seconds), for the rollup upserts.

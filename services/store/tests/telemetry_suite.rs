@@ -2,11 +2,13 @@
 
 use std::time::{Duration, SystemTime};
 
+use smartfarm_core::batch::BatchKey;
 use smartfarm_core::config::PostgresConfig;
 use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::telemetry::{
-    AggregateRow, BatchOutcome, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
+    AggregateRow, BatchOutcome, BatchSeries, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention,
+    RollupsAligned,
 };
 use smartfarm_store::testing::TestDatabase as Harness;
 use smartfarm_store::{Database, RegistryStore};
@@ -66,6 +68,7 @@ fn batch(farm: &Farm, first: u64, last: u64, readings: Vec<ReadingRow>) -> EdgeB
         readings,
         aggregates: Vec::new(),
         receive_time: SystemTime::now(),
+        score_later: false,
     }
 }
 
@@ -381,6 +384,75 @@ async fn a_new_rollup_width_starts_complete(database: &Database) {
     assert_eq!(from_rollup, from_raw);
 }
 
+/// A commit that asks for it lists its batch for scoring, with each series' span of what it wrote (above the mark);
+/// a claim takes what arrived before the given time and holds it for the lease, counting attempts; a confirmed
+/// batch leaves the list; retention drops what is older than the raw readings kept.
+async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
+    let (registry, telemetry) = (database.registry(), database.telemetry());
+    let farm = farm(&*registry, "scoring list").await;
+    let [a, b] = farm.sensors;
+    let received = SystemTime::now();
+    let key = |last_sequence| BatchKey { gateway_id: farm.gateway, spool_id: farm.spool, last_sequence };
+    let minute = Duration::from_secs(60);
+    let later = received + minute;
+
+    let unlisted =
+        batch(&farm, 1, 2, vec![reading(1, a, "temperature", 1.0, 10), reading(2, a, "temperature", 2.0, 20)]);
+    telemetry.commit_batch(&unlisted, &[]).await.unwrap();
+    assert!(telemetry.claim_unscored(later, later, minute, 10).await.unwrap().is_empty(), "not asked to list it");
+
+    // Overlapping the mark: only sequences 3 to 5 are written, and listed.
+    let rows = vec![
+        reading(2, a, "temperature", 2.0, 20),
+        reading(3, b, "humidity", 50.0, 40),
+        reading(4, a, "temperature", 3.0, 35),
+        reading(5, b, "humidity", 51.0, 30),
+    ];
+    let listed = EdgeBatch { score_later: true, receive_time: received, ..batch(&farm, 2, 5, rows) };
+    telemetry.commit_batch(&listed, &[]).await.unwrap();
+    assert_eq!(telemetry.commit_batch(&listed, &[]).await.unwrap(), BatchOutcome::Duplicate);
+    let only_aggregates = EdgeBatch { score_later: true, ..batch(&farm, 6, 6, vec![]) };
+    telemetry.commit_batch(&only_aggregates, &[]).await.unwrap();
+
+    assert!(
+        telemetry.claim_unscored(received, later, minute, 10).await.unwrap().is_empty(),
+        "only what arrived before the given time is claimed"
+    );
+    let claimed = telemetry.claim_unscored(later, later, minute, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1, "one listed batch: a commit without readings is not listed");
+    let claim = &claimed[0];
+    assert_eq!((claim.key, claim.farm_id, claim.attempts), (key(5), farm.id, 1));
+    let mut expected = vec![
+        BatchSeries { device_id: a, metric: "temperature".into(), first_time: at(35), last_time: at(35) },
+        BatchSeries { device_id: b, metric: "humidity".into(), first_time: at(30), last_time: at(40) },
+    ];
+    expected.sort_by_key(|span| (span.device_id, span.metric.clone()));
+    let mut series = claim.series.clone();
+    series.sort_by_key(|span| (span.device_id, span.metric.clone()));
+    assert_eq!(series, expected);
+
+    assert!(
+        telemetry.claim_unscored(later, later + minute / 2, minute, 10).await.unwrap().is_empty(),
+        "a claimed batch is left alone while the claim lasts"
+    );
+    let again = telemetry.claim_unscored(later, later + minute, minute, 10).await.unwrap();
+    assert_eq!(again.iter().map(|batch| (batch.key, batch.attempts)).collect::<Vec<_>>(), [(key(5), 2)]);
+
+    telemetry.forget_unscored(&[key(5), key(99)]).await.unwrap();
+    assert!(telemetry.claim_unscored(later, later + 10 * minute, minute, 10).await.unwrap().is_empty(), "confirmed");
+
+    // Retention: a listed batch whose readings are past the raw retention goes with them.
+    let old = EdgeBatch {
+        score_later: true,
+        receive_time: at(100),
+        ..batch(&farm, 7, 7, vec![reading(7, a, "temperature", 4.0, 100)])
+    };
+    telemetry.commit_batch(&old, &[]).await.unwrap();
+    let retention = Retention { raw: Duration::from_secs(24 * HOUR), rollups: Duration::from_secs(24 * HOUR) };
+    telemetry.apply_retention(retention, at(100 + 48 * HOUR)).await.unwrap();
+    assert!(telemetry.claim_unscored(later, later + 10 * minute, minute, 10).await.unwrap().is_empty());
+}
+
 macro_rules! telemetry_suite {
     ($backend:ident) => {
         mod $backend {
@@ -414,6 +486,11 @@ macro_rules! telemetry_suite {
             #[tokio::test]
             async fn a_new_rollup_width_starts_complete() {
                 super::a_new_rollup_width_starts_complete(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn batches_are_listed_for_scoring_until_confirmed() {
+                super::batches_are_listed_for_scoring_until_confirmed(&Harness::$backend().await.database).await;
             }
         }
     };

@@ -15,10 +15,12 @@ use smartfarm_core::time::{from_unix_micros, to_unix_micros};
 use smartfarm_core::{Error, Result};
 
 use super::{PostgresStore, pg_error, sql_count};
+use smartfarm_core::batch::BatchKey;
+
 use crate::telemetry::{
     BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
-    StoredReading, TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments,
-    usable_rollup,
+    StoredReading, TelemetryStore, UnscoredBatch, batch_series, bucket_bounds, latest_per_series, merge_edge_buckets,
+    rollup_increments, series_from_json, series_to_json, usable_rollup,
 };
 
 /// How the readings table is laid out, read from the catalog once.
@@ -322,13 +324,28 @@ impl PostgresStore {
                 .map_err(pg_error("update latest readings"))?;
         }
 
-        transaction
-            .execute(
-                "UPDATE edge_streams SET committed_sequence = $3, update_time = $4 WHERE gateway_id = $1 AND spool_id = $2",
-                &[&batch.gateway_id, &batch.spool_id, &(batch.last_sequence as i64), &batch.receive_time],
-            )
-            .await
-            .map_err(pg_error("move the edge mark"))?;
+        let last_sequence = batch.last_sequence as i64;
+        let mark: [&(dyn ToSql + Sync); 4] = [&batch.gateway_id, &batch.spool_id, &last_sequence, &batch.receive_time];
+        let moved = transaction.execute(
+            "UPDATE edge_streams SET committed_sequence = $3, update_time = $4 WHERE gateway_id = $1 AND spool_id = $2",
+            &mark,
+        );
+        if batch.score_later && !readings.is_empty() {
+            // Pipelined with the mark's move: one round trip for both.
+            let series = series_to_json(&batch_series(&readings));
+            let listing: [&(dyn ToSql + Sync); 6] =
+                [&batch.gateway_id, &batch.spool_id, &last_sequence, &batch.farm_id, &series, &batch.receive_time];
+            let listed = transaction.execute(
+                "INSERT INTO unscored_batches (gateway_id, spool_id, last_sequence, farm_id, series, receive_time)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &listing,
+            );
+            let (moved, listed) = tokio::join!(moved, listed);
+            moved.map_err(pg_error("move the edge mark"))?;
+            listed.map_err(pg_error("list the batch for scoring"))?;
+        } else {
+            moved.await.map_err(pg_error("move the edge mark"))?;
+        }
         transaction.commit().await.map_err(pg_error("commit batch"))?;
         Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len(), above: committed })
     }
@@ -747,7 +764,74 @@ impl TelemetryStore for PostgresStore {
             .execute("DELETE FROM reading_rollups WHERE bucket + make_interval(secs => width) <= $1", &[&rollup_cutoff])
             .await
             .map_err(pg_error("delete expired rollups"))?;
+        // Their readings are gone: nothing is left to score.
+        client
+            .execute("DELETE FROM unscored_batches WHERE receive_time <= $1", &[&raw_cutoff])
+            .await
+            .map_err(pg_error("delete expired batches to score"))?;
         Ok(deleted)
+    }
+
+    async fn claim_unscored(
+        &self,
+        received_before: SystemTime,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<UnscoredBatch>> {
+        let client = self.client().await?;
+        let claimed_until = now + lease;
+        let limit = sql_count(limit);
+        // SKIP LOCKED: replicas claiming at once each take other batches.
+        let rows = client
+            .query(
+                "UPDATE unscored_batches u SET claimed_until = $3, attempts = u.attempts + 1
+                 FROM (SELECT gateway_id, spool_id, last_sequence FROM unscored_batches
+                       WHERE receive_time < $1 AND (claimed_until IS NULL OR claimed_until <= $2)
+                       ORDER BY receive_time LIMIT $4 FOR UPDATE SKIP LOCKED) c
+                 WHERE (u.gateway_id, u.spool_id, u.last_sequence) = (c.gateway_id, c.spool_id, c.last_sequence)
+                 RETURNING u.gateway_id, u.spool_id, u.last_sequence, u.farm_id, u.series, u.receive_time, u.attempts",
+                &[&received_before, &now, &claimed_until, &limit],
+            )
+            .await
+            .map_err(pg_error("claim batches to score"))?;
+        let mut batches = rows
+            .iter()
+            .map(|row| {
+                Ok(UnscoredBatch {
+                    key: BatchKey {
+                        gateway_id: row.get(0),
+                        spool_id: row.get(1),
+                        last_sequence: row.get::<_, i64>(2) as u64,
+                    },
+                    farm_id: row.get(3),
+                    series: series_from_json(&row.get::<_, serde_json::Value>(4))?,
+                    receive_time: row.get(5),
+                    attempts: row.get::<_, i32>(6) as u32,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        batches.sort_by_key(|batch| (batch.receive_time, batch.key.last_sequence));
+        Ok(batches)
+    }
+
+    async fn forget_unscored(&self, keys: &[BatchKey]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let gateways: Vec<Uuid> = keys.iter().map(|key| key.gateway_id).collect();
+        let spools: Vec<Uuid> = keys.iter().map(|key| key.spool_id).collect();
+        let sequences: Vec<i64> = keys.iter().map(|key| key.last_sequence as i64).collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM unscored_batches
+                 WHERE (gateway_id, spool_id, last_sequence) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]))",
+                &[&gateways, &spools, &sequences],
+            )
+            .await
+            .map_err(pg_error("confirm scored batches"))?;
+        Ok(())
     }
 
     async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned> {

@@ -9,13 +9,14 @@ use rusqlite::{OptionalExtension, Row, Transaction, params, params_from_iter, ty
 use uuid::Uuid;
 
 use smartfarm_core::Result;
+use smartfarm_core::batch::BatchKey;
 use smartfarm_core::time::{from_unix_micros, to_unix_micros};
 
 use super::{SqliteStore, sql_error};
 use crate::telemetry::{
     BatchOutcome, Bucket, EdgeBatch, ReadingCursor, ReadingFilter, ReadingRow, Retention, RollupsAligned,
-    StoredReading, TelemetryStore, bucket_bounds, latest_per_series, merge_edge_buckets, rollup_increments,
-    usable_rollup,
+    StoredReading, TelemetryStore, UnscoredBatch, batch_series, bucket_bounds, latest_per_series, merge_edge_buckets,
+    rollup_increments, series_from_json, series_to_json, usable_rollup,
 };
 
 /// The id of a metric name, interning it if new.
@@ -248,6 +249,22 @@ impl TelemetryStore for SqliteStore {
                     params![gateway, spool, farm, batch.last_sequence as i64, receive],
                 )
                 .map_err(sql_error("move the edge mark"))?;
+            if batch.score_later && !readings.is_empty() {
+                transaction
+                    .execute(
+                        "INSERT INTO unscored_batches (gateway_id, spool_id, last_sequence, farm_id, series, receive_time)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                        params![
+                            gateway,
+                            spool,
+                            batch.last_sequence as i64,
+                            farm,
+                            series_to_json(&batch_series(&readings)).to_string(),
+                            receive
+                        ],
+                    )
+                    .map_err(sql_error("list the batch for scoring"))?;
+            }
             transaction.commit().map_err(sql_error("commit batch"))?;
             Ok(BatchOutcome::Committed { readings: readings.len(), aggregates: aggregates.len(), above: committed })
         })
@@ -416,8 +433,90 @@ impl TelemetryStore for SqliteStore {
             transaction
                 .execute("DELETE FROM reading_rollups WHERE bucket + width * 1000000 <= ?1", [rollup_cutoff])
                 .map_err(sql_error("delete expired rollups"))?;
+            // Their readings are gone: nothing is left to score.
+            transaction
+                .execute("DELETE FROM unscored_batches WHERE receive_time <= ?1", [raw_cutoff])
+                .map_err(sql_error("delete expired batches to score"))?;
             transaction.commit().map_err(sql_error("commit retention"))?;
             Ok(deleted as u64)
+        })
+        .await
+    }
+
+    async fn claim_unscored(
+        &self,
+        received_before: SystemTime,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<UnscoredBatch>> {
+        let (received_before, now_micros) = (to_unix_micros(received_before), to_unix_micros(now));
+        let claimed_until = to_unix_micros(now + lease);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin a claim of batches to score"))?;
+            let rows = {
+                let mut statement = transaction
+                    .prepare(
+                        "SELECT gateway_id, spool_id, last_sequence, farm_id, series, receive_time, attempts
+                         FROM unscored_batches
+                         WHERE receive_time < ?1 AND (claimed_until IS NULL OR claimed_until <= ?2)
+                         ORDER BY receive_time, last_sequence LIMIT ?3",
+                    )
+                    .map_err(sql_error("prepare the claim of batches to score"))?;
+                let rows = statement
+                    .query_map(params![received_before, now_micros, limit], |row| {
+                        Ok((
+                            uuid_text(row, 0)?,
+                            uuid_text(row, 1)?,
+                            row.get::<_, i64>(2)?,
+                            uuid_text(row, 3)?,
+                            row.get::<_, String>(4)?,
+                            row.get::<_, i64>(5)?,
+                            row.get::<_, i64>(6)?,
+                        ))
+                    })
+                    .map_err(sql_error("read batches to score"))?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql_error("read a batch to score"))?
+            };
+            let mut batches = Vec::with_capacity(rows.len());
+            for (gateway, spool, last_sequence, farm, series, receive_time, attempts) in rows {
+                transaction
+                    .execute(
+                        "UPDATE unscored_batches SET claimed_until = ?4, attempts = attempts + 1
+                         WHERE gateway_id = ?1 AND spool_id = ?2 AND last_sequence = ?3",
+                        params![gateway.to_string(), spool.to_string(), last_sequence, claimed_until],
+                    )
+                    .map_err(sql_error("claim a batch to score"))?;
+                let series: serde_json::Value = serde_json::from_str(&series)
+                    .map_err(|error| smartfarm_core::Error::internal("read a stored batch's series list", error))?;
+                batches.push(UnscoredBatch {
+                    key: BatchKey { gateway_id: gateway, spool_id: spool, last_sequence: last_sequence as u64 },
+                    farm_id: farm,
+                    series: series_from_json(&series)?,
+                    receive_time: from_unix_micros(receive_time),
+                    attempts: attempts as u32 + 1,
+                });
+            }
+            transaction.commit().map_err(sql_error("commit a claim of batches to score"))?;
+            Ok(batches)
+        })
+        .await
+    }
+
+    async fn forget_unscored(&self, keys: &[BatchKey]) -> Result<()> {
+        let keys = keys.to_vec();
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin confirming scored batches"))?;
+            for key in keys {
+                transaction
+                    .execute(
+                        "DELETE FROM unscored_batches WHERE gateway_id = ?1 AND spool_id = ?2 AND last_sequence = ?3",
+                        params![key.gateway_id.to_string(), key.spool_id.to_string(), key.last_sequence as i64],
+                    )
+                    .map_err(sql_error("confirm a scored batch"))?;
+            }
+            transaction.commit().map_err(sql_error("commit confirming scored batches"))
         })
         .await
     }
