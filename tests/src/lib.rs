@@ -218,6 +218,17 @@ impl Cloud {
     pub async fn http_get(&self, path: &str) -> String {
         http_get(self.addr, path).await
     }
+
+    /// The value of a metric on its `/metrics` page (see [`metric_value`]).
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.http_get("/metrics").await, series)
+    }
+}
+
+/// The value of `series` (a metric's name, with its labels exactly as rendered if it has any) on a `/metrics` page;
+/// 0 when absent.
+pub fn metric_value(page: &str, series: &str) -> f64 {
+    page.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 /// A minimal HTTP/1.1 GET; returns the body (the status must be 200).

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use smartfarm_e2e::alerting::{MqttWatch, mosquitto_pub, next_alert_event};
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually};
-use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key, remove_nats_streams};
+use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key, metric_value, remove_nats_streams};
 use smartfarm_proto::alert::v1 as alert;
 use smartfarm_proto::command::v1 as command;
 use smartfarm_proto::pbjson_types;
@@ -46,11 +46,6 @@ fn leaf() -> Vec<u8> {
     let mut leaves: Vec<_> = std::fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().path()).collect();
     leaves.sort();
     std::fs::read(&leaves[0]).unwrap()
-}
-
-/// A counter's value on a `/metrics` page (0 when absent).
-fn counter(page: &str, name: &str) -> f64 {
-    page.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 fn send_request(device_id: &str, name: &str) -> command::SendCommandRequest {
@@ -144,15 +139,15 @@ async fn commands_and_alerts_cross_replicas_over_nats() {
 
     // The batch that carried the reading, committed by B, is scored by B; A hears of it and leaves it to B.
     let scored_by_b_left_by_a = || async {
-        counter(&b.http_get("/metrics").await, "smartfarm_inference_batches_scored_total") >= 1.0
-            && counter(&a.http_get("/metrics").await, "smartfarm_inference_batches_left_to_their_replica_total") >= 1.0
+        b.metric("smartfarm_inference_batches_scored_total").await >= 1.0
+            && a.metric("smartfarm_inference_batches_left_to_their_replica_total").await >= 1.0
     };
     assert!(
         eventually(Duration::from_secs(20), scored_by_b_left_by_a).await,
         "B scored its batch and A left it to B\n{}",
         a.http_get("/metrics").await
     );
-    assert_eq!(counter(&a.http_get("/metrics").await, "smartfarm_inference_batches_scored_total"), 0.0);
+    assert_eq!(a.metric("smartfarm_inference_batches_scored_total").await, 0.0);
 
     // A command A acknowledged to its caller survives A's death right after.
     let last_words = commands_a.send_command(send_request(&sensor.device_id, "close_vent")).await.unwrap();
@@ -209,9 +204,9 @@ async fn photos_and_batches_of_a_replica_without_the_inference_role_are_handled_
     // B handed each out as work; A and C scored each once between them, and each left B's announcement alone.
     let tally = || async {
         let (a, b, c) = (a.http_get("/metrics").await, b.http_get("/metrics").await, c.http_get("/metrics").await);
-        let scored = |page: &str| counter(page, "smartfarm_inference_batches_scored_total");
-        let left = |page: &str| counter(page, "smartfarm_inference_batches_left_to_their_replica_total");
-        (counter(&b, "smartfarm_ingest_batches_handed_out_total"), scored(&a), scored(&c), left(&a), left(&c))
+        let scored = |page: &str| metric_value(page, "smartfarm_inference_batches_scored_total");
+        let left = |page: &str| metric_value(page, "smartfarm_inference_batches_left_to_their_replica_total");
+        (metric_value(&b, "smartfarm_ingest_batches_handed_out_total"), scored(&a), scored(&c), left(&a), left(&c))
     };
     let all_scored = || async {
         let (handed_out, by_a, by_c, left_by_a, left_by_c) = tally().await;
@@ -225,12 +220,12 @@ async fn photos_and_batches_of_a_replica_without_the_inference_role_are_handled_
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (handed_out, by_a, by_c, _, _) = tally().await;
     assert_eq!(by_a + by_c, handed_out, "nothing was scored twice (A {by_a}, C {by_c})");
-    assert_eq!(counter(&b.http_get("/metrics").await, "smartfarm_inference_batches_scored_total"), 0.0);
+    assert_eq!(b.metric("smartfarm_inference_batches_scored_total").await, 0.0);
 
     // A photo stored by B is diagnosed by A or C, not both.
     smartfarm_edge::sim::drop_photos(&camera_dir, &[("leaf.jpg", &leaf())]).unwrap();
     let diagnosed = || async {
-        let diagnosed = |page: String| counter(&page, "smartfarm_inference_images_diagnosed_total");
+        let diagnosed = |page: String| metric_value(&page, "smartfarm_inference_images_diagnosed_total");
         (diagnosed(a.http_get("/metrics").await), diagnosed(c.http_get("/metrics").await))
     };
     assert!(

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use smartfarm_e2e::alerting::mosquitto_pub;
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually, readings_per_device, tally};
 use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
 use smartfarm_edge::sim::{self, METRICS_PER_MESSAGE, RunOptions};
@@ -318,4 +319,42 @@ async fn uploads_wait_for_the_interval_unless_the_spool_passes_its_threshold() {
     );
     edge.stop().await;
     cloud.stop().await;
+}
+
+/// Batches committed while nothing scored them (a cloud without the inference role, killed afterwards: their
+/// announcements are gone with it) are scored by the next cloud that runs the role, from the list their commits
+/// wrote, each once. On SQLite, the embedded default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_nobody_scored_are_scored_late_by_the_next_cloud() {
+    let data = CloudData::new(Backend::Sqlite).await;
+    let ingesting =
+        Cloud::start(&data, CloudOptions { target: Some("device,ingestion".into()), ..Default::default() }).await;
+    let fleet = Fleet::register(&ingesting, &bootstrap_admin_key(&data), "late scoring", 1).await;
+    let sensor = fleet.sensors[0].clone();
+    let edge = Edge::start(&edge_options(&ingesting, &fleet, &data, "upload_interval = \"1s\"\n")).await;
+    edge.wait_for_registry(2).await;
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    for value in [20, 21, 22] {
+        let acked_before = edge.metric("smartfarm_edge_batches_acked_total").await;
+        let payload = format!(r#"{{"metrics": {{"temperature": {value}}}}}"#);
+        mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, &payload).await;
+        let acked = || async { edge.metric("smartfarm_edge_batches_acked_total").await > acked_before };
+        assert!(eventually(Duration::from_secs(20), acked).await, "the batch was committed\n{}", ingesting.log());
+    }
+    // Without the role here, each batch was handed out on the in-process bus, where nobody takes it.
+    let committed = ingesting.metric("smartfarm_ingest_batches_handed_out_total").await;
+    assert!(committed >= 3.0, "{committed} batches committed");
+    edge.stop().await;
+    ingesting.kill9().await;
+
+    let config = "[inference]\nlate_scoring_after = \"1s\"\n".to_string();
+    let scoring = Cloud::start(&data, CloudOptions { config: Some(config), ..Default::default() }).await;
+    let late = || async { scoring.metric("smartfarm_inference_late_batches_total").await };
+    let all_late = || async { late().await >= committed };
+    assert!(eventually(Duration::from_secs(60), all_late).await, "{} of {committed}\n{}", late().await, scoring.log());
+    // Each once: confirmed scored, they left the list.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(late().await, committed);
+    assert_eq!(scoring.metric("smartfarm_inference_batches_scored_total").await, committed);
+    scoring.stop().await;
 }
