@@ -366,6 +366,10 @@ impl InferenceApi {
                     }
                 };
             for batch in claimed {
+                // A stopping process leaves the rest to the next claim after this one's lease.
+                if *shutdown.borrow() >= Shutdown::Draining {
+                    return;
+                }
                 if self.detectors.queued.lock().expect("queued batches").contains(&batch.key) {
                     continue;
                 }

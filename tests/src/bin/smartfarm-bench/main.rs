@@ -235,17 +235,30 @@ async fn ingest(readings: u64, devices: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let pipeline = readings as f64 / started.elapsed().as_secs_f64();
+    // How far scoring is behind the commits when they end, and a while later (the baselines' run): batches the
+    // pipeline skipped (its queue was full) stay listed until they are scored late.
+    let left_to_score = || async {
+        client.query_one("SELECT count(*) FROM unscored_batches", &[]).await.map(|row| row.get::<_, i64>(0))
+    };
+    let left_at_drain_end = left_to_score().await?;
     edge.stop().await;
 
     let baseline_after = raw_copy(&url, &fleet, readings, devices, base, 20_000_000_000).await?;
     let baseline = (baseline_before + baseline_after) / 2.0;
     let server_side = server_side_copy(&client, readings).await?;
+    let scoring = serde_json::json!({
+        "batches_left_to_score_at_drain_end": left_at_drain_end,
+        "batches_left_to_score_after_the_baselines": left_to_score().await?,
+        "batches_scored": cloud.metric("smartfarm_inference_batches_scored_total").await,
+        "events_missed": cloud.metric("smartfarm_inference_events_missed_total").await,
+    });
     emit(serde_json::json!({
         "benchmark": "ingest", "machine": machine(), "readings": readings, "devices": devices,
         "pipeline_readings_per_second": pipeline.round(), "raw_copy_rows_per_second": baseline.round(),
         "raw_copy_before": baseline_before.round(), "raw_copy_after": baseline_after.round(),
         "server_side_copy_rows_per_second": server_side.round(),
         "ratio": (pipeline / baseline * 100.0).round() / 100.0,
+        "scoring": scoring,
     }));
     cloud.stop().await;
     Ok(())
