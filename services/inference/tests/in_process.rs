@@ -412,6 +412,65 @@ where
     false
 }
 
+/// `series` as the sensor's readings (sequence numbers from 1), and where the second and the third of the three
+/// batches the pipeline tests commit begin: the first 30 % teaches the detector what normal is; the second ends in
+/// the middle of the stretch the detector finds in the second labelled window (22:51 to 22:56 on 2014-03-18), and
+/// the third begins at 22:53.
+fn three_batches(setup: &Setup, series: &nab::NabSeries) -> (Vec<ReadingRow>, usize, usize) {
+    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
+    let rows: Vec<ReadingRow> = series
+        .times
+        .iter()
+        .zip(&series.values)
+        .enumerate()
+        .map(|(i, (&t, &value))| ReadingRow {
+            sequence: i as u64 + 1,
+            device_id: setup.sensor,
+            metric: "latency".into(),
+            value,
+            measure_time: at(t),
+        })
+        .collect();
+    let split = rows.len() * 3 / 10;
+    let third = series.times.partition_point(|&t| t < nab::parse_time("2014-03-18 22:53:00").unwrap());
+    (rows, split, third)
+}
+
+/// `part` as one batch of the gateway's spool `spool_id`.
+fn edge_batch(setup: &Setup, spool_id: Uuid, part: &[ReadingRow], score_later: bool) -> EdgeBatch {
+    EdgeBatch {
+        gateway_id: setup.gateway,
+        spool_id,
+        farm_id: setup.farm_id,
+        first_sequence: part[0].sequence,
+        last_sequence: part[part.len() - 1].sequence,
+        readings: part.to_vec(),
+        aggregates: Vec::new(),
+        receive_time: SystemTime::now(),
+        score_later,
+    }
+}
+
+/// The announcement of `part` as the process that committed it (and scores it) publishes it, with its readings
+/// when `with_readings`.
+fn committed(setup: &Setup, part: &[ReadingRow], with_readings: bool, batch: Option<BatchKey>) -> Event {
+    let readings = with_readings.then(|| SpanReadings(part.iter().map(|row| (row.measure_time, row.value)).collect()));
+    Event::ReadingsCommitted(ReadingsCommitted {
+        farm_id: setup.farm_id,
+        series: vec![SeriesSpan {
+            device_id: setup.sensor,
+            metric: "latency".into(),
+            first_time: part[0].measure_time,
+            last_time: part[part.len() - 1].measure_time,
+            readings,
+        }],
+        scored_where_committed: true,
+        handed_out: false,
+        published_here: true,
+        batch,
+    })
+}
+
 /// Stores `series` as the sensor's readings, committed in three batches, and publishes each as committed, as the edge
 /// link does; returns the rows, where the second batch starts, and the anomalies the pipeline announced. The first
 /// batch teaches the pipeline's detector what normal is, the others are scored as they are committed. The second
@@ -428,57 +487,16 @@ async fn score_as_committed(
     readings_in_the_events: bool,
     between: Between,
 ) -> (Vec<ReadingRow>, usize, usize, Vec<smartfarm_bus::AnomalyDetected>) {
-    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
-    let rows: Vec<ReadingRow> = series
-        .times
-        .iter()
-        .zip(&series.values)
-        .enumerate()
-        .map(|(i, (&t, &value))| ReadingRow {
-            sequence: i as u64 + 1,
-            device_id: setup.sensor,
-            metric: "latency".into(),
-            value,
-            measure_time: at(t),
-        })
-        .collect();
-    let split = rows.len() * 3 / 10;
-    let inside_anomaly = series.times.partition_point(|&t| t < nab::parse_time("2014-03-18 22:53:00").unwrap());
+    let (rows, split, inside_anomaly) = three_batches(setup, series);
     let spool_id = Uuid::now_v7();
     let telemetry = setup.database.telemetry();
     let mut events = setup.bus.subscribe();
     for (index, part) in [&rows[..split], &rows[split..inside_anomaly], &rows[inside_anomaly..]].into_iter().enumerate()
     {
-        let batch = EdgeBatch {
-            gateway_id: setup.gateway,
-            spool_id,
-            farm_id: setup.farm_id,
-            first_sequence: part[0].sequence,
-            last_sequence: part[part.len() - 1].sequence,
-            readings: part.to_vec(),
-            aggregates: Vec::new(),
-            receive_time: SystemTime::now(),
-            score_later: false,
-        };
         if !(readings_in_the_events && index == 2) {
-            telemetry.commit_batch(&batch, &[]).await.unwrap();
+            telemetry.commit_batch(&edge_batch(setup, spool_id, part, false), &[]).await.unwrap();
         }
-        let readings = readings_in_the_events
-            .then(|| SpanReadings(part.iter().map(|row| (row.measure_time, row.value)).collect()));
-        setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
-            farm_id: setup.farm_id,
-            series: vec![SeriesSpan {
-                device_id: setup.sensor,
-                metric: "latency".into(),
-                first_time: part[0].measure_time,
-                last_time: part[part.len() - 1].measure_time,
-                readings,
-            }],
-            scored_where_committed: true,
-            handed_out: false,
-            published_here: true,
-            batch: None,
-        }));
+        setup.bus.publish(committed(setup, part, readings_in_the_events, None));
         if between == Between::MissedEvents && index == 1 {
             // Once the second batch is scored, more events than the bus holds for a subscriber, at once: the
             // pipeline misses some.
@@ -585,22 +603,7 @@ async fn a_batch_whose_announcement_was_lost_is_scored_late() {
     let late_scoring_after = Duration::from_secs(1);
     let setup = setup_with(InferenceConfig { late_scoring_after, ..InferenceConfig::default() }).await;
     let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
-    let at = |t: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t);
-    let rows: Vec<ReadingRow> = series
-        .times
-        .iter()
-        .zip(&series.values)
-        .enumerate()
-        .map(|(i, (&t, &value))| ReadingRow {
-            sequence: i as u64 + 1,
-            device_id: setup.sensor,
-            metric: "latency".into(),
-            value,
-            measure_time: at(t),
-        })
-        .collect();
-    let split = rows.len() * 3 / 10;
-    let third = series.times.partition_point(|&t| t < nab::parse_time("2014-03-18 22:53:00").unwrap());
+    let (rows, split, third) = three_batches(&setup, &series);
     let spool_id = Uuid::now_v7();
     let telemetry = setup.database.telemetry();
     // Nothing is listed for scoring any more (polled for up to two minutes: the first fit can take a while). The
@@ -620,36 +623,13 @@ async fn a_batch_whose_announcement_was_lost_is_scored_late() {
         if index == 2 {
             assert!(nothing_listed().await, "the announced batches were not confirmed scored");
         }
-        let batch = EdgeBatch {
-            gateway_id: setup.gateway,
-            spool_id,
-            farm_id: setup.farm_id,
-            first_sequence: part[0].sequence,
-            last_sequence: part[part.len() - 1].sequence,
-            readings: part.to_vec(),
-            aggregates: Vec::new(),
-            receive_time: SystemTime::now(),
-            score_later: true,
-        };
+        let batch = edge_batch(&setup, spool_id, part, true);
         telemetry.commit_batch(&batch, &[]).await.unwrap();
         if index == 2 {
             break;
         }
         let key = BatchKey { gateway_id: setup.gateway, spool_id, last_sequence: batch.last_sequence };
-        setup.bus.publish(Event::ReadingsCommitted(ReadingsCommitted {
-            farm_id: setup.farm_id,
-            series: vec![SeriesSpan {
-                device_id: setup.sensor,
-                metric: "latency".into(),
-                first_time: part[0].measure_time,
-                last_time: part[part.len() - 1].measure_time,
-                readings: Some(SpanReadings(part.iter().map(|row| (row.measure_time, row.value)).collect())),
-            }],
-            scored_where_committed: true,
-            handed_out: false,
-            published_here: true,
-            batch: Some(key),
-        }));
+        setup.bus.publish(committed(&setup, part, true, Some(key)));
     }
     // The lost batch's anomaly, announced once it is scored late (the first batch's fit can take a while).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
