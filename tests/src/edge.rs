@@ -199,14 +199,7 @@ impl Edge {
 
     /// The value of a metric line on /metrics (0 when absent), e.g. `smartfarm_edge_spool_dropped_records_total`.
     pub async fn metric(&self, series: &str) -> f64 {
-        let body = crate::http_get(self.metrics, "/metrics").await;
-        body.lines()
-            .filter(|line| !line.starts_with('#'))
-            .find_map(|line| {
-                line.strip_prefix(series).and_then(|rest| rest.trim().strip_prefix(' ').or(Some(rest.trim())))
-            })
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0.0)
+        crate::metric_value(&crate::http_get(self.metrics, "/metrics").await, series)
     }
 }
 
