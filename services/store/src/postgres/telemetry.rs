@@ -171,6 +171,11 @@ impl PostgresStore {
         // wait on them inside it; only a resend that overlaps the mark needs them again, from the rows it keeps.
         let all_readings: Vec<&ReadingRow> = batch.readings.iter().collect();
         let mut derived = DerivedRows::of(&all_readings, rollup_widths, &metric_id)?;
+        // The batch's entry in the list of batches to score, likewise.
+        let listed = |readings: &[&ReadingRow]| {
+            (batch.score_later && !readings.is_empty()).then(|| series_to_json(&batch_series(readings)))
+        };
+        let mut listed_series = listed(&all_readings);
 
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error("begin batch"))?;
@@ -200,6 +205,7 @@ impl PostgresStore {
         let aggregates: Vec<_> = batch.aggregates.iter().filter(|a| a.sequence > committed).collect();
         if readings.len() != all_readings.len() {
             derived = DerivedRows::of(&readings, rollup_widths, &metric_id)?;
+            listed_series = listed(&readings);
         }
 
         if !readings.is_empty() {
@@ -330,11 +336,10 @@ impl PostgresStore {
             "UPDATE edge_streams SET committed_sequence = $3, update_time = $4 WHERE gateway_id = $1 AND spool_id = $2",
             &mark,
         );
-        if batch.score_later && !readings.is_empty() {
+        if let Some(series) = &listed_series {
             // Pipelined with the mark's move: one round trip for both.
-            let series = series_to_json(&batch_series(&readings));
             let listing: [&(dyn ToSql + Sync); 6] =
-                [&batch.gateway_id, &batch.spool_id, &last_sequence, &batch.farm_id, &series, &batch.receive_time];
+                [&batch.gateway_id, &batch.spool_id, &last_sequence, &batch.farm_id, series, &batch.receive_time];
             let listed = transaction.execute(
                 "INSERT INTO unscored_batches (gateway_id, spool_id, last_sequence, farm_id, series, receive_time)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
