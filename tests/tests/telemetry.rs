@@ -331,7 +331,9 @@ async fn batches_nobody_scored_are_scored_late_by_the_next_cloud() {
         Cloud::start(&data, CloudOptions { target: Some("device,ingestion".into()), ..Default::default() }).await;
     let fleet = Fleet::register(&ingesting, &bootstrap_admin_key(&data), "late scoring", 1).await;
     let sensor = fleet.sensors[0].clone();
-    let edge = Edge::start(&edge_options(&ingesting, &fleet, &data, "upload_interval = \"1s\"\n")).await;
+    // Raw readings only: an aggregates-only batch, uploaded when a window closes, is not listed for scoring.
+    let edge_config = "upload_interval = \"1s\"\nupload = \"raw\"\n";
+    let edge = Edge::start(&edge_options(&ingesting, &fleet, &data, edge_config)).await;
     edge.wait_for_registry(2).await;
     let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
     for value in [20, 21, 22] {

@@ -105,6 +105,19 @@ fn scoring_job(work: Work) -> Option<((u64, ReadingsCommitted), Work)> {
     Some(((0, committed), work))
 }
 
+/// Where a batch to score came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// Announced on the bus: this process's own batch, or another replica's (scored here only in the cases
+    /// `score_new_readings` says).
+    Announced,
+    /// Taken as a job from the bus.
+    Job,
+    /// Claimed from the list of batches nobody confirmed scored: older data than the series may have had scored
+    /// since.
+    Late,
+}
+
 /// Most readings a series' detector learns from.
 const MAX_HISTORY_POINTS: usize = 50_000;
 
@@ -254,7 +267,7 @@ impl InferenceApi {
                     // This process's own batches are scored to the end; a job is given back when the process
                     // stops, for another replica to do.
                     let Some(work) = work else {
-                        scoring.score_new_readings(&committed, epoch, false).await;
+                        scoring.score_new_readings(&committed, epoch, Source::Announced).await;
                         continue;
                     };
                     tokio::select! {
@@ -264,14 +277,13 @@ impl InferenceApi {
                             tokio::join!(jobs.close(), scoring.score_queued(&mut reading_queue));
                             return;
                         }
-                        () = scoring.score_new_readings(&committed, epoch, true) => work.done().await,
+                        () = scoring.score_new_readings(&committed, epoch, Source::Job) => work.done().await,
                     }
                 }
             }));
         }
-        if self.settings.score_new_readings {
-            workers.push(tokio::spawn(self.clone().score_late_batches()));
-        }
+        // Ends with the process's stop, or when the bus closes (below).
+        let late = self.settings.score_new_readings.then(|| tokio::spawn(self.clone().score_late_batches()));
         let mut events = self.bus.subscribe();
         let mut shutdown = self.shutting_down.clone();
         let mut stopping = false;
@@ -304,10 +316,14 @@ impl InferenceApi {
                             span.readings = None;
                         }
                     }
+                    // Noted before it is queued: the scorer may be done with it (and forget it) at once.
                     let key = committed.batch.filter(|_| committed.published_here);
-                    let queued = readings.try_send((epoch, committed)).is_ok();
-                    if queued && let Some(key) = key {
+                    if let Some(key) = key {
                         self.detectors.queued.lock().expect("queued batches").insert(key);
+                    }
+                    let queued = readings.try_send((epoch, committed)).is_ok();
+                    if !queued && let Some(key) = key {
+                        self.detectors.queued.lock().expect("queued batches").remove(&key);
                     }
                     queued
                 }
@@ -332,8 +348,12 @@ impl InferenceApi {
                 tracing::warn!("the inference pipeline's queue is full; an event was not processed");
             }
         }
-        // The workers end when their queues close or the process stops, whichever comes first.
+        // The workers end when their queues close or the process stops, whichever comes first. A late batch in hand
+        // stays claimed until its lease ends.
         drop((photos, readings));
+        if let Some(late) = late {
+            late.abort();
+        }
         for worker in workers {
             let _ = worker.await;
         }
@@ -343,35 +363,44 @@ impl InferenceApi {
     /// `inference.late_scoring_after` of their arrival (their announcement was lost: the process that committed them
     /// died, or stopped before it scored them, or its pipeline fell behind the bus and skipped them). Each is
     /// claimed first, so replicas share them out; their readings are read back from the database. This process's
-    /// own batches still queued for its scorer are left to it. A batch scored twice (its scorer was slower than
-    /// the wait) announces its anomalies again, which the alert role takes for the open alerts they overlap.
+    /// own batches still queued for its scorer are left to it (not claimed). A claim that comes back full is
+    /// followed by the next at once, so a backlog drains as fast as it scores. A batch scored twice (its scorer was
+    /// slower than the wait) announces its anomalies again, which the alert role takes for the open alerts they
+    /// overlap.
     async fn score_late_batches(self) {
         let mut shutdown = self.shutting_down.clone();
         let wait = self.settings.late_scoring_after;
         let every = (wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        let mut more_waiting = false;
         loop {
-            tokio::select! {
-                biased;
-                () = reached(&mut shutdown, Shutdown::Draining) => return,
-                () = tokio::time::sleep(every) => {}
+            if !more_waiting {
+                tokio::select! {
+                    biased;
+                    () = reached(&mut shutdown, Shutdown::Draining) => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+            more_waiting = false;
+            // Without an anomaly model there is nothing to score with: the batches wait, unclaimed, for one.
+            if self.serving.active(ModelKind::SensorAnomaly, "").await.is_err() {
+                continue;
             }
             let now = SystemTime::now();
             let received_before = now.checked_sub(wait).unwrap_or(SystemTime::UNIX_EPOCH);
-            let claimed =
-                match self.telemetry.claim_unscored(received_before, now, LATE_LEASE, LATE_BATCHES_AT_ONCE).await {
-                    Ok(claimed) => claimed,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot read the batches left unscored");
-                        continue;
-                    }
-                };
+            let queued: Vec<BatchKey> = self.detectors.queued.lock().expect("queued batches").iter().copied().collect();
+            let claim = self.telemetry.claim_unscored(received_before, now, LATE_LEASE, LATE_BATCHES_AT_ONCE, &queued);
+            let claimed = match claim.await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the batches left unscored");
+                    continue;
+                }
+            };
+            more_waiting = claimed.len() == LATE_BATCHES_AT_ONCE;
             for batch in claimed {
-                // A stopping process leaves the rest to the next claim after this one's lease.
+                // A stopping process leaves what it claimed to a claim after its lease.
                 if *shutdown.borrow() >= Shutdown::Draining {
                     return;
-                }
-                if self.detectors.queued.lock().expect("queued batches").contains(&batch.key) {
-                    continue;
                 }
                 if batch.attempts > LATE_ATTEMPTS {
                     metrics::counter!("smartfarm_inference_late_batches_given_up_total").increment(1);
@@ -408,7 +437,11 @@ impl InferenceApi {
                     last_sequence = batch.key.last_sequence,
                     "scoring a committed batch nobody confirmed scored"
                 );
-                self.score_new_readings(&committed, 0, true).await;
+                tokio::select! {
+                    biased;
+                    () = reached(&mut shutdown, Shutdown::Stopping) => return,
+                    () = self.score_new_readings(&committed, 0, Source::Late) => {}
+                }
             }
         }
     }
@@ -425,7 +458,7 @@ impl InferenceApi {
     /// replica would score them).
     async fn score_queued(&self, queue: &mut tokio::sync::mpsc::Receiver<(u64, ReadingsCommitted)>) {
         while let Some((epoch, committed)) = queue.recv().await {
-            self.score_new_readings(&committed, epoch, false).await;
+            self.score_new_readings(&committed, epoch, Source::Announced).await;
         }
     }
 
@@ -458,10 +491,10 @@ impl InferenceApi {
         Ok(())
     }
 
-    /// Scores a batch this process committed, one it took as a job (`taken`), or one from a version that neither
-    /// scored nor handed out its batches; leaves any other to the replica that scores it.
-    async fn score_new_readings(&self, committed: &ReadingsCommitted, epoch: u64, taken: bool) {
-        let scored_here = taken
+    /// Scores a batch this process committed, one it took as a job or claimed late, or one from a version that
+    /// neither scored nor handed out its batches; leaves any other to the replica that scores it.
+    async fn score_new_readings(&self, committed: &ReadingsCommitted, epoch: u64, source: Source) {
+        let scored_here = source != Source::Announced
             || (committed.scored_where_committed && committed.published_here)
             || (!committed.scored_where_committed && !committed.handed_out);
         if !scored_here {
@@ -489,7 +522,7 @@ impl InferenceApi {
         metrics::counter!("smartfarm_inference_batches_scored_total").increment(1);
         let mut failed = false;
         for span in &committed.series {
-            match self.score_span(committed.farm_id, span, &model, epoch).await {
+            match self.score_span(committed.farm_id, span, &model, epoch, source == Source::Late).await {
                 Ok(found) => metrics::counter!("smartfarm_inference_anomalies_detected_total").increment(found as u64),
                 Err(error) => {
                     failed = true;
@@ -514,11 +547,13 @@ impl InferenceApi {
         span: &SeriesSpan,
         model: &smartfarm_store::models::StoredModel,
         epoch: u64,
+        late: bool,
     ) -> Result<usize> {
         let version = ModelVersion { name: model.name.clone(), version: model.version.clone() };
         let key = (span.device_id, span.metric.clone());
-        // Taken out for the time being: whatever way this ends but success, it no longer follows the series.
-        let recent = self.detectors.recent.lock().expect("recent readings").remove(&key);
+        // Taken out for the time being: whatever way this ends but success, it no longer follows the series. A late
+        // batch lies before what the pipeline follows, and leaves it alone.
+        let recent = if late { None } else { self.detectors.recent.lock().expect("recent readings").remove(&key) };
         let Some(detector) = self.detector_for(farm_id, span, model, &version).await? else {
             return Ok(0);
         };
@@ -597,12 +632,21 @@ impl InferenceApi {
         }
         let already = self.detectors.announced_until.lock().expect("announcements").get(&key).copied();
         let mut announced = 0;
-        // Stretches that reach into the new readings and began after the last one announced.
-        for event in
-            events.iter().filter(|event| event.end >= first_new && already.is_none_or(|end| times[event.start] > end))
-        {
+        // Stretches that reach into the new readings and began after the last one announced. A late batch's
+        // readings are older than what may have been announced since: each stretch reaching into them is announced
+        // (one announced already is the same alert to the alert role).
+        let new_stretch = |start: usize| late || already.is_none_or(|end| times[start] > end);
+        for event in events.iter().filter(|event| event.end >= first_new && new_stretch(event.start)) {
             announced += 1;
-            self.detectors.announced_until.lock().expect("announcements").insert(key.clone(), times[event.end]);
+            // Only forward: a late batch's stretch must not make a newer one look unannounced.
+            let end = times[event.end];
+            self.detectors
+                .announced_until
+                .lock()
+                .expect("announcements")
+                .entry(key.clone())
+                .and_modify(|until| *until = until.max(end))
+                .or_insert(end);
             self.bus.publish(Event::AnomalyDetected(AnomalyDetected {
                 farm_id,
                 device_id: span.device_id,

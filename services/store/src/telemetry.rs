@@ -209,15 +209,17 @@ pub trait TelemetryStore: Send + Sync + 'static {
     async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned>;
 
     /// Batches committed with `score_later` that no scorer has confirmed ([`TelemetryStore::forget_unscored`]),
-    /// received before `received_before` and not claimed at `now` (never, or the claim has ended), oldest first, at
-    /// most `limit`. Each is claimed until `now + lease`, so no other caller takes it meanwhile, and its attempts
-    /// counted. Retention deletes those older than the raw readings kept.
+    /// received before `received_before`, not claimed at `now` (never, or the claim has ended) and not among
+    /// `except` (those the caller has in hand), oldest first, at most `limit`. Each is claimed until `now + lease`,
+    /// so no other caller takes it meanwhile, and its attempts counted. Retention deletes those older than the raw
+    /// readings kept.
     async fn claim_unscored(
         &self,
         received_before: SystemTime,
         now: SystemTime,
         lease: Duration,
         limit: usize,
+        except: &[BatchKey],
     ) -> Result<Vec<UnscoredBatch>>;
 
     /// Confirms that these batches were scored (or given up): they leave the list. Unknown keys are ignored.

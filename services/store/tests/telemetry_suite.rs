@@ -385,8 +385,9 @@ async fn a_new_rollup_width_starts_complete(database: &Database) {
 }
 
 /// A commit that asks for it lists its batch for scoring, with each series' span of what it wrote (above the mark);
-/// a claim takes what arrived before the given time and holds it for the lease, counting attempts; a confirmed
-/// batch leaves the list; retention drops what is older than the raw readings kept.
+/// a claim takes what arrived before the given time, except what the caller has in hand, and holds it for the
+/// lease, counting attempts; a confirmed batch leaves the list; retention drops what is older than the raw
+/// readings kept.
 async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
     let (registry, telemetry) = (database.registry(), database.telemetry());
     let farm = farm(&*registry, "scoring list").await;
@@ -399,7 +400,7 @@ async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
     let unlisted =
         batch(&farm, 1, 2, vec![reading(1, a, "temperature", 1.0, 10), reading(2, a, "temperature", 2.0, 20)]);
     telemetry.commit_batch(&unlisted, &[]).await.unwrap();
-    assert!(telemetry.claim_unscored(later, later, minute, 10).await.unwrap().is_empty(), "not asked to list it");
+    assert!(telemetry.claim_unscored(later, later, minute, 10, &[]).await.unwrap().is_empty(), "not asked to list it");
 
     // Overlapping the mark: only sequences 3 to 5 are written, and listed.
     let rows = vec![
@@ -415,10 +416,14 @@ async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
     telemetry.commit_batch(&only_aggregates, &[]).await.unwrap();
 
     assert!(
-        telemetry.claim_unscored(received, later, minute, 10).await.unwrap().is_empty(),
+        telemetry.claim_unscored(received, later, minute, 10, &[]).await.unwrap().is_empty(),
         "only what arrived before the given time is claimed"
     );
-    let claimed = telemetry.claim_unscored(later, later, minute, 10).await.unwrap();
+    assert!(
+        telemetry.claim_unscored(later, later, minute, 10, &[key(5)]).await.unwrap().is_empty(),
+        "a batch the caller has in hand is not claimed"
+    );
+    let claimed = telemetry.claim_unscored(later, later, minute, 10, &[]).await.unwrap();
     assert_eq!(claimed.len(), 1, "one listed batch: a commit without readings is not listed");
     let claim = &claimed[0];
     assert_eq!((claim.key, claim.farm_id, claim.attempts), (key(5), farm.id, 1));
@@ -432,14 +437,17 @@ async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
     assert_eq!(series, expected);
 
     assert!(
-        telemetry.claim_unscored(later, later + minute / 2, minute, 10).await.unwrap().is_empty(),
+        telemetry.claim_unscored(later, later + minute / 2, minute, 10, &[]).await.unwrap().is_empty(),
         "a claimed batch is left alone while the claim lasts"
     );
-    let again = telemetry.claim_unscored(later, later + minute, minute, 10).await.unwrap();
+    let again = telemetry.claim_unscored(later, later + minute, minute, 10, &[]).await.unwrap();
     assert_eq!(again.iter().map(|batch| (batch.key, batch.attempts)).collect::<Vec<_>>(), [(key(5), 2)]);
 
     telemetry.forget_unscored(&[key(5), key(99)]).await.unwrap();
-    assert!(telemetry.claim_unscored(later, later + 10 * minute, minute, 10).await.unwrap().is_empty(), "confirmed");
+    assert!(
+        telemetry.claim_unscored(later, later + 10 * minute, minute, 10, &[]).await.unwrap().is_empty(),
+        "confirmed"
+    );
 
     // Retention: a listed batch whose readings are past the raw retention goes with them.
     let old = EdgeBatch {
@@ -450,7 +458,7 @@ async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
     telemetry.commit_batch(&old, &[]).await.unwrap();
     let retention = Retention { raw: Duration::from_secs(24 * HOUR), rollups: Duration::from_secs(24 * HOUR) };
     telemetry.apply_retention(retention, at(100 + 48 * HOUR)).await.unwrap();
-    assert!(telemetry.claim_unscored(later, later + 10 * minute, minute, 10).await.unwrap().is_empty());
+    assert!(telemetry.claim_unscored(later, later + 10 * minute, minute, 10, &[]).await.unwrap().is_empty());
 }
 
 macro_rules! telemetry_suite {

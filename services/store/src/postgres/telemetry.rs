@@ -783,20 +783,26 @@ impl TelemetryStore for PostgresStore {
         now: SystemTime,
         lease: Duration,
         limit: usize,
+        except: &[BatchKey],
     ) -> Result<Vec<UnscoredBatch>> {
         let client = self.client().await?;
         let claimed_until = now + lease;
         let limit = sql_count(limit);
+        let except_gateways: Vec<Uuid> = except.iter().map(|key| key.gateway_id).collect();
+        let except_spools: Vec<Uuid> = except.iter().map(|key| key.spool_id).collect();
+        let except_sequences: Vec<i64> = except.iter().map(|key| key.last_sequence as i64).collect();
         // SKIP LOCKED: replicas claiming at once each take other batches.
         let rows = client
             .query(
                 "UPDATE unscored_batches u SET claimed_until = $3, attempts = u.attempts + 1
                  FROM (SELECT gateway_id, spool_id, last_sequence FROM unscored_batches
                        WHERE receive_time < $1 AND (claimed_until IS NULL OR claimed_until <= $2)
+                         AND (gateway_id, spool_id, last_sequence) NOT IN
+                             (SELECT * FROM unnest($5::uuid[], $6::uuid[], $7::bigint[]))
                        ORDER BY receive_time LIMIT $4 FOR UPDATE SKIP LOCKED) c
                  WHERE (u.gateway_id, u.spool_id, u.last_sequence) = (c.gateway_id, c.spool_id, c.last_sequence)
                  RETURNING u.gateway_id, u.spool_id, u.last_sequence, u.farm_id, u.series, u.receive_time, u.attempts",
-                &[&received_before, &now, &claimed_until, &limit],
+                &[&received_before, &now, &claimed_until, &limit, &except_gateways, &except_spools, &except_sequences],
             )
             .await
             .map_err(pg_error("claim batches to score"))?;

@@ -449,10 +449,11 @@ impl TelemetryStore for SqliteStore {
         now: SystemTime,
         lease: Duration,
         limit: usize,
+        except: &[BatchKey],
     ) -> Result<Vec<UnscoredBatch>> {
         let (received_before, now_micros) = (to_unix_micros(received_before), to_unix_micros(now));
         let claimed_until = to_unix_micros(now + lease);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let except: std::collections::HashSet<BatchKey> = except.iter().copied().collect();
         self.run(move |connection| {
             let transaction = connection.transaction().map_err(sql_error("begin a claim of batches to score"))?;
             let rows = {
@@ -461,11 +462,11 @@ impl TelemetryStore for SqliteStore {
                         "SELECT gateway_id, spool_id, last_sequence, farm_id, series, receive_time, attempts
                          FROM unscored_batches
                          WHERE receive_time < ?1 AND (claimed_until IS NULL OR claimed_until <= ?2)
-                         ORDER BY receive_time, last_sequence LIMIT ?3",
+                         ORDER BY receive_time, last_sequence",
                     )
                     .map_err(sql_error("prepare the claim of batches to score"))?;
                 let rows = statement
-                    .query_map(params![received_before, now_micros, limit], |row| {
+                    .query_map(params![received_before, now_micros], |row| {
                         Ok((
                             uuid_text(row, 0)?,
                             uuid_text(row, 1)?,
@@ -477,7 +478,19 @@ impl TelemetryStore for SqliteStore {
                         ))
                     })
                     .map_err(sql_error("read batches to score"))?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql_error("read a batch to score"))?
+                let mut kept = Vec::new();
+                for row in rows {
+                    let row = row.map_err(sql_error("read a batch to score"))?;
+                    let key = BatchKey { gateway_id: row.0, spool_id: row.1, last_sequence: row.2 as u64 };
+                    if except.contains(&key) {
+                        continue;
+                    }
+                    kept.push(row);
+                    if kept.len() == limit {
+                        break;
+                    }
+                }
+                kept
             };
             let mut batches = Vec::with_capacity(rows.len());
             for (gateway, spool, last_sequence, farm, series, receive_time, attempts) in rows {
