@@ -660,6 +660,54 @@ async fn a_batch_whose_announcement_was_lost_is_scored_late() {
     assert!(nothing_listed().await, "the batch scored late is still listed for scoring");
 }
 
+/// A late batch can be older than what was scored since. The detector is fitted on the first half of the first
+/// batch; the third batch is committed and scored first, and announces a stretch; only then is the second batch
+/// committed (from another spool, as after an agent's spool was recreated) and its announcement lost. Scored late,
+/// it still announces the stretches that lie wholly inside it, though they begin before the third's.
+#[tokio::test]
+async fn a_late_batch_older_than_one_scored_since_announces_its_own_stretches() {
+    let late_scoring_after = Duration::from_secs(1);
+    let setup = setup_with(InferenceConfig { late_scoring_after, ..InferenceConfig::default() }).await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let (rows, split, third) = three_batches(&setup, &series);
+    let half = split / 2;
+    let telemetry = setup.database.telemetry();
+    let mut events = setup.bus.subscribe();
+    let spool_id = Uuid::now_v7();
+    for (index, part) in [&rows[..half], &rows[half..split], &rows[third..]].into_iter().enumerate() {
+        let batch = edge_batch(&setup, spool_id, part, true);
+        telemetry.commit_batch(&batch, &[]).await.unwrap();
+        let key = BatchKey { gateway_id: setup.gateway, spool_id, last_sequence: batch.last_sequence };
+        setup.bus.publish(committed(&setup, part, true, Some(key)));
+        if index == 1 {
+            // The detector is fitted on the first half before the rest comes.
+            let fitted =
+                || async { setup.reads.lock().unwrap().iter().any(|read| read.end == rows[half].measure_time) };
+            assert!(eventually(fitted).await, "the detector was not fitted");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut announced = Vec::new();
+    let in_the_second = |anomaly: &smartfarm_bus::AnomalyDetected| {
+        anomaly.start_time >= rows[split].measure_time && anomaly.end_time < rows[third].measure_time
+    };
+    let mut second_committed = false;
+    while !announced.iter().any(in_the_second) {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(Event::AnomalyDetected(anomaly))) => announced.push(anomaly),
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(_)) | Err(_) => panic!("no stretch of the late batch was announced: {announced:#?}"),
+        }
+        if !second_committed && announced.iter().any(|anomaly| anomaly.start_time >= rows[third].measure_time) {
+            // The third batch announced its stretch: now the second batch is committed, its announcement lost.
+            second_committed = true;
+            let part = &rows[split..third];
+            telemetry.commit_batch(&edge_batch(&setup, Uuid::now_v7(), part, true), &[]).await.unwrap();
+        }
+    }
+    assert!(second_committed, "{announced:#?}");
+}
+
 #[tokio::test]
 async fn series_are_scored_from_values_from_stored_readings_and_as_they_are_committed() {
     let mut setup = setup().await;
