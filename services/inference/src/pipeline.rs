@@ -505,13 +505,17 @@ impl InferenceApi {
             for span in &committed.series {
                 recent.remove(&(span.device_id, span.metric.clone()));
             }
+            drop(recent);
+            if let Some(key) = committed.batch {
+                self.detectors.queued.lock().expect("queued batches").remove(&key);
+            }
             metrics::counter!("smartfarm_inference_batches_left_to_their_replica_total").increment(1);
             return;
         }
         let model = match self.serving.active(ModelKind::SensorAnomaly, "").await {
             Ok(model) => model,
             Err(error) => {
-                // It stays listed: the late scorer tries it again, and gives it up after a few tries.
+                // It stays listed: the late scorer takes it once a model is active again.
                 tracing::warn!(%error, "no anomaly model to score new readings with");
                 if let Some(key) = committed.batch {
                     self.detectors.queued.lock().expect("queued batches").remove(&key);
