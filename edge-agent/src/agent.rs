@@ -419,8 +419,10 @@ async fn run_commands(
                     Err(error) => tracing::error!(%device, %error, "cannot record a command acknowledgement"),
                 }
             }
-            _ = release.tick() => match book.release(clock.now(), |topic| broker.has_subscribers(topic)) {
-                Ok((out, receipts)) => {
+            // Held commands wait for the cloud's time after a restart: the Pi's own may be far behind.
+            _ = release.tick() => match clock.known().map(|now| book.release(now, |topic| broker.has_subscribers(topic))) {
+                None => {}
+                Some(Ok((out, receipts))) => {
                     for (id, topic, payload) in out {
                         if broker.publish(&topic, payload) == 0 {
                             held_again(&book, &id.to_string());
@@ -428,7 +430,7 @@ async fn run_commands(
                     }
                     receipts.into_iter().for_each(receipt);
                 }
-                Err(error) => tracing::error!(%error, "cannot release held commands"),
+                Some(Err(error)) => tracing::error!(%error, "cannot release held commands"),
             },
             _ = stopping.wait_for(|stop| *stop) => return,
         }

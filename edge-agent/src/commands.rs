@@ -79,10 +79,14 @@ impl CloudClock {
 
     /// Now, on the cloud's clock (the agent's own until a link has told it the cloud's).
     pub fn now(&self) -> SystemTime {
-        match *self.measured.lock().expect("clock lock") {
-            Some((cloud, at)) => cloud + at.elapsed(),
-            None => SystemTime::now(),
-        }
+        self.known().unwrap_or_else(SystemTime::now)
+    }
+
+    /// Now on the cloud's clock, once a link of this process has told it; `None` before. A Pi without a
+    /// battery-backed clock that restarts during an outage starts from a saved time that may be hours behind, so
+    /// what decides whether a held command may still run waits for this.
+    pub fn known(&self) -> Option<SystemTime> {
+        self.measured.lock().expect("clock lock").map(|(cloud, at)| cloud + at.elapsed())
     }
 }
 
@@ -429,9 +433,12 @@ mod tests {
             (to_unix_micros(cloud) - to_unix_micros(now)) as f64 / 1e6
         };
         assert!(drift(&clock).abs() < 1.0, "the agent's own clock until told");
+        assert_eq!(clock.known(), None, "not known until a welcome: held commands wait");
         let local = SystemTime::now();
         clock.observe(local + Duration::from_secs(7200), local);
         assert!((drift(&clock) - 7200.0).abs() < 1.0, "two hours ahead: {}", drift(&clock));
+        let known = clock.known().expect("known once a welcome told it");
+        assert!(known.duration_since(local).unwrap() >= Duration::from_secs(7200));
         // A command the slow Pi would still take for live has expired by the cloud's clock.
         let dir = tempfile::tempdir().unwrap();
         let book = CommandBook::load(dir.path()).unwrap();
