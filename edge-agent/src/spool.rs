@@ -104,6 +104,13 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+    /// An fsync of written records failed earlier. The kernel may have dropped those pages' error and marked them
+    /// clean, so a second fsync proves nothing: what was written since the last good one may not be on disk.
+    #[error(
+        "spool: an fsync failed ({0}); nothing more is accepted until the agent restarts and recovery reads what is \
+         on disk"
+    )]
+    FsyncFailed(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
@@ -143,6 +150,9 @@ struct Inner {
     /// Where the last read stopped: (next sequence, first sequence of the segment it stopped in, byte offset in
     /// that segment), so draining a backlog reads each segment once instead of from its start every batch.
     read_position: Option<(u64, u64, u64)>,
+    /// Set by a failed fsync of records already appended: from then on the synced mark stays where it was (only
+    /// what was on disk before goes up) and appends are refused.
+    fsync_failed: Option<String>,
 }
 
 /// The spool.
@@ -158,6 +168,9 @@ pub struct Spool {
     /// Tests hold the next append here until told whether it succeeds (`false`: it fails as a full disk would).
     #[cfg(test)]
     pub(crate) hold_next_append: Mutex<Option<std::sync::mpsc::Receiver<bool>>>,
+    /// Tests make the next fsync of [`Spool::sync`] fail, as a failing disk would.
+    #[cfg(test)]
+    fail_next_fsync: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Spool {
@@ -274,6 +287,7 @@ impl Spool {
             // Recovery fsynced every segment it kept.
             synced: next_sequence - 1,
             read_position: None,
+            fsync_failed: None,
         };
         recovery.pending_records = pending(&inner).0;
         if let Some(last) = inner.segments.back() {
@@ -291,6 +305,8 @@ impl Spool {
             pause_before_fsync: Mutex::new(None),
             #[cfg(test)]
             hold_next_append: Mutex::new(None),
+            #[cfg(test)]
+            fail_next_fsync: std::sync::atomic::AtomicBool::new(false),
         };
         Ok((spool, recovery))
     }
@@ -312,6 +328,9 @@ impl Spool {
             return Err(io("append to the active segment")(full));
         }
         let mut inner = self.lock();
+        if let Some(failure) = &inner.fsync_failed {
+            return Err(SpoolError::FsyncFailed(failure.clone()));
+        }
         let first_sequence = inner.next_sequence;
         if bodies.is_empty() {
             return Ok(Appended {
@@ -355,7 +374,9 @@ impl Spool {
         if self.config.fsync == FsyncPolicy::Always {
             inner.synced = inner.next_sequence - 1;
         }
-        let dropped_records = self.enforce_cap(&mut inner)?;
+        // The records are stored and numbered whatever happens next: a failure to drop an old segment must not
+        // report them failed (their senders would send them again, stored twice).
+        let dropped_records = self.enforce_cap(&mut inner);
         Ok(Appended { first_sequence, last_sequence: first_sequence + count - 1, dropped_records })
     }
 
@@ -363,7 +384,12 @@ impl Spool {
         if let Some(previous) = inner.active.take() {
             // What the old segment holds is settled now; make it durable under every policy (once per segment is
             // cheap, and the synced mark then only has the active segment to account for).
-            previous.sync_data().map_err(io("fsync a finished segment"))?;
+            if let Err(error) = previous.sync_data() {
+                let error = io("fsync a finished segment")(error);
+                tracing::error!(%error, "the spool's disk failed an fsync; refusing new records until a restart");
+                inner.fsync_failed = Some(error.to_string());
+                return Err(SpoolError::FsyncFailed(error.to_string()));
+            }
         }
         // A segment left empty (its only append failed) would share the new one's name: drop it first.
         if inner.segments.back().is_some_and(|segment| segment.records == 0) {
@@ -383,17 +409,26 @@ impl Spool {
     }
 
     /// Drops the oldest segments while the spool is over its cap (never the active one). Returns how many
-    /// unacknowledged records went.
-    fn enforce_cap(&self, inner: &mut Inner) -> Result<u64, SpoolError> {
+    /// unacknowledged records went. A segment that cannot be removed stays (logged; tried again with the next
+    /// append).
+    fn enforce_cap(&self, inner: &mut Inner) -> u64 {
         let mut dropped = 0;
         while total_bytes(inner) > self.config.max_bytes && inner.segments.len() > 1 {
-            let oldest = inner.segments.pop_front().expect("more than one segment");
+            let oldest = inner.segments.front().expect("more than one segment");
             let unacked = if oldest.last() > inner.acked {
                 oldest.records - inner.acked.saturating_sub(oldest.first - 1).min(oldest.records)
             } else {
                 0
             };
-            fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
+            // Gone already (a person cleared space by hand) is as good as removed.
+            if let Err(error) = fs::remove_file(&oldest.path).or_else(|error| match error.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(error),
+            }) {
+                tracing::error!(segment = %oldest.path.display(), %error, "spool over its size cap: cannot drop the oldest segment");
+                break;
+            }
+            let oldest = inner.segments.pop_front().expect("more than one segment");
             dropped += unacked;
             inner.read_position = None;
             tracing::error!(
@@ -404,7 +439,7 @@ impl Spool {
             );
         }
         inner.dropped_records += dropped;
-        Ok(dropped)
+        dropped
     }
 
     /// Forces appended records to disk (the `interval` policy's background task and the uplink call this).
@@ -419,6 +454,10 @@ impl Spool {
         let (file, written) = {
             let mut inner = self.lock();
             let written = inner.next_sequence - 1;
+            // After a failed fsync nothing more counts as on disk; what was before still goes up.
+            if inner.fsync_failed.is_some() {
+                return Ok(());
+            }
             if !inner.dirty {
                 inner.synced = inner.synced.max(written);
                 return Ok(());
@@ -433,11 +472,18 @@ impl Spool {
             pause.wait();
             pause.wait();
         }
-        if let Some(file) = file
-            && let Err(error) = file.sync_data()
-        {
-            self.lock().dirty = true;
-            return Err(io("fsync the active segment")(error));
+        let fsynced = file.map_or(Ok(()), |file| file.sync_data());
+        #[cfg(test)]
+        let fsynced =
+            fsynced.and_then(|()| match self.fail_next_fsync.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                true => Err(std::io::Error::other("the test failed the fsync")),
+                false => Ok(()),
+            });
+        if let Err(error) = fsynced {
+            let error = io("fsync the active segment")(error);
+            tracing::error!(%error, "the spool's disk failed an fsync; refusing new records until a restart");
+            self.lock().fsync_failed = Some(error.to_string());
+            return Err(SpoolError::FsyncFailed(error.to_string()));
         }
         let mut inner = self.lock();
         inner.synced = inner.synced.max(written);
@@ -814,6 +860,57 @@ mod tests {
         let records = spool.read_after(0, 10_000, usize::MAX).unwrap();
         assert_eq!(records.last().unwrap().sequence, 2000, "the newest records are kept");
         assert_eq!(records.first().unwrap().sequence, dropped + 1, "oldest first out");
+    }
+
+    #[test]
+    fn a_segment_the_cap_cannot_remove_stays_and_the_append_still_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig { max_bytes: 16 * 1024, ..config(dir.path()) };
+        let (spool, _) = Spool::open(config).unwrap();
+        let mut appended = 0;
+        while spool.stats().bytes < 12 * 1024 {
+            spool.append(vec![body(appended as f64)]).unwrap();
+            appended += 1;
+        }
+        // The oldest segment's file cannot be removed (a directory stands in its place).
+        let oldest = segment_path(dir.path(), 1);
+        fs::remove_file(&oldest).unwrap();
+        fs::create_dir(&oldest).unwrap();
+        for _ in 0..200 {
+            let stored = spool.append(vec![body(appended as f64)]).expect("stored and numbered: not an error");
+            assert_eq!(stored.dropped_records, 0, "nothing could be dropped");
+            appended += 1;
+        }
+        assert!(spool.stats().bytes > 16 * 1024, "over its cap while the segment stays");
+        assert_eq!(spool.stats().dropped_records, 0);
+        // Once it is gone the cap applies again.
+        fs::remove_dir(&oldest).unwrap();
+        let dropped = spool.append(vec![body(appended as f64)]).unwrap().dropped_records;
+        assert!(dropped > 0);
+        assert_eq!(spool.stats().dropped_records, dropped);
+    }
+
+    #[test]
+    fn a_failed_fsync_refuses_new_records_and_keeps_the_rest_from_the_cloud_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig { fsync: FsyncPolicy::Interval(Duration::from_secs(3600)), ..config(dir.path()) };
+        let (spool, _) = Spool::open(config.clone()).unwrap();
+        spool.append((0..5).map(|i| body(i as f64)).collect()).unwrap();
+        spool.sync().unwrap();
+        spool.append((5..8).map(|i| body(i as f64)).collect()).unwrap();
+        spool.fail_next_fsync.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(spool.sync(), Err(SpoolError::FsyncFailed(_))));
+        // Later syncs leave the mark where it was: on Linux a second fsync would succeed and prove nothing.
+        spool.sync().unwrap();
+        let readable = spool.read_after(0, 100, usize::MAX).unwrap();
+        assert_eq!(readable.len(), 5, "only what an fsync that succeeded covered may go up");
+        let refused = spool.append(vec![body(8.0)]).unwrap_err();
+        assert!(refused.to_string().contains("fsync failed"), "{refused}");
+        // A restart reads what is on disk, fsyncs it, and goes on.
+        drop(spool);
+        let (spool, _) = Spool::open(config).unwrap();
+        assert_eq!(spool.read_after(0, 100, usize::MAX).unwrap().len(), 8);
+        assert_eq!(spool.append(vec![body(8.0)]).unwrap().first_sequence, 9);
     }
 
     #[test]
