@@ -1115,9 +1115,21 @@ impl Evaluator {
             // A stretch is an event. One that overlaps the open alert's is that alert (reported again, as a
             // pipeline that restarted or another replica's does); one that begins within the rule's cooldown after
             // it is a repeat, folded in with its count; a later one is a new alert (nothing clears an anomaly but a
-            // person). One older than the alert, come late, is not folded into it.
+            // person). One that ended before the alert began (scored late) is not folded into it: it is an alert of
+            // its own, named by its own start, so announcing it again changes nothing, and the evaluator goes on
+            // following the newer alert.
+            let message = || {
+                format!("{} anomalous (peak {} at score {:.2})", verdict.metric, verdict.peak_value, verdict.peak_score)
+            };
             match &mut track.active {
-                Some((alert, _)) if start <= alert.last_time && end >= alert.open_time => {
+                Some((alert, _)) if end < alert.open_time => {
+                    let mut older = new_alert(identity, rule, verdict.device, &verdict.metric, start, message());
+                    older.value = Some(verdict.peak_value);
+                    older.last_time = end;
+                    older.evidence_window = Some((start, end));
+                    changed.push(older);
+                }
+                Some((alert, _)) if start <= alert.last_time => {
                     if end > alert.last_time {
                         alert.last_time = end;
                         changed.push(alert.clone());
@@ -1130,11 +1142,7 @@ impl Evaluator {
                     changed.push(alert.clone());
                 }
                 _ => {
-                    let message = format!(
-                        "{} anomalous (peak {} at score {:.2})",
-                        verdict.metric, verdict.peak_value, verdict.peak_score
-                    );
-                    let mut alert = new_alert(identity, rule, verdict.device, &verdict.metric, start, message);
+                    let mut alert = new_alert(identity, rule, verdict.device, &verdict.metric, start, message());
                     alert.value = Some(verdict.peak_value);
                     alert.last_time = end;
                     alert.evidence_window = Some((start, end));
@@ -1655,6 +1663,38 @@ mod tests {
         assert!(evaluator.resolved_by_hand(&resolved));
         let after = evaluator.on_anomaly(&stretch(2030, 2040)).remove(0);
         assert_ne!(after.id, later.id);
+    }
+
+    /// A stretch scored late, ended before the open alert began, is an alert of its own: not a repeat counted
+    /// into the newer alert, and announcing it again changes nothing.
+    #[test]
+    fn an_anomaly_older_than_the_open_alert_is_an_alert_of_its_own() {
+        let (farm, device) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut rule = threshold_rule(farm, 0, 600);
+        rule.condition =
+            Condition::ModelVerdict { disease_labels: vec![], min_confidence: 0.8, on_sensor_anomaly: true };
+        let mut evaluator = Evaluator::new(farm, Origin::Cloud);
+        let _ = evaluator.set_rules(vec![rule.clone()], at(0));
+        let stretch = |start: u64, end: u64| AnomalyVerdict {
+            device,
+            metric: "temperature".into(),
+            start_time: at(start),
+            end_time: at(end),
+            peak_value: 80.0,
+            peak_score: 9.0,
+        };
+        let newer = evaluator.on_anomaly(&stretch(5000, 5060)).remove(0);
+        let older = evaluator.on_anomaly(&stretch(4700, 4760));
+        assert_eq!(older.len(), 1);
+        assert_eq!(older[0].id, alert_id(rule.id, Some(device), "temperature", at(4700)), "named by its own start");
+        assert_eq!(
+            (older[0].count, older[0].last_time, older[0].evidence_window),
+            (1, at(4760), Some((at(4700), at(4760))))
+        );
+        assert_eq!(evaluator.on_anomaly(&stretch(4700, 4760)), older, "announced again: the same alert, as it was");
+        // The newer alert is untouched and still the one that repeats fold into.
+        let repeat = evaluator.on_anomaly(&stretch(5200, 5210)).remove(0);
+        assert_eq!((repeat.id, repeat.count, repeat.last_time), (newer.id, 2, at(5210)));
     }
 
     #[test]
