@@ -405,8 +405,14 @@ impl Dispatcher {
                         let host = webhook.url.parse::<http::Uri>().ok().and_then(|uri| uri.host().map(str::to_string));
                         tracing::warn!(webhook_id = %id, host = host.as_deref().unwrap_or("?"), failures, %error, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
                         let outcome = DeliveryOutcome::Failed { error, mark_failing };
-                        if let Err(Error::NotFound { .. }) = self.alerts.record_delivery(id, &outcome).await {
-                            return;
+                        match self.alerts.record_delivery(id, &outcome).await {
+                            Ok(_) => {}
+                            Err(Error::NotFound { .. }) => return,
+                            // The event is tried again after the wait all the same (the cursor did not move); only
+                            // the failure count and its visibility in ListWebhooks lag behind.
+                            Err(error) => {
+                                tracing::error!(webhook_id = %id, %error, "cannot record a failed webhook delivery")
+                            }
                         }
                         // The lease covers the wait, so no other replica tries meanwhile (with a pace of its own);
                         // should this one stop, another takes over a lease after the wait.

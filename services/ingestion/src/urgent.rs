@@ -5,7 +5,7 @@
 //! waiting at connect, then each as it is queued, on whichever replica) and the agent's receipts recorded.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -62,6 +62,47 @@ const MAX_ALERTS_AT_ONCE: usize = 256;
 /// for at most that many.
 const MAX_COPIES_AT_ONCE: usize = 16;
 
+/// The waits before each new try of alerts the database did not take (it was away or failed: a failover, a
+/// timeout). The agent sends an alert up once, so one given up is lost to the cloud until the agent sends it again
+/// (after its restart) or, for threshold and rate rules, until this link raises its own copy from the readings.
+const RECORD_RETRY_WAITS: [Duration; 3] = [Duration::from_millis(200), Duration::from_secs(1), Duration::from_secs(5)];
+
+/// Records `batch` with `record`, trying again after each of `waits` the alerts it failed with an error of the
+/// database's (not the alert's own: an invalid one is refused for good). Returns one result per alert, in order.
+async fn record_with_retries<F, Fut>(
+    batch: &[Alert],
+    waits: &[Duration],
+    mut record: F,
+) -> Vec<Result<Option<smartfarm_store::alerts::AlertEvent>>>
+where
+    F: FnMut(Vec<Alert>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<Option<smartfarm_store::alerts::AlertEvent>>>>,
+{
+    let mut results = record(batch.to_vec()).await;
+    for wait in waits {
+        let again: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, result)| matches!(result, Err(Error::Unavailable(_) | Error::Internal { .. })))
+            .map(|(at, _)| at)
+            .collect();
+        if again.is_empty() {
+            break;
+        }
+        tracing::warn!(
+            alerts = again.len(),
+            retry_in_ms = wait.as_millis() as u64,
+            "the database did not take alerts; trying again"
+        );
+        tokio::time::sleep(*wait).await;
+        let retried = record(again.iter().map(|&at| batch[at].clone()).collect()).await;
+        for (at, result) in again.into_iter().zip(retried) {
+            results[at] = result;
+        }
+    }
+    results
+}
+
 /// Records the link's alerts, what waits at once (the agent's first), until the link ends.
 async fn record_forever(
     api: IngestionApi,
@@ -106,7 +147,11 @@ async fn record_forever(
             continue;
         }
         let writing = Instant::now();
-        let results = alerts.record_alerts(&batch).await;
+        let results = record_with_retries(&batch, &RECORD_RETRY_WAITS, |batch| {
+            let alerts = alerts.clone();
+            async move { alerts.record_alerts(&batch).await }
+        })
+        .await;
         metrics::histogram!("smartfarm_alerts_write_seconds").record(writing.elapsed().as_secs_f64());
         for ((alert, result), arrived) in batch.iter().zip(results).zip(arrivals) {
             let agent_holds_open = alert.origin == Origin::Edge && alert.state != AlertState::Resolved;
@@ -138,7 +183,7 @@ async fn record_forever(
                 }
                 Err(error) => {
                     known.forget(alert.id);
-                    // The readings behind it stay in the database: the alert is not lost for good, only this copy.
+                    // See RECORD_RETRY_WAITS for what becomes of it.
                     metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert_not_recorded")
                         .increment(1);
                     tracing::warn!(alert_id = %alert.id, farm_id = %alert.farm_id, %error, "cannot record an alert");
@@ -732,5 +777,47 @@ mod tests {
         link.alerts.record_alert(&other).await.unwrap();
         link.send_from_agent(other);
         assert!(tokio::time::timeout(Duration::from_millis(500), link.down.recv()).await.is_err());
+    }
+
+    /// A database that fails for a moment does not lose the agent's alerts (it sends each once); an alert refused
+    /// for what it is is not tried again.
+    #[tokio::test]
+    async fn alerts_the_database_did_not_take_are_tried_again() {
+        let link = Link::new().await;
+        let (good, bad) = (link.alert(Origin::Edge, 10), link.alert(Origin::Edge, 20));
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let waits = [Duration::ZERO; 3];
+        let results = record_with_retries(&[good.clone(), bad.clone()], &waits, |batch| {
+            let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (alerts, bad_id) = (link.alerts.clone(), bad.id);
+            async move {
+                let mut results = Vec::new();
+                for alert in batch {
+                    results.push(if alert.id == bad_id {
+                        Err(Error::invalid("alert", "refused for what it is"))
+                    } else if call < 2 {
+                        Err(Error::Unavailable("the database is away".into()))
+                    } else {
+                        alerts.record_alert(&alert).await
+                    });
+                }
+                results
+            }
+        })
+        .await;
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3, "two failures, then recorded");
+        assert_eq!(results[0].as_ref().unwrap().as_ref().unwrap().alert.id, good.id);
+        assert!(matches!(results[1], Err(Error::InvalidArgument { .. })), "not retried: {:?}", results[1]);
+        assert_eq!(link.alerts.get_alert(good.id).await.unwrap().state, AlertState::Open);
+
+        // A database away for longer than every wait: the error is what comes back.
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let results = record_with_retries(std::slice::from_ref(&good), &waits, |batch| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { batch.iter().map(|_| Err(Error::Unavailable("still away".into()))).collect() }
+        })
+        .await;
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4, "the first try and one per wait");
+        assert!(matches!(results[0], Err(Error::Unavailable(_))));
     }
 }
