@@ -23,7 +23,7 @@ use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::alert::v1::alert_service_server::{AlertService, AlertServiceServer};
 use smartfarm_store::alerts::{AlertEvent, AlertFilter, AlertRetention, Webhook, WebhookState};
-use smartfarm_store::{AlertStore, RegistryStore};
+use smartfarm_store::{AlertStore, RegistryStore, TelemetryStore};
 
 /// How often alert events and resolved alerts past their retention are deleted.
 const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -37,6 +37,9 @@ pub struct AlertApi {
     alerts: Arc<dyn AlertStore>,
     bus: Bus,
     settings: Arc<AlertsConfig>,
+    /// Where the batches scored for anomalies are listed: the verdict listener takes a batch off the list once
+    /// every stretch found in it has its alert recorded.
+    scored_batches: Option<Arc<dyn TelemetryStore>>,
 }
 
 /// Records an alert raised in the cloud (merged with any other copy) and announces the change on the bus.
@@ -66,7 +69,14 @@ impl AlertApi {
         bus: Bus,
         settings: AlertsConfig,
     ) -> AlertApi {
-        AlertApi { registry, alerts, bus, settings: Arc::new(settings) }
+        AlertApi { registry, alerts, bus, settings: Arc::new(settings), scored_batches: None }
+    }
+
+    /// Confirms batches scored for anomalies in `telemetry` once their stretches' alerts are recorded (see
+    /// `run_verdicts`). Without it they stay listed until the late scorer has tried them a few times.
+    pub fn with_scored_batches(mut self, telemetry: Arc<dyn TelemetryStore>) -> AlertApi {
+        self.scored_batches = Some(telemetry);
+        self
     }
 
     /// The tonic server for this service.
@@ -76,7 +86,7 @@ impl AlertApi {
 
     /// Turns the models' verdicts on the bus into alerts, forever; run it in a task of its own.
     pub async fn run_verdicts(self) {
-        verdicts::run(self.alerts.clone(), self.bus.clone()).await
+        verdicts::run(self.alerts.clone(), self.bus.clone(), self.scored_batches.clone()).await
     }
 
     /// Deletes alert events and resolved alerts past `retention` every hour, forever; run it in a task of its own.

@@ -6,6 +6,11 @@
 //! An alert a
 //! copy of this task on another replica records too is merged into the same row (alert ids are derived), so running
 //! it on every replica is harmless.
+//!
+//! Anomalies come from the scoring of listed batches (see `TelemetryStore::claim_unscored`): once every stretch a
+//! scoring announced is recorded, this role takes the batch off the list. A stretch whose alert was not recorded
+//! (its event lost, this role behind or down, a database error) leaves the batch listed, and the late scorer
+//! announces it again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,13 +22,25 @@ use uuid::Uuid;
 use smartfarm_bus::{Bus, Event};
 use smartfarm_core::rules::{AlertState, AnomalyVerdict, Condition, DISEASE_METRIC, DiseaseVerdict, Evaluator, Origin};
 use smartfarm_core::{Result, time};
-use smartfarm_store::AlertStore;
+use smartfarm_store::{AlertStore, TelemetryStore};
 
-pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
+/// Scorings whose end (`Event::BatchScored`) has not arrived yet, at most: a listener that lost those ends forgets
+/// what it counted (their batches are scored again).
+const SCORINGS_IN_FLIGHT: usize = 4096;
+
+/// What a scoring's stretches came to so far: how many alerts were recorded, and whether one was not.
+#[derive(Default)]
+struct Tally {
+    recorded: u32,
+    failed: bool,
+}
+
+pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, scored_batches: Option<Arc<dyn TelemetryStore>>) {
     let mut events = bus.subscribe();
     let mut evaluators: HashMap<Uuid, Evaluator> = HashMap::new();
     // Farms whose rules may have changed since their evaluator last read them.
     let mut stale: HashSet<Uuid> = HashSet::new();
+    let mut scorings: HashMap<Uuid, Tally> = HashMap::new();
     loop {
         let event = match events.recv().await {
             Ok(event) => event,
@@ -34,12 +51,19 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
                 // read on its next verdict. A repeat then opens a new alert rather than joining one.
                 evaluators.clear();
                 stale.clear();
+                // Some stretches may be among what was missed: none of those scorings confirms its batch.
+                scorings.clear();
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
         // A healthy diagnosis clears the camera's disease alerts.
         let healthy = matches!(event, Event::HealthyDiagnosed(_));
+        let verdict_of = match &event {
+            Event::DiseaseDetected(detected) | Event::HealthyDiagnosed(detected) => Some((detected.farm_id, None)),
+            Event::AnomalyDetected(detected) => Some((detected.farm_id, detected.scoring)),
+            _ => None,
+        };
         let result = match event {
             Event::RulesChanged { farm_id } => {
                 stale.insert(farm_id);
@@ -99,8 +123,36 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus) {
                 })
                 .await
             }
+            Event::BatchScored(scored) => {
+                let tally = scorings.remove(&scored.scoring).unwrap_or_default();
+                match &scored_batches {
+                    Some(telemetry) if !tally.failed && tally.recorded == scored.stretches => {
+                        telemetry.forget_unscored(&[scored.batch]).await
+                    }
+                    // Left listed: scored again later, its stretches announced again.
+                    _ => Ok(()),
+                }
+            }
             _ => Ok(()),
         };
+        if let Some((farm_id, scoring)) = verdict_of {
+            if let Some(scoring) = scoring {
+                if scorings.len() >= SCORINGS_IN_FLIGHT && !scorings.contains_key(&scoring) {
+                    scorings.clear();
+                }
+                let tally = scorings.entry(scoring).or_default();
+                match &result {
+                    Ok(()) => tally.recorded += 1,
+                    Err(_) => tally.failed = true,
+                }
+            }
+            if result.is_err() {
+                // Its evaluator may hold an alert that was not recorded, and would take the verdict announced again
+                // for nothing new: the farm starts over from its rules, as after a lag.
+                evaluators.remove(&farm_id);
+                stale.remove(&farm_id);
+            }
+        }
         if let Err(error) = result {
             tracing::warn!(%error, "a model verdict could not be turned into an alert");
         }

@@ -188,3 +188,92 @@ async fn a_healthy_photo_resolves_an_older_disease_alert_a_later_one_replaced() 
     let listed = orchard.alerts_once(|alerts| alerts.iter().all(|alert| alert.state == AlertState::Resolved)).await;
     assert!(listed.iter().all(|alert| alert.state == AlertState::Resolved), "both resolved: {listed:?}");
 }
+
+/// The alert role takes a scored batch off the list once every stretch its scoring announced has its alert
+/// recorded; a batch one of whose stretches never arrived stays listed, to be scored and announced again.
+#[tokio::test]
+async fn a_scored_batch_leaves_the_list_once_every_stretch_has_its_alert() {
+    use smartfarm_bus::{AnomalyDetected, BatchScored};
+    use smartfarm_core::batch::BatchKey;
+    use smartfarm_store::model::DeviceKind;
+    use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
+
+    let database = TestDatabase::sqlite().await;
+    let (farm_id, devices) = database.farm_with_devices(&[DeviceKind::Gateway, DeviceKind::Sensor]).await;
+    let (gateway, sensor) = (devices[0], devices[1]);
+    let (store, telemetry) = (database.database.alerts(), database.database.telemetry());
+    let bus = Bus::in_process();
+    let api = AlertApi::new(database.registry(), store.clone(), bus.clone(), AlertsConfig::default())
+        .with_scored_batches(telemetry.clone());
+    let anomalies = pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
+        disease_labels: vec![],
+        min_confidence: 0.8,
+        on_sensor_anomaly: true,
+    });
+    api.create_rule(as_admin(rule(farm_id, "anomalies", anomalies))).await.unwrap();
+    tokio::spawn(api.clone().run_verdicts());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let spool_id = Uuid::now_v7();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let at = |seconds: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(now - 86_400 + seconds);
+    let mut keys = Vec::new();
+    for sequence in [1, 2] {
+        let reading = ReadingRow {
+            sequence,
+            device_id: sensor,
+            metric: "latency".into(),
+            value: 1.0,
+            measure_time: at(sequence),
+        };
+        let batch = EdgeBatch {
+            gateway_id: gateway,
+            spool_id,
+            farm_id,
+            first_sequence: sequence,
+            last_sequence: sequence,
+            readings: vec![reading],
+            aggregates: Vec::new(),
+            receive_time: SystemTime::now(),
+            score_later: true,
+        };
+        telemetry.commit_batch(&batch, &[]).await.unwrap();
+        keys.push(BatchKey { gateway_id: gateway, spool_id, last_sequence: sequence });
+    }
+    let stretch = |scoring: Uuid, start: u64| {
+        Event::AnomalyDetected(AnomalyDetected {
+            farm_id,
+            device_id: sensor,
+            metric: "latency".into(),
+            start_time: at(start),
+            end_time: at(start + 60),
+            peak_time: at(start + 30),
+            peak_score: 9.0,
+            peak_value: 80.0,
+            model: ModelVersion { name: "anomaly".into(), version: "1".into() },
+            scoring: Some(scoring),
+        })
+    };
+    // The first batch's scoring announced two stretches, both arrive. The second's announced two; one was lost.
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    bus.publish(stretch(first, 1000));
+    bus.publish(stretch(first, 10_000));
+    bus.publish(Event::BatchScored(BatchScored { batch: keys[0], scoring: first, stretches: 2 }));
+    bus.publish(stretch(second, 20_000));
+    bus.publish(Event::BatchScored(BatchScored { batch: keys[1], scoring: second, stretches: 2 }));
+
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        // A claim without a lease only looks.
+        listed = telemetry.claim_unscored(later, later, Duration::ZERO, 10, &[]).await.unwrap();
+        if listed.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed.iter().map(|batch| batch.key).collect::<Vec<_>>(), vec![keys[1]]);
+    let filter = AlertFilter { farm_id: Some(farm_id), ..AlertFilter::default() };
+    let recorded = store.list_alerts(&filter, None, 100).await.unwrap();
+    assert_eq!(recorded.len(), 3, "every stretch that arrived has its alert: {recorded:?}");
+}

@@ -41,6 +41,11 @@ pub enum Event {
     HealthyDiagnosed(Diagnosis),
     /// The anomaly detector found an anomalous stretch in a device's metric.
     AnomalyDetected(AnomalyDetected),
+    /// A listed batch was scored and every stretch found in it announced (published after them): the alert role
+    /// takes the batch off the list of batches to score once it has recorded them all, so a stretch whose alert
+    /// was not recorded (lost on the way, a replica that died, a database error) is announced again when the batch
+    /// is scored late.
+    BatchScored(BatchScored),
     /// An alert was recorded: opened, changed, acknowledged or resolved (live streams, webhooks and the farm's edge
     /// link pass it on).
     AlertChanged(AlertChanged),
@@ -147,6 +152,20 @@ pub struct AnomalyDetected {
     pub peak_score: f64,
     pub peak_value: f64,
     pub model: ModelVersion,
+    /// The scoring of a listed batch that found it (see [`Event::BatchScored`]); `None` for a batch not listed, and
+    /// from versions that did not say.
+    #[serde(default)]
+    pub scoring: Option<Uuid>,
+}
+
+/// The end of a listed batch's scoring that found anomalous stretches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchScored {
+    pub batch: BatchKey,
+    /// The scoring (its stretches carry the same id).
+    pub scoring: Uuid,
+    /// How many stretches it announced.
+    pub stretches: u32,
 }
 
 /// A photo newly stored, with what a consumer needs to fetch and diagnose it.

@@ -12,8 +12,9 @@
 //! read from the database only when that chain breaks. A batch that another replica committed and scores itself
 //! (it runs this role too) is left to it; one committed by a replica without this role is handed out as work on
 //! the bus, and scored by the one replica that takes it. Each commit also lists its batch in the store, and the
-//! scorer takes it off; one still listed after `inference.late_scoring_after` (its announcement was lost) is scored
-//! late from there.
+//! scorer takes it off, or, when the batch holds anomalies, announces the end of its scoring (`BatchScored`) and
+//! the alert role takes it off once their alerts are recorded; one still listed after
+//! `inference.late_scoring_after` (its announcement or an anomaly's was lost) is scored late from there.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,8 +24,8 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use uuid::Uuid;
 
 use smartfarm_bus::{
-    AnomalyDetected, Diagnosis, Event, ImageStored, Job, JobKind, JobTaker, ModelVersion, ReadingsCommitted,
-    SeriesSpan, SpanReadings, Work,
+    AnomalyDetected, BatchScored, Diagnosis, Event, ImageStored, Job, JobKind, JobTaker, ModelVersion,
+    ReadingsCommitted, SeriesSpan, SpanReadings, Work,
 };
 use smartfarm_core::batch::BatchKey;
 use smartfarm_core::{Error, Result};
@@ -525,19 +526,33 @@ impl InferenceApi {
         };
         metrics::counter!("smartfarm_inference_batches_scored_total").increment(1);
         let mut failed = false;
+        let scoring = committed.batch.map(|_| Uuid::now_v7());
+        let mut stretches = 0;
         for span in &committed.series {
-            match self.score_span(committed.farm_id, span, &model, epoch, source == Source::Late).await {
-                Ok(found) => metrics::counter!("smartfarm_inference_anomalies_detected_total").increment(found as u64),
+            match self.score_span(committed.farm_id, span, &model, epoch, (source == Source::Late, scoring)).await {
+                Ok(found) => {
+                    stretches += found;
+                    metrics::counter!("smartfarm_inference_anomalies_detected_total").increment(found as u64)
+                }
                 Err(error) => {
                     failed = true;
                     tracing::warn!(device_id = %span.device_id, metric = %span.metric, %error, "cannot score new readings")
                 }
             }
         }
-        // A batch that failed stays listed: the late scorer tries it again (the database may be back by then).
-        if let Some(key) = committed.batch {
-            if !failed {
-                self.confirm_scored(key).await;
+        // A batch that failed stays listed: the late scorer tries it again (the database may be back by then). One
+        // with anomalies is confirmed by the alert role once it has recorded their alerts.
+        if let (Some(key), Some(scoring)) = (committed.batch, scoring) {
+            match (failed, stretches) {
+                (true, _) => {}
+                (false, 0) => self.confirm_scored(key).await,
+                (false, stretches) => {
+                    self.bus.publish(Event::BatchScored(BatchScored {
+                        batch: key,
+                        scoring,
+                        stretches: u32::try_from(stretches).unwrap_or(u32::MAX),
+                    }));
+                }
             }
             self.detectors.queued.lock().expect("queued batches").remove(&key);
         }
@@ -551,7 +566,7 @@ impl InferenceApi {
         span: &SeriesSpan,
         model: &smartfarm_store::models::StoredModel,
         epoch: u64,
-        late: bool,
+        (late, scoring_id): (bool, Option<Uuid>),
     ) -> Result<usize> {
         let version = ModelVersion { name: model.name.clone(), version: model.version.clone() };
         let key = (span.device_id, span.metric.clone());
@@ -661,6 +676,7 @@ impl InferenceApi {
                 peak_score: event.peak_score,
                 peak_value: values[event.peak],
                 model: version.clone(),
+                scoring: scoring_id,
             }));
         }
         Ok(announced)

@@ -620,6 +620,8 @@ async fn a_batch_whose_announcement_was_lost_is_scored_late() {
         }
         false
     };
+    // The alert role's part: a batch with anomalies leaves the list once their alerts are recorded (here, at once).
+    tokio::spawn(confirm_scored_batches(setup.bus.subscribe(), telemetry.clone()));
     let mut events = setup.bus.subscribe();
     for (index, part) in [&rows[..split], &rows[split..third], &rows[third..]].into_iter().enumerate() {
         if index == 2 {
@@ -658,6 +660,60 @@ async fn a_batch_whose_announcement_was_lost_is_scored_late() {
     let past_its_end = rows[rows.len() - 1].measure_time + Duration::from_micros(1);
     assert!(reads.iter().any(|read| read.end == past_its_end), "{reads:#?}");
     assert!(nothing_listed().await, "the batch scored late is still listed for scoring");
+}
+
+/// Takes each batch whose scoring ended (`BatchScored`) off the list, as the alert role does once it has recorded
+/// the alerts of the batch's stretches.
+async fn confirm_scored_batches(
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    telemetry: Arc<dyn smartfarm_store::TelemetryStore>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(Event::BatchScored(scored)) => telemetry.forget_unscored(&[scored.batch]).await.unwrap(),
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// A batch whose scoring found anomalies is not taken off the list by its scorer: it announces the end of the
+/// scoring with how many stretches it announced, each carrying the scoring's id, and the batch waits for the alert
+/// role to record their alerts (a lost stretch leaves it listed, to be scored and announced again).
+#[tokio::test]
+async fn a_batch_with_anomalies_stays_listed_until_the_alert_role_confirms_it() {
+    let setup = setup().await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let (rows, split, third) = three_batches(&setup, &series);
+    let (telemetry, spool_id) = (setup.database.telemetry(), Uuid::now_v7());
+    let mut events = setup.bus.subscribe();
+    let mut keys = Vec::new();
+    for part in [&rows[..split], &rows[split..third]] {
+        let batch = edge_batch(&setup, spool_id, part, true);
+        telemetry.commit_batch(&batch, &[]).await.unwrap();
+        let key = BatchKey { gateway_id: setup.gateway, spool_id, last_sequence: batch.last_sequence };
+        setup.bus.publish(committed(&setup, part, true, Some(key)));
+        keys.push(key);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut announced = Vec::new();
+    let scored = loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(Event::AnomalyDetected(anomaly))) => announced.push(anomaly),
+            Ok(Ok(Event::BatchScored(scored))) => break scored,
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => panic!("{error}"),
+            Err(_) => panic!("no batch announced the end of its scoring: {announced:#?}"),
+        }
+    };
+    assert_eq!(scored.batch, keys[1], "the second batch holds the anomalies");
+    let its_own = announced.iter().filter(|anomaly| anomaly.scoring == Some(scored.scoring)).count();
+    assert!(its_own > 0);
+    assert_eq!(scored.stretches as usize, its_own, "{announced:#?}");
+    // Still listed (a claim without a lease only looks), and the first batch, without anomalies, is not.
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let listed = telemetry.claim_unscored(later, later, Duration::ZERO, 10, &[]).await.unwrap();
+    assert_eq!(listed.iter().map(|batch| batch.key).collect::<Vec<_>>(), vec![keys[1]]);
 }
 
 /// A late batch can be older than what was scored since. The detector is fitted on the first half of the first

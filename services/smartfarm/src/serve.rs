@@ -196,7 +196,8 @@ async fn services_for(
                     database.alerts(),
                     bus.clone(),
                     config.alerts.clone(),
-                );
+                )
+                .with_scored_batches(database.telemetry());
                 tokio::spawn(alerts.clone().run_verdicts());
                 tokio::spawn(alerts.clone().run_webhooks());
                 tokio::spawn(alerts.clone().run_retention());
