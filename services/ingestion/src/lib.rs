@@ -56,6 +56,9 @@ pub struct IngestionApi {
     /// Turns true when the process begins to shut down: open links end so their agents reconnect elsewhere.
     shutting_down: watch::Receiver<bool>,
     shutdown_sender: Arc<watch::Sender<bool>>,
+    /// How many links' alert recorders are still running: a stopping process waits for them to record what the
+    /// agents sent up (see [`IngestionApi::wait_for_alert_recorders`]).
+    alert_recorders: Arc<watch::Sender<usize>>,
 }
 
 impl IngestionApi {
@@ -79,6 +82,7 @@ impl IngestionApi {
             commit_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_COMMITS)),
             shutting_down,
             shutdown_sender: Arc::new(shutdown_sender),
+            alert_recorders: Arc::new(watch::Sender::new(0)),
         }
     }
 
@@ -130,6 +134,20 @@ impl IngestionApi {
         let _ = self.shutdown_sender.send(true);
     }
 
+    /// Waits, at most `limit`, until the alert recorders of the links that ended have recorded what their agents
+    /// sent up (an agent sends an alert once; the process must not exit with it queued). Call it once the links are
+    /// closed; returns whether they all finished.
+    pub async fn wait_for_alert_recorders(&self, limit: std::time::Duration) -> bool {
+        let mut running = self.alert_recorders.subscribe();
+        tokio::time::timeout(limit, running.wait_for(|count| *count == 0)).await.is_ok()
+    }
+
+    /// Counts a link's alert recorder as running until the returned guard is dropped.
+    pub(crate) fn alert_recorder_running(&self) -> AlertRecorderRunning {
+        self.alert_recorders.send_modify(|count| *count += 1);
+        AlertRecorderRunning(self.alert_recorders.clone())
+    }
+
     /// The tonic server of the edge link, accepting batches up to the configured size.
     pub fn ingestion_server(self) -> IngestionServiceServer<IngestionApi> {
         // Room for the batch plus the message around it.
@@ -177,5 +195,14 @@ impl IngestionService for IngestionApi {
         let (outbound, receiver) = mpsc::channel(self.settings.max_in_flight_batches as usize + 8);
         tokio::spawn(link::run(self.clone(), (gateway_id, farm_id, credential_sha256), inbound, outbound));
         Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// A link's alert recorder, counted while it runs (see [`IngestionApi::wait_for_alert_recorders`]).
+pub(crate) struct AlertRecorderRunning(Arc<watch::Sender<usize>>);
+
+impl Drop for AlertRecorderRunning {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
     }
 }

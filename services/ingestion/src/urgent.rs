@@ -48,7 +48,11 @@ impl FarmRules {
         let recorder = api.alerts.as_ref().map(|alerts| {
             let (agent, agent_queue) = mpsc::channel(crate::link::URGENT_QUEUE);
             let (copies, copy_queue) = mpsc::unbounded_channel();
-            tokio::spawn(record_forever(api.clone(), alerts.clone(), agent_queue, copy_queue, outbound));
+            let (running, api, alerts) = (api.alert_recorder_running(), api.clone(), alerts.clone());
+            tokio::spawn(async move {
+                record_forever(api, alerts, agent_queue, copy_queue, outbound).await;
+                drop(running);
+            });
             Recorder { agent, copies }
         });
         Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)), recorder })
@@ -584,6 +588,7 @@ mod tests {
     /// A link's recorder on a fresh SQLite database with one farm and sensor; what the link sends down comes out of
     /// the receiver.
     struct Link {
+        api: IngestionApi,
         alerts: Arc<dyn AlertStore>,
         rules: Arc<FarmRules>,
         down: mpsc::Receiver<std::result::Result<pb::ConnectResponse, tonic::Status>>,
@@ -602,7 +607,7 @@ mod tests {
                 .with_alerts(alerts.clone());
             let (outbound, down) = mpsc::channel(16);
             let rules = FarmRules::new(&api, farm_id, outbound);
-            Link { alerts, rules, down, farm_id, sensor: devices[0], rule_id: Uuid::now_v7(), _test: test }
+            Link { api, alerts, rules, down, farm_id, sensor: devices[0], rule_id: Uuid::now_v7(), _test: test }
         }
 
         fn at(seconds: u64) -> SystemTime {
@@ -819,5 +824,26 @@ mod tests {
         .await;
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4, "the first try and one per wait");
         assert!(matches!(results[0], Err(Error::Unavailable(_))));
+    }
+
+    /// A stopping process waits for the recorders of its closed links to record what their agents sent last.
+    #[tokio::test]
+    async fn a_stopping_process_waits_for_the_alerts_an_agent_sent_last() {
+        let link = Link::new().await;
+        assert!(!link.api.wait_for_alert_recorders(Duration::from_millis(50)).await, "the link's recorder runs");
+        let alerts: Vec<Alert> = (0..50).map(|at| link.alert(Origin::Edge, at)).collect();
+        for alert in &alerts {
+            link.send_from_agent(alert.clone());
+        }
+        let Link { api, alerts: store, rules, .. } = link;
+        drop(rules); // The link ends.
+        assert!(api.wait_for_alert_recorders(Duration::from_secs(10)).await);
+        for alert in alerts {
+            assert_eq!(
+                store.get_alert(alert.id).await.unwrap().state,
+                AlertState::Open,
+                "recorded before the wait ended"
+            );
+        }
     }
 }

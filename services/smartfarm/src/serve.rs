@@ -78,6 +78,7 @@ pub async fn run(
     }
 
     let inference = pipeline.as_ref().map(|(inference, _)| inference.clone());
+    let links = ingestion.clone();
     let shutdown = async move {
         stop.await;
         if let Some(ingestion) = &ingestion {
@@ -93,6 +94,13 @@ pub async fn run(
         }
     };
     smartfarm_gateway::server::serve(listener, tls, app, shutdown).await;
+    // The links are closed; what their agents sent up last is recorded before the process exits (the agents do
+    // not send an alert twice).
+    if let Some(links) = links
+        && !links.wait_for_alert_recorders(ALERT_RECORDERS_DRAIN).await
+    {
+        tracing::warn!(?ALERT_RECORDERS_DRAIN, "alerts from edge links were still being recorded; some were not");
+    }
     // The pipeline took no new jobs while the links drained, and went on with what they committed; now it hands
     // back the jobs it holds, so that another replica does them now rather than after NATS's ten minutes (the
     // answers must get out before the runtime stops), and scores this process's batches still waiting.
@@ -109,6 +117,10 @@ pub async fn run(
     tracing::info!("smartfarm stopped");
     Ok(())
 }
+
+/// How long a stopping process waits for its links' alert recorders (long enough for their tries again after a
+/// database error).
+const ALERT_RECORDERS_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a stopping process waits for its inference pipeline to hand back its jobs and score its own batches
 /// still waiting.
