@@ -84,6 +84,8 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         .connect(&server)
         .await
         .map_err(|error| Error::Unavailable(format!("cannot connect to NATS at {server}: {error}")))?;
+    // What the server takes in one message: a larger one is refused every time, so it is not tried again.
+    let max_payload = client.server_info().max_payload;
     let context = jetstream::new(client);
     let subject = format!("{name}.events");
     let stream = context
@@ -144,6 +146,17 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
                 Outgoing::Job(job) => (job_subject(&stream_name, job.kind()), serde_json::to_vec(&job)),
             };
             let payload = match payload {
+                Ok(payload) if max_payload > 0 && payload.len() > max_payload => {
+                    // Retrying would hold every message behind it up for seconds, to the same end.
+                    metrics::counter!("smartfarm_bus_events_dropped_total").increment(1);
+                    tracing::error!(
+                        bytes = payload.len(),
+                        max_payload,
+                        %subject,
+                        "a message is larger than NATS takes; dropped (consumers catch up from the database)"
+                    );
+                    continue;
+                }
                 Ok(payload) => bytes::Bytes::from(payload),
                 Err(error) => {
                     tracing::error!(%error, "a message cannot be written as JSON; dropped");

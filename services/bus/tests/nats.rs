@@ -194,3 +194,36 @@ async fn streams_left(server: &str, name: &str) -> bool {
     let jetstream = async_nats::jetstream::new(client);
     jetstream.get_stream(name).await.is_ok() || jetstream.get_stream(format!("{name}-work")).await.is_ok()
 }
+
+/// A message larger than NATS takes is dropped at once (it would be refused every time), not tried again for
+/// seconds while the events behind it wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_nats_takes_does_not_hold_up_the_ones_behind_it() {
+    let (_server, _name, url) = nats_server_and_url();
+    let a = Bus::connect(&url).await.unwrap();
+    let b = Bus::connect(&url).await.unwrap();
+    let mut heard = b.subscribe();
+    let span = |n: u32| smartfarm_bus::SeriesSpan {
+        device_id: Uuid::from_u128(n.into()),
+        metric: format!("a_metric_with_a_rather_long_name_{n}"),
+        first_time: std::time::SystemTime::UNIX_EPOCH,
+        last_time: std::time::SystemTime::UNIX_EPOCH,
+        readings: None,
+    };
+    // About 2 MB of JSON, over the server's default maximum of 1 MB.
+    let huge = Event::ReadingsCommitted(ReadingsCommitted {
+        farm_id: Uuid::from_u128(1),
+        series: (0..15_000).map(span).collect(),
+        scored_where_committed: true,
+        handed_out: false,
+        published_here: false,
+        batch: None,
+    });
+    let published = std::time::Instant::now();
+    a.publish(huge);
+    a.publish(Event::RulesChanged { farm_id: Uuid::from_u128(2) });
+    let event = tokio::time::timeout(Duration::from_secs(10), heard.recv()).await.expect("B hears A").unwrap();
+    assert_eq!(event, Event::RulesChanged { farm_id: Uuid::from_u128(2) }, "the large one is not delivered");
+    assert!(published.elapsed() < Duration::from_secs(2), "held up for {:?}", published.elapsed());
+    a.remove_streams().await.unwrap();
+}
