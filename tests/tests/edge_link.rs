@@ -408,3 +408,89 @@ on_every_backend!(exactly_once_over_the_link, only_gateways_open_links_and_queri
 async fn a_credential_replaced_before_hello_opens_no_link_on_sqlite() {
     a_credential_replaced_before_hello_opens_no_link(Backend::Sqlite).await;
 }
+
+/// An anomalous stretch in a series that came up the link becomes an alert of the farm's anomaly rule, with the
+/// stretch as its evidence, and its batch leaves the list of batches to score only once the alert role has
+/// recorded it. The series is NAB's EC2 latency fixture (services/ml/fixtures), moved to the last two weeks: its
+/// first 30 % is the history the detector learns from, the next batch holds the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anomaly_in_readings_from_the_link_raises_the_farm_s_anomaly_rule() {
+    use smartfarm_ml::anomaly::nab;
+    use smartfarm_proto::alert::v1 as alert_pb;
+
+    let data = CloudData::new(Backend::Sqlite).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let farm = farm(&cloud, &data).await;
+    let alerts = smartfarm_proto::alert::v1::alert_service_client::AlertServiceClient::with_interceptor(
+        cloud.channel().await,
+        Bearer::new(&farm.admin_key),
+    );
+    let rule = alert_pb::Rule {
+        farm_id: farm.id.clone(),
+        name: "latency anomalies".into(),
+        severity: smartfarm_proto::common::v1::Severity::Warning as i32,
+        condition: Some(alert_pb::rule::Condition::ModelVerdict(alert_pb::ModelVerdictCondition {
+            disease_labels: vec![],
+            min_confidence: 0.8,
+            on_sensor_anomaly: true,
+        })),
+        ..Default::default()
+    };
+    let request = alert_pb::CreateRuleRequest { rule: Some(rule) };
+    let rule_id = alerts.clone().create_rule(request).await.expect("create the rule").into_inner().rule.unwrap().id;
+
+    let fixture =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../services/ml/fixtures/nab/ec2_request_latency_system_failure.csv");
+    let series = nab::read_series(std::path::Path::new(fixture)).unwrap();
+    let shift = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
+        - series.times[series.times.len() - 1]
+        - 3600.0;
+    let records: Vec<pb::SpoolRecord> = series
+        .times
+        .iter()
+        .zip(&series.values)
+        .enumerate()
+        .map(|(index, (&time, &value))| pb::SpoolRecord {
+            sequence: index as u64 + 1,
+            body: Some(pb::spool_record::Body::Reading(Reading {
+                device_id: farm.sensor.clone(),
+                metric: "latency".into(),
+                value,
+                measure_time: Some(to_timestamp(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs_f64((time + shift).round()),
+                )),
+                receive_time: None,
+            })),
+        })
+        .collect();
+    let split = records.len() * 3 / 10;
+    let failure = series.times.partition_point(|&t| t < nab::parse_time("2014-03-18 22:53:00").unwrap());
+
+    let mut link = Link::open(&cloud, &farm.gateway_credential, uuid::Uuid::now_v7()).await.unwrap();
+    for (first, last) in [(1, split), (split + 1, failure)] {
+        let batch = records[first - 1..last].to_vec();
+        link.send_batch(smartfarm_ingestion::batch::encode(batch, first as u64, last as u64)).await;
+        loop {
+            if let connect_response::Body::BatchAck(ack) = link.next().await {
+                assert_eq!(ack.last_sequence, last as u64);
+                break;
+            }
+        }
+    }
+
+    let listed = || async {
+        let request = alert_pb::ListAlertsRequest { farm_id: farm.id.clone(), ..Default::default() };
+        alerts.clone().list_alerts(request).await.unwrap().into_inner().alerts
+    };
+    let raised =
+        smartfarm_e2e::edge::eventually(Duration::from_secs(120), || async { !listed().await.is_empty() }).await;
+    assert!(raised, "no anomaly alert\n{}", cloud.log());
+    let alert = listed().await.remove(0);
+    assert_eq!((alert.rule_id.as_str(), alert.metric.as_str()), (rule_id.as_str(), "latency"));
+    assert!(alert.evidence_window.is_some(), "{alert:?}");
+    // The batch with the failure is off the list because the alert role recorded its stretches.
+    let confirmed = || async { cloud.metric("smartfarm_alert_scored_batches_confirmed_total").await >= 1.0 };
+    assert!(smartfarm_e2e::edge::eventually(Duration::from_secs(20), confirmed).await, "{}", cloud.log());
+    assert_eq!(cloud.metric("smartfarm_alert_scored_batches_left_listed_total").await, 0.0);
+    cloud.stop().await;
+}

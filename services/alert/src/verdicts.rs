@@ -127,10 +127,25 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, scored_batches: O
                 let tally = scorings.remove(&scored.scoring).unwrap_or_default();
                 match &scored_batches {
                     Some(telemetry) if !tally.failed && tally.recorded == scored.stretches => {
-                        telemetry.forget_unscored(&[scored.batch]).await
+                        let confirmed = telemetry.forget_unscored(&[scored.batch]).await;
+                        if confirmed.is_ok() {
+                            metrics::counter!("smartfarm_alert_scored_batches_confirmed_total").increment(1);
+                        }
+                        confirmed
                     }
                     // Left listed: scored again later, its stretches announced again.
-                    _ => Ok(()),
+                    Some(_) => {
+                        metrics::counter!("smartfarm_alert_scored_batches_left_listed_total").increment(1);
+                        tracing::warn!(
+                            gateway_id = %scored.batch.gateway_id,
+                            last_sequence = scored.batch.last_sequence,
+                            stretches = scored.stretches,
+                            recorded = tally.recorded,
+                            "not every anomaly of a scored batch has its alert; it is scored again later"
+                        );
+                        Ok(())
+                    }
+                    None => Ok(()),
                 }
             }
             _ => Ok(()),

@@ -241,15 +241,31 @@ async fn ingest(readings: u64, devices: usize) -> anyhow::Result<()> {
         client.query_one("SELECT count(*) FROM unscored_batches", &[]).await.map(|row| row.get::<_, i64>(0))
     };
     let left_at_drain_end = left_to_score().await?;
+    let drained = Instant::now();
     edge.stop().await;
 
     let baseline_after = raw_copy(&url, &fleet, readings, devices, base, 20_000_000_000).await?;
     let baseline = (baseline_before + baseline_after) / 2.0;
     let server_side = server_side_copy(&client, readings).await?;
+    let left_after_the_baselines = left_to_score().await?;
+    // Then until scoring has caught up (every batch scored and, where it held anomalies, confirmed by the alert
+    // role), two minutes at most: how long after the drain the list is empty.
+    let mut left = left_after_the_baselines;
+    while left > 0
+        && started.elapsed() < Duration::from_secs(600)
+        && Instant::now() < drained + Duration::from_secs(120)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = left_to_score().await?;
+    }
     let scoring = serde_json::json!({
         "batches_left_to_score_at_drain_end": left_at_drain_end,
-        "batches_left_to_score_after_the_baselines": left_to_score().await?,
+        "batches_left_to_score_after_the_baselines": left_after_the_baselines,
+        "batches_left_to_score_at_the_end": left,
+        "seconds_from_the_drain_until_scored": (left == 0).then(|| (drained.elapsed().as_secs_f64() * 10.0).round() / 10.0),
         "batches_scored": cloud.metric("smartfarm_inference_batches_scored_total").await,
+        "anomalies_announced": cloud.metric("smartfarm_inference_anomalies_detected_total").await,
+        "batches_confirmed_by_the_alert_role": cloud.metric("smartfarm_alert_scored_batches_confirmed_total").await,
         "events_missed": cloud.metric("smartfarm_inference_events_missed_total").await,
     });
     emit(serde_json::json!({
