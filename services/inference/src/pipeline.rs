@@ -174,6 +174,11 @@ const LATE_LEASE: Duration = Duration::from_secs(600);
 
 /// Late scorings of one batch before it is given up (logged): a batch that keeps failing is not retried forever.
 const LATE_ATTEMPTS: u32 = 3;
+/// How far back the late diagnosis looks for photos without a diagnosis: older ones (stored before a model was
+/// active, or while diagnosis was switched off) are left alone.
+const LATE_PHOTOS_WITHIN: Duration = Duration::from_secs(24 * 3600);
+/// Most photos read per round of the late diagnosis.
+const LATE_PHOTOS_AT_ONCE: usize = 16;
 
 /// How long a series that is constant or otherwise unfit to learn from waits before it is tried again.
 const UNFIT_RETRY: Duration = Duration::from_secs(3600);
@@ -285,6 +290,7 @@ impl InferenceApi {
         }
         // Ends with the process's stop, or when the bus closes (below).
         let late = self.settings.score_new_readings.then(|| tokio::spawn(self.clone().score_late_batches()));
+        let late_photos = self.settings.diagnose_new_images.then(|| tokio::spawn(self.clone().diagnose_late_photos()));
         let mut events = self.bus.subscribe();
         let mut shutdown = self.shutting_down.clone();
         let mut stopping = false;
@@ -352,7 +358,7 @@ impl InferenceApi {
         // The workers end when their queues close or the process stops, whichever comes first. A late batch in hand
         // stays claimed until its lease ends.
         drop((photos, readings));
-        if let Some(late) = late {
+        for late in [late, late_photos].into_iter().flatten() {
             late.abort();
         }
         for worker in workers {
@@ -442,6 +448,72 @@ impl InferenceApi {
                     biased;
                     () = reached(&mut shutdown, Shutdown::Stopping) => return,
                     () = self.score_new_readings(&committed, 0, Source::Late) => {}
+                }
+            }
+        }
+    }
+
+    /// Until the process stops: diagnoses the photos received more than `inference.late_scoring_after` ago (within
+    /// the last day) that still have no diagnosis: their job was lost (a process on the in-process bus stopped or
+    /// died with it queued), or every try failed. A failed try is noted, so a photo is tried at most once per wait.
+    /// Every replica that runs the role does this: a photo may so be diagnosed twice, to the same diagnosis and the
+    /// same alert.
+    async fn diagnose_late_photos(self) {
+        let mut shutdown = self.shutting_down.clone();
+        let wait = self.settings.late_scoring_after;
+        let every = (wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        let mut more_waiting = false;
+        loop {
+            if !more_waiting {
+                tokio::select! {
+                    biased;
+                    () = reached(&mut shutdown, Shutdown::Draining) => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+            more_waiting = false;
+            if self.serving.active(ModelKind::PlantDisease, "").await.is_err() {
+                continue;
+            }
+            let now = SystemTime::now();
+            let received_before = now.checked_sub(wait).unwrap_or(SystemTime::UNIX_EPOCH);
+            let received_from = now.checked_sub(LATE_PHOTOS_WITHIN).unwrap_or(SystemTime::UNIX_EPOCH);
+            let photos = match self.images.undiagnosed_images(received_from, received_before, LATE_PHOTOS_AT_ONCE).await
+            {
+                Ok(photos) => photos,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the photos left without a diagnosis");
+                    continue;
+                }
+            };
+            // Each photo found is diagnosed or noted as failed, so the next read moves on (unless noting failed too).
+            more_waiting = photos.len() == LATE_PHOTOS_AT_ONCE;
+            for photo in photos {
+                if *shutdown.borrow() >= Shutdown::Draining {
+                    return;
+                }
+                metrics::counter!("smartfarm_inference_late_photos_total").increment(1);
+                tracing::info!(image_id = %photo.id, "diagnosing a photo left without a diagnosis");
+                let stored = ImageStored {
+                    handed_out: false,
+                    image_id: photo.id,
+                    farm_id: photo.farm_id,
+                    device_id: photo.device_id,
+                    sha256: photo.sha256,
+                    content_type: photo.content_type,
+                    capture_time: photo.capture_time,
+                };
+                let diagnosed = tokio::select! {
+                    biased;
+                    () = reached(&mut shutdown, Shutdown::Stopping) => return,
+                    diagnosed = self.diagnose_new_image(&stored) => diagnosed,
+                };
+                if let Err(error) = diagnosed {
+                    tracing::warn!(image_id = %photo.id, %error, "cannot diagnose a photo left without a diagnosis");
+                    if let Err(error) = self.images.note_diagnosis_failed(photo.id, SystemTime::now()).await {
+                        tracing::warn!(image_id = %photo.id, %error, "cannot note a failed diagnosis");
+                        more_waiting = false;
+                    }
                 }
             }
         }

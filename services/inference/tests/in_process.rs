@@ -282,6 +282,29 @@ fn classify(source: pb::classify_image_request::Source) -> pb::ClassifyImageRequ
     pb::ClassifyImageRequest { source: Some(source), model_name: String::new(), top_k: 0 }
 }
 
+/// A photo stored whose job was lost (never handed out here: a process on the in-process bus died with it queued)
+/// is diagnosed late, and its disease announced; one whose original cannot be read is tried and left without a
+/// diagnosis.
+#[tokio::test]
+async fn a_photo_whose_job_was_lost_is_diagnosed_late() {
+    let late_scoring_after = Duration::from_secs(1);
+    let setup = setup_with(InferenceConfig { late_scoring_after, ..InferenceConfig::default() }).await;
+    let mut events = setup.bus.subscribe();
+    let lost = store_photo(&setup, &leaf("Apple___Black_rot")).await;
+    let unreadable = store_photo(&setup, b"not a photo at all").await;
+    let images = setup.database.images();
+    let diagnosed = || async { images.get_image(lost.id).await.unwrap().diagnosis.is_some() };
+    assert!(eventually(diagnosed).await, "the photo whose job was lost was not diagnosed");
+    let announced = next_event(&mut events, |event| match event {
+        Event::DiseaseDetected(detected) if detected.image_id == lost.id => Some(detected),
+        _ => None,
+    })
+    .await
+    .expect("its disease announced");
+    assert_eq!(announced.label, "Apple___Black_rot");
+    assert_eq!(images.get_image(unreadable.id).await.unwrap().diagnosis, None);
+}
+
 #[tokio::test]
 async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
     let mut setup = setup().await;

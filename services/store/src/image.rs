@@ -250,4 +250,15 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn set_storage_class(&self, id: Uuid, storage_class: &str) -> Result<()>;
     /// Records a model's diagnosis of a photo (replacing an earlier one); `NotFound` for an unknown photo.
     async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis) -> Result<()>;
+    /// Photos with an available original and no diagnosis, received from `received_from` and before
+    /// `received_before`, and not tried since `received_before` (see [`ImageStore::note_diagnosis_failed`]);
+    /// oldest arrival first.
+    async fn undiagnosed_images(
+        &self,
+        received_from: SystemTime,
+        received_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<ImageRecord>>;
+    /// Records that diagnosing a photo without a diagnosis failed at `at`, so that it waits before the next try.
+    async fn note_diagnosis_failed(&self, id: Uuid, at: SystemTime) -> Result<()>;
 }

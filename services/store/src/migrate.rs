@@ -50,6 +50,11 @@ pub const SQLITE: &[Migration] = &[
         name: "unscored_batches",
         sql: include_str!("../migrations/sqlite/0011_unscored_batches.sql"),
     },
+    Migration {
+        version: 12,
+        name: "undiagnosed_images",
+        sql: include_str!("../migrations/sqlite/0012_undiagnosed_images.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -88,6 +93,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 11,
         name: "unscored_batches",
         sql: include_str!("../migrations/postgres/0011_unscored_batches.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "undiagnosed_images",
+        sql: include_str!("../migrations/postgres/0012_undiagnosed_images.sql"),
     },
 ];
 

@@ -300,6 +300,39 @@ async fn intents_thumbnails_and_retention_keep_blobs_accounted_for(database: &Da
     assert!(images.originals_to_move(at(100), "GLACIER_IR", 10).await.unwrap().is_empty());
 }
 
+async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Database) {
+    let images = database.images();
+    let (farm_id, cameras) = farm(database, "a").await;
+    // Received at hours 1 to 5 (see `photo`).
+    let photos: Vec<ImageRecord> = (0..5).map(|hour| photo(farm_id, cameras[0], hour, 0x10 + hour as u8)).collect();
+    for photo in &photos {
+        insert_new(&*images, photo.clone(), None).await;
+    }
+    let ids = |found: Vec<ImageRecord>| found.into_iter().map(|image| image.id).collect::<Vec<_>>();
+    let diagnosis = StoredDiagnosis {
+        label: "Apple___healthy".into(),
+        confidence: 0.99,
+        model_name: "leafnet".into(),
+        model_version: "1".into(),
+        diagnose_time: at(6),
+    };
+    images.set_diagnosis(photos[1].id, &diagnosis).await.unwrap();
+    // Received within [hour 2, hour 5): the diagnosed one is left out, oldest first.
+    let found = ids(images.undiagnosed_images(at(2), at(5), 10).await.unwrap());
+    assert_eq!(found, vec![photos[2].id, photos[3].id]);
+    assert_eq!(ids(images.undiagnosed_images(at(0), at(10), 2).await.unwrap()), vec![photos[0].id, photos[2].id]);
+
+    // A failed try waits: it is not found again until the time it was tried is before the bound.
+    images.note_diagnosis_failed(photos[2].id, at(8)).await.unwrap();
+    assert_eq!(images.get_image(photos[2].id).await.unwrap().diagnosis, None, "still without a diagnosis");
+    assert_eq!(ids(images.undiagnosed_images(at(2), at(5), 10).await.unwrap()), vec![photos[3].id]);
+    let later = ids(images.undiagnosed_images(at(0), at(9), 10).await.unwrap());
+    assert_eq!(later, vec![photos[0].id, photos[2].id, photos[3].id, photos[4].id]);
+    // A diagnosed photo keeps its diagnosis: a failed try noted late changes nothing.
+    images.note_diagnosis_failed(photos[1].id, at(9)).await.unwrap();
+    assert_eq!(images.get_image(photos[1].id).await.unwrap().diagnosis, Some(diagnosis));
+}
+
 macro_rules! image_suite {
     ($backend:ident) => {
         mod $backend {
@@ -318,6 +351,12 @@ macro_rules! image_suite {
             #[tokio::test]
             async fn uploads_resume_and_refuse_a_stale_writer() {
                 super::uploads_resume_and_refuse_a_stale_writer(&Harness::$backend().await.database).await;
+            }
+
+            #[tokio::test]
+            async fn photos_without_a_diagnosis_are_found_for_late_diagnosis() {
+                super::photos_without_a_diagnosis_are_found_for_late_diagnosis(&Harness::$backend().await.database)
+                    .await;
             }
 
             #[tokio::test]

@@ -504,4 +504,35 @@ impl ImageStore for PostgresStore {
         }
         Ok(())
     }
+
+    async fn undiagnosed_images(
+        &self,
+        received_from: SystemTime,
+        received_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<ImageRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {IMAGE_COLUMNS} FROM images
+                     WHERE diagnosis_label IS NULL AND receive_time >= $1 AND receive_time < $2 AND original_available
+                       AND (diagnosis_time IS NULL OR diagnosis_time < $2)
+                     ORDER BY receive_time LIMIT $3"
+                ),
+                &[&received_from, &received_before, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error("list undiagnosed images"))?;
+        rows.iter().map(image_from_row).collect()
+    }
+
+    async fn note_diagnosis_failed(&self, id: Uuid, at: SystemTime) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE images SET diagnosis_time = $2 WHERE id = $1 AND diagnosis_label IS NULL", &[&id, &at])
+            .await
+            .map_err(pg_error("note a failed diagnosis"))?;
+        Ok(())
+    }
 }

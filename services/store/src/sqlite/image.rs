@@ -583,4 +583,39 @@ impl ImageStore for SqliteStore {
         })
         .await
     }
+
+    async fn undiagnosed_images(
+        &self,
+        received_from: SystemTime,
+        received_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<ImageRecord>> {
+        self.run(move |connection| {
+            let sql = format!(
+                "SELECT {IMAGE_COLUMNS} FROM images
+                 WHERE diagnosis_label IS NULL AND receive_time >= ?1 AND receive_time < ?2 AND original_available
+                   AND (diagnosis_time IS NULL OR diagnosis_time < ?2)
+                 ORDER BY receive_time LIMIT ?3"
+            );
+            query_images(
+                connection,
+                &sql,
+                params![to_unix_micros(received_from), to_unix_micros(received_before), limit as i64],
+            )
+        })
+        .await
+    }
+
+    async fn note_diagnosis_failed(&self, id: Uuid, at: SystemTime) -> Result<()> {
+        self.run(move |connection| {
+            connection
+                .execute(
+                    "UPDATE images SET diagnosis_time = ?2 WHERE id = ?1 AND diagnosis_label IS NULL",
+                    params![id.to_string(), to_unix_micros(at)],
+                )
+                .map_err(sql_error("note a failed diagnosis"))?;
+            Ok(())
+        })
+        .await
+    }
 }
