@@ -441,6 +441,9 @@ async fn a_diseased_leaf_raises_the_model_verdict_rule_with_the_photo_as_evidenc
     assert_eq!(alert.device_id, camera);
     assert!(alert.message.contains("Apple___Black_rot"), "{}", alert.message);
     assert!(!alert.evidence_image_id.is_empty(), "the photo is the evidence");
+    // The alert role confirmed the photo's verdict, so it is not diagnosed and announced again.
+    let confirmed = || async { cloud.metric("smartfarm_alert_photo_verdicts_confirmed_total").await >= 1.0 };
+    assert!(eventually(Duration::from_secs(10), confirmed).await, "{}", cloud.log());
     edge.stop().await;
     cloud.stop().await;
 }

@@ -23,7 +23,7 @@ use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::alert::v1 as pb;
 use smartfarm_proto::alert::v1::alert_service_server::{AlertService, AlertServiceServer};
 use smartfarm_store::alerts::{AlertEvent, AlertFilter, AlertRetention, Webhook, WebhookState};
-use smartfarm_store::{AlertStore, RegistryStore, TelemetryStore};
+use smartfarm_store::{AlertStore, ImageStore, RegistryStore, TelemetryStore};
 
 /// How often alert events and resolved alerts past their retention are deleted.
 const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -37,9 +37,9 @@ pub struct AlertApi {
     alerts: Arc<dyn AlertStore>,
     bus: Bus,
     settings: Arc<AlertsConfig>,
-    /// Where the batches scored for anomalies are listed: the verdict listener takes a batch off the list once
-    /// every stretch found in it has its alert recorded.
-    scored_batches: Option<Arc<dyn TelemetryStore>>,
+    /// Where the batches scored for anomalies are listed and the photos diagnosed wait: the verdict listener
+    /// confirms each once it has recorded what its verdicts raised.
+    confirmations: verdicts::Confirmations,
 }
 
 /// Records an alert raised in the cloud (merged with any other copy) and announces the change on the bus.
@@ -69,13 +69,21 @@ impl AlertApi {
         bus: Bus,
         settings: AlertsConfig,
     ) -> AlertApi {
-        AlertApi { registry, alerts, bus, settings: Arc::new(settings), scored_batches: None }
+        AlertApi {
+            registry,
+            alerts,
+            bus,
+            settings: Arc::new(settings),
+            confirmations: verdicts::Confirmations::default(),
+        }
     }
 
-    /// Confirms batches scored for anomalies in `telemetry` once their stretches' alerts are recorded (see
-    /// `run_verdicts`). Without it they stay listed until the late scorer has tried them a few times.
-    pub fn with_scored_batches(mut self, telemetry: Arc<dyn TelemetryStore>) -> AlertApi {
-        self.scored_batches = Some(telemetry);
+    /// Confirms batches scored for anomalies in `telemetry` once their stretches' alerts are recorded, and photos'
+    /// verdicts in `images` once recorded (see `run_verdicts`). Without it the batches stay listed until the late
+    /// scorer has tried them a few times, and the photos are diagnosed again late for a day.
+    pub fn with_confirmations(mut self, telemetry: Arc<dyn TelemetryStore>, images: Arc<dyn ImageStore>) -> AlertApi {
+        self.confirmations =
+            verdicts::Confirmations { scored_batches: Some(telemetry), diagnosed_photos: Some(images) };
         self
     }
 
@@ -86,7 +94,7 @@ impl AlertApi {
 
     /// Turns the models' verdicts on the bus into alerts, forever; run it in a task of its own.
     pub async fn run_verdicts(self) {
-        verdicts::run(self.alerts.clone(), self.bus.clone(), self.scored_batches.clone()).await
+        verdicts::run(self.alerts.clone(), self.bus.clone(), self.confirmations.clone()).await
     }
 
     /// Deletes alert events and resolved alerts past `retention` every hour, forever; run it in a task of its own.

@@ -10,7 +10,8 @@
 //! Anomalies come from the scoring of listed batches (see `TelemetryStore::claim_unscored`): once every stretch a
 //! scoring announced is recorded, this role takes the batch off the list. A stretch whose alert was not recorded
 //! (its event lost, this role behind or down, a database error) leaves the batch listed, and the late scorer
-//! announces it again.
+//! announces it again. A photo's verdict is confirmed on the photo in the same way once recorded; an unconfirmed
+//! one is diagnosed and announced again (`ImageStore::images_to_diagnose`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use uuid::Uuid;
 use smartfarm_bus::{Bus, Event};
 use smartfarm_core::rules::{AlertState, AnomalyVerdict, Condition, DISEASE_METRIC, DiseaseVerdict, Evaluator, Origin};
 use smartfarm_core::{Result, time};
-use smartfarm_store::{AlertStore, TelemetryStore};
+use smartfarm_store::{AlertStore, ImageStore, TelemetryStore};
 
 /// Scorings whose end (`Event::BatchScored`) has not arrived yet, at most: a listener that lost those ends forgets
 /// what it counted (their batches are scored again).
@@ -35,7 +36,15 @@ struct Tally {
     failed: bool,
 }
 
-pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, scored_batches: Option<Arc<dyn TelemetryStore>>) {
+/// Where the verdicts' sources wait for this role's confirmation (see the module's doc).
+#[derive(Clone, Default)]
+pub(crate) struct Confirmations {
+    pub scored_batches: Option<Arc<dyn TelemetryStore>>,
+    pub diagnosed_photos: Option<Arc<dyn ImageStore>>,
+}
+
+pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, confirmations: Confirmations) {
+    let Confirmations { scored_batches, diagnosed_photos } = confirmations;
     let mut events = bus.subscribe();
     let mut evaluators: HashMap<Uuid, Evaluator> = HashMap::new();
     // Farms whose rules may have changed since their evaluator last read them.
@@ -59,6 +68,10 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, scored_batches: O
         };
         // A healthy diagnosis clears the camera's disease alerts.
         let healthy = matches!(event, Event::HealthyDiagnosed(_));
+        let photo = match &event {
+            Event::DiseaseDetected(detected) | Event::HealthyDiagnosed(detected) => Some(detected.image_id),
+            _ => None,
+        };
         let verdict_of = match &event {
             Event::DiseaseDetected(detected) | Event::HealthyDiagnosed(detected) => Some((detected.farm_id, None)),
             Event::AnomalyDetected(detected) => Some((detected.farm_id, detected.scoring)),
@@ -150,6 +163,15 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, scored_batches: O
             }
             _ => Ok(()),
         };
+        // A photo's verdict recorded: the photo is no longer diagnosed again for it.
+        if let (Some(image_id), Some(images), Ok(())) = (photo, &diagnosed_photos, &result) {
+            match images.confirm_verdict(image_id).await {
+                Ok(()) => metrics::counter!("smartfarm_alert_photo_verdicts_confirmed_total").increment(1),
+                Err(error) => {
+                    tracing::warn!(%image_id, %error, "cannot confirm a photo's verdict; it is diagnosed again later")
+                }
+            }
+        }
         if let Some((farm_id, scoring)) = verdict_of {
             if let Some(scoring) = scoring {
                 if scorings.len() >= SCORINGS_IN_FLIGHT && !scorings.contains_key(&scoring) {

@@ -204,7 +204,7 @@ async fn a_scored_batch_leaves_the_list_once_every_stretch_has_its_alert() {
     let (store, telemetry) = (database.database.alerts(), database.database.telemetry());
     let bus = Bus::in_process();
     let api = AlertApi::new(database.registry(), store.clone(), bus.clone(), AlertsConfig::default())
-        .with_scored_batches(telemetry.clone());
+        .with_confirmations(telemetry.clone(), database.database.images());
     let anomalies = pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
         disease_labels: vec![],
         min_confidence: 0.8,

@@ -365,7 +365,7 @@ pub struct InferenceConfig {
     pub anomaly_refit: Duration,
     /// A committed batch still unconfirmed this long after it arrived is scored late (see
     /// `TelemetryStore::claim_unscored`), and a photo still without a diagnosis is diagnosed late (see
-    /// `ImageStore::undiagnosed_images`).
+    /// `ImageStore::images_to_diagnose`).
     #[serde(with = "humantime_serde")]
     pub late_scoring_after: Duration,
 }

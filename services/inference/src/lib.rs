@@ -166,7 +166,8 @@ impl InferenceApi {
         let model = self.serving.active(ModelKind::PlantDisease, &request.model_name).await?;
         let (diagnosis, ranked) = self.diagnose(&model, bytes).await?;
         if let Some(image) = image {
-            self.images.set_diagnosis(image.id, &diagnosis).await?;
+            // Asked for, not announced: whatever verdict the photo is waiting on stays as it is.
+            self.images.set_diagnosis(image.id, &diagnosis, None).await?;
         }
         let top_k = match request.top_k {
             0 => 3,

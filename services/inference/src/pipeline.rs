@@ -454,10 +454,11 @@ impl InferenceApi {
     }
 
     /// Until the process stops: diagnoses the photos received more than `inference.late_scoring_after` ago (within
-    /// the last day) that still have no diagnosis: their job was lost (a process on the in-process bus stopped or
-    /// died with it queued), or every try failed. A failed try is noted, so a photo is tried at most once per wait.
-    /// Every replica that runs the role does this: a photo may so be diagnosed twice, to the same diagnosis and the
-    /// same alert.
+    /// the last day) that still have no diagnosis, or whose verdict the alert role did not confirm: their job was
+    /// lost (a process on the in-process bus stopped or died with it queued), every try failed, or the verdict was
+    /// lost on the bus or not recorded (it is announced again). A try is noted, so a photo is tried at most once
+    /// per wait. Every replica that runs the role does this: a photo may so be diagnosed twice, to the same
+    /// diagnosis and the same alert.
     async fn diagnose_late_photos(self) {
         let mut shutdown = self.shutting_down.clone();
         let wait = self.settings.late_scoring_after;
@@ -478,7 +479,7 @@ impl InferenceApi {
             let now = SystemTime::now();
             let received_before = now.checked_sub(wait).unwrap_or(SystemTime::UNIX_EPOCH);
             let received_from = now.checked_sub(LATE_PHOTOS_WITHIN).unwrap_or(SystemTime::UNIX_EPOCH);
-            let photos = match self.images.undiagnosed_images(received_from, received_before, LATE_PHOTOS_AT_ONCE).await
+            let photos = match self.images.images_to_diagnose(received_from, received_before, LATE_PHOTOS_AT_ONCE).await
             {
                 Ok(photos) => photos,
                 Err(error) => {
@@ -493,7 +494,7 @@ impl InferenceApi {
                     return;
                 }
                 metrics::counter!("smartfarm_inference_late_photos_total").increment(1);
-                tracing::info!(image_id = %photo.id, "diagnosing a photo left without a diagnosis");
+                tracing::info!(image_id = %photo.id, "diagnosing a photo left without a diagnosis or a confirmed verdict");
                 let stored = ImageStored {
                     handed_out: false,
                     image_id: photo.id,
@@ -540,10 +541,13 @@ impl InferenceApi {
         let image = self.images.get_image(stored.image_id).await?;
         let bytes = self.blobs.get(&image.original_key).await?;
         let (diagnosis, _) = self.diagnose(&model, bytes).await?;
-        self.images.set_diagnosis(image.id, &diagnosis).await?;
+        // A verdict is announced on the bus, which may lose it: the photo waits for the alert role to confirm it
+        // (and is diagnosed again late, announcing it again, if that does not come).
+        let announce = diagnosis.confidence >= self.settings.disease_alert_confidence;
+        self.images.set_diagnosis(image.id, &diagnosis, Some(announce)).await?;
         metrics::counter!("smartfarm_inference_images_diagnosed_total").increment(1);
         tracing::debug!(image_id = %image.id, label = %diagnosis.label, confidence = diagnosis.confidence, "photo diagnosed");
-        if diagnosis.confidence >= self.settings.disease_alert_confidence {
+        if announce {
             let healthy = smartfarm_ml::disease::is_healthy(&diagnosis.label);
             let announced = Diagnosis {
                 farm_id: image.farm_id,

@@ -303,6 +303,30 @@ async fn a_photo_whose_job_was_lost_is_diagnosed_late() {
     .expect("its disease announced");
     assert_eq!(announced.label, "Apple___Black_rot");
     assert_eq!(images.get_image(unreadable.id).await.unwrap().diagnosis, None);
+
+    // Nobody confirmed the verdict (no alert role here): the photo is diagnosed and announced again, until the
+    // verdict is confirmed.
+    let again = next_event(&mut events, |event| match event {
+        Event::DiseaseDetected(detected) if detected.image_id == lost.id => Some(detected),
+        _ => None,
+    })
+    .await;
+    assert!(again.is_some(), "an unconfirmed verdict is announced again");
+    images.confirm_verdict(lost.id).await.unwrap();
+    // What was in hand when it was confirmed may still come; after that, nothing for two seconds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut events = setup.bus.subscribe();
+    let later = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let Ok(Event::DiseaseDetected(detected)) = events.recv().await
+                && detected.image_id == lost.id
+            {
+                return detected;
+            }
+        }
+    })
+    .await;
+    assert!(later.is_err(), "a confirmed verdict was announced again: {later:?}");
 }
 
 #[tokio::test]

@@ -209,7 +209,7 @@ async fn services_for(
                     bus.clone(),
                     config.alerts.clone(),
                 )
-                .with_scored_batches(database.telemetry());
+                .with_confirmations(database.telemetry(), database.images());
                 tokio::spawn(alerts.clone().run_verdicts());
                 tokio::spawn(alerts.clone().run_webhooks());
                 tokio::spawn(alerts.clone().run_retention());

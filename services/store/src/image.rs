@@ -249,11 +249,15 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Records that a photo's original was moved to `storage_class`.
     async fn set_storage_class(&self, id: Uuid, storage_class: &str) -> Result<()>;
     /// Records a model's diagnosis of a photo (replacing an earlier one); `NotFound` for an unknown photo.
-    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis) -> Result<()>;
-    /// Photos with an available original and no diagnosis, received from `received_from` and before
-    /// `received_before`, and not tried since `received_before` (see [`ImageStore::note_diagnosis_failed`]);
-    /// oldest arrival first.
-    async fn undiagnosed_images(
+    /// `verdict_pending`: `Some(true)` when the diagnosis was announced as a verdict that the alert role is to
+    /// confirm ([`ImageStore::confirm_verdict`]), `Some(false)` when it was not, `None` to leave that as it is.
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>) -> Result<()>;
+    /// Records that the alert role has recorded what the photo's verdict raised.
+    async fn confirm_verdict(&self, id: Uuid) -> Result<()>;
+    /// Photos with an available original, received from `received_from` and before `received_before`, that have
+    /// no diagnosis or an unconfirmed verdict, and were not tried or diagnosed since `received_before` (see
+    /// [`ImageStore::note_diagnosis_failed`]); oldest arrival first.
+    async fn images_to_diagnose(
         &self,
         received_from: SystemTime,
         received_before: SystemTime,

@@ -52,8 +52,8 @@ pub const SQLITE: &[Migration] = &[
     },
     Migration {
         version: 12,
-        name: "undiagnosed_images",
-        sql: include_str!("../migrations/sqlite/0012_undiagnosed_images.sql"),
+        name: "images_to_diagnose",
+        sql: include_str!("../migrations/sqlite/0012_images_to_diagnose.sql"),
     },
 ];
 
@@ -96,8 +96,8 @@ pub const POSTGRES: &[Migration] = &[
     },
     Migration {
         version: 12,
-        name: "undiagnosed_images",
-        sql: include_str!("../migrations/postgres/0012_undiagnosed_images.sql"),
+        name: "images_to_diagnose",
+        sql: include_str!("../migrations/postgres/0012_images_to_diagnose.sql"),
     },
 ];
 

@@ -103,7 +103,7 @@ async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
             model_version: "1".into(),
             diagnose_time: at(3),
         };
-        images.set_diagnosis(first.id, &diagnosis).await.unwrap();
+        images.set_diagnosis(first.id, &diagnosis, None).await.unwrap();
         assert_eq!(images.get_image(first.id).await.unwrap().diagnosis, Some(diagnosis));
     }
     let missing = StoredDiagnosis {
@@ -114,7 +114,7 @@ async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
         diagnose_time: at(3),
     };
     assert!(matches!(
-        images.set_diagnosis(Uuid::now_v7(), &missing).await,
+        images.set_diagnosis(Uuid::now_v7(), &missing, None).await,
         Err(smartfarm_core::Error::NotFound { .. })
     ));
 }
@@ -316,21 +316,33 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
         model_version: "1".into(),
         diagnose_time: at(6),
     };
-    images.set_diagnosis(photos[1].id, &diagnosis).await.unwrap();
+    images.set_diagnosis(photos[1].id, &diagnosis, None).await.unwrap();
     // Received within [hour 2, hour 5): the diagnosed one is left out, oldest first.
-    let found = ids(images.undiagnosed_images(at(2), at(5), 10).await.unwrap());
+    let found = ids(images.images_to_diagnose(at(2), at(5), 10).await.unwrap());
     assert_eq!(found, vec![photos[2].id, photos[3].id]);
-    assert_eq!(ids(images.undiagnosed_images(at(0), at(10), 2).await.unwrap()), vec![photos[0].id, photos[2].id]);
+    assert_eq!(ids(images.images_to_diagnose(at(0), at(10), 2).await.unwrap()), vec![photos[0].id, photos[2].id]);
 
     // A failed try waits: it is not found again until the time it was tried is before the bound.
     images.note_diagnosis_failed(photos[2].id, at(8)).await.unwrap();
     assert_eq!(images.get_image(photos[2].id).await.unwrap().diagnosis, None, "still without a diagnosis");
-    assert_eq!(ids(images.undiagnosed_images(at(2), at(5), 10).await.unwrap()), vec![photos[3].id]);
-    let later = ids(images.undiagnosed_images(at(0), at(9), 10).await.unwrap());
+    assert_eq!(ids(images.images_to_diagnose(at(2), at(5), 10).await.unwrap()), vec![photos[3].id]);
+    let later = ids(images.images_to_diagnose(at(0), at(9), 10).await.unwrap());
     assert_eq!(later, vec![photos[0].id, photos[2].id, photos[3].id, photos[4].id]);
     // A diagnosed photo keeps its diagnosis: a failed try noted late changes nothing.
     images.note_diagnosis_failed(photos[1].id, at(9)).await.unwrap();
-    assert_eq!(images.get_image(photos[1].id).await.unwrap().diagnosis, Some(diagnosis));
+    assert_eq!(images.get_image(photos[1].id).await.unwrap().diagnosis, Some(diagnosis.clone()));
+
+    // A diagnosis announced as a verdict waits for the alert role: diagnosed again once a wait has passed since
+    // it was made (at hour 6), until confirmed. A diagnosis asked for leaves that as it is.
+    images.set_diagnosis(photos[4].id, &diagnosis, Some(true)).await.unwrap();
+    images.set_diagnosis(photos[3].id, &diagnosis, Some(false)).await.unwrap();
+    assert_eq!(ids(images.images_to_diagnose(at(4), at(6), 10).await.unwrap()), Vec::<Uuid>::new());
+    assert_eq!(ids(images.images_to_diagnose(at(4), at(7), 10).await.unwrap()), vec![photos[4].id]);
+    images.set_diagnosis(photos[4].id, &diagnosis, None).await.unwrap();
+    assert_eq!(ids(images.images_to_diagnose(at(4), at(7), 10).await.unwrap()), vec![photos[4].id], "still pending");
+    images.confirm_verdict(photos[4].id).await.unwrap();
+    assert!(images.images_to_diagnose(at(4), at(7), 10).await.unwrap().is_empty(), "confirmed");
+    assert_eq!(images.get_image(photos[4].id).await.unwrap().diagnosis, Some(diagnosis));
 }
 
 macro_rules! image_suite {

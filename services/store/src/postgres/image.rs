@@ -482,12 +482,13 @@ impl ImageStore for PostgresStore {
         Ok(())
     }
 
-    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis) -> Result<()> {
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>) -> Result<()> {
         let client = self.client().await?;
         let updated = client
             .execute(
                 "UPDATE images SET diagnosis_label = $2, diagnosis_confidence = $3, diagnosis_model = $4,
-                     diagnosis_version = $5, diagnosis_time = $6 WHERE id = $1",
+                     diagnosis_version = $5, diagnosis_time = $6, verdict_pending = coalesce($7, verdict_pending)
+                 WHERE id = $1",
                 &[
                     &id,
                     &diagnosis.label,
@@ -495,6 +496,7 @@ impl ImageStore for PostgresStore {
                     &diagnosis.model_name,
                     &diagnosis.model_version,
                     &diagnosis.diagnose_time,
+                    &verdict_pending,
                 ],
             )
             .await
@@ -505,7 +507,7 @@ impl ImageStore for PostgresStore {
         Ok(())
     }
 
-    async fn undiagnosed_images(
+    async fn images_to_diagnose(
         &self,
         received_from: SystemTime,
         received_before: SystemTime,
@@ -516,7 +518,8 @@ impl ImageStore for PostgresStore {
             .query(
                 &format!(
                     "SELECT {IMAGE_COLUMNS} FROM images
-                     WHERE diagnosis_label IS NULL AND receive_time >= $1 AND receive_time < $2 AND original_available
+                     WHERE (diagnosis_label IS NULL OR verdict_pending)
+                       AND receive_time >= $1 AND receive_time < $2 AND original_available
                        AND (diagnosis_time IS NULL OR diagnosis_time < $2)
                      ORDER BY receive_time LIMIT $3"
                 ),
@@ -530,9 +533,21 @@ impl ImageStore for PostgresStore {
     async fn note_diagnosis_failed(&self, id: Uuid, at: SystemTime) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute("UPDATE images SET diagnosis_time = $2 WHERE id = $1 AND diagnosis_label IS NULL", &[&id, &at])
+            .execute(
+                "UPDATE images SET diagnosis_time = $2 WHERE id = $1 AND (diagnosis_label IS NULL OR verdict_pending)",
+                &[&id, &at],
+            )
             .await
             .map_err(pg_error("note a failed diagnosis"))?;
+        Ok(())
+    }
+
+    async fn confirm_verdict(&self, id: Uuid) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE images SET verdict_pending = false WHERE id = $1 AND verdict_pending", &[&id])
+            .await
+            .map_err(pg_error("confirm a verdict"))?;
         Ok(())
     }
 }

@@ -559,20 +559,22 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis) -> Result<()> {
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>) -> Result<()> {
         let diagnosis = diagnosis.clone();
         self.run(move |connection| {
             let updated = connection
                 .execute(
                     "UPDATE images SET diagnosis_label = ?2, diagnosis_confidence = ?3, diagnosis_model = ?4,
-                         diagnosis_version = ?5, diagnosis_time = ?6 WHERE id = ?1",
+                         diagnosis_version = ?5, diagnosis_time = ?6, verdict_pending = coalesce(?7, verdict_pending)
+                     WHERE id = ?1",
                     params![
                         id.to_string(),
                         diagnosis.label,
                         diagnosis.confidence,
                         diagnosis.model_name,
                         diagnosis.model_version,
-                        to_unix_micros(diagnosis.diagnose_time)
+                        to_unix_micros(diagnosis.diagnose_time),
+                        verdict_pending
                     ],
                 )
                 .map_err(sql_error("set diagnosis"))?;
@@ -584,7 +586,7 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn undiagnosed_images(
+    async fn images_to_diagnose(
         &self,
         received_from: SystemTime,
         received_before: SystemTime,
@@ -593,7 +595,8 @@ impl ImageStore for SqliteStore {
         self.run(move |connection| {
             let sql = format!(
                 "SELECT {IMAGE_COLUMNS} FROM images
-                 WHERE diagnosis_label IS NULL AND receive_time >= ?1 AND receive_time < ?2 AND original_available
+                 WHERE (diagnosis_label IS NULL OR verdict_pending)
+                   AND receive_time >= ?1 AND receive_time < ?2 AND original_available
                    AND (diagnosis_time IS NULL OR diagnosis_time < ?2)
                  ORDER BY receive_time LIMIT ?3"
             );
@@ -610,10 +613,20 @@ impl ImageStore for SqliteStore {
         self.run(move |connection| {
             connection
                 .execute(
-                    "UPDATE images SET diagnosis_time = ?2 WHERE id = ?1 AND diagnosis_label IS NULL",
+                    "UPDATE images SET diagnosis_time = ?2 WHERE id = ?1 AND (diagnosis_label IS NULL OR verdict_pending)",
                     params![id.to_string(), to_unix_micros(at)],
                 )
                 .map_err(sql_error("note a failed diagnosis"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn confirm_verdict(&self, id: Uuid) -> Result<()> {
+        self.run(move |connection| {
+            connection
+                .execute("UPDATE images SET verdict_pending = 0 WHERE id = ?1 AND verdict_pending", [id.to_string()])
+                .map_err(sql_error("confirm a verdict"))?;
             Ok(())
         })
         .await
