@@ -153,6 +153,8 @@ struct Inner {
     /// Set by a failed fsync of records already appended: from then on the synced mark stays where it was (only
     /// what was on disk before goes up) and appends are refused.
     fsync_failed: Option<String>,
+    /// The oldest segment, when the cap could not remove it: logged once, not on every append.
+    cap_blocked_at: Option<u64>,
 }
 
 /// The spool.
@@ -288,6 +290,7 @@ impl Spool {
             synced: next_sequence - 1,
             read_position: None,
             fsync_failed: None,
+            cap_blocked_at: None,
         };
         recovery.pending_records = pending(&inner).0;
         if let Some(last) = inner.segments.back() {
@@ -425,7 +428,10 @@ impl Spool {
                 std::io::ErrorKind::NotFound => Ok(()),
                 _ => Err(error),
             }) {
-                tracing::error!(segment = %oldest.path.display(), %error, "spool over its size cap: cannot drop the oldest segment");
+                if inner.cap_blocked_at != Some(oldest.first) {
+                    tracing::error!(segment = %oldest.path.display(), %error, "spool over its size cap: cannot drop the oldest segment; the spool grows until it can");
+                    inner.cap_blocked_at = Some(oldest.first);
+                }
                 break;
             }
             let oldest = inner.segments.pop_front().expect("more than one segment");

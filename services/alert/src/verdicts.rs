@@ -139,15 +139,16 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, confirmations: Co
             Event::BatchScored(scored) => {
                 let tally = scorings.remove(&scored.scoring).unwrap_or_default();
                 match &scored_batches {
-                    Some(telemetry) if !tally.failed && tally.recorded == scored.stretches => {
+                    Some(telemetry) if scored.all_scored && !tally.failed && tally.recorded == scored.stretches => {
                         let confirmed = telemetry.forget_unscored(&[scored.batch]).await;
                         if confirmed.is_ok() {
                             metrics::counter!("smartfarm_alert_scored_batches_confirmed_total").increment(1);
                         }
                         confirmed
                     }
-                    // Left listed: scored again later, its stretches announced again.
-                    Some(_) => {
+                    // Left listed: scored again later, its stretches announced again (as is one whose scoring
+                    // failed, which its scorer logged).
+                    Some(_) if scored.all_scored => {
                         metrics::counter!("smartfarm_alert_scored_batches_left_listed_total").increment(1);
                         tracing::warn!(
                             gateway_id = %scored.batch.gateway_id,
@@ -158,7 +159,7 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, confirmations: Co
                         );
                         Ok(())
                     }
-                    None => Ok(()),
+                    _ => Ok(()),
                 }
             }
             _ => Ok(()),

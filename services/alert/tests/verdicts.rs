@@ -258,22 +258,26 @@ async fn a_scored_batch_leaves_the_list_once_every_stretch_has_its_alert() {
     let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
     bus.publish(stretch(first, 1000));
     bus.publish(stretch(first, 10_000));
-    bus.publish(Event::BatchScored(BatchScored { batch: keys[0], scoring: first, stretches: 2 }));
+    bus.publish(Event::BatchScored(BatchScored { batch: keys[0], scoring: first, stretches: 2, all_scored: true }));
     bus.publish(stretch(second, 20_000));
-    bus.publish(Event::BatchScored(BatchScored { batch: keys[1], scoring: second, stretches: 2 }));
+    bus.publish(Event::BatchScored(BatchScored { batch: keys[1], scoring: second, stretches: 2, all_scored: true }));
 
     let later = SystemTime::now() + Duration::from_secs(3600);
-    let mut listed = Vec::new();
+    let filter = AlertFilter { farm_id: Some(farm_id), ..AlertFilter::default() };
+    let (mut listed, mut recorded) = (Vec::new(), Vec::new());
     for _ in 0..100 {
-        // A claim without a lease only looks.
+        // A claim whose lease ends at once holds nothing back (what it counts as an attempt is of no matter here).
         listed = telemetry.claim_unscored(later, later, Duration::ZERO, 10, &[]).await.unwrap();
-        if listed.len() == 1 {
+        recorded = store.list_alerts(&filter, None, 100).await.unwrap();
+        if listed.len() == 1 && recorded.len() == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(listed.iter().map(|batch| batch.key).collect::<Vec<_>>(), vec![keys[1]]);
-    let filter = AlertFilter { farm_id: Some(farm_id), ..AlertFilter::default() };
-    let recorded = store.list_alerts(&filter, None, 100).await.unwrap();
     assert_eq!(recorded.len(), 3, "every stretch that arrived has its alert: {recorded:?}");
+    // The second batch's end arrived after its one stretch: nothing confirms it later either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = telemetry.claim_unscored(later, later, Duration::ZERO, 10, &[]).await.unwrap();
+    assert_eq!(listed.iter().map(|batch| batch.key).collect::<Vec<_>>(), vec![keys[1]]);
 }

@@ -41,7 +41,8 @@ pub enum Event {
     HealthyDiagnosed(Diagnosis),
     /// The anomaly detector found an anomalous stretch in a device's metric.
     AnomalyDetected(AnomalyDetected),
-    /// A listed batch was scored and every stretch found in it announced (published after them): the alert role
+    /// A listed batch was scored, every stretch found in it announced (published after them), or its scoring
+    /// failed after announcing some (`all_scored` false); sent when it found any stretch. The alert role
     /// takes the batch off the list of batches to score once it has recorded them all, so a stretch whose alert
     /// was not recorded (lost on the way, a replica that died, a database error) is announced again when the batch
     /// is scored late.
@@ -166,6 +167,9 @@ pub struct BatchScored {
     pub scoring: Uuid,
     /// How many stretches it announced.
     pub stretches: u32,
+    /// Every series of the batch was scored. When one failed the batch stays listed (the alert role does not
+    /// confirm it) and is scored again late.
+    pub all_scored: bool,
 }
 
 /// A photo newly stored, with what a consumer needs to fetch and diagnose it.

@@ -115,7 +115,7 @@ anomaly_history = "14days"
 anomaly_refit = "1day"
 # A committed batch not confirmed scored this long after it arrived (its process died or stopped first, or its
 # pipeline fell behind) is scored late by a replica that runs this role; so is a photo received this long ago
-# (within the last day) and still without a diagnosis diagnosed late.
+# (within the last day) and still without a diagnosis, or whose verdict is unconfirmed, diagnosed late.
 late_scoring_after = "5m"
 
 # Alerts and commands (the alert and command roles).
@@ -364,8 +364,8 @@ pub struct InferenceConfig {
     #[serde(with = "humantime_serde")]
     pub anomaly_refit: Duration,
     /// A committed batch still unconfirmed this long after it arrived is scored late (see
-    /// `TelemetryStore::claim_unscored`), and a photo still without a diagnosis is diagnosed late (see
-    /// `ImageStore::images_to_diagnose`).
+    /// `TelemetryStore::claim_unscored`), and a photo still without a diagnosis, or whose verdict the alert role
+    /// has not confirmed, is diagnosed late (see `ImageStore::images_to_diagnose`).
     #[serde(with = "humantime_serde")]
     pub late_scoring_after: Duration,
 }

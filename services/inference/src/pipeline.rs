@@ -620,13 +620,16 @@ impl InferenceApi {
         // with anomalies is confirmed by the alert role once it has recorded their alerts.
         if let (Some(key), Some(scoring)) = (committed.batch, scoring) {
             match (failed, stretches) {
-                (true, _) => {}
+                (true, 0) => {}
                 (false, 0) => self.confirm_scored(key).await,
-                (false, stretches) => {
+                // The end of a scoring whose stretches the alert role counts (also when it failed: it then
+                // forgets them, and leaves the batch listed).
+                (failed, stretches) => {
                     self.bus.publish(Event::BatchScored(BatchScored {
                         batch: key,
                         scoring,
                         stretches: u32::try_from(stretches).unwrap_or(u32::MAX),
+                        all_scored: !failed,
                     }));
                 }
             }

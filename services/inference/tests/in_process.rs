@@ -329,6 +329,26 @@ async fn a_photo_whose_job_was_lost_is_diagnosed_late() {
     assert!(later.is_err(), "a confirmed verdict was announced again: {later:?}");
 }
 
+/// ClassifyImage on a stored photo the pipeline has not diagnosed yet saves the diagnosis and leaves the photo
+/// waiting for its verdict, which the late diagnosis then announces; on one already diagnosed it changes nothing of
+/// that.
+#[tokio::test]
+async fn classifying_a_stored_photo_leaves_its_verdict_to_the_pipeline() {
+    let setup = setup().await;
+    let lost = store_photo(&setup, &leaf("Apple___Black_rot")).await;
+    let request = classify(pb::classify_image_request::Source::ImageId(lost.id.to_string()));
+    setup.admin.clone().classify_image(request).await.unwrap();
+    let images = setup.database.images();
+    assert!(images.get_image(lost.id).await.unwrap().diagnosis.is_some());
+    let soon = SystemTime::now() + Duration::from_secs(3600);
+    let waiting = images.images_to_diagnose(SystemTime::UNIX_EPOCH, soon, 10).await.unwrap();
+    assert_eq!(waiting.iter().map(|image| image.id).collect::<Vec<_>>(), vec![lost.id], "its verdict is to come");
+    images.confirm_verdict(lost.id).await.unwrap();
+    let request = classify(pb::classify_image_request::Source::ImageId(lost.id.to_string()));
+    setup.admin.clone().classify_image(request).await.unwrap();
+    assert!(images.images_to_diagnose(SystemTime::UNIX_EPOCH, soon, 10).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn photos_are_classified_and_new_ones_diagnosed_by_the_active_model() {
     let mut setup = setup().await;
@@ -757,7 +777,8 @@ async fn a_batch_with_anomalies_stays_listed_until_the_alert_role_confirms_it() 
     let its_own = announced.iter().filter(|anomaly| anomaly.scoring == Some(scored.scoring)).count();
     assert!(its_own > 0);
     assert_eq!(scored.stretches as usize, its_own, "{announced:#?}");
-    // Still listed (a claim without a lease only looks), and the first batch, without anomalies, is not.
+    // Still listed (a claim whose lease ends at once holds nothing back), and the first batch, without anomalies,
+    // is not.
     let later = SystemTime::now() + Duration::from_secs(3600);
     let listed = telemetry.claim_unscored(later, later, Duration::ZERO, 10, &[]).await.unwrap();
     assert_eq!(listed.iter().map(|batch| batch.key).collect::<Vec<_>>(), vec![keys[1]]);
