@@ -377,21 +377,10 @@ impl InferenceApi {
     async fn score_late_batches(self) {
         let mut shutdown = self.shutting_down.clone();
         let wait = self.settings.late_scoring_after;
-        let every = (wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
         let mut more_waiting = false;
-        loop {
-            if !more_waiting {
-                tokio::select! {
-                    biased;
-                    () = reached(&mut shutdown, Shutdown::Draining) => return,
-                    () = tokio::time::sleep(every) => {}
-                }
-            }
+        // Without an anomaly model there is nothing to score with: the batches wait, unclaimed, for one.
+        while self.next_late_round(&mut shutdown, ModelKind::SensorAnomaly, more_waiting).await {
             more_waiting = false;
-            // Without an anomaly model there is nothing to score with: the batches wait, unclaimed, for one.
-            if self.serving.active(ModelKind::SensorAnomaly, "").await.is_err() {
-                continue;
-            }
             let now = SystemTime::now();
             let received_before = now.checked_sub(wait).unwrap_or(SystemTime::UNIX_EPOCH);
             let queued: Vec<BatchKey> = self.detectors.queued.lock().expect("queued batches").iter().copied().collect();
@@ -462,20 +451,9 @@ impl InferenceApi {
     async fn diagnose_late_photos(self) {
         let mut shutdown = self.shutting_down.clone();
         let wait = self.settings.late_scoring_after;
-        let every = (wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
         let mut more_waiting = false;
-        loop {
-            if !more_waiting {
-                tokio::select! {
-                    biased;
-                    () = reached(&mut shutdown, Shutdown::Draining) => return,
-                    () = tokio::time::sleep(every) => {}
-                }
-            }
+        while self.next_late_round(&mut shutdown, ModelKind::PlantDisease, more_waiting).await {
             more_waiting = false;
-            if self.serving.active(ModelKind::PlantDisease, "").await.is_err() {
-                continue;
-            }
             let now = SystemTime::now();
             let received_before = now.checked_sub(wait).unwrap_or(SystemTime::UNIX_EPOCH);
             let received_from = now.checked_sub(LATE_PHOTOS_WITHIN).unwrap_or(SystemTime::UNIX_EPOCH);
@@ -516,6 +494,31 @@ impl InferenceApi {
                         more_waiting = false;
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits for the next round of a late task (scoring, diagnosis): at once when the last round left more waiting
+    /// (`at_once`), otherwise half of `inference.late_scoring_after` (between half a second and a minute), and then
+    /// for as long as no model of `kind` serves. `false` once the process drains.
+    async fn next_late_round(
+        &self,
+        shutdown: &mut tokio::sync::watch::Receiver<Shutdown>,
+        kind: ModelKind,
+        mut at_once: bool,
+    ) -> bool {
+        let every = (self.settings.late_scoring_after / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        loop {
+            if !at_once {
+                tokio::select! {
+                    biased;
+                    () = reached(shutdown, Shutdown::Draining) => return false,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+            at_once = false;
+            if self.serving.active(kind, "").await.is_ok() {
+                return true;
             }
         }
     }
