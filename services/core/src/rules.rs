@@ -1628,24 +1628,35 @@ mod tests {
         assert!(stored.to_proto().resolved_by_hand);
     }
 
-    /// Anomalous stretches are events: a stretch reported again as it grows is one alert; one that begins within
-    /// the rule's cooldown after it is a repeat, counted; a later one is a new alert.
-    #[test]
-    fn anomalies_within_the_cooldown_fold_into_one_alert() {
+    /// A farm's anomaly rule (a cooldown of 600 s) and an evaluator that holds it; the device the tests use.
+    fn anomaly_rule_and_evaluator() -> (Rule, Evaluator, Uuid) {
         let (farm, device) = (Uuid::now_v7(), Uuid::now_v7());
         let mut rule = threshold_rule(farm, 0, 600);
         rule.condition =
             Condition::ModelVerdict { disease_labels: vec![], min_confidence: 0.8, on_sensor_anomaly: true };
         let mut evaluator = Evaluator::new(farm, Origin::Cloud);
         let _ = evaluator.set_rules(vec![rule.clone()], at(0));
-        let stretch = |start: u64, end: u64| AnomalyVerdict {
+        (rule, evaluator, device)
+    }
+
+    /// An anomalous stretch of `device`'s temperature from `start` to `end` (seconds, see `at`).
+    fn stretch_of(device: Uuid, start: u64, end: u64) -> AnomalyVerdict {
+        AnomalyVerdict {
             device,
             metric: "temperature".into(),
             start_time: at(start),
             end_time: at(end),
             peak_value: 80.0,
             peak_score: 9.0,
-        };
+        }
+    }
+
+    /// Anomalous stretches are events: a stretch reported again as it grows is one alert; one that begins within
+    /// the rule's cooldown after it is a repeat, counted; a later one is a new alert.
+    #[test]
+    fn anomalies_within_the_cooldown_fold_into_one_alert() {
+        let (rule, mut evaluator, device) = anomaly_rule_and_evaluator();
+        let stretch = |start: u64, end: u64| stretch_of(device, start, end);
         let first = evaluator.on_anomaly(&stretch(200, 260)).remove(0);
         assert_eq!(first.id, alert_id(rule.id, Some(device), "temperature", at(200)));
         let grown = evaluator.on_anomaly(&stretch(200, 300)).remove(0);
@@ -1669,20 +1680,8 @@ mod tests {
     /// into the newer alert, and announcing it again changes nothing.
     #[test]
     fn an_anomaly_older_than_the_open_alert_is_an_alert_of_its_own() {
-        let (farm, device) = (Uuid::now_v7(), Uuid::now_v7());
-        let mut rule = threshold_rule(farm, 0, 600);
-        rule.condition =
-            Condition::ModelVerdict { disease_labels: vec![], min_confidence: 0.8, on_sensor_anomaly: true };
-        let mut evaluator = Evaluator::new(farm, Origin::Cloud);
-        let _ = evaluator.set_rules(vec![rule.clone()], at(0));
-        let stretch = |start: u64, end: u64| AnomalyVerdict {
-            device,
-            metric: "temperature".into(),
-            start_time: at(start),
-            end_time: at(end),
-            peak_value: 80.0,
-            peak_score: 9.0,
-        };
+        let (rule, mut evaluator, device) = anomaly_rule_and_evaluator();
+        let stretch = |start: u64, end: u64| stretch_of(device, start, end);
         let newer = evaluator.on_anomaly(&stretch(5000, 5060)).remove(0);
         let older = evaluator.on_anomaly(&stretch(4700, 4760));
         assert_eq!(older.len(), 1);
