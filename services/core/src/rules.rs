@@ -1059,7 +1059,9 @@ impl Evaluator {
                 && verdict.confidence >= *min_confidence
                 && (disease_labels.is_empty() || disease_labels.contains(&verdict.label));
             let track = self.tracks.entry((rule.id, verdict.camera, DISEASE_METRIC.to_string())).or_default();
-            if track.newest.is_some_and(|newest| time < newest) {
+            // An older photo changes nothing; nor does the newest announced again (diagnosed again late because its
+            // verdict was not confirmed): it is not a repeat of itself.
+            if track.newest.is_some_and(|newest| time <= newest) {
                 continue;
             }
             track.newest = Some(time);
@@ -1626,6 +1628,29 @@ mod tests {
         assert!(stored.merge(&by_hand));
         assert_eq!((stored.resolve_time, stored.resolved_by_hand), (Some(at(20)), true));
         assert!(stored.to_proto().resolved_by_hand);
+    }
+
+    /// The same photo's diagnosis announced twice (diagnosed again late) is not a repeat of itself.
+    #[test]
+    fn a_photo_announced_again_is_not_counted_twice() {
+        let (farm, camera) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut rule = threshold_rule(farm, 0, 600);
+        rule.condition =
+            Condition::ModelVerdict { disease_labels: vec![], min_confidence: 0.8, on_sensor_anomaly: false };
+        let mut evaluator = Evaluator::new(farm, Origin::Cloud);
+        let _ = evaluator.set_rules(vec![rule], at(0));
+        let photo = |taken: u64| DiseaseVerdict {
+            camera,
+            image_id: Some(Uuid::now_v7()),
+            healthy: false,
+            label: "Apple___Black_rot".into(),
+            confidence: 0.95,
+            capture_time: at(taken),
+        };
+        let first = photo(100);
+        assert_eq!(evaluator.on_disease(&first).remove(0).count, 1);
+        assert!(evaluator.on_disease(&first).is_empty(), "the same photo again");
+        assert_eq!(evaluator.on_disease(&photo(200)).remove(0).count, 2, "a later photo within the cooldown");
     }
 
     /// A farm's anomaly rule (a cooldown of 600 s) and an evaluator that holds it; the device the tests use.
