@@ -221,6 +221,10 @@ pub async fn run(
                     "kind": "spool_overflow", "severity": "SEVERITY_CRITICAL", "dropped_records": dropped_records,
                     "message": format!("the spool reached its size cap and dropped {dropped_records} unsent records"),
                 }),
+                LocalAlert::SpoolFailed { reason } => serde_json::json!({
+                    "kind": "spool_failed", "severity": "SEVERITY_CRITICAL",
+                    "message": format!("{reason}; restart the agent (and check its disk)"),
+                }),
                 LocalAlert::BatchRefused { first_sequence, last_sequence, reason } => serde_json::json!({
                     "kind": "batch_refused", "severity": "SEVERITY_CRITICAL", "first_sequence": first_sequence,
                     "last_sequence": last_sequence, "message": format!("the cloud refused a batch: {reason}"),
@@ -248,6 +252,7 @@ pub async fn run(
     // raise device-silent alerts.
     let housekeeping_rules = rules.clone();
     let housekeeping_raised = RaisedAlerts { urgent: urgent.clone(), alerts: alerts.clone() };
+    let housekeeping_alerts = alerts.clone();
     let housekeeping_spool = spool.clone();
     let housekeeping_broker = broker.clone();
     let housekeeping_ingestor = ingestor.clone();
@@ -259,10 +264,16 @@ pub async fn run(
             _ => Duration::from_secs(1),
         };
         let mut ticks = tokio::time::interval(period);
+        let mut spool_failure_announced = false;
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
                 _ = housekeeping_stop.wait_for(|stop| *stop) => return,
+            }
+            // Said once on the farm's alert topic: the spool refuses readings until someone restarts the agent.
+            if !spool_failure_announced && let Some(reason) = housekeeping_spool.failure() {
+                spool_failure_announced = true;
+                let _ = housekeeping_alerts.send(LocalAlert::SpoolFailed { reason });
             }
             for alert in housekeeping_rules.on_tick(SystemTime::now()) {
                 housekeeping_raised.raise(alert);

@@ -22,6 +22,8 @@ use crate::spool::{Appended, Spool};
 pub enum LocalAlert {
     /// The spool passed its cap and dropped the oldest unacknowledged records.
     SpoolOverflow { dropped_records: u64 },
+    /// An fsync of the spool failed: it takes no new records until the agent restarts.
+    SpoolFailed { reason: String },
     /// The cloud refused a batch for good; its records stay in the spool.
     BatchRefused { first_sequence: u64, last_sequence: u64, reason: String },
     /// The image area passed its cap and dropped the oldest unsent photos.

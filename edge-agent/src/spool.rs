@@ -448,6 +448,11 @@ impl Spool {
         dropped
     }
 
+    /// Why the spool refuses new records, once an fsync failed (see [`SpoolError::FsyncFailed`]).
+    pub fn failure(&self) -> Option<String> {
+        self.lock().fsync_failed.as_ref().map(|failure| SpoolError::FsyncFailed(failure.clone()).to_string())
+    }
+
     /// Forces appended records to disk (the `interval` policy's background task and the uplink call this).
     /// The fsync runs outside the lock, on a second handle of the active segment, so that appends arriving
     /// meanwhile do not wait for the disk; the synced mark moves only to what was written before it began. Syncs
@@ -912,6 +917,7 @@ mod tests {
         assert_eq!(readable.len(), 5, "only what an fsync that succeeded covered may go up");
         let refused = spool.append(vec![body(8.0)]).unwrap_err();
         assert!(refused.to_string().contains("fsync failed"), "{refused}");
+        assert_eq!(spool.failure(), Some(refused.to_string()), "what the farm's alert topic is told");
         // A restart reads what is on disk, fsyncs it, and goes on.
         drop(spool);
         let (spool, _) = Spool::open(config).unwrap();
