@@ -141,14 +141,23 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
     let (publisher, stream_name) = (context.clone(), name.clone());
     tokio::spawn(async move {
         while let Some(outgoing) = queue.recv().await {
-            let (subject, payload) = match outgoing {
-                Outgoing::Event(event) => (subject.clone(), serde_json::to_vec(&Envelope { origin: me, event })),
-                Outgoing::Job(job) => (job_subject(&stream_name, job.kind()), serde_json::to_vec(&job)),
+            // What a dropped message is counted as: an event, or a job (whose batch or photo is then done late).
+            let (subject, payload, dropped) = match outgoing {
+                Outgoing::Event(event) => (
+                    subject.clone(),
+                    serde_json::to_vec(&Envelope { origin: me, event }),
+                    "smartfarm_bus_events_dropped_total",
+                ),
+                Outgoing::Job(job) => (
+                    job_subject(&stream_name, job.kind()),
+                    serde_json::to_vec(&job),
+                    "smartfarm_bus_jobs_dropped_total",
+                ),
             };
             let payload = match payload {
                 Ok(payload) if max_payload > 0 && payload.len() > max_payload => {
                     // Retrying would hold every message behind it up for seconds, to the same end.
-                    metrics::counter!("smartfarm_bus_events_dropped_total").increment(1);
+                    metrics::counter!(dropped).increment(1);
                     tracing::error!(
                         bytes = payload.len(),
                         max_payload,
@@ -173,7 +182,7 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
                 match published {
                     Ok(()) => break,
                     Err(error) if attempt >= PUBLISH_ATTEMPTS => {
-                        metrics::counter!("smartfarm_bus_events_dropped_total").increment(1);
+                        metrics::counter!(dropped).increment(1);
                         tracing::error!(%error, "cannot publish an event to NATS; dropped (consumers catch up from the database)");
                         break;
                     }
