@@ -21,7 +21,9 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use smartfarm_bus::{Bus, Event};
-use smartfarm_core::rules::{AlertState, AnomalyVerdict, Condition, DISEASE_METRIC, DiseaseVerdict, Evaluator, Origin};
+use smartfarm_core::rules::{
+    Alert, AlertState, AnomalyVerdict, Condition, DISEASE_METRIC, DiseaseVerdict, Evaluator, Origin,
+};
 use smartfarm_core::{Result, time};
 use smartfarm_store::{AlertStore, ImageStore, TelemetryStore};
 
@@ -235,7 +237,7 @@ async fn evaluate(
     bus: &Bus,
     (evaluators, stale): (&mut HashMap<Uuid, Evaluator>, &mut HashSet<Uuid>),
     farm_id: Uuid,
-    run: impl FnOnce(&mut Evaluator) -> Vec<smartfarm_core::rules::Alert>,
+    run: impl FnOnce(&mut Evaluator) -> Vec<Alert>,
 ) -> Result<()> {
     if stale.remove(&farm_id)
         && let Some(evaluator) = evaluators.get_mut(&farm_id)
@@ -265,7 +267,43 @@ async fn evaluate(
     };
     let raised = run(evaluator);
     for alert in raised {
+        let alert = match alert.metric != DISEASE_METRIC && alert.count == 1 {
+            true => join_stored_anomaly(alerts, evaluator, alert).await?,
+            false => alert,
+        };
         crate::record(alerts, bus, &alert).await?;
     }
     Ok(())
+}
+
+/// An anomaly alert the evaluator has just opened may be for a stretch the store already holds: within an
+/// unresolved alert of the same rule, device and metric, or within the rule's cooldown after it. The evaluator
+/// lost its state (this role restarted, fell behind, or failed a write) and the stretch was announced again, or it
+/// is a repeat that the lost state would have folded in. Then the stored alert is what changes (a repeat counted,
+/// its end moved on), and the evaluator follows it from now on.
+async fn join_stored_anomaly(alerts: &dyn AlertStore, evaluator: &mut Evaluator, raised: Alert) -> Result<Alert> {
+    let Some(cooldown) = evaluator.rules().iter().find(|rule| rule.id == raised.rule_id).map(|rule| rule.cooldown)
+    else {
+        return Ok(raised);
+    };
+    let stored = alerts.unresolved_alerts_of(raised.rule_id, raised.device_id).await?;
+    let holds_it = |alert: &Alert| {
+        alert.id != raised.id
+            && alert.metric == raised.metric
+            && alert.open_time <= raised.open_time
+            && raised.open_time <= alert.last_time + cooldown
+    };
+    // The newest of them (they come oldest first).
+    let Some(mut joined) = stored.into_iter().rfind(holds_it) else {
+        return Ok(raised);
+    };
+    if raised.open_time > joined.last_time {
+        joined.count += 1;
+    }
+    if raised.last_time > joined.last_time {
+        joined.last_time = raised.last_time;
+        joined.value = raised.value;
+    }
+    evaluator.adopt_anomaly_alert(&raised, joined.clone());
+    Ok(joined)
 }

@@ -281,3 +281,54 @@ async fn a_scored_batch_leaves_the_list_once_every_stretch_has_its_alert() {
     let listed = telemetry.claim_unscored(later, later, Duration::ZERO, 10, &[]).await.unwrap();
     assert_eq!(listed.iter().map(|batch| batch.key).collect::<Vec<_>>(), vec![keys[1]]);
 }
+
+/// A repeat within the cooldown joins the stored anomaly alert even after the listener lost what it learnt (it
+/// restarted), and a stretch announced again changes nothing: no second alert for one condition.
+#[tokio::test]
+async fn an_anomaly_repeat_after_a_restart_joins_the_stored_alert() {
+    use smartfarm_bus::AnomalyDetected;
+
+    let orchard = orchard().await;
+    let anomalies = pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
+        disease_labels: vec![],
+        min_confidence: 0.8,
+        on_sensor_anomaly: true,
+    });
+    orchard.api.create_rule(as_admin(rule(orchard.farm_id, "anomalies", anomalies))).await.unwrap();
+    let listener = orchard.listen().await;
+    let sensor = Uuid::now_v7();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let at = |seconds: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(now - 86_400 + seconds);
+    let stretch = |start: u64| {
+        Event::AnomalyDetected(AnomalyDetected {
+            farm_id: orchard.farm_id,
+            device_id: sensor,
+            metric: "latency".into(),
+            start_time: at(start),
+            end_time: at(start + 60),
+            peak_time: at(start + 30),
+            peak_score: 9.0,
+            peak_value: 80.0,
+            model: ModelVersion { name: "anomaly".into(), version: "1".into() },
+            scoring: None,
+        })
+    };
+    orchard.bus.publish(stretch(1000));
+    assert_eq!(orchard.alerts_once(counted(1)).await.len(), 1);
+
+    // The listener restarts: what it learnt is gone. Twenty minutes later, within the hour's cooldown, a repeat.
+    listener.abort();
+    orchard.listen().await;
+    orchard.bus.publish(stretch(2200));
+    let listed = orchard.alerts_once(counted(2)).await;
+    assert_eq!(listed.len(), 1, "one alert for one condition: {listed:?}");
+    assert_eq!((listed[0].count, listed[0].last_time), (2, at(2260)), "{listed:?}");
+    // Both stretches announced again (scored late): nothing changes. A stretch past the cooldown is a new alert.
+    orchard.bus.publish(stretch(1000));
+    orchard.bus.publish(stretch(2200));
+    orchard.bus.publish(stretch(9000));
+    let listed = orchard.alerts_once(|alerts| alerts.len() == 2).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let first = listed.iter().find(|alert| alert.open_time == at(1000)).expect("the first alert");
+    assert_eq!((first.count, first.last_time), (2, at(2260)), "{listed:?}");
+}

@@ -845,6 +845,18 @@ impl Evaluator {
         held
     }
 
+    /// Makes `stored` the open alert that later stretches of its rule, device and metric fold into, in place of
+    /// `raised`, the anomaly alert this evaluator had just opened: the store already held that stretch, in an alert
+    /// this evaluator no longer knew (it lost its state). Nothing changes unless `raised` is still the open one.
+    pub fn adopt_anomaly_alert(&mut self, raised: &Alert, stored: Alert) {
+        let Some(device) = raised.device_id else { return };
+        if let Some(track) = self.tracks.get_mut(&(raised.rule_id, device, raised.metric.clone()))
+            && track.active.as_ref().is_some_and(|(active, _)| active.id == raised.id)
+        {
+            track.active = Some((stored, None));
+        }
+    }
+
     /// The farm whose rules these are.
     pub fn farm_id(&self) -> Uuid {
         self.farm_id
