@@ -99,6 +99,22 @@ impl Orchard {
     }
 }
 
+/// An anomalous minute of `sensor`'s latency from `start`, found by `scoring`.
+fn anomaly(farm_id: Uuid, sensor: Uuid, start: SystemTime, scoring: Option<Uuid>) -> Event {
+    Event::AnomalyDetected(smartfarm_bus::AnomalyDetected {
+        farm_id,
+        device_id: sensor,
+        metric: "latency".into(),
+        start_time: start,
+        end_time: start + Duration::from_secs(60),
+        peak_time: start + Duration::from_secs(30),
+        peak_score: 9.0,
+        peak_value: 80.0,
+        model: ModelVersion { name: "anomaly".into(), version: "1".into() },
+        scoring,
+    })
+}
+
 /// Whether the alerts' counts add up to `count` or more.
 fn counted(count: u64) -> impl Fn(&[Alert]) -> bool {
     move |alerts| alerts.iter().map(|alert| alert.count).sum::<u64>() >= count
@@ -193,7 +209,7 @@ async fn a_healthy_photo_resolves_an_older_disease_alert_a_later_one_replaced() 
 /// recorded; a batch one of whose stretches never arrived stays listed, to be scored and announced again.
 #[tokio::test]
 async fn a_scored_batch_leaves_the_list_once_every_stretch_has_its_alert() {
-    use smartfarm_bus::{AnomalyDetected, BatchScored};
+    use smartfarm_bus::BatchScored;
     use smartfarm_core::batch::BatchKey;
     use smartfarm_store::model::DeviceKind;
     use smartfarm_store::telemetry::{EdgeBatch, ReadingRow};
@@ -240,20 +256,7 @@ async fn a_scored_batch_leaves_the_list_once_every_stretch_has_its_alert() {
         telemetry.commit_batch(&batch, &[]).await.unwrap();
         keys.push(BatchKey { gateway_id: gateway, spool_id, last_sequence: sequence });
     }
-    let stretch = |scoring: Uuid, start: u64| {
-        Event::AnomalyDetected(AnomalyDetected {
-            farm_id,
-            device_id: sensor,
-            metric: "latency".into(),
-            start_time: at(start),
-            end_time: at(start + 60),
-            peak_time: at(start + 30),
-            peak_score: 9.0,
-            peak_value: 80.0,
-            model: ModelVersion { name: "anomaly".into(), version: "1".into() },
-            scoring: Some(scoring),
-        })
-    };
+    let stretch = |scoring: Uuid, start: u64| anomaly(farm_id, sensor, at(start), Some(scoring));
     // The first batch's scoring announced two stretches, both arrive. The second's announced two; one was lost.
     let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
     bus.publish(stretch(first, 1000));
@@ -286,8 +289,6 @@ async fn a_scored_batch_leaves_the_list_once_every_stretch_has_its_alert() {
 /// restarted), and a stretch announced again changes nothing: no second alert for one condition.
 #[tokio::test]
 async fn an_anomaly_repeat_after_a_restart_joins_the_stored_alert() {
-    use smartfarm_bus::AnomalyDetected;
-
     let orchard = orchard().await;
     let anomalies = pb::rule::Condition::ModelVerdict(pb::ModelVerdictCondition {
         disease_labels: vec![],
@@ -299,20 +300,7 @@ async fn an_anomaly_repeat_after_a_restart_joins_the_stored_alert() {
     let sensor = Uuid::now_v7();
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
     let at = |seconds: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(now - 86_400 + seconds);
-    let stretch = |start: u64| {
-        Event::AnomalyDetected(AnomalyDetected {
-            farm_id: orchard.farm_id,
-            device_id: sensor,
-            metric: "latency".into(),
-            start_time: at(start),
-            end_time: at(start + 60),
-            peak_time: at(start + 30),
-            peak_score: 9.0,
-            peak_value: 80.0,
-            model: ModelVersion { name: "anomaly".into(), version: "1".into() },
-            scoring: None,
-        })
-    };
+    let stretch = |start: u64| anomaly(orchard.farm_id, sensor, at(start), None);
     orchard.bus.publish(stretch(1000));
     assert_eq!(orchard.alerts_once(counted(1)).await.len(), 1);
 
