@@ -70,8 +70,11 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, confirmations: Co
         };
         // A healthy diagnosis clears the camera's disease alerts.
         let healthy = matches!(event, Event::HealthyDiagnosed(_));
+        // The photo and the verdict it is confirmed for (a newer one of the photo stays pending).
         let photo = match &event {
-            Event::DiseaseDetected(detected) | Event::HealthyDiagnosed(detected) => Some(detected.image_id),
+            Event::DiseaseDetected(detected) | Event::HealthyDiagnosed(detected) => {
+                Some((detected.image_id, detected.label.clone(), detected.model.version.clone()))
+            }
             _ => None,
         };
         let verdict_of = match &event {
@@ -167,8 +170,8 @@ pub(crate) async fn run(alerts: Arc<dyn AlertStore>, bus: Bus, confirmations: Co
             _ => Ok(()),
         };
         // A photo's verdict recorded: the photo is no longer diagnosed again for it.
-        if let (Some(image_id), Some(images), Ok(())) = (photo, &diagnosed_photos, &result) {
-            match images.confirm_verdict(image_id).await {
+        if let (Some((image_id, label, model_version)), Some(images), Ok(())) = (photo, &diagnosed_photos, &result) {
+            match images.confirm_verdict(image_id, &label, &model_version).await {
                 Ok(()) => metrics::counter!("smartfarm_alert_photo_verdicts_confirmed_total").increment(1),
                 Err(error) => {
                     tracing::warn!(%image_id, %error, "cannot confirm a photo's verdict; it is diagnosed again later")

@@ -31,6 +31,7 @@ use smartfarm_core::batch::BatchKey;
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
 use smartfarm_ml::artifact::ModelKind;
+use smartfarm_store::image::PhotoToDiagnose;
 use smartfarm_store::telemetry::ReadingFilter;
 
 use crate::{InferenceApi, Shutdown, from_seconds, read_series, seconds};
@@ -179,6 +180,9 @@ const LATE_ATTEMPTS: u32 = 3;
 const LATE_PHOTOS_WITHIN: Duration = Duration::from_secs(24 * 3600);
 /// Most photos read per round of the late diagnosis.
 const LATE_PHOTOS_AT_ONCE: usize = 16;
+/// Late tries of one photo before it is left as it is (logged): the first comes `inference.late_scoring_after`
+/// after its arrival, and the wait doubles after each, so the last starts about 15 such waits after it.
+const LATE_PHOTO_TRIES: u32 = 4;
 
 /// How long a series that is constant or otherwise unfit to learn from waits before it is tried again.
 const UNFIT_RETRY: Duration = Duration::from_secs(3600);
@@ -445,9 +449,10 @@ impl InferenceApi {
     /// Until the process stops: diagnoses the photos received more than `inference.late_scoring_after` ago (within
     /// the last day) that still have no diagnosis, or whose verdict the alert role did not confirm: their job was
     /// lost (a process on the in-process bus stopped or died with it queued), every try failed, or the verdict was
-    /// lost on the bus or not recorded (it is announced again). A try is noted, so a photo is tried at most once
-    /// per wait. Every replica that runs the role does this: a photo may so be diagnosed twice, to the same
-    /// diagnosis and the same alert.
+    /// lost on the bus or not recorded (it is announced again). Each try is noted before it starts, with the time
+    /// the next may start, which doubles the wait each time; after `LATE_PHOTO_TRIES` the photo is left as it is
+    /// (a photo that cannot be decoded, or a verdict that no alert role confirms). Every replica that runs the
+    /// role does this: a photo may so be diagnosed twice, to the same diagnosis and the same alert.
     async fn diagnose_late_photos(self) {
         let mut shutdown = self.shutting_down.clone();
         let wait = self.settings.late_scoring_after;
@@ -457,7 +462,10 @@ impl InferenceApi {
             let now = SystemTime::now();
             let received_before = now.checked_sub(wait).unwrap_or(SystemTime::UNIX_EPOCH);
             let received_from = now.checked_sub(LATE_PHOTOS_WITHIN).unwrap_or(SystemTime::UNIX_EPOCH);
-            let photos = match self.images.images_to_diagnose(received_from, received_before, LATE_PHOTOS_AT_ONCE).await
+            let photos = match self
+                .images
+                .images_to_diagnose(received_from, received_before, now, LATE_PHOTO_TRIES, LATE_PHOTOS_AT_ONCE)
+                .await
             {
                 Ok(photos) => photos,
                 Err(error) => {
@@ -465,14 +473,24 @@ impl InferenceApi {
                     continue;
                 }
             };
-            // Each photo found is diagnosed or noted as failed, so the next read moves on (unless noting failed too).
+            // Each photo found is noted as tried, so the next read moves on (unless noting failed).
             more_waiting = photos.len() == LATE_PHOTOS_AT_ONCE;
-            for photo in photos {
+            for PhotoToDiagnose { image: photo, late_tries } in photos {
                 if *shutdown.borrow() >= Shutdown::Draining {
                     return;
                 }
+                let tries = late_tries + 1;
+                let tried_at = SystemTime::now();
+                let backoff = wait.saturating_mul(2u32.pow(tries.min(LATE_PHOTO_TRIES)));
+                let next_try_after = tried_at.checked_add(backoff).unwrap_or(tried_at + LATE_PHOTOS_WITHIN);
+                if let Err(error) = self.images.note_late_try(photo.id, tries, next_try_after).await {
+                    // Not tried until noted: a photo whose tries cannot be counted could be tried without end.
+                    tracing::warn!(image_id = %photo.id, %error, "cannot note a late diagnosis try; trying later");
+                    more_waiting = false;
+                    continue;
+                }
                 metrics::counter!("smartfarm_inference_late_photos_total").increment(1);
-                tracing::info!(image_id = %photo.id, "diagnosing a photo left without a diagnosis or a confirmed verdict");
+                tracing::info!(image_id = %photo.id, tries, "diagnosing a photo left without a diagnosis or a confirmed verdict");
                 let stored = ImageStored {
                     handed_out: false,
                     image_id: photo.id,
@@ -487,12 +505,19 @@ impl InferenceApi {
                     () = reached(&mut shutdown, Shutdown::Stopping) => return,
                     diagnosed = self.diagnose_new_image(&stored) => diagnosed,
                 };
-                if let Err(error) = diagnosed {
-                    tracing::warn!(image_id = %photo.id, %error, "cannot diagnose a photo left without a diagnosis");
-                    if let Err(error) = self.images.note_diagnosis_failed(photo.id, SystemTime::now()).await {
-                        tracing::warn!(image_id = %photo.id, %error, "cannot note a failed diagnosis");
-                        more_waiting = false;
+                let last = tries >= LATE_PHOTO_TRIES;
+                match diagnosed {
+                    Err(error) if last => {
+                        metrics::counter!("smartfarm_inference_late_photos_given_up_total").increment(1);
+                        tracing::warn!(image_id = %photo.id, tries, %error, "cannot diagnose a photo; it is left without a diagnosis");
                     }
+                    Err(error) => {
+                        tracing::warn!(image_id = %photo.id, tries, %error, "cannot diagnose a photo left without a diagnosis; trying later")
+                    }
+                    Ok(()) if last => {
+                        tracing::info!(image_id = %photo.id, tries, "a photo's last late diagnosis: a verdict it announced and nobody confirms is not announced again")
+                    }
+                    Ok(()) => {}
                 }
             }
         }

@@ -283,8 +283,8 @@ fn classify(source: pb::classify_image_request::Source) -> pb::ClassifyImageRequ
 }
 
 /// A photo stored whose job was lost (never handed out here: a process on the in-process bus died with it queued)
-/// is diagnosed late, and its disease announced; one whose original cannot be read is tried and left without a
-/// diagnosis.
+/// is diagnosed late, and its disease announced until the verdict is confirmed; one whose original cannot be read
+/// is tried 4 times, ever further apart, and left without a diagnosis.
 #[tokio::test]
 async fn a_photo_whose_job_was_lost_is_diagnosed_late() {
     let late_scoring_after = Duration::from_secs(1);
@@ -312,7 +312,7 @@ async fn a_photo_whose_job_was_lost_is_diagnosed_late() {
     })
     .await;
     assert!(again.is_some(), "an unconfirmed verdict is announced again");
-    images.confirm_verdict(lost.id).await.unwrap();
+    images.confirm_verdict(lost.id, &announced.label, &announced.model.version).await.unwrap();
     // What was in hand when it was confirmed may still come; after that, nothing for two seconds.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut events = setup.bus.subscribe();
@@ -327,6 +327,23 @@ async fn a_photo_whose_job_was_lost_is_diagnosed_late() {
     })
     .await;
     assert!(later.is_err(), "a confirmed verdict was announced again: {later:?}");
+
+    // The unreadable photo is tried 4 times, each wait twice the last (1, 2, 4 and 8 s here), and then left.
+    let late_tries = || async {
+        let far = SystemTime::now() + Duration::from_secs(3600);
+        let found = images.images_to_diagnose(SystemTime::UNIX_EPOCH, far, far, u32::MAX, 10).await.unwrap();
+        found.into_iter().find(|photo| photo.image.id == unreadable.id).map_or(0, |photo| photo.late_tries)
+    };
+    let given_up = tokio::time::timeout(Duration::from_secs(30), async {
+        while late_tries().await < 4 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(given_up.is_ok(), "the unreadable photo had {} late tries", late_tries().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(late_tries().await, 4, "tried again after its last try");
+    assert_eq!(images.get_image(unreadable.id).await.unwrap().diagnosis, None);
 }
 
 /// ClassifyImage on a stored photo the pipeline has not diagnosed yet saves the diagnosis and leaves the photo
@@ -341,12 +358,13 @@ async fn classifying_a_stored_photo_leaves_its_verdict_to_the_pipeline() {
     let images = setup.database.images();
     assert!(images.get_image(lost.id).await.unwrap().diagnosis.is_some());
     let soon = SystemTime::now() + Duration::from_secs(3600);
-    let waiting = images.images_to_diagnose(SystemTime::UNIX_EPOCH, soon, 10).await.unwrap();
-    assert_eq!(waiting.iter().map(|image| image.id).collect::<Vec<_>>(), vec![lost.id], "its verdict is to come");
-    images.confirm_verdict(lost.id).await.unwrap();
+    let waiting = images.images_to_diagnose(SystemTime::UNIX_EPOCH, soon, soon, 4, 10).await.unwrap();
+    assert_eq!(waiting.iter().map(|photo| photo.image.id).collect::<Vec<_>>(), vec![lost.id], "its verdict is to come");
+    let diagnosis = images.get_image(lost.id).await.unwrap().diagnosis.unwrap();
+    images.confirm_verdict(lost.id, &diagnosis.label, &diagnosis.model_version).await.unwrap();
     let request = classify(pb::classify_image_request::Source::ImageId(lost.id.to_string()));
     setup.admin.clone().classify_image(request).await.unwrap();
-    assert!(images.images_to_diagnose(SystemTime::UNIX_EPOCH, soon, 10).await.unwrap().is_empty());
+    assert!(images.images_to_diagnose(SystemTime::UNIX_EPOCH, soon, soon, 4, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]

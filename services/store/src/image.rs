@@ -95,6 +95,14 @@ pub struct ImageRecord {
     pub diagnosis: Option<StoredDiagnosis>,
 }
 
+/// A photo found for a late diagnosis ([`ImageStore::images_to_diagnose`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhotoToDiagnose {
+    pub image: ImageRecord,
+    /// Late tries it has had.
+    pub late_tries: u32,
+}
+
 /// The result of [`ImageStore::insert_image`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Inserted {
@@ -252,17 +260,22 @@ pub trait ImageStore: Send + Sync + 'static {
     /// `verdict_pending`: `Some(true)` when the diagnosis was announced as a verdict that the alert role is to
     /// confirm ([`ImageStore::confirm_verdict`]), `Some(false)` when it was not, `None` to leave that as it is.
     async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>) -> Result<()>;
-    /// Records that the alert role has recorded what the photo's verdict raised.
-    async fn confirm_verdict(&self, id: Uuid) -> Result<()>;
+    /// Records that the alert role has recorded what the photo's verdict raised: the verdict of `label` by model
+    /// version `model_version`. A photo diagnosed since to another label or by another version stays pending: its
+    /// newer verdict may be the one that was lost.
+    async fn confirm_verdict(&self, id: Uuid, label: &str, model_version: &str) -> Result<()>;
     /// Photos with an available original, received from `received_from` and before `received_before`, that have
-    /// no diagnosis or an unconfirmed verdict, and were not tried or diagnosed since `received_before` (see
-    /// [`ImageStore::note_diagnosis_failed`]); oldest arrival first.
+    /// no diagnosis or an unconfirmed verdict, were not diagnosed since `received_before`, have had fewer than
+    /// `max_tries` late tries and whose next try may start at `now` (see [`ImageStore::note_late_try`]); oldest
+    /// arrival first.
     async fn images_to_diagnose(
         &self,
         received_from: SystemTime,
         received_before: SystemTime,
+        now: SystemTime,
+        max_tries: u32,
         limit: usize,
-    ) -> Result<Vec<ImageRecord>>;
-    /// Records that diagnosing a photo without a diagnosis failed at `at`, so that it waits before the next try.
-    async fn note_diagnosis_failed(&self, id: Uuid, at: SystemTime) -> Result<()>;
+    ) -> Result<Vec<PhotoToDiagnose>>;
+    /// Records that a photo's late try number `tries` is starting, and that the next may start at `next_try_after`.
+    async fn note_late_try(&self, id: Uuid, tries: u32, next_try_after: SystemTime) -> Result<()>;
 }

@@ -55,6 +55,11 @@ pub const SQLITE: &[Migration] = &[
         name: "images_to_diagnose",
         sql: include_str!("../migrations/sqlite/0012_images_to_diagnose.sql"),
     },
+    Migration {
+        version: 13,
+        name: "late_diagnosis_tries",
+        sql: include_str!("../migrations/sqlite/0013_late_diagnosis_tries.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -98,6 +103,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 12,
         name: "images_to_diagnose",
         sql: include_str!("../migrations/postgres/0012_images_to_diagnose.sql"),
+    },
+    Migration {
+        version: 13,
+        name: "late_diagnosis_tries",
+        sql: include_str!("../migrations/postgres/0013_late_diagnosis_tries.sql"),
     },
 ];
 

@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::Database;
 use smartfarm_store::image::{
-    ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, StoredDiagnosis, ThumbnailState, UploadState,
+    ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, PhotoToDiagnose, StoredDiagnosis, ThumbnailState,
+    UploadState,
 };
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::testing::TestDatabase as Harness;
@@ -308,7 +309,6 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
     for photo in &photos {
         insert_new(&*images, photo.clone(), None).await;
     }
-    let ids = |found: Vec<ImageRecord>| found.into_iter().map(|image| image.id).collect::<Vec<_>>();
     let diagnosis = StoredDiagnosis {
         label: "Apple___healthy".into(),
         confidence: 0.99,
@@ -317,31 +317,48 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
         diagnose_time: at(6),
     };
     images.set_diagnosis(photos[1].id, &diagnosis, None).await.unwrap();
+    // Up to 2 late tries each, the next try's time checked against `now`.
+    let store = &*images;
+    let to_diagnose = move |received_from, received_before, now, limit| async move {
+        store.images_to_diagnose(received_from, received_before, now, 2, limit).await.unwrap()
+    };
+    let ids = |found: Vec<PhotoToDiagnose>| found.into_iter().map(|photo| photo.image.id).collect::<Vec<_>>();
     // Received within [hour 2, hour 5): the diagnosed one is left out, oldest first.
-    let found = ids(images.images_to_diagnose(at(2), at(5), 10).await.unwrap());
-    assert_eq!(found, vec![photos[2].id, photos[3].id]);
-    assert_eq!(ids(images.images_to_diagnose(at(0), at(10), 2).await.unwrap()), vec![photos[0].id, photos[2].id]);
+    let found = to_diagnose(at(2), at(5), at(5), 10).await;
+    assert_eq!(found.iter().map(|photo| photo.late_tries).collect::<Vec<_>>(), vec![0, 0]);
+    assert_eq!(ids(found), vec![photos[2].id, photos[3].id]);
+    assert_eq!(ids(to_diagnose(at(0), at(10), at(10), 2).await), vec![photos[0].id, photos[2].id]);
 
-    // A failed try waits: it is not found again until the time it was tried is before the bound.
-    images.note_diagnosis_failed(photos[2].id, at(8)).await.unwrap();
+    // A try noted waits for the time given for the next one, and counts.
+    images.note_late_try(photos[2].id, 1, at(8)).await.unwrap();
     assert_eq!(images.get_image(photos[2].id).await.unwrap().diagnosis, None, "still without a diagnosis");
-    assert_eq!(ids(images.images_to_diagnose(at(2), at(5), 10).await.unwrap()), vec![photos[3].id]);
-    let later = ids(images.images_to_diagnose(at(0), at(9), 10).await.unwrap());
-    assert_eq!(later, vec![photos[0].id, photos[2].id, photos[3].id, photos[4].id]);
-    // A diagnosed photo keeps its diagnosis: a failed try noted late changes nothing.
-    images.note_diagnosis_failed(photos[1].id, at(9)).await.unwrap();
+    assert_eq!(ids(to_diagnose(at(2), at(5), at(7), 10).await), vec![photos[3].id]);
+    let later = to_diagnose(at(2), at(5), at(8), 10).await;
+    assert_eq!(
+        later.iter().map(|photo| (photo.image.id, photo.late_tries)).collect::<Vec<_>>(),
+        vec![(photos[2].id, 1), (photos[3].id, 0)]
+    );
+    // The last try allowed: never found again.
+    images.note_late_try(photos[2].id, 2, at(8)).await.unwrap();
+    assert_eq!(ids(to_diagnose(at(2), at(5), at(20), 10).await), vec![photos[3].id]);
+    // A diagnosed photo keeps its diagnosis, and the diagnosis its time: a try noted late changes neither.
+    images.note_late_try(photos[1].id, 1, at(9)).await.unwrap();
     assert_eq!(images.get_image(photos[1].id).await.unwrap().diagnosis, Some(diagnosis.clone()));
 
     // A diagnosis announced as a verdict waits for the alert role: diagnosed again once a wait has passed since
     // it was made (at hour 6), until confirmed. A diagnosis asked for leaves that as it is.
     images.set_diagnosis(photos[4].id, &diagnosis, Some(true)).await.unwrap();
     images.set_diagnosis(photos[3].id, &diagnosis, Some(false)).await.unwrap();
-    assert_eq!(ids(images.images_to_diagnose(at(4), at(6), 10).await.unwrap()), Vec::<Uuid>::new());
-    assert_eq!(ids(images.images_to_diagnose(at(4), at(7), 10).await.unwrap()), vec![photos[4].id]);
+    assert_eq!(ids(to_diagnose(at(4), at(6), at(6), 10).await), Vec::<Uuid>::new());
+    assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id]);
     images.set_diagnosis(photos[4].id, &diagnosis, None).await.unwrap();
-    assert_eq!(ids(images.images_to_diagnose(at(4), at(7), 10).await.unwrap()), vec![photos[4].id], "still pending");
-    images.confirm_verdict(photos[4].id).await.unwrap();
-    assert!(images.images_to_diagnose(at(4), at(7), 10).await.unwrap().is_empty(), "confirmed");
+    assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id], "still pending");
+    // Confirmed only for the verdict it has: one of another label or model version was not its latest.
+    images.confirm_verdict(photos[4].id, "Apple___Black_rot", "1").await.unwrap();
+    images.confirm_verdict(photos[4].id, "Apple___healthy", "0").await.unwrap();
+    assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id], "a newer verdict pending");
+    images.confirm_verdict(photos[4].id, "Apple___healthy", "1").await.unwrap();
+    assert!(to_diagnose(at(4), at(7), at(7), 10).await.is_empty(), "confirmed");
     assert_eq!(images.get_image(photos[4].id).await.unwrap().diagnosis, Some(diagnosis));
 }
 

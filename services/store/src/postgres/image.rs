@@ -10,8 +10,8 @@ use smartfarm_core::{Error, Result};
 
 use super::{PostgresStore, pg_error};
 use crate::image::{
-    IMAGE_COLUMNS, ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, StoredDiagnosis, ThumbnailState,
-    UPLOAD_COLUMNS, UploadState,
+    IMAGE_COLUMNS, ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, PhotoToDiagnose, StoredDiagnosis,
+    ThumbnailState, UPLOAD_COLUMNS, UploadState,
 };
 
 fn image_from_row(row: &Row) -> Result<ImageRecord> {
@@ -511,41 +511,53 @@ impl ImageStore for PostgresStore {
         &self,
         received_from: SystemTime,
         received_before: SystemTime,
+        now: SystemTime,
+        max_tries: u32,
         limit: usize,
-    ) -> Result<Vec<ImageRecord>> {
+    ) -> Result<Vec<PhotoToDiagnose>> {
         let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
-                    "SELECT {IMAGE_COLUMNS} FROM images
+                    "SELECT {IMAGE_COLUMNS}, late_tries FROM images
                      WHERE (diagnosis_label IS NULL OR verdict_pending)
                        AND receive_time >= $1 AND receive_time < $2 AND original_available
                        AND (diagnosis_time IS NULL OR diagnosis_time < $2)
-                     ORDER BY receive_time LIMIT $3"
+                       AND late_tries < $3 AND (late_try_after IS NULL OR late_try_after <= $4)
+                     ORDER BY receive_time LIMIT $5"
                 ),
-                &[&received_from, &received_before, &(limit as i64)],
+                &[&received_from, &received_before, &(max_tries.min(i32::MAX as u32) as i32), &now, &(limit as i64)],
             )
             .await
-            .map_err(pg_error("list undiagnosed images"))?;
-        rows.iter().map(image_from_row).collect()
+            .map_err(pg_error("list images to diagnose"))?;
+        rows.iter()
+            .map(|row| {
+                let late_tries = row.get::<_, i32>(21).max(0) as u32;
+                Ok(PhotoToDiagnose { image: image_from_row(row)?, late_tries })
+            })
+            .collect()
     }
 
-    async fn note_diagnosis_failed(&self, id: Uuid, at: SystemTime) -> Result<()> {
+    async fn note_late_try(&self, id: Uuid, tries: u32, next_try_after: SystemTime) -> Result<()> {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE images SET diagnosis_time = $2 WHERE id = $1 AND (diagnosis_label IS NULL OR verdict_pending)",
-                &[&id, &at],
+                "UPDATE images SET late_tries = $2, late_try_after = $3 WHERE id = $1",
+                &[&id, &(tries.min(i32::MAX as u32) as i32), &next_try_after],
             )
             .await
-            .map_err(pg_error("note a failed diagnosis"))?;
+            .map_err(pg_error("note a late diagnosis try"))?;
         Ok(())
     }
 
-    async fn confirm_verdict(&self, id: Uuid) -> Result<()> {
+    async fn confirm_verdict(&self, id: Uuid, label: &str, model_version: &str) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute("UPDATE images SET verdict_pending = false WHERE id = $1 AND verdict_pending", &[&id])
+            .execute(
+                "UPDATE images SET verdict_pending = false
+                 WHERE id = $1 AND verdict_pending AND diagnosis_label = $2 AND diagnosis_version = $3",
+                &[&id, &label, &model_version],
+            )
             .await
             .map_err(pg_error("confirm a verdict"))?;
         Ok(())

@@ -11,8 +11,8 @@ use smartfarm_core::{Error, Result};
 
 use super::{SqliteStore, is_unique_violation, sql_error};
 use crate::image::{
-    IMAGE_COLUMNS, ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, StoredDiagnosis, ThumbnailState,
-    UPLOAD_COLUMNS, UploadState,
+    IMAGE_COLUMNS, ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, PhotoToDiagnose, StoredDiagnosis,
+    ThumbnailState, UPLOAD_COLUMNS, UploadState,
 };
 
 fn uuid_text(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
@@ -590,42 +590,64 @@ impl ImageStore for SqliteStore {
         &self,
         received_from: SystemTime,
         received_before: SystemTime,
+        now: SystemTime,
+        max_tries: u32,
         limit: usize,
-    ) -> Result<Vec<ImageRecord>> {
+    ) -> Result<Vec<PhotoToDiagnose>> {
         self.run(move |connection| {
             let sql = format!(
-                "SELECT {IMAGE_COLUMNS} FROM images
+                "SELECT {IMAGE_COLUMNS}, late_tries FROM images
                  WHERE (diagnosis_label IS NULL OR verdict_pending)
                    AND receive_time >= ?1 AND receive_time < ?2 AND original_available
                    AND (diagnosis_time IS NULL OR diagnosis_time < ?2)
-                 ORDER BY receive_time LIMIT ?3"
+                   AND late_tries < ?3 AND (late_try_after IS NULL OR late_try_after <= ?4)
+                 ORDER BY receive_time LIMIT ?5"
             );
-            query_images(
-                connection,
-                &sql,
-                params![to_unix_micros(received_from), to_unix_micros(received_before), limit as i64],
-            )
+            let mut statement = connection.prepare(&sql).map_err(sql_error("prepare image query"))?;
+            let parameters = params![
+                to_unix_micros(received_from),
+                to_unix_micros(received_before),
+                i64::from(max_tries),
+                to_unix_micros(now),
+                limit as i64
+            ];
+            let rows = statement
+                .query_map(parameters, |row| Ok((image_row(row)?, row.get::<_, i64>(21)?)))
+                .map_err(sql_error("list images to diagnose"))?;
+            rows.map(|row| {
+                let (image, late_tries) = row.map_err(sql_error("read image row"))?;
+                Ok(PhotoToDiagnose {
+                    image: image.decode()?,
+                    late_tries: late_tries.clamp(0, i64::from(u32::MAX)) as u32,
+                })
+            })
+            .collect()
         })
         .await
     }
 
-    async fn note_diagnosis_failed(&self, id: Uuid, at: SystemTime) -> Result<()> {
+    async fn note_late_try(&self, id: Uuid, tries: u32, next_try_after: SystemTime) -> Result<()> {
         self.run(move |connection| {
             connection
                 .execute(
-                    "UPDATE images SET diagnosis_time = ?2 WHERE id = ?1 AND (diagnosis_label IS NULL OR verdict_pending)",
-                    params![id.to_string(), to_unix_micros(at)],
+                    "UPDATE images SET late_tries = ?2, late_try_after = ?3 WHERE id = ?1",
+                    params![id.to_string(), i64::from(tries), to_unix_micros(next_try_after)],
                 )
-                .map_err(sql_error("note a failed diagnosis"))?;
+                .map_err(sql_error("note a late diagnosis try"))?;
             Ok(())
         })
         .await
     }
 
-    async fn confirm_verdict(&self, id: Uuid) -> Result<()> {
+    async fn confirm_verdict(&self, id: Uuid, label: &str, model_version: &str) -> Result<()> {
+        let (label, model_version) = (label.to_owned(), model_version.to_owned());
         self.run(move |connection| {
             connection
-                .execute("UPDATE images SET verdict_pending = 0 WHERE id = ?1 AND verdict_pending", [id.to_string()])
+                .execute(
+                    "UPDATE images SET verdict_pending = 0
+                     WHERE id = ?1 AND verdict_pending AND diagnosis_label = ?2 AND diagnosis_version = ?3",
+                    params![id.to_string(), label, model_version],
+                )
                 .map_err(sql_error("confirm a verdict"))?;
             Ok(())
         })
