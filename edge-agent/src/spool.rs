@@ -113,6 +113,14 @@ pub enum SpoolError {
     FsyncFailed(String),
 }
 
+impl SpoolError {
+    /// Whether the disk (or the agent's quota on it) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+    }
+}
+
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
     let context = context.into();
     move |source| SpoolError::Io { context, source }
@@ -173,6 +181,9 @@ pub struct Spool {
     /// Tests make the next fsync of [`Spool::sync`] fail, as a failing disk would.
     #[cfg(test)]
     fail_next_fsync: std::sync::atomic::AtomicBool,
+    /// Tests make this many writes of the cloud's mark fail, as a full disk would.
+    #[cfg(test)]
+    state_writes_to_fail: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Spool {
@@ -310,6 +321,8 @@ impl Spool {
             hold_next_append: Mutex::new(None),
             #[cfg(test)]
             fail_next_fsync: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            state_writes_to_fail: std::sync::atomic::AtomicU32::new(0),
         };
         Ok((spool, recovery))
     }
@@ -573,7 +586,21 @@ impl Spool {
             inner.synced = sequence;
             return Ok(());
         }
-        write_state(&self.config.dir, inner.id, sequence)?;
+        if let Err(error) = self.write_mark(inner.id, sequence) {
+            if !error.is_disk_full() {
+                return Err(error);
+            }
+            // A full disk: the mark cannot be written until something is freed, and nothing would be freed until it
+            // is. What it covers is the cloud's already, so those segments go first, all but the newest: that one
+            // keeps the numbering's place should the agent stop before the mark is written (with no segment left,
+            // a restart would number from the old mark, below what the cloud holds).
+            while inner.segments.len() > 1 && inner.segments[0].records > 0 && inner.segments[0].last() <= sequence {
+                let oldest = inner.segments.pop_front().expect("checked above");
+                fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
+            }
+            tracing::warn!(%error, "the disk is full: removed the segments the cloud acknowledged before writing its mark");
+            self.write_mark(inner.id, sequence)?;
+        }
         inner.acked = sequence;
         while let Some(oldest) = inner.segments.front() {
             let is_active = inner.segments.len() == 1;
@@ -588,6 +615,17 @@ impl Spool {
             fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
         }
         Ok(())
+    }
+
+    /// Persists the cloud's mark.
+    fn write_mark(&self, id: uuid::Uuid, acked: u64) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        if self.state_writes_to_fail.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.state_writes_to_fail.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "the test filled the disk");
+            return Err(io("replace the state file")(full));
+        }
+        write_state(&self.config.dir, id, acked)
     }
 
     /// The spool's figures.
@@ -923,6 +961,38 @@ mod tests {
         let (spool, _) = Spool::open(config).unwrap();
         assert_eq!(spool.read_after(0, 100, usize::MAX).unwrap().len(), 8);
         assert_eq!(spool.append(vec![body(8.0)]).unwrap().first_sequence, 9);
+    }
+
+    /// A full disk cannot take the cloud's mark: the segments it covers are removed first (all but the newest), and
+    /// the mark written then. Should that fail too, a restart still numbers after what the cloud holds.
+    #[test]
+    fn an_ack_on_a_full_disk_frees_the_acknowledged_segments_before_writing_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        let mut appended = 0u64;
+        while spool.lock().segments.len() < 5 {
+            spool.append(vec![body(appended as f64)]).unwrap();
+            appended += 1;
+        }
+        let segments = |spool: &Spool| spool.lock().segments.iter().map(|segment| segment.first).collect::<Vec<_>>();
+        let firsts = segments(&spool);
+        // The cloud has everything in the first three segments.
+        let mark = firsts[3] - 1;
+        spool.state_writes_to_fail.store(1, std::sync::atomic::Ordering::SeqCst);
+        spool.ack(mark).expect("the mark is written once space is freed");
+        assert_eq!(segments(&spool), firsts[3..].to_vec());
+        assert_eq!(read_state(dir.path()).unwrap().unwrap().1, mark);
+
+        // Both writes fail: the covered segments but the newest are gone, the mark is not written, and the ack fails.
+        let mark = appended;
+        spool.state_writes_to_fail.store(2, std::sync::atomic::Ordering::SeqCst);
+        assert!(spool.ack(mark).unwrap_err().is_disk_full());
+        assert_eq!(segments(&spool), vec![*firsts.last().unwrap()], "the newest segment keeps the numbering's place");
+        drop(spool);
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(spool.append(vec![body(0.0)]).unwrap().first_sequence, appended + 1);
+        spool.ack(mark).unwrap();
+        assert_eq!(spool.first_pending_sequence(), appended + 1, "only the new record is pending");
     }
 
     #[test]
