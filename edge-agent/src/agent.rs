@@ -229,6 +229,7 @@ pub async fn run(
                     "kind": "batch_refused", "severity": "SEVERITY_CRITICAL", "first_sequence": first_sequence,
                     "last_sequence": last_sequence, "message": format!("the cloud refused a batch: {reason}"),
                 }),
+                LocalAlert::DroppedByCloud { last_sequence, dropped } => dropped_by_cloud_message(*last_sequence, dropped),
                 LocalAlert::ImageSpoolOverflow { dropped_photos, bytes } => serde_json::json!({
                     "kind": "image_spool_overflow", "severity": "SEVERITY_CRITICAL", "dropped_photos": dropped_photos,
                     "dropped_bytes": bytes,
@@ -344,6 +345,30 @@ fn rule_alert_message(alert: &smartfarm_proto::alert::v1::Alert) -> serde_json::
     let mut message = serde_json::to_value(alert).unwrap_or_default();
     message["kind"] = serde_json::Value::from("alert");
     message
+}
+
+/// Records the cloud committed a batch without, on the farm's alert topic: how many for each reason, and what to
+/// check where the reason says a clock is wrong (the agent takes times up to `max_future_skew` ahead of its own
+/// clock, the cloud up to a day ahead of its own).
+fn dropped_by_cloud_message(last_sequence: u64, dropped: &[(String, u64)]) -> serde_json::Value {
+    let total: u64 = dropped.iter().map(|(_, count)| count).sum();
+    let reasons: Vec<String> = dropped.iter().map(|(reason, count)| format!("{count} {reason}")).collect();
+    let hint = if dropped.iter().any(|(reason, _)| reason == "bad_time") {
+        "; bad_time is a time before 2000 or more than a day ahead of the cloud's clock: check the clocks of the \
+         sensors and of this gateway"
+    } else {
+        ""
+    };
+    let by_reason: serde_json::Map<String, serde_json::Value> =
+        dropped.iter().map(|(reason, count)| (reason.clone(), serde_json::Value::from(*count))).collect();
+    serde_json::json!({
+        "kind": "records_dropped", "severity": "SEVERITY_WARNING", "last_sequence": last_sequence,
+        "dropped": by_reason,
+        "message": format!(
+            "the cloud did not store {total} records of the batch up to sequence {last_sequence} ({}){hint}",
+            reasons.join(", ")
+        ),
+    })
 }
 
 /// What the command task works with.

@@ -26,6 +26,8 @@ pub enum LocalAlert {
     SpoolFailed { reason: String },
     /// The cloud refused a batch for good; its records stay in the spool.
     BatchRefused { first_sequence: u64, last_sequence: u64, reason: String },
+    /// The cloud committed a batch without some of its records: (reason, count) pairs.
+    DroppedByCloud { last_sequence: u64, dropped: Vec<(String, u64)> },
     /// The image area passed its cap and dropped the oldest unsent photos.
     ImageSpoolOverflow { dropped_photos: u64, bytes: u64 },
     /// The cloud refused a photo for good; it was set aside in the spool's `images/refused/`.

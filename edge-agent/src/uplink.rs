@@ -241,6 +241,16 @@ impl Uplink {
                             in_flight.pop_front();
                             self.spool.ack(ack.last_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
                             metrics::counter!("smartfarm_edge_batches_acked_total").increment(1);
+                            if !ack.dropped.is_empty() {
+                                let dropped: Vec<(String, u64)> =
+                                    ack.dropped.into_iter().map(|dropped| (dropped.reason, dropped.count)).collect();
+                                for (reason, count) in &dropped {
+                                    metrics::counter!("smartfarm_edge_records_dropped_by_cloud_total", "reason" => reason.clone())
+                                        .increment(*count);
+                                }
+                                tracing::warn!(last_sequence = ack.last_sequence, ?dropped, "the cloud did not store some records of a batch");
+                                let _ = self.alerts.send(LocalAlert::DroppedByCloud { last_sequence: ack.last_sequence, dropped });
+                            }
                         }
                         connect_response::Body::BatchReject(reject) => {
                             let _ = self.alerts.send(LocalAlert::BatchRefused {

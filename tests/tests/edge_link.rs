@@ -280,6 +280,26 @@ async fn exactly_once_over_the_link(backend: Backend) {
         .into_inner()
         .buckets;
     assert_eq!(soil[0].count, 150 + 100 + 48, "every reading of the window once");
+
+    // Records the cloud does not store are told to the agent with the acknowledgement, by reason (not again on a
+    // duplicate): here a time three days ahead, a NaN and a device of no farm of this cloud.
+    let mut dropped = readings(&farm.sensor, 301..=304, base);
+    let mut edit = |index: usize, change: &dyn Fn(&mut Reading)| {
+        if let Some(pb::spool_record::Body::Reading(reading)) = &mut dropped[index].body {
+            change(reading);
+        }
+    };
+    edit(1, &|reading| reading.measure_time = Some(to_timestamp(SystemTime::now() + Duration::from_secs(3 * 86400))));
+    edit(2, &|reading| reading.value = f64::NAN);
+    edit(3, &|reading| reading.device_id = uuid::Uuid::now_v7().to_string());
+    let dropped = smartfarm_ingestion::batch::encode(dropped, 301, 304);
+    link.send_batch(dropped.clone()).await;
+    link.send_batch(dropped).await;
+    let connect_response::Body::BatchAck(ack) = link.next().await else { panic!("an ack") };
+    let told: Vec<(&str, u64)> = ack.dropped.iter().map(|dropped| (dropped.reason.as_str(), dropped.count)).collect();
+    assert_eq!(told, [("foreign_device", 1), ("bad_value", 1), ("bad_time", 1)]);
+    let connect_response::Body::BatchAck(ack) = link.next().await else { panic!("an ack") };
+    assert!(ack.duplicate && ack.dropped.is_empty(), "{ack:?}");
     cloud.stop().await;
 }
 

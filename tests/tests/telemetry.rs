@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use smartfarm_e2e::alerting::mosquitto_pub;
+use smartfarm_e2e::alerting::{MqttWatch, mosquitto_pub};
 use smartfarm_e2e::edge::{Edge, EdgeOptions, Fleet, eventually, readings_per_device, tally};
 use smartfarm_e2e::{Backend, Cloud, CloudData, CloudOptions, bootstrap_admin_key};
 use smartfarm_edge::sim::{self, METRICS_PER_MESSAGE, RunOptions};
@@ -359,4 +359,41 @@ async fn batches_nobody_scored_are_scored_late_by_the_next_cloud() {
     assert_eq!(late().await, committed);
     assert_eq!(scoring.metric("smartfarm_inference_batches_scored_total").await, committed);
     scoring.stop().await;
+}
+
+/// Readings the agent took but the cloud does not store (stamped two days ahead, which this agent is set to take, as
+/// one whose clock runs ahead would) are announced on the farm's alert topic with their reason and a hint; the rest
+/// of the batch is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_the_cloud_drops_are_announced_on_the_farm() {
+    let data = CloudData::new(Backend::Postgres).await;
+    let cloud = Cloud::start(&data, CloudOptions::default()).await;
+    let fleet = Fleet::register(&cloud, &bootstrap_admin_key(&data), "clock ahead", 1).await;
+    let config = "upload_interval = \"1s\"\nupload = \"raw\"\nmax_future_skew = \"3d\"\n";
+    let edge = Edge::start(&edge_options(&cloud, &fleet, &data, config)).await;
+    edge.wait_for_registry(2).await;
+    let sensor = &fleet.sensors[0];
+    let mut farm_topic = MqttWatch::start(edge.mqtt, &sensor.device_id, &sensor.credential, "smartfarm/alerts").await;
+    let telemetry = format!("smartfarm/{}/telemetry", sensor.device_id);
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(2 * 24 * 3600);
+    let ahead_ms = ahead.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let skewed = format!(r#"{{"ts": {ahead_ms}, "metrics": {{"temperature": 21, "humidity": 60}}}}"#);
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, &skewed).await;
+    mosquitto_pub(edge.mqtt, &sensor.device_id, &sensor.credential, &telemetry, r#"{"metrics": {"temperature": 22}}"#)
+        .await;
+
+    let message = farm_topic.next(Duration::from_secs(30)).await.expect("the dropped readings announced on the farm");
+    let message: serde_json::Value = serde_json::from_str(&message).unwrap();
+    assert_eq!(message["kind"], "records_dropped", "{message}");
+    assert_eq!(message["dropped"], serde_json::json!({"bad_time": 2}), "{message}");
+    let text = message["message"].as_str().unwrap();
+    assert!(text.contains("did not store 2 records") && text.contains("check the clocks"), "{text}");
+    let url = data.database_url().unwrap().to_string();
+    let stored = eventually(Duration::from_secs(30), || async { tally(&url, &fleet.farm_id).await.rows == 1 }).await;
+    assert!(stored, "the reading of the present stored: {:?}", tally(&url, &fleet.farm_id).await);
+    let counted = edge.metric("smartfarm_edge_records_dropped_by_cloud_total{reason=\"bad_time\"}").await;
+    assert_eq!(counted, 2.0);
+    assert!(farm_topic.drain(Duration::from_secs(2)).await.is_empty(), "announced once");
+    edge.stop().await;
+    cloud.stop().await;
 }

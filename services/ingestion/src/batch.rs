@@ -42,6 +42,15 @@ impl Dropped {
         self.foreign_device + self.bad_metric + self.bad_value + self.bad_time + self.out_of_range
     }
 
+    /// The reasons with a count, for the agent.
+    pub fn to_proto(&self) -> Vec<pb::DroppedRecords> {
+        self.by_reason()
+            .into_iter()
+            .filter(|(_, count)| *count > 0)
+            .map(|(reason, count)| pb::DroppedRecords { reason: reason.to_owned(), count })
+            .collect()
+    }
+
     /// (reason, count) pairs for metrics and logs.
     pub fn by_reason(&self) -> [(&'static str, u64); 5] {
         [

@@ -413,7 +413,13 @@ async fn decode(
 /// A batch ready for the commit task, in arrival order.
 enum Ready {
     /// Decoded; the permit bounds decoded batches in memory and commits across links until it is committed.
-    Commit { batch: smartfarm_store::telemetry::EdgeBatch, started: Instant, permit: OwnedSemaphorePermit },
+    Commit {
+        batch: smartfarm_store::telemetry::EdgeBatch,
+        /// Its records not stored, told to the agent with the acknowledgement.
+        dropped: batch::Dropped,
+        started: Instant,
+        permit: OwnedSemaphorePermit,
+    },
     /// Refused whole: the refusal goes down in its turn, after the acknowledgements of the batches before it.
     Refuse(pb::BatchReject),
 }
@@ -461,7 +467,7 @@ async fn prepare(
             tracing::warn!(%gateway_id, reason, count, "records dropped from a batch");
         }
     }
-    Ok(Ready::Commit { batch, started, permit })
+    Ok(Ready::Commit { batch, dropped, started, permit })
 }
 
 /// Most records committed in one transaction when several decoded batches are waiting.
@@ -482,8 +488,8 @@ async fn commit_in_order(
 ) -> Result<()> {
     let mut next = in_order.recv().await;
     while let Some(ready) = next.take() {
-        let (mut group, started, permit) = match ready {
-            Ready::Commit { batch, started, permit } => (batch, started, permit),
+        let (mut group, dropped, started, permit) = match ready {
+            Ready::Commit { batch, dropped, started, permit } => (batch, dropped, started, permit),
             Ready::Refuse(refusal) => {
                 let (first, last) = (refusal.first_sequence, refusal.last_sequence);
                 send(&outbound, pb::connect_response::Body::BatchReject(refusal)).await?;
@@ -492,14 +498,14 @@ async fn commit_in_order(
                 )));
             }
         };
-        let mut ranges = vec![(group.first_sequence, group.last_sequence)];
+        let mut ranges = vec![(group.first_sequence, group.last_sequence, dropped)];
         let mut permits = vec![permit];
         while group.readings.len() + group.aggregates.len() < MAX_GROUP_RECORDS {
             match in_order.try_recv() {
                 // Same gateway and spool, later numbers: the group commits exactly what the batches one after the
                 // other would. Rows keep the receive time of the group's first batch.
-                Ok(Ready::Commit { batch, permit, .. }) if batch.first_sequence > group.last_sequence => {
-                    ranges.push((batch.first_sequence, batch.last_sequence));
+                Ok(Ready::Commit { batch, dropped, permit, .. }) if batch.first_sequence > group.last_sequence => {
+                    ranges.push((batch.first_sequence, batch.last_sequence, dropped));
                     permits.push(permit);
                     group.last_sequence = batch.last_sequence;
                     group.readings.extend(batch.readings);
@@ -547,9 +553,11 @@ async fn commit_in_order(
         }
         metrics::histogram!("smartfarm_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         let acknowledged = async {
-            for (first, last) in ranges {
+            for (first, last, dropped) in ranges {
                 tracing::debug!(%gateway_id, first, last, duplicate, "batch acknowledged");
-                let ack = pb::BatchAck { last_sequence: last, duplicate };
+                // A duplicate wrote nothing: what it dropped went down with the first acknowledgement.
+                let dropped = if duplicate { Vec::new() } else { dropped.to_proto() };
+                let ack = pb::BatchAck { last_sequence: last, duplicate, dropped };
                 send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
             }
             Ok::<_, Error>(())
@@ -671,7 +679,10 @@ mod tests {
         };
         let permit = api.commit_permits.clone().acquire_owned().await.unwrap();
         let (ready, in_order) = mpsc::channel(1);
-        ready.send(Ready::Commit { batch, started: Instant::now(), permit }).await.unwrap();
+        ready
+            .send(Ready::Commit { batch, dropped: batch::Dropped::default(), started: Instant::now(), permit })
+            .await
+            .unwrap();
         drop(ready);
         let (outbound, hung_up) = mpsc::channel(1);
         drop(hung_up);
@@ -690,7 +701,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_the_agent_makes_no_room_for_ends_the_link_in_time() {
         let (outbound, _never_read) = mpsc::channel(1);
-        let ack = || pb::connect_response::Body::BatchAck(pb::BatchAck { last_sequence: 1, duplicate: false });
+        let ack = || pb::connect_response::Body::BatchAck(pb::BatchAck { last_sequence: 1, ..Default::default() });
         send_within(&outbound, ack(), Duration::from_millis(50)).await.expect("room for one");
         let waited =
             tokio::time::timeout(Duration::from_secs(5), send_within(&outbound, ack(), Duration::from_millis(50)));
