@@ -163,7 +163,13 @@ struct Inner {
     fsync_failed: Option<String>,
     /// The oldest segment, when the cap could not remove it: logged once, not on every append.
     cap_blocked_at: Option<u64>,
+    /// The reserve (see [`RESERVE_BYTES`]) is not on disk: used, or it could not be made. Made again after an ack.
+    reserve_missing: bool,
 }
+
+/// Bytes kept on disk (the file `reserve` in the spool's directory) for writing the cloud's mark when the disk is
+/// full: without the mark, nothing the cloud has acknowledged could be removed (see [`Spool::ack`]).
+const RESERVE_BYTES: usize = 64 * 1024;
 
 /// The spool.
 pub struct Spool {
@@ -181,10 +187,16 @@ pub struct Spool {
     /// Tests make the next fsync of [`Spool::sync`] fail, as a failing disk would.
     #[cfg(test)]
     fail_next_fsync: std::sync::atomic::AtomicBool,
-    /// Tests make this many writes of the cloud's mark fail, as a full disk would.
+    /// Tests fill the disk for the cloud's mark and the reserve: `FULL_UNTIL_FREED` until the spool removes a file,
+    /// `FULL` whatever it removes, 0 not full.
     #[cfg(test)]
-    state_writes_to_fail: std::sync::atomic::AtomicU32,
+    disk_full: std::sync::atomic::AtomicU8,
 }
+
+#[cfg(test)]
+const FULL_UNTIL_FREED: u8 = 1;
+#[cfg(test)]
+const FULL: u8 = 2;
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -273,6 +285,9 @@ impl Spool {
 
         let mut recovery = Recovery::default();
         let mut segments = VecDeque::new();
+        // An empty segment's name still says how far the numbering went: `first` was the next number when it was
+        // made. Without it, a restart whose records all lie below the mark on disk would number on from that mark.
+        let mut numbered_to = 0;
         for first in firsts {
             let path = segment_path(&config.dir, first);
             let (segment, truncated) = recover_segment(&path, first)?;
@@ -282,13 +297,16 @@ impl Spool {
                 tracing::warn!(segment = %path.display(), truncated_bytes = truncated, "cut a torn spool tail");
             }
             if segment.records == 0 || segment.last() <= acked {
+                if segment.records == 0 {
+                    numbered_to = numbered_to.max(first.saturating_sub(1));
+                }
                 fs::remove_file(&path).map_err(io(format!("remove {}", path.display())))?;
                 continue;
             }
             segments.push_back(segment);
         }
         let last_found = segments.back().map(Segment::last).unwrap_or(0);
-        let next_sequence = last_found.max(acked) + 1;
+        let next_sequence = last_found.max(acked).max(numbered_to) + 1;
         let mut inner = Inner {
             id,
             segments,
@@ -302,6 +320,7 @@ impl Spool {
             read_position: None,
             fsync_failed: None,
             cap_blocked_at: None,
+            reserve_missing: true,
         };
         recovery.pending_records = pending(&inner).0;
         if let Some(last) = inner.segments.back() {
@@ -322,8 +341,9 @@ impl Spool {
             #[cfg(test)]
             fail_next_fsync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
-            state_writes_to_fail: std::sync::atomic::AtomicU32::new(0),
+            disk_full: std::sync::atomic::AtomicU8::new(0),
         };
+        spool.keep_reserve(&mut spool.lock());
         Ok((spool, recovery))
     }
 
@@ -590,16 +610,7 @@ impl Spool {
             if !error.is_disk_full() {
                 return Err(error);
             }
-            // A full disk: the mark cannot be written until something is freed, and nothing would be freed until it
-            // is. What it covers is the cloud's already, so those segments go first, all but the newest: that one
-            // keeps the numbering's place should the agent stop before the mark is written (with no segment left,
-            // a restart would number from the old mark, below what the cloud holds).
-            while inner.segments.len() > 1 && inner.segments[0].records > 0 && inner.segments[0].last() <= sequence {
-                let oldest = inner.segments.pop_front().expect("checked above");
-                fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
-            }
-            tracing::warn!(%error, "the disk is full: removed the segments the cloud acknowledged before writing its mark");
-            self.write_mark(inner.id, sequence)?;
+            self.write_mark_on_a_full_disk(&mut inner, sequence, error)?;
         }
         inner.acked = sequence;
         while let Some(oldest) = inner.segments.front() {
@@ -614,18 +625,94 @@ impl Spool {
             let oldest = inner.segments.pop_front().expect("checked above");
             fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
         }
+        self.keep_reserve(&mut inner);
         Ok(())
+    }
+
+    /// The disk was too full to write the cloud's mark, and nothing would be freed until it is written. First the
+    /// reserve goes; should that not do (it was used already), the segments the mark covers, which are the cloud's
+    /// already, all but the newest that holds records: it keeps the numbering's place should the agent stop before
+    /// the mark is written (a restart numbers on from the last record it finds, else from the mark on disk, and
+    /// below what the cloud holds new records would be taken for ones it has).
+    fn write_mark_on_a_full_disk(&self, inner: &mut Inner, sequence: u64, error: SpoolError) -> Result<(), SpoolError> {
+        tracing::warn!(%error, "the disk is full: freeing space to write the cloud's mark");
+        let reserve = self.config.dir.join("reserve");
+        let mut last_error = error;
+        match fs::remove_file(&reserve) {
+            Ok(()) => {
+                inner.reserve_missing = true;
+                self.space_freed();
+                match self.write_mark(inner.id, sequence) {
+                    Ok(()) => return Ok(()),
+                    Err(error) if error.is_disk_full() => last_error = error,
+                    Err(error) => return Err(error),
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => inner.reserve_missing = true,
+            Err(error) => tracing::warn!(%error, "cannot remove the spool's reserve"),
+        }
+        let mut removed = 0;
+        while inner.segments.front().is_some_and(|oldest| oldest.records > 0 && oldest.last() <= sequence)
+            && inner.segments.iter().skip(1).any(|later| later.records > 0)
+        {
+            let oldest = inner.segments.pop_front().expect("checked above");
+            fs::remove_file(&oldest.path).map_err(io(format!("remove {}", oldest.path.display())))?;
+            inner.read_position = None;
+            removed += 1;
+            self.space_freed();
+        }
+        if removed == 0 {
+            return Err(last_error);
+        }
+        tracing::warn!(segments = removed, "removed acknowledged segments before writing the cloud's mark");
+        self.write_mark(inner.id, sequence)
+    }
+
+    /// Makes the reserve again where it is missing; a disk still full leaves that to the next ack.
+    fn keep_reserve(&self, inner: &mut Inner) {
+        if !inner.reserve_missing {
+            return;
+        }
+        let path = self.config.dir.join("reserve");
+        let made = (|| {
+            #[cfg(test)]
+            if self.disk_full.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "the test filled the disk"));
+            }
+            if fs::metadata(&path).is_ok_and(|metadata| metadata.len() >= RESERVE_BYTES as u64) {
+                return Ok(());
+            }
+            // Written, not set_len: a sparse file would reserve nothing. Not zeros, which a compressing file
+            // system would not store either.
+            let mut file = File::create(&path)?;
+            file.write_all(&[0xa5; RESERVE_BYTES])?;
+            file.sync_all()
+        })();
+        match made {
+            Ok(()) => inner.reserve_missing = false,
+            Err(error) => tracing::debug!(%error, "cannot make the spool's reserve yet"),
+        }
     }
 
     /// Persists the cloud's mark.
     fn write_mark(&self, id: uuid::Uuid, acked: u64) -> Result<(), SpoolError> {
         #[cfg(test)]
-        if self.state_writes_to_fail.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            self.state_writes_to_fail.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if self.disk_full.load(std::sync::atomic::Ordering::SeqCst) != 0 {
             let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "the test filled the disk");
             return Err(io("replace the state file")(full));
         }
         write_state(&self.config.dir, id, acked)
+    }
+
+    /// Tests: a file was removed, so a disk full until then has room.
+    fn space_freed(&self) {
+        #[cfg(test)]
+        let _ = self.disk_full.compare_exchange(
+            FULL_UNTIL_FREED,
+            0,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// The spool's figures.
@@ -963,8 +1050,38 @@ mod tests {
         assert_eq!(spool.append(vec![body(8.0)]).unwrap().first_sequence, 9);
     }
 
-    /// A full disk cannot take the cloud's mark: the segments it covers are removed first (all but the newest), and
-    /// the mark written then. Should that fail too, a restart still numbers after what the cloud holds.
+    fn set_disk(spool: &Spool, state: u8) {
+        spool.disk_full.store(state, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A caught-up agent on a full disk: the mark covers only the active segment, which cannot go before the mark
+    /// is written. The reserve makes room for it, and is made again once the segment is gone.
+    #[test]
+    fn an_ack_on_a_full_disk_writes_the_mark_in_the_reserve_s_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        let reserve = dir.path().join("reserve");
+        assert_eq!(fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES as u64, "made at open");
+        spool.append((0..10).map(|i| body(i as f64)).collect()).unwrap();
+        set_disk(&spool, FULL_UNTIL_FREED);
+        spool.ack(10).expect("the mark is written once the reserve is freed");
+        assert_eq!(read_state(dir.path()).unwrap().unwrap().1, 10);
+        assert!(spool.lock().segments.is_empty(), "the acknowledged segment is gone");
+        assert_eq!(fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES as u64, "made again");
+
+        // A disk that stays full: the reserve is used up and the ack fails; it is made again by a later ack.
+        spool.append((10..20).map(|i| body(i as f64)).collect()).unwrap();
+        set_disk(&spool, FULL);
+        assert!(spool.ack(20).unwrap_err().is_disk_full());
+        assert!(!reserve.exists());
+        set_disk(&spool, 0);
+        spool.ack(20).unwrap();
+        assert!(reserve.exists());
+    }
+
+    /// With the reserve used already, the segments the mark covers go first, all but the newest that holds
+    /// records. Should the mark still not be written, a restart numbers after what the cloud holds, even when the
+    /// newest segment is empty (its only append failed).
     #[test]
     fn an_ack_on_a_full_disk_frees_the_acknowledged_segments_before_writing_the_mark() {
         let dir = tempfile::tempdir().unwrap();
@@ -976,23 +1093,38 @@ mod tests {
         }
         let segments = |spool: &Spool| spool.lock().segments.iter().map(|segment| segment.first).collect::<Vec<_>>();
         let firsts = segments(&spool);
-        // The cloud has everything in the first three segments.
+        // The reserve is gone (used by an earlier ack); the cloud has everything in the first three segments.
+        fs::remove_file(dir.path().join("reserve")).unwrap();
         let mark = firsts[3] - 1;
-        spool.state_writes_to_fail.store(1, std::sync::atomic::Ordering::SeqCst);
+        set_disk(&spool, FULL_UNTIL_FREED);
         spool.ack(mark).expect("the mark is written once space is freed");
         assert_eq!(segments(&spool), firsts[3..].to_vec());
         assert_eq!(read_state(dir.path()).unwrap().unwrap().1, mark);
 
-        // Both writes fail: the covered segments but the newest are gone, the mark is not written, and the ack fails.
-        let mark = appended;
-        spool.state_writes_to_fail.store(2, std::sync::atomic::Ordering::SeqCst);
-        assert!(spool.ack(mark).unwrap_err().is_disk_full());
-        assert_eq!(segments(&spool), vec![*firsts.last().unwrap()], "the newest segment keeps the numbering's place");
+        // The newest segment is empty, and the disk stays full: the newest with records stays, the mark is not
+        // written, the ack fails.
+        {
+            let mut inner = spool.lock();
+            let next = inner.next_sequence;
+            spool.start_segment(&mut inner, next).unwrap();
+        }
+        set_disk(&spool, FULL);
+        assert!(spool.ack(appended).unwrap_err().is_disk_full());
+        assert_eq!(segments(&spool), vec![firsts[4], appended + 1], "the newest segment with records stays");
         drop(spool);
         let (spool, _) = Spool::open(config(dir.path())).unwrap();
         assert_eq!(spool.append(vec![body(0.0)]).unwrap().first_sequence, appended + 1);
-        spool.ack(mark).unwrap();
+        spool.ack(appended).unwrap();
         assert_eq!(spool.first_pending_sequence(), appended + 1, "only the new record is pending");
+
+        // Only an empty segment left above an old mark: its name still gives the numbering.
+        drop(spool);
+        for entry in fs::read_dir(segment_dir(dir.path())).unwrap() {
+            fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        File::create(segment_path(dir.path(), appended + 50)).unwrap();
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(spool.append(vec![body(0.0)]).unwrap().first_sequence, appended + 50);
     }
 
     #[test]
