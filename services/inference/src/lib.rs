@@ -166,12 +166,15 @@ impl InferenceApi {
         let model = self.serving.active(ModelKind::PlantDisease, &request.model_name).await?;
         let (diagnosis, ranked) = self.diagnose(&model, bytes).await?;
         if let Some(image) = image {
-            // Asked for, not announced: whatever verdict the photo is waiting on stays as it is. A photo the pipeline
-            // has not diagnosed yet (its job lost, say) is left to it for its verdict: the late diagnosis finds it
-            // waiting for one.
+            // Asked for, not announced: whatever verdict the photo is waiting on stays as it is, and so does the
+            // diagnosis of a pending verdict (the store does not save this one over it: the verdict's confirmation
+            // names its label and version). A photo the pipeline has not diagnosed yet (its job lost, say) is left
+            // to it for its verdict: the late diagnosis finds it waiting for one.
             let first = image.diagnosis.is_none();
             let verdict_pending = first.then_some(diagnosis.confidence >= self.settings.disease_alert_confidence);
-            self.images.set_diagnosis(image.id, &diagnosis, verdict_pending).await?;
+            if !self.images.set_diagnosis(image.id, &diagnosis, verdict_pending).await? {
+                tracing::debug!(image_id = %image.id, "a photo waiting for its verdict keeps that verdict's diagnosis");
+            }
         }
         let top_k = match request.top_k {
             0 => 3,

@@ -483,11 +483,20 @@ impl InferenceApi {
                 let tried_at = SystemTime::now();
                 let backoff = wait.saturating_mul(2u32.pow(tries.min(LATE_PHOTO_TRIES)));
                 let next_try_after = tried_at.checked_add(backoff).unwrap_or(tried_at + LATE_PHOTOS_WITHIN);
-                if let Err(error) = self.images.note_late_try(photo.id, tries, next_try_after).await {
-                    // Not tried until noted: a photo whose tries cannot be counted could be tried without end.
-                    tracing::warn!(image_id = %photo.id, %error, "cannot note a late diagnosis try; trying later");
-                    more_waiting = false;
-                    continue;
+                // Counted before it starts (a try that takes the process down counts too), and only by the replica
+                // whose count lands: the others leave the photo to it.
+                match self.images.set_late_tries(photo.id, late_tries, tries, next_try_after).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!(image_id = %photo.id, "a late try counted elsewhere, or no longer needed");
+                        continue;
+                    }
+                    Err(error) => {
+                        // Not tried until counted: a photo whose tries cannot be counted could be tried without end.
+                        tracing::warn!(image_id = %photo.id, %error, "cannot count a late diagnosis try; trying later");
+                        more_waiting = false;
+                        continue;
+                    }
                 }
                 metrics::counter!("smartfarm_inference_late_photos_total").increment(1);
                 tracing::info!(image_id = %photo.id, tries, "diagnosing a photo left without a diagnosis or a confirmed verdict");
@@ -507,6 +516,16 @@ impl InferenceApi {
                 };
                 let last = tries >= LATE_PHOTO_TRIES;
                 match diagnosed {
+                    // The database, the blob store or the model was away: not the photo's fault, so the try is given
+                    // back (the wait stays). The day the late diagnosis looks back over still bounds the tries.
+                    Err(error @ (Error::Unavailable(_) | Error::Internal { .. })) => {
+                        tracing::warn!(image_id = %photo.id, tries, %error, "cannot diagnose a photo for now; trying later");
+                        if let Err(error) =
+                            self.images.set_late_tries(photo.id, tries, late_tries, next_try_after).await
+                        {
+                            tracing::warn!(image_id = %photo.id, %error, "cannot give a late diagnosis try back");
+                        }
+                    }
                     Err(error) if last => {
                         metrics::counter!("smartfarm_inference_late_photos_given_up_total").increment(1);
                         tracing::warn!(image_id = %photo.id, tries, %error, "cannot diagnose a photo; it is left without a diagnosis");

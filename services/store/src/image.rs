@@ -258,15 +258,18 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn set_storage_class(&self, id: Uuid, storage_class: &str) -> Result<()>;
     /// Records a model's diagnosis of a photo (replacing an earlier one); `NotFound` for an unknown photo.
     /// `verdict_pending`: `Some(true)` when the diagnosis was announced as a verdict that the alert role is to
-    /// confirm ([`ImageStore::confirm_verdict`]), `Some(false)` when it was not, `None` to leave that as it is.
-    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>) -> Result<()>;
+    /// confirm ([`ImageStore::confirm_verdict`]), `Some(false)` when it was not, `None` for a diagnosis asked for
+    /// that leaves that as it is: on a photo whose verdict is pending it is not saved (the pending verdict's
+    /// diagnosis stays, for its confirmation to match), and `false` says so.
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>)
+    -> Result<bool>;
     /// Records that the alert role has recorded what the photo's verdict raised: the verdict of `label` by model
     /// version `model_version`. A photo diagnosed since to another label or by another version stays pending: its
     /// newer verdict may be the one that was lost.
     async fn confirm_verdict(&self, id: Uuid, label: &str, model_version: &str) -> Result<()>;
     /// Photos with an available original, received from `received_from` and before `received_before`, that have
     /// no diagnosis or an unconfirmed verdict, were not diagnosed since `received_before`, have had fewer than
-    /// `max_tries` late tries and whose next try may start at `now` (see [`ImageStore::note_late_try`]); oldest
+    /// `max_tries` late tries and whose next try may start at `now` (see [`ImageStore::set_late_tries`]); oldest
     /// arrival first.
     async fn images_to_diagnose(
         &self,
@@ -276,6 +279,9 @@ pub trait ImageStore: Send + Sync + 'static {
         max_tries: u32,
         limit: usize,
     ) -> Result<Vec<PhotoToDiagnose>>;
-    /// Records that a photo's late try number `tries` is starting, and that the next may start at `next_try_after`.
-    async fn note_late_try(&self, id: Uuid, tries: u32, next_try_after: SystemTime) -> Result<()>;
+    /// Sets a photo's count of late tries from `expected` to `tries`, the next to start at `next_try_after`, if it
+    /// still has `expected` and is still without a diagnosis or waiting for its verdict. `false` otherwise:
+    /// another replica counted the try first, or the photo no longer needs one. Counting a try up claims it;
+    /// counting it down gives back a try that failed for want of a dependency.
+    async fn set_late_tries(&self, id: Uuid, expected: u32, tries: u32, next_try_after: SystemTime) -> Result<bool>;
 }

@@ -104,7 +104,7 @@ async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
             model_version: "1".into(),
             diagnose_time: at(3),
         };
-        images.set_diagnosis(first.id, &diagnosis, None).await.unwrap();
+        assert!(images.set_diagnosis(first.id, &diagnosis, None).await.unwrap(), "saved");
         assert_eq!(images.get_image(first.id).await.unwrap().diagnosis, Some(diagnosis));
     }
     let missing = StoredDiagnosis {
@@ -329,8 +329,9 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
     assert_eq!(ids(found), vec![photos[2].id, photos[3].id]);
     assert_eq!(ids(to_diagnose(at(0), at(10), at(10), 2).await), vec![photos[0].id, photos[2].id]);
 
-    // A try noted waits for the time given for the next one, and counts.
-    images.note_late_try(photos[2].id, 1, at(8)).await.unwrap();
+    // A try counted waits for the time given for the next one. Counting is a claim: from the count read only.
+    assert!(images.set_late_tries(photos[2].id, 0, 1, at(8)).await.unwrap());
+    assert!(!images.set_late_tries(photos[2].id, 0, 1, at(8)).await.unwrap(), "counted by another replica first");
     assert_eq!(images.get_image(photos[2].id).await.unwrap().diagnosis, None, "still without a diagnosis");
     assert_eq!(ids(to_diagnose(at(2), at(5), at(7), 10).await), vec![photos[3].id]);
     let later = to_diagnose(at(2), at(5), at(8), 10).await;
@@ -338,11 +339,13 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
         later.iter().map(|photo| (photo.image.id, photo.late_tries)).collect::<Vec<_>>(),
         vec![(photos[2].id, 1), (photos[3].id, 0)]
     );
-    // The last try allowed: never found again.
-    images.note_late_try(photos[2].id, 2, at(8)).await.unwrap();
+    // The last try allowed: never found again, unless it is given back.
+    assert!(images.set_late_tries(photos[2].id, 1, 2, at(8)).await.unwrap());
     assert_eq!(ids(to_diagnose(at(2), at(5), at(20), 10).await), vec![photos[3].id]);
-    // A diagnosed photo keeps its diagnosis, and the diagnosis its time: a try noted late changes neither.
-    images.note_late_try(photos[1].id, 1, at(9)).await.unwrap();
+    assert!(images.set_late_tries(photos[2].id, 2, 1, at(8)).await.unwrap(), "given back");
+    assert_eq!(ids(to_diagnose(at(2), at(5), at(20), 10).await), vec![photos[2].id, photos[3].id]);
+    // A diagnosed photo needs no try: none is counted, and its diagnosis and its time stay.
+    assert!(!images.set_late_tries(photos[1].id, 0, 1, at(9)).await.unwrap());
     assert_eq!(images.get_image(photos[1].id).await.unwrap().diagnosis, Some(diagnosis.clone()));
 
     // A diagnosis announced as a verdict waits for the alert role: diagnosed again once a wait has passed since
@@ -351,7 +354,10 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
     images.set_diagnosis(photos[3].id, &diagnosis, Some(false)).await.unwrap();
     assert_eq!(ids(to_diagnose(at(4), at(6), at(6), 10).await), Vec::<Uuid>::new());
     assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id]);
-    images.set_diagnosis(photos[4].id, &diagnosis, None).await.unwrap();
+    // A diagnosis asked for does not replace a pending verdict's.
+    let asked = StoredDiagnosis { label: "Apple___Black_rot".into(), diagnose_time: at(7), ..diagnosis.clone() };
+    assert!(!images.set_diagnosis(photos[4].id, &asked, None).await.unwrap(), "not saved");
+    assert_eq!(images.get_image(photos[4].id).await.unwrap().diagnosis, Some(diagnosis.clone()));
     assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id], "still pending");
     // Confirmed only for the verdict it has: one of another label or model version was not its latest.
     images.confirm_verdict(photos[4].id, "Apple___Black_rot", "1").await.unwrap();

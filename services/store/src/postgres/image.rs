@@ -482,13 +482,18 @@ impl ImageStore for PostgresStore {
         Ok(())
     }
 
-    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>) -> Result<()> {
+    async fn set_diagnosis(
+        &self,
+        id: Uuid,
+        diagnosis: &StoredDiagnosis,
+        verdict_pending: Option<bool>,
+    ) -> Result<bool> {
         let client = self.client().await?;
         let updated = client
             .execute(
                 "UPDATE images SET diagnosis_label = $2, diagnosis_confidence = $3, diagnosis_model = $4,
                      diagnosis_version = $5, diagnosis_time = $6, verdict_pending = coalesce($7, verdict_pending)
-                 WHERE id = $1",
+                 WHERE id = $1 AND ($7::boolean IS NOT NULL OR NOT verdict_pending)",
                 &[
                     &id,
                     &diagnosis.label,
@@ -502,9 +507,14 @@ impl ImageStore for PostgresStore {
             .await
             .map_err(pg_error("set diagnosis"))?;
         if updated == 0 {
-            return Err(Error::not_found("image", id));
+            // Left as it was (a verdict pending), or no such photo.
+            let found = client
+                .query_opt("SELECT 1 FROM images WHERE id = $1", &[&id])
+                .await
+                .map_err(pg_error("find an image"))?;
+            return found.map(|_| false).ok_or_else(|| Error::not_found("image", id));
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn images_to_diagnose(
@@ -538,16 +548,18 @@ impl ImageStore for PostgresStore {
             .collect()
     }
 
-    async fn note_late_try(&self, id: Uuid, tries: u32, next_try_after: SystemTime) -> Result<()> {
+    async fn set_late_tries(&self, id: Uuid, expected: u32, tries: u32, next_try_after: SystemTime) -> Result<bool> {
         let client = self.client().await?;
-        client
+        let count = |tries: u32| tries.min(i32::MAX as u32) as i32;
+        let updated = client
             .execute(
-                "UPDATE images SET late_tries = $2, late_try_after = $3 WHERE id = $1",
-                &[&id, &(tries.min(i32::MAX as u32) as i32), &next_try_after],
+                "UPDATE images SET late_tries = $3, late_try_after = $4
+                 WHERE id = $1 AND late_tries = $2 AND (diagnosis_label IS NULL OR verdict_pending)",
+                &[&id, &count(expected), &count(tries), &next_try_after],
             )
             .await
-            .map_err(pg_error("note a late diagnosis try"))?;
-        Ok(())
+            .map_err(pg_error("count a late diagnosis try"))?;
+        Ok(updated == 1)
     }
 
     async fn confirm_verdict(&self, id: Uuid, label: &str, model_version: &str) -> Result<()> {

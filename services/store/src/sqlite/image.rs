@@ -559,14 +559,19 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>) -> Result<()> {
+    async fn set_diagnosis(
+        &self,
+        id: Uuid,
+        diagnosis: &StoredDiagnosis,
+        verdict_pending: Option<bool>,
+    ) -> Result<bool> {
         let diagnosis = diagnosis.clone();
         self.run(move |connection| {
             let updated = connection
                 .execute(
                     "UPDATE images SET diagnosis_label = ?2, diagnosis_confidence = ?3, diagnosis_model = ?4,
                          diagnosis_version = ?5, diagnosis_time = ?6, verdict_pending = coalesce(?7, verdict_pending)
-                     WHERE id = ?1",
+                     WHERE id = ?1 AND (?7 IS NOT NULL OR NOT verdict_pending)",
                     params![
                         id.to_string(),
                         diagnosis.label,
@@ -579,9 +584,14 @@ impl ImageStore for SqliteStore {
                 )
                 .map_err(sql_error("set diagnosis"))?;
             if updated == 0 {
-                return Err(Error::not_found("image", id));
+                // Left as it was (a verdict pending), or no such photo.
+                let found = connection
+                    .query_row("SELECT 1 FROM images WHERE id = ?1", [id.to_string()], |_| Ok(()))
+                    .optional()
+                    .map_err(sql_error("find an image"))?;
+                return found.map(|()| false).ok_or_else(|| Error::not_found("image", id));
             }
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -626,15 +636,16 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn note_late_try(&self, id: Uuid, tries: u32, next_try_after: SystemTime) -> Result<()> {
+    async fn set_late_tries(&self, id: Uuid, expected: u32, tries: u32, next_try_after: SystemTime) -> Result<bool> {
         self.run(move |connection| {
-            connection
+            let updated = connection
                 .execute(
-                    "UPDATE images SET late_tries = ?2, late_try_after = ?3 WHERE id = ?1",
-                    params![id.to_string(), i64::from(tries), to_unix_micros(next_try_after)],
+                    "UPDATE images SET late_tries = ?3, late_try_after = ?4
+                     WHERE id = ?1 AND late_tries = ?2 AND (diagnosis_label IS NULL OR verdict_pending)",
+                    params![id.to_string(), i64::from(expected), i64::from(tries), to_unix_micros(next_try_after)],
                 )
-                .map_err(sql_error("note a late diagnosis try"))?;
-            Ok(())
+                .map_err(sql_error("count a late diagnosis try"))?;
+            Ok(updated == 1)
         })
         .await
     }
