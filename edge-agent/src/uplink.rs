@@ -5,8 +5,8 @@
 //! and, thanks to the cloud's mark, duplicates nothing. HTTP/2 keepalive notices a half-open link; reconnects back
 //! off exponentially with jitter.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -57,6 +57,40 @@ pub struct Uplink {
     model_updates: Option<mpsc::Sender<Vec<smartfarm_proto::common::v1::ModelRef>>>,
     /// Rules, the urgent lane and commands (when the agent runs them).
     alerting: Option<Alerting>,
+    /// Records the cloud dropped and the farm has not been told of yet.
+    dropped: Mutex<DroppedByCloud>,
+}
+
+/// How often at most the farm's alert topic is told of records the cloud dropped: a gateway whose clock runs a day
+/// ahead has every batch's readings dropped, and a drain would otherwise announce each batch.
+const DROPPED_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// Records the cloud dropped, summed by reason between two announcements.
+#[derive(Debug, Default)]
+struct DroppedByCloud {
+    by_reason: BTreeMap<String, u64>,
+    last_sequence: u64,
+    last_told: Option<Instant>,
+}
+
+impl DroppedByCloud {
+    /// Adds what an acknowledgement says.
+    fn add(&mut self, ack: &pb::BatchAck) {
+        for dropped in &ack.dropped {
+            *self.by_reason.entry(dropped.reason.clone()).or_default() += dropped.count;
+        }
+        self.last_sequence = self.last_sequence.max(ack.last_sequence);
+    }
+
+    /// What to announce now, if anything waits and the last announcement is old enough.
+    fn take_due(&mut self, now: Instant) -> Option<LocalAlert> {
+        if self.by_reason.is_empty() || self.last_told.is_some_and(|told| now - told < DROPPED_REPORT_EVERY) {
+            return None;
+        }
+        self.last_told = Some(now);
+        let dropped = std::mem::take(&mut self.by_reason).into_iter().collect();
+        Some(LocalAlert::DroppedByCloud { last_sequence: self.last_sequence, dropped })
+    }
 }
 
 /// The alerts-and-commands parts the link serves: the rules cache it updates, the urgent lane it drains, the command
@@ -77,7 +111,15 @@ impl Uplink {
         registry: Arc<Registry>,
         alerts: mpsc::UnboundedSender<LocalAlert>,
     ) -> Self {
-        Uplink { config, spool, registry, alerts, model_updates: None, alerting: None }
+        Uplink {
+            config,
+            spool,
+            registry,
+            alerts,
+            model_updates: None,
+            alerting: None,
+            dropped: Mutex::new(DroppedByCloud::default()),
+        }
     }
 
     /// Keeps the rules, sends the urgent lane at once, and passes commands on.
@@ -239,18 +281,17 @@ impl Uplink {
                                 )));
                             }
                             in_flight.pop_front();
+                            // Counted before the ack, which may fail: the batch is committed and never comes back.
+                            if !ack.dropped.is_empty() {
+                                for dropped in &ack.dropped {
+                                    metrics::counter!("smartfarm_edge_records_dropped_by_cloud_total", "reason" => dropped.reason.clone())
+                                        .increment(dropped.count);
+                                }
+                                tracing::warn!(last_sequence = ack.last_sequence, dropped = ?ack.dropped, "the cloud did not store some records of a batch");
+                                self.tell_dropped(Some(&ack));
+                            }
                             self.spool.ack(ack.last_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
                             metrics::counter!("smartfarm_edge_batches_acked_total").increment(1);
-                            if !ack.dropped.is_empty() {
-                                let dropped: Vec<(String, u64)> =
-                                    ack.dropped.into_iter().map(|dropped| (dropped.reason, dropped.count)).collect();
-                                for (reason, count) in &dropped {
-                                    metrics::counter!("smartfarm_edge_records_dropped_by_cloud_total", "reason" => reason.clone())
-                                        .increment(*count);
-                                }
-                                tracing::warn!(last_sequence = ack.last_sequence, ?dropped, "the cloud did not store some records of a batch");
-                                let _ = self.alerts.send(LocalAlert::DroppedByCloud { last_sequence: ack.last_sequence, dropped });
-                            }
                         }
                         connect_response::Body::BatchReject(reject) => {
                             let _ = self.alerts.send(LocalAlert::BatchRefused {
@@ -322,6 +363,7 @@ impl Uplink {
                     asked_while_preparing |= preparing.is_some();
                 }
                 _ = threshold_check.tick() => {
+                    self.tell_dropped(None);
                     if self.spool.stats().pending_bytes >= self.config.upload_threshold_bytes {
                         draining = true;
                         asked_while_preparing |= preparing.is_some();
@@ -329,6 +371,17 @@ impl Uplink {
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
+        }
+    }
+
+    /// Adds what `ack` says the cloud dropped, and tells the farm's alert topic what has waited long enough.
+    fn tell_dropped(&self, ack: Option<&pb::BatchAck>) {
+        let mut dropped = self.dropped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(ack) = ack {
+            dropped.add(ack);
+        }
+        if let Some(alert) = dropped.take_due(Instant::now()) {
+            let _ = self.alerts.send(alert);
         }
     }
 
@@ -400,4 +453,43 @@ pub fn bearer(config: &EdgeConfig) -> Result<MetadataValue<tonic::metadata::Asci
     format!("Bearer {}", config.credential)
         .parse()
         .map_err(|_| LinkError::Connect("the credential is not valid header text".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(last_sequence: u64, dropped: &[(&str, u64)]) -> pb::BatchAck {
+        pb::BatchAck {
+            last_sequence,
+            duplicate: false,
+            dropped: dropped
+                .iter()
+                .map(|(reason, count)| pb::DroppedRecords { reason: reason.to_string(), count: *count })
+                .collect(),
+        }
+    }
+
+    /// The first report goes at once; what follows within a minute is summed into the next one.
+    #[test]
+    fn dropped_records_are_told_at_once_then_summed_for_a_minute() {
+        let mut dropped = DroppedByCloud::default();
+        let start = Instant::now();
+        assert!(dropped.take_due(start).is_none(), "nothing to tell");
+        dropped.add(&ack(100, &[("bad_time", 3)]));
+        let Some(LocalAlert::DroppedByCloud { last_sequence, dropped: told }) = dropped.take_due(start) else {
+            panic!("told at once")
+        };
+        assert_eq!((last_sequence, told), (100, vec![("bad_time".to_string(), 3)]));
+        dropped.add(&ack(200, &[("bad_time", 5), ("bad_value", 1)]));
+        dropped.add(&ack(300, &[("bad_time", 2)]));
+        assert!(dropped.take_due(start + Duration::from_secs(59)).is_none(), "not within the minute");
+        let Some(LocalAlert::DroppedByCloud { last_sequence, dropped: told }) =
+            dropped.take_due(start + Duration::from_secs(60))
+        else {
+            panic!("told after the minute")
+        };
+        assert_eq!((last_sequence, told), (300, vec![("bad_time".to_string(), 7), ("bad_value".to_string(), 1)]));
+        assert!(dropped.take_due(start + Duration::from_secs(200)).is_none(), "told once");
+    }
 }

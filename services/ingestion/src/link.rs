@@ -555,7 +555,9 @@ async fn commit_in_order(
         let acknowledged = async {
             for (first, last, dropped) in ranges {
                 tracing::debug!(%gateway_id, first, last, duplicate, "batch acknowledged");
-                // A duplicate wrote nothing: what it dropped went down with the first acknowledgement.
+                // A duplicate wrote nothing, so it reports nothing. Best effort: a duplicate whose first
+                // acknowledgement was lost with its link leaves its drops counted only here, and a group that
+                // overlapped the mark may report the drops of records committed before.
                 let dropped = if duplicate { Vec::new() } else { dropped.to_proto() };
                 let ack = pb::BatchAck { last_sequence: last, duplicate, dropped };
                 send(&outbound, pb::connect_response::Body::BatchAck(ack)).await?;
