@@ -365,7 +365,7 @@ fn dropped_by_cloud_message(last_sequence: u64, dropped: &[(String, u64)]) -> se
         "kind": "records_dropped", "severity": "SEVERITY_WARNING", "last_sequence": last_sequence,
         "dropped": by_reason,
         "message": format!(
-            "the cloud did not store {total} records of the batch up to sequence {last_sequence} ({}){hint}",
+            "the cloud did not store {total} records of the batches up to sequence {last_sequence} ({}){hint}",
             reasons.join(", ")
         ),
     })

@@ -595,7 +595,12 @@ impl Spool {
                 local_last = inner.next_sequence - 1,
                 "the cloud has committed more of this spool than the disk holds; numbering continues after its mark"
             );
-            write_state(&self.config.dir, inner.id, sequence)?;
+            if let Err(error) = self.write_mark(inner.id, sequence) {
+                if !error.is_disk_full() {
+                    return Err(error);
+                }
+                self.write_mark_on_a_full_disk(&mut inner, sequence, error)?;
+            }
             for segment in inner.segments.drain(..) {
                 fs::remove_file(&segment.path).map_err(io(format!("remove {}", segment.path.display())))?;
             }
@@ -690,7 +695,11 @@ impl Spool {
         })();
         match made {
             Ok(()) => inner.reserve_missing = false,
-            Err(error) => tracing::debug!(%error, "cannot make the spool's reserve yet"),
+            Err(error) => {
+                // A part written would hold space without being counted on.
+                let _ = fs::remove_file(&path);
+                tracing::debug!(%error, "cannot make the spool's reserve yet");
+            }
         }
     }
 

@@ -82,9 +82,11 @@ impl DroppedByCloud {
         self.last_sequence = self.last_sequence.max(ack.last_sequence);
     }
 
-    /// What to announce now, if anything waits and the last announcement is old enough.
-    fn take_due(&mut self, now: Instant) -> Option<LocalAlert> {
-        if self.by_reason.is_empty() || self.last_told.is_some_and(|told| now - told < DROPPED_REPORT_EVERY) {
+    /// What to announce now, if anything waits and the last announcement is old enough (or `at_once`: the agent
+    /// is stopping).
+    fn take_due(&mut self, now: Instant, at_once: bool) -> Option<LocalAlert> {
+        let too_soon = !at_once && self.last_told.is_some_and(|told| now - told < DROPPED_REPORT_EVERY);
+        if self.by_reason.is_empty() || too_soon {
             return None;
         }
         self.last_told = Some(now);
@@ -141,6 +143,8 @@ impl Uplink {
             let started = Instant::now();
             let result = self.session(&mut shutdown).await;
             metrics::gauge!("smartfarm_edge_link_up").set(0.0);
+            // What waits of the cloud's drops is told now, not only while a link stays up; all of it when stopping.
+            self.tell_dropped(None, *shutdown.borrow());
             if *shutdown.borrow() {
                 return;
             }
@@ -161,7 +165,10 @@ impl Uplink {
                     tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "cloud link down");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.changed() => {
+                            self.tell_dropped(None, true);
+                            return;
+                        }
                     }
                     backoff = (backoff * 2).min(self.config.reconnect_max);
                 }
@@ -288,7 +295,7 @@ impl Uplink {
                                         .increment(dropped.count);
                                 }
                                 tracing::warn!(last_sequence = ack.last_sequence, dropped = ?ack.dropped, "the cloud did not store some records of a batch");
-                                self.tell_dropped(Some(&ack));
+                                self.tell_dropped(Some(&ack), false);
                             }
                             self.spool.ack(ack.last_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
                             metrics::counter!("smartfarm_edge_batches_acked_total").increment(1);
@@ -363,7 +370,7 @@ impl Uplink {
                     asked_while_preparing |= preparing.is_some();
                 }
                 _ = threshold_check.tick() => {
-                    self.tell_dropped(None);
+                    self.tell_dropped(None, false);
                     if self.spool.stats().pending_bytes >= self.config.upload_threshold_bytes {
                         draining = true;
                         asked_while_preparing |= preparing.is_some();
@@ -374,13 +381,14 @@ impl Uplink {
         }
     }
 
-    /// Adds what `ack` says the cloud dropped, and tells the farm's alert topic what has waited long enough.
-    fn tell_dropped(&self, ack: Option<&pb::BatchAck>) {
+    /// Adds what `ack` says the cloud dropped, and tells the farm's alert topic what has waited long enough (all
+    /// of it `at_once`).
+    fn tell_dropped(&self, ack: Option<&pb::BatchAck>, at_once: bool) {
         let mut dropped = self.dropped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(ack) = ack {
             dropped.add(ack);
         }
-        if let Some(alert) = dropped.take_due(Instant::now()) {
+        if let Some(alert) = dropped.take_due(Instant::now(), at_once) {
             let _ = self.alerts.send(alert);
         }
     }
@@ -475,21 +483,25 @@ mod tests {
     fn dropped_records_are_told_at_once_then_summed_for_a_minute() {
         let mut dropped = DroppedByCloud::default();
         let start = Instant::now();
-        assert!(dropped.take_due(start).is_none(), "nothing to tell");
+        assert!(dropped.take_due(start, false).is_none(), "nothing to tell");
         dropped.add(&ack(100, &[("bad_time", 3)]));
-        let Some(LocalAlert::DroppedByCloud { last_sequence, dropped: told }) = dropped.take_due(start) else {
+        let Some(LocalAlert::DroppedByCloud { last_sequence, dropped: told }) = dropped.take_due(start, false) else {
             panic!("told at once")
         };
         assert_eq!((last_sequence, told), (100, vec![("bad_time".to_string(), 3)]));
         dropped.add(&ack(200, &[("bad_time", 5), ("bad_value", 1)]));
         dropped.add(&ack(300, &[("bad_time", 2)]));
-        assert!(dropped.take_due(start + Duration::from_secs(59)).is_none(), "not within the minute");
+        assert!(dropped.take_due(start + Duration::from_secs(59), false).is_none(), "not within the minute");
         let Some(LocalAlert::DroppedByCloud { last_sequence, dropped: told }) =
-            dropped.take_due(start + Duration::from_secs(60))
+            dropped.take_due(start + Duration::from_secs(60), false)
         else {
             panic!("told after the minute")
         };
         assert_eq!((last_sequence, told), (300, vec![("bad_time".to_string(), 7), ("bad_value".to_string(), 1)]));
-        assert!(dropped.take_due(start + Duration::from_secs(200)).is_none(), "told once");
+        assert!(dropped.take_due(start + Duration::from_secs(200), false).is_none(), "told once");
+        // A stopping agent tells what waits without waiting for the minute.
+        dropped.add(&ack(400, &[("foreign_device", 1)]));
+        assert!(dropped.take_due(start + Duration::from_secs(61), false).is_none(), "within the minute");
+        assert!(dropped.take_due(start + Duration::from_secs(61), true).is_some(), "told when stopping");
     }
 }

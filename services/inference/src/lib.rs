@@ -24,7 +24,7 @@ use smartfarm_ml::preprocess;
 use smartfarm_proto::common::v1 as common;
 use smartfarm_proto::inference::v1 as pb;
 use smartfarm_proto::inference::v1::inference_service_server::{InferenceService, InferenceServiceServer};
-use smartfarm_store::image::StoredDiagnosis;
+use smartfarm_store::image::{StoredDiagnosis, VerdictMark};
 use smartfarm_store::models::StoredModel;
 use smartfarm_store::telemetry::{ReadingCursor, ReadingFilter};
 use smartfarm_store::{BlobStore, ImageStore, ModelStore, RegistryStore, TelemetryStore};
@@ -169,10 +169,11 @@ impl InferenceApi {
             // Asked for, not announced: whatever verdict the photo is waiting on stays as it is, and so does the
             // diagnosis of a pending verdict (the store does not save this one over it: the verdict's confirmation
             // names its label and version). A photo the pipeline has not diagnosed yet (its job lost, say) is left
-            // to it for its verdict: the late diagnosis finds it waiting for one.
-            let first = image.diagnosis.is_none();
-            let verdict_pending = first.then_some(diagnosis.confidence >= self.settings.disease_alert_confidence);
-            if !self.images.set_diagnosis(image.id, &diagnosis, verdict_pending).await? {
+            // to it for its verdict: the late diagnosis finds it waiting for one. The store decides which applies,
+            // from the row as it is when this is saved.
+            let pending_if_first = diagnosis.confidence >= self.settings.disease_alert_confidence;
+            let mark = VerdictMark::AskedFor { pending_if_first };
+            if !self.images.set_diagnosis(image.id, &diagnosis, mark).await? {
                 tracing::debug!(image_id = %image.id, "a photo waiting for its verdict keeps that verdict's diagnosis");
             }
         }

@@ -31,7 +31,7 @@ use smartfarm_core::batch::BatchKey;
 use smartfarm_core::{Error, Result};
 use smartfarm_ml::anomaly::{self, FittedDetector, MIN_TRAINING_POINTS};
 use smartfarm_ml::artifact::ModelKind;
-use smartfarm_store::image::PhotoToDiagnose;
+use smartfarm_store::image::{PhotoToDiagnose, VerdictMark};
 use smartfarm_store::telemetry::ReadingFilter;
 
 use crate::{InferenceApi, Shutdown, from_seconds, read_series, seconds};
@@ -449,10 +449,10 @@ impl InferenceApi {
     /// Until the process stops: diagnoses the photos received more than `inference.late_scoring_after` ago (within
     /// the last day) that still have no diagnosis, or whose verdict the alert role did not confirm: their job was
     /// lost (a process on the in-process bus stopped or died with it queued), every try failed, or the verdict was
-    /// lost on the bus or not recorded (it is announced again). Each try is noted before it starts, with the time
+    /// lost on the bus or not recorded (it is announced again). Each try is counted before it starts, with the time
     /// the next may start, which doubles the wait each time; after `LATE_PHOTO_TRIES` the photo is left as it is
     /// (a photo that cannot be decoded, or a verdict that no alert role confirms). Every replica that runs the
-    /// role does this: a photo may so be diagnosed twice, to the same diagnosis and the same alert.
+    /// role looks; the count is a claim, so one of them tries a photo.
     async fn diagnose_late_photos(self) {
         let mut shutdown = self.shutting_down.clone();
         let wait = self.settings.late_scoring_after;
@@ -516,9 +516,10 @@ impl InferenceApi {
                 };
                 let last = tries >= LATE_PHOTO_TRIES;
                 match diagnosed {
-                    // The database, the blob store or the model was away: not the photo's fault, so the try is given
-                    // back (the wait stays). The day the late diagnosis looks back over still bounds the tries.
-                    Err(error @ (Error::Unavailable(_) | Error::Internal { .. })) => {
+                    // A dependency was away or busy: not the photo's fault, so the try is given back (the wait
+                    // stays). The day the late diagnosis looks back over still bounds the tries. An internal error
+                    // (a decoder that panicked on the photo, say) counts.
+                    Err(error @ (Error::Unavailable(_) | Error::ResourceExhausted(_))) => {
                         tracing::warn!(image_id = %photo.id, tries, %error, "cannot diagnose a photo for now; trying later");
                         if let Err(error) =
                             self.images.set_late_tries(photo.id, tries, late_tries, next_try_after).await
@@ -591,7 +592,7 @@ impl InferenceApi {
         // A verdict is announced on the bus, which may lose it: the photo waits for the alert role to confirm it
         // (and is diagnosed again late, announcing it again, if that does not come).
         let announce = diagnosis.confidence >= self.settings.disease_alert_confidence;
-        self.images.set_diagnosis(image.id, &diagnosis, Some(announce)).await?;
+        self.images.set_diagnosis(image.id, &diagnosis, VerdictMark::Announced(announce)).await?;
         metrics::counter!("smartfarm_inference_images_diagnosed_total").increment(1);
         tracing::debug!(image_id = %image.id, label = %diagnosis.label, confidence = diagnosis.confidence, "photo diagnosed");
         if announce {

@@ -95,6 +95,27 @@ pub struct ImageRecord {
     pub diagnosis: Option<StoredDiagnosis>,
 }
 
+/// How a diagnosis being saved relates to the photo's verdict, which waits for the alert role to confirm it
+/// ([`ImageStore::confirm_verdict`]) once announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerdictMark {
+    /// The pipeline's diagnosis: announced as a verdict (it then waits for confirmation) or not.
+    Announced(bool),
+    /// A diagnosis asked for (`ClassifyImage`). On a photo without a diagnosis it waits for confirmation as
+    /// `pending_if_first` says (the late diagnosis announces it); on one waiting for a verdict it is not saved,
+    /// since the verdict's confirmation names that diagnosis's label and version; otherwise the mark stays.
+    AskedFor { pending_if_first: bool },
+}
+
+/// The mark as the backends' statement takes it: the pending flag to set whatever the photo holds (announced),
+/// and the one to set on a first diagnosis asked for.
+pub(crate) fn mark_parameters(mark: VerdictMark) -> (Option<bool>, bool) {
+    match mark {
+        VerdictMark::Announced(announced) => (Some(announced), false),
+        VerdictMark::AskedFor { pending_if_first } => (None, pending_if_first),
+    }
+}
+
 /// A photo found for a late diagnosis ([`ImageStore::images_to_diagnose`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PhotoToDiagnose {
@@ -257,12 +278,9 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Records that a photo's original was moved to `storage_class`.
     async fn set_storage_class(&self, id: Uuid, storage_class: &str) -> Result<()>;
     /// Records a model's diagnosis of a photo (replacing an earlier one); `NotFound` for an unknown photo.
-    /// `verdict_pending`: `Some(true)` when the diagnosis was announced as a verdict that the alert role is to
-    /// confirm ([`ImageStore::confirm_verdict`]), `Some(false)` when it was not, `None` for a diagnosis asked for
-    /// that leaves that as it is: on a photo whose verdict is pending it is not saved (the pending verdict's
-    /// diagnosis stays, for its confirmation to match), and `false` says so.
-    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, verdict_pending: Option<bool>)
-    -> Result<bool>;
+    /// `mark` says whether it waits for the alert role to confirm a verdict (see [`VerdictMark`]). `false` when it
+    /// was not saved: a diagnosis asked for on a photo whose verdict is pending.
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, mark: VerdictMark) -> Result<bool>;
     /// Records that the alert role has recorded what the photo's verdict raised: the verdict of `label` by model
     /// version `model_version`. A photo diagnosed since to another label or by another version stays pending: its
     /// newer verdict may be the one that was lost.

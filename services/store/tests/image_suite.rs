@@ -7,11 +7,14 @@ use smartfarm_core::time::from_unix_micros;
 use smartfarm_store::Database;
 use smartfarm_store::image::{
     ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, PhotoToDiagnose, StoredDiagnosis, ThumbnailState,
-    UploadState,
+    UploadState, VerdictMark,
 };
 use smartfarm_store::model::{DeviceKind, NewDevice};
 use smartfarm_store::testing::TestDatabase as Harness;
 use uuid::Uuid;
+
+/// A diagnosis asked for that would not make a photo wait for a verdict.
+const ASKED: VerdictMark = VerdictMark::AskedFor { pending_if_first: false };
 
 /// 2026-05-29 00:00:00 UTC.
 const BASE_SECONDS: i64 = 1_780_012_800;
@@ -104,7 +107,7 @@ async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
             model_version: "1".into(),
             diagnose_time: at(3),
         };
-        assert!(images.set_diagnosis(first.id, &diagnosis, None).await.unwrap(), "saved");
+        assert!(images.set_diagnosis(first.id, &diagnosis, ASKED).await.unwrap(), "saved");
         assert_eq!(images.get_image(first.id).await.unwrap().diagnosis, Some(diagnosis));
     }
     let missing = StoredDiagnosis {
@@ -115,7 +118,7 @@ async fn photos_are_stored_once_per_farm_and_content(database: &Database) {
         diagnose_time: at(3),
     };
     assert!(matches!(
-        images.set_diagnosis(Uuid::now_v7(), &missing, None).await,
+        images.set_diagnosis(Uuid::now_v7(), &missing, ASKED).await,
         Err(smartfarm_core::Error::NotFound { .. })
     ));
 }
@@ -316,7 +319,7 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
         model_version: "1".into(),
         diagnose_time: at(6),
     };
-    images.set_diagnosis(photos[1].id, &diagnosis, None).await.unwrap();
+    images.set_diagnosis(photos[1].id, &diagnosis, ASKED).await.unwrap();
     // Up to 2 late tries each, the next try's time checked against `now`.
     let store = &*images;
     let to_diagnose = move |received_from, received_before, now, limit| async move {
@@ -350,13 +353,13 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
 
     // A diagnosis announced as a verdict waits for the alert role: diagnosed again once a wait has passed since
     // it was made (at hour 6), until confirmed. A diagnosis asked for leaves that as it is.
-    images.set_diagnosis(photos[4].id, &diagnosis, Some(true)).await.unwrap();
-    images.set_diagnosis(photos[3].id, &diagnosis, Some(false)).await.unwrap();
+    images.set_diagnosis(photos[4].id, &diagnosis, VerdictMark::Announced(true)).await.unwrap();
+    images.set_diagnosis(photos[3].id, &diagnosis, VerdictMark::Announced(false)).await.unwrap();
     assert_eq!(ids(to_diagnose(at(4), at(6), at(6), 10).await), Vec::<Uuid>::new());
     assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id]);
     // A diagnosis asked for does not replace a pending verdict's.
     let asked = StoredDiagnosis { label: "Apple___Black_rot".into(), diagnose_time: at(7), ..diagnosis.clone() };
-    assert!(!images.set_diagnosis(photos[4].id, &asked, None).await.unwrap(), "not saved");
+    assert!(!images.set_diagnosis(photos[4].id, &asked, ASKED).await.unwrap(), "not saved");
     assert_eq!(images.get_image(photos[4].id).await.unwrap().diagnosis, Some(diagnosis.clone()));
     assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id], "still pending");
     // Confirmed only for the verdict it has: one of another label or model version was not its latest.
@@ -365,7 +368,15 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
     assert_eq!(ids(to_diagnose(at(4), at(7), at(7), 10).await), vec![photos[4].id], "a newer verdict pending");
     images.confirm_verdict(photos[4].id, "Apple___healthy", "1").await.unwrap();
     assert!(to_diagnose(at(4), at(7), at(7), 10).await.is_empty(), "confirmed");
-    assert_eq!(images.get_image(photos[4].id).await.unwrap().diagnosis, Some(diagnosis));
+    assert_eq!(images.get_image(photos[4].id).await.unwrap().diagnosis, Some(diagnosis.clone()));
+
+    // A first diagnosis asked for, sure enough to alert on, waits for its verdict (the late diagnosis announces
+    // it); a second one asked for meanwhile is not saved over it.
+    let sure = VerdictMark::AskedFor { pending_if_first: true };
+    assert!(images.set_diagnosis(photos[0].id, &diagnosis, sure).await.unwrap());
+    assert_eq!(ids(to_diagnose(at(0), at(7), at(7), 10).await), vec![photos[0].id]);
+    assert!(!images.set_diagnosis(photos[0].id, &asked, sure).await.unwrap(), "pending: not saved");
+    assert_eq!(images.get_image(photos[0].id).await.unwrap().diagnosis, Some(diagnosis));
 }
 
 macro_rules! image_suite {

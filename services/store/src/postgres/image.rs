@@ -11,7 +11,7 @@ use smartfarm_core::{Error, Result};
 use super::{PostgresStore, pg_error};
 use crate::image::{
     IMAGE_COLUMNS, ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, PhotoToDiagnose, StoredDiagnosis,
-    ThumbnailState, UPLOAD_COLUMNS, UploadState,
+    ThumbnailState, UPLOAD_COLUMNS, UploadState, VerdictMark, mark_parameters,
 };
 
 fn image_from_row(row: &Row) -> Result<ImageRecord> {
@@ -482,18 +482,16 @@ impl ImageStore for PostgresStore {
         Ok(())
     }
 
-    async fn set_diagnosis(
-        &self,
-        id: Uuid,
-        diagnosis: &StoredDiagnosis,
-        verdict_pending: Option<bool>,
-    ) -> Result<bool> {
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, mark: VerdictMark) -> Result<bool> {
         let client = self.client().await?;
+        let (announced, pending_if_first) = mark_parameters(mark);
+        // SET reads the row as it was: a label still NULL means this is the photo's first diagnosis.
         let updated = client
             .execute(
                 "UPDATE images SET diagnosis_label = $2, diagnosis_confidence = $3, diagnosis_model = $4,
-                     diagnosis_version = $5, diagnosis_time = $6, verdict_pending = coalesce($7, verdict_pending)
-                 WHERE id = $1 AND ($7::boolean IS NOT NULL OR NOT verdict_pending)",
+                     diagnosis_version = $5, diagnosis_time = $6,
+                     verdict_pending = coalesce($7, CASE WHEN diagnosis_label IS NULL THEN $8 ELSE verdict_pending END)
+                 WHERE id = $1 AND ($7::boolean IS NOT NULL OR diagnosis_label IS NULL OR NOT verdict_pending)",
                 &[
                     &id,
                     &diagnosis.label,
@@ -501,7 +499,8 @@ impl ImageStore for PostgresStore {
                     &diagnosis.model_name,
                     &diagnosis.model_version,
                     &diagnosis.diagnose_time,
-                    &verdict_pending,
+                    &announced,
+                    &pending_if_first,
                 ],
             )
             .await

@@ -12,7 +12,7 @@ use smartfarm_core::{Error, Result};
 use super::{SqliteStore, is_unique_violation, sql_error};
 use crate::image::{
     IMAGE_COLUMNS, ImageCursor, ImageFilter, ImageRecord, ImageStore, Inserted, PhotoToDiagnose, StoredDiagnosis,
-    ThumbnailState, UPLOAD_COLUMNS, UploadState,
+    ThumbnailState, UPLOAD_COLUMNS, UploadState, VerdictMark, mark_parameters,
 };
 
 fn uuid_text(row: &Row<'_>, index: usize) -> rusqlite::Result<Uuid> {
@@ -559,19 +559,16 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn set_diagnosis(
-        &self,
-        id: Uuid,
-        diagnosis: &StoredDiagnosis,
-        verdict_pending: Option<bool>,
-    ) -> Result<bool> {
+    async fn set_diagnosis(&self, id: Uuid, diagnosis: &StoredDiagnosis, mark: VerdictMark) -> Result<bool> {
+        let (announced, pending_if_first) = mark_parameters(mark);
         let diagnosis = diagnosis.clone();
         self.run(move |connection| {
             let updated = connection
                 .execute(
                     "UPDATE images SET diagnosis_label = ?2, diagnosis_confidence = ?3, diagnosis_model = ?4,
-                         diagnosis_version = ?5, diagnosis_time = ?6, verdict_pending = coalesce(?7, verdict_pending)
-                     WHERE id = ?1 AND (?7 IS NOT NULL OR NOT verdict_pending)",
+                         diagnosis_version = ?5, diagnosis_time = ?6,
+                         verdict_pending = coalesce(?7, CASE WHEN diagnosis_label IS NULL THEN ?8 ELSE verdict_pending END)
+                     WHERE id = ?1 AND (?7 IS NOT NULL OR diagnosis_label IS NULL OR NOT verdict_pending)",
                     params![
                         id.to_string(),
                         diagnosis.label,
@@ -579,7 +576,8 @@ impl ImageStore for SqliteStore {
                         diagnosis.model_name,
                         diagnosis.model_version,
                         to_unix_micros(diagnosis.diagnose_time),
-                        verdict_pending
+                        announced,
+                        pending_if_first
                     ],
                 )
                 .map_err(sql_error("set diagnosis"))?;
