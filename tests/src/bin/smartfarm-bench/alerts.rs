@@ -178,6 +178,7 @@ pub async fn alerts(
     load_nice: i32,
     maximum_kind: Maximum,
 ) -> anyhow::Result<()> {
+    let dirty_kib_written_back = crate::settle_page_cache();
     let data = CloudData::new(Backend::Postgres).await;
     // SMARTFARM_BENCH_CLOUD_CONFIG: a config file for the cloud (its defaults otherwise), to see what a setting costs.
     let cloud_config = std::env::var("SMARTFARM_BENCH_CLOUD_CONFIG").ok();
@@ -329,6 +330,7 @@ pub async fn alerts(
     });
     emit(serde_json::json!({
         "benchmark": "alert_latency", "machine": machine(), "database": "postgresql",
+        "dirty_kib_written_back_before": dirty_kib_written_back,
         "ingest_maximum": match maximum_kind { Maximum::EndToEnd => "end-to-end", Maximum::Agent => "agent" },
         "ingest_maximum_messages_per_second": maximum.round(),
         "ingest_maximum_measured_over_messages": acked,
@@ -554,6 +556,7 @@ async fn round_trips(
 }
 
 pub async fn commands(count: usize) -> anyhow::Result<()> {
+    let dirty_kib_written_back = crate::settle_page_cache();
     // One process.
     let data = CloudData::new(Backend::Postgres).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
@@ -585,6 +588,7 @@ pub async fn commands(count: usize) -> anyhow::Result<()> {
     for (setup, (latencies, breakdown)) in [("one process", &one), ("two replicas over NATS", &two)] {
         emit(serde_json::json!({
             "benchmark": "command_round_trip", "machine": machine(), "setup": setup, "database": "postgresql",
+            "dirty_kib_written_back_before": dirty_kib_written_back,
             "commands": latencies.len(), "p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
             "max_ms": percentile(latencies, 1.0), "stages": breakdown,
         }));
