@@ -595,12 +595,7 @@ impl Spool {
                 local_last = inner.next_sequence - 1,
                 "the cloud has committed more of this spool than the disk holds; numbering continues after its mark"
             );
-            if let Err(error) = self.write_mark(inner.id, sequence) {
-                if !error.is_disk_full() {
-                    return Err(error);
-                }
-                self.write_mark_on_a_full_disk(&mut inner, sequence, error)?;
-            }
+            self.persist_mark(&mut inner, sequence)?;
             for segment in inner.segments.drain(..) {
                 fs::remove_file(&segment.path).map_err(io(format!("remove {}", segment.path.display())))?;
             }
@@ -609,14 +604,10 @@ impl Spool {
             inner.acked = sequence;
             inner.next_sequence = sequence + 1;
             inner.synced = sequence;
+            self.keep_reserve(&mut inner);
             return Ok(());
         }
-        if let Err(error) = self.write_mark(inner.id, sequence) {
-            if !error.is_disk_full() {
-                return Err(error);
-            }
-            self.write_mark_on_a_full_disk(&mut inner, sequence, error)?;
-        }
+        self.persist_mark(&mut inner, sequence)?;
         inner.acked = sequence;
         while let Some(oldest) = inner.segments.front() {
             let is_active = inner.segments.len() == 1;
@@ -634,12 +625,18 @@ impl Spool {
         Ok(())
     }
 
-    /// The disk was too full to write the cloud's mark, and nothing would be freed until it is written. First the
-    /// reserve goes; should that not do (it was used already), the segments the mark covers, which are the cloud's
-    /// already, all but the newest that holds records: it keeps the numbering's place should the agent stop before
-    /// the mark is written (a restart numbers on from the last record it finds, else from the mark on disk, and
-    /// below what the cloud holds new records would be taken for ones it has).
-    fn write_mark_on_a_full_disk(&self, inner: &mut Inner, sequence: u64, error: SpoolError) -> Result<(), SpoolError> {
+    /// Writes the cloud's mark `sequence`, freeing space first if the disk is full: there nothing would be freed
+    /// until the mark is written. First the reserve goes; should that not do (it was used already), the segments
+    /// the mark covers, which are the cloud's already, all but the newest that holds records: it keeps the
+    /// numbering's place should the agent stop before the mark is written (a restart numbers on from the last
+    /// record it finds, else from the mark on disk, and below what the cloud holds new records would be taken for
+    /// ones it has).
+    fn persist_mark(&self, inner: &mut Inner, sequence: u64) -> Result<(), SpoolError> {
+        let error = match self.write_mark(inner.id, sequence) {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_disk_full() => error,
+            Err(error) => return Err(error),
+        };
         tracing::warn!(%error, "the disk is full: freeing space to write the cloud's mark");
         let reserve = self.config.dir.join("reserve");
         let mut last_error = error;
