@@ -287,7 +287,10 @@ impl Spool {
         let mut segments = VecDeque::new();
         // An empty segment's name still says how far the numbering went: `first` was the next number when it was
         // made. Without it, a restart whose records all lie below the mark on disk would number on from that mark.
+        // The newest empty one is kept where it still gives the next number, so a second restart before an append
+        // finds it too.
         let mut numbered_to = 0;
+        let mut newest_empty: Option<Segment> = None;
         for first in firsts {
             let path = segment_path(&config.dir, first);
             let (segment, truncated) = recover_segment(&path, first)?;
@@ -296,10 +299,14 @@ impl Spool {
             if truncated > 0 {
                 tracing::warn!(segment = %path.display(), truncated_bytes = truncated, "cut a torn spool tail");
             }
-            if segment.records == 0 || segment.last() <= acked {
-                if segment.records == 0 {
-                    numbered_to = numbered_to.max(first.saturating_sub(1));
+            if segment.records == 0 {
+                numbered_to = numbered_to.max(first.saturating_sub(1));
+                if let Some(older) = newest_empty.replace(segment) {
+                    fs::remove_file(&older.path).map_err(io(format!("remove {}", older.path.display())))?;
                 }
+                continue;
+            }
+            if segment.last() <= acked {
                 fs::remove_file(&path).map_err(io(format!("remove {}", path.display())))?;
                 continue;
             }
@@ -307,6 +314,14 @@ impl Spool {
         }
         let last_found = segments.back().map(Segment::last).unwrap_or(0);
         let next_sequence = last_found.max(acked).max(numbered_to) + 1;
+        if let Some(empty) = newest_empty {
+            if empty.first == next_sequence {
+                // The active segment: the next append writes its records into it, under its name.
+                segments.push_back(empty);
+            } else {
+                fs::remove_file(&empty.path).map_err(io(format!("remove {}", empty.path.display())))?;
+            }
+        }
         let mut inner = Inner {
             id,
             segments,
@@ -1129,8 +1144,14 @@ mod tests {
             fs::remove_file(entry.unwrap().path()).unwrap();
         }
         File::create(segment_path(dir.path(), appended + 50)).unwrap();
+        // Twice: a second restart before any append still finds the name.
+        drop(Spool::open(config(dir.path())).unwrap());
         let (spool, _) = Spool::open(config(dir.path())).unwrap();
         assert_eq!(spool.append(vec![body(0.0)]).unwrap().first_sequence, appended + 50);
+        assert_eq!(spool.append(vec![body(1.0)]).unwrap().first_sequence, appended + 51);
+        drop(spool);
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(spool.read_after(appended + 49, 10, usize::MAX).unwrap().len(), 2, "both records read back");
     }
 
     #[test]
