@@ -194,13 +194,29 @@ pub(crate) fn pg_error(context: &str) -> impl Fn(tokio_postgres::Error) -> Error
         if error.is_closed() {
             return Error::Unavailable(format!("the database connection was lost ({context})"));
         }
-        match error.code() {
-            Some(code) if *code == SqlState::QUERY_CANCELED => {
-                Error::Unavailable(format!("the database took too long ({context})"))
-            }
-            _ => Error::internal(context.to_string(), error),
+        match error.code().and_then(passing_trouble) {
+            Some(trouble) => Error::Unavailable(format!("{trouble} ({context})")),
+            None => Error::internal(context.to_string(), error),
         }
     }
+}
+
+/// What the database's error code says when it names trouble that passes: a server shutting down or starting, a
+/// failover (a standby is read-only until promoted), a full server, a transaction that lost a race. Such errors are
+/// `Unavailable`, so callers try again later and count no failure against what they were doing; any other database
+/// error is `Internal`.
+fn passing_trouble(code: &SqlState) -> Option<&'static str> {
+    let trouble = match code.code() {
+        "57014" => "the database took too long",
+        "57P01" | "57P02" | "57P03" => "the database is shutting down or starting",
+        "25006" => "the database is read-only for now (a failover?)",
+        "40001" | "40P01" => "the database gave up a transaction that raced another",
+        "55P03" => "the database could not take a lock in time",
+        class if class.starts_with("08") => "the database connection failed",
+        class if class.starts_with("53") => "the database is out of resources (connections, memory or disk)",
+        _ => return None,
+    };
+    Some(trouble)
 }
 
 /// Whether the error is a violation of the named unique constraint or index.
@@ -222,4 +238,33 @@ pub(crate) fn sql_count(value: impl TryInto<i64>) -> i64 {
 pub(crate) fn stored_number<T>(what: &str, value: i16, decode: fn(i64) -> Option<T>) -> Result<T> {
     decode(i64::from(value))
         .ok_or_else(|| Error::internal(format!("{what} holds an unknown value"), anyhow::anyhow!("{value}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Errors of a server that is failing over or going down are `Unavailable` (callers try again later); a
+    /// statement the server refuses for what it is stays `Internal`.
+    #[tokio::test]
+    async fn trouble_that_passes_is_unavailable_and_the_rest_internal() {
+        let test = crate::testing::TestPostgres::create().await;
+        let store = PostgresStore::connect(&test.url, &PostgresConfig::default()).await.unwrap();
+        let client = store.client().await.unwrap();
+        let error = client.batch_execute("SELEC 1").await.map_err(pg_error("a typo")).unwrap_err();
+        assert!(matches!(error, Error::Internal { .. }), "{error:?}");
+        // A standby before its promotion refuses writes the same way.
+        client.batch_execute("SET default_transaction_read_only = on").await.unwrap();
+        let error = client.batch_execute("CREATE TABLE t (x int)").await.map_err(pg_error("a write")).unwrap_err();
+        assert!(matches!(&error, Error::Unavailable(reason) if reason.contains("read-only")), "{error:?}");
+        // A server shutting down ends its sessions (an administrator's shutdown, here of this one session).
+        let error = client
+            .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            .await
+            .map_err(pg_error("a read"))
+            .unwrap_err();
+        assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+        let error = client.batch_execute("SELECT 1").await.map_err(pg_error("after")).unwrap_err();
+        assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+    }
 }
