@@ -38,16 +38,21 @@ pub(crate) struct FarmRules {
 struct Recorder {
     /// Bounded (see `link::URGENT_QUEUE`): the agent decides how many it sends.
     agent: mpsc::Sender<(Instant, Alert)>,
-    /// Bounded by the batches committed: a batch's copies are queued once it is.
-    copies: mpsc::UnboundedSender<(Instant, Alert)>,
+    /// Bounded ([`COPY_QUEUE`]): a commit whose copies do not fit waits for the recorder, so a database slower
+    /// than the link's commits slows the link (its agent keeps what waits in its spool) instead of filling memory.
+    copies: mpsc::Sender<(Instant, Alert)>,
 }
+
+/// Most of a link's own copies waiting to be recorded: a few committed batches' worth where a rule fires on every
+/// reading, and most copies cost no query (see [`Known::adds_something`]).
+const COPY_QUEUE: usize = 8192;
 
 impl FarmRules {
     /// The rules of the farm whose link sends to `outbound`.
     pub(crate) fn new(api: &IngestionApi, farm_id: Uuid, outbound: Outbound) -> Arc<FarmRules> {
         let recorder = api.alerts.as_ref().map(|alerts| {
             let (agent, agent_queue) = mpsc::channel(crate::link::URGENT_QUEUE);
-            let (copies, copy_queue) = mpsc::unbounded_channel();
+            let (copies, copy_queue) = mpsc::channel(COPY_QUEUE);
             let (running, api, alerts) = (api.alert_recorder_running(), api.clone(), alerts.clone());
             tokio::spawn(async move {
                 record_forever(api, alerts, agent_queue, copy_queue, outbound).await;
@@ -71,40 +76,59 @@ const MAX_COPIES_AT_ONCE: usize = 16;
 /// (after its restart) or, for threshold and rate rules, until this link raises its own copy from the readings.
 const RECORD_RETRY_WAITS: [Duration; 3] = [Duration::from_millis(200), Duration::from_secs(1), Duration::from_secs(5)];
 
-/// Records `batch` with `record`, trying again after each of `waits` the alerts it failed with an error of the
-/// database's (not the alert's own: an invalid one is refused for good). Returns one result per alert, in order.
-async fn record_with_retries<F, Fut>(
-    batch: &[Alert],
-    waits: &[Duration],
-    mut record: F,
-) -> Vec<Result<Option<smartfarm_store::alerts::AlertEvent>>>
-where
-    F: FnMut(Vec<Alert>) -> Fut,
-    Fut: std::future::Future<Output = Vec<Result<Option<smartfarm_store::alerts::AlertEvent>>>>,
-{
-    let mut results = record(batch.to_vec()).await;
-    for wait in waits {
-        let again: Vec<usize> = results
-            .iter()
-            .enumerate()
-            .filter(|(_, result)| matches!(result, Err(Error::Unavailable(_) | Error::Internal { .. })))
-            .map(|(at, _)| at)
-            .collect();
-        if again.is_empty() {
-            break;
-        }
-        tracing::warn!(
-            alerts = again.len(),
-            retry_in_ms = wait.as_millis() as u64,
-            "the database did not take alerts; trying again"
-        );
-        tokio::time::sleep(*wait).await;
-        let retried = record(again.iter().map(|&at| batch[at].clone()).collect()).await;
-        for (at, result) in again.into_iter().zip(retried) {
-            results[at] = result;
-        }
+/// What recording one alert came to: the stored alert's change, `None` when it held the alert already.
+type Recorded = Result<Option<smartfarm_store::alerts::AlertEvent>>;
+
+/// The tries of one write of alerts: the alerts the database failed (not for an error of the alert's own: an
+/// invalid one is refused for good) are tried again after each of the waits. Each try gives the outcomes that are
+/// final, so the alerts recorded at the first try are passed on while the others wait for their next.
+struct Retries<'a> {
+    batch: &'a [Alert],
+    /// Indices in `batch` of the alerts the next try writes.
+    pending: Vec<usize>,
+    waits: std::slice::Iter<'a, Duration>,
+    /// Before the next try, when it is a retry.
+    wait_before: Option<Duration>,
+}
+
+impl<'a> Retries<'a> {
+    fn new(batch: &'a [Alert], waits: &'a [Duration]) -> Retries<'a> {
+        Retries { batch, pending: (0..batch.len()).collect(), waits: waits.iter(), wait_before: None }
     }
-    results
+
+    /// Writes the alerts still pending with `record` (after the wait when it is a retry): the index in the batch
+    /// and the result of each alert whose outcome is final. `None` once every alert's is.
+    async fn next_try<F, Fut>(&mut self, record: F) -> Option<Vec<(usize, Recorded)>>
+    where
+        F: FnOnce(Vec<Alert>) -> Fut,
+        Fut: std::future::Future<Output = Vec<Recorded>>,
+    {
+        if self.pending.is_empty() {
+            return None;
+        }
+        if let Some(wait) = self.wait_before.take() {
+            tokio::time::sleep(wait).await;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let results = record(pending.iter().map(|&at| self.batch[at].clone()).collect()).await;
+        let next_wait = self.waits.next().copied();
+        let mut settled = Vec::new();
+        for (at, result) in pending.into_iter().zip(results) {
+            match result {
+                Err(Error::Unavailable(_) | Error::Internal { .. }) if next_wait.is_some() => self.pending.push(at),
+                result => settled.push((at, result)),
+            }
+        }
+        if let Some(wait) = next_wait.filter(|_| !self.pending.is_empty()) {
+            tracing::warn!(
+                alerts = self.pending.len(),
+                retry_in_ms = wait.as_millis() as u64,
+                "the database did not take alerts; trying again"
+            );
+            self.wait_before = Some(wait);
+        }
+        Some(settled)
+    }
 }
 
 /// Records the link's alerts, what waits at once (the agent's first), until the link ends.
@@ -112,7 +136,7 @@ async fn record_forever(
     api: IngestionApi,
     alerts: Arc<dyn smartfarm_store::AlertStore>,
     mut agent: mpsc::Receiver<(Instant, Alert)>,
-    mut copies: mpsc::UnboundedReceiver<(Instant, Alert)>,
+    mut copies: mpsc::Receiver<(Instant, Alert)>,
     outbound: Outbound,
 ) {
     let mut known = Known::default();
@@ -150,50 +174,56 @@ async fn record_forever(
         if batch.is_empty() {
             continue;
         }
-        let writing = Instant::now();
-        let results = record_with_retries(&batch, &RECORD_RETRY_WAITS, |batch| {
+        let mut retries = Retries::new(&batch, &RECORD_RETRY_WAITS);
+        let record = |batch: Vec<Alert>| {
             let alerts = alerts.clone();
             async move { alerts.record_alerts(&batch).await }
-        })
-        .await;
-        metrics::histogram!("smartfarm_alerts_write_seconds").record(writing.elapsed().as_secs_f64());
-        for ((alert, result), arrived) in batch.iter().zip(results).zip(arrivals) {
-            let agent_holds_open = alert.origin == Origin::Edge && alert.state != AlertState::Resolved;
-            match result {
-                Ok(Some(event)) => {
-                    known.recorded(&event.alert);
-                    if agent_holds_open {
-                        tell_agent_if_resolved_by_hand(&outbound, &event.alert).await;
+        };
+        let mut writing = Duration::ZERO;
+        loop {
+            let started = Instant::now();
+            let Some(settled) = retries.next_try(record).await else { break };
+            writing += started.elapsed();
+            for (at, result) in settled {
+                let (alert, arrived) = (&batch[at], arrivals[at]);
+                let agent_holds_open = alert.origin == Origin::Edge && alert.state != AlertState::Resolved;
+                match result {
+                    Ok(Some(event)) => {
+                        known.recorded(&event.alert);
+                        if agent_holds_open {
+                            tell_agent_if_resolved_by_hand(&outbound, &event.alert).await;
+                        }
+                        let origin = if alert.origin == Origin::Edge { "edge" } else { "cloud" };
+                        metrics::counter!("smartfarm_alerts_recorded_total", "origin" => origin).increment(1);
+                        metrics::histogram!("smartfarm_alerts_record_seconds", "origin" => origin)
+                            .record(arrived.elapsed().as_secs_f64());
+                        if let Some(bus) = &api.bus {
+                            bus.publish(Event::AlertChanged(AlertChanged {
+                                sequence: event.sequence,
+                                kind: event.kind,
+                                alert: event.alert,
+                                by_hand: false,
+                            }));
+                        }
                     }
-                    let origin = if alert.origin == Origin::Edge { "edge" } else { "cloud" };
-                    metrics::counter!("smartfarm_alerts_recorded_total", "origin" => origin).increment(1);
-                    metrics::histogram!("smartfarm_alerts_record_seconds", "origin" => origin)
-                        .record(arrived.elapsed().as_secs_f64());
-                    if let Some(bus) = &api.bus {
-                        bus.publish(Event::AlertChanged(AlertChanged {
-                            sequence: event.sequence,
-                            kind: event.kind,
-                            alert: event.alert,
-                            by_hand: false,
-                        }));
+                    // The stored alert holds this copy already.
+                    Ok(None) => {
+                        known.recorded(alert);
+                        if agent_holds_open && let Ok(stored) = alerts.get_alert(alert.id).await {
+                            tell_agent_if_resolved_by_hand(&outbound, &stored).await;
+                        }
                     }
-                }
-                // The stored alert holds this copy already.
-                Ok(None) => {
-                    known.recorded(alert);
-                    if agent_holds_open && let Ok(stored) = alerts.get_alert(alert.id).await {
-                        tell_agent_if_resolved_by_hand(&outbound, &stored).await;
+                    Err(error) => {
+                        known.forget(alert.id);
+                        // See RECORD_RETRY_WAITS for what becomes of it.
+                        metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert_not_recorded")
+                            .increment(1);
+                        tracing::warn!(alert_id = %alert.id, farm_id = %alert.farm_id, %error, "cannot record an alert");
                     }
-                }
-                Err(error) => {
-                    known.forget(alert.id);
-                    // See RECORD_RETRY_WAITS for what becomes of it.
-                    metrics::counter!("smartfarm_edge_messages_ignored_total", "kind" => "alert_not_recorded")
-                        .increment(1);
-                    tracing::warn!(alert_id = %alert.id, farm_id = %alert.farm_id, %error, "cannot record an alert");
                 }
             }
         }
+        metrics::histogram!("smartfarm_alerts_write_seconds").record(writing.as_secs_f64());
     }
 }
 
@@ -223,7 +253,7 @@ pub(crate) async fn refresh_rules(
     if let Some(recorder) = &rules.recorder {
         let now = Instant::now();
         for alert in ended {
-            let _ = recorder.copies.send((now, alert));
+            let _ = recorder.copies.send((now, alert)).await;
         }
     }
     if version != *agent_version {
@@ -236,6 +266,7 @@ pub(crate) async fn refresh_rules(
 }
 
 /// Evaluates the farm's rules on a committed group's readings (in sequence order) and records what they raise.
+/// Runs off the async workers: it waits while the link's queue of copies is full.
 pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
     let raised: Vec<Alert> = {
         let mut evaluator = rules.evaluator.lock().expect("evaluator lock");
@@ -252,7 +283,7 @@ pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
     if let Some(recorder) = &rules.recorder {
         let now = Instant::now();
         for alert in raised {
-            let _ = recorder.copies.send((now, alert));
+            let _ = recorder.copies.blocking_send((now, alert));
         }
     }
 }
@@ -651,7 +682,7 @@ mod tests {
         }
 
         fn send_from_batches(&self, alert: Alert) {
-            self.rules.recorder.as_ref().unwrap().copies.send((Instant::now(), alert)).unwrap();
+            self.rules.recorder.as_ref().unwrap().copies.try_send((Instant::now(), alert)).unwrap();
         }
 
         /// The farm's stored alerts (id, state), sorted, once the recorder has recorded everything sent through
@@ -785,45 +816,115 @@ mod tests {
     }
 
     /// A database that fails for a moment does not lose the agent's alerts (it sends each once); an alert refused
-    /// for what it is is not tried again.
+    /// for what it is is not tried again; one recorded at the first try is passed on at once, not after the others'
+    /// retries.
     #[tokio::test]
     async fn alerts_the_database_did_not_take_are_tried_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let link = Link::new().await;
-        let (good, bad) = (link.alert(Origin::Edge, 10), link.alert(Origin::Edge, 20));
-        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let (good, bad, first) =
+            (link.alert(Origin::Edge, 10), link.alert(Origin::Edge, 20), link.alert(Origin::Edge, 30));
+        let batch = [good.clone(), bad.clone(), first.clone()];
+        let calls = AtomicUsize::new(0);
         let waits = [Duration::ZERO; 3];
-        let results = record_with_retries(&[good.clone(), bad.clone()], &waits, |batch| {
-            let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (alerts, bad_id) = (link.alerts.clone(), bad.id);
-            async move {
-                let mut results = Vec::new();
-                for alert in batch {
-                    results.push(if alert.id == bad_id {
-                        Err(Error::invalid("alert", "refused for what it is"))
-                    } else if call < 2 {
-                        Err(Error::Unavailable("the database is away".into()))
-                    } else {
-                        alerts.record_alert(&alert).await
-                    });
+        let mut retries = Retries::new(&batch, &waits);
+        // (index, tries made when it settled, outcome)
+        let mut settled = Vec::new();
+        while let Some(outcomes) = retries
+            .next_try(|batch| {
+                let call = calls.fetch_add(1, SeqCst);
+                let (alerts, bad_id, first_id) = (link.alerts.clone(), bad.id, first.id);
+                async move {
+                    let mut results = Vec::new();
+                    for alert in batch {
+                        results.push(if alert.id == bad_id {
+                            Err(Error::invalid("alert", "refused for what it is"))
+                        } else if call < 2 && alert.id != first_id {
+                            Err(Error::Unavailable("the database is away".into()))
+                        } else {
+                            alerts.record_alert(&alert).await
+                        });
+                    }
+                    results
                 }
-                results
-            }
-        })
-        .await;
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3, "two failures, then recorded");
-        assert_eq!(results[0].as_ref().unwrap().as_ref().unwrap().alert.id, good.id);
-        assert!(matches!(results[1], Err(Error::InvalidArgument { .. })), "not retried: {:?}", results[1]);
-        assert_eq!(link.alerts.get_alert(good.id).await.unwrap().state, AlertState::Open);
+            })
+            .await
+        {
+            settled.extend(outcomes.into_iter().map(|(at, result)| (at, calls.load(SeqCst), result)));
+        }
+        assert_eq!(calls.load(SeqCst), 3, "two failures, then recorded");
+        let order: Vec<(usize, usize)> = settled.iter().map(|(at, calls, _)| (*at, *calls)).collect();
+        assert_eq!(order, vec![(1, 1), (2, 1), (0, 3)], "the refused and the recorded ones settle at the first try");
+        assert!(matches!(settled[0].2, Err(Error::InvalidArgument { .. })), "not retried: {:?}", settled[0].2);
+        assert_eq!(settled[2].2.as_ref().unwrap().as_ref().unwrap().alert.id, good.id);
+        for alert in [&good, &first] {
+            assert_eq!(link.alerts.get_alert(alert.id).await.unwrap().state, AlertState::Open);
+        }
 
         // A database away for longer than every wait: the error is what comes back.
-        let calls = std::sync::atomic::AtomicUsize::new(0);
-        let results = record_with_retries(std::slice::from_ref(&good), &waits, |batch| {
-            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async move { batch.iter().map(|_| Err(Error::Unavailable("still away".into()))).collect() }
-        })
-        .await;
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4, "the first try and one per wait");
-        assert!(matches!(results[0], Err(Error::Unavailable(_))));
+        let calls = AtomicUsize::new(0);
+        let mut retries = Retries::new(std::slice::from_ref(&good), &waits);
+        let mut settled = Vec::new();
+        while let Some(outcomes) = retries
+            .next_try(|batch| {
+                calls.fetch_add(1, SeqCst);
+                async move { batch.iter().map(|_| Err(Error::Unavailable("still away".into()))).collect() }
+            })
+            .await
+        {
+            settled.extend(outcomes);
+        }
+        assert_eq!(calls.load(SeqCst), 4, "the first try and one per wait");
+        assert!(matches!(settled[..], [(0, Err(Error::Unavailable(_)))]), "{settled:?}");
+    }
+
+    /// A committed batch that raises more copies than the link's queue holds waits for the recorder and loses none.
+    #[tokio::test]
+    async fn copies_beyond_the_queue_wait_and_none_is_lost() {
+        let link = Link::new().await;
+        let rule = smartfarm_core::rules::Rule {
+            id: link.rule_id,
+            farm_id: link.farm_id,
+            name: "hot".into(),
+            severity: Severity::Critical,
+            device_id: Some(link.sensor),
+            metric: Some("temperature".into()),
+            cooldown: Duration::ZERO,
+            create_time: Link::at(0),
+            condition: smartfarm_core::rules::Condition::Threshold {
+                above: true,
+                limit: 40.0,
+                for_duration: Duration::ZERO,
+            },
+        };
+        link.rules.evaluator.lock().unwrap().set_rules(vec![rule], Link::at(0));
+        // Hot, then cool: each pair opens an alert and resolves it, two copies a pair.
+        let pairs = COPY_QUEUE / 2 + 100;
+        let readings: Vec<ReadingRow> = (0..2 * pairs)
+            .map(|n| ReadingRow {
+                sequence: n as u64 + 1,
+                device_id: link.sensor,
+                metric: "temperature".into(),
+                value: if n % 2 == 0 { 45.0 } else { 30.0 },
+                measure_time: Link::at(10 + n as u64),
+            })
+            .collect();
+        let rules = link.rules.clone();
+        tokio::task::spawn_blocking(move || evaluate_committed(&rules, &readings)).await.unwrap();
+        let filter = smartfarm_store::alerts::AlertFilter {
+            farm_id: Some(link.farm_id),
+            states: vec![AlertState::Resolved],
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let resolved = link.alerts.list_alerts(&filter, None, usize::MAX).await.unwrap().len();
+            if resolved == pairs {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{resolved} of {pairs} alerts recorded as resolved");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// A stopping process waits for the recorders of its closed links to record what their agents sent last.
