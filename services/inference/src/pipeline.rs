@@ -485,7 +485,7 @@ impl InferenceApi {
                 let next_try_after = tried_at.checked_add(backoff).unwrap_or(tried_at + LATE_PHOTOS_WITHIN);
                 // Counted before it starts (a try that takes the process down counts too), and only by the replica
                 // whose count lands: the others leave the photo to it.
-                match self.images.set_late_tries(photo.id, late_tries, tries, next_try_after).await {
+                match self.images.claim_late_try(photo.id, late_tries, tried_at, next_try_after).await {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::debug!(image_id = %photo.id, "a late try counted elsewhere, or no longer needed");
@@ -521,9 +521,7 @@ impl InferenceApi {
                     // (a decoder that panicked on the photo, say) counts.
                     Err(error @ (Error::Unavailable(_) | Error::ResourceExhausted(_))) => {
                         tracing::warn!(image_id = %photo.id, tries, %error, "cannot diagnose a photo for now; trying later");
-                        if let Err(error) =
-                            self.images.set_late_tries(photo.id, tries, late_tries, next_try_after).await
-                        {
+                        if let Err(error) = self.images.give_late_try_back(photo.id, tries).await {
                             tracing::warn!(image_id = %photo.id, %error, "cannot give a late diagnosis try back");
                         }
                     }

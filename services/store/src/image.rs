@@ -287,7 +287,7 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn confirm_verdict(&self, id: Uuid, label: &str, model_version: &str) -> Result<()>;
     /// Photos with an available original, received from `received_from` and before `received_before`, that have
     /// no diagnosis or an unconfirmed verdict, were not diagnosed since `received_before`, have had fewer than
-    /// `max_tries` late tries and whose next try may start at `now` (see [`ImageStore::set_late_tries`]); oldest
+    /// `max_tries` late tries and whose next try may start at `now` (see [`ImageStore::claim_late_try`]); oldest
     /// arrival first.
     async fn images_to_diagnose(
         &self,
@@ -297,9 +297,19 @@ pub trait ImageStore: Send + Sync + 'static {
         max_tries: u32,
         limit: usize,
     ) -> Result<Vec<PhotoToDiagnose>>;
-    /// Sets a photo's count of late tries from `expected` to `tries`, the next to start at `next_try_after`, if it
-    /// still has `expected` and is still without a diagnosis or waiting for its verdict. `false` otherwise:
-    /// another replica counted the try first, or the photo no longer needs one. Counting a try up claims it;
-    /// counting it down gives back a try that failed for want of a dependency.
-    async fn set_late_tries(&self, id: Uuid, expected: u32, tries: u32, next_try_after: SystemTime) -> Result<bool>;
+    /// Claims a late try of a photo: counts it (from `expected` tries to one more), the next to start at
+    /// `next_try_after`, if the photo still has `expected`, its next try may start at `now`, and it is still without
+    /// a diagnosis or waiting for its verdict. `false` otherwise: another replica claimed it first, or the photo no
+    /// longer needs one. A try given back keeps the time of the next, so a replica that read the photo before the
+    /// claim cannot claim it again on the count it read.
+    async fn claim_late_try(
+        &self,
+        id: Uuid,
+        expected: u32,
+        now: SystemTime,
+        next_try_after: SystemTime,
+    ) -> Result<bool>;
+    /// Gives back a claimed late try (the count goes from `tries` to one fewer) that failed for want of a
+    /// dependency; the time of the next try stays. `false` when the count is no longer `tries`.
+    async fn give_late_try_back(&self, id: Uuid, tries: u32) -> Result<bool>;
 }

@@ -333,8 +333,8 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
     assert_eq!(ids(to_diagnose(at(0), at(10), at(10), 2).await), vec![photos[0].id, photos[2].id]);
 
     // A try counted waits for the time given for the next one. Counting is a claim: from the count read only.
-    assert!(images.set_late_tries(photos[2].id, 0, 1, at(8)).await.unwrap());
-    assert!(!images.set_late_tries(photos[2].id, 0, 1, at(8)).await.unwrap(), "counted by another replica first");
+    assert!(images.claim_late_try(photos[2].id, 0, at(5), at(8)).await.unwrap());
+    assert!(!images.claim_late_try(photos[2].id, 0, at(5), at(8)).await.unwrap(), "claimed by another replica first");
     assert_eq!(images.get_image(photos[2].id).await.unwrap().diagnosis, None, "still without a diagnosis");
     assert_eq!(ids(to_diagnose(at(2), at(5), at(7), 10).await), vec![photos[3].id]);
     let later = to_diagnose(at(2), at(5), at(8), 10).await;
@@ -342,13 +342,20 @@ async fn photos_without_a_diagnosis_are_found_for_late_diagnosis(database: &Data
         later.iter().map(|photo| (photo.image.id, photo.late_tries)).collect::<Vec<_>>(),
         vec![(photos[2].id, 1), (photos[3].id, 0)]
     );
+    assert!(!images.claim_late_try(photos[2].id, 1, at(7), at(9)).await.unwrap(), "not due yet");
     // The last try allowed: never found again, unless it is given back.
-    assert!(images.set_late_tries(photos[2].id, 1, 2, at(8)).await.unwrap());
+    assert!(images.claim_late_try(photos[2].id, 1, at(8), at(30)).await.unwrap());
+    assert_eq!(ids(to_diagnose(at(2), at(5), at(40), 10).await), vec![photos[3].id]);
+    assert!(images.give_late_try_back(photos[2].id, 2).await.unwrap(), "given back");
+    assert!(!images.give_late_try_back(photos[2].id, 2).await.unwrap(), "given back once");
+    // Given back, it waits for the time of its next try: a replica that read it at count 1 before the claim
+    // cannot claim it again on that count.
+    assert!(!images.claim_late_try(photos[2].id, 1, at(20), at(40)).await.unwrap());
     assert_eq!(ids(to_diagnose(at(2), at(5), at(20), 10).await), vec![photos[3].id]);
-    assert!(images.set_late_tries(photos[2].id, 2, 1, at(8)).await.unwrap(), "given back");
-    assert_eq!(ids(to_diagnose(at(2), at(5), at(20), 10).await), vec![photos[2].id, photos[3].id]);
+    assert_eq!(ids(to_diagnose(at(2), at(5), at(30), 10).await), vec![photos[2].id, photos[3].id]);
+    assert!(images.claim_late_try(photos[2].id, 1, at(30), at(60)).await.unwrap(), "due again");
     // A diagnosed photo needs no try: none is counted, and its diagnosis and its time stay.
-    assert!(!images.set_late_tries(photos[1].id, 0, 1, at(9)).await.unwrap());
+    assert!(!images.claim_late_try(photos[1].id, 0, at(9), at(9)).await.unwrap());
     assert_eq!(images.get_image(photos[1].id).await.unwrap().diagnosis, Some(diagnosis.clone()));
 
     // A diagnosis announced as a verdict waits for the alert role: diagnosed again once a wait has passed since

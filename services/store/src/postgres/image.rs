@@ -547,17 +547,37 @@ impl ImageStore for PostgresStore {
             .collect()
     }
 
-    async fn set_late_tries(&self, id: Uuid, expected: u32, tries: u32, next_try_after: SystemTime) -> Result<bool> {
+    async fn claim_late_try(
+        &self,
+        id: Uuid,
+        expected: u32,
+        now: SystemTime,
+        next_try_after: SystemTime,
+    ) -> Result<bool> {
         let client = self.client().await?;
-        let count = |tries: u32| tries.min(i32::MAX as u32) as i32;
+        let expected = expected.min(i32::MAX as u32 - 1) as i32;
         let updated = client
             .execute(
-                "UPDATE images SET late_tries = $3, late_try_after = $4
-                 WHERE id = $1 AND late_tries = $2 AND (diagnosis_label IS NULL OR verdict_pending)",
-                &[&id, &count(expected), &count(tries), &next_try_after],
+                "UPDATE images SET late_tries = $2 + 1, late_try_after = $4
+                 WHERE id = $1 AND late_tries = $2 AND (late_try_after IS NULL OR late_try_after <= $3)
+                   AND (diagnosis_label IS NULL OR verdict_pending)",
+                &[&id, &expected, &now, &next_try_after],
             )
             .await
             .map_err(pg_error("count a late diagnosis try"))?;
+        Ok(updated == 1)
+    }
+
+    async fn give_late_try_back(&self, id: Uuid, tries: u32) -> Result<bool> {
+        let client = self.client().await?;
+        let tries = tries.min(i32::MAX as u32) as i32;
+        let updated = client
+            .execute(
+                "UPDATE images SET late_tries = $2 - 1 WHERE id = $1 AND late_tries = $2 AND $2 > 0",
+                &[&id, &tries],
+            )
+            .await
+            .map_err(pg_error("give a late diagnosis try back"))?;
         Ok(updated == 1)
     }
 

@@ -634,15 +634,35 @@ impl ImageStore for SqliteStore {
         .await
     }
 
-    async fn set_late_tries(&self, id: Uuid, expected: u32, tries: u32, next_try_after: SystemTime) -> Result<bool> {
+    async fn claim_late_try(
+        &self,
+        id: Uuid,
+        expected: u32,
+        now: SystemTime,
+        next_try_after: SystemTime,
+    ) -> Result<bool> {
         self.run(move |connection| {
             let updated = connection
                 .execute(
-                    "UPDATE images SET late_tries = ?3, late_try_after = ?4
-                     WHERE id = ?1 AND late_tries = ?2 AND (diagnosis_label IS NULL OR verdict_pending)",
-                    params![id.to_string(), i64::from(expected), i64::from(tries), to_unix_micros(next_try_after)],
+                    "UPDATE images SET late_tries = ?2 + 1, late_try_after = ?4
+                     WHERE id = ?1 AND late_tries = ?2 AND (late_try_after IS NULL OR late_try_after <= ?3)
+                       AND (diagnosis_label IS NULL OR verdict_pending)",
+                    params![id.to_string(), i64::from(expected), to_unix_micros(now), to_unix_micros(next_try_after)],
                 )
                 .map_err(sql_error("count a late diagnosis try"))?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn give_late_try_back(&self, id: Uuid, tries: u32) -> Result<bool> {
+        self.run(move |connection| {
+            let updated = connection
+                .execute(
+                    "UPDATE images SET late_tries = ?2 - 1 WHERE id = ?1 AND late_tries = ?2 AND ?2 > 0",
+                    params![id.to_string(), i64::from(tries)],
+                )
+                .map_err(sql_error("give a late diagnosis try back"))?;
             Ok(updated == 1)
         })
         .await
