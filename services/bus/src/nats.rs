@@ -84,8 +84,9 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
         .connect(&server)
         .await
         .map_err(|error| Error::Unavailable(format!("cannot connect to NATS at {server}: {error}")))?;
-    // What the server takes in one message: a larger one is refused every time, so it is not tried again.
-    let max_payload = client.server_info().max_payload;
+    // Asked of the server the client is connected to now, per message: after a reconnect it may be another, with
+    // another limit.
+    let server_info = client.clone();
     let context = jetstream::new(client);
     let subject = format!("{name}.events");
     let stream = context
@@ -154,6 +155,8 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
                     "smartfarm_bus_jobs_dropped_total",
                 ),
             };
+            // What the server takes in one message: a larger one is refused every time, so it is not tried again.
+            let max_payload = server_info.server_info().max_payload;
             let payload = match payload {
                 Ok(payload) if max_payload > 0 && payload.len() > max_payload => {
                     // Retrying would hold every message behind it up for seconds, to the same end.
