@@ -248,6 +248,8 @@ async fn receive(
             _ = ready.closed() => return Ok(()),
             message = incoming.recv() => match message {
                 Some(Incoming::Batch(wire)) => {
+                    // Before a commit permit is taken: a link whose alert copies pile up slows itself only.
+                    farm_side.rules.wait_for_copy_room().await;
                     let decoded = prepare(api, (gateway_id, spool_id, farm_id), registry, wire, outbound).await?;
                     if ready.send(decoded).await.is_err() {
                         return Ok(());

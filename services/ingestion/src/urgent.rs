@@ -28,7 +28,7 @@ pub(crate) struct FarmRules {
     farm_id: Uuid,
     evaluator: Mutex<Evaluator>,
     /// Alerts to record: a task records what waits in one transaction, so a burst of alerts costs one commit and the
-    /// link does not wait for the database to read on.
+    /// link reads on while the database writes (it waits only when many of its own copies wait, see [`Recorder`]).
     recorder: Option<Recorder>,
 }
 
@@ -38,29 +38,84 @@ pub(crate) struct FarmRules {
 struct Recorder {
     /// Bounded (see `link::URGENT_QUEUE`): the agent decides how many it sends.
     agent: mpsc::Sender<(Instant, Alert)>,
-    /// Bounded ([`COPY_QUEUE`]): a commit whose copies do not fit waits for the recorder, so a database slower
-    /// than the link's commits slows the link (its agent keeps what waits in its spool) instead of filling memory.
-    copies: mpsc::Sender<(Instant, Alert)>,
+    /// A commit queues its copies without waiting (it holds a commit permit that other links need), and the link
+    /// takes no new batch while more than [`COPY_QUEUE`] wait ([`FarmRules::wait_for_copy_room`]): a database
+    /// slower than the link's commits slows that link (its agent keeps what waits in its spool) instead of filling
+    /// memory. So the queue holds at most that plus the copies of the batches the link had taken.
+    copies: mpsc::UnboundedSender<(Instant, Alert)>,
+    copy_room: Arc<CopyRoom>,
 }
 
-/// Most of a link's own copies waiting to be recorded: a few committed batches' worth where a rule fires on every
-/// reading, and most copies cost no query (see [`Known::adds_something`]).
+/// How many of a link's own copies wait to be recorded beyond which the link takes no new batch: a few batches'
+/// worth where a rule fires on every reading, and most copies cost no query (see [`Known::adds_something`]).
 const COPY_QUEUE: usize = 8192;
+
+/// The copies waiting in a link's queue, counted by those who queue them and the recorder that takes them.
+#[derive(Default)]
+struct CopyRoom {
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Told when the recorder takes a copy and the queue is within [`COPY_QUEUE`].
+    made: tokio::sync::Notify,
+}
+
+impl CopyRoom {
+    fn queued(&self, count: usize) {
+        self.waiting.fetch_add(count, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn taken(&self) {
+        let before = self.waiting.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if before <= COPY_QUEUE + 1 {
+            // A stored permit when nobody waits: a link that looks next does not wait for a wakeup already given.
+            self.made.notify_one();
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire) > COPY_QUEUE
+    }
+}
 
 impl FarmRules {
     /// The rules of the farm whose link sends to `outbound`.
     pub(crate) fn new(api: &IngestionApi, farm_id: Uuid, outbound: Outbound) -> Arc<FarmRules> {
         let recorder = api.alerts.as_ref().map(|alerts| {
             let (agent, agent_queue) = mpsc::channel(crate::link::URGENT_QUEUE);
-            let (copies, copy_queue) = mpsc::channel(COPY_QUEUE);
-            let (running, api, alerts) = (api.alert_recorder_running(), api.clone(), alerts.clone());
+            let (copies, copy_queue) = mpsc::unbounded_channel();
+            let copy_room = Arc::new(CopyRoom::default());
+            let (running, api, alerts, room) =
+                (api.alert_recorder_running(), api.clone(), alerts.clone(), copy_room.clone());
             tokio::spawn(async move {
-                record_forever(api, alerts, agent_queue, copy_queue, outbound).await;
+                record_forever(api, alerts, agent_queue, (copy_queue, room), outbound).await;
                 drop(running);
             });
-            Recorder { agent, copies }
+            Recorder { agent, copies, copy_room }
         });
         Arc::new(FarmRules { farm_id, evaluator: Mutex::new(Evaluator::new(farm_id, Origin::Cloud)), recorder })
+    }
+
+    /// Waits, before the link takes a new batch, while more than [`COPY_QUEUE`] of its copies wait to be recorded.
+    pub(crate) async fn wait_for_copy_room(&self) {
+        let Some(recorder) = &self.recorder else { return };
+        if !recorder.copy_room.full() {
+            return;
+        }
+        metrics::counter!("smartfarm_alert_copy_queue_full_total").increment(1);
+        while recorder.copy_room.full() && !recorder.copies.is_closed() {
+            recorder.copy_room.made.notified().await;
+        }
+    }
+
+    /// Queues this link's copies of `alerts` for the recorder.
+    fn queue_copies(&self, alerts: Vec<Alert>) {
+        let Some(recorder) = &self.recorder else { return };
+        let now = Instant::now();
+        recorder.copy_room.queued(alerts.len());
+        for alert in alerts {
+            if recorder.copies.send((now, alert)).is_err() {
+                recorder.copy_room.taken();
+            }
+        }
     }
 }
 
@@ -136,7 +191,7 @@ async fn record_forever(
     api: IngestionApi,
     alerts: Arc<dyn smartfarm_store::AlertStore>,
     mut agent: mpsc::Receiver<(Instant, Alert)>,
-    mut copies: mpsc::Receiver<(Instant, Alert)>,
+    (mut copies, copy_room): (mpsc::UnboundedReceiver<(Instant, Alert)>, Arc<CopyRoom>),
     outbound: Outbound,
 ) {
     let mut known = Known::default();
@@ -144,7 +199,10 @@ async fn record_forever(
         let first = tokio::select! {
             biased;
             Some(alert) = agent.recv() => alert,
-            Some(alert) = copies.recv() => alert,
+            Some(alert) = copies.recv() => {
+                copy_room.taken();
+                alert
+            }
             else => return,
         };
         let mut batch = Vec::new();
@@ -166,7 +224,9 @@ async fn record_forever(
             if batch.len() < MAX_ALERTS_AT_ONCE {
                 next = match agent.try_recv() {
                     Ok(alert) => Some(alert),
-                    Err(_) if copies_taken < MAX_COPIES_AT_ONCE => copies.try_recv().ok(),
+                    Err(_) if copies_taken < MAX_COPIES_AT_ONCE => {
+                        copies.try_recv().ok().inspect(|_| copy_room.taken())
+                    }
                     Err(_) => None,
                 };
             }
@@ -250,12 +310,7 @@ pub(crate) async fn refresh_rules(
     let ended = rules.evaluator.lock().expect("evaluator lock").set_rules(snapshot.clone(), time::now());
     // This link's copies of alerts of deleted rules: over (DeleteRule resolved the stored ones already; a copy
     // raised since, from readings uploaded late, ends here).
-    if let Some(recorder) = &rules.recorder {
-        let now = Instant::now();
-        for alert in ended {
-            let _ = recorder.copies.send((now, alert)).await;
-        }
-    }
+    rules.queue_copies(ended);
     if version != *agent_version {
         let pushed = pb::RuleSnapshot { version, rules: snapshot.iter().map(|rule| rule.to_proto()).collect() };
         tracing::debug!(farm_id = %rules.farm_id, version, rules = snapshot.len(), "rules pushed to the edge");
@@ -266,7 +321,6 @@ pub(crate) async fn refresh_rules(
 }
 
 /// Evaluates the farm's rules on a committed group's readings (in sequence order) and records what they raise.
-/// Runs off the async workers: it waits while the link's queue of copies is full.
 pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
     let raised: Vec<Alert> = {
         let mut evaluator = rules.evaluator.lock().expect("evaluator lock");
@@ -280,12 +334,7 @@ pub(crate) fn evaluate_committed(rules: &FarmRules, readings: &[ReadingRow]) {
             })
             .collect()
     };
-    if let Some(recorder) = &rules.recorder {
-        let now = Instant::now();
-        for alert in raised {
-            let _ = recorder.copies.blocking_send((now, alert));
-        }
-    }
+    rules.queue_copies(raised);
 }
 
 /// What a link's recorder knows: for [`join_open_alert`], and what it recorded, so that a copy adding nothing to
@@ -682,7 +731,7 @@ mod tests {
         }
 
         fn send_from_batches(&self, alert: Alert) {
-            self.rules.recorder.as_ref().unwrap().copies.try_send((Instant::now(), alert)).unwrap();
+            self.rules.queue_copies(vec![alert]);
         }
 
         /// The farm's stored alerts (id, state), sorted, once the recorder has recorded everything sent through
@@ -878,9 +927,31 @@ mod tests {
         assert!(matches!(settled[..], [(0, Err(Error::Unavailable(_)))]), "{settled:?}");
     }
 
-    /// A committed batch that raises more copies than the link's queue holds waits for the recorder and loses none.
+    /// A link whose copies pile up beyond the limit takes no new batch until the recorder has taken them down to it.
     #[tokio::test]
-    async fn copies_beyond_the_queue_wait_and_none_is_lost() {
+    async fn a_link_waits_while_its_copies_pile_up() {
+        let link = Link::new().await;
+        // A recorder that does not run: the test takes the copies.
+        let (agent, _agent_queue) = mpsc::channel(1);
+        let (copies, mut copy_queue) = mpsc::unbounded_channel();
+        let copy_room = Arc::new(CopyRoom::default());
+        let recorder = Recorder { agent, copies, copy_room: copy_room.clone() };
+        let evaluator = Mutex::new(Evaluator::new(link.farm_id, Origin::Cloud));
+        let rules = FarmRules { farm_id: link.farm_id, evaluator, recorder: Some(recorder) };
+        rules.queue_copies((0..COPY_QUEUE as u64).map(|n| link.alert(Origin::Cloud, n)).collect());
+        tokio::time::timeout(Duration::from_millis(100), rules.wait_for_copy_room()).await.expect("at the limit: room");
+        rules.queue_copies(vec![link.alert(Origin::Cloud, COPY_QUEUE as u64)]);
+        let waiting = rules.wait_for_copy_room();
+        tokio::pin!(waiting);
+        assert!(tokio::time::timeout(Duration::from_millis(200), &mut waiting).await.is_err(), "one over: it waits");
+        copy_queue.recv().await.unwrap();
+        copy_room.taken();
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("one taken: room again");
+    }
+
+    /// A committed batch that raises more copies than the link's queue holds is queued whole, and none is lost.
+    #[tokio::test]
+    async fn a_batch_raising_more_copies_than_the_queue_holds_loses_none() {
         let link = Link::new().await;
         let rule = smartfarm_core::rules::Rule {
             id: link.rule_id,
@@ -925,6 +996,7 @@ mod tests {
             assert!(Instant::now() < deadline, "{resolved} of {pairs} alerts recorded as resolved");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        tokio::time::timeout(Duration::from_secs(10), link.rules.wait_for_copy_room()).await.expect("drained");
     }
 
     /// A stopping process waits for the recorders of its closed links to record what their agents sent last.
