@@ -178,6 +178,12 @@ pub struct Spool {
     /// Held through a whole [`Spool::sync`]: a sync that finds `dirty` cleared must know that the fsync which
     /// cleared it has finished, not take records another caller is still writing for ones on disk.
     syncing: Mutex<()>,
+    /// Held through a whole [`Spool::ack`]: marks are written one at a time, in order, without the spool's lock
+    /// (a mark costs two fsyncs, which appends must not wait for).
+    marking: Mutex<()>,
+    /// Tests pause an ack here, in the middle of writing the cloud's mark (waiting twice: started, then released).
+    #[cfg(test)]
+    pause_in_mark_write: Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
     /// Tests pause a sync here, between clearing `dirty` and its fsync (waiting twice: started, then released).
     #[cfg(test)]
     pause_before_fsync: Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
@@ -349,6 +355,9 @@ impl Spool {
             config,
             inner: Mutex::new(inner),
             syncing: Mutex::new(()),
+            marking: Mutex::new(()),
+            #[cfg(test)]
+            pause_in_mark_write: Mutex::new(None),
             #[cfg(test)]
             pause_before_fsync: Mutex::new(None),
             #[cfg(test)]
@@ -597,6 +606,7 @@ impl Spool {
 
     /// Records that the cloud has everything up to `sequence`: persists the mark, then deletes segments it covers.
     pub fn ack(&self, sequence: u64) -> Result<(), SpoolError> {
+        let _turn = self.marking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut inner = self.lock();
         if sequence <= inner.acked {
             return Ok(());
@@ -622,7 +632,18 @@ impl Spool {
             self.keep_reserve(&mut inner);
             return Ok(());
         }
-        self.persist_mark(&mut inner, sequence)?;
+        // The mark is written without the spool's lock, so appends go on meanwhile: only acks change what it
+        // covers (the acknowledged segments), and they take turns. A full disk needs segments freed: that is done
+        // under the lock.
+        let id = inner.id;
+        drop(inner);
+        let written = self.write_mark(id, sequence);
+        let mut inner = self.lock();
+        match written {
+            Ok(()) => {}
+            Err(error) if error.is_disk_full() => self.free_space_for_mark(&mut inner, sequence, error)?,
+            Err(error) => return Err(error),
+        }
         inner.acked = sequence;
         while let Some(oldest) = inner.segments.front() {
             let is_active = inner.segments.len() == 1;
@@ -647,11 +668,15 @@ impl Spool {
     /// record it finds, else from the mark on disk, and below what the cloud holds new records would be taken for
     /// ones it has).
     fn persist_mark(&self, inner: &mut Inner, sequence: u64) -> Result<(), SpoolError> {
-        let error = match self.write_mark(inner.id, sequence) {
-            Ok(()) => return Ok(()),
-            Err(error) if error.is_disk_full() => error,
-            Err(error) => return Err(error),
-        };
+        match self.write_mark(inner.id, sequence) {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_disk_full() => self.free_space_for_mark(inner, sequence, error),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The rest of [`Spool::persist_mark`] once writing the mark found the disk full (`error`).
+    fn free_space_for_mark(&self, inner: &mut Inner, sequence: u64, error: SpoolError) -> Result<(), SpoolError> {
         tracing::warn!(%error, "the disk is full: freeing space to write the cloud's mark");
         let reserve = self.config.dir.join("reserve");
         let mut last_error = error;
@@ -717,6 +742,11 @@ impl Spool {
 
     /// Persists the cloud's mark.
     fn write_mark(&self, id: uuid::Uuid, acked: u64) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        if let Some(pause) = self.pause_in_mark_write.lock().unwrap().take() {
+            pause.wait();
+            pause.wait();
+        }
         #[cfg(test)]
         if self.disk_full.load(std::sync::atomic::Ordering::SeqCst) != 0 {
             let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "the test filled the disk");
@@ -1152,6 +1182,49 @@ mod tests {
         drop(spool);
         let (spool, _) = Spool::open(config(dir.path())).unwrap();
         assert_eq!(spool.read_after(appended + 49, 10, usize::MAX).unwrap().len(), 2, "both records read back");
+    }
+
+    /// Appends do not wait for the cloud's mark to be written (two fsyncs); the ack then removes what it covers,
+    /// and a second ack waits for the first's mark.
+    #[test]
+    fn appends_go_on_while_the_cloud_mark_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // A segment per append: each ack has segments to remove.
+        let spool = std::sync::Arc::new(Spool::open(SpoolConfig { segment_bytes: 1, ..config(dir.path()) }).unwrap().0);
+        for value in 0..3 {
+            spool.append(vec![body(value as f64)]).unwrap();
+        }
+        let pause = std::sync::Arc::new(std::sync::Barrier::new(2));
+        *spool.pause_in_mark_write.lock().unwrap() = Some(pause.clone());
+        let first = std::thread::spawn({
+            let spool = spool.clone();
+            move || spool.ack(2)
+        });
+        pause.wait(); // The first ack is writing its mark.
+        let (appended, append_returned) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let spool = spool.clone();
+            move || appended.send(spool.append(vec![body(3.0)]).unwrap().first_sequence).unwrap()
+        });
+        assert_eq!(append_returned.recv_timeout(Duration::from_secs(10)), Ok(4), "the append waited for the mark");
+        let (acked, second_returned) = std::sync::mpsc::channel();
+        let second = std::thread::spawn({
+            let spool = spool.clone();
+            move || acked.send(spool.ack(3)).unwrap()
+        });
+        assert!(second_returned.recv_timeout(Duration::from_millis(300)).is_err(), "acks take turns");
+        pause.wait(); // The first mark is written.
+        first.join().unwrap().unwrap();
+        second_returned.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        second.join().unwrap();
+        assert_eq!(spool.stats().acked_sequence, 3);
+        assert_eq!(
+            spool.read_after(0, 10, usize::MAX).unwrap().iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            vec![4]
+        );
+        drop(spool);
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(spool.stats().acked_sequence, 3, "the later mark is the one on disk");
     }
 
     #[test]

@@ -234,6 +234,10 @@ impl Uplink {
         let no_urgent_lane = crate::urgent::UrgentQueue::default();
         let urgent = self.alerting.as_ref().map_or(&no_urgent_lane, |alerting| &*alerting.urgent);
 
+        // The cloud's marks are written by a task of their own (a mark costs two fsyncs): the link goes on sending
+        // alerts and batches meanwhile, and the marks that arrive during one write are written as one.
+        let (mark, marks) = watch::channel(welcome.committed_sequence);
+        let mut marking = tokio::spawn(write_marks(self.spool.clone(), marks));
         // The next batch, read and compressed off the async workers while urgent messages keep going up: an alert
         // raised during a drain waits for no batch to be prepared.
         let mut preparing: Option<JoinHandle<Result<Option<pb::ReadingBatch>, LinkError>>> = None;
@@ -297,7 +301,7 @@ impl Uplink {
                                 tracing::warn!(last_sequence = ack.last_sequence, dropped = ?ack.dropped, "the cloud did not store some records of a batch");
                                 self.tell_dropped(Some(&ack), false);
                             }
-                            self.spool.ack(ack.last_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
+                            mark.send_replace(ack.last_sequence);
                             metrics::counter!("smartfarm_edge_batches_acked_total").increment(1);
                         }
                         connect_response::Body::BatchReject(reject) => {
@@ -365,6 +369,15 @@ impl Uplink {
                     }
                 }
                 _ = urgent.news() => {}
+                // It ends only when a mark cannot be written: so does the link (the next one writes the mark again).
+                written = &mut marking => {
+                    let error = match written {
+                        Ok(Err(error)) => error,
+                        Ok(Ok(())) => "the mark writer stopped".to_string(),
+                        Err(panicked) => format!("the mark writer failed: {panicked}"),
+                    };
+                    return Err(LinkError::Spool(error));
+                }
                 _ = upload_timer.tick() => {
                     draining = true;
                     asked_while_preparing |= preparing.is_some();
@@ -461,6 +474,22 @@ pub fn bearer(config: &EdgeConfig) -> Result<MetadataValue<tonic::metadata::Asci
     format!("Bearer {}", config.credential)
         .parse()
         .map_err(|_| LinkError::Connect("the credential is not valid header text".into()))
+}
+
+/// Writes each mark the link receives from the cloud ([`Spool::ack`], on a blocking thread), the latest one when
+/// several arrived during a write, until the link drops its sender (the last mark is written first) or a write
+/// fails.
+async fn write_marks(spool: Arc<Spool>, mut marks: watch::Receiver<u64>) -> Result<(), String> {
+    while marks.changed().await.is_ok() {
+        let sequence = *marks.borrow_and_update();
+        let spool = spool.clone();
+        match tokio::task::spawn_blocking(move || spool.ack(sequence)).await {
+            Ok(written) => written.map_err(|error| error.to_string())?,
+            // Only a panic: the runtime is not shutting down while the link runs.
+            Err(error) => return Err(format!("the mark writer failed: {error}")),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
