@@ -165,6 +165,17 @@ struct Inner {
     cap_blocked_at: Option<u64>,
     /// The reserve (see [`RESERVE_BYTES`]) is not on disk: used, or it could not be made. Made again after an ack.
     reserve_missing: bool,
+    /// The cloud's mark an ack is writing (without the lock), above `acked` until it is written: what it covers is
+    /// counted as acknowledged (a segment the cap drops meanwhile is not unsent records, nor pending bytes).
+    marking_to: Option<u64>,
+}
+
+impl Inner {
+    /// The sequence up to which the cloud holds everything, as far as the spool knows: its mark, or the one being
+    /// written.
+    fn covered(&self) -> u64 {
+        self.acked.max(self.marking_to.unwrap_or(0))
+    }
 }
 
 /// Bytes kept on disk (the file `reserve` in the spool's directory) for writing the cloud's mark when the disk is
@@ -342,6 +353,7 @@ impl Spool {
             fsync_failed: None,
             cap_blocked_at: None,
             reserve_missing: true,
+            marking_to: None,
         };
         recovery.pending_records = pending(&inner).0;
         if let Some(last) = inner.segments.back() {
@@ -475,8 +487,9 @@ impl Spool {
         let mut dropped = 0;
         while total_bytes(inner) > self.config.max_bytes && inner.segments.len() > 1 {
             let oldest = inner.segments.front().expect("more than one segment");
-            let unacked = if oldest.last() > inner.acked {
-                oldest.records - inner.acked.saturating_sub(oldest.first - 1).min(oldest.records)
+            let covered = inner.covered();
+            let unacked = if oldest.last() > covered {
+                oldest.records - covered.saturating_sub(oldest.first - 1).min(oldest.records)
             } else {
                 0
             };
@@ -636,9 +649,11 @@ impl Spool {
         // covers (the acknowledged segments), and they take turns. A full disk needs segments freed: that is done
         // under the lock.
         let id = inner.id;
+        inner.marking_to = Some(sequence);
         drop(inner);
         let written = self.write_mark(id, sequence);
         let mut inner = self.lock();
+        inner.marking_to = None;
         match written {
             Ok(()) => {}
             Err(error) if error.is_disk_full() => self.free_space_for_mark(&mut inner, sequence, error)?,
@@ -779,7 +794,7 @@ impl Spool {
             oldest_pending_since: inner
                 .segments
                 .iter()
-                .find(|s| s.records > 0 && s.last() > inner.acked)
+                .find(|s| s.records > 0 && s.last() > inner.covered())
                 .map(|s| s.created),
             dropped_records: inner.dropped_records,
         }
@@ -796,8 +811,8 @@ impl Spool {
         inner
             .segments
             .iter()
-            .find(|s| s.records > 0 && s.last() > inner.acked)
-            .map(|s| s.first.max(inner.acked + 1))
+            .find(|s| s.records > 0 && s.last() > inner.covered())
+            .map(|s| s.first.max(inner.covered() + 1))
             .unwrap_or(inner.next_sequence)
     }
 }
@@ -809,13 +824,14 @@ fn total_bytes(inner: &Inner) -> u64 {
 /// Records above the acknowledged mark and their bytes. Exact in records because sequences within a segment are
 /// contiguous; bytes are prorated within the segment that holds the mark.
 fn pending(inner: &Inner) -> (u64, u64) {
+    let covered = inner.covered();
     inner.segments.iter().fold((0, 0), |(records, bytes), segment| {
-        let unacked = if segment.records == 0 || segment.last() <= inner.acked {
+        let unacked = if segment.records == 0 || segment.last() <= covered {
             0
-        } else if segment.first > inner.acked {
+        } else if segment.first > covered {
             segment.records
         } else {
-            segment.last() - inner.acked
+            segment.last() - covered
         };
         let unacked_bytes = match unacked {
             0 => 0,
@@ -1201,6 +1217,7 @@ mod tests {
             move || spool.ack(2)
         });
         pause.wait(); // The first ack is writing its mark.
+        assert_eq!(spool.stats().pending_records, 1, "what the mark being written covers is not pending");
         let (appended, append_returned) = std::sync::mpsc::channel();
         std::thread::spawn({
             let spool = spool.clone();

@@ -484,7 +484,12 @@ async fn write_marks(spool: Arc<Spool>, mut marks: watch::Receiver<u64>) -> Resu
         let sequence = *marks.borrow_and_update();
         let spool = spool.clone();
         match tokio::task::spawn_blocking(move || spool.ack(sequence)).await {
-            Ok(written) => written.map_err(|error| error.to_string())?,
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                // Logged here too: a link that ended meanwhile no longer hears of it.
+                tracing::error!(%error, sequence, "cannot write the cloud's mark");
+                return Err(error.to_string());
+            }
             // Only a panic: the runtime is not shutting down while the link runs.
             Err(error) => return Err(format!("the mark writer failed: {error}")),
         }
