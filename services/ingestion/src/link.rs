@@ -248,8 +248,14 @@ async fn receive(
             _ = ready.closed() => return Ok(()),
             message = incoming.recv() => match message {
                 Some(Incoming::Batch(wire)) => {
-                    // Before a commit permit is taken: a link whose alert copies pile up slows itself only.
-                    farm_side.rules.wait_for_copy_room().await;
+                    // Before a commit permit is taken: a link whose alert copies pile up slows itself only. A stop
+                    // does not wait for the copies (the batch is not acknowledged: the agent sends it again).
+                    tokio::select! {
+                        () = farm_side.rules.wait_for_copy_room() => {}
+                        _ = shutting_down.wait_for(|down| *down) => {
+                            return Err(Error::Unavailable("the cloud is shutting down; reconnect".into()));
+                        }
+                    }
                     let decoded = prepare(api, (gateway_id, spool_id, farm_id), registry, wire, outbound).await?;
                     if ready.send(decoded).await.is_err() {
                         return Ok(());
