@@ -215,7 +215,13 @@ impl PostgresStore {
                 .map_err(pg_error("start copying readings"))?;
             let types = [Type::TIMESTAMPTZ, Type::INT4, Type::FLOAT8, Type::INT8, Type::TIMESTAMPTZ];
             let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
-            for reading in &readings {
+            for (at, reading) in readings.iter().enumerate() {
+                // The writer buffers, so its writes mostly complete at once: without a yield, a group of tens of
+                // thousands of readings would hold an async worker for milliseconds, and the alerts and streams
+                // waiting on it with it.
+                if at % COPY_ROWS_BETWEEN_YIELDS == COPY_ROWS_BETWEEN_YIELDS - 1 {
+                    tokio::task::yield_now().await;
+                }
                 let series = series_id(reading.device_id, &reading.metric)?;
                 let sequence = reading.sequence as i64;
                 writer
@@ -917,6 +923,9 @@ fn parse_partition_name(name: &str) -> Option<(i32, u32)> {
     }
     Some((digits[..4].parse().ok()?, digits[4..].parse().ok()?))
 }
+
+/// Readings written to a COPY between two yields to the other tasks of the async worker.
+const COPY_ROWS_BETWEEN_YIELDS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
