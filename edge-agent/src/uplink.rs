@@ -207,7 +207,12 @@ impl Uplink {
             Some(other) => return Err(LinkError::Protocol(format!("expected welcome, got {other:?}"))),
             None => return Err(LinkError::Closed),
         };
-        self.spool.ack(welcome.committed_sequence).map_err(|error| LinkError::Spool(error.to_string()))?;
+        // A mark costs two fsyncs: written on a blocking thread, as the later ones are (see `write_marks`).
+        let (spool, committed) = (self.spool.clone(), welcome.committed_sequence);
+        tokio::task::spawn_blocking(move || spool.ack(committed))
+            .await
+            .map_err(|error| LinkError::Spool(format!("the mark writer failed: {error}")))?
+            .map_err(|error| LinkError::Spool(error.to_string()))?;
         if let (Some(alerting), Some(server_time)) = (&self.alerting, &welcome.server_time)
             && let Ok(cloud) = smartfarm_core::time::from_timestamp("welcome.server_time", server_time)
         {
