@@ -172,6 +172,8 @@ const JOB_RETRY: Duration = Duration::from_secs(30);
 /// ends (this one died, say).
 const LATE_BATCHES_AT_ONCE: usize = 16;
 const LATE_LEASE: Duration = Duration::from_secs(600);
+/// How long a stopping process waits for its late scorer to give back its claims (the database may be away).
+const LATE_GIVE_BACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Late scorings of one batch before it is given up (logged): a batch that keeps failing is not retried forever.
 const LATE_ATTEMPTS: u32 = 3;
@@ -359,11 +361,16 @@ impl InferenceApi {
                 tracing::warn!("the inference pipeline's queue is full; an event was not processed");
             }
         }
-        // The workers end when their queues close or the process stops, whichever comes first. A late batch in hand
-        // stays claimed until its lease ends.
+        // The workers end when their queues close or the process stops, whichever comes first. The late scorer,
+        // at a stop, gives back the batches it claimed and did not score: it is given a moment for that.
         drop((photos, readings));
-        for late in [late, late_photos].into_iter().flatten() {
+        if let Some(mut late) = late
+            && (!stopping || tokio::time::timeout(LATE_GIVE_BACK_WAIT, &mut late).await.is_err())
+        {
             late.abort();
+        }
+        if let Some(late_photos) = late_photos {
+            late_photos.abort();
         }
         for worker in workers {
             let _ = worker.await;
@@ -377,7 +384,7 @@ impl InferenceApi {
     /// own batches still queued for its scorer are left to it (not claimed). A claim that comes back full is
     /// followed by the next at once, so a backlog drains as fast as it scores. A batch scored twice (its scorer was
     /// slower than the wait) announces its anomalies again, which the alert role takes for the open alerts they
-    /// overlap.
+    /// overlap. A stopping process gives back the claims it has not scored.
     async fn score_late_batches(self) {
         let mut shutdown = self.shutting_down.clone();
         let wait = self.settings.late_scoring_after;
@@ -397,11 +404,17 @@ impl InferenceApi {
                 }
             };
             more_waiting = claimed.len() == LATE_BATCHES_AT_ONCE;
-            for batch in claimed {
-                // A stopping process leaves what it claimed to a claim after its lease.
+            let claimed_until = now + LATE_LEASE;
+            let mut claimed = claimed.into_iter();
+            while let Some(batch) = claimed.next() {
+                // A stopping process gives back what it claimed and did not score: another replica takes it at
+                // once rather than after the lease.
                 if *shutdown.borrow() >= Shutdown::Draining {
-                    return;
+                    let left: Vec<BatchKey> =
+                        std::iter::once(batch.key).chain(claimed.map(|batch| batch.key)).collect();
+                    return self.give_back_late_claims(&left, claimed_until).await;
                 }
+                let key = batch.key;
                 if batch.attempts > LATE_ATTEMPTS {
                     metrics::counter!("smartfarm_inference_late_batches_given_up_total").increment(1);
                     tracing::warn!(
@@ -439,7 +452,12 @@ impl InferenceApi {
                 );
                 tokio::select! {
                     biased;
-                    () = reached(&mut shutdown, Shutdown::Stopping) => return,
+                    () = reached(&mut shutdown, Shutdown::Stopping) => {
+                        // Scored in part: what it found so far may be announced again by the next scorer, which the
+                        // alert role folds into the open alerts.
+                        let left: Vec<BatchKey> = std::iter::once(key).chain(claimed.map(|batch| batch.key)).collect();
+                        return self.give_back_late_claims(&left, claimed_until).await;
+                    }
                     () = self.score_new_readings(&committed, 0, Source::Late) => {}
                 }
             }
@@ -563,6 +581,15 @@ impl InferenceApi {
             if self.serving.active(kind, "").await.is_ok() {
                 return true;
             }
+        }
+    }
+
+    /// Gives back this process's claims (ending at `claimed_until`) on the batches `keys`, which it will not score.
+    async fn give_back_late_claims(&self, keys: &[BatchKey], claimed_until: SystemTime) {
+        match self.telemetry.release_unscored(keys, claimed_until).await {
+            Ok(()) => tracing::info!(batches = keys.len(), "stopping: claims on batches to score given back"),
+            // They are taken again once the claim ends.
+            Err(error) => tracing::warn!(%error, batches = keys.len(), "cannot give back claims on batches to score"),
         }
     }
 

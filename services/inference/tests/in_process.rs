@@ -55,10 +55,12 @@ fn png(width: u32, height: u32) -> Vec<u8> {
     bytes
 }
 
-/// The database's telemetry store, noting the filter of every read of readings.
+/// The database's telemetry store, noting the filter of every read of readings. A read waits while the test holds
+/// `read_gate`.
 struct NotingReads {
     store: Arc<dyn TelemetryStore>,
     reads: Arc<Mutex<Vec<ReadingFilter>>>,
+    read_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[async_trait::async_trait]
@@ -78,6 +80,7 @@ impl TelemetryStore for NotingReads {
         limit: usize,
     ) -> smartfarm_core::Result<Vec<StoredReading>> {
         self.reads.lock().unwrap().push(filter.clone());
+        drop(self.read_gate.lock().await);
         self.store.query_readings(filter, cursor, limit).await
     }
 
@@ -117,6 +120,10 @@ impl TelemetryStore for NotingReads {
     async fn forget_unscored(&self, keys: &[BatchKey]) -> smartfarm_core::Result<()> {
         self.store.forget_unscored(keys).await
     }
+
+    async fn release_unscored(&self, keys: &[BatchKey], claimed_until: SystemTime) -> smartfarm_core::Result<()> {
+        self.store.release_unscored(keys, claimed_until).await
+    }
 }
 
 struct Setup {
@@ -124,6 +131,8 @@ struct Setup {
     database: Database,
     /// The filters of the reads of readings the service made.
     reads: Arc<Mutex<Vec<ReadingFilter>>>,
+    /// Held, it holds the service's reads of readings (once noted).
+    read_gate: Arc<tokio::sync::Mutex<()>>,
     api: InferenceApi,
     bus: Bus,
     farm_id: Uuid,
@@ -188,10 +197,15 @@ async fn setup_with(settings: InferenceConfig) -> Setup {
     let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let bus = Bus::in_process();
     let reads = Arc::new(Mutex::new(Vec::new()));
+    let read_gate = Arc::new(tokio::sync::Mutex::new(()));
     let stores = Stores {
         registry,
         images: database.images(),
-        telemetry: Arc::new(NotingReads { store: database.telemetry(), reads: reads.clone() }),
+        telemetry: Arc::new(NotingReads {
+            store: database.telemetry(),
+            reads: reads.clone(),
+            read_gate: read_gate.clone(),
+        }),
         models: database.models(),
         blobs,
     };
@@ -204,6 +218,7 @@ async fn setup_with(settings: InferenceConfig) -> Setup {
         _dir: dir,
         database,
         reads,
+        read_gate,
         api,
         bus,
         farm_id: farm.id,
@@ -768,6 +783,48 @@ async fn a_batch_whose_announcement_was_lost_is_scored_late() {
     let past_its_end = rows[rows.len() - 1].measure_time + Duration::from_micros(1);
     assert!(reads.iter().any(|read| read.end == past_its_end), "{reads:#?}");
     assert!(nothing_listed().await, "the batch scored late is still listed for scoring");
+}
+
+/// A process that stops while it scores a batch it claimed late gives the claim back: the batch can be claimed
+/// at once (not after the lease), and the attempt is not counted.
+#[tokio::test]
+async fn a_stopping_process_gives_back_the_late_batch_it_was_scoring() {
+    let late_scoring_after = Duration::from_secs(1);
+    let setup = setup_with(InferenceConfig { late_scoring_after, ..InferenceConfig::default() }).await;
+    let series = nab::read_series(&ml_fixtures().join("nab/ec2_request_latency_system_failure.csv")).unwrap();
+    let (rows, split, _) = three_batches(&setup, &series);
+    let telemetry = setup.database.telemetry();
+    let holding_reads = setup.read_gate.lock().await;
+    // Committed, its announcement lost: the late scorer claims it and reads its readings.
+    let batch = edge_batch(&setup, Uuid::now_v7(), &rows[..split], true);
+    telemetry.commit_batch(&batch, &[]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while setup.reads.lock().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the late scorer did not take the batch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = SystemTime::now();
+    assert!(telemetry.claim_unscored(now, now, Duration::ZERO, 10, &[]).await.unwrap().is_empty(), "claimed");
+
+    setup.api.stop_taking_jobs();
+    setup.api.begin_shutdown();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let given_back = loop {
+        let now = SystemTime::now();
+        let claimed = telemetry.claim_unscored(now, now, Duration::ZERO, 10, &[]).await.unwrap();
+        if !claimed.is_empty() {
+            break claimed;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stopping process kept its claim");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop(holding_reads);
+    let key = BatchKey { gateway_id: setup.gateway, spool_id: batch.spool_id, last_sequence: batch.last_sequence };
+    assert_eq!(
+        given_back.iter().map(|batch| (batch.key, batch.attempts)).collect::<Vec<_>>(),
+        [(key, 1)],
+        "the attempt cut short is not counted"
+    );
 }
 
 /// Takes each batch whose scoring ended (`BatchScored`) off the list, as the alert role does once it has recorded

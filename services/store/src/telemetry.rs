@@ -224,6 +224,12 @@ pub trait TelemetryStore: Send + Sync + 'static {
 
     /// Confirms that these batches were scored (or given up): they leave the list. Unknown keys are ignored.
     async fn forget_unscored(&self, keys: &[BatchKey]) -> Result<()>;
+
+    /// Gives back the claims on these batches that a [`TelemetryStore::claim_unscored`] made until `claimed_until`
+    /// (its `now + lease`) and that were not scored (the process is stopping): the next claim takes them at once
+    /// instead of after the lease, and the attempt the claim counted is taken back. A claim that has ended and
+    /// been made anew by another caller, and unknown keys, are left as they are.
+    async fn release_unscored(&self, keys: &[BatchKey], claimed_until: SystemTime) -> Result<()>;
 }
 
 /// Each device's metric in `readings` with the first and last measurement time as stored (microseconds), for the

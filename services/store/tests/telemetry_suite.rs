@@ -386,8 +386,8 @@ async fn a_new_rollup_width_starts_complete(database: &Database) {
 
 /// A commit that asks for it lists its batch for scoring, with each series' span of what it wrote (above the mark);
 /// a claim takes what arrived before the given time, except what the caller has in hand, and holds it for the
-/// lease, counting attempts; a confirmed batch leaves the list; retention drops what is older than the raw
-/// readings kept.
+/// lease, counting attempts, unless the claimer gives it back; a confirmed batch leaves the list; retention drops
+/// what is older than the raw readings kept.
 async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
     let (registry, telemetry) = (database.registry(), database.telemetry());
     let farm = farm(&*registry, "scoring list").await;
@@ -442,6 +442,20 @@ async fn batches_are_listed_for_scoring_until_confirmed(database: &Database) {
     );
     let again = telemetry.claim_unscored(later, later + minute, minute, 10, &[]).await.unwrap();
     assert_eq!(again.iter().map(|batch| (batch.key, batch.attempts)).collect::<Vec<_>>(), [(key(5), 2)]);
+
+    // A stopping claimer gives its claim back: only the claim it made (another's, made after its own ended, stays).
+    telemetry.release_unscored(&[key(5)], later + minute).await.unwrap();
+    assert!(
+        telemetry.claim_unscored(later, later + minute, minute, 10, &[]).await.unwrap().is_empty(),
+        "a claim that ends at another time is not this claimer's to give back"
+    );
+    telemetry.release_unscored(&[key(5), key(99)], later + 2 * minute).await.unwrap();
+    let released = telemetry.claim_unscored(later, later + minute, minute, 10, &[]).await.unwrap();
+    assert_eq!(
+        released.iter().map(|batch| (batch.key, batch.attempts)).collect::<Vec<_>>(),
+        [(key(5), 2)],
+        "claimed again at once, the given-back attempt not counted"
+    );
 
     telemetry.forget_unscored(&[key(5), key(99)]).await.unwrap();
     assert!(

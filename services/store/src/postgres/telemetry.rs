@@ -851,6 +851,26 @@ impl TelemetryStore for PostgresStore {
         Ok(())
     }
 
+    async fn release_unscored(&self, keys: &[BatchKey], claimed_until: SystemTime) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let gateways: Vec<Uuid> = keys.iter().map(|key| key.gateway_id).collect();
+        let spools: Vec<Uuid> = keys.iter().map(|key| key.spool_id).collect();
+        let sequences: Vec<i64> = keys.iter().map(|key| key.last_sequence as i64).collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE unscored_batches SET claimed_until = NULL, attempts = GREATEST(attempts - 1, 0)
+                 WHERE claimed_until = $4
+                   AND (gateway_id, spool_id, last_sequence) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]))",
+                &[&gateways, &spools, &sequences, &claimed_until],
+            )
+            .await
+            .map_err(pg_error("give back claims on batches to score"))?;
+        Ok(())
+    }
+
     async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned> {
         let wanted: BTreeSet<i32> =
             widths.iter().map(|width| width.as_secs().clamp(1, i32::MAX as u64) as i32).collect();

@@ -534,6 +534,29 @@ impl TelemetryStore for SqliteStore {
         .await
     }
 
+    async fn release_unscored(&self, keys: &[BatchKey], claimed_until: SystemTime) -> Result<()> {
+        let (keys, claimed_until) = (keys.to_vec(), to_unix_micros(claimed_until));
+        self.run(move |connection| {
+            let transaction = connection.transaction().map_err(sql_error("begin giving back claims to score"))?;
+            for key in keys {
+                transaction
+                    .execute(
+                        "UPDATE unscored_batches SET claimed_until = NULL, attempts = MAX(attempts - 1, 0)
+                         WHERE gateway_id = ?1 AND spool_id = ?2 AND last_sequence = ?3 AND claimed_until = ?4",
+                        params![
+                            key.gateway_id.to_string(),
+                            key.spool_id.to_string(),
+                            key.last_sequence as i64,
+                            claimed_until
+                        ],
+                    )
+                    .map_err(sql_error("give back a claim to score"))?;
+            }
+            transaction.commit().map_err(sql_error("commit giving back claims to score"))
+        })
+        .await
+    }
+
     async fn align_rollups(&self, widths: &[Duration]) -> Result<RollupsAligned> {
         let wanted: std::collections::BTreeSet<i64> =
             widths.iter().map(|width| width.as_secs().clamp(1, i64::MAX as u64 / 1_000_000) as i64).collect();
