@@ -560,6 +560,15 @@ fn stored_reading(row: &tokio_postgres::Row) -> StoredReading {
     }
 }
 
+/// Batch keys as the three arrays an `unnest($1::uuid[], $2::uuid[], $3::bigint[])` takes.
+fn key_columns(keys: &[BatchKey]) -> (Vec<Uuid>, Vec<Uuid>, Vec<i64>) {
+    (
+        keys.iter().map(|key| key.gateway_id).collect(),
+        keys.iter().map(|key| key.spool_id).collect(),
+        keys.iter().map(|key| key.last_sequence as i64).collect(),
+    )
+}
+
 #[async_trait::async_trait]
 impl TelemetryStore for PostgresStore {
     async fn committed_sequence(&self, gateway_id: Uuid, spool_id: Uuid) -> Result<u64> {
@@ -794,9 +803,7 @@ impl TelemetryStore for PostgresStore {
         let client = self.client().await?;
         let claimed_until = now + lease;
         let limit = sql_count(limit);
-        let except_gateways: Vec<Uuid> = except.iter().map(|key| key.gateway_id).collect();
-        let except_spools: Vec<Uuid> = except.iter().map(|key| key.spool_id).collect();
-        let except_sequences: Vec<i64> = except.iter().map(|key| key.last_sequence as i64).collect();
+        let (except_gateways, except_spools, except_sequences) = key_columns(except);
         // SKIP LOCKED: replicas claiming at once each take other batches.
         let rows = client
             .query(
@@ -836,9 +843,7 @@ impl TelemetryStore for PostgresStore {
         if keys.is_empty() {
             return Ok(());
         }
-        let gateways: Vec<Uuid> = keys.iter().map(|key| key.gateway_id).collect();
-        let spools: Vec<Uuid> = keys.iter().map(|key| key.spool_id).collect();
-        let sequences: Vec<i64> = keys.iter().map(|key| key.last_sequence as i64).collect();
+        let (gateways, spools, sequences) = key_columns(keys);
         let client = self.client().await?;
         client
             .execute(
@@ -855,9 +860,7 @@ impl TelemetryStore for PostgresStore {
         if keys.is_empty() {
             return Ok(());
         }
-        let gateways: Vec<Uuid> = keys.iter().map(|key| key.gateway_id).collect();
-        let spools: Vec<Uuid> = keys.iter().map(|key| key.spool_id).collect();
-        let sequences: Vec<i64> = keys.iter().map(|key| key.last_sequence as i64).collect();
+        let (gateways, spools, sequences) = key_columns(keys);
         let client = self.client().await?;
         client
             .execute(
