@@ -2,8 +2,9 @@
 //! append-only journal on disk, fsynced per change) before it publishes it to `smartfarm/<device>/commands`, and never publishes an id it has in the
 //! book again: a command redelivered after a reconnect, or after a kill -9 of the agent, runs at most once. A command
 //! whose expire time has passed is never published. The device answers on `smartfarm/<device>/commands/ack` with
-//! `{"id": …, "status": "ok" | "error", "detail": …}`; every status change goes up the urgent lane as a receipt, and
-//! the book's receipts are sent again at every connection (the cloud ignores those it has).
+//! `{"id": …, "status": "ok" | "error", "detail": …}`; every status change goes up the urgent lane as a receipt. A
+//! receipt lost on the way is given again: the cloud sends its unfinished commands down at every connection, and the
+//! book answers each from what it remembers.
 //!
 //! A command for a device that is not subscribed to its command topic waits in the book (published as soon as the
 //! device subscribes, checked every second) until its expire time.
@@ -22,6 +23,12 @@ use smartfarm_proto::command::v1::{self as pb, CommandStatus};
 
 /// How long the book remembers a command after its expire time (redeliveries come well before).
 const REMEMBER_AFTER_EXPIRY_MICROS: i64 = 24 * 3600 * 1_000_000;
+
+/// How long after its expire time a published command waits for its device's answer before it is expired. A
+/// device must not start a command after its `expire_time`, but one started just before answers once it is done
+/// (a valve takes seconds to open): that answer is the truth about the command, and an `EXPIRED` recorded first
+/// would be final.
+const ANSWER_GRACE_MICROS: i64 = 30 * 1_000_000;
 
 /// What the book keeps of a command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,7 +137,7 @@ fn receipt(id: Uuid, status: CommandStatus, detail: &str, at_micros: i64) -> pb:
 }
 
 impl CommandBook {
-    /// Replays `dir/commands.log` and rewrites it without what it no longer needs. A line that does not parse (the
+    /// Replays `dir/commands.log` and rewrites it, one line per command. A line that does not parse (the
     /// torn last line of a power cut during a write: that change was never confirmed to anyone) is skipped. A journal
     /// that cannot be read is an error: starting with an empty book could run commands again.
     pub fn load(dir: &Path) -> std::io::Result<CommandBook> {
@@ -156,8 +163,9 @@ impl CommandBook {
                 }
             }
         }
-        let now = to_unix_micros(SystemTime::now());
-        entries.retain(|_, entry: &mut Entry| entry.expire_micros.saturating_add(REMEMBER_AFTER_EXPIRY_MICROS) > now);
+        // Nothing is forgotten here: expire times are the cloud's, and this Pi's clock may run ahead of it at start
+        // (the cloud's is known after the first welcome); an id forgotten too early would be published again.
+        // `arrive` forgets by the cloud's clock.
         let book = CommandBook {
             path,
             entries: Mutex::new(HashMap::new()),
@@ -278,6 +286,12 @@ impl CommandBook {
         entries.insert(id, entry);
         if let Err(error) = self.save(&entries, id) {
             entries.remove(&id);
+            // The cloud is told it failed; a line that reached the disk anyway must not come back at a restart
+            // (a held command would then be published): the journal is rewritten without it now, not at the
+            // next change.
+            if let Err(rewrite) = self.compact(&entries) {
+                tracing::error!(command_id = %id, error = %rewrite, "cannot rewrite the command journal");
+            }
             return Err(error);
         }
         let receipt = receipt(id, CommandStatus::Delivered, "", now);
@@ -290,7 +304,7 @@ impl CommandBook {
 
     /// The held commands whose device now listens (marked published, on disk, before they are returned), and the
     /// receipts of commands whose expire time passed with no answer from their device (held ones were never
-    /// published; published ones the device did not answer in time, and it must not run them after). A change the
+    /// published; published ones the device did not answer within [`ANSWER_GRACE_MICROS`] after it). A change the
     /// journal cannot take is undone and the rest waits for the next call; what was saved before it is returned
     /// with the error logged, so a command marked published on disk is never left unpublished.
     pub fn release(&self, now: SystemTime, listening: impl Fn(&str) -> bool) -> std::io::Result<Released> {
@@ -311,7 +325,12 @@ impl CommandBook {
         for id in waiting {
             let entry = entries.get_mut(&id).expect("listed above");
             let before = entry.clone();
-            let released = if entry.expire_micros <= now {
+            let answer_until = if entry.published {
+                entry.expire_micros.saturating_add(ANSWER_GRACE_MICROS)
+            } else {
+                entry.expire_micros
+            };
+            let released = if answer_until <= now {
                 entry.status = CommandStatus::Expired as i32;
                 entry.detail = if entry.published {
                     "the device did not answer before the ttl".into()
@@ -493,6 +512,54 @@ mod tests {
         let (out, receipts) = book.release(SystemTime::now() + Duration::from_secs(5), |_| true).unwrap();
         assert!(out.is_empty());
         assert_eq!(receipts[0].status, CommandStatus::Expired as i32);
+    }
+
+    /// A device that answers a published command just after its expire time (it started it before) is heard: the
+    /// command waits for its answer for `ANSWER_GRACE_MICROS` past its expire time, and only then expires.
+    #[test]
+    fn a_published_command_waits_for_its_answer_a_little_past_its_expire_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Uuid::now_v7();
+        let book = CommandBook::load(dir.path()).unwrap();
+        let (answered, silent) = (command(device, 2), command(device, 2));
+        for sent in [&answered, &silent] {
+            let arrival = book.arrive(sent, SystemTime::now(), |_| true, |_| true).unwrap().unwrap();
+            assert!(matches!(arrival, Arrival::Publish { .. }), "{arrival:?}");
+        }
+        let past_the_ttl = SystemTime::now() + Duration::from_secs(5);
+        let (_, receipts) = book.release(past_the_ttl, |_| true).unwrap();
+        assert!(receipts.is_empty(), "still waiting for their answers: {receipts:?}");
+        let ack = format!(r#"{{"id": "{}", "status": "ok", "detail": "opened"}}"#, answered.id);
+        let AckOutcome::Receipt(acked) = book.acknowledge(device, ack.as_bytes(), past_the_ttl).unwrap() else {
+            panic!()
+        };
+        assert_eq!((acked.status, acked.detail.as_str()), (CommandStatus::Acked as i32, "opened"));
+        let (_, receipts) = book.release(SystemTime::now() + Duration::from_secs(40), |_| true).unwrap();
+        let expired: Vec<_> = receipts.iter().map(|receipt| (receipt.command_id.as_str(), receipt.status)).collect();
+        assert_eq!(expired, [(silent.id.as_str(), CommandStatus::Expired as i32)]);
+    }
+
+    /// Expire times are the cloud's: a book loaded while this Pi's clock runs days ahead of the cloud's (it has not
+    /// heard from the cloud yet) still knows the commands it published, and does not publish them again.
+    #[test]
+    fn a_pi_clock_ahead_at_start_does_not_make_the_book_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Uuid::now_v7();
+        let behind = 3 * 24 * 3600;
+        let cloud_now = SystemTime::now() - Duration::from_secs(behind as u64);
+        let sent = command(device, 60 - behind);
+        let arrival = book_arrive(&CommandBook::load(dir.path()).unwrap(), &sent, cloud_now);
+        assert!(matches!(arrival, Arrival::Publish { .. }), "{arrival:?}");
+        let book = CommandBook::load(dir.path()).unwrap();
+        let again = book_arrive(&book, &sent, cloud_now + Duration::from_secs(1));
+        assert!(
+            matches!(&again, Arrival::Answer { receipt } if receipt.status == CommandStatus::Delivered as i32),
+            "{again:?}"
+        );
+    }
+
+    fn book_arrive(book: &CommandBook, command: &pb::Command, now: SystemTime) -> Arrival {
+        book.arrive(command, now, |_| true, |_| true).unwrap().unwrap()
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The urgent lane: alerts raised on the farm and command receipts wait here for the link, and go up at once while
 //! it is up (not with the next hourly batch). The queue is bounded; past the bound the oldest message is dropped and
 //! counted. It lives in memory: an alert lost with it is raised again by the cloud from the spooled readings (same
-//! id), and command receipts are sent again from the command book at every connection.
+//! id), and a command receipt lost with it is given again from the command book when the cloud sends the command
+//! again (it sends its unfinished commands down at every connection).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
