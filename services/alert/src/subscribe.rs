@@ -187,9 +187,11 @@ impl Follower {
     /// again after each page that starts behind the newest event, and the stream ends with `FAILED_PRECONDITION`
     /// rather than go on past a gap. The horizon moves in the same transaction as the deletion, so a read that
     /// missed deleted events is always followed by a horizon past its starting point. A stream at the newest event
-    /// (the idle one, polling) has nothing to fear: retention never deletes the newest event.
+    /// (the idle one, polling) has nothing to fear: retention never deletes the newest event. A full page that
+    /// takes the stream past the newest event there was at the start (events kept coming) has the newest read
+    /// again, so the pages after it are checked too.
     async fn catch_up(&mut self) -> Result<bool> {
-        let end = self.alerts.last_alert_event().await?;
+        let mut end = self.alerts.last_alert_event().await?;
         loop {
             let from = self.last;
             let events = self.alerts.alert_events_after(from, self.farm_id, self.min_severity, CATCH_UP_PAGE).await?;
@@ -209,6 +211,9 @@ impl Follower {
             if !full {
                 self.last = self.last.max(end);
                 return Ok(true);
+            }
+            if self.last >= end {
+                end = self.alerts.last_alert_event().await?;
             }
         }
     }

@@ -4,8 +4,10 @@
 //! from after the stream opened and before it read them; a stream's heartbeats carry a cursor that keeps up with the
 //! log, so a client filtered to a quiet farm can resume after retention.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tonic::Request;
@@ -117,16 +119,18 @@ async fn heartbeats_keep_a_quiet_farms_stream_at_a_cursor_retention_does_not_ove
     assert!(api.subscribe(fresh).await.is_ok(), "the heartbeat's cursor resumes");
 }
 
-/// An alert store whose first read of events is preceded by a step of retention at `now`, a year on: retention
-/// running between a stream's opening and its first read.
-struct RetentionBeforeFirstRead {
+/// What runs on the store beneath before one of a stream's reads of events.
+type BeforeRead = Box<dyn FnOnce(Arc<dyn AlertStore>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// An alert store that runs the next of `before_reads`, while any is left, before each read of events: what other
+/// processes do (retention, new alerts) slipped in between a stream's reads.
+struct BetweenReads {
     inner: Arc<dyn AlertStore>,
-    now: SystemTime,
-    ran: AtomicBool,
+    before_reads: Mutex<VecDeque<BeforeRead>>,
 }
 
 #[async_trait::async_trait]
-impl AlertStore for RetentionBeforeFirstRead {
+impl AlertStore for BetweenReads {
     async fn alert_events_after(
         &self,
         sequence: u64,
@@ -134,9 +138,9 @@ impl AlertStore for RetentionBeforeFirstRead {
         min_severity: Severity,
         limit: usize,
     ) -> Result<Vec<AlertEvent>> {
-        if !self.ran.swap(true, Ordering::SeqCst) {
-            let deleted = self.inner.apply_alert_retention(self.now, self.now - 365 * DAY, 1000).await?;
-            assert_eq!(deleted.events, 5, "retention deletes the old events before the stream reads them");
+        let before = self.before_reads.lock().unwrap().pop_front();
+        if let Some(before) = before {
+            before(self.inner.clone()).await;
         }
         self.inner.alert_events_after(sequence, farm_id, min_severity, limit).await
     }
@@ -223,8 +227,13 @@ async fn a_stream_that_retention_overtakes_before_it_reads_ends_instead_of_skipp
         store.set_alert_state(old.id, AlertState::Resolved, now - 399 * DAY).await.unwrap();
     }
     store.apply_alert_retention(now, now - 365 * DAY, 1000).await.unwrap();
-    let overtaking =
-        RetentionBeforeFirstRead { inner: store.clone(), now: now + 366 * DAY, ran: AtomicBool::new(false) };
+    let retention: BeforeRead = Box::new(move |store| {
+        Box::pin(async move {
+            let deleted = store.apply_alert_retention(now + 366 * DAY, now + DAY, 1000).await.unwrap();
+            assert_eq!(deleted.events, 5, "retention deletes the old events before the stream reads them");
+        })
+    });
+    let overtaking = BetweenReads { inner: store.clone(), before_reads: Mutex::new(VecDeque::from([retention])) };
     let settings = AlertsConfig { retention: 365 * DAY, ..AlertsConfig::default() };
     let api = AlertApi::new(test.database.registry(), Arc::new(overtaking), Bus::in_process(), settings);
 
@@ -234,6 +243,58 @@ async fn a_stream_that_retention_overtakes_before_it_reads_ends_instead_of_skipp
         api.subscribe(subscribe_from(4)).await.expect("the cursor is kept when the stream opens").into_inner();
     let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("the stream answers");
     let ended = first.expect("an answer, not the end").expect_err("event 5 is gone: the stream ends, not skips it");
+    assert_eq!(ended.code(), tonic::Code::FailedPrecondition, "{ended:?}");
+    assert!(ended.message().contains("retention"), "{ended:?}");
+}
+
+/// A stream that reads full pages goes past the newest event there was when its catch-up began; retention that
+/// overtakes it there, between two pages, ends it too.
+#[tokio::test]
+async fn a_stream_that_retention_overtakes_between_full_pages_ends_instead_of_skipping() {
+    let test = TestDatabase::sqlite().await;
+    let store = test.database.alerts();
+    let now = SystemTime::now();
+    let farm_id = test.database.registry().create_farm(Uuid::now_v7(), "busy", now - 800 * DAY).await.unwrap().id;
+    // Events 1 to 6, noted by a run of retention 400 days ago.
+    for _ in 0..3 {
+        let old = alert(farm_id, now - 400 * DAY);
+        store.record_alert(&old).await.unwrap();
+        store.set_alert_state(old.id, AlertState::Resolved, now - 399 * DAY).await.unwrap();
+    }
+    store.apply_alert_retention(now - 400 * DAY, now - 800 * DAY, 1000).await.unwrap();
+    // Before the first page: 500 more events (7 to 506), noted by a run 300 days ago. Before the second: a run
+    // now, with a retention of 100 days, deletes what that note saw but the newest (1 to 505).
+    let more: BeforeRead = Box::new(move |store| {
+        Box::pin(async move {
+            let alerts: Vec<Alert> = (0..500).map(|_| alert(farm_id, now - 301 * DAY)).collect();
+            assert!(store.record_alerts(&alerts).await.iter().all(|recorded| recorded.is_ok()));
+            store.apply_alert_retention(now - 300 * DAY, now - 800 * DAY, 1000).await.unwrap();
+        })
+    });
+    let retention: BeforeRead = Box::new(move |store| {
+        Box::pin(async move {
+            let deleted = store.apply_alert_retention(now, now - 100 * DAY, 1000).await.unwrap();
+            assert_eq!(deleted.events, 505, "retention deletes the noted events but the newest");
+        })
+    });
+    let overtaking = BetweenReads { inner: store.clone(), before_reads: Mutex::new(VecDeque::from([more, retention])) };
+    let settings = AlertsConfig { retention: 100 * DAY, ..AlertsConfig::default() };
+    let api = AlertApi::new(test.database.registry(), Arc::new(overtaking), Bus::in_process(), settings);
+
+    // The catch-up begins with event 6 the newest; its first page (events 2 to 501) is full, and takes it past 6.
+    let mut stream = api.subscribe(subscribe_from(1)).await.expect("the cursor is kept").into_inner();
+    let mut cursors = Vec::new();
+    let ended = loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("the stream neither ended nor went on after {:?}", cursors.last()))
+            .expect("an answer, not the end");
+        match message {
+            Ok(message) => cursors.push(message.cursor.parse::<u64>().unwrap()),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(cursors, (2..=501).collect::<Vec<_>>(), "the first page, then the end: events 502 to 505 are gone");
     assert_eq!(ended.code(), tonic::Code::FailedPrecondition, "{ended:?}");
     assert!(ended.message().contains("retention"), "{ended:?}");
 }
