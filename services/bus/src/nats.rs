@@ -105,9 +105,13 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
     work_stream(&context, &name).await.map_err(|error| {
         Error::Unavailable(format!("cannot set up the JetStream stream {name}-work on {server}: {error}"))
     })?;
+    // Where the stream stood before this process followed it. The client rebuilds a consumer that broke (NATS
+    // restarted, the link was away past the consumer's lifetime) from the last message it saw, and from the
+    // stream's beginning when it saw none: a day of old events. What is at or below this mark is passed over.
+    let followed_from = stream.cached_info().state.last_sequence;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::New,
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: followed_from + 1 },
             filter_subject: subject.clone(),
             ..Default::default()
         })
@@ -122,6 +126,9 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
     tokio::spawn(async move {
         while let Some(message) = messages.next().await {
             match message {
+                Ok(message) if message.info().is_ok_and(|info| info.stream_sequence <= followed_from) => {
+                    metrics::counter!("smartfarm_bus_events_replayed_total").increment(1);
+                }
                 Ok(message) => match serde_json::from_slice::<Envelope>(&message.payload) {
                     Ok(envelope) if envelope.origin == me => {}
                     Ok(envelope) => {

@@ -2,7 +2,8 @@
 //! `SMARTFARM_TEST_NATS_URL` points elsewhere): events published by one replica reach the others; a job handed out
 //! goes to exactly one of the replicas that take its kind, including jobs handed out before any took them; a job
 //! dropped undone or handed back is offered again at once, one sent to a wait that was cut short is kept for the
-//! taker (or handed back when it stops), and a job done is gone from NATS.
+//! taker (or handed back when it stops), and a job done is gone from NATS; a replica whose consumer is rebuilt
+//! hears nothing from before it started.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -225,5 +226,61 @@ async fn a_message_larger_than_nats_takes_does_not_hold_up_the_ones_behind_it() 
     let event = tokio::time::timeout(Duration::from_secs(10), heard.recv()).await.expect("B hears A").unwrap();
     assert_eq!(event, Event::RulesChanged { farm_id: Uuid::from_u128(2) }, "the large one is not delivered");
     assert!(published.elapsed() < Duration::from_secs(2), "held up for {:?}", published.elapsed());
+    a.remove_streams().await.unwrap();
+}
+
+/// Deletes every consumer of the events stream `name`, as a NATS server that restarted without its state would
+/// have lost them: each replica's client then rebuilds its own.
+async fn delete_event_consumers(server: &str, name: &str) -> usize {
+    use tokio_stream::StreamExt;
+    let client = async_nats::connect(server.trim_start_matches("nats://")).await.unwrap();
+    let stream = async_nats::jetstream::new(client).get_stream(name).await.unwrap();
+    let names: Vec<String> = stream.consumer_names().map(|name| name.unwrap()).collect().await;
+    for consumer in &names {
+        stream.delete_consumer(consumer).await.unwrap();
+    }
+    names.len()
+}
+
+/// A replica whose consumer breaks before it heard any event is not sent the stream's old events when its client
+/// rebuilds the consumer (from the stream's beginning, for a consumer that saw nothing): it hears only what was
+/// published after it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_consumer_does_not_replay_the_events_from_before_the_replica_started() {
+    let (server, name, url) = nats_server_and_url();
+    let a = Bus::connect(&url).await.unwrap();
+    let old = |n: u128| Event::RulesChanged { farm_id: Uuid::from_u128(n) };
+    for n in 1..=3 {
+        a.publish(old(n));
+    }
+    let client = async_nats::connect(server.trim_start_matches("nats://")).await.unwrap();
+    let mut events = async_nats::jetstream::new(client).get_stream(&name).await.unwrap();
+    while events.info().await.unwrap().state.messages < 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = Bus::connect(&url).await.unwrap();
+    let mut heard = b.subscribe();
+    assert_eq!(delete_event_consumers(&server, &name).await, 2, "one consumer per replica");
+
+    // A publishes a new event a second until B hears one: B's consumer was rebuilt. What B heard is all it heard.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    for n in 100.. {
+        a.publish(old(n));
+        if let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(1), heard.recv()).await {
+            got.push(event);
+            while let Ok(event) = heard.try_recv() {
+                got.push(event);
+            }
+            if got.iter().any(|event| matches!(event, Event::RulesChanged { farm_id } if farm_id.as_u128() >= 100)) {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "B's consumer was not rebuilt within a minute: {got:?}");
+    }
+    assert!(
+        got.iter().all(|event| matches!(event, Event::RulesChanged { farm_id } if farm_id.as_u128() >= 100)),
+        "only what was published after B started: {got:?}"
+    );
     a.remove_streams().await.unwrap();
 }
