@@ -107,8 +107,8 @@ pub enum SpoolError {
     /// An fsync of written records failed earlier. The kernel may have dropped those pages' error and marked them
     /// clean, so a second fsync proves nothing: what was written since the last good one may not be on disk.
     #[error(
-        "spool: an fsync failed ({0}); nothing more is accepted until the agent restarts and recovery reads what is \
-         on disk"
+        "spool: the disk failed an fsync or a write ({0}); nothing more is accepted until the agent restarts and \
+         recovery reads what is on disk"
     )]
     FsyncFailed(String),
 }
@@ -204,6 +204,9 @@ pub struct Spool {
     /// Tests make the next fsync of [`Spool::sync`] fail, as a failing disk would.
     #[cfg(test)]
     fail_next_fsync: std::sync::atomic::AtomicBool,
+    /// Tests make the next append fail once its records are written, and the cut of them fail too.
+    #[cfg(test)]
+    fail_next_append_and_cut: std::sync::atomic::AtomicBool,
     /// Tests fill the disk for the cloud's mark and the reserve: `FULL_UNTIL_FREED` until the spool removes a file,
     /// `FULL` whatever it removes, 0 not full.
     #[cfg(test)]
@@ -377,6 +380,8 @@ impl Spool {
             #[cfg(test)]
             fail_next_fsync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
+            fail_next_append_and_cut: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
             disk_full: std::sync::atomic::AtomicU8::new(0),
         };
         spool.keep_reserve(&mut spool.lock());
@@ -427,11 +432,25 @@ impl Spool {
         if written.is_ok() && self.config.fsync == FsyncPolicy::Always {
             written = file.sync_data().map_err(io("fsync the active segment"));
         }
+        #[cfg(test)]
+        let fail_the_cut = self.fail_next_append_and_cut.swap(false, std::sync::atomic::Ordering::SeqCst);
+        #[cfg(test)]
+        if fail_the_cut {
+            written = written.and(Err(io("append to the active segment")(std::io::Error::other("the test failed it"))));
+        }
         if let Err(error) = written {
             // Nobody was told these records are stored, and their numbers are given again: cut whatever part of
             // them reached the file, so the segment stays an unbroken run of records.
-            if let Err(cut) = file.set_len(good_length) {
-                tracing::error!(error = %cut, "cannot cut a failed append from the spool; closing the segment");
+            let cut = file.set_len(good_length);
+            #[cfg(test)]
+            let cut = if fail_the_cut { Err(std::io::Error::other("the test failed the cut")) } else { cut };
+            if let Err(cut) = cut {
+                // What reached the file stays there, numbered as the next records would be: numbering on would give
+                // two records one number (sent twice, or one of them skipped). As after a failed fsync, nothing
+                // more is taken until a restart, whose recovery numbers on after what the disk holds.
+                let failure = io("cut a failed append from the active segment")(cut);
+                tracing::error!(error = %failure, "the spool's disk failed; refusing new records until a restart");
+                inner.fsync_failed = Some(failure.to_string());
                 inner.active = None;
             }
             return Err(error);
@@ -1108,13 +1127,34 @@ mod tests {
         let readable = spool.read_after(0, 100, usize::MAX).unwrap();
         assert_eq!(readable.len(), 5, "only what an fsync that succeeded covered may go up");
         let refused = spool.append(vec![body(8.0)]).unwrap_err();
-        assert!(refused.to_string().contains("fsync failed"), "{refused}");
+        assert!(refused.to_string().contains("failed an fsync"), "{refused}");
         assert_eq!(spool.failure(), Some(refused.to_string()), "what the farm's alert topic is told");
         // A restart reads what is on disk, fsyncs it, and goes on.
         drop(spool);
         let (spool, _) = Spool::open(config).unwrap();
         assert_eq!(spool.read_after(0, 100, usize::MAX).unwrap().len(), 8);
         assert_eq!(spool.append(vec![body(8.0)]).unwrap().first_sequence, 9);
+    }
+
+    /// An append that fails, and whose records cannot be cut from the segment either, stops the spool: the next
+    /// records would take the numbers of those left on disk. After a restart, numbering goes on after them, and no
+    /// number is read twice.
+    #[test]
+    fn an_append_that_cannot_be_cut_stops_the_spool_instead_of_numbering_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        spool.append((0..3).map(|i| body(i as f64)).collect()).unwrap();
+        spool.fail_next_append_and_cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(spool.append((3..5).map(|i| body(i as f64)).collect()).is_err());
+        let refused = spool.append(vec![body(5.0)]).unwrap_err();
+        assert!(matches!(refused, SpoolError::FsyncFailed(_)), "{refused}");
+        drop(spool);
+        let (spool, _) = Spool::open(config(dir.path())).unwrap();
+        let next = spool.append(vec![body(5.0)]).unwrap().first_sequence;
+        spool.sync().unwrap();
+        let sequences: Vec<u64> =
+            spool.read_after(0, 100, usize::MAX).unwrap().iter().map(|record| record.sequence).collect();
+        assert_eq!(sequences, (1..=next).collect::<Vec<_>>(), "each number once, in order");
     }
 
     fn set_disk(spool: &Spool, state: u8) {
