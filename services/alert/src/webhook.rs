@@ -1,5 +1,6 @@
 //! Webhooks: URLs that receive a farm's alert events as JSON POSTs signed with HMAC-SHA256 (header
-//! `x-smartfarm-signature: sha256=<hex of HMAC(secret, body)>`). Each webhook has a cursor in the alert event log
+//! `x-smartfarm-signature: sha256=<hex of HMAC(secret, "<timestamp>.<body>")>`, the timestamp in
+//! `x-smartfarm-timestamp`). Each webhook has a cursor in the alert event log
 //! (stored), so deliveries resume after a restart and none is skipped: a failed delivery is retried with exponential
 //! backoff, forever, and after `webhook_max_failures` failures in a row the webhook is marked failing with its last
 //! error (what `ListWebhooks` shows) until a delivery succeeds again. Delivery is at least once: a receiver
@@ -390,8 +391,11 @@ impl Dispatcher {
                             Ok(updated) => webhook = updated,
                             Err(Error::NotFound { .. }) => return,
                             Err(error) => {
-                                // Delivered but not recorded: it will be delivered again (receivers dedupe on cursor).
+                                // Delivered but not recorded: it will be delivered again (receivers dedupe on cursor),
+                                // after a wait, as for the store's other failures: not at once, again and again,
+                                // while the database does not take the record.
                                 tracing::warn!(webhook_id = %id, %error, "cannot record a delivery");
+                                tokio::time::sleep(backoff).await;
                                 break;
                             }
                         }
