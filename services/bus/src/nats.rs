@@ -184,8 +184,13 @@ pub(crate) async fn connect(url: &str, local: broadcast::Sender<Event>) -> Resul
             };
             let mut wait = Duration::from_millis(50);
             let mut attempt = 1;
+            // One id for all the tries: a try whose acknowledgement was lost though the server stored the message
+            // is not stored again (JetStream's duplicate window), so a job is not handed out twice.
+            let message_id = uuid::Uuid::now_v7().to_string();
             loop {
-                let published = match publisher.publish(subject.clone(), payload.clone()).await {
+                let message =
+                    jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(&message_id);
+                let published = match publisher.send_publish(subject.clone(), message).await {
                     Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
                     Err(error) => Err(error.to_string()),
                 };
