@@ -277,9 +277,11 @@ async fn a_farm_key_is_denied_another_farm_s_rules_and_commands() {
     cloud.stop().await;
 }
 
-/// A Subscribe stream lives on after the call that opened it was checked: it ends once its API key is revoked.
+/// A Subscribe stream and a WatchCommand stream live on after the call that opened them was checked: they end once
+/// their API key is revoked.
 #[tokio::test]
-async fn a_subscription_ends_when_its_api_key_is_revoked() {
+async fn a_subscription_and_a_command_watch_end_when_their_api_key_is_revoked() {
+    use smartfarm_proto::command::v1 as command_pb;
     use smartfarm_proto::device::v1 as device_pb;
     let data = CloudData::new(Backend::Sqlite).await;
     let cloud = Cloud::start(&data, CloudOptions::default()).await;
@@ -294,10 +296,27 @@ async fn a_subscription_ends_when_its_api_key_is_revoked() {
     let mut alerts = cloud.alert_client(&farm_key.secret).await;
     let request = pb::SubscribeRequest { farm_id: fleet.farm_id.clone(), ..Default::default() };
     let mut stream = alerts.subscribe(request).await.unwrap().into_inner();
+    // A command for a farm whose agent is away: it stays queued, and its watch open.
+    let mut commands = cloud.command_client(&farm_key.secret).await;
+    let send = command_pb::SendCommandRequest {
+        device_id: fleet.sensors[0].device_id.clone(),
+        name: "open_valve".into(),
+        parameters: None,
+        ttl: Some(pbjson_types::Duration { seconds: 3600, nanos: 0 }),
+        request_id: String::new(),
+    };
+    let command_id = commands.send_command(send).await.unwrap().into_inner().command.unwrap().id;
+    let mut watch = commands.watch_command(command_pb::WatchCommandRequest { command_id }).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().expect("the current status first");
+    assert_eq!(first.receipt.unwrap().status, command_pb::CommandStatus::Queued as i32);
+
     let revoked = std::time::Instant::now();
     let key_id = farm_key.api_key.unwrap().id;
     admin.revoke_api_key(device_pb::RevokeApiKeyRequest { api_key_id: key_id }).await.unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(15), stream.message()).await.expect("the stream ends");
+    let status = ended.expect_err("ended by the revocation");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(15), watch.message()).await.expect("the watch ends");
     let status = ended.expect_err("ended by the revocation");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(revoked.elapsed() < Duration::from_secs(10), "within the recheck interval: {:?}", revoked.elapsed());

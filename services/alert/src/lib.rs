@@ -345,10 +345,8 @@ impl AlertService for AlertApi {
                 cursor.parse::<u64>().map_err(|_| Error::invalid("cursor", "is not a cursor this stream returned"))?,
             ),
         };
-        let api_key_id = match principal {
-            Principal::Admin { api_key_id } | Principal::FarmKey { api_key_id, .. } => api_key_id,
-            Principal::Gateway { .. } => return Err(principal.require_api_key().unwrap_err().into()),
-        };
+        principal.require_api_key()?;
+        let api_key_id = principal.api_key_id().expect("an api key, checked above");
         let opened_with = subscribe::OpenedWith { registry: self.registry.clone(), api_key_id };
         let stream = subscribe::open(
             self.alerts.clone(),

@@ -17,6 +17,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use smartfarm_bus::{Bus, Event};
+use smartfarm_core::principal::STREAM_CREDENTIAL_RECHECK;
 use smartfarm_core::rules::{AlertEventKind, Severity};
 use smartfarm_core::{Error, Result};
 use smartfarm_proto::alert::v1 as pb;
@@ -31,10 +32,6 @@ const CATCH_UP_PAGE: usize = 500;
 /// How long after the last event in order the log is read, even without news on the bus.
 const POLL: Duration = Duration::from_secs(1);
 
-/// How often a stream checks that the API key it was opened with is still valid: a revoked key's stream ends within
-/// this time (unary calls are checked on every call; a stream lives on after its call was checked).
-const CREDENTIAL_RECHECK: Duration = Duration::from_secs(5);
-
 /// The API key a stream was opened with, to look up again.
 pub(crate) struct OpenedWith {
     pub registry: Arc<dyn smartfarm_store::RegistryStore>,
@@ -44,13 +41,7 @@ pub(crate) struct OpenedWith {
 impl OpenedWith {
     /// `Unauthenticated` once the key is revoked or gone.
     async fn still_valid(&self) -> Result<()> {
-        match self.registry.get_api_key(self.api_key_id).await {
-            Ok(key) if key.revoke_time.is_none() => Ok(()),
-            Ok(_) | Err(Error::NotFound { .. }) => {
-                Err(Error::Unauthenticated("the API key this stream was opened with was revoked".into()))
-            }
-            Err(error) => Err(error),
-        }
+        self.registry.api_key_in_force(self.api_key_id).await
     }
 }
 
@@ -137,8 +128,10 @@ impl Follower {
         }
         let mut poll = tokio::time::interval(POLL);
         // The call that opened the stream was checked just now.
-        let mut recheck =
-            tokio::time::interval_at(tokio::time::Instant::now() + CREDENTIAL_RECHECK, CREDENTIAL_RECHECK);
+        let mut recheck = tokio::time::interval_at(
+            tokio::time::Instant::now() + STREAM_CREDENTIAL_RECHECK,
+            STREAM_CREDENTIAL_RECHECK,
+        );
         loop {
             let open = tokio::select! {
                 _ = self.sender.closed() => return Ok(()),

@@ -19,6 +19,7 @@ use smartfarm_bus::{Bus, Event};
 use smartfarm_core::commands::check_name;
 use smartfarm_core::config::AlertsConfig;
 use smartfarm_core::paging::{Page, time_id_key};
+use smartfarm_core::principal::STREAM_CREDENTIAL_RECHECK;
 use smartfarm_core::{Error, Principal, Result, time, validate};
 use smartfarm_proto::command::v1 as pb;
 use smartfarm_proto::command::v1::command_service_server::{CommandService, CommandServiceServer};
@@ -258,16 +259,20 @@ impl CommandService for CommandApi {
         let changes = self.bus.subscribe();
         let command = self.authorized_command(&principal, &request.get_ref().command_id).await?;
         let (sender, receiver) = mpsc::channel(16);
-        tokio::spawn(watch(self.commands.clone(), command, changes, sender));
+        // A watch may last days (a command's TTL, and the hour after it): it ends once its key is revoked.
+        let opened_with = (self.registry.clone(), principal.api_key_id().expect("api_caller takes api keys only"));
+        tokio::spawn(watch(self.commands.clone(), command, changes, opened_with, sender));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
 
-/// Streams a command's current status, then each change, until a final one.
+/// Streams a command's current status, then each change, until a final one, or until the API key it was opened
+/// with (`opened_with`) is revoked.
 async fn watch(
     commands: Arc<dyn CommandStore>,
     mut command: StoredCommand,
     mut changes: broadcast::Receiver<Event>,
+    (registry, api_key_id): (Arc<dyn RegistryStore>, Uuid),
     sender: mpsc::Sender<Result<pb::WatchCommandResponse, Status>>,
 ) {
     let id = command.id;
@@ -281,9 +286,19 @@ async fn watch(
         return;
     }
     let mut poll = tokio::time::interval(WATCH_POLL);
+    // The call that opened the watch was checked just now.
+    let mut recheck =
+        tokio::time::interval_at(tokio::time::Instant::now() + STREAM_CREDENTIAL_RECHECK, STREAM_CREDENTIAL_RECHECK);
     while !command.status.is_final() {
         tokio::select! {
             _ = sender.closed() => return,
+            _ = recheck.tick() => {
+                if let Err(error) = registry.api_key_in_force(api_key_id).await {
+                    let _ = sender.send(Err(Status::from(error))).await;
+                    return;
+                }
+                continue;
+            }
             change = changes.recv() => match change {
                 Ok(Event::CommandChanged { command_id, .. }) if command_id == id => {}
                 Ok(_) => continue,

@@ -2,9 +2,15 @@
 //! makes on the resource it touches. Authentication (turning a bearer token into a principal) lives in the gateway;
 //! this module only decides what a known principal may do.
 
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+
+/// How often a long-lived stream checks that the API key it was opened with is still in force: a revoked key's
+/// stream ends within this time (unary calls are checked on every call; a stream lives on after its call was).
+pub const STREAM_CREDENTIAL_RECHECK: Duration = Duration::from_secs(5);
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +72,14 @@ impl Principal {
             Principal::Gateway { .. } => {
                 Err(Error::PermissionDenied("a gateway credential may not call this; use an api key".into()))
             }
+        }
+    }
+
+    /// The API key calling, `None` for a gateway.
+    pub fn api_key_id(&self) -> Option<Uuid> {
+        match self {
+            Principal::Admin { api_key_id } | Principal::FarmKey { api_key_id, .. } => Some(*api_key_id),
+            Principal::Gateway { .. } => None,
         }
     }
 

@@ -43,6 +43,18 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn create_api_key(&self, key: ApiKey) -> Result<ApiKey>;
     /// Reads an API key, revoked or not.
     async fn get_api_key(&self, id: Uuid) -> Result<ApiKey>;
+    /// `Ok` while the API key `id` is in force; `Unauthenticated` once it is revoked or gone. Long-lived streams ask
+    /// this now and then (see `smartfarm_core::principal::STREAM_CREDENTIAL_RECHECK`): their call was checked only
+    /// when they opened.
+    async fn api_key_in_force(&self, id: Uuid) -> Result<()> {
+        match self.get_api_key(id).await {
+            Ok(key) if key.revoke_time.is_none() => Ok(()),
+            Ok(_) | Err(smartfarm_core::Error::NotFound { .. }) => Err(smartfarm_core::Error::Unauthenticated(
+                "the API key this stream was opened with was revoked".into(),
+            )),
+            Err(error) => Err(error),
+        }
+    }
     /// Lists API keys in id order; `farm_id` restricts the list to one farm's keys.
     async fn list_api_keys(&self, farm_id: Option<Uuid>, page: KeysetPage) -> Result<Vec<ApiKey>>;
     /// Revokes a key. Returns it unchanged if it already was.
