@@ -44,8 +44,9 @@ pub fn thumbnail_key(farm_id: Uuid, sha256: &str) -> String {
     format!("thumbnails/{}/{}/{sha256}.jpg", farm_id.simple(), &sha256[..2])
 }
 
-/// Uploads receiving bytes at once, per process: with the largest photo of 20 MiB, at most 320 MiB of photos in
-/// memory.
+/// Uploads receiving bytes at once, per process. Each holds its photo a few times over at its peak (the buffer as
+/// received, which grows by doubling; a resumed upload's assembled parts; the S3 client's own copy as it writes):
+/// with the default largest photo of 20 MiB, around 1 GiB at worst.
 pub const MAX_RECEIVING_UPLOADS: usize = 16;
 
 /// Counts one upload in flight for as long as it lives.
