@@ -49,6 +49,13 @@ pub fn thumbnail_key(farm_id: Uuid, sha256: &str) -> String {
 /// with the default largest photo of 20 MiB, around 1 GiB at worst.
 pub const MAX_RECEIVING_UPLOADS: usize = 16;
 
+/// Originals read and sent at once, per process (`GetImage` and signed URLs). Each is held about twice until it has
+/// gone out (as read, then as messages or a body), so with 20 MiB photos about 640 MiB at most: clients that ask for
+/// the same large photo many times over, or open streams and never read them, cannot make the process hold more.
+pub const MAX_READING_ORIGINALS: usize = 16;
+/// How long a read waits for one of those before it is refused (`RESOURCE_EXHAUSTED`, try again).
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Counts one upload in flight for as long as it lives.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -80,6 +87,8 @@ pub struct ImageApi {
     uploads_in_flight: Arc<AtomicUsize>,
     /// Permits to hold a photo's bytes in memory: at most [`MAX_RECEIVING_UPLOADS`] uploads receive at once.
     receiving: Arc<Semaphore>,
+    /// Permits to hold an original in memory while it is read and sent: at most [`MAX_READING_ORIGINALS`].
+    reading: Arc<Semaphore>,
     /// A test hook (`SMARTFARM_FAILPOINT`): the name of a point at which the process aborts.
     failpoint: Option<String>,
 }
@@ -108,6 +117,7 @@ impl ImageApi {
             thumbnails_wanted: Arc::new(Notify::new()),
             uploads_in_flight: Arc::new(AtomicUsize::new(0)),
             receiving: Arc::new(Semaphore::new(MAX_RECEIVING_UPLOADS)),
+            reading: Arc::new(Semaphore::new(MAX_READING_ORIGINALS)),
             failpoint,
         }
     }
@@ -162,7 +172,8 @@ impl ImageApi {
 
 #[tonic::async_trait]
 impl ImageService for ImageApi {
-    type GetImageStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::GetImageResponse, Status>>>;
+    type GetImageStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GetImageResponse, Status>> + Send>>;
 
     async fn upload(
         &self,
@@ -205,8 +216,13 @@ impl ImageService for ImageApi {
 
     async fn get_image(&self, request: Request<pb::GetImageRequest>) -> Result<Response<Self::GetImageStream>, Status> {
         let principal = Principal::of(&request)?;
-        let messages = self.image_messages(&principal, request.get_ref()).await?;
-        Ok(Response::new(tokio_stream::iter(messages.into_iter().map(Ok).collect::<Vec<_>>())))
+        let (reading, messages) = self.image_messages(&principal, request.get_ref()).await?;
+        // The permit goes with the stream: the photo is in memory until the last message went or the client left.
+        let stream = tokio_stream::StreamExt::map(tokio_stream::iter(messages), move |message| {
+            let _held = &reading;
+            Ok(message)
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_images(

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
 
 use smartfarm_core::media::sniff_image;
 use smartfarm_core::paging::{Page, time_id_key};
@@ -116,13 +117,34 @@ impl ImageApi {
         Ok(bytes)
     }
 
+    /// A permit to hold an original in memory while it is read and sent (see [`crate::MAX_READING_ORIGINALS`]);
+    /// `None` for a thumbnail, which is small.
+    pub(crate) async fn reading_permit(&self, variant: Variant) -> Result<Option<OwnedSemaphorePermit>> {
+        if variant != Variant::Original {
+            return Ok(None);
+        }
+        match tokio::time::timeout(crate::READ_WAIT, self.reading.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(_)) => Err(Error::Unavailable("the image service is stopping".into())),
+            Err(_) => {
+                metrics::counter!("smartfarm_image_reads_refused_total").increment(1);
+                Err(Error::ResourceExhausted(format!(
+                    "{} photos are being read from this process already; try again shortly",
+                    crate::MAX_READING_ORIGINALS
+                )))
+            }
+        }
+    }
+
+    /// The messages of `GetImage`, with the permit that must live until they are sent.
     pub(crate) async fn image_messages(
         &self,
         principal: &Principal,
         request: &pb::GetImageRequest,
-    ) -> Result<Vec<pb::GetImageResponse>> {
+    ) -> Result<(Option<OwnedSemaphorePermit>, Vec<pb::GetImageResponse>)> {
         let image = self.readable_image(principal, &request.image_id).await?;
         let variant = Variant::from_proto(request.variant)?;
+        let reading = self.reading_permit(variant).await?;
         let bytes = self.variant_bytes(&image, variant).await?;
         let mut metadata = self.to_proto(&image);
         if variant == Variant::Thumbnail {
@@ -135,7 +157,7 @@ impl ImageApi {
                 .chunks(STREAM_CHUNK_BYTES)
                 .map(|chunk| pb::GetImageResponse { body: Some(pb::get_image_response::Body::Data(chunk.to_vec())) }),
         );
-        Ok(messages)
+        Ok((reading, messages))
     }
 
     pub(crate) async fn list_images(
@@ -216,17 +238,18 @@ impl ImageApi {
         variant: &str,
         expires: &str,
         signature: &str,
-    ) -> Result<(String, Vec<u8>)> {
+    ) -> Result<(String, Vec<u8>, Option<OwnedSemaphorePermit>)> {
         let image_id = validate::id("image_id", image_id)?;
         let variant = Variant::parse(variant)?;
         self.signer.verify(image_id, variant, expires, signature, time::now())?;
         let image = self.images.get_image(image_id).await?;
+        let reading = self.reading_permit(variant).await?;
         let bytes = self.variant_bytes(&image, variant).await?;
         let content_type = match variant {
             Variant::Original => image.content_type.clone(),
             Variant::Thumbnail => "image/jpeg".to_string(),
         };
         debug_assert!(variant == Variant::Thumbnail || sniff_image(&bytes) == Some(content_type.as_str()));
-        Ok((content_type, bytes))
+        Ok((content_type, bytes, reading))
     }
 }

@@ -125,12 +125,24 @@ pub fn content_routes(api: ImageApi) -> axum::Router {
 
 async fn content(State(api): State<ImageApi>, Path(id): Path<String>, Query(query): Query<ContentQuery>) -> Response {
     match api.signed_content(&id, &query.variant, &query.expires, &query.signature).await {
-        Ok((content_type, bytes)) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "private, max-age=3600".to_string())],
-            bytes,
-        )
-            .into_response(),
+        Ok((content_type, bytes, reading)) => {
+            let length = bytes.len().to_string();
+            // The permit goes with the body: the photo is in memory until it went out or the client left.
+            let body = tokio_stream::StreamExt::map(tokio_stream::once(axum::body::Bytes::from(bytes)), move |chunk| {
+                let _held = &reading;
+                Ok::<_, std::convert::Infallible>(chunk)
+            });
+            (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, content_type),
+                    (header::CONTENT_LENGTH, length),
+                    (header::CACHE_CONTROL, "private, max-age=3600".to_string()),
+                ],
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
+        }
         Err(error) => {
             if matches!(error, Error::Internal { .. } | Error::Unavailable(_)) {
                 tracing::error!(%error, "signed image content failed");

@@ -155,3 +155,75 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     let listed = client.list_images(pb::ListImagesRequest { farm_id: farm.id.to_string(), ..Default::default() }).await;
     assert_eq!(listed.unwrap_err().code(), tonic::Code::PermissionDenied);
 }
+
+/// At most `MAX_READING_ORIGINALS` originals are held in memory for reading at once: a read past them waits until
+/// one of the responses before it is done with (here: dropped unread), and thumbnails do not wait.
+#[tokio::test]
+async fn reads_of_originals_wait_while_as_many_as_allowed_are_held() {
+    use smartfarm_proto::image::v1::image_service_server::ImageService;
+    let dir = tempfile::tempdir().unwrap();
+    let database =
+        Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
+            .await
+            .unwrap();
+    database.migrate().await.unwrap();
+    let registry = database.registry();
+    let farm = registry.create_farm(Uuid::now_v7(), "farm", SystemTime::now()).await.unwrap();
+    let camera = NewDevice {
+        id: Uuid::now_v7(),
+        farm_id: farm.id,
+        name: "camera".into(),
+        kind: DeviceKind::Camera,
+        labels: BTreeMap::new(),
+        credential_sha256: "00".repeat(32),
+        create_time: SystemTime::now(),
+    };
+    let camera = registry.create_device(camera).await.unwrap();
+    let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
+    let signer = UrlSigner::new(&[1; 32]).unwrap();
+    let api = ImageApi::new(registry, database.images(), blobs, Bus::in_process(), ImagesConfig::default(), signer);
+    let gateway =
+        Principal::Gateway { device_id: Uuid::now_v7(), farm_id: farm.id, credential_sha256: "00".repeat(32) };
+    let server = ImageServiceServer::with_interceptor(api.clone(), move |mut request: tonic::Request<()>| {
+        request.extensions_mut().insert(gateway.clone());
+        Ok(request)
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let photo = png(64, 48);
+    let stored = ImageServiceClient::new(channel)
+        .upload(tokio_stream::iter(upload_messages(camera.id, "one", &photo)))
+        .await
+        .unwrap()
+        .into_inner();
+    let image_id = stored.image.unwrap().id;
+
+    let read = |variant: pb::ImageVariant| {
+        let (api, image_id) = (api.clone(), image_id.clone());
+        async move {
+            let mut request = tonic::Request::new(pb::GetImageRequest { image_id, variant: variant as i32 });
+            request.extensions_mut().insert(Principal::Admin { api_key_id: Uuid::now_v7() });
+            ImageService::get_image(&api, request).await
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..smartfarm_image::MAX_READING_ORIGINALS {
+        held.push(read(pb::ImageVariant::Original).await.expect("within the bound"));
+    }
+    let waiting = tokio::spawn(read(pb::ImageVariant::Original));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a read past the bound waits");
+    assert!(
+        read(pb::ImageVariant::Thumbnail).await.is_err_and(|status| status.code() != tonic::Code::ResourceExhausted)
+    );
+    drop(held.pop());
+    let read = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("goes once one is done").unwrap();
+    assert!(read.is_ok(), "{:?}", read.err());
+}
