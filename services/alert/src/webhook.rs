@@ -76,15 +76,21 @@ fn hmac_sha256_hex(secret: &str, parts: &[&[u8]]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// How long a webhook host's name may take to resolve.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Whether an address is one a webhook may not reach: link-local (169.254.0.0/16, where cloud metadata services
-/// answer, and fe80::/10), Alibaba Cloud's metadata service (100.100.100.200), unspecified, or
-/// multicast/broadcast; an IPv4 address mapped into IPv6 or behind the NAT64 prefix is judged as itself.
+/// answer, and fe80::/10), the metadata services outside it (Alibaba Cloud's 100.100.100.200, Azure's WireServer
+/// 168.63.129.16, AWS's fd00:ec2::254, Oracle Cloud's fd00:c1::a9fe:a9fe), unspecified, or multicast/broadcast; an
+/// IPv4 address mapped into IPv6 or behind the NAT64 prefix is judged as itself.
 fn forbidden(address: IpAddr) -> bool {
     match address {
         IpAddr::V4(v4) => {
             let alibaba_metadata = std::net::Ipv4Addr::new(100, 100, 100, 200);
+            let azure_wireserver = std::net::Ipv4Addr::new(168, 63, 129, 16);
             v4.is_link_local()
                 || v4 == alibaba_metadata
+                || v4 == azure_wireserver
                 || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_multicast()
@@ -100,9 +106,14 @@ fn forbidden(address: IpAddr) -> bool {
                 let [c, d] = segments[7].to_be_bytes();
                 return forbidden(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
             }
-            // fd00:ec2::254 is AWS's IPv6 metadata service (a unique-local address, not link-local).
+            // AWS's and Oracle Cloud's IPv6 metadata services are unique-local addresses, not link-local.
             let aws_metadata = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
-            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == aws_metadata || v6.is_unspecified() || v6.is_multicast()
+            let oracle_metadata = std::net::Ipv6Addr::new(0xfd00, 0xc1, 0, 0, 0, 0, 0xa9fe, 0xa9fe);
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6 == aws_metadata
+                || v6 == oracle_metadata
+                || v6.is_unspecified()
+                || v6.is_multicast()
         }
     }
 }
@@ -142,8 +153,11 @@ async fn resolve_allowed(uri: &http::Uri) -> std::result::Result<(), String> {
 /// not reach.
 async fn resolve_checked(host: &str) -> std::result::Result<Vec<SocketAddr>, String> {
     allowed_addresses(host, Vec::new())?;
-    let addresses =
-        tokio::net::lookup_host((host, 0)).await.map_err(|error| format!("cannot resolve {host}: {error}"))?.collect();
+    // The system resolver's own timeouts can add up to much longer; a CreateWebhook call waits no more than this.
+    let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0)))
+        .await
+        .map_err(|_| format!("cannot resolve {host} within {} s", RESOLVE_TIMEOUT.as_secs()))?;
+    let addresses = lookup.map_err(|error| format!("cannot resolve {host}: {error}"))?.collect();
     allowed_addresses(host, addresses)
 }
 
@@ -480,6 +494,8 @@ mod tests {
             "http://[fe80::1]/hook",
             "http://[fd00:ec2::254]/latest/meta-data",
             "http://100.100.100.200/latest/meta-data",
+            "http://168.63.129.16/machine",
+            "http://[fd00:c1::a9fe:a9fe]/opc/v2/instance",
             "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
             "http://[::ffff:169.254.169.254]/latest/meta-data",
             "http://metadata.google.internal/computeMetadata/v1",
