@@ -40,6 +40,9 @@ pub enum AuthFailure {
 pub struct Registry {
     path: PathBuf,
     snapshot: RwLock<Snapshot>,
+    /// The version applied last, for those who act on a change (the broker cuts connections whose login no longer
+    /// holds).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -54,7 +57,8 @@ impl Registry {
             }),
             Err(_) => Snapshot::default(),
         };
-        Registry { path, snapshot: RwLock::new(snapshot) }
+        let (changed, _) = tokio::sync::watch::channel(snapshot.version);
+        Registry { path, snapshot: RwLock::new(snapshot), changed }
     }
 
     /// The version of the cached snapshot (0: none yet).
@@ -93,7 +97,18 @@ impl Registry {
         let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
         crate::spool::write_file_durably(&self.path, &bytes)?;
         *self.snapshot.write().expect("registry lock") = snapshot;
+        self.changed.send_replace(pushed.version);
         Ok(())
+    }
+
+    /// Told each time a snapshot is applied.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The hash of device `id`'s credential, if it is a device of the farm.
+    pub fn credential_sha256(&self, id: &Uuid) -> Option<String> {
+        self.snapshot.read().expect("registry lock").devices.get(id).map(|device| device.credential_sha256.clone())
     }
 
     /// The sensors of the farm (the devices that send readings).

@@ -145,8 +145,9 @@ pub struct Broker {
     allow_anonymous: bool,
     /// Exact topic → subscribers (the ACL allows no wildcards, so exact matching is complete).
     routes: Mutex<HashMap<String, Subscribers>>,
-    /// Client id → the switch that disconnects its current connection (a new connection takes the id over).
-    sessions: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+    /// Session key → its current connection: its id, the switch that ends it (a new connection takes the key
+    /// over; a login that no longer holds is cut), and the device and credential hash it logged in with.
+    sessions: Mutex<HashMap<String, Live>>,
     next_connection: AtomicU64,
     persistent: Mutex<Sessions>,
     /// Where persistent sessions are kept (`<spool dir>/mqtt-sessions.json`).
@@ -159,6 +160,23 @@ impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker").field("allow_anonymous", &self.allow_anonymous).finish_non_exhaustive()
     }
+}
+
+/// A connection as the broker knows it.
+struct Live {
+    connection_id: u64,
+    cut: watch::Sender<Cut>,
+    login: Option<(Uuid, String)>,
+}
+
+/// Why a connection is ended from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    No,
+    /// A new connection took its session key over.
+    TakenOver,
+    /// Its device left the farm, or its credential changed, since it logged in.
+    LoginRevoked,
 }
 
 /// Who is on a connection.
@@ -305,8 +323,23 @@ impl Broker {
         });
         drop(routes);
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if sessions.get(session_key).is_some_and(|(id, _)| *id == connection) {
+        if sessions.get(session_key).is_some_and(|live| live.connection_id == connection) {
             sessions.remove(session_key);
+        }
+    }
+
+    /// Ends the connections whose device is no longer the farm's, or whose credential changed, since they logged
+    /// in: a login is checked at CONNECT, and a sensor whose credential was rotated because it leaked must not keep
+    /// a session open with the old one.
+    fn cut_revoked_logins(&self) {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        for live in sessions.values() {
+            let Some((device, credential)) = &live.login else { continue };
+            if self.registry.credential_sha256(device).as_ref() != Some(credential) {
+                tracing::info!(%device, "mqtt login no longer holds (device removed or credential changed); cut");
+                metrics::counter!("smartfarm_edge_mqtt_logins_revoked_total").increment(1);
+                live.cut.send_replace(Cut::LoginRevoked);
+            }
         }
     }
 
@@ -327,8 +360,10 @@ impl Broker {
 /// Accepts sensor connections until `shutdown` resolves.
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let mut registry_changes = broker.registry.changes();
     loop {
         tokio::select! {
+            Ok(()) = registry_changes.changed() => broker.cut_revoked_logins(),
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -350,6 +385,7 @@ enum Ended {
     ClientLeft,
     Refused(&'static str),
     TakenOver,
+    LoginRevoked,
     Timeout,
     Protocol(String),
     Io(std::io::Error),
@@ -364,6 +400,7 @@ impl std::fmt::Display for Ended {
             Ended::ClientLeft => f.write_str("the client left"),
             Ended::Refused(reason) => write!(f, "refused: {reason}"),
             Ended::TakenOver => f.write_str("a new connection took over the client id"),
+            Ended::LoginRevoked => f.write_str("the device left the farm or its credential changed"),
             Ended::Timeout => f.write_str("keep-alive or connect timeout"),
             Ended::Protocol(detail) => write!(f, "protocol error: {detail}"),
             Ended::Io(error) => write!(f, "socket error: {error}"),
@@ -510,7 +547,7 @@ impl Session {
         ended
     }
 
-    async fn handshake(&mut self) -> Result<(Option<Duration>, watch::Receiver<bool>, Option<SavedSession>), Ended> {
+    async fn handshake(&mut self) -> Result<(Option<Duration>, watch::Receiver<Cut>, Option<SavedSession>), Ended> {
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let (version, connect) = loop {
             match codec::read_connect(&mut self.buffer) {
@@ -566,15 +603,13 @@ impl Session {
         };
         let (present, session) = self.broker.open_session(&self.session_key, device, clean_session);
         self.awaiting_release = session.awaiting_release.clone();
-        let (switch, takeover) = watch::channel(false);
-        let previous = self
-            .broker
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(self.session_key.clone(), (self.connection_id, switch));
-        if let Some((_, previous)) = previous {
-            let _ = previous.send(true);
+        let (cut, takeover) = watch::channel(Cut::No);
+        // The credential it logged in with, to cut the connection once it no longer holds.
+        let login = device.and_then(|device| Some((device, self.broker.registry.credential_sha256(&device)?)));
+        let live = Live { connection_id: self.connection_id, cut, login };
+        let previous = self.broker.sessions.lock().expect("sessions lock").insert(self.session_key.clone(), live);
+        if let Some(previous) = previous {
+            previous.cut.send_replace(Cut::TakenOver);
         }
         self.send(Outbound::ConnAck(Ok(present))).await?;
         // MQTT: the server allows one and a half keep-alive periods of silence.
@@ -585,7 +620,7 @@ impl Session {
     async fn serve(
         &mut self,
         keep_alive: Option<Duration>,
-        mut takeover: watch::Receiver<bool>,
+        mut takeover: watch::Receiver<Cut>,
         resumed: Option<SavedSession>,
         owed: &mut VecDeque<OwedAck>,
     ) -> Result<(), Ended> {
@@ -628,7 +663,12 @@ impl Session {
                     };
                     self.send(Outbound::Publish { topic: delivery.topic, qos: delivery.qos, pkid, payload: delivery.payload }).await?;
                 }
-                _ = takeover.changed() => return Err(Ended::TakenOver),
+                _ = takeover.changed() => {
+                    return Err(match *takeover.borrow() {
+                        Cut::LoginRevoked => Ended::LoginRevoked,
+                        Cut::No | Cut::TakenOver => Ended::TakenOver,
+                    });
+                }
             }
         }
     }
@@ -939,6 +979,30 @@ mod tests {
             publish.pkid = pkid;
             self.send(v4::Packet::Publish(publish)).await;
         }
+    }
+
+    /// A login is checked at CONNECT; a connection whose device's credential changes afterwards (rotated because it
+    /// leaked, say) is cut when the new registry arrives, and the old credential no longer gets in.
+    #[tokio::test]
+    async fn a_connection_whose_credential_was_rotated_is_cut() {
+        let farm = Farm::new();
+        let (broker, address, _spool, _stop) = farm.start().await;
+        let (mut client, ack) = Client::connect(address, &farm, true).await;
+        assert_eq!(ack.code, v4::ConnectReturnCode::Success);
+        let rotated =
+            smartfarm_core::credential::generate(smartfarm_core::credential::SecretKind::Device, farm.device).unwrap();
+        let devices = vec![EdgeDevice {
+            device_id: farm.device.to_string(),
+            name: "probe".into(),
+            kind: 1,
+            credential_sha256: rotated.hash.clone(),
+        }];
+        broker.registry.apply(&RegistrySnapshot { version: 2, devices }).unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.stream.read_to_end(&mut rest)).await;
+        read.expect("the broker ends the connection").unwrap();
+        let (_, refused) = Client::connect(address, &farm, true).await;
+        assert_eq!(refused.code, v4::ConnectReturnCode::BadUserNamePassword, "the old credential is refused");
     }
 
     /// A device's answer to a command is acknowledged only once the command book has it on disk; one the book cannot
