@@ -428,6 +428,7 @@ async fn connection(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         session_key: String::new(),
         awaiting_release: ReleaseSet::default(),
         next_pkid: 0,
+        heard: tokio::time::Instant::now(),
     };
     let ended = session.run().await;
     broker.forget_connection(connection_id, &session.session_key);
@@ -457,6 +458,8 @@ struct Session {
     /// persistent session's set is the one kept in the broker.
     awaiting_release: ReleaseSet,
     next_pkid: u16,
+    /// When the client last sent anything: keep-alive counts the client's silence, not the broker's own sends.
+    heard: tokio::time::Instant,
 }
 
 impl Session {
@@ -496,6 +499,7 @@ impl Session {
         if count == 0 {
             return Err(Ended::ClientLeft);
         }
+        self.heard = tokio::time::Instant::now();
         Ok(())
     }
 
@@ -649,9 +653,11 @@ impl Session {
             }
             self.send_ready_acks(owed).await?;
             let waiting_on_spool = owed.front().is_some_and(|ack| ack.durable.is_some());
+            // What is left of the silence keep-alive allows: deliveries wake this loop, and must not restart it.
+            let silence_left = keep_alive.map(|allowed| allowed.saturating_sub(self.heard.elapsed()));
             tokio::select! {
                 // Past MAX_OWED_ACKS nothing more is read: TCP pushes back on the client.
-                filled = self.fill(keep_alive), if owed.len() < MAX_OWED_ACKS => filled?,
+                filled = self.fill(silence_left), if owed.len() < MAX_OWED_ACKS => filled?,
                 written = front_durable(owed), if waiting_on_spool => self.settle_front(owed, written.ok())?,
                 Some(delivery) = deliveries.recv() => {
                     // Delivered at the QoS the subscription was granted; a QoS 0 publish carries no packet id.
@@ -1003,6 +1009,30 @@ mod tests {
         read.expect("the broker ends the connection").unwrap();
         let (_, refused) = Client::connect(address, &farm, true).await;
         assert_eq!(refused.code, v4::ConnectReturnCode::BadUserNamePassword, "the old credential is refused");
+    }
+
+    /// Keep-alive counts the client's silence: a client that went quiet is dropped after one and a half periods
+    /// even while the broker keeps sending it messages (it no longer counts as listening to its topics).
+    #[tokio::test]
+    async fn a_silent_client_is_dropped_though_messages_keep_going_to_it() {
+        let farm = Farm::new();
+        let (broker, address, _spool, _stop) = farm.start().await;
+        let mut client = Client { stream: TcpStream::connect(address).await.unwrap(), buffer: BytesMut::new() };
+        let mut connect = v4::Connect::new(farm.device.to_string());
+        connect.keep_alive = 1;
+        connect.set_login(farm.device.to_string(), farm.secret.clone());
+        client.send(v4::Packet::Connect(connect)).await;
+        assert!(matches!(client.receive().await, v4::Packet::ConnAck(_)));
+        let subscribe = v4::Subscribe::new(ALERTS_TOPIC, QoS::AtMostOnce);
+        client.send(v4::Packet::Subscribe(subscribe)).await;
+        assert!(matches!(client.receive().await, v4::Packet::SubAck(_)));
+        let silent_since = std::time::Instant::now();
+        while broker.has_subscribers(ALERTS_TOPIC) {
+            assert!(silent_since.elapsed() < Duration::from_secs(5), "still counted as listening after 5 s");
+            broker.publish(ALERTS_TOPIC, Bytes::from_static(b"{}"));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(silent_since.elapsed() >= Duration::from_millis(1400), "dropped early: {:?}", silent_since.elapsed());
     }
 
     /// A device's answer to a command is acknowledged only once the command book has it on disk; one the book cannot
