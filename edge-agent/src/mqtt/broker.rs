@@ -35,6 +35,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Persistent sessions kept at most; past it new clients get clean sessions (a bound on what clients can make us
 /// keep on disk).
 const MAX_SAVED_SESSIONS: usize = 100_000;
+/// Persistent sessions kept at most for one device (client ids of its own), and for anonymous clients together:
+/// one client cycling through client ids cannot take the room the farm's other sensors need.
+const MAX_SAVED_SESSIONS_PER_DEVICE: usize = 16;
 /// Messages waiting for one subscriber before new ones are dropped (and counted).
 const SUBSCRIBER_QUEUE: usize = 256;
 /// Publishes of one connection waiting for the spool before the connection stops reading.
@@ -256,6 +259,12 @@ impl Broker {
             Some(saved) if saved.device == device => (true, saved.clone()),
             _ if sessions.saved.len() >= MAX_SAVED_SESSIONS => {
                 tracing::warn!(key, "too many persistent MQTT sessions: this one is not kept");
+                (false, SavedSession { device, ..Default::default() })
+            }
+            _ if sessions.saved.values().filter(|saved| saved.device == device).count()
+                >= MAX_SAVED_SESSIONS_PER_DEVICE =>
+            {
+                tracing::warn!(key, "too many persistent MQTT sessions for one device: this one is not kept");
                 (false, SavedSession { device, ..Default::default() })
             }
             _ => {
@@ -1009,6 +1018,33 @@ mod tests {
         read.expect("the broker ends the connection").unwrap();
         let (_, refused) = Client::connect(address, &farm, true).await;
         assert_eq!(refused.code, v4::ConnectReturnCode::BadUserNamePassword, "the old credential is refused");
+    }
+
+    /// One device keeps at most `MAX_SAVED_SESSIONS_PER_DEVICE` persistent sessions: past them, a new client id
+    /// gets a clean session, and the sessions kept before stay.
+    #[tokio::test]
+    async fn one_device_cannot_fill_the_saved_sessions() {
+        let farm = Farm::new();
+        let (_broker, address, _spool, _stop) = farm.start().await;
+        let connect = |client_id: String| {
+            let farm = &farm;
+            async move {
+                let mut client = Client { stream: TcpStream::connect(address).await.unwrap(), buffer: BytesMut::new() };
+                let mut connect = v4::Connect::new(client_id);
+                connect.clean_session = false;
+                connect.set_login(farm.device.to_string(), farm.secret.clone());
+                client.send(v4::Packet::Connect(connect)).await;
+                let v4::Packet::ConnAck(ack) = client.receive().await else { panic!("expected CONNACK") };
+                client.send(v4::Packet::Disconnect).await;
+                ack.session_present
+            }
+        };
+        for n in 0..=MAX_SAVED_SESSIONS_PER_DEVICE {
+            assert!(!connect(format!("client-{n}")).await, "a new session");
+        }
+        assert!(connect("client-0".into()).await, "a session kept within the bound is resumed");
+        let past = format!("client-{MAX_SAVED_SESSIONS_PER_DEVICE}");
+        assert!(!connect(past).await, "the one past the bound was not kept");
     }
 
     /// Keep-alive counts the client's silence: a client that went quiet is dropped after one and a half periods
