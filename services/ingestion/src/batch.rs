@@ -136,11 +136,19 @@ pub fn decode(
     let mut dropped = Dropped::default();
     let mut readings = Vec::new();
     let mut aggregates = Vec::new();
+    // The agent sends its records in spool order, each number once: a record whose number does not follow the
+    // one before it repeats a number (or is out of order), and two stored readings with one number would share
+    // their page cursor's key, so that paging skips one of them.
+    let mut previous: Option<u64> = None;
     for record in decoded.records {
-        if record.sequence < batch.first_sequence || record.sequence > batch.last_sequence {
+        if record.sequence < batch.first_sequence
+            || record.sequence > batch.last_sequence
+            || previous.is_some_and(|previous| record.sequence <= previous)
+        {
             dropped.out_of_range += 1;
             continue;
         }
+        previous = Some(record.sequence);
         match record.body {
             Some(pb::spool_record::Body::Reading(reading)) => {
                 let Some(device_id) = farm_device(&reading.device_id, &reading.metric, farm_devices, &mut dropped)
@@ -323,6 +331,7 @@ mod tests {
                 record(3, mine, "Temperature", 20.0),
                 record(4, mine, "humidity", f64::NAN),
                 record(5, mine, "humidity", 1.0),
+                record(5, mine, "humidity", 2.0),
                 record(9, mine, "humidity", 1.0),
             ],
             1,
@@ -332,7 +341,8 @@ mod tests {
             decode(&wire, gateway, Uuid::now_v7(), farm, &devices, 1 << 20, SystemTime::now()).unwrap();
         assert_eq!(batch.readings.len(), 2);
         assert_eq!((batch.readings[0].sequence, batch.readings[1].sequence), (1, 5));
-        assert_eq!(dropped, Dropped { foreign_device: 1, bad_metric: 1, bad_value: 1, bad_time: 0, out_of_range: 1 });
+        assert_eq!(batch.readings[1].value, 1.0, "a repeated number is dropped, the first kept");
+        assert_eq!(dropped, Dropped { foreign_device: 1, bad_metric: 1, bad_value: 1, bad_time: 0, out_of_range: 2 });
     }
 
     /// Values whose sums could overflow the rollups (a store keeps no infinity) are dropped as bad values.
