@@ -228,23 +228,39 @@ pub fn read_connect(buffer: &mut BytesMut) -> Result<Option<(Version, Inbound)>,
 }
 
 /// Reads the next packet after CONNECT. `Ok(None)`: more bytes are needed.
+///
+/// "More bytes" is decided on the frame (its fixed header's length) before the packet is parsed: rumqttc takes the
+/// whole frame off the buffer and then parses it, so a frame too short for what it declares inside would otherwise
+/// come back as "more bytes needed", lost without a word, and the packets behind it would wait.
 pub fn read(version: Version, buffer: &mut BytesMut) -> Result<Option<Inbound>, Malformed> {
     match version {
-        Version::V311 => match v4::Packet::read(buffer, MAX_PACKET_BYTES) {
-            Ok(packet) => from_v4(packet).map(Some),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(error) => Err(Malformed(error.to_string())),
-        },
+        Version::V311 => {
+            match rumqttc::mqttbytes::check(buffer.iter(), MAX_PACKET_BYTES) {
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+                Err(error) => return Err(Malformed(error.to_string())),
+                Ok(_) => {}
+            }
+            match v4::Packet::read(buffer, MAX_PACKET_BYTES) {
+                Ok(packet) => from_v4(packet).map(Some),
+                Err(error) => Err(Malformed(error.to_string())),
+            }
+        }
         // A DISCONNECT without a reason code (what most clients send) has no body, which rumqttc's reader refuses.
         Version::V5 if buffer.starts_with(&[0xE0, 0x00]) => {
             let _ = buffer.split_to(2);
             Ok(Some(Inbound::Disconnect))
         }
-        Version::V5 => match v5::Packet::read(buffer, Some(MAX_PACKET_BYTES as u32)) {
-            Ok(packet) => from_v5(packet).map(Some),
-            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(error) => Err(Malformed(error.to_string())),
-        },
+        Version::V5 => {
+            match rumqttc::v5::mqttbytes::v5::check(buffer.iter(), Some(MAX_PACKET_BYTES as u32)) {
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+                Err(error) => return Err(Malformed(error.to_string())),
+                Ok(_) => {}
+            }
+            match v5::Packet::read(buffer, Some(MAX_PACKET_BYTES as u32)) {
+                Ok(packet) => from_v5(packet).map(Some),
+                Err(error) => Err(Malformed(error.to_string())),
+            }
+        }
     }
 }
 
@@ -448,6 +464,22 @@ mod tests {
         assert_eq!(read_connect(&mut partial).unwrap(), None, "half a packet: wait for more");
         let mut not_connect = hex("c000");
         assert!(read_connect(&mut not_connect).is_err());
+    }
+
+    /// A whole frame too short for what it declares (an MQTT 5 PUBLISH without its properties length) is malformed,
+    /// not "more bytes needed": it is not lost in silence, and the packet behind it does not wait.
+    #[test]
+    fn a_frame_shorter_than_its_contents_is_malformed() {
+        let publish_without_properties = [0x32u8, 0x07, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x01];
+        let mut buffer = BytesMut::from(&publish_without_properties[..]);
+        buffer.extend_from_slice(&[0xC0, 0x00]);
+        assert!(read(Version::V5, &mut buffer).is_err(), "malformed");
+        // A frame not all here yet is still "more bytes needed", in both versions.
+        for version in [Version::V5, Version::V311] {
+            let mut partial = BytesMut::from(&publish_without_properties[..5]);
+            assert_eq!(read(version, &mut partial).unwrap(), None);
+            assert_eq!(partial.len(), 5, "nothing taken off the buffer");
+        }
     }
 
     #[test]
