@@ -36,7 +36,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// keep on disk).
 const MAX_SAVED_SESSIONS: usize = 100_000;
 /// Persistent sessions kept at most for one device (client ids of its own), and for anonymous clients together:
-/// one client cycling through client ids cannot take the room the farm's other sensors need.
+/// one client cycling through client ids cannot take the room the farm's other sensors need. Past it, the device's
+/// least recently opened session not in use makes room (a sensor that changed its client id keeps its new one).
 const MAX_SAVED_SESSIONS_PER_DEVICE: usize = 16;
 /// Messages waiting for one subscriber before new ones are dropped (and counted).
 const SUBSCRIBER_QUEUE: usize = 256;
@@ -98,6 +99,10 @@ struct SavedSession {
     device: Option<Uuid>,
     /// Topic filter → the QoS granted.
     subscriptions: std::collections::BTreeMap<String, Qos>,
+    /// When a connection last opened it (Unix microseconds, each opening later than the one before; 0 in files
+    /// from before): past a device's bound, its least recently opened session makes room for a new one.
+    #[serde(default)]
+    opened: u64,
     /// Shared with the connection that holds the session, so a client that reconnects while its old connection is
     /// still winding down sees what that connection stored.
     #[serde(skip)]
@@ -115,6 +120,19 @@ type ReleaseSet = Arc<Mutex<HashMap<u16, watch::Receiver<Option<bool>>>>>;
 struct Sessions {
     saved: HashMap<String, SavedSession>,
     dirty: bool,
+    /// The latest `opened` given, so that each opening is later than the one before (the clock's microseconds
+    /// may repeat, or step back).
+    latest_opened: u64,
+}
+
+impl Sessions {
+    /// An `opened` time for a session opened now: later than any given before.
+    fn opening(&mut self) -> u64 {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_micros());
+        self.latest_opened = (now as u64).max(self.latest_opened + 1);
+        self.latest_opened
+    }
 }
 
 /// Reads saved sessions; a missing file is no sessions, an unreadable one is reported and set aside.
@@ -206,7 +224,11 @@ impl Broker {
             routes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
-            persistent: Mutex::new(Sessions { saved, dirty: false }),
+            persistent: Mutex::new(Sessions {
+                latest_opened: saved.values().map(|session| session.opened).max().unwrap_or(0),
+                saved,
+                dirty: false,
+            }),
             sessions_file,
             command_acks: std::sync::OnceLock::new(),
         })
@@ -255,25 +277,49 @@ impl Broker {
             }
             return (false, SavedSession { device, ..Default::default() });
         }
-        match sessions.saved.get(key) {
-            Some(saved) if saved.device == device => (true, saved.clone()),
-            _ if sessions.saved.len() >= MAX_SAVED_SESSIONS => {
-                tracing::warn!(key, "too many persistent MQTT sessions: this one is not kept");
-                (false, SavedSession { device, ..Default::default() })
-            }
-            _ if sessions.saved.values().filter(|saved| saved.device == device).count()
-                >= MAX_SAVED_SESSIONS_PER_DEVICE =>
-            {
-                tracing::warn!(key, "too many persistent MQTT sessions for one device: this one is not kept");
-                (false, SavedSession { device, ..Default::default() })
-            }
-            _ => {
-                let session = SavedSession { device, ..Default::default() };
-                sessions.saved.insert(key.to_string(), session.clone());
-                sessions.dirty = true;
-                (false, session)
+        let now = sessions.opening();
+        if let Some(saved) = sessions.saved.get_mut(key).filter(|saved| saved.device == device) {
+            saved.opened = now;
+            let resumed = saved.clone();
+            sessions.dirty = true;
+            return (true, resumed);
+        }
+        if sessions.saved.len() >= MAX_SAVED_SESSIONS {
+            tracing::warn!(key, "too many persistent MQTT sessions: this one is not kept");
+            return (false, SavedSession { device, ..Default::default() });
+        }
+        let devices_own: Vec<(&String, u64)> = sessions
+            .saved
+            .iter()
+            .filter(|(_, saved)| saved.device == device)
+            .map(|(other, saved)| (other, saved.opened))
+            .collect();
+        if devices_own.len() >= MAX_SAVED_SESSIONS_PER_DEVICE {
+            let live = self.sessions.lock().expect("sessions lock");
+            let oldest = devices_own
+                .into_iter()
+                .filter(|(other, _)| !live.contains_key(*other))
+                .min_by_key(|(_, opened)| *opened)
+                .map(|(other, _)| other.clone());
+            drop(live);
+            match oldest {
+                Some(oldest) => {
+                    tracing::info!(key, evicted = %oldest, "a device's least recently opened MQTT session makes room");
+                    sessions.saved.remove(&oldest);
+                }
+                None => {
+                    tracing::warn!(
+                        key,
+                        "too many persistent MQTT sessions in use for one device: this one is not kept"
+                    );
+                    return (false, SavedSession { device, ..Default::default() });
+                }
             }
         }
+        let session = SavedSession { device, opened: now, ..Default::default() };
+        sessions.saved.insert(key.to_string(), session.clone());
+        sessions.dirty = true;
+        (false, session)
     }
 
     /// Records a persistent session's subscriptions and QoS 2 state (no-op for clean sessions).
@@ -1020,8 +1066,8 @@ mod tests {
         assert_eq!(refused.code, v4::ConnectReturnCode::BadUserNamePassword, "the old credential is refused");
     }
 
-    /// One device keeps at most `MAX_SAVED_SESSIONS_PER_DEVICE` persistent sessions: past them, a new client id
-    /// gets a clean session, and the sessions kept before stay.
+    /// One device keeps at most `MAX_SAVED_SESSIONS_PER_DEVICE` persistent sessions: past them, a new client id's
+    /// session takes the place of the device's least recently opened one.
     #[tokio::test]
     async fn one_device_cannot_fill_the_saved_sessions() {
         let farm = Farm::new();
@@ -1039,12 +1085,17 @@ mod tests {
                 ack.session_present
             }
         };
-        for n in 0..=MAX_SAVED_SESSIONS_PER_DEVICE {
+        for n in 0..MAX_SAVED_SESSIONS_PER_DEVICE {
             assert!(!connect(format!("client-{n}")).await, "a new session");
         }
+        // Opened again: client-1 is now the least recently opened.
         assert!(connect("client-0".into()).await, "a session kept within the bound is resumed");
         let past = format!("client-{MAX_SAVED_SESSIONS_PER_DEVICE}");
-        assert!(!connect(past).await, "the one past the bound was not kept");
+        assert!(!connect(past.clone()).await, "a new session, in the place of client-1's");
+        assert!(connect(past).await, "the newest is kept");
+        assert!(connect("client-0".into()).await, "so is the one opened again");
+        assert!(!connect("client-1".into()).await, "the least recently opened made room");
+        assert_eq!(_broker.persistent.lock().unwrap().saved.len(), MAX_SAVED_SESSIONS_PER_DEVICE, "within the bound");
     }
 
     /// Keep-alive counts the client's silence: a client that went quiet is dropped after one and a half periods
