@@ -45,6 +45,26 @@ fn upload_messages(camera: Uuid, upload_id: &str, photo: &[u8]) -> Vec<pb::Uploa
     ]
 }
 
+/// A client of `api` behind a real tonic server, calling as the farm's gateway. The gateway's authentication layer
+/// is what attaches principals; here an interceptor stands in for it.
+async fn gateway_client(api: &ImageApi, farm_id: Uuid) -> ImageServiceClient<tonic::transport::Channel> {
+    let gateway = Principal::Gateway { device_id: Uuid::now_v7(), farm_id, credential_sha256: "00".repeat(32) };
+    let server = ImageServiceServer::with_interceptor(api.clone(), move |mut request: tonic::Request<()>| {
+        request.extensions_mut().insert(gateway.clone());
+        Ok(request)
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    ImageServiceClient::new(channel)
+}
+
 #[tokio::test]
 async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,23 +97,7 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
     let api = ImageApi::new(registry, database.images(), blobs, bus, settings, UrlSigner::new(&[1; 32]).unwrap());
     tokio::spawn(api.clone().run_thumbnails());
 
-    // The gateway's authentication layer is what attaches principals; here an interceptor stands in for it.
-    let gateway =
-        Principal::Gateway { device_id: Uuid::now_v7(), farm_id: farm.id, credential_sha256: "00".repeat(32) };
-    let server = ImageServiceServer::with_interceptor(api.clone(), move |mut request: tonic::Request<()>| {
-        request.extensions_mut().insert(gateway.clone());
-        Ok(request)
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
-    let mut client = ImageServiceClient::new(channel);
+    let mut client = gateway_client(&api, farm.id).await;
 
     let photo = png(400, 300);
     let stored =
@@ -182,23 +186,9 @@ async fn reads_of_originals_wait_while_as_many_as_allowed_are_held() {
     let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let signer = UrlSigner::new(&[1; 32]).unwrap();
     let api = ImageApi::new(registry, database.images(), blobs, Bus::in_process(), ImagesConfig::default(), signer);
-    let gateway =
-        Principal::Gateway { device_id: Uuid::now_v7(), farm_id: farm.id, credential_sha256: "00".repeat(32) };
-    let server = ImageServiceServer::with_interceptor(api.clone(), move |mut request: tonic::Request<()>| {
-        request.extensions_mut().insert(gateway.clone());
-        Ok(request)
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     let photo = png(64, 48);
-    let stored = ImageServiceClient::new(channel)
+    let stored = gateway_client(&api, farm.id)
+        .await
         .upload(tokio_stream::iter(upload_messages(camera.id, "one", &photo)))
         .await
         .unwrap()
