@@ -45,6 +45,32 @@ fn upload_messages(camera: Uuid, upload_id: &str, photo: &[u8]) -> Vec<pb::Uploa
     ]
 }
 
+/// A migrated SQLite database in a new directory, with a farm and its camera.
+async fn farm_with_camera()
+-> (tempfile::TempDir, Database, smartfarm_store::model::Farm, smartfarm_store::model::Device) {
+    let dir = tempfile::tempdir().unwrap();
+    let database =
+        Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
+            .await
+            .unwrap();
+    database.migrate().await.unwrap();
+    let registry = database.registry();
+    let farm = registry.create_farm(Uuid::now_v7(), "farm", SystemTime::now()).await.unwrap();
+    let camera = registry
+        .create_device(NewDevice {
+            id: Uuid::now_v7(),
+            farm_id: farm.id,
+            name: "camera".into(),
+            kind: DeviceKind::Camera,
+            labels: BTreeMap::new(),
+            credential_sha256: "00".repeat(32),
+            create_time: SystemTime::now(),
+        })
+        .await
+        .unwrap();
+    (dir, database, farm, camera)
+}
+
 /// A client of `api` behind a real tonic server, calling as the farm's gateway. The gateway's authentication layer
 /// is what attaches principals; here an interceptor stands in for it.
 async fn gateway_client(api: &ImageApi, farm_id: Uuid) -> ImageServiceClient<tonic::transport::Channel> {
@@ -67,26 +93,8 @@ async fn gateway_client(api: &ImageApi, farm_id: Uuid) -> ImageServiceClient<ton
 
 #[tokio::test]
 async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
-    let dir = tempfile::tempdir().unwrap();
-    let database =
-        Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
-            .await
-            .unwrap();
-    database.migrate().await.unwrap();
+    let (dir, database, farm, camera) = farm_with_camera().await;
     let registry = database.registry();
-    let farm = registry.create_farm(Uuid::now_v7(), "farm", SystemTime::now()).await.unwrap();
-    let camera = registry
-        .create_device(NewDevice {
-            id: Uuid::now_v7(),
-            farm_id: farm.id,
-            name: "camera".into(),
-            kind: DeviceKind::Camera,
-            labels: BTreeMap::new(),
-            credential_sha256: "00".repeat(32),
-            create_time: SystemTime::now(),
-        })
-        .await
-        .unwrap();
     let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let bus = Bus::in_process();
     let mut events = bus.subscribe();
@@ -165,24 +173,8 @@ async fn a_stored_photo_is_announced_on_the_bus_once_and_gets_a_thumbnail() {
 #[tokio::test]
 async fn reads_of_originals_wait_while_as_many_as_allowed_are_held() {
     use smartfarm_proto::image::v1::image_service_server::ImageService;
-    let dir = tempfile::tempdir().unwrap();
-    let database =
-        Database::connect(&format!("sqlite://{}", dir.path().join("db").display()), &PostgresConfig::default())
-            .await
-            .unwrap();
-    database.migrate().await.unwrap();
+    let (dir, database, farm, camera) = farm_with_camera().await;
     let registry = database.registry();
-    let farm = registry.create_farm(Uuid::now_v7(), "farm", SystemTime::now()).await.unwrap();
-    let camera = NewDevice {
-        id: Uuid::now_v7(),
-        farm_id: farm.id,
-        name: "camera".into(),
-        kind: DeviceKind::Camera,
-        labels: BTreeMap::new(),
-        credential_sha256: "00".repeat(32),
-        create_time: SystemTime::now(),
-    };
-    let camera = registry.create_device(camera).await.unwrap();
     let blobs = blob::open(&format!("file://{}", dir.path().join("blobs").display())).await.unwrap();
     let signer = UrlSigner::new(&[1; 32]).unwrap();
     let api = ImageApi::new(registry, database.images(), blobs, Bus::in_process(), ImagesConfig::default(), signer);
